@@ -1,0 +1,3 @@
+from mixspec.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Built-in catalog: real published ``config.json`` files, addressable by model id."""

@@ -1,0 +1,127 @@
+"""The two families of user-facing errors.
+
+``SpecError`` collects every problem found in a spec (or in what it refers to) and is
+reported all at once, each problem located as ``file:line:col``. ``UnsupportedError``
+is raised by a target that cannot express part of a Plan exactly. Anything else is an
+internal error and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where in a spec file something came from (1-based line and column)."""
+
+    file: str
+    line: int = 0
+    col: int = 0
+
+    def __str__(self) -> str:
+        if self.line:
+            return f"{self.file}:{self.line}:{self.col}"
+        return self.file
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "line": self.line, "col": self.col}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One located problem: where, the dotted key, what is wrong, how to fix it."""
+
+    location: Location
+    path: str
+    message: str
+    hint: str = ""
+    severity: str = "error"  # "error" or "warning"
+
+    def render(self) -> str:
+        key = f"{self.path}: " if self.path else ""
+        text = f"{self.location}: {self.severity}: {key}{self.message}"
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
+
+    def to_json(self) -> dict:
+        return {
+            **self.location.to_json(),
+            "severity": self.severity,
+            "path": self.path,
+            "message": self.message,
+            "hint": self.hint,
+        }
+
+
+class MixspecError(Exception):
+    """Base class of errors that are the user's to fix (exit 1, no traceback)."""
+
+    exit_code = 1
+
+
+class SpecError(MixspecError):
+    """One or more problems in a spec, all reported at once."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = sorted(
+            problems, key=lambda p: (p.location.file, p.location.line, p.location.col, p.path)
+        )
+        super().__init__("\n".join(p.render() for p in self.problems))
+
+
+class ModelSourceError(MixspecError):
+    """A model reference that cannot be resolved to a config, or may not be built safely."""
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """One part of a Plan that a target cannot express exactly."""
+
+    code: str
+    origin: Location | None
+    what: str
+    why: str
+    hint: str = ""
+
+    def render(self, target: str) -> str:
+        where = f"{self.origin}: " if self.origin else ""
+        text = f"{where}error: target {target} cannot express {self.what}: {self.why}"
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
+
+
+class UnsupportedError(MixspecError):
+    """A target refused to compile a Plan; lists every part it cannot express."""
+
+    def __init__(self, target: str, items: list[Unsupported]):
+        self.target = target
+        self.items = items
+        super().__init__("\n".join(i.render(target) for i in items))
+
+
+@dataclass
+class Diagnostics:
+    """Collects problems while a pass runs, so all of them are reported together."""
+
+    problems: list[Problem] = field(default_factory=list)
+
+    def error(self, location: Location, path: str, message: str, hint: str = "") -> None:
+        self.problems.append(Problem(location, path, message, hint))
+
+    def warn(self, location: Location, path: str, message: str, hint: str = "") -> None:
+        self.problems.append(Problem(location, path, message, hint, severity="warning"))
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    def raise_if_errors(self) -> None:
+        if self.errors:
+            raise SpecError(self.problems)

@@ -1,0 +1,261 @@
+"""load_spec(path) -> LoadedSpec: parse, validate, and locate every problem."""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from mixspec import patterns
+from mixspec.errors import Diagnostics, Location, Problem, SpecError
+from mixspec.spec import ROLES, Spec
+from mixspec.yamlloc import Located, load_located, load_located_text
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A validated Spec together with where each of its keys came from."""
+
+    spec: Spec
+    source: Located
+    path: str
+    warnings: tuple[Problem, ...] = field(default=())
+
+    def loc(self, *path) -> Location:
+        return self.source.loc(tuple(path))
+
+    def value_loc(self, *path) -> Location:
+        return self.source.value_loc(tuple(path))
+
+
+def load_spec(path: str | Path) -> LoadedSpec:
+    """Read and validate a spec file; raises SpecError listing every problem."""
+    located = load_located(path)
+    return _validate(located, str(path))
+
+
+def load_spec_text(text: str, name: str = "<spec>") -> LoadedSpec:
+    """Validate spec text (for tests and tools); same errors as ``load_spec``."""
+    return _validate(load_located_text(text, name), name)
+
+
+def _validate(located: Located, path: str) -> LoadedSpec:
+    diags = Diagnostics()
+    data = located.data
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {_type_name(data)}"
+        diags.error(located.loc(()), "", f"a spec must be a mapping of keys, got {got}",
+                    "start from an example: mixspec validate examples/*.yaml")
+        raise SpecError(diags.problems)
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            diags.problems.append(_problem_from_pydantic(err, located))
+        spec = None
+    _check_components(data, located, diags)
+    diags.raise_if_errors()
+    assert spec is not None  # every pydantic error became a problem above
+    return LoadedSpec(spec, located, path, tuple(diags.warnings))
+
+
+# -- semantic checks the models alone cannot express ---------------------------------------
+
+def _check_components(data: dict, located: Located, diags: Diagnostics) -> None:
+    components = data.get("components")
+    if not isinstance(components, dict):
+        return
+    for name, comp in components.items():
+        if not isinstance(comp, dict):
+            continue
+        base = ("components", name)
+        if name == "unassigned":
+            diags.error(located.loc(base), f"components.{name}",
+                        "'unassigned' is reserved for parameters no component claims",
+                        "choose another component name")
+        modules = comp.get("modules")
+        if name in ROLES and modules is not None:
+            diags.error(
+                located.loc(base + ("modules",)), f"components.{name}.modules",
+                f"'{name}' is a role name, so it selects by role and cannot also list modules",
+                f"rename the component (e.g. '{name}_part') to select by pattern",
+            )
+        if name not in ROLES and name != "unassigned" and modules is None:
+            close = difflib.get_close_matches(name, ROLES, n=1)
+            hint = (f"did you mean the role '{close[0]}'?" if close else
+                    f"add modules: [regex, ...] or use a role name ({', '.join(ROLES)})")
+            diags.error(located.loc(base), f"components.{name}",
+                        f"'{name}' is not a role name, so it must select modules with `modules:`", hint)
+        if isinstance(modules, list):
+            for i, pattern in enumerate(modules):
+                if isinstance(pattern, str):
+                    _check_regex(pattern, base + ("modules", i), located, diags)
+        lora = comp.get("lora")
+        if isinstance(lora, dict):
+            targets = lora.get("targets")
+            if isinstance(targets, str) and targets != "all-linear":
+                _check_regex(targets, base + ("lora", "targets"), located, diags)
+            layers = lora.get("layers")
+            if isinstance(layers, str):
+                try:
+                    patterns.parse_layers(layers)
+                except ValueError as exc:
+                    diags.error(located.value_loc(base + ("lora", "layers")),
+                                f"components.{name}.lora.layers", str(exc),
+                                'write block indices like "20-27" or "0,2,4-6"')
+
+
+def _check_regex(pattern: str, path: tuple, located: Located, diags: Diagnostics) -> None:
+    try:
+        patterns.compile_pattern(pattern)
+    except patterns.PatternError as exc:
+        diags.error(located.value_loc(path), _dotted(path), str(exc), exc.hint)
+
+
+# -- pydantic errors, rewritten for humans ---------------------------------------------------
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _type_name(value: object) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
+            dict: "mapping", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _strip_union_tags(loc: tuple, data: object) -> tuple:
+    """Drop the discriminator tag pydantic inserts into paths (components.x.lora.<field>)."""
+    out: list = []
+    i = 0
+    while i < len(loc):
+        out.append(loc[i])
+        if len(out) == 2 and out[0] == "components" and i + 1 < len(loc) and loc[i + 1] in (
+            "freeze", "full", "lora"
+        ):
+            comp = data.get("components", {}).get(out[1]) if isinstance(data, dict) else None
+            if isinstance(comp, dict) and comp.get("train") == loc[i + 1]:
+                i += 1  # skip the tag
+        i += 1
+    return tuple(p for p in out if p != "[key]")
+
+
+def _model_at(path: tuple, data: object) -> type[BaseModel] | None:
+    """The pydantic model that validates the mapping at ``path`` (for 'did you mean')."""
+    from mixspec import spec as spec_mod
+
+    model: type[BaseModel] | None = Spec
+    node = data
+    i = 0
+    while model is not None and i < len(path):
+        key = path[i]
+        node = node.get(key) if isinstance(node, dict) else None
+        if model is Spec and key == "components":
+            if i + 1 >= len(path):
+                return None
+            comp = node.get(path[i + 1]) if isinstance(node, dict) else None
+            train = comp.get("train") if isinstance(comp, dict) else None
+            model = {"freeze": spec_mod.FreezeComponent, "full": spec_mod.FullComponent,
+                     "lora": spec_mod.LoraComponent}.get(train)
+            node = comp
+            i += 2
+            continue
+        field_info = model.model_fields.get(key)
+        if field_info is None:
+            return None
+        model = _first_model(field_info.annotation)
+        i += 1
+    return model
+
+
+def _first_model(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _first_model(arg)
+        if found:
+            return found
+    return None
+
+
+_TYPE_WORDS = {
+    "int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+    "string_type": "a string", "dict_type": "a mapping", "list_type": "a list",
+    "model_type": "a mapping", "literal_error": None, "int_from_float": "an integer",
+}
+
+
+def _problem_from_pydantic(err: dict, located: Located) -> Problem:
+    data = located.data
+    loc = _strip_union_tags(tuple(err["loc"]), data)
+    kind = err["type"]
+    dotted = _dotted(loc)
+    value = err.get("input")
+    hint = ""
+    if kind == "extra_forbidden":
+        key = loc[-1] if loc else ""
+        parent = _model_at(loc[:-1], data)
+        allowed = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+        message = f"unknown key {key!r}"
+        if close:
+            hint = f"did you mean {close[0]!r}?"
+        elif allowed:
+            hint = "allowed keys: " + ", ".join(allowed)
+        if key == "lr" and parent is not None and parent.__name__ == "FreezeComponent":
+            hint = "a frozen component has no learning rate; remove lr or set train: full or lora"
+        if key == "lora" and parent is not None and parent.__name__ != "LoraComponent":
+            hint = "LoRA options belong to components with train: lora"
+        return Problem(located.loc(loc), dotted, message, hint)
+    if kind == "missing":
+        key = loc[-1]
+        message = f"missing required key {key!r}"
+        if key == "lr":
+            hint = "full and lora components need their own learning rate, e.g. lr: 1.0e-5"
+        # a missing key has no location of its own: point at its parent mapping
+        return Problem(located.loc(loc[:-1]), dotted, message, hint)
+    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        message = "train must be one of freeze, full, lora"
+        if kind == "union_tag_invalid":
+            message += f" (got {err['ctx'].get('tag')!r})"
+            loc = loc + ("train",)
+        else:
+            message = "missing required key 'train' (freeze, full or lora)"
+        return Problem(located.loc(loc), _dotted(loc), message, "e.g. train: full")
+    got = f" (got {_shown(value)})"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+              "less_than_equal": "<="}[kind]
+        limit = next(iter(err.get("ctx", {}).values()), "")
+        message = f"must be {op} {limit}{got}"
+    elif kind == "literal_error":
+        message = f"must be {err['ctx']['expected']}{got}"
+    elif kind in _TYPE_WORDS:
+        message = f"must be {_TYPE_WORDS[kind]}{got}"
+        if isinstance(value, bool):
+            hint = "booleans are not numbers; write the value itself"
+        elif isinstance(value, str) and kind in ("float_type", "int_type"):
+            hint = "write the number without quotes"
+    elif kind == "string_pattern_mismatch":
+        message = f"component names must be identifiers (letters, digits, _ or -){got}"
+    elif kind == "too_short":
+        message = "must not be empty"
+    elif kind == "value_error":
+        message = str(err["msg"]).removeprefix("Value error, ") + got
+    else:
+        message = err["msg"] + got
+    return Problem(located.value_loc(loc), dotted, message, hint)
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        return f"a {_type_name(value)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
