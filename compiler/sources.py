@@ -1,0 +1,149 @@
+"""Find a model's config.json offline: catalog, local dir, Hugging Face cache, ModelScope cache.
+
+Nothing here touches the network or imports model code. A config that needs the model
+repo's own code (``auto_map``) is refused unless the user opted in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from mixspec.errors import ModelSourceError
+
+MAX_CONFIG_BYTES = 5_000_000
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's config was found, and the config itself."""
+
+    ref: str
+    kind: str  # catalog | local | hf-cache | modelscope-cache
+    path: str  # the directory holding config.json
+    config: dict
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", ""))
+
+
+def catalog_root() -> Path:
+    return Path(str(resources.files("mixspec.catalog")))
+
+
+def catalog_ids() -> list[str]:
+    """Model ids shipped with mixspec."""
+    root = catalog_root()
+    return sorted(
+        str(p.parent.relative_to(root)).replace(os.sep, "/") for p in root.glob("*/*/config.json")
+    )
+
+
+def _hf_cache_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("HF_HUB_CACHE"):
+        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        dirs.append(Path(os.environ["HUGGINGFACE_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
+    dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
+    return list(dict.fromkeys(dirs))
+
+
+def _modelscope_cache_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("MODELSCOPE_CACHE"):
+        root = Path(os.environ["MODELSCOPE_CACHE"])
+        dirs += [root / "models", root / "hub", root]
+    home = Path.home() / ".cache" / "modelscope" / "hub"
+    dirs += [home / "models", home]
+    return list(dict.fromkeys(dirs))
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1 or ref in (".", "..")
+
+
+def _hf_snapshot(cache: Path, ref: str) -> Path | None:
+    repo = cache / ("models--" + ref.replace("/", "--"))
+    if not repo.is_dir():
+        return None
+    main = repo / "refs" / "main"
+    if main.is_file():
+        commit = main.read_text(encoding="utf-8", errors="replace").strip()
+        snap = repo / "snapshots" / commit
+        if (snap / "config.json").is_file():
+            return snap
+    snaps = sorted((repo / "snapshots").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+    return snaps[-1].parent if snaps else None
+
+
+def read_config(config_path: Path, ref: str) -> dict:
+    """Read config.json as data, with clear errors for everything that can go wrong."""
+    if config_path.is_dir():
+        raise ModelSourceError(f"model {ref!r}: {config_path} is a directory, expected a config.json file")
+    if not config_path.is_file():
+        raise ModelSourceError(f"model {ref!r}: no config.json in {config_path.parent}")
+    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ModelSourceError(f"model {ref!r}: {config_path} is larger than {MAX_CONFIG_BYTES} bytes; not a config")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelSourceError(f"model {ref!r}: {config_path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelSourceError(f"model {ref!r}: {config_path} must hold a JSON object")
+    return config
+
+
+def find_model(ref: str, base_dir: str | Path | None = None) -> ModelSource:
+    """Resolve a model reference to its config, offline. Raises ModelSourceError listing where it looked."""
+    looked: list[str] = []
+    # 1. a local directory (relative paths are taken from the spec's directory, then the cwd)
+    candidates = []
+    expanded = os.path.expanduser(ref)
+    if os.path.isabs(expanded):
+        candidates.append(Path(expanded))
+    else:
+        if base_dir is not None:
+            candidates.append(Path(base_dir) / expanded)
+        candidates.append(Path.cwd() / expanded)
+    for cand in candidates:
+        looked.append(f"local directory {cand}")
+        if cand.is_dir():
+            cand = cand.resolve()
+            return ModelSource(ref, "local", str(cand), read_config(cand / "config.json", ref))
+        if cand.is_file():
+            raise ModelSourceError(
+                f"model {ref!r}: {cand} is a file; give the directory that holds config.json"
+            )
+    if _looks_like_path(ref):
+        raise ModelSourceError(f"model {ref!r}: no such directory. Looked in:\n  " + "\n  ".join(looked))
+    # 2. the built-in catalog
+    root = catalog_root()
+    cat = root / ref
+    looked.append(f"mixspec catalog ({len(catalog_ids())} models: mixspec models)")
+    if ref.count("/") == 1 and (cat / "config.json").is_file():
+        return ModelSource(ref, "catalog", str(cat), read_config(cat / "config.json", ref))
+    # 3. Hugging Face cache, 4. ModelScope cache
+    if ref.count("/") == 1:
+        for cache in _hf_cache_dirs():
+            looked.append(f"Hugging Face cache {cache}")
+            snap = _hf_snapshot(cache, ref)
+            if snap is not None:
+                return ModelSource(ref, "hf-cache", str(snap), read_config(snap / "config.json", ref))
+        for cache in _modelscope_cache_dirs():
+            looked.append(f"ModelScope cache {cache}")
+            for cand in (cache / ref, cache / ref.replace(".", "___")):
+                if (cand / "config.json").is_file():
+                    return ModelSource(ref, "modelscope-cache", str(cand), read_config(cand / "config.json", ref))
+    raise ModelSourceError(
+        f"model {ref!r} not found (mixspec never downloads). Looked in:\n  "
+        + "\n  ".join(looked)
+        + "\n  hint: use a catalog id (mixspec models), a local directory with config.json, "
+        "or download the model's config into your Hugging Face cache first"
+    )

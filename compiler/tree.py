@@ -1,0 +1,344 @@
+"""ModuleTree: a model's modules, types and parameter shapes, built on the meta device.
+
+``build_tree(source)`` instantiates the real transformers class from the config on
+PyTorch's meta device (no weights, no download, no remote code) and records what the
+resolver and the estimator need. Trees are cached on disk as JSON, keyed by the config's
+content, the transformers and torch versions and the tree format, so a warm plan never
+imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import metadata
+from pathlib import Path
+
+from mixspec.errors import ModelSourceError
+from mixspec.sources import ModelSource
+
+TREE_FORMAT = 1
+
+# module kinds PEFT's LoRA can wrap, and how mixspec counts their adapters
+LINEAR, CONV1D_GPT2, EMBEDDING, CONV = "linear", "conv1d_gpt2", "embedding", "conv"
+LORA_KINDS = (LINEAR, CONV1D_GPT2, EMBEDDING, CONV)
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One module: its full name, class, LoRA-relevant kind and its own (direct) parameters."""
+
+    name: str
+    type: str
+    kind: str = ""  # one of LORA_KINDS, or "" for modules LoRA cannot wrap
+    in_features: int = 0
+    out_features: int = 0
+    kernel: tuple[int, ...] = ()
+    groups: int = 1
+    params: dict = field(default_factory=dict)  # local name -> shape (tuple)
+
+    def to_json(self) -> list:
+        return [self.name, self.type, self.kind, self.in_features, self.out_features,
+                list(self.kernel), self.groups, {k: list(v) for k, v in self.params.items()}]
+
+    @classmethod
+    def from_json(cls, row: list) -> "ModuleInfo":
+        name, type_, kind, fin, fout, kernel, groups, params = row
+        return cls(name, type_, kind, fin, fout, tuple(kernel), groups,
+                   {k: tuple(v) for k, v in params.items()})
+
+
+@dataclass(frozen=True)
+class ModuleTree:
+    """The module tree of one model: everything mixspec needs, nothing that needs torch."""
+
+    model_type: str
+    architecture: str
+    modules: tuple[ModuleInfo, ...]
+    tied: dict  # alias parameter name -> canonical parameter name (shared tensor)
+    input_embedding: str
+    output_embedding: str
+    base_model_prefix: str
+    is_causal_lm_only: bool
+    versions: dict
+
+    # -- derived views -------------------------------------------------------------------
+    @cached_property
+    def by_name(self) -> dict[str, ModuleInfo]:
+        return {m.name: m for m in self.modules}
+
+    @cached_property
+    def param_shapes(self) -> dict[str, tuple]:
+        """Every parameter name, aliases of tied weights included."""
+        out = {}
+        for m in self.modules:
+            for local, shape in m.params.items():
+                out[f"{m.name}.{local}" if m.name else local] = shape
+        return out
+
+    @cached_property
+    def param_numel(self) -> dict[str, int]:
+        return {n: math.prod(s) for n, s in self.param_shapes.items()}
+
+    def canonical(self, param: str) -> str:
+        return self.tied.get(param, param)
+
+    @cached_property
+    def total_params(self) -> int:
+        """Unique parameters (a tied pair counts once), as model.parameters() reports."""
+        return sum(n for name, n in self.param_numel.items() if name not in self.tied)
+
+    def to_json(self) -> dict:
+        return {
+            "format": TREE_FORMAT,
+            "model_type": self.model_type,
+            "architecture": self.architecture,
+            "input_embedding": self.input_embedding,
+            "output_embedding": self.output_embedding,
+            "base_model_prefix": self.base_model_prefix,
+            "is_causal_lm_only": self.is_causal_lm_only,
+            "versions": self.versions,
+            "tied": dict(sorted(self.tied.items())),
+            "modules": [m.to_json() for m in self.modules],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModuleTree":
+        if data.get("format") != TREE_FORMAT:
+            raise ValueError("tree format mismatch")
+        return cls(
+            model_type=data["model_type"],
+            architecture=data["architecture"],
+            modules=tuple(ModuleInfo.from_json(r) for r in data["modules"]),
+            tied=dict(data["tied"]),
+            input_embedding=data["input_embedding"],
+            output_embedding=data["output_embedding"],
+            base_model_prefix=data["base_model_prefix"],
+            is_causal_lm_only=data["is_causal_lm_only"],
+            versions=dict(data["versions"]),
+        )
+
+
+# -- cache ------------------------------------------------------------------------------
+
+def _lib_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def library_versions() -> dict:
+    """Versions that change module trees; read from package metadata, without importing them."""
+    return {"transformers": _lib_version("transformers"), "torch": _lib_version("torch"),
+            "tree_format": str(TREE_FORMAT)}
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("MIXSPEC_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mixspec"
+
+
+def cache_key(config: dict, trust_remote_code: bool = False) -> str:
+    payload = json.dumps({"config": config, "versions": library_versions(),
+                          "remote": trust_remote_code}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def _cache_path(key: str) -> Path:
+    return cache_dir() / "trees" / f"{key}.json"
+
+
+def load_cached_tree(config: dict, trust_remote_code: bool = False) -> ModuleTree | None:
+    """A cached tree for this config and these library versions, or None (corrupt entries are ignored)."""
+    path = _cache_path(cache_key(config, trust_remote_code))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("key") != path.stem:
+            return None
+        return ModuleTree.from_json(data["tree"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store_tree(config: dict, tree: ModuleTree, trust_remote_code: bool = False) -> None:
+    """Write a tree to the cache atomically (concurrent writers each rename a whole file)."""
+    key = cache_key(config, trust_remote_code)
+    path = _cache_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump({"key": key, "tree": tree.to_json()}, fh, separators=(",", ":"))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the cache is an optimisation; an unwritable cache dir is not an error
+
+
+def get_tree(source: ModelSource, trust_remote_code: bool = False, use_cache: bool = True) -> ModuleTree:
+    """The module tree for a model source: from the cache, or built (and then cached)."""
+    if use_cache:
+        cached = load_cached_tree(source.config, trust_remote_code)
+        if cached is not None:
+            return cached
+    tree = build_tree(source, trust_remote_code=trust_remote_code)
+    if use_cache:
+        store_tree(source.config, tree, trust_remote_code)
+    return tree
+
+
+# -- building (imports torch and transformers) ------------------------------------------
+
+def check_buildable(source: ModelSource, trust_remote_code: bool = False) -> None:
+    """Refuse, before importing anything, configs that would need the model repo's code."""
+    config = source.config
+    if "auto_map" in config and not trust_remote_code:
+        raise ModelSourceError(
+            f"model {source.ref!r} ({source.path}/config.json) declares auto_map: building it would "
+            "run Python code from the model repo, which mixspec never does by default.\n"
+            "  hint: use a transformers-native checkpoint of this model (often the '-hf' variant), "
+            "or set trust_remote_code: true in the spec if you trust that code"
+        )
+    if not config.get("model_type"):
+        raise ModelSourceError(f"model {source.ref!r}: config.json has no model_type")
+
+
+def build_tree(source: ModelSource, trust_remote_code: bool = False) -> ModuleTree:
+    """Instantiate the model class on the meta device and record its module tree."""
+    check_buildable(source, trust_remote_code)
+    import warnings
+
+    try:
+        import torch
+        import transformers
+        from transformers import CONFIG_MAPPING
+    except ImportError as exc:
+        raise ModelSourceError(
+            f"building the module tree of {source.ref!r} needs torch and transformers ({exc}).\n"
+            "  hint: pip install torch==2.13.0 (CPU) or your CUDA build, then pip install 'mixspec[model]'"
+        ) from None
+    transformers.logging.set_verbosity_error()
+    model_type = source.model_type
+    config_dict = dict(source.config)
+    if trust_remote_code and "auto_map" in config_dict:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=True)
+    else:
+        if model_type not in CONFIG_MAPPING:
+            raise ModelSourceError(
+                f"model {source.ref!r}: transformers {transformers.__version__} does not know "
+                f"model_type {model_type!r}.\n  hint: upgrade transformers, or use a checkpoint "
+                "converted to a transformers-native architecture"
+            )
+        config_dict.pop("auto_map", None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                config = CONFIG_MAPPING[model_type].from_dict(config_dict)
+            except Exception as exc:  # a malformed config is the user's to fix
+                raise ModelSourceError(f"model {source.ref!r}: config.json is not a valid {model_type} config: {exc}") from None
+    model_cls = _model_class(config, trust_remote_code)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                if trust_remote_code and "auto_map" in config_dict:
+                    model = model_cls.from_config(config, trust_remote_code=True)
+                else:
+                    model = model_cls._from_config(config)
+        except Exception as exc:
+            raise ModelSourceError(
+                f"model {source.ref!r}: transformers could not build {model_cls.__name__} from its config: {exc}"
+            ) from None
+    return tree_from_model(model, model_type)
+
+
+def _model_class(config, trust_remote_code: bool):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    if trust_remote_code and getattr(config, "auto_map", None):
+        from transformers import AutoModelForCausalLM as auto
+
+        return auto
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if isinstance(cls, type) and hasattr(cls, "_from_config"):
+            return cls
+    for auto_name in ("AutoModelForImageTextToText", "AutoModelForCausalLM", "AutoModel"):
+        auto = getattr(transformers, auto_name, None)
+        mapping = getattr(auto, "_model_mapping", None)
+        if mapping is not None and type(config) in mapping:
+            return mapping[type(config)]
+    return AutoModelForCausalLM  # raises a clear error from transformers, caught by the caller
+
+
+def tree_from_model(model, model_type: str = "") -> ModuleTree:
+    """Record the module tree of an instantiated model (any device)."""
+    import torch
+    from torch import nn
+
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        Conv1D = ()
+
+    canonical: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first = canonical.setdefault(id(param), name)
+        if first != name:
+            tied[name] = first
+    modules = []
+    for name, mod in model.named_modules(remove_duplicate=False):
+        params = {local: tuple(p.shape) for local, p in mod.named_parameters(recurse=False)}
+        kind, fin, fout, kernel, groups = "", 0, 0, (), 1
+        if isinstance(mod, nn.Linear):
+            kind, fin, fout = LINEAR, mod.in_features, mod.out_features
+        elif Conv1D and isinstance(mod, Conv1D):
+            kind = CONV1D_GPT2
+            fin, fout = tuple(mod.weight.shape)
+        elif isinstance(mod, nn.Embedding):
+            kind, fin, fout = EMBEDDING, mod.num_embeddings, mod.embedding_dim
+        elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            kind, fin, fout = CONV, mod.in_channels, mod.out_channels
+            kernel, groups = tuple(mod.kernel_size), mod.groups
+        modules.append(ModuleInfo(name, type(mod).__name__, kind, fin, fout, kernel, groups, params))
+
+    def module_name(target) -> str:
+        if target is None:
+            return ""
+        for n, m in model.named_modules():
+            if m is target:
+                return n
+        return ""
+
+    try:
+        out_emb = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        out_emb = None
+    try:
+        in_emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        in_emb = None
+    arch = type(model).__name__
+    return ModuleTree(
+        model_type=model_type or getattr(getattr(model, "config", None), "model_type", ""),
+        architecture=arch,
+        modules=tuple(modules),
+        tied=tied,
+        input_embedding=module_name(in_emb),
+        output_embedding=module_name(out_emb),
+        base_model_prefix=getattr(model, "base_model_prefix", "") or "",
+        is_causal_lm_only=arch.endswith("ForCausalLM"),
+        versions={"transformers": _lib_version("transformers"), "torch": str(torch.__version__)},
+    )
