@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +185,16 @@ def _first_model(annotation) -> type[BaseModel] | None:
     return None
 
 
+_RANGE_KINDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+_MISSING_HINTS = {
+    "lr": "full and lora components need their own learning rate, e.g. lr: 1.0e-5",
+    "version": "add version: 1 (the only version of the spec language so far)",
+    "model": "add model: with a catalog id (mixspec models), a Hugging Face id or a local directory",
+    "components": "add components:, e.g. language: {train: lora, lr: 1.0e-4}",
+    "train": "a data section needs train: path/to/train.jsonl",
+}
+
 _TYPE_WORDS = {
     "int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
     "string_type": "a string", "dict_type": "a mapping", "list_type": "a list",
@@ -215,8 +227,7 @@ def _problem_from_pydantic(err: dict, located: Located) -> Problem:
     if kind == "missing":
         key = loc[-1]
         message = f"missing required key {key!r}"
-        if key == "lr":
-            hint = "full and lora components need their own learning rate, e.g. lr: 1.0e-5"
+        hint = _MISSING_HINTS.get(str(key), "")
         # a missing key has no location of its own: point at its parent mapping
         return Problem(located.loc(loc[:-1]), dotted, message, hint)
     if kind == "union_tag_invalid" or kind == "union_tag_not_found":
@@ -228,11 +239,15 @@ def _problem_from_pydantic(err: dict, located: Located) -> Problem:
             message = "missing required key 'train' (freeze, full or lora)"
         return Problem(located.loc(loc), _dotted(loc), message, "e.g. train: full")
     got = f" (got {_shown(value)})"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+    if isinstance(value, float) and not math.isfinite(value) and kind in _RANGE_KINDS + ("value_error",):
+        # .nan fails `> 0` before the finiteness check runs; say what is really wrong
+        message = f"must be a finite number{got}"
+        hint = "write a plain number, e.g. 1.0e-4"
+    elif kind in _RANGE_KINDS:
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
               "less_than_equal": "<="}[kind]
         limit = next(iter(err.get("ctx", {}).values()), "")
-        message = f"must be {op} {limit}{got}"
+        message = f"must be {op} {_bound(limit)}{got}"
     elif kind == "literal_error":
         message = f"must be {err['ctx']['expected']}{got}"
     elif kind in _TYPE_WORDS:
@@ -241,10 +256,15 @@ def _problem_from_pydantic(err: dict, located: Located) -> Problem:
             hint = "booleans are not numbers; write the value itself"
         elif isinstance(value, str) and kind in ("float_type", "int_type"):
             hint = "write the number without quotes"
-    elif kind == "string_pattern_mismatch":
+    elif kind == "string_pattern_mismatch" and loc[:1] == ("components",) and len(loc) == 2:
         message = f"component names must be identifiers (letters, digits, _ or -){got}"
+        hint = "e.g. " + (re.sub(r"[^A-Za-z0-9_\-]+", "_", str(value)).strip("_") or "late_vit_blocks")
+        # the offending text is the key itself, not the mapping under it
+        return Problem(located.loc(loc), dotted, message, hint)
     elif kind == "too_short":
         message = "must not be empty"
+        if loc == ("components",):
+            hint = "list at least one component, e.g. language: {train: lora, lr: 1.0e-4}"
     elif kind == "value_error":
         message = str(err["msg"]).removeprefix("Value error, ") + got
     else:
@@ -252,10 +272,25 @@ def _problem_from_pydantic(err: dict, located: Located) -> Problem:
     return Problem(located.value_loc(loc), dotted, message, hint)
 
 
+def _bound(limit: object) -> str:
+    """A range limit without float noise: 0.0 reads as 0."""
+    if isinstance(limit, float) and limit.is_integer():
+        return str(int(limit))
+    return str(limit)
+
+
 def _shown(value: object) -> str:
+    """A value as the user would write it in YAML."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ".nan"
+        if math.isinf(value):
+            return ".inf" if value > 0 else "-.inf"
     if isinstance(value, (dict, list)):
-        return f"a {_type_name(value)}"
+        return f"a {_type_name(value)}" if value else ("[]" if isinstance(value, list) else "{}")
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

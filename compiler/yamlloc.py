@@ -24,6 +24,10 @@ MAX_NODES = 20_000
 
 Path_ = tuple  # a key path: tuple of str | int
 
+_CORE_TAGS = frozenset(
+    "tag:yaml.org,2002:" + name for name in ("str", "int", "float", "bool", "null", "map", "seq")
+)
+
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 core-schema scalars."""
@@ -89,13 +93,20 @@ def _scalar(node: yaml.ScalarNode, loader: _Loader):
 
 def _convert(node, file: str, loader: _Loader, out: Located) -> object:
     budget = [MAX_NODES]
+    seen: set[int] = set()
 
-    def walk(node, path: tuple, depth: int):
+    def walk(node, path: tuple, depth: int, alias_site: Location | None = None):
+        # PyYAML hands an alias back as the anchored node itself: a node seen before is an
+        # alias use, and the container holding the first one is where to point the user
+        if id(node) in seen and alias_site is None and path:
+            alias_site = out.value_locs.get(path[:-1])
+        seen.add(id(node))
         budget[0] -= 1
         if budget[0] < 0:
+            where = alias_site or _mark_loc(file, node.start_mark)
             raise _fail(
-                file, node.start_mark.line + 1, node.start_mark.column + 1,
-                f"the document expands to more than {MAX_NODES} values",
+                file, where.line, where.col,
+                f"the document expands to more than {MAX_NODES} values through anchors and aliases",
                 "a spec is small; anchors/aliases that multiply content are not allowed",
             )
         if depth > MAX_DEPTH:
@@ -104,6 +115,12 @@ def _convert(node, file: str, loader: _Loader, out: Located) -> object:
                 f"nesting deeper than {MAX_DEPTH} levels", "a spec needs only a few levels",
             )
         out.value_locs[path] = _mark_loc(file, node.start_mark)
+        if node.tag not in _CORE_TAGS:
+            # SafeLoader would build bytes, sets or timestamps from these; a spec has no use for them
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise _fail(file, node.start_mark.line + 1, node.start_mark.column + 1,
+                        f"unsupported YAML tag {tag!r}",
+                        "specs hold plain strings, numbers, booleans, lists and mappings: remove the tag")
         if isinstance(node, yaml.MappingNode):
             result = {}
             for key_node, value_node in node.value:
@@ -115,15 +132,17 @@ def _convert(node, file: str, loader: _Loader, out: Located) -> object:
                     raise _fail(file, key_node.start_mark.line + 1, key_node.start_mark.column + 1,
                                 "YAML merge keys (<<) are not supported", "write the keys out")
                 if key in result:
+                    first = out.key_locs[path + (key,)]
                     raise _fail(
                         file, key_node.start_mark.line + 1, key_node.start_mark.column + 1,
-                        f"duplicate key {key!r}", "each key may appear once in a mapping",
+                        f"duplicate key {key!r} (first at line {first.line}, column {first.col})",
+                        "each key may appear once in a mapping; YAML loaders that allow it keep only the last",
                     )
                 out.key_locs[path + (key,)] = _mark_loc(file, key_node.start_mark)
-                result[key] = walk(value_node, path + (key,), depth + 1)
+                result[key] = walk(value_node, path + (key,), depth + 1, alias_site)
             return result
         if isinstance(node, yaml.SequenceNode):
-            return [walk(v, path + (i,), depth + 1) for i, v in enumerate(node.value)]
+            return [walk(v, path + (i,), depth + 1, alias_site) for i, v in enumerate(node.value)]
         try:
             return _scalar(node, loader)
         except (ValueError, yaml.YAMLError) as exc:
@@ -156,7 +175,8 @@ def load_located(path: str | Path, display_name: str | None = None) -> Located:
     except UnicodeDecodeError as exc:
         before = raw[: exc.start]
         line = before.count(b"\n") + 1
-        col = exc.start - (before.rfind(b"\n") + 1) + 1
+        # count characters, not bytes, up to the bad byte (editors show character columns)
+        col = len(before[before.rfind(b"\n") + 1:].decode("utf-8", "replace")) + 1
         raise _fail(name, line, col, "file is not valid UTF-8", "save the spec as UTF-8") from None
     return load_located_text(text, name)
 
@@ -169,11 +189,8 @@ def load_located_text(text: str, name: str) -> Located:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        what = exc.problem or "invalid YAML"
-        if exc.context:
-            what = f"{exc.context}, {what}"
-        raise _fail(name, line, col, f"YAML syntax error: {what}",
-                    "check indentation, quotes and colons around this point") from None
+        message, hint = _describe_syntax_error(exc)
+        raise _fail(name, line, col, f"YAML syntax error: {message}", hint) from None
     except yaml.YAMLError as exc:
         raise _fail(name, 1, 1, f"YAML error: {exc}") from None
     except RecursionError:
@@ -189,6 +206,52 @@ def load_located_text(text: str, name: str) -> Located:
     except RecursionError:
         raise _fail(name, 1, 1, f"nesting deeper than {MAX_DEPTH} levels") from None
     return out
+
+
+# PyYAML names tokens the way its parser sees them; say what they are in the file
+_TOKEN_WORDS = {
+    "'<stream end>'": "the end of the file",
+    "'<scalar>'": "a value",
+    "'<block mapping start>'": "a key indented differently",
+    "<block end>": "the end of the indented block",
+    "'?'": "a key",
+}
+
+
+def _describe_syntax_error(exc: yaml.MarkedYAMLError) -> tuple[str, str]:
+    """PyYAML's problem and context rewritten as one message, plus a hint for the usual causes."""
+    problem = exc.problem or "invalid YAML"
+    context = exc.context or ""
+    for token, words in _TOKEN_WORDS.items():
+        problem = problem.replace(token, words)
+    opened = ""
+    cm, pm = exc.context_mark, exc.problem_mark
+    elsewhere = cm is not None and (pm is None or (cm.line, cm.column) != (pm.line, pm.column))
+    if context.startswith("while ") and elsewhere:
+        what = context.removeprefix("while parsing ").removeprefix("while scanning ").removeprefix("a ")
+        opened = f"line {cm.line + 1}, column {cm.column + 1}"
+        message = f"{problem} (in the {what} that starts at {opened})"
+    elif problem.startswith("but ") and context:
+        message = f"{context}, {problem}"
+    else:
+        message = problem
+    hint = "check indentation, quotes and colons around this point"
+    if "'\\t'" in problem:
+        hint = "indent with spaces: YAML does not allow tabs for indentation"
+    elif opened and ("flow mapping" in context or "flow sequence" in context):
+        bracket = "{" if "mapping" in context else "["
+        hint = f"the '{bracket}' at {opened} is not closed, or a comma is missing between its items"
+    elif opened and "quoted scalar" in context:
+        hint = f"the quote at {opened} is not closed"
+    elif "indented block" in problem:
+        hint = "indent every key of one mapping by the same number of spaces"
+    elif "mapping values are not allowed" in problem:
+        hint = "quote a value that contains ': ', or check this key's indentation"
+    elif "another document" in problem:
+        hint = "a spec file holds one YAML document: remove the '---' separator"
+    elif "undefined alias" in problem:
+        hint = "define the anchor (&name) before using the alias (*name)"
+    return message, hint
 
 
 def is_finite_number(value: object) -> bool:
