@@ -101,6 +101,144 @@ def validate(
     raise typer.Exit(0 if ok else 1)
 
 
+def _load_and_plan(spec: Path):
+    from mixspec.loader import load_spec
+    from mixspec.resolve import plan_spec
+
+    loaded = load_spec(spec)
+    return loaded, plan_spec(loaded)
+
+
+def _print_warnings(plan) -> None:
+    for problem in plan.warnings_problems:
+        _stderr(problem.render())
+
+
+@app.command()
+def plan(
+    spec: Path = typer.Argument(..., help="Spec file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the Plan (and estimate) as JSON."),
+    show_modules: bool = typer.Option(False, "--modules", help="List the modules each component covers."),
+) -> None:
+    """Show which modules each part covers, exact trainable parameters, LRs and memory per GPU."""
+    try:
+        _, the_plan = _load_and_plan(spec)
+    except MixspecError as exc:
+        raise _fail(exc) from None
+    from mixspec.estimate import estimate
+
+    est = estimate(the_plan)
+    if as_json:
+        data = the_plan.to_json()
+        data["estimate"] = est.to_json()
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        from mixspec.present import print_plan
+
+        print_plan(the_plan, est, show_modules=show_modules)
+    _print_warnings(the_plan)
+
+
+@app.command()
+def explain(
+    spec: Path = typer.Argument(..., help="Spec file."),
+    name: str = typer.Argument(..., help="A module or parameter name (mixspec tree MODEL lists them)."),
+) -> None:
+    """Say which component claimed a module or parameter, and by which rule."""
+    from mixspec.loader import load_spec
+    from mixspec.resolve import explain as explain_name, load_tree_for
+
+    try:
+        loaded = load_spec(spec)
+        tree = load_tree_for(loaded)
+        rows = explain_name(loaded, tree, name)
+    except MixspecError as exc:
+        raise _fail(exc) from None
+    if not rows:
+        import difflib
+
+        close = difflib.get_close_matches(name, [m.name for m in tree.modules] + list(tree.param_shapes), n=3)
+        _stderr(f"error: {name!r} is neither a module nor a parameter of {tree.architecture}"
+                + (f"\n  hint: did you mean {', '.join(close)}?" if close else ""))
+        raise typer.Exit(1)
+    from mixspec.present import print_explain
+
+    print_explain(name, rows, tree)
+
+
+@app.command()
+def tree(
+    model: str = typer.Argument(..., help="Catalog id, cache id or local dir."),
+    depth: int = typer.Option(3, "--depth", min=0, help="Show modules up to this depth."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Allow configs with auto_map (runs the repo's code)."),
+) -> None:
+    """Print a model's module tree with parameter counts and roles."""
+    from mixspec.errors import ModelSourceError
+    from mixspec.sources import find_model
+    from mixspec.tree import get_tree
+
+    try:
+        the_tree = get_tree(find_model(model), trust_remote_code=trust_remote_code)
+    except ModelSourceError as exc:
+        raise _fail(exc) from None
+    from mixspec.present import print_tree
+
+    print_tree(the_tree, depth)
+
+
+@app.command()
+def models() -> None:
+    """List the built-in catalog of model configs (usable offline by id)."""
+    from mixspec.sources import catalog_ids
+
+    for model_id in catalog_ids():
+        typer.echo(model_id)
+
+
+@app.command()
+def compile(
+    spec: Path = typer.Argument(..., help="Spec file."),
+    target: str = typer.Option(..., "--target", "-t", help="swift, hf, deepspeed or llamafactory."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: print to stdout)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing files in the output directory."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be written; write nothing."),
+    approximate: bool = typer.Option(False, "--approximate",
+                                     help="Emit an approximation where the target cannot be exact; each deviation is a comment."),
+    plugin: bool = typer.Option(True, "--plugin/--no-plugin",
+                                help="swift: allow a generated --external_plugins file when flags cannot be exact."),
+    swift_version: int = typer.Option(4, "--swift-version", help="ms-swift major version: 3 or 4."),
+    model_override: Optional[str] = typer.Option(None, "--model", help="Model path or id the generated files load (default: the spec's)."),
+) -> None:
+    """Write configs the real backend runs as is, or refuse, naming what it cannot express."""
+    from mixspec.output import write_files
+    from mixspec.targets import TargetOptions, render
+
+    if swift_version not in (3, 4):
+        _stderr("error: --swift-version must be 3 or 4")
+        raise typer.Exit(2)
+    try:
+        _, the_plan = _load_and_plan(spec)
+        files = render(the_plan, target, TargetOptions(
+            swift_version=swift_version, plugin=plugin, approximate=approximate,
+            model_override=model_override))
+    except MixspecError as exc:
+        raise _fail(exc) from None
+    _print_warnings(the_plan)
+    if out is None and not dry_run:
+        for name, text in files.items():
+            if len(files) > 1:
+                typer.echo(f"# ==> {name} <==")
+            typer.echo(text, nl=False)
+        return
+    try:
+        written = write_files(out or Path("."), files, force=force, dry_run=dry_run)
+    except MixspecError as exc:
+        raise _fail(exc) from None
+    for line in written:
+        _stderr(line)
+
+
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of the spec language."""

@@ -59,6 +59,7 @@ def _validate(located: Located, path: str) -> LoadedSpec:
             diags.problems.append(_problem_from_pydantic(err, located))
         spec = None
     _check_components(data, located, diags)
+    _check_distributed(data, located, diags)
     diags.raise_if_errors()
     assert spec is not None  # every pydantic error became a problem above
     return LoadedSpec(spec, located, path, tuple(diags.warnings))
@@ -108,6 +109,21 @@ def _check_components(data: dict, located: Located, diags: Diagnostics) -> None:
                     diags.error(located.value_loc(base + ("lora", "layers")),
                                 f"components.{name}.lora.layers", str(exc),
                                 'write block indices like "20-27" or "0,2,4-6"')
+
+
+def _check_distributed(data: dict, located: Located, diags: Diagnostics) -> None:
+    dist = data.get("distributed")
+    if not isinstance(dist, dict):
+        return
+    stage, offload = dist.get("zero_stage"), dist.get("offload", "none")
+    if offload in ("optimizer", "all") and (stage is None or stage == 0):
+        diags.error(located.value_loc(("distributed", "offload")), "distributed.offload",
+                    f"offload {offload!r} needs DeepSpeed ZeRO stage 1-3",
+                    "set distributed.zero_stage (offload: all needs zero_stage: 3)")
+    elif offload == "all" and isinstance(stage, int) and stage != 3:
+        diags.error(located.value_loc(("distributed", "offload")), "distributed.offload",
+                    f"offload 'all' (parameters too) needs ZeRO stage 3 (got zero_stage {stage})",
+                    "set zero_stage: 3, or offload: optimizer")
 
 
 def _check_regex(pattern: str, path: tuple, located: Located, diags: Diagnostics) -> None:

@@ -1,0 +1,164 @@
+"""The Plan: the IR every target renders. Immutable, JSON-serialisable, stable.
+
+A Plan says, for every parameter of the model, which component claimed it, how it is
+trained and at which learning rate, and which modules get LoRA adapters with which
+settings. Targets read nothing else: not the spec, not the tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from mixspec import __version__
+from mixspec.errors import Location, Problem
+
+PLAN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    rank: int
+    alpha: float
+    dropout: float
+    rslora: bool
+    dora: bool
+    targets: tuple[str, ...]  # full module names
+    target_kinds: tuple[str, ...]  # kind of each target (linear, embedding, conv, ...)
+    param_names: tuple[str, ...]  # adapter parameter names (PEFT naming, adapter "default")
+    added_params: int
+    targets_spec: object  # what the spec said: "all-linear", a list of leaf names, or a regex
+    layers: Optional[tuple[int, ...]]
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
+
+    def to_json(self) -> dict:
+        return {
+            "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+            "rslora": self.rslora, "dora": self.dora, "scaling": self.scaling,
+            "targets_spec": self.targets_spec,
+            "layers": list(self.layers) if self.layers is not None else None,
+            "added_params": self.added_params,
+            "target_modules": list(self.targets),
+            "target_kinds": sorted(set(self.target_kinds)),
+        }
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    name: str
+    mode: str  # freeze | full | lora
+    lr: Optional[float]
+    weight_decay: float
+    selector: str  # "role" or "modules"
+    role: Optional[str]
+    patterns: tuple[str, ...]
+    origin: Location
+    modules: tuple[str, ...]  # the smallest set of modules/parameters covering what it claimed
+    params: tuple[str, ...]  # base parameter names it claimed (canonical names only)
+    base_params: int
+    trainable_params: int
+    lora: Optional[LoraPlan] = None
+
+    @property
+    def trainable_names(self) -> tuple[str, ...]:
+        """Names of the parameters this component trains (base names, then adapter names)."""
+        if self.mode == "full":
+            return self.params
+        if self.mode == "lora" and self.lora:
+            return self.lora.param_names
+        return ()
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name, "mode": self.mode, "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "selector": {"role": self.role} if self.role else {"modules": list(self.patterns)},
+            "origin": self.origin.to_json(),
+            "base_params": self.base_params, "trainable_params": self.trainable_params,
+            "modules": list(self.modules),
+            "lora": self.lora.to_json() if self.lora else None,
+            "param_names": list(self.params),
+        }
+
+
+@dataclass(frozen=True)
+class Totals:
+    base_params: int
+    added_params: int
+    trainable_params: int
+
+    @property
+    def all_params(self) -> int:
+        return self.base_params + self.added_params
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec_path: str
+    model: str
+    model_source: str  # catalog | local | hf-cache | modelscope-cache
+    model_path: str
+    model_type: str
+    architecture: str
+    versions: dict
+    roles: dict  # role -> prefixes
+    components: tuple[ComponentPlan, ...]
+    unassigned_params: tuple[str, ...]
+    unassigned_base_params: int
+    unassigned_modules: tuple[str, ...]
+    tied: dict
+    totals: Totals
+    training: dict
+    distributed: dict
+    data: Optional[dict]
+    output_dir: Optional[str]
+    param_shapes: dict = field(repr=False, default_factory=dict)  # trainable base params only
+    warnings_problems: tuple[Problem, ...] = ()
+
+    def component(self, name: str) -> ComponentPlan:
+        return next(c for c in self.components if c.name == name)
+
+    def trainable_lrs(self) -> dict[str, float]:
+        """Every trainable parameter name (as named in the model, PEFT prefix excluded) -> LR."""
+        out: dict[str, float] = {}
+        for comp in self.components:
+            for name in comp.trainable_names:
+                out[name] = comp.lr  # type: ignore[assignment]
+        return dict(sorted(out.items()))
+
+    def fingerprint(self) -> str:
+        """A short hash of the sorted trainable names and their learning rates."""
+        text = "\n".join(f"{n}={lr!r}" for n, lr in self.trainable_lrs().items())
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict:
+        return {
+            "format": PLAN_FORMAT,
+            "mixspec_version": __version__,
+            "spec": self.spec_path,
+            "model": {"ref": self.model, "source": self.model_source, "model_type": self.model_type,
+                      "architecture": self.architecture, "versions": self.versions},
+            "roles": {k: list(v) for k, v in sorted(self.roles.items())},
+            "totals": {"base_params": self.totals.base_params,
+                       "added_params": self.totals.added_params,
+                       "trainable_params": self.totals.trainable_params,
+                       "all_params": self.totals.all_params},
+            "components": [c.to_json() for c in self.components],
+            "unassigned": {"base_params": self.unassigned_base_params,
+                           "modules": list(self.unassigned_modules)},
+            "tied": dict(sorted(self.tied.items())),
+            "fingerprint": self.fingerprint(),
+            "training": self.training,
+            "distributed": self.distributed,
+            "data": self.data,
+            "output_dir": self.output_dir,
+            "warnings": [p.to_json() for p in self.warnings_problems],
+        }
+
+    def to_json_text(self) -> str:
+        return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"

@@ -1,0 +1,135 @@
+"""Human-readable output of plans, explanations and trees (rich tables on stdout)."""
+
+from __future__ import annotations
+
+from mixspec.estimate import GIB, Estimate
+from mixspec.plan import Plan
+from mixspec.tree import ModuleTree
+
+
+def _console():
+    import os
+    import shutil
+
+    from rich.console import Console
+
+    width = int(os.environ.get("COLUMNS", 0)) or max(shutil.get_terminal_size((140, 24)).columns, 140)
+    return Console(highlight=False, soft_wrap=False, width=width)
+
+
+def _n(value: int) -> str:
+    return f"{value:,}"
+
+
+def _lr(value) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.2f}%" if whole else "-"
+
+
+def print_plan(plan: Plan, est: Estimate, show_modules: bool = False) -> None:
+    from rich.table import Table
+
+    console = _console()
+    console.print(f"[bold]{plan.spec_path}[/bold]: {plan.model} ({plan.architecture}, "
+                  f"{plan.model_source}; transformers {plan.versions.get('transformers')})")
+    table = Table(show_lines=False)
+    for col, just in (("component", "left"), ("mode", "left"), ("lr", "right"), ("params", "right"),
+                      ("trainable", "right"), ("share", "right"), ("covers", "left")):
+        table.add_column(col, justify=just)
+    total = plan.totals.base_params
+    for comp in plan.components:
+        mode = comp.mode
+        if comp.lora:
+            lo = comp.lora
+            mode = (f"lora r{lo.rank} a{lo.alpha:g}" + (f" d{lo.dropout:g}" if lo.dropout else "")
+                    + (" rslora" if lo.rslora else "") + (" dora" if lo.dora else "")
+                    + f" ({len(lo.targets)} modules)")
+        covers = ", ".join(comp.modules) if show_modules or len(comp.modules) <= 3 else (
+            ", ".join(comp.modules[:2]) + f", ... ({len(comp.modules)} modules)")
+        if not comp.modules:
+            covers = "(nothing)"
+        elif comp.role and not show_modules and len(comp.modules) > 3:
+            covers = f"role {comp.role} ({', '.join(plan.roles.get(comp.role, ()))}), {len(comp.modules)} modules"
+        table.add_row(comp.name, mode, _lr(comp.lr), _n(comp.base_params), _n(comp.trainable_params),
+                      _pct(comp.base_params, total), covers)
+    unassigned = plan.unassigned_modules
+    table.add_row("unassigned", "frozen", "-", _n(plan.unassigned_base_params), "0",
+                  _pct(plan.unassigned_base_params, total),
+                  ", ".join(unassigned) if len(unassigned) <= 4 or show_modules
+                  else ", ".join(unassigned[:3]) + f", ... ({len(unassigned)})")
+    console.print(table)
+    t = plan.totals
+    console.print(f"base params {_n(t.base_params)}  |  added (LoRA) {_n(t.added_params)}  |  "
+                  f"trainable {_n(t.trainable_params)} ({_pct(t.trainable_params, t.base_params + t.added_params)} of all)")
+    stage = "no DeepSpeed (DDP)" if est.zero_stage is None else f"ZeRO-{est.zero_stage}"
+    console.print(
+        f"memory per GPU ({est.world_size} GPU{'s' if est.world_size > 1 else ''}, {stage}, offload {est.offload}, "
+        f"{plan.training['precision']}): weights {est.weights_bytes / GIB:.2f} GiB + gradients "
+        f"{est.gradients_bytes / GIB:.2f} GiB + optimizer {est.optimizer_bytes / GIB:.2f} GiB = "
+        f"[bold]{est.total_bytes / GIB:.2f} GiB[/bold], activations excluded"
+    )
+    if est.cpu_bytes_per_node:
+        console.print(f"CPU memory per node for offload: {est.cpu_bytes_per_node / GIB:.2f} GiB")
+    if est.gpu_memory_gb and est.total_bytes > est.gpu_memory_gb * 1e9:
+        console.print(f"[yellow]warning[/yellow]: the estimate exceeds gpu_memory_gb ({est.gpu_memory_gb:g} GB) "
+                      "before activations")
+
+
+def print_explain(name: str, rows, tree: ModuleTree) -> None:
+    console = _console()
+    groups: dict[tuple, list[str]] = {}
+    for param, claim in rows:
+        key = (claim.component, claim.why) if claim else ("unassigned", "no pattern or role claims it (frozen)")
+        groups.setdefault(key, []).append(param)
+    for (component, why), params in groups.items():
+        numel = sum(tree.param_numel[p] for p in params if p not in tree.tied)
+        tied = [f"{p} (tied to {tree.tied[p]})" for p in params if p in tree.tied]
+        console.print(f"{name}: {len(params)} parameter tensor(s), {_n(numel)} params -> "
+                      f"[bold]{component}[/bold], by {why}")
+        for p in params[:8]:
+            console.print(f"  {p}")
+        if len(params) > 8:
+            console.print(f"  ... and {len(params) - 8} more")
+        for t in tied:
+            console.print(f"  note: {t}")
+
+
+def print_tree(tree: ModuleTree, depth: int) -> None:
+    from mixspec.registry import find_roles
+
+    console = _console()
+    roles = find_roles(tree)
+    numel = tree.param_numel
+    sizes: dict[str, int] = {}
+    for p, n in numel.items():
+        if p in tree.tied:
+            continue
+        parts = p.split(".")
+        for i in range(0, len(parts)):
+            prefix = ".".join(parts[:i])
+            sizes[prefix] = sizes.get(prefix, 0) + n
+    console.print(f"{tree.architecture} ({tree.model_type}): {_n(tree.total_params)} params"
+                  + ("  [yellow](roles guessed)[/yellow]" if roles.guessed else ""))
+    role_at = {pre: role for role, pres in roles.prefixes.items() for pre in pres}
+    for m in tree.modules:
+        if not m.name:
+            continue
+        level = m.name.count(".") + 1
+        if level > depth:
+            continue
+        # collapse long runs of numbered blocks: show the first and the last only
+        last = m.name.rsplit(".", 1)[-1]
+        if last.isdigit():
+            parent = m.name.rsplit(".", 1)[0]
+            siblings = [x for x in tree.by_name if x.startswith(parent + ".") and x.count(".") == m.name.count(".")]
+            if len(siblings) > 2 and m.name not in (siblings[0], siblings[-1]):
+                if m.name == siblings[1]:
+                    console.print("  " * level + f"... ({len(siblings) - 2} more)")
+                continue
+        role = f"  [cyan]<{role_at[m.name]}>[/cyan]" if m.name in role_at else ""
+        tied = [a for a in tree.tied if a.startswith(m.name + ".")]
+        note = f"  (tied: {', '.join(tree.tied[a] for a in tied)})" if tied else ""
+        console.print("  " * level + f"{m.name.rsplit('.', 1)[-1]} [dim]{m.type}[/dim] {_n(sizes.get(m.name, 0))}{role}{note}")

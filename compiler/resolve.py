@@ -1,0 +1,392 @@
+"""resolve(spec, tree) -> Plan: every parameter to exactly one component, or unassigned.
+
+Precedence, deterministic and explainable:
+1. a component with ``modules:`` patterns claims what its patterns match (a module with
+   everything under it, or a single parameter); two pattern components claiming the same
+   parameter is an error naming the modules;
+2. a role component claims its role's parameters that no pattern component claimed;
+3. the rest is "unassigned": frozen, and listed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from mixspec import patterns
+from mixspec.errors import Diagnostics, Location, ModelSourceError, Problem, SpecError
+from mixspec.loader import LoadedSpec
+from mixspec.plan import ComponentPlan, LoraPlan, Plan, Totals
+from mixspec.registry import Roles, find_roles
+from mixspec.spec import LoraComponent
+from mixspec.tree import CONV, CONV1D_GPT2, EMBEDDING, LINEAR, LORA_KINDS, ModuleTree
+
+_INT_SEGMENT = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class Claim:
+    component: str
+    why: str
+
+
+def load_tree_for(loaded: LoadedSpec, use_cache: bool = True):
+    """The module tree of the spec's model; a missing or unsafe model is a located error."""
+    tree, _ = _tree_and_source(loaded, use_cache)
+    return tree
+
+
+def _tree_and_source(loaded: LoadedSpec, use_cache: bool):
+    from mixspec.sources import find_model
+    from mixspec.tree import get_tree
+
+    spec = loaded.spec
+    base_dir = Path(loaded.path).parent if loaded.path and not loaded.path.startswith("<") else None
+    try:
+        source = find_model(spec.model, base_dir=base_dir)
+        tree = get_tree(source, trust_remote_code=spec.trust_remote_code, use_cache=use_cache)
+    except ModelSourceError as exc:
+        raise SpecError([Problem(loaded.value_loc("model"), "model", str(exc))]) from None
+    return tree, source
+
+
+def plan_spec(loaded: LoadedSpec, use_cache: bool = True) -> Plan:
+    """Load the spec's model tree (cached) and resolve the spec against it."""
+    tree, source = _tree_and_source(loaded, use_cache)
+    return resolve(loaded, tree, model_source=source.kind, model_path=source.path)
+
+
+def resolve(loaded: LoadedSpec, tree: ModuleTree, model_source: str = "tree",
+            model_path: str = "") -> Plan:
+    """Resolve a validated spec against a module tree. Raises SpecError with every problem."""
+    return _Resolver(loaded, tree).run(model_source, model_path)
+
+
+def explain(loaded: LoadedSpec, tree: ModuleTree, name: str) -> list[tuple[str, Claim | None]]:
+    """For a module or parameter name: each parameter under it and the rule that claimed it."""
+    resolver = _Resolver(loaded, tree)
+    claims = resolver.claim_params()
+    names = [p for p in tree.param_shapes if p == name or p.startswith(name + ".")]
+    return [(p, claims.get(p)) for p in sorted(names)]
+
+
+class _Resolver:
+    def __init__(self, loaded: LoadedSpec, tree: ModuleTree):
+        self.loaded = loaded
+        self.spec = loaded.spec
+        self.tree = tree
+        self.roles: Roles = find_roles(tree)
+        self.diags = Diagnostics()
+        self.param_names = list(tree.param_shapes)  # aliases of tied weights included
+        self.module_names = [m.name for m in tree.modules if m.name]
+
+    def loc(self, *path) -> Location:
+        return self.loaded.loc(*path)
+
+    # -- claiming ---------------------------------------------------------------------
+    def claim_params(self) -> dict[str, Claim]:
+        claims: dict[str, Claim] = {}
+        conflicts: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for cname, comp in self.spec.components.items():
+            if comp.modules is None:
+                continue
+            for i, pattern in enumerate(comp.modules):
+                try:
+                    regex = patterns.compile_pattern(pattern)
+                except patterns.PatternError:
+                    continue  # reported by the loader
+                matched_modules = [m for m in self.module_names if regex.fullmatch(m)]
+                matched_params = [p for p in self.param_names if regex.fullmatch(p)]
+                if not matched_modules and not matched_params:
+                    self.diags.error(
+                        self.loaded.value_loc("components", cname, "modules", i),
+                        f"components.{cname}.modules[{i}]",
+                        f"pattern {pattern!r} matches no module or parameter of {self.tree.architecture}",
+                        self._pattern_hint(pattern),
+                    )
+                    continue
+                prefixes = _shallowest(matched_modules)
+                hit = set(matched_params)
+                for prefix in prefixes:
+                    hit.update(_under(self.param_names, prefix))
+                for p in hit:
+                    prev = claims.get(p)
+                    why = f"pattern {pattern!r} (components.{cname}.modules[{i}])"
+                    if prev is not None and prev.component != cname:
+                        conflicts[(prev.component, cname)].append(p)
+                    elif prev is None:
+                        claims[p] = Claim(cname, why)
+        for (a, b), params in sorted(conflicts.items()):
+            mods = _shallowest(sorted({p.rsplit(".", 1)[0] for p in params}))
+            shown = ", ".join(mods[:5]) + (f" and {len(mods) - 5} more" if len(mods) > 5 else "")
+            self.diags.error(
+                self.loc("components", b, "modules"), f"components.{b}.modules",
+                f"claims {len(params)} parameters that component {a!r} also claims, in: {shown}",
+                "pattern components must be disjoint; narrow one of the patterns",
+            )
+        for cname, comp in self.spec.components.items():
+            if comp.modules is not None:
+                continue
+            role = cname
+            prefixes = self.roles.prefixes.get(role)
+            if not prefixes:
+                found = ", ".join(f"{r} ({', '.join(p)})" for r, p in sorted(self.roles.prefixes.items()))
+                self.diags.error(
+                    self.loc("components", cname), f"components.{cname}",
+                    f"{self.tree.architecture} ({self.tree.model_type}) has no {role!r} role",
+                    f"roles found in this model: {found or 'none'}; select modules with a pattern component instead",
+                )
+                continue
+            for p in self.param_names:
+                if p in claims:
+                    continue
+                if self.roles.role_of(p) == role:
+                    owner = next(pre for pre in prefixes if p == pre or p.startswith(pre + "."))
+                    claims[p] = Claim(cname, f"role {role!r} (module {owner})")
+        return claims
+
+    def _pattern_hint(self, pattern: str) -> str:
+        import difflib
+
+        close = difflib.get_close_matches(pattern.replace("\\", ""), self.module_names, n=2, cutoff=0.5)
+        if close:
+            return "module names look like: " + ", ".join(close) + " (mixspec tree MODEL lists them)"
+        return "patterns are full-matched against module names; list them with: mixspec tree MODEL"
+
+    # -- LoRA targets ------------------------------------------------------------------
+    def lora_plan(self, cname: str, comp: LoraComponent, claimed: set[str]) -> LoraPlan | None:
+        opts = comp.lora
+        path = ("components", cname, "lora")
+        members = []
+        for m in self.tree.modules:
+            if not m.name or not m.params:
+                continue
+            names = [f"{m.name}.{local}" for local in m.params]
+            if all(n in claimed for n in names):
+                members.append(m)
+        targets_spec = opts.targets
+        chosen = []
+        if targets_spec == "all-linear":
+            chosen = [m for m in members if m.kind in (LINEAR, CONV1D_GPT2)
+                      and m.name != self.tree.output_embedding]
+            if not chosen:
+                self.diags.error(self.loc(*path, "targets"), f"components.{cname}.lora.targets",
+                                 "all-linear finds no Linear module in this component",
+                                 "train it with full, or target specific modules")
+                return None
+        elif isinstance(targets_spec, list):
+            for i, leaf in enumerate(targets_spec):
+                hits = [m for m in members if m.name == leaf or m.name.endswith("." + leaf)]
+                if not hits:
+                    leaves = sorted({m.name.rsplit(".", 1)[-1] for m in members if m.kind})
+                    self.diags.error(
+                        self.loaded.value_loc(*path, "targets", i), f"components.{cname}.lora.targets[{i}]",
+                        f"no module named {leaf!r} in component {cname!r}",
+                        "LoRA-capable leaf names here: " + ", ".join(leaves[:20]),
+                    )
+                chosen.extend(hits)
+        else:
+            try:
+                regex = patterns.compile_pattern(targets_spec)
+            except patterns.PatternError:
+                return None
+            chosen = [m for m in members if regex.fullmatch(m.name)]
+            if not chosen:
+                self.diags.error(self.loaded.value_loc(*path, "targets"), f"components.{cname}.lora.targets",
+                                 f"regex {targets_spec!r} matches no module of component {cname!r}",
+                                 "the regex is full-matched against module names (mixspec tree MODEL)")
+        bad = [m for m in chosen if m.kind not in LORA_KINDS]
+        for m in bad[:5]:
+            self.diags.error(self.loc(*path, "targets"), f"components.{cname}.lora.targets",
+                             f"LoRA cannot wrap {m.name} ({m.type})",
+                             "PEFT wraps Linear, Embedding and Conv layers only")
+        chosen = [m for m in chosen if m.kind in LORA_KINDS]
+        layers = None
+        if opts.layers is not None:
+            layers = tuple(sorted(set(opts.layers))) if isinstance(opts.layers, list) else patterns.parse_layers(opts.layers)
+            available = sorted({int(x.group(1)) for m in chosen if (x := _INT_SEGMENT.search(m.name))})
+            chosen = [m for m in chosen if (x := _INT_SEGMENT.search(m.name)) and int(x.group(1)) in layers]
+            if not chosen:
+                shown = f"{available[0]}-{available[-1]}" if available else "none"
+                self.diags.error(self.loc(*path, "layers"), f"components.{cname}.lora.layers",
+                                 f"no LoRA target lies in blocks {opts.layers!r}",
+                                 f"block indices of this component's targets: {shown}")
+        if opts.dora:
+            for m in chosen:
+                if m.kind != LINEAR:
+                    self.diags.error(self.loc(*path, "dora"), f"components.{cname}.lora.dora",
+                                     f"DoRA on {m.name} ({m.type}): mixspec plans DoRA on Linear layers only",
+                                     "drop dora or narrow targets to Linear modules")
+                    break
+        for m in chosen:
+            if m.kind == CONV and m.groups != 1:
+                self.diags.error(self.loc(*path, "targets"), f"components.{cname}.lora.targets",
+                                 f"LoRA on grouped convolution {m.name} is not supported")
+        if not chosen:
+            return None
+        chosen = sorted({m.name: m for m in chosen}.values(), key=lambda m: m.name)
+        r = opts.rank
+        names: list[str] = []
+        added = 0
+        for m in chosen:
+            if m.kind in (LINEAR, CONV1D_GPT2):
+                added += r * (m.in_features + m.out_features)
+                names += [f"{m.name}.lora_A.default.weight", f"{m.name}.lora_B.default.weight"]
+                if opts.dora:
+                    added += m.out_features
+                    names.append(f"{m.name}.lora_magnitude_vector.default.weight")
+            elif m.kind == EMBEDDING:
+                added += r * (m.in_features + m.out_features)
+                names += [f"{m.name}.lora_embedding_A.default", f"{m.name}.lora_embedding_B.default"]
+            elif m.kind == CONV:
+                k = 1
+                for d in m.kernel:
+                    k *= d
+                added += r * m.in_features * k + m.out_features * r
+                names += [f"{m.name}.lora_A.default.weight", f"{m.name}.lora_B.default.weight"]
+        return LoraPlan(
+            rank=r, alpha=float(opts.alpha), dropout=float(opts.dropout), rslora=opts.rslora,
+            dora=opts.dora, targets=tuple(m.name for m in chosen),
+            target_kinds=tuple(m.kind for m in chosen), param_names=tuple(sorted(names)),
+            added_params=added,
+            targets_spec=list(targets_spec) if isinstance(targets_spec, list) else targets_spec,
+            layers=layers,
+        )
+
+    # -- the whole pass ----------------------------------------------------------------
+    def run(self, model_source: str, model_path: str) -> Plan:
+        tree = self.tree
+        if self.roles.guessed and any(c.modules is None for c in self.spec.components.values()):
+            self.diags.warn(
+                self.loaded.value_loc("model"), "model",
+                f"mixspec has no verified role map for model_type {tree.model_type!r}; roles were "
+                f"guessed from module names: " + "; ".join(f"{r}={','.join(p)}" for r, p in sorted(self.roles.prefixes.items())),
+                "check them with: mixspec tree MODEL, or select modules with patterns",
+            )
+        claims = self.claim_params()
+        numel = tree.param_numel
+        by_comp: dict[str, set[str]] = defaultdict(set)
+        for p, claim in claims.items():
+            by_comp[claim.component].add(p)
+
+        # a tied weight is one tensor: every name of it must be trained the same way
+        def treatment(param: str):
+            claim = claims.get(param)
+            if claim is None:
+                return ("frozen", None)
+            comp = self.spec.components[claim.component]
+            return ("full", comp.lr) if comp.train == "full" else ("frozen", None)
+
+        for alias, canon in sorted(tree.tied.items()):
+            ta, tc = treatment(alias), treatment(canon)
+            if ta != tc:
+                ca = claims.get(alias).component if alias in claims else "unassigned"
+                cc = claims.get(canon).component if canon in claims else "unassigned"
+                where = ca if ca != "unassigned" else cc
+                self.diags.error(
+                    self.loc("components", where), f"components.{where}",
+                    f"{alias} and {canon} are one tied tensor, but {ca!r} and {cc!r} train it differently "
+                    f"({_treat(ta)} vs {_treat(tc)})",
+                    f"give {ca!r} and {cc!r} the same train mode and lr, or leave both frozen",
+                )
+
+        components = []
+        for cname, comp in self.spec.components.items():
+            claimed = by_comp.get(cname, set())
+            canon_claimed = sorted(p for p in claimed if p not in tree.tied)
+            base = sum(numel[p] for p in canon_claimed)
+            if not claimed and comp.modules is None and cname in self.roles.prefixes:
+                self.diags.warn(self.loc("components", cname), f"components.{cname}",
+                                "claims no parameter: pattern components took all of its role",
+                                "remove it or narrow the patterns")
+            lora = None
+            trainable = 0
+            if comp.train == "full":
+                trainable = base
+            elif comp.train == "lora" and claimed:
+                lora = self.lora_plan(cname, comp, claimed)
+                trainable = lora.added_params if lora else 0
+            wd = getattr(comp, "weight_decay", None)
+            components.append(ComponentPlan(
+                name=cname, mode=comp.train, lr=getattr(comp, "lr", None),
+                weight_decay=float(wd if wd is not None else self.spec.training.weight_decay),
+                selector="modules" if comp.modules is not None else "role",
+                role=None if comp.modules is not None else cname,
+                patterns=tuple(comp.modules or ()),
+                origin=self.loc("components", cname),
+                modules=_covering(claimed, self.param_names),
+                params=tuple(canon_claimed), base_params=base, trainable_params=trainable, lora=lora,
+            ))
+        self.diags.raise_if_errors()
+        unassigned = sorted(p for p in self.param_names if p not in claims and p not in tree.tied)
+        total = tree.total_params
+        added = sum(c.lora.added_params for c in components if c.lora)
+        trainable = sum(c.trainable_params for c in components)
+        trained_base = {p for c in components if c.mode == "full" for p in c.params}
+        spec = self.spec
+        return Plan(
+            spec_path=self.loaded.path, model=spec.model, model_source=model_source,
+            model_path=model_path, model_type=tree.model_type, architecture=tree.architecture,
+            versions=dict(tree.versions),
+            roles={r: tuple(p) for r, p in self.roles.prefixes.items()},
+            components=tuple(components),
+            unassigned_params=tuple(unassigned),
+            unassigned_base_params=sum(numel[p] for p in unassigned),
+            unassigned_modules=_covering(set(unassigned), self.param_names),
+            tied=dict(tree.tied),
+            totals=Totals(base_params=total, added_params=added, trainable_params=trainable),
+            training=spec.training.model_dump(mode="json"),
+            distributed=spec.distributed.model_dump(mode="json"),
+            data=spec.data.model_dump(mode="json") if spec.data else None,
+            output_dir=spec.output_dir,
+            param_shapes={p: tuple(tree.param_shapes[p]) for p in sorted(trained_base)},
+            warnings_problems=tuple(self.diags.warnings) + tuple(self.loaded.warnings),
+        )
+
+
+def _treat(t) -> str:
+    return f"full at lr {t[1]}" if t[0] == "full" else "frozen"
+
+
+def _under(names: list[str], prefix: str) -> list[str]:
+    dotted = prefix + "."
+    return [n for n in names if n.startswith(dotted)]
+
+
+def _shallowest(names) -> tuple[str, ...]:
+    kept: list[str] = []
+    for name in sorted(set(names), key=lambda n: (n.count("."), n)):
+        if not any(name.startswith(k + ".") for k in kept):
+            kept.append(name)
+    return tuple(sorted(kept, key=natural_key))
+
+
+def _covering(claimed: set[str], all_params: list[str]) -> tuple[str, ...]:
+    """The fewest module names (or single parameters) that cover exactly ``claimed``."""
+    if not claimed:
+        return ()
+    inside: dict[str, bool] = {}  # module -> every parameter under it is claimed
+    for p in all_params:
+        parts = p.split(".")
+        flag = p in claimed
+        for i in range(1, len(parts)):
+            prefix = ".".join(parts[:i])
+            inside[prefix] = inside.get(prefix, True) and flag
+    out = []
+    for p in sorted(claimed):
+        parts = p.split(".")
+        top = p
+        for i in range(1, len(parts)):
+            prefix = ".".join(parts[:i])
+            if inside.get(prefix):
+                top = prefix
+                break
+        out.append(top)
+    return tuple(sorted(set(out), key=natural_key))
+
+
+def natural_key(name: str) -> tuple:
+    """Sort 'blocks.2' before 'blocks.10'."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))

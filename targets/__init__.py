@@ -1,0 +1,70 @@
+"""Backends: each module renders a Plan into files a real backend runs as is.
+
+A target is a small class: capability checks that collect what it cannot express
+(``Unsupported`` items, refused together), and render methods returning
+``{filename: text}``. Targets read only the Plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mixspec.errors import Unsupported, UnsupportedError
+from mixspec.plan import Plan
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """Options from the command line that shape a target's output."""
+
+    swift_version: int = 4
+    plugin: bool = True  # swift: may emit an --external_plugins file when flags are not exact
+    approximate: bool = False  # emit an approximation, each deviation as a comment
+    model_override: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Target:
+    """Base class: subclasses set ``name`` and implement ``unsupported`` and ``files``."""
+
+    name = ""
+    description = ""
+
+    def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
+        return []
+
+    def files(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
+        raise NotImplementedError
+
+    def render(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
+        problems = self.unsupported(plan, options)
+        if problems and not options.approximate:
+            raise UnsupportedError(self.name, problems)
+        return self.files(plan, options)
+
+
+def available_targets() -> dict[str, type[Target]]:
+    """Targets that are implemented, by name (imported lazily)."""
+    import importlib
+
+    out: dict[str, type[Target]] = {}
+    for name, module in (("hf", "hf"), ("deepspeed", "deepspeed"), ("swift", "swift"),
+                         ("llamafactory", "llamafactory")):
+        try:
+            mod = importlib.import_module(f"mixspec.targets.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"mixspec.targets.{module}":
+                continue
+            raise
+        out[name] = mod.TARGET
+    return out
+
+
+def render(plan: Plan, target: str, options: TargetOptions | None = None) -> dict[str, str]:
+    """Render a Plan for a target; raises UnsupportedError naming what it cannot express."""
+    targets = available_targets()
+    if target not in targets:
+        raise UnsupportedError(target, [Unsupported(
+            "unknown-target", None, "anything", f"no target named {target!r}",
+            "available: " + ", ".join(sorted(targets)))])
+    return targets[target]().render(plan, options or TargetOptions())
