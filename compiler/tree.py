@@ -9,6 +9,7 @@ imports torch or transformers.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -186,12 +187,13 @@ def store_tree(config: dict, tree: ModuleTree, trust_remote_code: bool = False) 
 def get_tree(source: ModelSource, trust_remote_code: bool = False, use_cache: bool = True) -> ModuleTree:
     """The module tree for a model source: from the cache, or built (and then cached)."""
     if use_cache:
-        cached = load_cached_tree(source.config, trust_remote_code)
+        config = copy.deepcopy(source.config)  # the key is taken from the config as read
+        cached = load_cached_tree(config, trust_remote_code)
         if cached is not None:
             return cached
     tree = build_tree(source, trust_remote_code=trust_remote_code)
     if use_cache:
-        store_tree(source.config, tree, trust_remote_code)
+        store_tree(config, tree, trust_remote_code)
     return tree
 
 
@@ -227,7 +229,9 @@ def build_tree(source: ModelSource, trust_remote_code: bool = False) -> ModuleTr
         ) from None
     transformers.logging.set_verbosity_error()
     model_type = source.model_type
-    config_dict = dict(source.config)
+    # transformers' config classes pop keys out of nested dicts (vision_config, ...): hand
+    # them a deep copy, so source.config (and the cache key made from it) stays as read
+    config_dict = copy.deepcopy(source.config)
     if trust_remote_code and "auto_map" in config_dict:
         from transformers import AutoConfig
 
