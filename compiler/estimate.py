@@ -1,15 +1,17 @@
 """estimate(plan) -> Estimate: memory per GPU for weights, gradients and optimizer states.
 
-The formula (mixed precision as DeepSpeed and the generated scripts run it):
+The formula follows how the generated configs run (bytes per parameter):
 
-* every base parameter, frozen or not, is held once in the training dtype
-  (bf16/fp16: 2 bytes, fp32: 4 bytes); LoRA adapters likewise;
-* every trainable parameter (full components and LoRA adapters) also has a gradient in the
-  training dtype, and AdamW state: fp32 momentum and variance (8 bytes) plus, for
-  bf16/fp16, an fp32 master copy (4 bytes);
-* with N = nodes x gpus_per_node data-parallel ranks, ZeRO stage 1 divides optimizer
-  states by N, stage 2 also gradients, stage 3 also the weights (frozen ones included);
-* offload "optimizer" moves optimizer states to CPU memory, "all" (ZeRO-3) also weights.
+| | frozen base | trained base (full) | LoRA adapter |
+|---|---|---|---|
+| no DeepSpeed, bf16 | 2 | 2 w + 2 grad + 4 AdamW (bf16 states) | 4 w + 4 grad + 8 AdamW (PEFT keeps adapters fp32) |
+| no DeepSpeed, fp16 / fp32 (weights fp32, fp16 by autocast) | 4 | 4 + 4 + 8 | 4 + 4 + 8 |
+| DeepSpeed, bf16/fp16 (module cast to 16 bit, fp32 master) | 2 | 2 + 2 + 12 (fp32 master, m, v) | 2 + 2 + 12 |
+| DeepSpeed, fp32 | 4 | 4 + 4 + 8 | 4 + 4 + 8 |
+
+With N = nodes x gpus_per_node data-parallel ranks, ZeRO stage 1 divides optimizer
+states by N, stage 2 also gradients, stage 3 also the weights (frozen ones included).
+Offload "optimizer" moves optimizer states to CPU memory, "all" (ZeRO-3) also weights.
 
 Activations depend on sequence length, batch, image size and checkpointing; they are
 **not included** and are reported as excluded, never silently.
@@ -52,21 +54,35 @@ class Estimate:
         }
 
 
+def bytes_per_param(precision: str, deepspeed: bool) -> dict:
+    """(weight, gradient, optimizer) bytes for frozen, full-trained and LoRA parameters."""
+    if deepspeed:
+        w = 4 if precision == "fp32" else 2
+        opt = 8 if precision == "fp32" else 12
+        trained = (w, w, opt)
+        return {"frozen": (w, 0, 0), "full": trained, "lora": trained}
+    if precision == "bf16":
+        return {"frozen": (2, 0, 0), "full": (2, 2, 4), "lora": (4, 4, 8)}
+    return {"frozen": (4, 0, 0), "full": (4, 4, 8), "lora": (4, 4, 8)}
+
+
 def estimate(plan: Plan) -> Estimate:
     """Memory per GPU for the Plan on the spec's hardware (activations excluded)."""
     dist = plan.distributed
-    precision = plan.training["precision"]
     nodes, gpn = dist["nodes"], dist["gpus_per_node"]
     n = nodes * gpn
     stage = dist["zero_stage"]
     offload = dist["offload"]
-    wbytes = 4 if precision == "fp32" else 2
-    obytes = 8 if precision == "fp32" else 12
-    all_params = plan.totals.base_params + plan.totals.added_params
-    trainable = plan.totals.trainable_params
-    weights = all_params * wbytes
-    grads = trainable * wbytes
-    optim = trainable * obytes
+    rates = bytes_per_param(plan.training["precision"], deepspeed=stage is not None)
+    full = sum(c.trainable_params for c in plan.components if c.mode == "full")
+    lora = plan.totals.added_params
+    frozen = plan.totals.base_params - full
+    weights = grads = optim = 0.0
+    for count, kind in ((frozen, "frozen"), (full, "full"), (lora, "lora")):
+        w, g, o = rates[kind]
+        weights += count * w
+        grads += count * g
+        optim += count * o
     s = stage or 0
     if s >= 1:
         optim /= n
@@ -75,7 +91,7 @@ def estimate(plan: Plan) -> Estimate:
     if s >= 3:
         weights /= n
     cpu_per_gpu = 0.0
-    if offload in ("optimizer", "all") and stage is not None and s >= 1:
+    if offload in ("optimizer", "all") and s >= 1:
         cpu_per_gpu += optim
         optim = 0.0
     if offload == "all" and s >= 3:
