@@ -121,3 +121,20 @@ def test_invalid_specs_never_print_a_traceback():
     for rel in rels:
         assert f"{rel}:" in result.stderr
     assert ": ok\n" not in result.stderr
+
+
+def test_pre_commit_hook_matches_documented_file_names():
+    import re
+
+    import yaml
+
+    [hook] = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text(encoding="utf-8"))
+    assert hook["id"] == "mixspec-validate"
+    assert hook["entry"] == "mixspec validate" and hook["language"] == "python"
+    pattern = re.compile(hook["files"])
+    for name in ["mixspec.yaml", "mixspec.yml", "mixspec.json", "cfg/mixspec.yaml",
+                 "train/qwen-vl.mixspec.yaml", "a.mixspec.json"]:
+        assert pattern.search(name), name
+    for name in ["examples/qwen25vl-7b-mixed.yaml", "notmixspec.yaml", "mixspec.yaml.bak",
+                 "mixspec.toml", ".pre-commit-config.yaml"]:
+        assert not pattern.search(name), name
