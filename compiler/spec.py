@@ -189,6 +189,9 @@ class Spec(_Strict):
 def json_schema() -> dict:
     """The published JSON Schema of the spec language."""
     schema = Spec.model_json_schema(mode="validation")
+    # pydantic writes the key pattern as patternProperties; without this, a component whose
+    # name breaks the pattern would be accepted, unchecked, by editors and jsonschema
+    schema["properties"]["components"]["additionalProperties"] = False
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = "https://mixspec.dev/schemas/mixspec.schema.json"
     return schema

@@ -38,11 +38,7 @@ SCHEMA_REJECTS = [
     "zero-stage-4", "missing-model", "full-missing-lr", "freeze-with-lr", "lora-options-on-full",
     "bad-train-mode", "missing-train", "version-2", "components-empty",
     "micro-batch-float", "yes-is-not-a-boolean", "json-lr-string",
-    pytest.param("component-name-invalid", marks=pytest.mark.xfail(
-        strict=True,
-        reason="components has patternProperties but no additionalProperties: false, so the "
-               "schema accepts (and does not check) a component whose name breaks the pattern",
-    )),
+    "component-name-invalid",
 ]
 
 
