@@ -247,7 +247,7 @@ def _problem_from_pydantic(err: dict, located: Located) -> Problem:
         # a missing key has no location of its own: point at its parent mapping
         return Problem(located.loc(loc[:-1]), dotted, message, hint)
     if kind == "union_tag_invalid" or kind == "union_tag_not_found":
-        message = "train must be one of freeze, full, lora"
+        message = "must be one of freeze, full, lora"
         if kind == "union_tag_invalid":
             message += f" (got {err['ctx'].get('tag')!r})"
             loc = loc + ("train",)
