@@ -1,0 +1,238 @@
+"""PEFT as referee: on tiny random models of every registered architecture, the Plan's
+trainable parameters (names and count) and total count equal what PEFT reports when it
+is set up as the Plan says.
+
+For each (family, spec): the real model class is built on CPU from a tiny config, mixspec
+resolves the spec against ``tree_from_model(model)``, then PEFT wraps a copy of the model
+with ``LoraConfig(target_modules=<the Plan's full module names>, r, lora_alpha, ...)`` and
+every parameter of the Plan's full components gets ``requires_grad_(True)``. PEFT names
+the parameters, counts them and builds the adapters; mixspec only predicted them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import textwrap
+
+import pytest
+
+from tinymodels import build_model, families, tiny_config
+
+peft = pytest.importorskip("peft")
+
+TEXT_ONLY = ("llama", "qwen2")
+QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+TIED = ("gemma3", "paligemma", "internvl", "mistral3")  # tie_word_embeddings in the tiny configs
+
+# The second block of each vision encoder (pattern components select it by name).
+VISION_BLOCK_1 = {
+    "qwen2_vl": r"model\.visual\.blocks\.1",
+    "qwen2_5_vl": r"model\.visual\.blocks\.1",
+    "qwen3_vl": r"model\.visual\.blocks\.1",
+    "llava": r"model\.vision_tower\.encoder\.layers\.1",
+    "llava_next": r"model\.vision_tower\.encoder\.layers\.1",
+    "llava_onevision": r"model\.vision_tower\.encoder\.layers\.1",
+    "gemma3": r"model\.vision_tower\.encoder\.layers\.1",
+    "paligemma": r"model\.vision_tower\.encoder\.layers\.1",
+    "mllama": r"model\.vision_model\.transformer\.layers\.1",
+    "idefics3": r"model\.vision_model\.encoder\.layers\.1",
+    "smolvlm": r"model\.vision_model\.encoder\.layers\.1",
+    "internvl": r"model\.vision_tower\.encoder\.layer\.1",
+    "mistral3": r"model\.vision_tower\.transformer\.layers\.1",
+}
+
+LORA = "{rank: 4, alpha: 8, dropout: 0.05, targets: all-linear}"
+
+
+def _mixed(family):
+    if family in TEXT_ONLY:
+        return f"language: {{train: lora, lr: 1.0e-4, lora: {LORA}}}"
+    return f"""
+        vision: {{train: full, lr: 2.0e-6}}
+        aligner: {{train: full, lr: 1.0e-5}}
+        language: {{train: lora, lr: 1.0e-4, lora: {LORA}}}"""
+
+
+def _leaf_list(family):
+    return "language: {train: lora, lr: 1.0e-4, lora: {rank: 4, alpha: 8, targets: [q_proj, v_proj]}}"
+
+
+def _regex(family):
+    return r"""language: {train: lora, lr: 1.0e-4, lora: {rank: 2, alpha: 4, targets: '.*\.layers\.1\.mlp\..*'}}"""
+
+
+def _layers(family):
+    return "language: {train: lora, lr: 1.0e-4, lora: {rank: 4, alpha: 8, layers: '0-0'}}"
+
+
+def _rslora(family):
+    return "language: {train: lora, lr: 1.0e-4, lora: {rank: 8, alpha: 16, rslora: true}}"
+
+
+def _dora(family):
+    extra = "" if family in TEXT_ONLY else "\n        aligner: {train: full, lr: 1.0e-5}"
+    return "\n        language: {train: lora, lr: 1.0e-4, lora: {rank: 4, alpha: 8, dora: true}}" + extra
+
+
+def _lm_head_full(family):
+    spec = f"""
+        language: {{train: lora, lr: 1.0e-4, lora: {LORA}}}
+        lm_head: {{train: full, lr: 5.0e-5}}"""
+    if family in TIED:  # one tensor: the embeddings must be trained the same way
+        spec += "\n        embeddings: {train: full, lr: 5.0e-5}"
+    return spec
+
+
+def _embeddings_lora(family):
+    spec = "\n        embeddings: {train: lora, lr: 1.0e-4, lora: {rank: 4, alpha: 8, targets: [embed_tokens]}}"
+    if family not in TEXT_ONLY:
+        spec += "\n        vision: {train: full, lr: 2.0e-6}"
+    return spec
+
+
+def _pattern_override(family):
+    if family in TEXT_ONLY:
+        # the LLM fully trained, its second block through LoRA instead
+        return r"""
+        language: {train: full, lr: 1.0e-5}
+        block_1:
+          modules: ['model\.layers\.1']
+          train: lora
+          lr: 1.0e-4
+          lora: {rank: 4, alpha: 8}"""
+    return f"""
+        vision: {{train: full, lr: 2.0e-6}}
+        aligner: {{train: full, lr: 1.0e-5}}
+        late_vision:
+          modules: ['{VISION_BLOCK_1[family]}']
+          train: full
+          lr: 5.0e-6
+        language: {{train: lora, lr: 1.0e-4, lora: {{rank: 4, alpha: 8, targets: [q_proj, o_proj]}}}}"""
+
+
+def _conv3d_patch_embed(family):
+    if family not in QWEN_VL:
+        return None
+    return r"""
+        vision: {train: full, lr: 2.0e-6}
+        patch_embed:
+          modules: ['model\.visual\.patch_embed']
+          train: lora
+          lr: 1.0e-4
+          lora: {rank: 4, alpha: 8, targets: [proj]}"""
+
+
+def _everything_all_linear(family):
+    # all-linear over the whole model: every Linear, never the output embedding
+    return """
+        everything:
+          modules: ['.*']
+          train: lora
+          lr: 1.0e-4
+          lora: {rank: 2, alpha: 2}"""
+
+
+CASES = {
+    "mixed": _mixed, "leaf_list": _leaf_list, "regex": _regex, "layers": _layers,
+    "rslora": _rslora, "dora": _dora, "lm_head_full": _lm_head_full,
+    "embeddings_lora": _embeddings_lora, "pattern_override": _pattern_override,
+    "conv3d_patch_embed": _conv3d_patch_embed, "everything_all_linear": _everything_all_linear,
+}
+
+PAIRS = [(f, c) for f in families() for c in CASES if CASES[c](f) is not None]
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """family -> (model, tree), each built once per session."""
+    from mixspec.tree import tree_from_model
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            model = build_model(tiny_config(family))
+            cache[family] = (model, tree_from_model(model))
+        return cache[family]
+
+    return get
+
+
+def spec_text(family: str, components: str) -> str:
+    body = textwrap.indent(textwrap.dedent(components).strip("\n"), "  ")
+    return f"version: 1\nmodel: tiny/{family}\ncomponents:\n{body}\n"
+
+
+def plan_for(family, case, tree):
+    from mixspec.loader import load_spec_text
+    from mixspec.resolve import resolve
+
+    loaded = load_spec_text(spec_text(family, CASES[case](family)), f"{family}-{case}.yaml")
+    return resolve(loaded, tree)
+
+
+def apply_with_peft(model, plan):
+    """Set the model up the way the Plan says, with PEFT; returns the PEFT model."""
+    from peft import LoraConfig, get_peft_model
+
+    model = copy.deepcopy(model)
+    loras = [c.lora for c in plan.components if c.lora]
+    assert len(loras) == 1, "these cases use exactly one LoRA component"
+    lo = loras[0]
+    config = LoraConfig(target_modules=list(lo.targets), r=lo.rank, lora_alpha=lo.alpha,
+                        lora_dropout=lo.dropout, use_rslora=lo.rslora, use_dora=lo.dora)
+    peft_model = get_peft_model(model, config)
+    base = peft_model.base_model.model
+    for comp in plan.components:
+        if comp.mode == "full":
+            for name in comp.params:
+                base.get_parameter(name).requires_grad_(True)
+    return peft_model
+
+
+@pytest.mark.parametrize("family,case", PAIRS, ids=[f"{f}-{c}" for f, c in PAIRS])
+def test_plan_equals_peft(tiny_models, family, case):
+    model, tree = tiny_models(family)
+    plan = plan_for(family, case, tree)
+    peft_model = apply_with_peft(model, plan)
+
+    trainable = {n.removeprefix("base_model.model."): p.numel()
+                 for n, p in peft_model.named_parameters() if p.requires_grad}
+    planned = plan.trainable_lrs()
+    assert sorted(trainable) == sorted(planned), (
+        f"only PEFT: {sorted(set(trainable) - set(planned))[:10]}; "
+        f"only plan: {sorted(set(planned) - set(trainable))[:10]}")
+    assert sum(trainable.values()) == plan.totals.trainable_params
+    assert sum(p.numel() for p in peft_model.parameters()) == plan.totals.all_params
+    assert plan.totals.base_params == sum(p.numel() for p in model.parameters())
+
+    # LoRA settings land where the Plan says, with the Plan's scaling
+    from peft.tuners.lora import LoraLayer
+
+    lo = next(c.lora for c in plan.components if c.lora)
+    wrapped = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+               if isinstance(m, LoraLayer)}
+    assert sorted(wrapped) == sorted(lo.targets)
+    for layer in wrapped.values():
+        assert layer.r["default"] == lo.rank
+        assert math.isclose(layer.scaling["default"], lo.scaling)
+
+
+def test_every_family_builds_and_has_all_cases(tiny_models):
+    """The referee covers every registered family and the special cases the brief names."""
+    assert set(families()) >= {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next",
+                               "llava_onevision", "gemma3", "paligemma", "mllama", "idefics3",
+                               "smolvlm", "internvl", "mistral3", "llama", "qwen2"}
+    # LLaVA-NeXT's image_newline is a bare parameter of the aligner, not a module
+    plan = plan_for("llava_next", "mixed", tiny_models("llava_next")[1])
+    assert "model.image_newline" in plan.component("aligner").params
+    # gemma-3 ties lm_head to the input embedding: the pair counts once
+    _, tree = tiny_models("gemma3")
+    assert tree.tied == {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    plan = plan_for("gemma3", "lm_head_full", tree)
+    assert plan.component("lm_head").base_params == 0
+    assert plan.component("embeddings").trainable_params == 256 * 32
+    # the Conv3d patch embedding gets a Conv3d LoRA
+    plan = plan_for("qwen2_5_vl", "conv3d_patch_embed", tiny_models("qwen2_5_vl")[1])
+    assert plan.component("patch_embed").lora.target_kinds == ("conv",)
