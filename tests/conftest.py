@@ -23,3 +23,19 @@ def run_cli(monkeypatch):
         return runner.invoke(app, list(args))
 
     return invoke
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tree_cache_dir(tmp_path_factory):
+    """One module-tree cache per test session (MIXSPEC_CACHE_DIR), never the user's: each
+    model's tree is built once per session, and no test reads a stale tree from ~/.cache."""
+    import os
+
+    path = tmp_path_factory.mktemp("mixspec-cache")
+    old = os.environ.get("MIXSPEC_CACHE_DIR")
+    os.environ["MIXSPEC_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MIXSPEC_CACHE_DIR", None)
+    else:
+        os.environ["MIXSPEC_CACHE_DIR"] = old
