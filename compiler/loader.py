@@ -67,10 +67,22 @@ def _validate(located: Located, path: str) -> LoadedSpec:
 
 # -- semantic checks the models alone cannot express ---------------------------------------
 
+# Resolving costs components x patterns x module names; real specs have a handful of each,
+# and these caps keep a hostile spec (CI runs specs from pull requests) to well under a second
+MAX_COMPONENTS = 64
+MAX_PATTERNS = 64  # module patterns plus regex LoRA targets, over the whole spec
+
+
 def _check_components(data: dict, located: Located, diags: Diagnostics) -> None:
     components = data.get("components")
     if not isinstance(components, dict):
         return
+    if len(components) > MAX_COMPONENTS:
+        diags.error(located.loc(("components",)), "components",
+                    f"{len(components)} components, more than the limit of {MAX_COMPONENTS}",
+                    "a component can select many modules: combine patterns with |")
+        return
+    regexes: list[tuple[str, tuple]] = []
     for name, comp in components.items():
         if not isinstance(comp, dict):
             continue
@@ -95,12 +107,12 @@ def _check_components(data: dict, located: Located, diags: Diagnostics) -> None:
         if isinstance(modules, list):
             for i, pattern in enumerate(modules):
                 if isinstance(pattern, str):
-                    _check_regex(pattern, base + ("modules", i), located, diags)
+                    regexes.append((pattern, base + ("modules", i)))
         lora = comp.get("lora")
         if isinstance(lora, dict):
             targets = lora.get("targets")
             if isinstance(targets, str) and targets != "all-linear":
-                _check_regex(targets, base + ("lora", "targets"), located, diags)
+                regexes.append((targets, base + ("lora", "targets")))
             layers = lora.get("layers")
             if isinstance(layers, str):
                 try:
@@ -109,6 +121,14 @@ def _check_components(data: dict, located: Located, diags: Diagnostics) -> None:
                     diags.error(located.value_loc(base + ("lora", "layers")),
                                 f"components.{name}.lora.layers", str(exc),
                                 'write block indices like "20-27" or "0,2,4-6"')
+    if len(regexes) > MAX_PATTERNS:
+        path = regexes[MAX_PATTERNS][1]
+        diags.error(located.value_loc(path), _dotted(path),
+                    f"the spec has {len(regexes)} patterns, more than the limit of {MAX_PATTERNS}",
+                    "one pattern can match many modules: combine patterns with |")
+        return
+    for pattern, path in regexes:
+        _check_regex(pattern, path, located, diags)
 
 
 def _check_distributed(data: dict, located: Located, diags: Diagnostics) -> None:

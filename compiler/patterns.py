@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 MAX_PATTERN_LEN = 2000
+MAX_BLOCK_INDEX = 100_000
 
 
 class PatternError(ValueError):
@@ -35,7 +36,7 @@ def compile_pattern(pattern: str):
 
 def parse_layers(text: str) -> tuple[int, ...]:
     """Parse "20-27", "0,2,4-6" into sorted unique block indices."""
-    out: set[int] = set()
+    ranges: list[tuple[int, int]] = []
     for part in text.split(","):
         part = part.strip()
         if not part:
@@ -48,7 +49,12 @@ def parse_layers(text: str) -> tuple[int, ...]:
             raise ValueError(f"{part!r} is not a block index or range") from None
         if a < 0 or b < a:
             raise ValueError(f"range {part!r} must be ascending and non-negative")
-        if b - a > 100_000:
-            raise ValueError(f"range {part!r} is too large")
-        out.update(range(a, b + 1))
-    return tuple(sorted(out))
+        if b - a > MAX_BLOCK_INDEX or b > MAX_BLOCK_INDEX:
+            raise ValueError(f"range {part!r} is too large (block indices go up to {MAX_BLOCK_INDEX})")
+        ranges.append((a, b))
+    # merge first, expand once: thousands of overlapping wide ranges stay cheap
+    out: list[int] = []
+    for a, b in sorted(ranges):
+        start = max(a, out[-1] + 1) if out else a
+        out.extend(range(start, b + 1))
+    return tuple(out)

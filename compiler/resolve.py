@@ -150,6 +150,10 @@ class _Resolver:
     def _pattern_hint(self, pattern: str) -> str:
         import difflib
 
+        # difflib over every module name costs ~0.1 s; a few suggestions are enough
+        self._close_hints = getattr(self, "_close_hints", 0) + 1
+        if self._close_hints > 3:
+            return "patterns are full-matched against module names; list them with: mixspec tree MODEL"
         close = difflib.get_close_matches(pattern.replace("\\", ""), self.module_names, n=2, cutoff=0.5)
         if close:
             return "module names look like: " + ", ".join(close) + " (mixspec tree MODEL lists them)"
@@ -356,10 +360,12 @@ def _under(names: list[str], prefix: str) -> list[str]:
 
 
 def _shallowest(names) -> tuple[str, ...]:
-    kept: list[str] = []
+    kept: set[str] = set()
     for name in sorted(set(names), key=lambda n: (n.count("."), n)):
-        if not any(name.startswith(k + ".") for k in kept):
-            kept.append(name)
+        # look up each dotted prefix (a few) rather than scan every kept name (quadratic)
+        parts = name.split(".")
+        if not any(".".join(parts[:i]) in kept for i in range(1, len(parts))):
+            kept.add(name)
     return tuple(sorted(kept, key=natural_key))
 
 

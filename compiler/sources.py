@@ -85,16 +85,30 @@ def _hf_snapshot(cache: Path, ref: str) -> Path | None:
 
 def read_config(config_path: Path, ref: str) -> dict:
     """Read config.json as data, with clear errors for everything that can go wrong."""
-    if config_path.is_dir():
-        raise ModelSourceError(f"model {ref!r}: {config_path} is a directory, expected a config.json file")
-    if not config_path.is_file():
-        raise ModelSourceError(f"model {ref!r}: no config.json in {config_path.parent}")
-    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+    try:
+        if config_path.is_dir():
+            raise ModelSourceError(f"model {ref!r}: {config_path} is a directory, expected a config.json file")
+        if not config_path.is_file():
+            if config_path.exists():
+                raise ModelSourceError(f"model {ref!r}: {config_path} is not a regular file (a pipe or a device?), "
+                                       "expected a config.json file")
+            if config_path.is_symlink():
+                raise ModelSourceError(f"model {ref!r}: {config_path} is a symlink to nothing (or to itself), "
+                                       "expected a config.json file")
+            raise ModelSourceError(f"model {ref!r}: no config.json in {config_path.parent}")
+        if config_path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ModelSourceError(f"model {ref!r}: {config_path} is larger than {MAX_CONFIG_BYTES} bytes; not a config")
+        raw = config_path.read_bytes()
+    except OSError as exc:
+        raise ModelSourceError(f"model {ref!r}: cannot read {config_path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:  # it grew after the stat (a file being written, a pipe)
         raise ModelSourceError(f"model {ref!r}: {config_path} is larger than {MAX_CONFIG_BYTES} bytes; not a config")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelSourceError(f"model {ref!r}: {config_path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ModelSourceError(f"model {ref!r}: {config_path} nests too deeply to be a model config") from None
     if not isinstance(config, dict):
         raise ModelSourceError(f"model {ref!r}: {config_path} must hold a JSON object")
     return config
@@ -102,6 +116,17 @@ def read_config(config_path: Path, ref: str) -> dict:
 
 def find_model(ref: str, base_dir: str | Path | None = None) -> ModelSource:
     """Resolve a model reference to its config, offline. Raises ModelSourceError listing where it looked."""
+    try:
+        return _find_model(ref, base_dir)
+    except OSError as exc:  # a name too long for the OS, an unreadable cache directory, ...
+        shown = ref if len(ref) <= 200 else ref[:197] + "..."
+        raise ModelSourceError(
+            f"model {shown!r}: cannot look it up: {exc.strerror or exc}"
+            + (f" ({exc.filename})" if exc.filename and len(str(exc.filename)) <= 300 else "")
+        ) from None
+
+
+def _find_model(ref: str, base_dir: str | Path | None) -> ModelSource:
     looked: list[str] = []
     # 1. a local directory (relative paths are taken from the spec's directory, then the cwd)
     candidates = []
@@ -123,6 +148,9 @@ def find_model(ref: str, base_dir: str | Path | None = None) -> ModelSource:
             )
     if _looks_like_path(ref):
         raise ModelSourceError(f"model {ref!r}: no such directory. Looked in:\n  " + "\n  ".join(looked))
+    if any(part in ("", ".", "..") for part in ref.split("/")):
+        # ids are ORG/NAME; never let '..' walk out of the catalog or a cache directory
+        raise ModelSourceError(f"model {ref!r}: not a model id (ORG/NAME) and no such directory")
     # 2. the built-in catalog
     root = catalog_root()
     cat = root / ref

@@ -250,6 +250,9 @@ def build_tree(source: ModelSource, trust_remote_code: bool = False) -> ModuleTr
                 config = CONFIG_MAPPING[model_type].from_dict(config_dict)
             except Exception as exc:  # a malformed config is the user's to fix
                 raise ModelSourceError(f"model {source.ref!r}: config.json is not a valid {model_type} config: {exc}") from None
+    # config.json may name a Hub kernel as its attention ("kernels-community/..."): building
+    # would download and run it. Attention is a function, not a module: the tree is the same.
+    config._attn_implementation = "eager"
     model_cls = _model_class(config, trust_remote_code)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

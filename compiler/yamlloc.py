@@ -18,7 +18,8 @@ import yaml
 
 from mixspec.errors import Location, Problem, SpecError
 
-MAX_FILE_BYTES = 1_000_000
+# a spec is a few hundred bytes; 256 KiB keeps the worst case (pure-Python YAML) well under a second
+MAX_FILE_BYTES = 256 * 1024
 MAX_DEPTH = 32
 MAX_NODES = 20_000
 
@@ -30,7 +31,44 @@ _CORE_TAGS = frozenset(
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 core-schema scalars."""
+    """SafeLoader with YAML 1.2 core-schema scalars, and limits enforced while parsing.
+
+    PyYAML's scanner slows down quadratically with flow nesting and its composer is
+    recursive, so depth and node count are checked as the text is read: a hostile file
+    stops at the first node past a limit instead of being composed whole first.
+    """
+
+    def __init__(self, stream, name: str = "<spec>"):
+        super().__init__(stream)
+        self.spec_name = name
+        self.composed_nodes = 0
+
+    def _too_deep(self) -> SpecError:
+        mark = self.get_mark()
+        return _fail(self.spec_name, mark.line + 1, mark.column + 1,
+                     f"nesting deeper than {MAX_DEPTH} levels", "a spec needs only a few levels")
+
+    def fetch_flow_collection_start(self, TokenClass):
+        # open collections = block indents + flow levels; one more than MAX_DEPTH allows
+        # is already deeper than any node _convert accepts
+        if len(self.indents) + self.flow_level + 1 > MAX_DEPTH + 1:
+            raise self._too_deep()
+        super().fetch_flow_collection_start(TokenClass)
+
+    def add_indent(self, column):
+        added = super().add_indent(column)
+        if added and len(self.indents) + self.flow_level > MAX_DEPTH + 1:
+            raise self._too_deep()
+        return added
+
+    def compose_node(self, parent, index):
+        self.composed_nodes += 1
+        if self.composed_nodes > MAX_NODES:
+            mark = self.peek_event().start_mark
+            raise _fail(self.spec_name, mark.line + 1, mark.column + 1,
+                        f"the document has more than {MAX_NODES} values",
+                        "a spec has a few dozen values; is this the right file?")
+        return super().compose_node(parent, index)
 
 
 _Loader.yaml_implicit_resolvers = {}
@@ -128,6 +166,9 @@ def _convert(node, file: str, loader: _Loader, out: Located) -> object:
                     raise _fail(file, key_node.start_mark.line + 1, key_node.start_mark.column + 1,
                                 "mapping keys must be plain strings")
                 key = str(key_node.value)
+                if "\x00" in key:
+                    raise _fail(file, key_node.start_mark.line + 1, key_node.start_mark.column + 1,
+                                "key contains a NUL character (\\0)", "remove the \\0 escape")
                 if key == "<<":
                     raise _fail(file, key_node.start_mark.line + 1, key_node.start_mark.column + 1,
                                 "YAML merge keys (<<) are not supported", "write the keys out")
@@ -144,10 +185,15 @@ def _convert(node, file: str, loader: _Loader, out: Located) -> object:
         if isinstance(node, yaml.SequenceNode):
             return [walk(v, path + (i,), depth + 1, alias_site) for i, v in enumerate(node.value)]
         try:
-            return _scalar(node, loader)
+            value = _scalar(node, loader)
         except (ValueError, yaml.YAMLError) as exc:
             raise _fail(file, node.start_mark.line + 1, node.start_mark.column + 1,
                         f"cannot read value {node.value[:40]!r}: {exc}") from None
+        if isinstance(value, str) and "\x00" in value:
+            # no path, id or pattern holds one, and a shell word cannot carry it
+            raise _fail(file, node.start_mark.line + 1, node.start_mark.column + 1,
+                        "value contains a NUL character (\\0)", "remove the \\0 escape")
+        return value
 
     return walk(node, (), 0)
 
@@ -183,7 +229,10 @@ def load_located(path: str | Path, display_name: str | None = None) -> Located:
 
 def load_located_text(text: str, name: str) -> Located:
     """Parse spec text (YAML 1.2 core scalars; JSON is accepted as YAML)."""
-    loader = _Loader(text)
+    if len(text) > MAX_FILE_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
+        raise _fail(name, 0, 0, f"spec is larger than the {MAX_FILE_BYTES}-byte limit for specs",
+                    "a spec is a few hundred bytes; is this the right file?")
+    loader = _Loader(text, name)
     try:
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
