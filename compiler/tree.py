@@ -163,10 +163,10 @@ def load_cached_tree(config: dict, trust_remote_code: bool = False) -> ModuleTre
     path = _cache_path(cache_key(config, trust_remote_code))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("key") != path.stem:
+        if not isinstance(data, dict) or data.get("key") != path.stem:
             return None
         return ModuleTree.from_json(data["tree"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 

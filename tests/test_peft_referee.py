@@ -23,7 +23,6 @@ peft = pytest.importorskip("peft")
 
 TEXT_ONLY = ("llama", "qwen2")
 QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-TIED = ("gemma3", "paligemma", "internvl", "mistral3")  # tie_word_embeddings in the tiny configs
 
 # The second block of each vision encoder (pattern components select it by name).
 VISION_BLOCK_1 = {
@@ -45,7 +44,7 @@ VISION_BLOCK_1 = {
 LORA = "{rank: 4, alpha: 8, dropout: 0.05, targets: all-linear}"
 
 
-def _mixed(family):
+def _mixed(family, tied):
     if family in TEXT_ONLY:
         return f"language: {{train: lora, lr: 1.0e-4, lora: {LORA}}}"
     return f"""
@@ -54,44 +53,44 @@ def _mixed(family):
         language: {{train: lora, lr: 1.0e-4, lora: {LORA}}}"""
 
 
-def _leaf_list(family):
+def _leaf_list(family, tied):
     return "language: {train: lora, lr: 1.0e-4, lora: {rank: 4, alpha: 8, targets: [q_proj, v_proj]}}"
 
 
-def _regex(family):
+def _regex(family, tied):
     return r"""language: {train: lora, lr: 1.0e-4, lora: {rank: 2, alpha: 4, targets: '.*\.layers\.1\.mlp\..*'}}"""
 
 
-def _layers(family):
+def _layers(family, tied):
     return "language: {train: lora, lr: 1.0e-4, lora: {rank: 4, alpha: 8, layers: '0-0'}}"
 
 
-def _rslora(family):
+def _rslora(family, tied):
     return "language: {train: lora, lr: 1.0e-4, lora: {rank: 8, alpha: 16, rslora: true}}"
 
 
-def _dora(family):
+def _dora(family, tied):
     extra = "" if family in TEXT_ONLY else "\n        aligner: {train: full, lr: 1.0e-5}"
     return "\n        language: {train: lora, lr: 1.0e-4, lora: {rank: 4, alpha: 8, dora: true}}" + extra
 
 
-def _lm_head_full(family):
+def _lm_head_full(family, tied):
     spec = f"""
         language: {{train: lora, lr: 1.0e-4, lora: {LORA}}}
         lm_head: {{train: full, lr: 5.0e-5}}"""
-    if family in TIED:  # one tensor: the embeddings must be trained the same way
+    if tied:  # one tensor: the embeddings must be trained the same way
         spec += "\n        embeddings: {train: full, lr: 5.0e-5}"
     return spec
 
 
-def _embeddings_lora(family):
+def _embeddings_lora(family, tied):
     spec = "\n        embeddings: {train: lora, lr: 1.0e-4, lora: {rank: 4, alpha: 8, targets: [embed_tokens]}}"
     if family not in TEXT_ONLY:
         spec += "\n        vision: {train: full, lr: 2.0e-6}"
     return spec
 
 
-def _pattern_override(family):
+def _pattern_override(family, tied):
     if family in TEXT_ONLY:
         # the LLM fully trained, its second block through LoRA instead
         return r"""
@@ -111,7 +110,7 @@ def _pattern_override(family):
         language: {{train: lora, lr: 1.0e-4, lora: {{rank: 4, alpha: 8, targets: [q_proj, o_proj]}}}}"""
 
 
-def _conv3d_patch_embed(family):
+def _conv3d_patch_embed(family, tied):
     if family not in QWEN_VL:
         return None
     return r"""
@@ -123,7 +122,7 @@ def _conv3d_patch_embed(family):
           lora: {rank: 4, alpha: 8, targets: [proj]}"""
 
 
-def _everything_all_linear(family):
+def _everything_all_linear(family, tied):
     # all-linear over the whole model: every Linear, never the output embedding
     return """
         everything:
@@ -140,21 +139,33 @@ CASES = {
     "conv3d_patch_embed": _conv3d_patch_embed, "everything_all_linear": _everything_all_linear,
 }
 
-PAIRS = [(f, c) for f in families() for c in CASES if CASES[c](f) is not None]
+# Tiny models: every family from the transformers defaults, plus tiny versions of catalog
+# configs whose layout differs (flat Qwen configs with tied embeddings, PaliGemma 2 on Gemma 2).
+MODELS = {family: (family, None) for family in families()}
+MODELS.update({
+    "qwen2_vl@Qwen2-VL-2B": ("qwen2_vl", "Qwen/Qwen2-VL-2B-Instruct"),
+    "qwen2_5_vl@Qwen2.5-VL-3B": ("qwen2_5_vl", "Qwen/Qwen2.5-VL-3B-Instruct"),
+    "gemma3@gemma-3-4b": ("gemma3", "google/gemma-3-4b-it"),
+    "paligemma@paligemma2-3b": ("paligemma", "google/paligemma2-3b-pt-224"),
+})
+PAIRS = [(m, c) for m in MODELS for c in CASES if CASES[c](MODELS[m][0], tied=False) is not None]
 
 
 @pytest.fixture(scope="session")
 def tiny_models():
-    """family -> (model, tree), each built once per session."""
+    """model name -> (model, tree), each built once per session."""
+    from mixspec.sources import find_model
     from mixspec.tree import tree_from_model
 
     cache = {}
 
-    def get(family):
-        if family not in cache:
-            model = build_model(tiny_config(family))
-            cache[family] = (model, tree_from_model(model))
-        return cache[family]
+    def get(name):
+        if name not in cache:
+            family, catalog_id = MODELS[name]
+            base = find_model(catalog_id).config if catalog_id else None
+            model = build_model(tiny_config(family, base))
+            cache[name] = (model, tree_from_model(model))
+        return cache[name]
 
     return get
 
@@ -164,11 +175,13 @@ def spec_text(family: str, components: str) -> str:
     return f"version: 1\nmodel: tiny/{family}\ncomponents:\n{body}\n"
 
 
-def plan_for(family, case, tree):
+def plan_for(name, case, tree):
     from mixspec.loader import load_spec_text
     from mixspec.resolve import resolve
 
-    loaded = load_spec_text(spec_text(family, CASES[case](family)), f"{family}-{case}.yaml")
+    family = MODELS[name][0]
+    components = CASES[case](family, bool(tree.tied))
+    loaded = load_spec_text(spec_text(family, components), f"{name}-{case}.yaml")
     return resolve(loaded, tree)
 
 
@@ -191,10 +204,10 @@ def apply_with_peft(model, plan):
     return peft_model
 
 
-@pytest.mark.parametrize("family,case", PAIRS, ids=[f"{f}-{c}" for f, c in PAIRS])
-def test_plan_equals_peft(tiny_models, family, case):
-    model, tree = tiny_models(family)
-    plan = plan_for(family, case, tree)
+@pytest.mark.parametrize("name,case", PAIRS, ids=[f"{m}-{c}" for m, c in PAIRS])
+def test_plan_equals_peft(tiny_models, name, case):
+    model, tree = tiny_models(name)
+    plan = plan_for(name, case, tree)
     peft_model = apply_with_peft(model, plan)
 
     trainable = {n.removeprefix("base_model.model."): p.numel()
@@ -228,9 +241,9 @@ def test_every_family_builds_and_has_all_cases(tiny_models):
     plan = plan_for("llava_next", "mixed", tiny_models("llava_next")[1])
     assert "model.image_newline" in plan.component("aligner").params
     # gemma-3 ties lm_head to the input embedding: the pair counts once
-    _, tree = tiny_models("gemma3")
+    _, tree = tiny_models("gemma3@gemma-3-4b")
     assert tree.tied == {"lm_head.weight": "model.language_model.embed_tokens.weight"}
-    plan = plan_for("gemma3", "lm_head_full", tree)
+    plan = plan_for("gemma3@gemma-3-4b", "lm_head_full", tree)
     assert plan.component("lm_head").base_params == 0
     assert plan.component("embeddings").trainable_params == 256 * 32
     # the Conv3d patch embedding gets a Conv3d LoRA

@@ -158,9 +158,13 @@ def tiny_config(model_type: str, base: dict | None = None) -> dict:
         text.pop(key, None)
     text.update(_TEXT)
     text.update(family.text)
-    for part in (cfg, text):  # a padding index must lie inside the tiny vocabulary
-        if isinstance(part.get("pad_token_id"), int) and part["pad_token_id"] >= VOCAB:
-            part["pad_token_id"] = VOCAB - 1
+    for part in (cfg, text):  # special tokens must lie inside the tiny vocabulary
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = part.get(key)
+            if isinstance(value, int) and value >= VOCAB:
+                part[key] = VOCAB - 1
+            elif isinstance(value, list):
+                part[key] = [v if v < VOCAB else VOCAB - 1 for v in value]
     if family.multimodal:
         vision = cfg.setdefault("vision_config", {})
         for key in family.vision_drop:

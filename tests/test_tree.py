@@ -1,0 +1,180 @@
+"""Module trees: exact parameter counts of the catalog, meta-device trees equal real ones,
+and the on-disk cache (hit without torch, corrupt entries rebuilt, keys that change)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tinymodels import build_model, tiny_config, write_config_dir
+
+# Published reference data (/work/shared/models/README.md): exact totals of each catalog
+# model, cross-checked there against model cards and an analytic formula.
+PUBLISHED_TOTALS = {
+    "Qwen/Qwen2.5-VL-3B-Instruct": 3_754_622_976,
+    "Qwen/Qwen2.5-VL-7B-Instruct": 8_292_166_656,
+    "Qwen/Qwen2.5-VL-72B-Instruct": 73_410_777_344,
+    "Qwen/Qwen2-VL-2B-Instruct": 2_208_985_600,
+    "Qwen/Qwen2-VL-7B-Instruct": 8_291_375_616,
+    "Qwen/Qwen3-VL-8B-Instruct": 8_767_123_696,
+    "llava-hf/llava-1.5-7b-hf": 7_063_427_072,
+    "google/gemma-3-4b-it": 4_300_079_472,
+    "google/paligemma2-3b-pt-224": 3_032_242_416,
+    "Qwen/Qwen2.5-7B-Instruct": 7_615_616_512,
+    "meta-llama/Llama-3.1-8B": 8_030_261_248,
+}
+# Catalog models whose input and output embeddings are one tensor (counted once).
+TIED = {"Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct", "google/gemma-3-4b-it",
+        "google/paligemma2-3b-pt-224"}
+
+
+def catalog_tree(model_id):
+    from mixspec.sources import find_model
+    from mixspec.tree import get_tree
+
+    return get_tree(find_model(model_id))
+
+
+def test_catalog_is_the_published_list():
+    from mixspec.sources import catalog_ids
+
+    assert sorted(catalog_ids()) == sorted(PUBLISHED_TOTALS)
+
+
+@pytest.mark.parametrize("model_id", sorted(PUBLISHED_TOTALS))
+def test_catalog_total_equals_published(model_id):
+    tree = catalog_tree(model_id)
+    assert tree.total_params == PUBLISHED_TOTALS[model_id]
+    assert bool(tree.tied) == (model_id in TIED)
+    # every alias points at a parameter that is itself counted
+    for alias, canon in tree.tied.items():
+        assert canon in tree.param_shapes and canon not in tree.tied
+        assert tree.param_shapes[alias] == tree.param_shapes[canon]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "llava_next", "mllama"])
+def test_meta_tree_equals_tree_of_the_real_model(tmp_path, family):
+    """build_tree (meta device, from config.json) records what the CPU model really has."""
+    from mixspec.sources import find_model
+    from mixspec.tree import build_tree, tree_from_model
+
+    cfg = tiny_config(family)
+    meta = build_tree(find_model(str(write_config_dir(cfg, tmp_path / family))))
+    real = tree_from_model(build_model(cfg))
+    assert meta.architecture == real.architecture
+    assert meta.param_shapes == real.param_shapes
+    assert meta.tied == real.tied
+    assert [m.to_json() for m in meta.modules] == [m.to_json() for m in real.modules]
+    assert (meta.input_embedding, meta.output_embedding) == (real.input_embedding, real.output_embedding)
+
+
+def test_tree_json_round_trip():
+    from mixspec.tree import ModuleTree
+
+    tree = catalog_tree("google/gemma-3-4b-it")
+    again = ModuleTree.from_json(json.loads(json.dumps(tree.to_json())))
+    assert again == tree
+    assert again.total_params == tree.total_params
+
+
+# -- cache -------------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_source(tmp_path, monkeypatch):
+    """A local tiny Qwen2.5-VL model dir and an empty cache dir of its own. The config keeps
+    the catalog's flat layout with a legacy rope_scaling block, which transformers rewrites
+    in place while it builds the model (the cache key must not see that)."""
+    from mixspec.sources import find_model
+
+    monkeypatch.setenv("MIXSPEC_CACHE_DIR", str(tmp_path / "cache"))
+    base = find_model("Qwen/Qwen2.5-VL-3B-Instruct").config
+    path = write_config_dir(tiny_config("qwen2_5_vl", base), tmp_path / "qwen")
+    return find_model(str(path))
+
+
+def test_second_get_tree_is_a_cache_hit(tiny_source, monkeypatch):
+    from mixspec import tree as tree_mod
+
+    first = tree_mod.get_tree(tiny_source)
+    assert list((tree_mod.cache_dir() / "trees").glob("*.json"))
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the tree was built again instead of read from the cache")
+
+    monkeypatch.setattr(tree_mod, "build_tree", no_build)
+    from mixspec.sources import find_model
+
+    again = tree_mod.get_tree(find_model(tiny_source.path))  # the config read anew
+    assert again == first
+
+
+def test_warm_plan_imports_neither_torch_nor_transformers(tiny_source, tmp_path):
+    from mixspec.tree import get_tree
+
+    get_tree(tiny_source)  # warm the cache
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(textwrap.dedent(f"""\
+        version: 1
+        model: {tiny_source.path}
+        components:
+          vision: {{train: full, lr: 1.0e-5}}
+          language: {{train: lora, lr: 1.0e-4}}
+        """), encoding="utf-8")
+    code = textwrap.dedent(f"""\
+        import sys
+        from mixspec.loader import load_spec
+        from mixspec.resolve import plan_spec
+        plan = plan_spec(load_spec({str(spec)!r}))
+        print(plan.totals.base_params)
+        print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
+        """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    total, imported = out.stdout.splitlines()
+    assert int(total) == get_tree(tiny_source).total_params
+    assert imported == "[]"
+
+
+def test_corrupt_cache_entry_is_rebuilt(tiny_source):
+    from mixspec.tree import _cache_path, cache_key, get_tree
+
+    good = get_tree(tiny_source)
+    path = _cache_path(cache_key(tiny_source.config))
+    for garbage in ('{"key": "x", "tree": ', "[]", json.dumps({"key": path.stem, "tree": {"format": 1}})):
+        path.write_text(garbage, encoding="utf-8")
+        assert get_tree(tiny_source) == good
+        # and the entry was rewritten whole
+        assert json.loads(path.read_text(encoding="utf-8"))["key"] == path.stem
+
+
+def test_cache_key_changes_with_config_and_versions(tiny_source, monkeypatch):
+    from mixspec import tree as tree_mod
+
+    config = tiny_source.config
+    key = tree_mod.cache_key(config)
+    assert key == tree_mod.cache_key(json.loads(json.dumps(config)))  # content, not identity
+    changed = json.loads(json.dumps(config))
+    changed["vision_config"]["depth"] = 3
+    assert tree_mod.cache_key(changed) != key
+    assert tree_mod.cache_key(config, trust_remote_code=True) != key
+    monkeypatch.setattr(tree_mod, "library_versions",
+                        lambda: {"transformers": "9.99.0", "torch": "2.13.0", "tree_format": "1"})
+    assert tree_mod.cache_key(config) != key
+
+
+def test_changed_config_gets_its_own_tree(tiny_source, tmp_path):
+    from mixspec.sources import find_model
+    from mixspec.tree import get_tree
+
+    small = get_tree(tiny_source)
+    cfg = json.loads(json.dumps(tiny_source.config))
+    cfg["vision_config"]["depth"] = 3
+    bigger = get_tree(find_model(str(write_config_dir(cfg, tmp_path / "qwen3blocks"))))
+    block = sum(n for p, n in small.param_numel.items() if p.startswith("model.visual.blocks.0."))
+    assert bigger.total_params == small.total_params + block
