@@ -71,13 +71,20 @@ def find_roles(tree: ModuleTree) -> Roles:
     if vision:
         prefixes["vision"] = vision
     aligner = by_attr(ALIGNER_NAMES, include_params=True)
-    # an aligner is a projector between vision and the LLM: never one nested in the LLM
-    language = _shallowest(by_attr(LANGUAGE_NAMES))
-    aligner = [a for a in aligner if not any(a.startswith(l + ".") for l in language)]
-    if aligner:
-        prefixes["aligner"] = _shallowest(aligner)
+    language = named_language = _shallowest(by_attr(LANGUAGE_NAMES))
     if not language and tree.is_causal_lm_only and tree.base_model_prefix in module_names:
         language = (tree.base_model_prefix,)
+    if not language and "." in tree.input_embedding:
+        # no attribute names the LLM (Qwen2-VL before transformers 4.52: visual.*, model.*):
+        # the LLM is the module that owns the input embeddings, minus the roles nested in it
+        owner = tree.input_embedding.rsplit(".", 1)[0]
+        if owner in module_names and not any(owner == v or owner.startswith(v + ".") for v in vision):
+            language = (owner,)
+    # an aligner is a projector between vision and the LLM: never one nested in a module named
+    # as the LLM (a fallback LLM prefix such as ``model`` may hold the projector: keep it)
+    aligner = [a for a in aligner if not any(a.startswith(l + ".") for l in named_language)]
+    if aligner:
+        prefixes["aligner"] = _shallowest(aligner)
     if language:
         prefixes["language"] = language
     audio = _shallowest(by_attr(AUDIO_NAMES))
