@@ -221,7 +221,9 @@ def compile(
         _, the_plan = _load_and_plan(spec)
         files = render(the_plan, target, TargetOptions(
             swift_version=swift_version, plugin=plugin, approximate=approximate,
-            model_override=model_override))
+            model_override=model_override,
+            # generated files that name each other (e.g. LLaMA-Factory's dataset_dir) need it
+            extra={"out_dir": str(out)} if out is not None else {}))
     except MixspecError as exc:
         raise _fail(exc) from None
     _print_warnings(the_plan)
