@@ -1,0 +1,1192 @@
+"""ms-swift target: a ``train.sh`` with the ``swift sft`` command for a Plan, exactly or not at all.
+
+ms-swift's flags can say some Plans exactly: full training with freeze flags or a trainable
+regex; LoRA with an exact ``--target_regex``; LoRA on the whole LLM next to a fully trained
+ViT and aligner (``--tuner_type lora_llm``); one learning rate, or one per swift group
+(ViT, aligner, LLM) through ``--vit_lr``/``--aligner_lr``. What the flags cannot say exactly
+(LoRA dropout under lora_llm, a full lm_head next to LoRA, two learning rates inside the ViT,
+...) goes into a generated ``--external_plugins`` file: a tuner registered for swift and an
+optimizer with the Plan's groups, both checking the Plan at start. With ``--no-plugin`` the
+target refuses instead, naming each part, where the spec says it, and why.
+
+Facts about ms-swift used here are in research/ms-swift.md; each rule below names the swift
+code it mirrors. Everything is decided from the Plan alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Optional
+
+from mixspec import __version__
+from mixspec.errors import Location, Unsupported, UnsupportedError
+from mixspec.plan import ComponentPlan, Plan
+from mixspec.targets import Target, TargetOptions
+
+PLUGIN_FILE = "mixspec_plugin.py"
+DEEPSPEED_FILE = "deepspeed.json"
+PLUGIN_NAME = "mixspec"  # the --tuner_type / --optimizer name the plugin registers
+FULL_PARAMS_FILE = "full_params.safetensors"  # what the plugin saves beside the LoRA adapter
+
+
+@dataclass(frozen=True)
+class SwiftModel:
+    """How ms-swift 4.x knows a model family: its model_type, template and the module
+    prefixes of ``MultiModelKeys`` (swift/model/model_arch.py, transformers >= 4.52 names)."""
+
+    model_type: str
+    template: str
+    language_model: tuple[str, ...] = ()
+    vision_tower: tuple[str, ...] = ()
+    aligner: tuple[str, ...] = ()
+
+    @property
+    def multimodal(self) -> bool:
+        return bool(self.vision_tower)
+
+
+_QWEN_VL = (("model.language_model", "lm_head"), ("model.visual",), ("model.visual.merger",))
+_LLAVA_HF = (("model.language_model", "lm_head"), ("model.vision_tower",), ("model.multi_modal_projector",))
+
+# Hugging Face config model_type -> ms-swift model. Checked against the installed ms-swift by
+# tests/e2e/test_swift_e2e.py. Text-only families are left out: their swift model_type and
+# template depend on the checkpoint (Qwen2 vs Qwen2.5), not on config.json.
+SWIFT_MODELS: dict[str, SwiftModel] = {
+    "qwen2_vl": SwiftModel("qwen2_vl", "qwen2_vl", *_QWEN_VL),
+    "qwen2_5_vl": SwiftModel("qwen2_5_vl", "qwen2_5_vl", *_QWEN_VL),
+    "qwen3_vl": SwiftModel("qwen3_vl", "qwen3_vl", ("model.language_model", "lm_head"), ("model.visual",),
+                           ("model.visual.merger", "model.visual.deepstack_merger_list")),
+    "gemma3": SwiftModel("gemma3_vision", "gemma3_vision", *_LLAVA_HF),
+    "paligemma": SwiftModel("paligemma", "paligemma", *_LLAVA_HF),
+    "llava": SwiftModel("llava1_5_hf", "llava1_5_hf", *_LLAVA_HF),
+    "llava_onevision": SwiftModel("llava_onevision_hf", "llava_onevision_hf", *_LLAVA_HF),
+    "mllama": SwiftModel("llama3_2_vision", "llama3_2_vision", ("model.language_model", "lm_head"),
+                         ("model.vision_model",), ("model.multi_modal_projector",)),
+    "idefics3": SwiftModel("idefics3", "idefics3", ("model.text_model",), ("model.vision_model",),
+                           ("model.connector",)),
+}
+
+# swift's built-in DeepSpeed configs (swift/config/<name>.json): (stage, offload) -> name
+_DS_BUILTIN = {
+    (0, "none"): "zero0", (1, "none"): "zero1", (2, "none"): "zero2", (3, "none"): "zero3",
+    (2, "optimizer"): "zero2_offload", (3, "all"): "zero3_offload",
+}
+
+_PRECISION = {  # spec precision -> (--torch_dtype, --bf16, --fp16); swift turns fp16 on for float32
+    "bf16": ("bfloat16", True, False),
+    "fp16": ("float16", False, True),
+    "fp32": ("float32", False, False),
+}
+
+_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant",
+               "constant_with_warmup": "constant_with_warmup"}
+
+# names find_all_linears skips inside the LLM (swift/utils/transformers_utils.py)
+_LORA_LLM_SKIPPED = ("lm_head", "score", "v_head", "classifier")
+
+
+# -- quoting -----------------------------------------------------------------------------
+def sh_quote(value) -> str:
+    """One shell word, always single-quoted, whatever the value holds."""
+    return "'" + _fmt(value).replace("'", "'\"'\"'") + "'"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+    return str(value)
+
+
+def py_literal(value, indent: int = 0) -> str:
+    """A Python literal for plain data (str, int, float, bool, None, lists, dicts), one list
+    item per line; ``repr`` makes any string a literal, never code."""
+    pad = " " * indent
+    inner = " " * (indent + 4)
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        items = [f"{inner}{py_literal(k)}: {py_literal(v, indent + 4)}," for k, v in value.items()]
+        return "{\n" + "\n".join(items) + f"\n{pad}}}"
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return "[]"
+        items = [f"{inner}{py_literal(v, indent + 4)}," for v in value]
+        return "[\n" + "\n".join(items) + f"\n{pad}]"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    raise TypeError(f"not plain data: {type(value).__name__}")
+
+
+def _comment(text: str) -> str:
+    """Text safe inside a ``#`` comment line (no line breaks)."""
+    return re.sub(r"[\r\n\v\f\x85\u2028\u2029]+", " ", str(text))
+
+
+# -- exact regular expressions over names ---------------------------------------------------
+def exact_regex(selected, universe, suffix: str = "") -> str:
+    """A regex that full-matches every name in ``selected`` and nothing else in ``universe``.
+
+    Names that differ only in their first integer segment (block indices) share one
+    alternative, e.g. ``model\\.layers\\.(?:0|1)\\.self_attn\\.(?:k_proj|q_proj)``. ``suffix``
+    is appended inside the anchors (``(?:\\..+)?`` to take every name under a module).
+    The result is checked against ``universe``; a plain alternation is the fallback.
+    """
+    selected = sorted(set(selected))
+    universe = set(universe) | set(selected)
+    body = _compress(selected)
+    rx = f"^(?:{body}){suffix}$"
+    if _matches(rx, universe) != set(selected):
+        rx = "^(?:" + "|".join(re.escape(n) for n in selected) + f"){suffix}$"
+    return rx
+
+
+def _matches(rx: str, names) -> set:
+    pat = re.compile(rx)
+    return {n for n in names if pat.fullmatch(n)}
+
+
+def _compress(names: list[str]) -> str:
+    literal: list[str] = []
+    indexed: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for name in names:
+        parts = name.split(".")
+        pos = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        if pos is None or pos == 0:
+            literal.append(name)
+            continue
+        before = ".".join(parts[:pos])
+        after = ".".join(parts[pos + 1:])
+        indexed[before][int(parts[pos])].add(after)
+    alts = [re.escape(n) for n in literal]
+    for before in sorted(indexed):
+        by_afters: dict[frozenset, list[int]] = defaultdict(list)
+        for idx, afters in sorted(indexed[before].items()):
+            by_afters[frozenset(afters)].append(idx)
+        for afters, idxs in sorted(by_afters.items(), key=lambda kv: kv[1][0]):
+            alts.append(re.escape(before) + r"\." + _group([str(i) for i in idxs]) + _afters(afters))
+    return "|".join(alts)
+
+
+def _group(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else "(?:" + "|".join(items) + ")"
+
+
+def _afters(afters: frozenset) -> str:
+    parts = sorted(a for a in afters if a)
+    if not parts:
+        return ""
+    tail = r"\." + _group([re.escape(a) for a in parts])
+    return f"(?:{tail})?" if "" in afters else tail
+
+
+# -- the decision ----------------------------------------------------------------------------
+@dataclass
+class Decision:
+    """How the Plan is expressed for swift: flags, or the plugin, and why."""
+
+    tuner: str = "full"  # full | lora | lora_llm | plugin
+    lr_mode: str = "single"  # single | multimodal | plugin
+    flags: list = field(default_factory=list)  # (flag, value) pairs for tuner and LRs
+    hard: list = field(default_factory=list)  # Unsupported even with the plugin
+    plugin_reasons: list = field(default_factory=list)  # Unsupported without the plugin
+    notes: list = field(default_factory=list)  # comment lines for train.sh
+    approx_flags: Optional[list] = None  # flags for --approximate --no-plugin, when every reason allows
+
+    @property
+    def plugin(self) -> bool:
+        return bool(self.plugin_reasons)
+
+
+# reasons an approximation may ignore (each becomes a comment); any other reason refuses
+_APPROXIMABLE = {"lora_llm-dropout", "lora_llm-rslora", "lora_llm-dora", "lr-within-group",
+                 "weight-decay", "lr-text-model"}
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _starts(name: str, prefixes) -> bool:
+    """swift's own prefix test: plain ``str.startswith`` (no dot boundary)."""
+    return any(name.startswith(p) for p in prefixes)
+
+
+class _View:
+    """What the swift target reads from a Plan, precomputed."""
+
+    def __init__(self, plan: Plan, options: TargetOptions):
+        self.plan = plan
+        self.options = options
+        self.swift = SWIFT_MODELS.get(plan.model_type)
+        self.all_params = sorted({p for c in plan.components for p in c.params} | set(plan.unassigned_params))
+        self.modules = sorted({".".join(p.split(".")[:i]) for p in self.all_params
+                               for i in range(1, p.count(".") + 1)})
+        self.trainable: dict[str, ComponentPlan] = {}
+        for comp in plan.components:
+            for name in comp.trainable_names:
+                self.trainable[name] = comp
+        self.lora = [c for c in plan.components if c.mode == "lora" and c.lora]
+        self.full = [c for c in plan.components if c.mode == "full" and c.params]
+        self.active = [c for c in plan.components if c.trainable_names]
+        self.owner = {p: c for c in plan.components for p in c.params}
+
+    def role_names(self, role: str) -> set[str]:
+        prefixes = self.plan.roles.get(role, ())
+        return {p for p in self.all_params if any(_under(p, pre) for pre in prefixes)}
+
+
+def _u(code: str, comp: Optional[ComponentPlan], what: str, why: str, hint: str = "",
+       origin: Optional[Location] = None) -> Unsupported:
+    return Unsupported(code, origin or (comp.origin if comp else None), what, why, hint)
+
+
+_PLUGIN_HINT = "without --no-plugin, mixspec writes a swift plugin (--external_plugins) that does this exactly"
+
+
+def decide(plan: Plan, options: TargetOptions) -> Decision:
+    """Choose the swift flags for a Plan, or the plugin, collecting every reason."""
+    view = _View(plan, options)
+    d = Decision()
+    _check_model(view, d)
+    _check_lora_settings(view, d)
+    if not view.active:
+        d.hard.append(_u("nothing-trained", None, "this plan", "no component trains any parameter",
+                         "give at least one component train: full or lora",
+                         origin=Location(plan.spec_path)))
+        return d
+    if view.lora and view.full:
+        blockers = _lora_llm_blockers(view)
+        if not blockers:
+            d.tuner = "lora_llm"
+            _lora_llm_flags(view, d)
+            return d
+        d.plugin_reasons.extend(blockers)
+        d.tuner = "plugin"
+        d.lr_mode = "plugin"
+        if all(b.code in _APPROXIMABLE for b in blockers):
+            approx = Decision()
+            _lora_llm_flags(view, approx)
+            d.approx_flags = approx.flags
+        return d
+    if view.lora:
+        d.tuner = "lora"
+        _lora_flags(view, d)
+    else:
+        d.tuner = "full"
+        _full_flags(view, d)
+    _lr_flags(view, d)
+    return d
+
+
+def _check_model(view: _View, d: Decision) -> None:
+    plan = view.plan
+    if plan.model_source == "local" and not view.options.model_override and view.swift is None:
+        d.hard.append(_u(
+            "swift-model-type", None, f"the local model directory {plan.model_path}",
+            f"ms-swift needs --model_type and --template for a local directory, and mixspec knows "
+            f"no ms-swift model type for model_type {plan.model_type!r} (the template depends on "
+            f"the checkpoint, not on config.json)",
+            "name the model by its hub id in the spec (model: ORG/NAME), or compile for another target",
+            origin=Location(plan.spec_path)))
+
+
+def _check_lora_settings(view: _View, d: Decision) -> None:
+    if len(view.lora) < 2:
+        return
+    first = view.lora[0]
+    key = _lora_key(first)
+    for comp in view.lora[1:]:
+        if _lora_key(comp) != key:
+            d.hard.append(_u(
+                "lora-settings-differ", comp, f"components.{comp.name}.lora",
+                f"its LoRA settings (rank, alpha, dropout, rslora, dora) differ from those of "
+                f"component {first.name!r}; swift and mixspec's swift plugin build one PEFT adapter",
+                "give the LoRA components the same rank, alpha, dropout, rslora and dora"))
+
+
+def _lora_key(comp: ComponentPlan):
+    lo = comp.lora
+    return (lo.rank, lo.alpha, lo.dropout, lo.rslora, lo.dora)
+
+
+# -- lora_llm ---------------------------------------------------------------------------------
+def _lora_llm_blockers(view: _View) -> list[Unsupported]:
+    """Every way the Plan differs from what ``--tuner_type lora_llm`` does
+    (swift/tuner_plugin/lora_llm.py): LoRA (rank, alpha; PEFT defaults for the rest) on every
+    Linear of the LLM but lm_head, the whole ViT and aligner fully trained, nothing else."""
+    out: list[Unsupported] = []
+    plan, sw = view.plan, view.swift
+    first_lora = view.lora[0]
+    if view.options.swift_version == 3:
+        out.append(_u("swift3-no-lora_llm", first_lora, "LoRA on the LLM next to a fully trained ViT/aligner",
+                      "ms-swift 3.x has no lora_llm tuner (it came with 4.0)", _PLUGIN_HINT))
+    if sw is None or not sw.multimodal:
+        for comp in view.full:
+            out.append(_u("lora-and-full", comp, f"components.{comp.name} (full) next to LoRA",
+                          "swift's flags train a whole module next to LoRA only through lora_llm (ViT and "
+                          "aligner of a multimodal model mixspec maps to swift) or --modules_to_save, which "
+                          "mixspec does not use: PEFT trains a copy of the module (its parameters renamed, "
+                          f"{comp.base_params:,} more in memory)", _PLUGIN_HINT))
+        return out
+    vit_aligner = {p for p in view.all_params if any(_under(p, pre) for pre in sw.vision_tower + sw.aligner)}
+    skip = view.role_names("lm_head") | view.role_names("embeddings")
+    llm_body = {p for p in view.all_params
+                if any(_under(p, pre) for pre in sw.language_model) and p not in skip}
+    lora_claimed = {p for c in view.lora for p in c.params}
+    full_names = {p for c in view.full for p in c.params}
+
+    for comp in view.lora:
+        lo = comp.lora
+        what = f"components.{comp.name}.lora"
+        if lo.targets_spec != "all-linear":
+            out.append(_u("lora_llm-targets", comp, f"{what}.targets {lo.targets_spec!r}",
+                          "lora_llm puts LoRA on every Linear of the LLM (targets: all-linear)", _PLUGIN_HINT))
+        if lo.layers is not None:
+            out.append(_u("lora_llm-layers", comp, f"{what}.layers",
+                          "lora_llm puts LoRA on every block of the LLM", _PLUGIN_HINT))
+        if lo.dropout != 0:
+            out.append(_u("lora_llm-dropout", comp, f"{what}.dropout {lo.dropout!r}",
+                          "lora_llm ignores --lora_dropout (PEFT's default 0 is used)",
+                          _PLUGIN_HINT + "; or set dropout: 0 to use --tuner_type lora_llm"))
+        if lo.rslora:
+            out.append(_u("lora_llm-rslora", comp, f"{what}.rslora", "lora_llm ignores --use_rslora", _PLUGIN_HINT))
+        if lo.dora:
+            out.append(_u("lora_llm-dora", comp, f"{what}.dora", "lora_llm ignores --use_dora", _PLUGIN_HINT))
+        outside = [t for t in lo.targets if not any(_under(t, pre) for pre in sw.language_model)]
+        if outside:
+            out.append(_u("lora_llm-outside-llm", comp, f"{what} on {_few(outside)}",
+                          "lora_llm puts LoRA only on the LLM", _PLUGIN_HINT))
+        skipped = [t for t in lo.targets if any(s in t for s in _LORA_LLM_SKIPPED)]
+        if skipped:
+            out.append(_u("lora_llm-skipped-names", comp, f"{what} on {_few(skipped)}",
+                          "lora_llm skips Linear modules whose names contain " + "/".join(_LORA_LLM_SKIPPED),
+                          _PLUGIN_HINT))
+    not_lora = sorted(llm_body - lora_claimed)
+    if not_lora:
+        for comp, names in _by_owner(view, not_lora):
+            label = f"components.{comp.name} ({comp.mode})" if comp else "unassigned parameters"
+            out.append(_u("lora_llm-llm-not-lora", comp,
+                          f"{label} in the LLM: {_few(names)}",
+                          f"lora_llm puts LoRA on every Linear of the LLM ({', '.join(sw.language_model[:1])}); "
+                          f"these {len(names)} parameters are not in a LoRA component",
+                          _PLUGIN_HINT, origin=None if comp else Location(view.plan.spec_path)))
+    not_full = sorted(vit_aligner - full_names)
+    if not_full:
+        for comp, names in _by_owner(view, not_full):
+            label = f"components.{comp.name} ({comp.mode})" if comp else "unassigned parameters"
+            out.append(_u("lora_llm-vit-not-full", comp, f"{label} in the ViT/aligner: {_few(names)}",
+                          f"lora_llm trains the whole ViT and aligner ({', '.join(sw.vision_tower + sw.aligner)}) "
+                          f"fully; these {len(names)} parameters would not be",
+                          _PLUGIN_HINT, origin=None if comp else Location(view.plan.spec_path)))
+    for comp in view.full:
+        extra = sorted(p for p in comp.params if p not in vit_aligner)
+        if extra:
+            out.append(_u("lora_llm-full-outside-vit", comp, f"components.{comp.name} (full) on {_few(extra)}",
+                          "lora_llm trains fully only the ViT and the aligner", _PLUGIN_HINT))
+    out.extend(_group_lr_blockers(view, strict_outside=False))
+    out.extend(_weight_decay_blockers(view))
+    return out
+
+
+def _by_owner(view: _View, names: list[str]):
+    groups: dict[str, list[str]] = defaultdict(list)
+    comps: dict[str, Optional[ComponentPlan]] = {}
+    for n in names:
+        comp = view.owner.get(n)
+        key = comp.name if comp else ""
+        groups[key].append(n)
+        comps[key] = comp
+    order = {c.name: i for i, c in enumerate(view.plan.components)}
+    for key in sorted(groups, key=lambda k: order.get(k, len(order))):
+        yield comps[key], groups[key]
+
+
+def _few(names, n: int = 3) -> str:
+    names = list(names)
+    shown = ", ".join(names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _lora_llm_flags(view: _View, d: Decision) -> None:
+    lo = view.lora[0].lora
+    groups = _swift_groups(view)
+    lr = {g: _group_lr(view, names) for g, names in groups.items() if names}
+    llm_lr = lr.get("llm")
+    d.flags += [("tuner_type", "lora_llm"), ("lora_rank", lo.rank), ("lora_alpha", lo.alpha),
+                ("learning_rate", llm_lr), ("vit_lr", lr.get("vit", llm_lr)),
+                ("aligner_lr", lr.get("aligner", llm_lr))]
+    d.lr_mode = "multimodal"
+    d.notes.append("--tuner_type lora_llm: LoRA (rank, alpha) on every Linear of the LLM, the whole ViT "
+                   "and aligner trained fully; --vit_lr/--aligner_lr switch on swift's multimodal optimizer.")
+
+
+# -- flags for plain full / LoRA training ---------------------------------------------------------
+def _full_flags(view: _View, d: Decision) -> None:
+    """Full tuner: swift makes every parameter trainable, then freezes ``freeze_parameters``
+    prefixes (multimodal: freeze_llm/vit/aligner add theirs, and freeze_aligner false adds the
+    aligner to ``trainable_parameters``), then unfreezes ``trainable_parameters`` (the
+    ``full`` branch of TunerMixin.prepare_model). Simulated on the Plan's names."""
+    target = set(view.trainable)
+    names = view.all_params
+    sw = view.swift
+    d.flags.append(("tuner_type", "full"))
+    if sw is not None and sw.multimodal:
+        for fl, fv, fa in itertools.product((True, False), repeat=3):
+            freeze = (sw.language_model if fl else ()) + (sw.vision_tower if fv else ()) + (sw.aligner if fa else ())
+            unfreeze = sw.aligner if not fa else ()
+            got = {n for n in names if not _starts(n, freeze) or _starts(n, unfreeze)}
+            if got == target:
+                d.flags += [("freeze_llm", fl), ("freeze_vit", fv), ("freeze_aligner", fa)]
+                return
+        d.flags += [("freeze_llm", True), ("freeze_vit", True), ("freeze_aligner", True)]
+    elif target == set(names):
+        return
+    covering = sorted({m for c in view.full for m in c.modules})
+    rx = exact_regex(covering, view.modules + names, suffix=r"(?:\..+)?")
+    if _matches(rx, names) != target:  # a parameter claimed on its own: list parameters instead
+        rx = exact_regex(sorted(target), names)
+    d.flags += [("freeze_parameters_ratio", 1), ("trainable_parameters_regex", rx)]
+
+
+def _lora_flags(view: _View, d: Decision) -> None:
+    lo = view.lora[0].lora
+    targets = sorted({t for c in view.lora for t in c.lora.targets})
+    rx = exact_regex(targets, view.modules)
+    d.flags += [("tuner_type", "lora"), ("target_regex", rx), ("lora_rank", lo.rank),
+                ("lora_alpha", lo.alpha), ("lora_dropout", lo.dropout), ("use_rslora", lo.rslora),
+                ("use_dora", lo.dora)]
+
+
+# -- learning rates and weight decay --------------------------------------------------------------
+def _swift_groups(view: _View) -> dict[str, list[str]]:
+    """Trainable names by the group swift's multimodal optimizer puts them in
+    (swift/optimizers/multimodal.py): aligner, ViT (vision_tower minus aligner), LLM, other."""
+    sw = view.swift
+    groups: dict[str, list[str]] = {"vit": [], "aligner": [], "llm": [], "other": []}
+    for name in sorted(view.trainable):
+        if _starts(name, sw.aligner):
+            groups["aligner"].append(name)
+        elif _starts(name, sw.vision_tower):
+            groups["vit"].append(name)
+        elif _starts(name, sw.language_model):
+            groups["llm"].append(name)
+        else:
+            groups["other"].append(name)
+    return groups
+
+
+def _group_lr(view: _View, names: list[str]) -> float:
+    """The LR of a swift group: that of its first component in spec order."""
+    return _comps_of(view, names)[0].lr
+
+
+def _group_lr_blockers(view: _View, strict_outside: bool) -> list[Unsupported]:
+    out = []
+    labels = {"vit": "ViT (--vit_lr)", "aligner": "aligner (--aligner_lr)", "llm": "LLM (--learning_rate)"}
+    groups = _swift_groups(view)
+    for group in ("vit", "aligner", "llm"):
+        comps = _comps_of(view, groups[group])
+        if len({c.lr for c in comps}) > 1:
+            first = comps[0]
+            for comp in comps[1:]:
+                if comp.lr != first.lr:
+                    out.append(_u("lr-within-group", comp, f"components.{comp.name}.lr {comp.lr!r}",
+                                  f"swift's multimodal optimizer gives its {labels[group]} group one learning "
+                                  f"rate, and component {first.name!r} in the same group has {first.lr!r}",
+                                  _PLUGIN_HINT))
+    if strict_outside and groups["other"]:
+        for comp in _comps_of(view, groups["other"]):
+            names = [n for n in groups["other"] if view.trainable[n] is comp]
+            out.append(_u("lr-outside-groups", comp, f"components.{comp.name} ({_few(names)})",
+                          "with --vit_lr/--aligner_lr, swift's multimodal optimizer groups parameters by its "
+                          "ViT/aligner/LLM prefixes, and before ms-swift 4.6 gives a trainable parameter "
+                          "outside them no update at all", _PLUGIN_HINT))
+    return out
+
+
+def _comps_of(view: _View, names) -> list[ComponentPlan]:
+    seen: dict[str, ComponentPlan] = {}
+    for n in names:
+        comp = view.trainable[n]
+        seen.setdefault(comp.name, comp)
+    order = {c.name: i for i, c in enumerate(view.plan.components)}
+    return sorted(seen.values(), key=lambda c: order[c.name])
+
+
+def _weight_decay_blockers(view: _View) -> list[Unsupported]:
+    out = []
+    first = view.active[0]
+    for comp in view.active[1:]:
+        if comp.weight_decay != first.weight_decay:
+            out.append(_u("weight-decay", comp, f"components.{comp.name}.weight_decay {comp.weight_decay!r}",
+                          f"swift's flags give one --weight_decay, and component {first.name!r} has "
+                          f"{first.weight_decay!r}", _PLUGIN_HINT))
+    return out
+
+
+def _lr_flags(view: _View, d: Decision) -> None:
+    reasons = _weight_decay_blockers(view)
+    lrs = sorted({c.lr for c in view.active})
+    flags: list = []
+    if len(lrs) == 1:
+        flags.append(("learning_rate", lrs[0]))
+        mode = "single"
+    elif view.swift is None or not view.swift.multimodal:
+        first = view.active[0]
+        for comp in view.active[1:]:
+            if comp.lr != first.lr:
+                reasons.append(_u("lr-text-model", comp, f"components.{comp.name}.lr {comp.lr!r}",
+                                  f"swift's flags give this model one --learning_rate, and component "
+                                  f"{first.name!r} has {first.lr!r}", _PLUGIN_HINT))
+        flags.append(("learning_rate", first.lr))
+        mode = "single"
+    else:
+        reasons.extend(_group_lr_blockers(view, strict_outside=True))
+        groups = _swift_groups(view)
+        lr = {g: _group_lr(view, names) for g, names in groups.items() if names and g != "other"}
+        base = lr.get("llm", lr.get("aligner", lr.get("vit")))
+        flags += [("learning_rate", base), ("vit_lr", lr.get("vit", base)),
+                  ("aligner_lr", lr.get("aligner", base))]
+        mode = "multimodal"
+    if reasons:
+        d.plugin_reasons.extend(reasons)
+        d.lr_mode = "plugin"
+        if all(r.code in _APPROXIMABLE for r in reasons):
+            d.approx_flags = d.flags + flags
+        return
+    d.flags += flags
+    d.lr_mode = mode
+    if mode == "multimodal":
+        d.notes.append("--vit_lr/--aligner_lr switch on swift's multimodal optimizer: one LR each for the "
+                       "ViT, the aligner and the LLM (--learning_rate).")
+
+
+# -- DeepSpeed -----------------------------------------------------------------------------------
+def _deepspeed(plan: Plan, d: Decision) -> tuple[Optional[str], Optional[dict]]:
+    """The --deepspeed value: a swift built-in name, or a generated JSON (no optimizer block:
+    one would replace the optimizer and its per-component groups)."""
+    dist = plan.distributed
+    stage, offload = dist.get("zero_stage"), dist.get("offload", "none")
+    if stage is None:
+        if offload != "none":
+            d.hard.append(_u("deepspeed-offload", None, f"distributed.offload {offload!r}",
+                             "CPU offload needs DeepSpeed: set distributed.zero_stage",
+                             origin=Location(plan.spec_path)))
+        return None, None
+    if (stage, offload) in _DS_BUILTIN:
+        return _DS_BUILTIN[(stage, offload)], None
+    if offload == "optimizer" and stage in (1, 3):
+        return None, _ds_config(stage, offload_param=False)
+    d.hard.append(_u("deepspeed-offload", None, f"distributed: zero_stage {stage} with offload {offload!r}",
+                     "DeepSpeed offloads parameters only with ZeRO-3, and the optimizer only with ZeRO >= 1",
+                     origin=Location(plan.spec_path)))
+    return None, None
+
+
+def _ds_config(stage: int, offload_param: bool) -> dict:
+    zero: dict = {"stage": stage, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
+    if offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if stage == 3:
+        zero.update({"overlap_comm": False, "contiguous_gradients": True, "sub_group_size": 1e9,
+                     "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                     "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e9,
+                     "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True})
+    else:
+        zero.update({"allgather_partitions": True, "allgather_bucket_size": 2e8, "overlap_comm": False,
+                     "reduce_scatter": True, "reduce_bucket_size": 2e8, "contiguous_gradients": True})
+    return {
+        "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": zero,
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "steps_per_print": 2000,
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "wall_clock_breakdown": False,
+    }
+
+
+# -- the target ------------------------------------------------------------------------------------
+class SwiftTarget(Target):
+    name = "swift"
+    description = "ms-swift 4.x (or 3.x): train.sh with `swift sft`, plus a plugin where flags cannot be exact"
+
+    def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
+        """What stops an exact compile: hard limits, plus the plugin's reasons under --no-plugin."""
+        d = decide(plan, options)
+        _deepspeed(plan, d)
+        if options.plugin:
+            return list(d.hard)
+        return list(d.hard) + list(d.plugin_reasons)
+
+    def render(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
+        """Files for the Plan; refuses what it cannot say. ``--approximate --no-plugin`` ignores
+        only reasons listed in ``_APPROXIMABLE`` (each written as a comment)."""
+        problems = self.unsupported(plan, options)
+        if problems:
+            can_approximate = (options.approximate and not _hard(plan, options)
+                               and decide(plan, options).approx_flags is not None)
+            if not can_approximate:
+                raise UnsupportedError(self.name, problems)
+        return self.files(plan, options)
+
+    def files(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
+        d = decide(plan, options)
+        ds_name, ds_json = _deepspeed(plan, d)
+        use_plugin = d.plugin and options.plugin
+        files = {"train.sh": _train_sh(plan, options, d, ds_name, ds_json is not None, use_plugin)}
+        if ds_json is not None:
+            files[DEEPSPEED_FILE] = json.dumps(ds_json, indent=4) + "\n"
+        if use_plugin:
+            files[PLUGIN_FILE] = _plugin_py(plan, options, d)
+        return files
+
+
+def _hard(plan: Plan, options: TargetOptions) -> list[Unsupported]:
+    d = decide(plan, options)
+    _deepspeed(plan, d)
+    return d.hard
+
+
+TARGET = SwiftTarget
+
+
+# -- train.sh ------------------------------------------------------------------------------------
+def _model_flags(plan: Plan, options: TargetOptions, sw: Optional[SwiftModel]) -> list:
+    flags: list = []
+    if options.model_override:
+        flags.append(("model", options.model_override))
+    elif plan.model_source == "local":
+        flags.append(("model", plan.model_path))
+    else:
+        flags.append(("model", plan.model))
+        if plan.model_source in ("catalog", "hf-cache"):
+            flags.append(("use_hf", True))
+    if sw is not None:
+        flags += [("model_type", sw.model_type), ("template", sw.template)]
+    return flags
+
+
+def _training_flags(plan: Plan, d: Decision, sw: Optional[SwiftModel]) -> list:
+    t = plan.training
+    dtype, bf16, fp16 = _PRECISION[t["precision"]]
+    flags: list = [("torch_dtype", dtype), ("bf16", bf16), ("fp16", fp16)]
+    if t.get("max_steps"):
+        flags.append(("max_steps", t["max_steps"]))
+    else:
+        flags.append(("num_train_epochs", t["epochs"]))
+    flags += [
+        ("per_device_train_batch_size", t["micro_batch_size"]),
+        ("gradient_accumulation_steps", t["gradient_accumulation"]),
+        ("max_length", t["max_length"]),
+        ("gradient_checkpointing", t["gradient_checkpointing"]),
+    ]
+    if sw is not None and sw.multimodal:
+        vit_trained = any(_starts(n, sw.vision_tower) for n in _trainable_names(plan))
+        # the default differs by version (4.2-4.5.2: not freeze_vit; later: gradient_checkpointing)
+        flags.append(("vit_gradient_checkpointing", bool(t["gradient_checkpointing"] and vit_trained)))
+    wd = next(c.weight_decay for c in plan.components if c.trainable_names)
+    flags += [
+        ("optim", "adamw_torch"),
+        ("adam_beta1", 0.9), ("adam_beta2", 0.999), ("adam_epsilon", 1e-08),
+        ("weight_decay", wd),
+        ("max_grad_norm", t["max_grad_norm"]),
+        ("lr_scheduler_type", _SCHEDULERS[t["lr_scheduler"]]),
+        ("warmup_ratio", t["warmup_ratio"]),
+        ("seed", t["seed"]),
+        ("logging_steps", t["logging_steps"]),
+        ("save_steps", t["save_steps"]),
+    ]
+    return flags
+
+
+def _trainable_names(plan: Plan):
+    for comp in plan.components:
+        yield from comp.trainable_names
+
+
+def _data_flags(plan: Plan) -> list:
+    flags: list = []
+    data = plan.data or {}
+    if data.get("train"):
+        flags.append(("dataset", data["train"]))
+    if data.get("eval"):
+        flags.append(("val_dataset", data["eval"]))
+    flags.append(("split_dataset_ratio", 0))
+    if plan.output_dir:
+        flags += [("output_dir", plan.output_dir), ("add_version", False)]
+    return flags
+
+
+def _env_lines(plan: Plan) -> list[str]:
+    dist = plan.distributed
+    nodes, gpus = dist.get("nodes", 1), dist.get("gpus_per_node", 1)
+    lines = []
+    if gpus > 1 or nodes > 1:
+        lines.append(f"export NPROC_PER_NODE={sh_quote(gpus)}")
+    if nodes > 1:
+        lines += [
+            f"export NNODES={sh_quote(nodes)}",
+            f'export NODE_RANK="${{NODE_RANK:?set NODE_RANK to the rank of this node, 0 to {nodes - 1}}}"',
+            'export MASTER_ADDR="${MASTER_ADDR:?set MASTER_ADDR to the address of the node with NODE_RANK=0}"',
+            'export MASTER_PORT="${MASTER_PORT:-29500}"',
+        ]
+    return lines
+
+
+def _summary_lines(plan: Plan) -> list[str]:
+    rows = []
+    for c in plan.components:
+        if not c.trainable_names:
+            rows.append((c.name, "frozen", "", f"{c.base_params:,}", ""))
+        elif c.mode == "lora":
+            lo = c.lora
+            extra = f"LoRA on {len(lo.targets)} modules: rank {lo.rank}, alpha {_fmt(lo.alpha)}, dropout {_fmt(lo.dropout)}"
+            extra += ", rslora" if lo.rslora else ""
+            extra += ", dora" if lo.dora else ""
+            rows.append((c.name, "lora", f"lr {c.lr!r}", f"{c.trainable_params:,}", extra))
+        else:
+            rows.append((c.name, "full", f"lr {c.lr!r}", f"{c.trainable_params:,}", ""))
+    if plan.unassigned_base_params:
+        rows.append(("(unassigned)", "frozen", "", f"{plan.unassigned_base_params:,}", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = []
+    for r in rows:
+        line = f"  {r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}} parameters"
+        lines.append((line + ("  " + r[4] if r[4] else "")).rstrip())
+    lines.append(f"  trainable: {plan.totals.trainable_params:,} of {plan.totals.all_params:,} parameters; "
+                 f"plan fingerprint {plan.fingerprint()}")
+    return lines
+
+
+def _train_sh(plan: Plan, options: TargetOptions, d: Decision, ds_name: Optional[str],
+              ds_generated: bool, use_plugin: bool) -> str:
+    sw = SWIFT_MODELS.get(plan.model_type)
+    v = options.swift_version
+    tuner_flag = "tuner_type" if v >= 4 else "train_type"
+    out = [
+        "#!/usr/bin/env bash",
+        f"# Generated by mixspec {__version__} from {_comment(plan.spec_path)}; do not edit, recompile:",
+        f"#   mixspec compile {_comment(plan.spec_path)} --target swift"
+        + (" --swift-version 3" if v == 3 else "") + " -o DIR",
+        f"# For ms-swift {v}.x (`swift sft`). Model: {_comment(plan.model)} ({plan.architecture}).",
+        "#",
+    ]
+    out += ["# " + _comment(line) for line in _summary_lines(plan)]
+    out.append("#")
+    approximate = d.plugin and not use_plugin
+    if use_plugin:
+        uses = "tuner and optimizer" if d.tuner == "plugin" else "optimizer"
+        out.append(f"# {PLUGIN_FILE} (--external_plugins) registers the {uses} {PLUGIN_NAME!r}: "
+                   "the flags cannot say this Plan exactly, because:")
+        for item in d.plugin_reasons:
+            where = f"{item.origin}: " if item.origin else ""
+            out.append("#   - " + _comment(f"{where}{item.what}: {item.why}"))
+        out.append("# The plugin checks the trainable parameters and their learning rates against the Plan")
+        out.append("# before the first step, and stops with a diff if they differ.")
+    elif approximate:
+        out.append("# APPROXIMATION (--approximate --no-plugin): this run differs from the Plan in:")
+        for item in d.plugin_reasons:
+            where = f"{item.origin}: " if item.origin else ""
+            out.append("#   - " + _comment(f"{where}{item.what}: {item.why}"))
+    if use_plugin:
+        out.append("# --learning_rate is only what swift logs; the plugin's optimizer gives each part its own.")
+    else:
+        for note in d.notes:
+            out.append("# " + _comment(note))
+    out += [
+        "# Data and output paths are used as the spec gives them, relative to the directory you run",
+        "# this script from. Extra arguments are passed on last, so they override: bash train.sh --max_steps 10",
+        "set -euo pipefail",
+    ]
+    if use_plugin or ds_generated:
+        out.append('HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"')
+    env = _env_lines(plan)
+    if env:
+        out.append("")
+        out += env
+    args: list[str] = []
+    for flag, value in _model_flags(plan, options, sw):
+        args.append(f"--{flag} {sh_quote(value)}")
+    if use_plugin:
+        args.append(f'--external_plugins "$HERE/{PLUGIN_FILE}"')
+        # the tuner: the plugin's, or swift's own when its flags are exact (LRs are the problem)
+        flags = [("tuner_type", PLUGIN_NAME)] if d.tuner == "plugin" else list(d.flags)
+        flags += [("optimizer", PLUGIN_NAME), ("learning_rate", _first_lr(plan))]
+    elif approximate:
+        if d.approx_flags is None:
+            raise UnsupportedError("swift", d.plugin_reasons)
+        flags = list(d.approx_flags)
+    else:
+        flags = list(d.flags)
+    for flag, value in flags:
+        if flag == "tuner_type":
+            flag = tuner_flag
+        args.append(f"--{flag} {sh_quote(value)}")
+    for flag, value in _training_flags(plan, d, sw):
+        args.append(f"--{flag} {sh_quote(value)}")
+    if ds_name:
+        args.append(f"--deepspeed {sh_quote(ds_name)}")
+    elif ds_generated:
+        args.append(f'--deepspeed "$HERE/{DEEPSPEED_FILE}"')
+    for flag, value in _data_flags(plan):
+        args.append(f"--{flag} {sh_quote(value)}")
+    args.append('"$@"')
+    out.append("")
+    out.append("swift sft \\")
+    out += [f"    {a} \\" for a in args[:-1]]
+    out.append(f"    {args[-1]}")
+    return "\n".join(out) + "\n"
+
+
+def _lora_comps(plan: Plan) -> list[ComponentPlan]:
+    return [c for c in plan.components if c.mode == "lora" and c.lora]
+
+
+def _first_lr(plan: Plan) -> float:
+    return next(c.lr for c in plan.components if c.trainable_names)
+
+
+# -- the plugin ------------------------------------------------------------------------------------
+def _plugin_py(plan: Plan, options: TargetOptions, d: Decision) -> str:
+    components = []
+    for c in plan.components:
+        if not c.trainable_names:
+            continue
+        components.append({"name": c.name, "mode": c.mode, "lr": c.lr, "weight_decay": c.weight_decay,
+                           "params": list(c.trainable_names)})
+    lora_comps = _lora_comps(plan)
+    lora = None
+    if lora_comps:
+        lo = lora_comps[0].lora
+        lora = {"r": lo.rank, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout, "use_rslora": lo.rslora,
+                "use_dora": lo.dora,
+                "target_modules": sorted({t for c in lora_comps for t in c.lora.targets})}
+    head = [
+        f"# Generated by mixspec {__version__} from {_comment(plan.spec_path)}; do not edit, recompile.",
+        f'"""ms-swift {options.swift_version}.x plugin for a mixspec Plan (spec and model: see below).',
+        "",
+        f"Registers the tuner {PLUGIN_NAME!r} (LoRA and full parts exactly as planned) and the optimizer",
+        f"{PLUGIN_NAME!r} (one parameter group per learning rate and weight decay). Both check, before",
+        "the first step, that the trainable parameters and their learning rates equal the Plan, and",
+        "stop with a diff otherwise. Checkpoints hold the LoRA adapter (adapter_model.safetensors)",
+        f"and the fully trained parameters ({FULL_PARAMS_FILE}, names as in the model).",
+        "",
+        "Use: swift sft --external_plugins mixspec_plugin.py "
+        + ("--tuner_type" if options.swift_version >= 4 else "--train_type")
+        + f" {PLUGIN_NAME} --optimizer {PLUGIN_NAME} ...",
+        "(train.sh does; it passes swift's own tuner flags instead where those are exact).",
+        '"""',
+        "",
+        "# Why a plugin:",
+    ]
+    for item in d.plugin_reasons:
+        where = f"{item.origin}: " if item.origin else ""
+        head.append("#   - " + _comment(f"{where}{item.what}: {item.why}"))
+    data = [
+        "",
+        f"SWIFT_VERSION = {options.swift_version!r}",
+        f"PLAN_FINGERPRINT = {plan.fingerprint()!r}",
+        f"PLAN_MODEL = {plan.model!r}",
+        f"PLAN_VERSIONS = {py_literal(dict(sorted(plan.versions.items())))}",
+        f"FULL_PARAMS_FILE = {FULL_PARAMS_FILE!r}",
+        "",
+        "# LoRA adapter settings (PEFT LoraConfig); target_modules are full module names",
+        f"LORA = {py_literal(lora)}",
+        "",
+        "# what each component trains: parameter names as in the model (no PEFT prefix)",
+        f"COMPONENTS = {py_literal(components)}",
+    ]
+    body = _PLUGIN_CODE
+    reg = _PLUGIN_REGISTER_V4 if options.swift_version >= 4 else _PLUGIN_REGISTER_V3
+    return "\n".join(head + data) + "\n" + body + reg
+
+
+_PLUGIN_CODE = r'''
+
+import hashlib
+import json
+import os
+
+import torch
+
+_PREFIXES = ("base_model.model.", "module.")
+
+
+def _log(message):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[mixspec] {message}", flush=True)
+
+
+def plan_lrs():
+    """Every parameter the Plan trains -> its learning rate."""
+    return {name: comp["lr"] for comp in COMPONENTS for name in comp["params"]}
+
+
+def plan_weight_decay():
+    return {name: comp["weight_decay"] for comp in COMPONENTS for name in comp["params"]}
+
+
+def fingerprint(lrs):
+    """The same hash as `mixspec plan --json` prints: sorted names and their learning rates."""
+    text = "\n".join(f"{name}={lr!r}" for name, lr in sorted(lrs.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def plain_name(name):
+    """A parameter name as in the bare model (PEFT and DDP prefixes removed)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                changed = True
+    return name
+
+
+def _numel(param):
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
+def trainable_params(model):
+    """Plain name -> (name in the model, parameter) for every parameter that requires grad."""
+    return {plain_name(n): (n, p) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _diff(expected, actual, limit=20):
+    missing = sorted(set(expected) - set(actual))
+    unexpected = sorted(set(actual) - set(expected))
+    lines = []
+    for title, names in (("planned but not trainable", missing), ("trainable but not planned", unexpected)):
+        if names:
+            lines.append(f"  {title} ({len(names)}):")
+            lines += [f"    {n}" for n in names[:limit]]
+            if len(names) > limit:
+                lines.append(f"    ... and {len(names) - limit} more")
+    return "\n".join(lines)
+
+
+class PlanMismatch(RuntimeError):
+    """The installed model or ms-swift does not train what the Plan says."""
+
+
+def _mismatch(what, details):
+    return PlanMismatch(
+        f"mixspec: {what} differ from the Plan ({PLAN_MODEL}, fingerprint {PLAN_FINGERPRINT}):\n{details}\n"
+        f"  The Plan was made with {PLAN_VERSIONS}; if the installed transformers names modules "
+        f"differently, recompile the spec with it (mixspec compile ... --target swift).")
+
+
+def check_trainable(model):
+    """Stop unless exactly the planned parameters require grad."""
+    actual = trainable_params(model)
+    expected = plan_lrs()
+    if set(actual) != set(expected):
+        raise _mismatch("the trainable parameters", _diff(expected, actual))
+    count = sum(_numel(p) for _, p in actual.values())
+    _log(f"trainable parameters match the Plan: {len(actual)} tensors, {count:,} parameters")
+    return count
+
+
+def _params_by_plain_name(model):
+    return {plain_name(n): p for n, p in model.named_parameters()}
+
+
+def set_full_trainable(model):
+    params = _params_by_plain_name(model)
+    missing = []
+    for comp in COMPONENTS:
+        if comp["mode"] != "full":
+            continue
+        for name in comp["params"]:
+            if name in params:
+                params[name].requires_grad_(True)
+            else:
+                missing.append(name)
+    if missing:
+        raise _mismatch("the model's parameter names", _diff(missing, []))
+
+
+def full_param_names():
+    return {name for comp in COMPONENTS if comp["mode"] == "full" for name in comp["params"]}
+
+
+class _MixspecTunerMixin:
+    """prepare_model / save_pretrained / from_pretrained, as swift's Tuner interface wants."""
+
+    @staticmethod
+    def prepare_model(args, model):
+        model.requires_grad_(False)
+        if LORA is not None:
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(task_type="CAUSAL_LM", **LORA)
+            model = get_peft_model(model, config)
+        set_full_trainable(model)
+        check_trainable(model)
+        return model
+
+    @staticmethod
+    def save_pretrained(model, save_directory, state_dict=None, safe_serialization=True, **kwargs):
+        import safetensors.torch
+
+        if state_dict is None:
+            state_dict = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        if LORA is not None:
+            model.save_pretrained(save_directory, state_dict=state_dict,
+                                  safe_serialization=safe_serialization, **kwargs)
+        wanted = full_param_names()
+        full = {}
+        for name, tensor in state_dict.items():
+            plain = plain_name(name)
+            if plain in wanted:
+                full[plain] = tensor.detach().cpu().contiguous()
+        os.makedirs(save_directory, exist_ok=True)
+        safetensors.torch.save_file(full, os.path.join(save_directory, FULL_PARAMS_FILE),
+                                    metadata={"format": "pt", "mixspec_fingerprint": PLAN_FINGERPRINT})
+
+    @staticmethod
+    def from_pretrained(model, model_id, **kwargs):
+        import safetensors.torch
+
+        if LORA is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, model_id, **kwargs)
+        path = os.path.join(model_id, FULL_PARAMS_FILE)
+        if os.path.exists(path):
+            tensors = safetensors.torch.load_file(path)
+            params = _params_by_plain_name(model)
+            unknown = sorted(n for n in tensors if n not in params)
+            if unknown:
+                raise _mismatch("the saved full parameters", _diff([], unknown))
+            from transformers.integrations import is_deepspeed_zero3_enabled
+
+            if is_deepspeed_zero3_enabled():
+                import deepspeed
+
+                targets = [params[n] for n in tensors]
+                with deepspeed.zero.GatheredParameters(targets, modifier_rank=0):
+                    if deepspeed.comm.get_rank() == 0:
+                        with torch.no_grad():
+                            for name, tensor in tensors.items():
+                                params[name].data.copy_(tensor)
+            else:
+                with torch.no_grad():
+                    for name, tensor in tensors.items():
+                        params[name].data.copy_(tensor.to(params[name].dtype))
+        if kwargs.get("is_trainable"):
+            set_full_trainable(model)
+            check_trainable(model)
+        return model
+
+
+def build_optimizer(args, model):
+    """The optimizer swift's trainer uses: one group per (learning rate, weight decay), with
+    transformers' rule for which parameters decay (not biases and norms)."""
+    from transformers import Trainer as HfTrainer
+
+    trainable = trainable_params(model)
+    lrs = plan_lrs()
+    if set(trainable) != set(lrs):
+        raise _mismatch("the trainable parameters", _diff(lrs, trainable))
+    decay = set(HfTrainer.get_decay_parameter_names(None, model))
+    wds = plan_weight_decay()
+    groups = {}
+    for plain in sorted(trainable):
+        name, param = trainable[plain]
+        weight_decay = wds[plain] if name in decay else 0.0
+        groups.setdefault((lrs[plain], weight_decay), []).append(param)
+    param_groups = [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
+    optimizer_cls, optimizer_kwargs = HfTrainer.get_optimizer_cls_and_kwargs(args, model)
+    optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+    check_optimizer(optimizer, model, getattr(args, "output_dir", None))
+    return optimizer
+
+
+def check_optimizer(optimizer, model, output_dir=None):
+    """Stop unless every trainable parameter sits in exactly one group, at its planned LR."""
+    names = {id(p): plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
+    actual = {}
+    repeated = []
+    groups = []
+    for group in optimizer.param_groups:
+        count = 0
+        for param in group["params"]:
+            name = names.get(id(param), f"<unnamed {tuple(param.shape)}>")
+            if name in actual:
+                repeated.append(name)
+            actual[name] = group["lr"]
+            count += _numel(param)
+        groups.append({"lr": group["lr"], "weight_decay": group.get("weight_decay"),
+                       "tensors": len(group["params"]), "params": count})
+    expected = plan_lrs()
+    wrong = sorted(n for n in expected if n in actual and actual[n] != expected[n])
+    if set(actual) != set(expected) or repeated or wrong:
+        details = _diff(expected, actual)
+        if repeated:
+            details += "\n  in more than one group: " + ", ".join(sorted(set(repeated))[:20])
+        for n in wrong[:20]:
+            details += f"\n  {n}: lr {actual[n]!r}, planned {expected[n]!r}"
+        raise _mismatch("the optimizer's parameters and learning rates", details)
+    got = fingerprint(actual)
+    if got != PLAN_FINGERPRINT:
+        raise _mismatch("the learning-rate fingerprint", f"  got {got}, planned {PLAN_FINGERPRINT}")
+    summary = "; ".join(f"lr {g['lr']!r} wd {g['weight_decay']!r}: {g['tensors']} tensors, {g['params']:,} params"
+                        for g in groups)
+    _log(f"optimizer matches the Plan (fingerprint {got}): {summary}")
+    if output_dir and int(os.environ.get("RANK", "0")) == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        report = {"plan_fingerprint": PLAN_FINGERPRINT, "fingerprint": got, "groups": groups,
+                  "lr_by_param": dict(sorted(actual.items()))}
+        with open(os.path.join(output_dir, "mixspec_check.json"), "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=1, sort_keys=True)
+'''
+
+_PLUGIN_REGISTER_V4 = r'''
+
+# -- registration (ms-swift 4.x: swift.tuner_plugin, swift.optimizers) -------------------------------
+from swift.optimizers import OptimizerCallback, optimizers_map  # noqa: E402
+from swift.tuner_plugin import Tuner, tuners_map  # noqa: E402
+
+
+class MixspecTuner(_MixspecTunerMixin, Tuner):
+    pass
+
+
+class MixspecOptimizer(OptimizerCallback):
+    def create_optimizer(self, model=None):
+        return build_optimizer(self.args, self.trainer.model if model is None else model)
+
+
+tuners_map["mixspec"] = MixspecTuner
+optimizers_map["mixspec"] = MixspecOptimizer
+'''
+
+_PLUGIN_REGISTER_V3 = r'''
+
+# -- registration (ms-swift 3.x: swift.plugin) -------------------------------------------------------
+from swift.plugin import Tuner, extra_tuners, optimizers_map  # noqa: E402
+
+
+class MixspecTuner(_MixspecTunerMixin, Tuner):
+    pass
+
+
+def create_mixspec_optimizer(args, model, dataset):
+    return build_optimizer(args, model), None
+
+
+extra_tuners["mixspec"] = MixspecTuner
+optimizers_map["mixspec"] = create_mixspec_optimizer
+'''
