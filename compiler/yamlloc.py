@@ -189,6 +189,15 @@ def _convert(node, file: str, loader: _Loader, out: Located) -> object:
         except (ValueError, yaml.YAMLError) as exc:
             raise _fail(file, node.start_mark.line + 1, node.start_mark.column + 1,
                         f"cannot read value {node.value[:40]!r}: {exc}") from None
+        if isinstance(value, str) and any("\ud800" <= ch <= "\udfff" for ch in value):
+            # JSON writes characters beyond U+FFFF as two escapes ("\ud83d\ude80"); PyYAML
+            # decodes each alone. Pair them up as a JSON reader would.
+            try:
+                value = value.encode("utf-16", "surrogatepass").decode("utf-16")
+            except UnicodeDecodeError:
+                raise _fail(file, node.start_mark.line + 1, node.start_mark.column + 1,
+                            "value contains an unpaired surrogate escape (\\ud800-\\udfff)",
+                            "write the character itself, or both halves of its surrogate pair") from None
         if isinstance(value, str) and "\x00" in value:
             # no path, id or pattern holds one, and a shell word cannot carry it
             raise _fail(file, node.start_mark.line + 1, node.start_mark.column + 1,
@@ -209,7 +218,12 @@ def load_located(path: str | Path, display_name: str | None = None) -> Located:
         if size > MAX_FILE_BYTES:
             raise _fail(name, 0, 0, f"file is {size} bytes, larger than the {MAX_FILE_BYTES}-byte limit for specs",
                         "a spec is a few hundred bytes; is this the right file?")
-        raw = path.read_bytes()
+        # bounded read: a device has no size (a symlink in a pull request can point at /dev/zero)
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
+            raise _fail(name, 0, 0, f"file is larger than the {MAX_FILE_BYTES}-byte limit for specs",
+                        "a spec is a few hundred bytes; is this the right file?")
     except FileNotFoundError:
         raise _fail(name, 0, 0, "no such file") from None
     except OSError as exc:
@@ -232,7 +246,14 @@ def load_located_text(text: str, name: str) -> Located:
     if len(text) > MAX_FILE_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise _fail(name, 0, 0, f"spec is larger than the {MAX_FILE_BYTES}-byte limit for specs",
                     "a spec is a few hundred bytes; is this the right file?")
-    loader = _Loader(text, name)
+    try:
+        loader = _Loader(text, name)
+    except yaml.reader.ReaderError as exc:
+        # control characters other than tab and newlines: point at the first one
+        before = text[: exc.position]
+        line, col = before.count("\n") + 1, exc.position - (before.rfind("\n") + 1) + 1
+        raise _fail(name, line, col, f"character U+{exc.character:04X} is not allowed in YAML (a control or non-character code point)",
+                    "remove it; write it as an escape (\\x..) inside double quotes if you need it") from None
     try:
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:

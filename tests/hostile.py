@@ -1,0 +1,132 @@
+"""Hostile inputs shared by the fuzz, resource-limit, model-dir, output and injection tests.
+
+``hostile_strings(marker)`` are values a pull request could put in a spec: quotes of every
+kind, backslashes, shell substitutions, newlines, Python string terminators, format
+placeholders, option look-alikes, unicode that changes how text reads. Each one that would
+run a command runs ``touch MARKER``, so "nothing ran" is checked by the marker's absence.
+
+``catalog_tree()`` is the module tree of one catalog model, built once per process (and
+kept in the session's tree cache, see conftest.py), for tests that resolve many specs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+FUZZ_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+
+# Templates: "{m}" is replaced with the marker file's path (quoted where a shell would need it).
+_TEMPLATES = [
+    "it's",
+    'say "hi"',
+    "'''",
+    '"""',
+    "\\",
+    "ends with a backslash\\",
+    "\\'",
+    '\\"',
+    "a\\nb\\x41\\u0041",  # escape sequences as text, not as characters
+    "$(touch {m})",
+    "`touch {m}`",
+    "${{IFS}}touch${{IFS}}{m}",
+    "$HOME/$USER",
+    "a; touch {m}",
+    "a && touch {m} || touch {m}",
+    "a | touch {m}",
+    "> {m}",
+    "new\nline; touch {m}",
+    "carriage\rreturn",
+    "tab\tseparated",
+    "'; touch {m}; '",
+    "\"; touch {m}; \"",
+    "'$(touch {m})'",
+    "\"$(touch {m})\"",
+    "'; import os; os.system('touch {m}'); '",
+    "\"); __import__('os').system('touch {m}'); (\"",
+    "''' + __import__('os').system('touch {m}') + '''",
+    '""" + __import__("os").system("touch {m}") + """',
+    "{{__import__('os').system('touch {m}')}}",
+    "%(x)s %s {{0}} {{}}",
+    "${{{{ github.token }}}}",
+    "{{{{ jinja }}}}",
+    "#not a comment",
+    "--output_dir=/tmp/evil",
+    "-rf",
+    "*",
+    "~",
+    "!!",
+    "a  b   c",
+    " leading and trailing ",
+    "ünïcødé/数据/train.jsonl",
+    "emoji 🚀.jsonl",
+    "rtl \u202eexe.txt",
+    "line\u2028separator",
+    "next\x85line",
+    "form\x0cfeed and \x0bvtab",
+    "\x1b[31mred\x1b[0m",
+    "bell\x07",
+]
+
+
+def hostile_strings(marker: str | Path) -> list[str]:
+    """Hostile values; any command they smuggle in would create ``marker``."""
+    m = str(marker)
+    return [t.format(m=m) for t in _TEMPLATES]
+
+
+# NUL cannot reach a spec (the loader refuses it) nor a shell word; Python literals must
+# still carry it if a Plan is built by hand
+NUL_STRINGS = ["nul\x00byte", "\x00"]
+
+
+def catalog_tree(model: str = FUZZ_MODEL):
+    """The module tree of a catalog model, built once per process."""
+    return _catalog_tree(model)
+
+
+@functools.lru_cache(maxsize=None)
+def _catalog_tree(model: str):
+    from mixspec.sources import find_model
+    from mixspec.tree import get_tree
+
+    return get_tree(find_model(model))
+
+
+def write_fake_backends(bin_dir: Path, log_file: Path,
+                        names=("swift", "torchrun", "deepspeed", "accelerate", "llamafactory-cli")) -> None:
+    """Executables that append their name and argv (JSON, one line) to ``log_file`` and exit 0.
+
+    Put ``bin_dir`` first on PATH and run a generated script: what the backend would have
+    received is in the log, and nothing else runs.
+    """
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        path = bin_dir / name
+        path.write_text(
+            f"#!{sys.executable}\n"
+            "import json, os, sys\n"
+            f"with open({str(log_file)!r}, 'a', encoding='utf-8', errors='surrogateescape') as fh:\n"
+            "    fh.write(json.dumps({'argv0': os.path.basename(sys.argv[0]), 'argv': sys.argv[1:],\n"
+            "                         'cwd': os.getcwd()}) + '\\n')\n",
+            encoding="utf-8",
+        )
+        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+def read_fake_log(log_file: Path) -> list[dict]:
+    if not log_file.exists():
+        return []
+    return [json.loads(line) for line in log_file.read_text(encoding="utf-8").splitlines() if line]
+
+
+def clean_env(bin_dir: Path, home: Path) -> dict:
+    """An environment for running generated scripts: fakes first on PATH, a throwaway HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIXSPEC_", "PYTHON"))}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
+    env["HOME"] = str(home)
+    return env
