@@ -119,7 +119,7 @@ class _Resolver:
                     elif prev is None:
                         claims[p] = Claim(cname, why)
         for (a, b), params in sorted(conflicts.items()):
-            mods = _shallowest(sorted({p.rsplit(".", 1)[0] for p in params}))
+            mods = _covering(set(params), self.param_names)  # whole blocks, not their leaves
             shown = ", ".join(mods[:5]) + (f" and {len(mods) - 5} more" if len(mods) > 5 else "")
             self.diags.error(
                 self.loc("components", b, "modules"), f"components.{b}.modules",
@@ -172,24 +172,34 @@ class _Resolver:
                 members.append(m)
         targets_spec = opts.targets
         chosen = []
+        chosen_by: dict[str, int] = {}  # module -> index of the targets item that chose it
         if targets_spec == "all-linear":
             chosen = [m for m in members if m.kind in (LINEAR, CONV1D_GPT2)
                       and m.name != self.tree.output_embedding]
             if not chosen:
-                self.diags.error(self.loc(*path, "targets"), f"components.{cname}.lora.targets",
-                                 "all-linear finds no Linear module in this component",
-                                 "train it with full, or target specific modules")
+                out_emb = self.tree.output_embedding
+                if any(m.name == out_emb for m in members):
+                    self.diags.error(self.loc(*path, "targets"), f"components.{cname}.lora.targets",
+                                     f"all-linear never includes the output embedding ({out_emb}), "
+                                     "and this component has no other Linear module",
+                                     f"to put LoRA on it, name it: targets: [{out_emb.rsplit('.', 1)[-1]}]")
+                else:
+                    self.diags.error(self.loc(*path, "targets"), f"components.{cname}.lora.targets",
+                                     "all-linear finds no Linear module in this component",
+                                     "train it with full, or name its modules in targets; LoRA-capable "
+                                     "leaf names here: " + _lora_leaves(members))
                 return None
         elif isinstance(targets_spec, list):
             for i, leaf in enumerate(targets_spec):
                 hits = [m for m in members if m.name == leaf or m.name.endswith("." + leaf)]
                 if not hits:
-                    leaves = sorted({m.name.rsplit(".", 1)[-1] for m in members if m.kind})
                     self.diags.error(
                         self.loaded.value_loc(*path, "targets", i), f"components.{cname}.lora.targets[{i}]",
                         f"no module named {leaf!r} in component {cname!r}",
-                        "LoRA-capable leaf names here: " + ", ".join(leaves[:20]),
+                        "LoRA-capable leaf names here: " + _lora_leaves(members),
                     )
+                for m in hits:
+                    chosen_by.setdefault(m.name, i)
                 chosen.extend(hits)
         else:
             try:
@@ -201,18 +211,33 @@ class _Resolver:
                 self.diags.error(self.loaded.value_loc(*path, "targets"), f"components.{cname}.lora.targets",
                                  f"regex {targets_spec!r} matches no module of component {cname!r}",
                                  "the regex is full-matched against module names (mixspec tree MODEL)")
-        bad = [m for m in chosen if m.kind not in LORA_KINDS]
-        for m in bad[:5]:
-            self.diags.error(self.loc(*path, "targets"), f"components.{cname}.lora.targets",
-                             f"LoRA cannot wrap {m.name} ({m.type})",
-                             "PEFT wraps Linear, Embedding and Conv layers only")
+        bad: dict[tuple, list[str]] = defaultdict(list)
+        for m in chosen:
+            if m.kind not in LORA_KINDS:
+                bad[(chosen_by.get(m.name), m.type)].append(m.name)
+        for (item, type_), names in sorted(bad.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1])):
+            key = ("targets",) if item is None else ("targets", item)
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            self.diags.error(
+                self.loaded.value_loc(*path, *key),
+                f"components.{cname}.lora.targets" + ("" if item is None else f"[{item}]"),
+                f"LoRA cannot wrap {type_} modules: {names[0]}{more}",
+                "PEFT wraps Linear, Embedding and Conv layers only; LoRA-capable leaf names here: "
+                + _lora_leaves(members),
+            )
         chosen = [m for m in chosen if m.kind in LORA_KINDS]
         layers = None
-        if opts.layers is not None:
+        if opts.layers is not None and chosen:  # no targets at all is already reported
             layers = tuple(sorted(set(opts.layers))) if isinstance(opts.layers, list) else patterns.parse_layers(opts.layers)
             available = sorted({int(x.group(1)) for m in chosen if (x := _INT_SEGMENT.search(m.name))})
             chosen = [m for m in chosen if (x := _INT_SEGMENT.search(m.name)) and int(x.group(1)) in layers]
-            if not chosen:
+            missing = [i for i in layers if i not in available]
+            if available and missing:
+                self.diags.error(self.loaded.value_loc(*path, "layers"), f"components.{cname}.lora.layers",
+                                 f"block(s) {_ranges(missing)} do not exist among the LoRA targets of "
+                                 f"component {cname!r}",
+                                 f"its targets lie in blocks {_ranges(available)}")
+            elif not chosen:
                 shown = f"{available[0]}-{available[-1]}" if available else "none"
                 self.diags.error(self.loc(*path, "layers"), f"components.{cname}.lora.layers",
                                  f"no LoRA target lies in blocks {opts.layers!r}",
@@ -348,6 +373,32 @@ class _Resolver:
             param_shapes={p: tuple(tree.param_shapes[p]) for p in sorted(trained_base)},
             warnings_problems=tuple(self.diags.warnings) + tuple(self.loaded.warnings),
         )
+
+
+def _lora_leaves(members) -> str:
+    """LoRA-capable leaf names of a component, as a targets list accepts them ('mlp.0', not '0')."""
+    leaves = set()
+    for m in members:
+        if m.kind in LORA_KINDS:
+            parts = m.name.split(".")
+            leaves.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
+    shown = sorted(leaves, key=natural_key)
+    return ", ".join(shown[:20]) + (f" and {len(shown) - 20} more" if len(shown) > 20 else "") if shown else "none"
+
+
+def _ranges(indices) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    out, run = [], []
+    for i in sorted(set(indices)):
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [i]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out)
 
 
 def _treat(t) -> str:
