@@ -141,16 +141,20 @@ def test_warm_plan_imports_neither_torch_nor_transformers(tiny_source, tmp_path)
     assert imported == "[]"
 
 
-def test_corrupt_cache_entry_is_rebuilt(tiny_source):
-    from mixspec.tree import _cache_path, cache_key, get_tree
+def test_corrupt_cache_entry_is_rebuilt(tiny_source, monkeypatch):
+    from mixspec import tree as tree_mod
 
-    good = get_tree(tiny_source)
-    path = _cache_path(cache_key(tiny_source.config))
-    for garbage in ('{"key": "x", "tree": ', "[]", json.dumps({"key": path.stem, "tree": {"format": 1}})):
-        path.write_text(garbage, encoding="utf-8")
-        assert get_tree(tiny_source) == good
-        # and the entry was rewritten whole
-        assert json.loads(path.read_text(encoding="utf-8"))["key"] == path.stem
+    good = tree_mod.get_tree(tiny_source)
+    [path] = (tree_mod.cache_dir() / "trees").glob("*.json")
+    real_build = tree_mod.build_tree
+    for garbage in ('{"key": "x", "tree": ', "[]", "null", json.dumps({"key": path.stem, "tree": {"format": 1}}),
+                    path.read_text(encoding="utf-8")[:-40], "\x00\xff"):
+        path.write_text(garbage, encoding="utf-8", errors="surrogateescape")
+        assert tree_mod.get_tree(tiny_source) == good
+        # the entry was rewritten whole: the next call reads it without building
+        monkeypatch.setattr(tree_mod, "build_tree", lambda *a, **k: pytest.fail("cache entry not rewritten"))
+        assert tree_mod.get_tree(tiny_source) == good
+        monkeypatch.setattr(tree_mod, "build_tree", real_build)
 
 
 def test_cache_key_changes_with_config_and_versions(tiny_source, monkeypatch):
