@@ -22,10 +22,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
-from mixspec import __version__
 from mixspec.errors import Location, Unsupported, UnsupportedError
 from mixspec.plan import ComponentPlan, Plan
 from mixspec.targets import Target, TargetOptions
+from mixspec.targets._common import compact_names, exact_regex, generated_header, py_literal, sh_word
 
 PLUGIN_FILE = "mixspec_plugin.py"
 DEEPSPEED_FILE = "deepspeed.json"
@@ -89,10 +89,9 @@ _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant",
 _LORA_LLM_SKIPPED = ("lm_head", "score", "v_head", "classifier")
 
 
-# -- quoting -----------------------------------------------------------------------------
 def sh_quote(value) -> str:
-    """One shell word, always single-quoted, whatever the value holds."""
-    return "'" + _fmt(value).replace("'", "'\"'\"'") + "'"
+    """One shell word that the shell reads back as exactly the value's text."""
+    return sh_word(_fmt(value))
 
 
 def _fmt(value) -> str:
@@ -103,45 +102,19 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def py_literal(value, indent: int = 0) -> str:
-    """A Python literal for plain data (str, int, float, bool, None, lists, dicts), one list
-    item per line; ``repr`` makes any string a literal, never code."""
-    pad = " " * indent
-    inner = " " * (indent + 4)
-    if isinstance(value, dict):
-        if not value:
-            return "{}"
-        items = [f"{inner}{py_literal(k)}: {py_literal(v, indent + 4)}," for k, v in value.items()]
-        return "{\n" + "\n".join(items) + f"\n{pad}}}"
-    if isinstance(value, (list, tuple)):
-        if not value:
-            return "[]"
-        items = [f"{inner}{py_literal(v, indent + 4)}," for v in value]
-        return "[\n" + "\n".join(items) + f"\n{pad}]"
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return repr(value)
-    raise TypeError(f"not plain data: {type(value).__name__}")
-
-
 def _comment(text: str) -> str:
     """Text safe inside a ``#`` comment line (no line breaks)."""
     return re.sub(r"[\r\n\v\f\x85\u2028\u2029]+", " ", str(text))
 
 
 # -- exact regular expressions over names ---------------------------------------------------
-def exact_regex(selected, universe, suffix: str = "") -> str:
-    """A regex that full-matches every name in ``selected`` and nothing else in ``universe``.
-
-    Names that differ only in their first integer segment (block indices) share one
-    alternative, e.g. ``model\\.layers\\.(?:0|1)\\.self_attn\\.(?:k_proj|q_proj)``. ``suffix``
-    is appended inside the anchors (``(?:\\..+)?`` to take every name under a module).
-    The result is checked against ``universe``; a plain alternation is the fallback.
-    """
+def anchored_regex(selected, universe, suffix: str = "") -> str:
+    """``^(?:...)suffix$`` matching every name in ``selected`` and nothing else in ``universe``
+    (``suffix`` ``(?:\\..+)?`` takes every name under a module); checked, with a plain
+    alternation of the names as the fallback."""
     selected = sorted(set(selected))
-    universe = set(universe) | set(selected)
-    body = _compress(selected)
-    rx = f"^(?:{body}){suffix}$"
-    if _matches(rx, universe) != set(selected):
+    rx = f"^(?:{exact_regex(selected)}){suffix}$"
+    if _matches(rx, set(universe) | set(selected)) != set(selected):
         rx = "^(?:" + "|".join(re.escape(n) for n in selected) + f"){suffix}$"
     return rx
 
@@ -149,40 +122,6 @@ def exact_regex(selected, universe, suffix: str = "") -> str:
 def _matches(rx: str, names) -> set:
     pat = re.compile(rx)
     return {n for n in names if pat.fullmatch(n)}
-
-
-def _compress(names: list[str]) -> str:
-    literal: list[str] = []
-    indexed: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
-    for name in names:
-        parts = name.split(".")
-        pos = next((i for i, p in enumerate(parts) if p.isdigit()), None)
-        if pos is None or pos == 0:
-            literal.append(name)
-            continue
-        before = ".".join(parts[:pos])
-        after = ".".join(parts[pos + 1:])
-        indexed[before][int(parts[pos])].add(after)
-    alts = [re.escape(n) for n in literal]
-    for before in sorted(indexed):
-        by_afters: dict[frozenset, list[int]] = defaultdict(list)
-        for idx, afters in sorted(indexed[before].items()):
-            by_afters[frozenset(afters)].append(idx)
-        for afters, idxs in sorted(by_afters.items(), key=lambda kv: kv[1][0]):
-            alts.append(re.escape(before) + r"\." + _group([str(i) for i in idxs]) + _afters(afters))
-    return "|".join(alts)
-
-
-def _group(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else "(?:" + "|".join(items) + ")"
-
-
-def _afters(afters: frozenset) -> str:
-    parts = sorted(a for a in afters if a)
-    if not parts:
-        return ""
-    tail = r"\." + _group([re.escape(a) for a in parts])
-    return f"(?:{tail})?" if "" in afters else tail
 
 
 # -- the decision ----------------------------------------------------------------------------
@@ -381,14 +320,16 @@ def _lora_llm_blockers(view: _View) -> list[Unsupported]:
         for comp, names in _by_owner(view, not_full):
             label = f"components.{comp.name} ({comp.mode})" if comp else "unassigned parameters"
             out.append(_u("lora_llm-vit-not-full", comp, f"{label} in the ViT/aligner: {_few(names)}",
-                          f"lora_llm trains the whole ViT and aligner ({', '.join(sw.vision_tower + sw.aligner)}) "
-                          f"fully; these {len(names)} parameters would not be",
+                          f"next to LoRA, swift's flags train full parts only with lora_llm, which trains the "
+                          f"whole ViT and aligner ({', '.join(sw.vision_tower + sw.aligner)}) fully; these "
+                          f"{len(names)} parameters would not be",
                           _PLUGIN_HINT, origin=None if comp else Location(view.plan.spec_path)))
     for comp in view.full:
         extra = sorted(p for p in comp.params if p not in vit_aligner)
         if extra:
             out.append(_u("lora_llm-full-outside-vit", comp, f"components.{comp.name} (full) on {_few(extra)}",
-                          "lora_llm trains fully only the ViT and the aligner", _PLUGIN_HINT))
+                          "next to LoRA, swift's flags train full parts only with lora_llm, which trains "
+                          "fully only the ViT and the aligner", _PLUGIN_HINT))
     out.extend(_group_lr_blockers(view, strict_outside=False))
     out.extend(_weight_decay_blockers(view))
     return out
@@ -448,16 +389,16 @@ def _full_flags(view: _View, d: Decision) -> None:
     elif target == set(names):
         return
     covering = sorted({m for c in view.full for m in c.modules})
-    rx = exact_regex(covering, view.modules + names, suffix=r"(?:\..+)?")
+    rx = anchored_regex(covering, view.modules + names, suffix=r"(?:\..+)?")
     if _matches(rx, names) != target:  # a parameter claimed on its own: list parameters instead
-        rx = exact_regex(sorted(target), names)
+        rx = anchored_regex(sorted(target), names)
     d.flags += [("freeze_parameters_ratio", 1), ("trainable_parameters_regex", rx)]
 
 
 def _lora_flags(view: _View, d: Decision) -> None:
     lo = view.lora[0].lora
     targets = sorted({t for c in view.lora for t in c.lora.targets})
-    rx = exact_regex(targets, view.modules)
+    rx = anchored_regex(targets, view.modules)
     d.flags += [("tuner_type", "lora"), ("target_regex", rx), ("lora_rank", lo.rank),
                 ("lora_alpha", lo.alpha), ("lora_dropout", lo.dropout), ("use_rslora", lo.rslora),
                 ("use_dora", lo.dora)]
@@ -763,8 +704,7 @@ def _summary_lines(plan: Plan) -> list[str]:
     for r in rows:
         line = f"  {r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}} parameters"
         lines.append((line + ("  " + r[4] if r[4] else "")).rstrip())
-    lines.append(f"  trainable: {plan.totals.trainable_params:,} of {plan.totals.all_params:,} parameters; "
-                 f"plan fingerprint {plan.fingerprint()}")
+    lines.append(f"  trainable: {plan.totals.trainable_params:,} of {plan.totals.all_params:,} parameters")
     return lines
 
 
@@ -773,14 +713,12 @@ def _train_sh(plan: Plan, options: TargetOptions, d: Decision, ds_name: Optional
     sw = SWIFT_MODELS.get(plan.model_type)
     v = options.swift_version
     tuner_flag = "tuner_type" if v >= 4 else "train_type"
-    out = [
-        "#!/usr/bin/env bash",
-        f"# Generated by mixspec {__version__} from {_comment(plan.spec_path)}; do not edit, recompile:",
-        f"#   mixspec compile {_comment(plan.spec_path)} --target swift"
-        + (" --swift-version 3" if v == 3 else "") + " -o DIR",
-        f"# For ms-swift {v}.x (`swift sft`). Model: {_comment(plan.model)} ({plan.architecture}).",
-        "#",
-    ]
+    out = ["#!/usr/bin/env bash"]
+    out += generated_header(plan, "swift", extra=[
+        f"For ms-swift {v}.x (`swift sft`)" + (", compiled with --swift-version 3." if v == 3 else "."),
+        "Do not edit: change the spec and compile again.",
+    ]).splitlines()
+    out.append("#")
     out += ["# " + _comment(line) for line in _summary_lines(plan)]
     out.append("#")
     approximate = d.plugin and not use_plugin
@@ -863,17 +801,19 @@ def _plugin_py(plan: Plan, options: TargetOptions, d: Decision) -> str:
         if not c.trainable_names:
             continue
         components.append({"name": c.name, "mode": c.mode, "lr": c.lr, "weight_decay": c.weight_decay,
-                           "params": list(c.trainable_names)})
+                           "params": compact_names(c.trainable_names)})
     lora_comps = _lora_comps(plan)
     lora = None
     if lora_comps:
         lo = lora_comps[0].lora
         lora = {"r": lo.rank, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout, "use_rslora": lo.rslora,
                 "use_dora": lo.dora,
-                "target_modules": sorted({t for c in lora_comps for t in c.lora.targets})}
-    head = [
-        f"# Generated by mixspec {__version__} from {_comment(plan.spec_path)}; do not edit, recompile.",
-        f'"""ms-swift {options.swift_version}.x plugin for a mixspec Plan (spec and model: see below).',
+                "target_modules": compact_names(sorted({t for c in lora_comps for t in c.lora.targets}))}
+    head = generated_header(plan, "swift", extra=[
+        f"An ms-swift {options.swift_version}.x plugin, loaded by train.sh with --external_plugins. Do not edit.",
+    ]).splitlines()
+    head += [
+        f'"""ms-swift {options.swift_version}.x plugin for a mixspec Plan (spec and model: see above).',
         "",
         f"Registers the tuner {PLUGIN_NAME!r} (LoRA and full parts exactly as planned) and the optimizer",
         f"{PLUGIN_NAME!r} (one parameter group per learning rate and weight decay). Both check, before",
@@ -899,6 +839,8 @@ def _plugin_py(plan: Plan, options: TargetOptions, d: Decision) -> str:
         f"PLAN_MODEL = {plan.model!r}",
         f"PLAN_VERSIONS = {py_literal(dict(sorted(plan.versions.items())))}",
         f"FULL_PARAMS_FILE = {FULL_PARAMS_FILE!r}",
+        "",
+        "# Names are compact: {\"model.layers.{}.mlp.up_proj\": \"0-27\"} stands for layers 0 to 27 (expand() below).",
         "",
         "# LoRA adapter settings (PEFT LoraConfig); target_modules are full module names",
         f"LORA = {py_literal(lora)}",
@@ -927,13 +869,30 @@ def _log(message):
         print(f"[mixspec] {message}", flush=True)
 
 
+def expand(compact):
+    """The names a compact mapping stands for: {"a.{}.b": "0-2,5"} -> a.0.b, a.1.b, a.2.b, a.5.b."""
+    names = []
+    for template, indices in compact.items():
+        if not indices:
+            names.append(template)
+            continue
+        pieces = template.split("{}")
+        for item in indices.split(","):
+            *head, last = item.split(".")
+            lo, _, hi = last.partition("-")
+            for i in range(int(lo), int(hi or lo) + 1):
+                values = [*head, str(i)]
+                names.append("".join(p + (values[k] if k < len(values) else "") for k, p in enumerate(pieces)))
+    return names
+
+
 def plan_lrs():
     """Every parameter the Plan trains -> its learning rate."""
-    return {name: comp["lr"] for comp in COMPONENTS for name in comp["params"]}
+    return {name: comp["lr"] for comp in COMPONENTS for name in expand(comp["params"])}
 
 
 def plan_weight_decay():
-    return {name: comp["weight_decay"] for comp in COMPONENTS for name in comp["params"]}
+    return {name: comp["weight_decay"] for comp in COMPONENTS for name in expand(comp["params"])}
 
 
 def fingerprint(lrs):
@@ -1008,7 +967,7 @@ def set_full_trainable(model):
     for comp in COMPONENTS:
         if comp["mode"] != "full":
             continue
-        for name in comp["params"]:
+        for name in expand(comp["params"]):
             if name in params:
                 params[name].requires_grad_(True)
             else:
@@ -1018,7 +977,7 @@ def set_full_trainable(model):
 
 
 def full_param_names():
-    return {name for comp in COMPONENTS if comp["mode"] == "full" for name in comp["params"]}
+    return {name for comp in COMPONENTS if comp["mode"] == "full" for name in expand(comp["params"])}
 
 
 class _MixspecTunerMixin:
@@ -1030,7 +989,8 @@ class _MixspecTunerMixin:
         if LORA is not None:
             from peft import LoraConfig, get_peft_model
 
-            config = LoraConfig(task_type="CAUSAL_LM", **LORA)
+            settings = dict(LORA, target_modules=expand(LORA["target_modules"]))
+            config = LoraConfig(task_type="CAUSAL_LM", **settings)
             model = get_peft_model(model, config)
         set_full_trainable(model)
         check_trainable(model)
