@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Regenerate (or check) the golden files of the hf and deepspeed targets.
+
+Cases: every spec in examples/ and in tests/targets/specs/hf/, compiled for each target
+into tests/targets/<target>/<spec stem>/ (the files the target writes, or refusal.txt
+holding the refusal). Golden files are reviewed like code: run this after a change that
+alters output, read the diff, commit it with the change.
+
+    python scripts/update_goldens.py            rewrite the golden files
+    python scripts/update_goldens.py --check    exit 1 and list the drift, write nothing
+
+tests/test_target_hf.py fails on drift with the same comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = ("hf", "deepspeed")
+SPEC_DIRS = (ROOT / "examples", ROOT / "tests" / "targets" / "specs" / "hf")
+SUFFIXES = (".yaml", ".yml", ".json")
+REFUSAL = "refusal.txt"
+
+
+def cases() -> dict[str, str]:
+    """Case name (spec stem) -> spec path relative to the repository root."""
+    out: dict[str, str] = {}
+    for folder in SPEC_DIRS:
+        if not folder.is_dir():
+            continue
+        for spec in sorted(folder.iterdir()):
+            if spec.suffix not in SUFFIXES:
+                continue
+            rel = spec.relative_to(ROOT).as_posix()
+            if spec.stem in out:
+                raise SystemExit(f"two golden cases named {spec.stem!r}: {out[spec.stem]} and {rel}")
+            out[spec.stem] = rel
+    return out
+
+
+def render_case(spec_rel: str, target: str) -> dict[str, str]:
+    """The files a target writes for a spec (paths as given, from the repository root)."""
+    from mixspec.errors import UnsupportedError
+    from mixspec.loader import load_spec
+    from mixspec.resolve import plan_spec
+    from mixspec.targets import TargetOptions, render
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        plan = plan_spec(load_spec(Path(spec_rel)))
+        try:
+            return render(plan, target, TargetOptions())
+        except UnsupportedError as exc:
+            return {REFUSAL: str(exc) + "\n"}
+    finally:
+        os.chdir(cwd)
+
+
+def golden_dir(target: str, case: str) -> Path:
+    return ROOT / "tests" / "targets" / target / case
+
+
+def read_golden(target: str, case: str) -> dict[str, str]:
+    folder = golden_dir(target, case)
+    if not folder.is_dir():
+        return {}
+    return {p.relative_to(folder).as_posix(): p.read_text(encoding="utf-8")
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def drift() -> list[str]:
+    """Every difference between the golden files and what the targets write now."""
+    problems = []
+    known = cases()
+    for target in TARGETS:
+        for case, spec in known.items():
+            want, have = render_case(spec, target), read_golden(target, case)
+            for name in sorted(set(want) | set(have)):
+                if name not in have:
+                    problems.append(f"{target}/{case}/{name}: missing (from {spec})")
+                elif name not in want:
+                    problems.append(f"{target}/{case}/{name}: stale (the target no longer writes it)")
+                elif want[name] != have[name]:
+                    problems.append(f"{target}/{case}/{name}: differs (from {spec})")
+        root = ROOT / "tests" / "targets" / target
+        if root.is_dir():
+            for folder in sorted(root.iterdir()):
+                if folder.is_dir() and folder.name not in known:
+                    problems.append(f"{target}/{folder.name}: stale (no spec named {folder.name})")
+    return problems
+
+
+def update() -> list[str]:
+    written = []
+    known = cases()
+    for target in TARGETS:
+        root = ROOT / "tests" / "targets" / target
+        for case, spec in known.items():
+            folder = golden_dir(target, case)
+            want = render_case(spec, target)
+            for name, _ in read_golden(target, case).items():
+                if name not in want:
+                    (folder / name).unlink()
+                    written.append(f"removed {target}/{case}/{name}")
+            for name, text in want.items():
+                path = folder / name
+                if not path.is_file() or path.read_text(encoding="utf-8") != text:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(text, encoding="utf-8", newline="\n")
+                    written.append(f"wrote {target}/{case}/{name}")
+        if root.is_dir():
+            for folder in sorted(root.iterdir()):
+                if folder.is_dir() and folder.name not in known:
+                    for path in sorted(folder.rglob("*"), reverse=True):
+                        path.unlink() if path.is_file() else path.rmdir()
+                    folder.rmdir()
+                    written.append(f"removed {target}/{folder.name}")
+    return written
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="report drift, write nothing; exit 1 on drift")
+    args = parser.parse_args(argv)
+    if args.check:
+        problems = drift()
+        for line in problems:
+            print(line)
+        return 1 if problems else 0
+    for line in update():
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
