@@ -558,3 +558,19 @@ def test_real_llamafactory_trains_exactly_the_plan(tmp_path, monkeypatch):
         got = json.loads(run.stdout.strip().splitlines()[-1])
         assert got["trainable"] == sorted(plan.trainable_lrs()), text
         assert {got["lr"]} == set(plan.trainable_lrs().values())
+
+
+def test_any_string_reads_back_from_yaml_and_comments_stay_one_line():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from mixspec.targets.llamafactory import _comment_safe
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text())
+    def check(text):
+        assert yaml.safe_load(f"k: {_yaml_str(text)}")["k"] == text
+        line = _comment_safe(text)
+        assert line.isascii() and "\n" not in line and "\r" not in line
+
+    check()
