@@ -129,6 +129,19 @@ def _scalar(node: yaml.ScalarNode, loader: _Loader):
     return value
 
 
+def _join_surrogates(text: str, node, file: str) -> str:
+    """JSON writes characters beyond U+FFFF as two escapes ("\\ud83d\\ude80") and PyYAML
+    decodes each alone: pair them up as a JSON reader would; a lone half is an error."""
+    if not any("\ud800" <= ch <= "\udfff" for ch in text):
+        return text
+    try:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16")
+    except UnicodeDecodeError:
+        raise _fail(file, node.start_mark.line + 1, node.start_mark.column + 1,
+                    "unpaired surrogate escape (\\ud800-\\udfff)",
+                    "write the character itself, or both halves of its surrogate pair") from None
+
+
 def _convert(node, file: str, loader: _Loader, out: Located) -> object:
     budget = [MAX_NODES]
     seen: set[int] = set()
@@ -165,7 +178,7 @@ def _convert(node, file: str, loader: _Loader, out: Located) -> object:
                 if not isinstance(key_node, yaml.ScalarNode):
                     raise _fail(file, key_node.start_mark.line + 1, key_node.start_mark.column + 1,
                                 "mapping keys must be plain strings")
-                key = str(key_node.value)
+                key = _join_surrogates(str(key_node.value), key_node, file)
                 if "\x00" in key:
                     raise _fail(file, key_node.start_mark.line + 1, key_node.start_mark.column + 1,
                                 "key contains a NUL character (\\0)", "remove the \\0 escape")
@@ -189,15 +202,8 @@ def _convert(node, file: str, loader: _Loader, out: Located) -> object:
         except (ValueError, yaml.YAMLError) as exc:
             raise _fail(file, node.start_mark.line + 1, node.start_mark.column + 1,
                         f"cannot read value {node.value[:40]!r}: {exc}") from None
-        if isinstance(value, str) and any("\ud800" <= ch <= "\udfff" for ch in value):
-            # JSON writes characters beyond U+FFFF as two escapes ("\ud83d\ude80"); PyYAML
-            # decodes each alone. Pair them up as a JSON reader would.
-            try:
-                value = value.encode("utf-16", "surrogatepass").decode("utf-16")
-            except UnicodeDecodeError:
-                raise _fail(file, node.start_mark.line + 1, node.start_mark.column + 1,
-                            "value contains an unpaired surrogate escape (\\ud800-\\udfff)",
-                            "write the character itself, or both halves of its surrogate pair") from None
+        if isinstance(value, str):
+            value = _join_surrogates(value, node, file)
         if isinstance(value, str) and "\x00" in value:
             # no path, id or pattern holds one, and a shell word cannot carry it
             raise _fail(file, node.start_mark.line + 1, node.start_mark.column + 1,
