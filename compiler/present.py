@@ -82,13 +82,13 @@ def print_explain(name: str, rows, tree: ModuleTree) -> None:
     console = _console()
     groups: dict[tuple, list[str]] = {}
     for param, claim in rows:
-        key = (claim.component, claim.why) if claim else ("unassigned", "no pattern or role claims it (frozen)")
+        key = (claim.component, f"by {claim.why}") if claim else ("unassigned", "no pattern or role claims it (frozen)")
         groups.setdefault(key, []).append(param)
     for (component, why), params in groups.items():
         numel = sum(tree.param_numel[p] for p in params if p not in tree.tied)
         tied = [f"{p} (tied to {tree.tied[p]})" for p in params if p in tree.tied]
         console.print(f"{name}: {len(params)} parameter tensor(s), {_n(numel)} params -> "
-                      f"[bold]{component}[/bold], by {why}")
+                      f"[bold]{component}[/bold]: {why}")
         for p in params[:8]:
             console.print(f"  {p}")
         if len(params) > 8:
