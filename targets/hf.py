@@ -372,6 +372,7 @@ PEFT_PREFIX = "base_model.model."
 TRAINED_PARAMS_FILE = "trained_params.safetensors"
 PLAN_FILE = "mixspec_plan.json"
 IMAGE_MARKER = "<image>"
+TOKEN_KEYS = "_token_keys"  # dataset items name their token-aligned tensors under this key
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -1081,8 +1082,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             for key, value in batch.items():
                 if key in ("input_ids", "attention_mask") or not torch.is_tensor(value):
                     continue
-                if value.dim() >= 2 and value.shape[0] == 1 and value.shape[1] == ids.shape[0]:
-                    token_extras.setdefault(key, []).append(value[0])
+                if is_token_aligned(key, value, ids.shape[0]):
+                    token_extras.setdefault(key, {})[k] = value[0]
                 else:
                     extras.setdefault(key, []).append(value)
             input_ids.append(ids)
@@ -1090,7 +1091,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         if pil:
             raise DataError(f"{where}: {len(pil)} images were not placed by the chat template")
         item = {"input_ids": torch.cat(input_ids), "labels": torch.cat(labels)}
-        item.update({k: torch.cat(v) for k, v in token_extras.items()})
+        for key, by_piece in token_extras.items():  # e.g. mm_token_type_ids: 0 on text-only pieces
+            like = next(iter(by_piece.values()))
+            item[key] = torch.cat([by_piece.get(k, like.new_zeros((len(ids), *like.shape[1:])))
+                                   for k, ids in enumerate(input_ids)])
         if item["input_ids"].shape[0] > self.max_length:
             cut = item["input_ids"][self.max_length:]
             if self.image_token_id is not None and bool((cut == self.image_token_id).any()):
@@ -1099,33 +1103,49 @@ class ConversationDataset(torch.utils.data.Dataset):
             item = {k: v[: self.max_length] for k, v in item.items()}
         if bool((item["labels"] == -100).all()):
             raise DataError(f"{where}: no assistant token within max_length {self.max_length}")
+        item[TOKEN_KEYS] = tuple(item)
         item.update({k: torch.cat(v) for k, v in extras.items()})
         return item
 
 
+_IMAGE_KEYS = ("pixel_values", "image_", "video_", "second_per_grid")
+
+
+def is_token_aligned(key, value, length):
+    """A processor output with one entry per token (padded in batches), not an image tensor."""
+    return (not key.startswith(_IMAGE_KEYS) and value.dim() >= 2 and value.shape[0] == 1
+            and value.shape[1] == length)
+
+
 class Collator:
-    """Right-pads token-aligned tensors; concatenates image tensors along their first axis."""
+    """Right-pads the token-aligned tensors of a batch (input_ids, labels, e.g. mm_token_type_ids;
+    zeros where a row has none) and concatenates image tensors along their first axis."""
 
     def __init__(self, pad_token_id):
         self.pad_token_id = pad_token_id
 
     def __call__(self, items):
-        length = max(int(it["input_ids"].shape[0]) for it in items)
+        items = [dict(it) for it in items]
+        token_keys = list(dict.fromkeys(k for it in items for k in it.pop(TOKEN_KEYS, ("input_ids", "labels"))))
+        lengths = [int(it["input_ids"].shape[0]) for it in items]
+        length = max(lengths)
         batch = {}
-        keys = list(dict.fromkeys(k for it in items for k in it))
-        for key in keys:
-            values = [it[key] for it in items if key in it]
-            if all(v.shape[:1] == it["input_ids"].shape[:1] for v, it in zip(values, items)) and len(values) == len(items):
-                pad = self.pad_token_id if key == "input_ids" else (-100 if key == "labels" else 0)
-                out = torch.full((len(items), length, *values[0].shape[1:]), pad, dtype=values[0].dtype)
-                for i, v in enumerate(values):
-                    out[i, : v.shape[0]] = v
-                batch[key] = out
-            else:
-                batch[key] = torch.cat(values)
+        for key in token_keys:
+            like = next(it[key] for it in items if key in it)
+            pad = self.pad_token_id if key == "input_ids" else (-100 if key == "labels" else 0)
+            out = torch.full((len(items), length, *like.shape[1:]), pad, dtype=like.dtype)
+            for i, it in enumerate(items):
+                if key in it:
+                    out[i, : lengths[i]] = it[key]
+                elif key not in ("input_ids", "labels"):
+                    out[i, : lengths[i]] = 0
+            batch[key] = out
+        for key in dict.fromkeys(k for it in items for k in it):
+            if key not in batch:
+                batch[key] = torch.cat([it[key] for it in items if key in it])
         mask = torch.zeros((len(items), length), dtype=torch.long)
-        for i, it in enumerate(items):
-            mask[i, : it["input_ids"].shape[0]] = 1
+        for i, n in enumerate(lengths):
+            mask[i, :n] = 1
         batch["attention_mask"] = mask
         return batch
 

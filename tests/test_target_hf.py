@@ -441,3 +441,88 @@ def test_sh_word_and_comment_text():
     value = {"k": ["a'b\n", 1.5, None, True, (2,)], "f": float("inf")}
     text = _common.py_literal(value)
     assert eval(text, {"__builtins__": {"float": float}}) == value  # noqa: S307 - our own literal
+
+
+# -- data: rows -> tokens, labels and image tensors ---------------------------------------------
+
+class _QwenLikeProcessor:
+    """Stands in for transformers' Qwen2.5-VL processor (which needs torchvision here): expands
+    each <|image_pad|> to 4 tokens and returns per-token mm_token_type_ids, like the real one."""
+
+    image_token = "<|image_pad|>"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.chat_template = make_tiny_vlm.QWEN_CHAT_TEMPLATE
+        self.image_processor = object()
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
+
+    def __call__(self, text, images, return_tensors, add_special_tokens):
+        import torch
+
+        expanded = [t.replace(self.image_token, self.image_token * 4) for t in text]
+        out = dict(self.tokenizer(expanded, return_tensors=return_tensors, add_special_tokens=add_special_tokens))
+        image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        out["mm_token_type_ids"] = (out["input_ids"] == image_id).long()
+        out["pixel_values"] = torch.ones((16 * len(images), 8))
+        out["image_grid_thw"] = torch.tensor([[1, 4, 4]] * len(images))
+        return out
+
+
+def test_rows_become_assistant_labels_image_tensors_and_padded_batches(tmp_path):
+    import torch
+    from PIL import Image
+
+    from mixspec.targets import hf
+
+    module = import_module_from_text(hf._TRAIN_PY.replace("__MIXSPEC_HEADER__\n", "").replace(
+        "__MIXSPEC_PLAN__", "{}").replace("__MIXSPEC_TRAINING__", "{}").replace("__MIXSPEC_DATA__", "None").replace(
+        "__MIXSPEC_OUTPUT_DIR__", "'o'").replace("__MIXSPEC_DISTRIBUTED__", "{}").replace("__MIXSPEC_DEEPSPEED__", "None"),
+        tmp_path / "train_data.py", "train_data_pipeline")
+    tok = make_tiny_vlm._qwen_tokenizer()
+    Image.new("RGB", (28, 28)).save(tmp_path / "a.png")
+    rows = [
+        {"messages": [{"role": "user", "content": "<image>What is it?"}, {"role": "assistant", "content": "A dot."},
+                      {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}],
+         "images": ["a.png"]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]},
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = module.ConversationDataset(module.read_rows(str(path)), tok, _QwenLikeProcessor(tok), 512, True)
+    first, second = ds[0], ds[1]
+    learned = tok.decode(first["labels"][first["labels"] != -100])
+    assert learned == "A dot.<|im_end|>\nYes.<|im_end|>\n"
+    full = tok.decode(first["input_ids"])
+    assert full.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                           "<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>What is it?")
+    assert first["mm_token_type_ids"].tolist() == (first["input_ids"] == 151655).long().tolist()
+    assert int(first["mm_token_type_ids"].sum()) == 4
+    assert first["pixel_values"].shape == (16, 8) and first["image_grid_thw"].tolist() == [[1, 4, 4]]
+    assert "mm_token_type_ids" not in second and tok.decode(second["labels"][second["labels"] != -100]) == \
+        "Hello there.<|im_end|>\n"
+    batch = module.Collator(tok.pad_token_id)([first, second])
+    n1, n2 = len(first["input_ids"]), len(second["input_ids"])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["mm_token_type_ids"].shape == (2, max(n1, n2))
+    assert batch["attention_mask"].sum(1).tolist() == [n1, n2]
+    assert batch["mm_token_type_ids"][1].sum() == 0 and batch["labels"][1, n2:].eq(-100).all()
+    assert batch["input_ids"][1, n2:].eq(tok.pad_token_id).all()
+    assert batch["pixel_values"].shape == (16, 8) and "_token_keys" not in batch
+    # a cut through the image is an error naming the row; rows without an answer too
+    short = module.ConversationDataset(module.read_rows(str(path)), tok, _QwenLikeProcessor(tok), 20, True)
+    with pytest.raises(module.DataError, match=r"d\.jsonl:1: .*would cut an image"):
+        short[0]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "<image><image>x"}, {"role": "assistant", "content": "y"}],'
+                   ' "images": ["a.png"]}\n{"messages": [{"role": "user", "content": "only a question"}]}\nnot json\n')
+    with pytest.raises(module.DataError, match=r"bad\.jsonl:3: not valid JSON"):
+        module.read_rows(str(bad))
+    bad.write_text("\n".join(bad.read_text().splitlines()[:2]) + "\n")
+    ds = module.ConversationDataset(module.read_rows(str(bad)), tok, _QwenLikeProcessor(tok), 512, True)
+    with pytest.raises(module.DataError, match=r"bad\.jsonl:1: 2 image markers but 1 images"):
+        ds[0]
+    with pytest.raises(module.DataError, match=r"bad\.jsonl:2: no assistant message"):
+        ds[1]
+    assert torch.is_tensor(batch["image_grid_thw"])
