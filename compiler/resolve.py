@@ -10,6 +10,7 @@ Precedence, deterministic and explainable:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -139,13 +140,36 @@ class _Resolver:
                     f"roles found in this model: {found or 'none'}; select modules with a pattern component instead",
                 )
                 continue
+            role_of = self._role_of_params()
             for p in self.param_names:
                 if p in claims:
                     continue
-                if self.roles.role_of(p) == role:
+                if role_of[p] == role:
                     owner = next(pre for pre in prefixes if p == pre or p.startswith(pre + "."))
                     claims[p] = Claim(cname, f"role {role!r} (module {owner})")
         return claims
+
+    def _role_of_params(self) -> dict[str, str | None]:
+        """Every parameter's role, computed once per resolve (not once per role component)."""
+        if not hasattr(self, "_param_roles"):
+            # Roles.role_of (the longest matching prefix) looked up by walking each name's
+            # own prefixes, longest first; the first role listing a prefix keeps it
+            role_at: dict[str, str] = {}
+            for role, prefixes in self.roles.prefixes.items():
+                for prefix in prefixes:
+                    role_at.setdefault(prefix, role)
+            _, prefixes_of, _ = _prefix_table(tuple(self.param_names))
+            roles = {}
+            for p in self.param_names:
+                role = role_at.get(p)
+                if role is None:
+                    for prefix in reversed(prefixes_of[p]):
+                        role = role_at.get(prefix)
+                        if role is not None:
+                            break
+                roles[p] = role
+            self._param_roles = roles
+        return self._param_roles
 
     def _pattern_hint(self, pattern: str) -> str:
         import difflib
@@ -284,6 +308,20 @@ class _Resolver:
             layers=layers,
         )
 
+    def _warn_lora_on_tied(self, cname: str, lora: LoraPlan) -> None:
+        """A LoRA adapter sits on one module: on a tied weight, the other side never sees it."""
+        for target in lora.targets:
+            for local in self.tree.by_name[target].params:
+                partner = _tied_partner(self.tree, f"{target}.{local}")
+                if partner is None:
+                    continue
+                self.diags.warn(
+                    self.loc("components", cname, "lora"), f"components.{cname}.lora.targets",
+                    f"LoRA on {target}, whose {local} is tied to {partner}: the adapter changes "
+                    f"{target} only, {partner.rsplit('.', 1)[0]} keeps the frozen shared weight",
+                    "to train both sides as one tensor, train embeddings and lm_head full with the same lr",
+                )
+
     # -- the whole pass ----------------------------------------------------------------
     def run(self, model_source: str, model_path: str) -> Plan:
         tree = self.tree
@@ -348,6 +386,8 @@ class _Resolver:
                 modules=_covering(claimed, self.param_names),
                 params=tuple(canon_claimed), base_params=base, trainable_params=trainable, lora=lora,
             ))
+            if lora:
+                self._warn_lora_on_tied(cname, lora)
         self.diags.raise_if_errors()
         unassigned = sorted(p for p in self.param_names if p not in claims and p not in tree.tied)
         total = tree.total_params
@@ -373,6 +413,12 @@ class _Resolver:
             param_shapes={p: tuple(tree.param_shapes[p]) for p in sorted(trained_base)},
             warnings_problems=tuple(self.diags.warnings) + tuple(self.loaded.warnings),
         )
+
+
+def _tied_partner(tree: ModuleTree, param: str) -> str | None:
+    if param in tree.tied:
+        return tree.tied[param]
+    return next((alias for alias, canon in sorted(tree.tied.items()) if canon == param), None)
 
 
 def _lora_leaves(members) -> str:
@@ -424,24 +470,45 @@ def _covering(claimed: set[str], all_params: list[str]) -> tuple[str, ...]:
     """The fewest module names (or single parameters) that cover exactly ``claimed``."""
     if not claimed:
         return ()
-    inside: dict[str, bool] = {}  # module -> every parameter under it is claimed
-    for p in all_params:
-        parts = p.split(".")
-        flag = p in claimed
-        for i in range(1, len(parts)):
-            prefix = ".".join(parts[:i])
-            inside[prefix] = inside.get(prefix, True) and flag
-    out = []
-    for p in sorted(claimed):
-        parts = p.split(".")
+    table, prefixes_of, known = _prefix_table(tuple(all_params))
+    # a module covers only claimed parameters unless an unclaimed one lies under it
+    dirty: set[str] = set()
+    for p, prefixes in table:
+        if p not in claimed:
+            dirty.update(prefixes)
+    out = set()
+    for p in claimed:
         top = p
-        for i in range(1, len(parts)):
-            prefix = ".".join(parts[:i])
-            if inside.get(prefix):
+        prefixes = prefixes_of.get(p)
+        if prefixes is None:  # not a parameter of the tree: only known modules may cover it
+            prefixes = tuple(pre for pre in _dotted_prefixes(p) if pre in known)
+        for prefix in prefixes:
+            if prefix not in dirty:
                 top = prefix
                 break
-        out.append(top)
-    return tuple(sorted(set(out), key=natural_key))
+        out.add(top)
+    return tuple(sorted(out, key=natural_key))
+
+
+def _dotted_prefixes(name: str) -> tuple[str, ...]:
+    """'a.b.c' -> ('a', 'a.b'), shortest first."""
+    out = []
+    i = name.find(".")
+    while i != -1:
+        out.append(name[:i])
+        i = name.find(".", i + 1)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=16)
+def _prefix_table(all_params: tuple[str, ...]):
+    """Each parameter's dotted prefixes, once per tree (`validate` resolves many specs
+    against one tree, each asking for the covering of several components)."""
+    table = [(p, _dotted_prefixes(p)) for p in all_params]
+    known: set[str] = set()
+    for _, prefixes in table:
+        known.update(prefixes)
+    return table, dict(table), frozenset(known)
 
 
 def natural_key(name: str) -> tuple:

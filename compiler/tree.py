@@ -10,14 +10,15 @@ imports torch or transformers.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
-from importlib import metadata
 from pathlib import Path
 
 from mixspec.errors import ModelSourceError
@@ -127,11 +128,51 @@ class ModuleTree:
 
 # -- cache ------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def _lib_version(name: str) -> str:
+    """The installed version of a distribution, as importlib.metadata.version reports it.
+
+    The usual layout (``site-packages/NAME-VERSION.dist-info/METADATA``) is read directly:
+    importing importlib.metadata and its email parser costs a warm plan ~25 ms. Anything
+    else (eggs, zips, odd names) goes through importlib.metadata."""
+    found = _dist_info_version(name)
+    if found is not None:
+        return found
+    from importlib import metadata
+
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "absent"
+
+
+def _dist_info_version(name: str) -> str | None:
+    """The Version of the first ``NAME-*.dist-info`` on sys.path (importlib.metadata's
+    search order), or None when that is not how the first match is installed."""
+    want = name.lower().replace("-", "_").replace(".", "_")
+    for entry in sys.path:
+        try:
+            children = os.listdir(entry or ".")
+        except OSError:
+            continue
+        matches = [c for c in children
+                   if c.lower().endswith((".dist-info", ".egg-info", ".egg"))
+                   and c.split("-", 1)[0].lower().replace(".", "_") == want]
+        if not matches:
+            continue
+        if len(matches) != 1 or not matches[0].endswith(".dist-info"):
+            return None  # several copies, or an egg: let importlib.metadata decide
+        try:
+            with open(os.path.join(entry or ".", matches[0], "METADATA"), encoding="utf-8") as fh:
+                for line in fh:
+                    if line.startswith("Version:"):
+                        return line.split(":", 1)[1].strip()
+                    if not line.strip():
+                        break  # end of the headers
+        except OSError:
+            pass
+        return None
+    return None
 
 
 def library_versions() -> dict:
@@ -158,30 +199,90 @@ def _cache_path(key: str) -> Path:
     return cache_dir() / "trees" / f"{key}.json"
 
 
+# An entry is one JSON object, laid out so that the tree's own text can be hashed as read:
+#   {"key":"<32 hex>","digest":"<sha256 of TREE>","tree":TREE}
+# A file whose digest does not match (torn, truncated, edited, an older layout) is rebuilt.
+_ENTRY_HEAD = '{{"key":"{key}","digest":"{digest}","tree":'
+
+# trees this process already read or wrote, by entry path, with the entry's (mtime, size,
+# inode) then: `validate` over many specs of one model reads its tree once, and an entry
+# changed or removed since is read again, never trusted
+_MEMO: dict[str, tuple[tuple, "ModuleTree"]] = {}
+
+
+def _entry_stat(path: Path):
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 def load_cached_tree(config: dict, trust_remote_code: bool = False) -> ModuleTree | None:
     """A cached tree for this config and these library versions, or None (corrupt entries are ignored)."""
-    path = _cache_path(cache_key(config, trust_remote_code))
+    key = cache_key(config, trust_remote_code)
+    path = _cache_path(key)
+    stat = _entry_stat(path)
+    if stat is None:
+        return None
+    memo = _MEMO.get(str(path))
+    if memo is not None and memo[0] == stat:
+        return memo[1]
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or data.get("key") != path.stem:
+        text = path.read_text(encoding="utf-8")
+        tree_text = _verified_tree_text(text, key)
+        if tree_text is None:
             return None
-        return ModuleTree.from_json(data["tree"])
+        data = json.loads(tree_text)
+        if not isinstance(data, dict):
+            return None
+        tree = ModuleTree.from_json(data)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    _MEMO[str(path)] = (stat, tree)
+    return tree
+
+
+def _verified_tree_text(text: str, key: str) -> str | None:
+    """The tree's JSON text of a cache entry, if the entry is whole and its digest matches."""
+    prefix = '{"key":"' + key + '","digest":"'
+    if not text.startswith(prefix) or not text.endswith("}"):
+        return None
+    digest = text[len(prefix):len(prefix) + 64]
+    head = _ENTRY_HEAD.format(key=key, digest=digest)
+    if not text.startswith(head):
+        return None
+    tree_text = text[len(head):-1]
+    if hashlib.sha256(tree_text.encode("utf-8")).hexdigest() != digest:
+        return None
+    return tree_text
 
 
 def store_tree(config: dict, tree: ModuleTree, trust_remote_code: bool = False) -> None:
     """Write a tree to the cache atomically (concurrent writers each rename a whole file)."""
     key = cache_key(config, trust_remote_code)
     path = _cache_path(key)
+    tree_text = json.dumps(tree.to_json(), separators=(",", ":"))
+    digest = hashlib.sha256(tree_text.encode("utf-8")).hexdigest()
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"key": key, "tree": tree.to_json()}, fh, separators=(",", ":"))
+            fh.write(_ENTRY_HEAD.format(key=key, digest=digest) + tree_text + "}")
         os.replace(tmp, path)
+        tmp = None
     except OSError:
-        pass  # the cache is an optimisation; an unwritable cache dir is not an error
+        return  # the cache is an optimisation; an unwritable cache dir is not an error
+    finally:
+        if tmp is not None:  # a failed write leaves no temporary file behind
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    stat = _entry_stat(path)
+    if stat is not None:
+        _MEMO[str(path)] = (stat, tree)
 
 
 def get_tree(source: ModelSource, trust_remote_code: bool = False, use_cache: bool = True) -> ModuleTree:
