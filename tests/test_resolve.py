@@ -322,3 +322,16 @@ def test_explain_unassigned_and_unknown(trees):
     [(param, claim)] = explain(loaded, trees["qwen7b"], "lm_head")
     assert (param, claim) == ("lm_head.weight", None)
     assert explain(loaded, trees["qwen7b"], "model.no_such_module") == []
+
+
+def test_lora_on_one_side_of_a_tied_weight_warns(trees):
+    text = spec("embeddings: {train: lora, lr: 1.0e-4, lora: {rank: 8, targets: [embed_tokens]}}",
+                model="google/gemma-3-4b-it")
+    p = plan(text, trees["gemma"])
+    assert p.totals.added_params == 8 * (262208 + 2560)
+    [w] = [w for w in p.warnings_problems if w.path == "components.embeddings.lora.targets"]
+    assert w.severity == "warning" and at(w) == where(text, "lora:")
+    assert "tied to lm_head.weight" in w.message and "lm_head keeps the frozen shared weight" in w.message
+    # untied: no such warning
+    untied = plan(spec("embeddings: {train: lora, lr: 1.0e-4, lora: {targets: [embed_tokens]}}"), trees["qwen7b"])
+    assert not [w for w in untied.warnings_problems if "tied" in w.message]
