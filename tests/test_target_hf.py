@@ -375,9 +375,13 @@ def test_launch_sh_parses_and_picks_the_planned_command(monkeypatch, tmp_path):
 # -- spec strings reach generated files only as literals ------------------------------------------
 
 def _code_tokens(text: str) -> list[tuple[int, str]]:
-    """Tokens of Python source other than strings and comments: its structure."""
-    return [(t.type, t.string) for t in tokenize.generate_tokens(io.StringIO(text).readline)
-            if t.type not in (tokenize.STRING, tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE)]
+    """Tokens of Python source other than strings and comments: its structure (a long literal
+    wrapped over several lines gains trailing commas; those are layout, not structure)."""
+    tokens = [(t.type, t.string) for t in tokenize.generate_tokens(io.StringIO(text).readline)
+              if t.type not in (tokenize.STRING, tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE,
+                                tokenize.INDENT, tokenize.DEDENT)]
+    return [tok for i, tok in enumerate(tokens)
+            if not (tok[1] == "," and i + 1 < len(tokens) and tokens[i + 1][1] in ")]}")]
 
 
 @pytest.fixture(scope="module")
