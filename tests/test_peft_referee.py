@@ -122,6 +122,25 @@ def _conv3d_patch_embed(family, tied):
           lora: {rank: 4, alpha: 8, targets: [proj]}"""
 
 
+# The patch embedding convolution of each vision encoder, as a targets leaf path.
+PATCH_CONV = {
+    "qwen2_vl": "patch_embed.proj", "qwen2_5_vl": "patch_embed.proj", "qwen3_vl": "patch_embed.proj",
+    "llava": "patch_embedding", "llava_next": "patch_embedding", "llava_onevision": "patch_embedding",
+    "gemma3": "patch_embedding", "paligemma": "patch_embedding", "mllama": "patch_embedding",
+    "idefics3": "patch_embedding", "smolvlm": "patch_embedding",
+    "internvl": "patch_embeddings.projection", "mistral3": "patch_conv",
+}
+
+
+def _vision_conv_lora(family, tied):
+    # LoRA on the Conv2d (Conv3d for Qwen) patch embedding, inside the vision role
+    if family in TEXT_ONLY:
+        return None
+    return f"""
+        vision: {{train: lora, lr: 1.0e-4, lora: {{rank: 4, alpha: 8, targets: ['{PATCH_CONV[family]}']}}}}
+        aligner: {{train: full, lr: 1.0e-5}}"""
+
+
 def _everything_all_linear(family, tied):
     # all-linear over the whole model: every Linear, never the output embedding
     return """
@@ -136,7 +155,8 @@ CASES = {
     "mixed": _mixed, "leaf_list": _leaf_list, "regex": _regex, "layers": _layers,
     "rslora": _rslora, "dora": _dora, "lm_head_full": _lm_head_full,
     "embeddings_lora": _embeddings_lora, "pattern_override": _pattern_override,
-    "conv3d_patch_embed": _conv3d_patch_embed, "everything_all_linear": _everything_all_linear,
+    "conv3d_patch_embed": _conv3d_patch_embed, "vision_conv_lora": _vision_conv_lora,
+    "everything_all_linear": _everything_all_linear,
 }
 
 # Tiny models: every family from the transformers defaults, plus tiny versions of catalog
