@@ -308,7 +308,7 @@ def check_buildable(source: ModelSource, trust_remote_code: bool = False) -> Non
             f"model {source.ref!r} ({source.path}/config.json) declares auto_map: building it would "
             "run Python code from the model repo, which mixspec never does by default.\n"
             "  hint: use a transformers-native checkpoint of this model (often the '-hf' variant), "
-            "or set trust_remote_code: true in the spec if you trust that code"
+            "or, if you trust that code, set trust_remote_code: true in the spec (mixspec tree: --trust-remote-code)"
         )
     if not config.get("model_type"):
         raise ModelSourceError(f"model {source.ref!r}: config.json has no model_type")

@@ -239,6 +239,6 @@ def test_auto_map_is_refused_without_running_repo_code(run_cli, write_spec, tmp_
         assert ":2:8: error: model:" in result.stderr
         tree = run_cli("tree", str(model_dir))
         assert tree.exit_code == 1
-        assert "auto_map" in tree.stderr and "trust_remote_code" in tree.stderr
+        assert "auto_map" in tree.stderr and "--trust-remote-code" in tree.stderr
     assert not marker.exists()
     assert not any(m.startswith(("configuration_evil", "modeling_evil")) for m in sys.modules)
