@@ -117,6 +117,14 @@ def test_cold_plan_does_import_torch(tmp_path):
     out = run_mixspec(["plan", str(spec)], tmp_path / "empty-cache", tmp_path, importtime=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert {"torch", "transformers"} <= {m.split(".")[0] for m in imported_modules(out.stderr)}
+    assert "trainable" in out.stdout  # the whole table, though the process skips teardown
+    # a cold run that fails still exits 1 with its located error
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"version: 1\nmodel: {model}\ncomponents:\n"
+                   "  x: {modules: ['no\\.such'], train: full, lr: 1.0e-5}\n", encoding="utf-8")
+    out = run_mixspec(["plan", str(bad)], tmp_path / "empty-cache-2", tmp_path)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert f"{bad}:4:" in out.stderr and "matches no module" in out.stderr
 
 
 def test_warm_plan_is_fast(warm):
