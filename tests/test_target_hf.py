@@ -281,6 +281,36 @@ def test_self_check_names_the_layer_difference(tiny_dirs, tmp_path):
     assert module.run_check(module.parse_args(["--model", str(tiny_dirs[2])])) == 0
 
 
+@pytest.mark.parametrize("vision,language,extra", [
+    ("{rank: 2, alpha: 4, targets: 'model\\.visual\\.(patch_embed\\.proj|blocks\\.\\d+\\.attn\\.qkv)', rslora: true}",
+     "{rank: 4, alpha: 8, targets: [q_proj, v_proj], rslora: true}",
+     "  embeddings: {train: lora, lr: 1.0e-5, lora: {rank: 4, alpha: 4, targets: [embed_tokens], rslora: true}}\n"),
+    ("{rank: 2, alpha: 4, targets: [qkv], dora: true}", "{rank: 4, alpha: 8, targets: [q_proj, v_proj], dora: true}", ""),
+], ids=["conv3d-embedding-rslora", "dora"])
+def test_self_check_counts_equal_peft_for_conv_embedding_rslora_dora(tiny_dirs, tmp_path, vision, language, extra):
+    text = (f"version: 1\nmodel: {tiny_dirs[2]}\ncomponents:\n"
+            f"  vision: {{train: lora, lr: 3.0e-5, lora: {vision}}}\n"
+            f"  language: {{train: lora, lr: 1.0e-4, lora: {language}}}\n" + extra)
+    _, plan = plan_from_text(tmp_path, text)
+    module = import_module_from_text(render(plan, "hf", TargetOptions())["train.py"], tmp_path / "train.py",
+                                     "train_meta_" + tmp_path.name.replace("-", "_"))
+    model, rows = module.setup_model(str(tiny_dirs[2]), meta=True)  # raises PlanMismatch on any difference
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.totals.trainable_params
+    assert all(planned == got for _, _, _, planned, got in rows)
+    assert module.encoder_side_trained() is True
+
+
+def test_encoder_side_and_unloadable_model(tiny_dirs, tmp_path):
+    _, plan = plan_from_text(tmp_path, f"version: 1\nmodel: {tiny_dirs[2]}\ncomponents:\n"
+                                       "  language: {train: lora, lr: 1.0e-4}\n  vision: {train: freeze}\n")
+    module = import_module_from_text(render(plan, "hf", TargetOptions())["train.py"], tmp_path / "train.py",
+                                     "train_meta_language_only")
+    assert module.encoder_side_trained() is False  # DDP then needs no unused-parameter search
+    with pytest.raises(SystemExit) as info:
+        module.load_model(str(tmp_path / "no-such-model"), meta=True)
+    assert info.value.code == 1
+
+
 # -- refusals ------------------------------------------------------------------------------------
 
 def _codes(plan, target="hf", **options):

@@ -21,7 +21,7 @@ Run
                                            complete Hugging Face model directory
 
 Options override the Plan's defaults: --model (path or hub id), --data, --eval-data,
---output-dir, --max-steps, --deepspeed, --report-to, --resume. python train.py --help lists them.
+--output-dir, --max-steps, --precision, --deepspeed, --report-to, --resume (python train.py --help).
 
 Self-check. Before the first step the script compares the loaded model with the Plan:
 every parameter name and the total count (so another model, another transformers version or
@@ -358,12 +358,16 @@ def model_class():
 def load_model(model_ref, meta=False):
     """The planned model class, from a local dir or hub id; on the meta device (no weights) if meta."""
     cls = model_class()
-    if meta:
-        config = transformers.AutoConfig.from_pretrained(model_ref)
-        with torch.device("meta"):
-            return cls._from_config(config)
-    # fp32 master weights: mixed precision autocasts; small-LR components keep their updates
-    return cls.from_pretrained(model_ref, dtype=torch.float32)
+    try:
+        if meta:
+            config = transformers.AutoConfig.from_pretrained(model_ref)
+            with torch.device("meta"):
+                return cls._from_config(config)
+        # fp32 master weights: mixed precision autocasts; small-LR components keep their updates
+        return cls.from_pretrained(model_ref, dtype=torch.float32)
+    except (OSError, ValueError) as exc:  # missing files, no network, a config of another model
+        fail(f"error: cannot load {model_ref!r} as {PLAN['architecture']}: " + " ".join(str(exc).split())[:400]
+             + "\n  hint: pass --model with a local model directory or a hub id you can reach")
 
 
 def check_structure(model):
@@ -1011,6 +1015,8 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON (default: ds_config.json next to this file, if planned)")
     p.add_argument("--report-to", default="none", help="none, tensorboard, wandb, ...")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="override training.precision (e.g. fp32 for a CPU smoke test)")
     p.add_argument("--resume", nargs="?", const=True, default=None, help="resume from the last (or the given) checkpoint")
     p.add_argument("--no-update-ratio", action="store_true", help="log gradient norms only (no weight copy at logging steps)")
     p.add_argument("--merge", metavar="CHECKPOINT", help="merge CHECKPOINT into a complete model directory (--out)")
@@ -1032,6 +1038,7 @@ def training_arguments(args):
     if ds and "optimizer" in (deepspeed_config_dict(ds) or {}):
         fail(PlanMismatch("DeepSpeed config", [f"{ds} has an optimizer block: it would replace the per-component groups"]))
     lrs = [c["lr"] for c in PLAN["components"] if c["trainable_params"]]
+    precision = args.precision or t["precision"]
     kw = dict(
         output_dir=args.output_dir,
         per_device_train_batch_size=t["micro_batch_size"],
@@ -1046,14 +1053,17 @@ def training_arguments(args):
         logging_steps=t["logging_steps"],
         save_strategy="steps",
         save_steps=t["save_steps"],
-        bf16=t["precision"] == "bf16",
-        fp16=t["precision"] == "fp16",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         gradient_checkpointing=t["gradient_checkpointing"],
         gradient_checkpointing_kwargs={"use_reentrant": False} if t["gradient_checkpointing"] else None,
         remove_unused_columns=False,
         report_to=args.report_to,
         deepspeed=ds,
         optim="adamw_torch",
+        # DDP: trained encoder parts get no gradient from text-only batches (or from layers the
+        # model does not use, e.g. LLaVA's last vision layer); only then search for unused ones
+        ddp_find_unused_parameters=encoder_side_trained(),
     )
     import dataclasses
 
@@ -1065,6 +1075,12 @@ def training_arguments(args):
     if args.eval_data:
         kw.update(eval_strategy="steps", eval_steps=t["save_steps"], per_device_eval_batch_size=t["micro_batch_size"])
     return TrainingArguments(**kw)
+
+
+def encoder_side_trained():
+    """Whether a trainable parameter lies in the vision, aligner or audio part of the model."""
+    return any(role_of(name) in ("vision", "aligner", "audio")
+               for comp in PLAN["components"] for name in expand_names(comp["trainable"]))
 
 
 def setup_model(model_ref, meta=False):
