@@ -36,11 +36,19 @@ elif [[ -x "$VENV/bin/swift" ]] && check 2>/dev/null; then
     exit 0
 fi
 
+# pip warns about every package absent from the local wheel mirrors; keep errors, drop those
+pip_install() {
+    set +o pipefail
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
+        | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+    local rc=${PIPESTATUS[0]}
+    set -o pipefail
+    return "$rc"
+}
+
 start=$SECONDS
 rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet "${TORCH_PINS[@]}"
-"$VENV/bin/python" -m pip install --quiet "${TORCH_PINS[@]}" "${SWIFT_PINS[@]}"
+pip_install "${TORCH_PINS[@]}" "${SWIFT_PINS[@]}"
 check
 echo "swift venv ready at $VENV in $((SECONDS - start)) s"

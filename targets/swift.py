@@ -113,10 +113,10 @@ def anchored_regex(selected, universe, suffix: str = "") -> str:
     (``suffix`` ``(?:\\..+)?`` takes every name under a module); checked, with a plain
     alternation of the names as the fallback."""
     selected = sorted(set(selected))
-    rx = f"^(?:{exact_regex(selected)}){suffix}$"
-    if _matches(rx, set(universe) | set(selected)) != set(selected):
-        rx = "^(?:" + "|".join(re.escape(n) for n in selected) + f"){suffix}$"
-    return rx
+    body = exact_regex(selected)
+    if _matches(f"^(?:{body})$", set(universe) | set(selected)) != set(selected):
+        body = "|".join(re.escape(n) for n in selected)
+    return f"^(?:{body}){suffix}$"
 
 
 def _matches(rx: str, names) -> set:

@@ -244,7 +244,8 @@ def _swift_full_trainable(flags: dict[str, str], names: list[str], sw: swift_tar
     return {n for n, g in grad.items() if g}
 
 
-@pytest.mark.parametrize("spec", ["examples/llava15-projector-only.yaml", "tests/targets/specs/swift/full-three-lrs.yaml"])
+@pytest.mark.parametrize("spec", ["examples/llava15-projector-only.yaml", "tests/targets/specs/swift/full-three-lrs.yaml",
+                                  "tests/targets/specs/swift/late-vit-blocks.yaml"])
 def test_full_training_flags_train_exactly_the_plan(spec):
     plan = plan_of(ROOT / spec)
     flags = flags_of(render(plan, "swift")["train.sh"])
