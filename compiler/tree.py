@@ -153,6 +153,8 @@ def _dist_info_version(name: str) -> str | None:
     for entry in sys.path:
         try:
             children = os.listdir(entry or ".")
+        except NotADirectoryError:
+            return None  # a zip archive on sys.path: importlib.metadata reads those
         except OSError:
             continue
         matches = [c for c in children
