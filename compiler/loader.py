@@ -60,6 +60,7 @@ def _validate(located: Located, path: str) -> LoadedSpec:
         spec = None
     _check_components(data, located, diags)
     _check_distributed(data, located, diags)
+    _check_option_lookalikes(data, located, diags)
     diags.raise_if_errors()
     assert spec is not None  # every pydantic error became a problem above
     return LoadedSpec(spec, located, path, tuple(diags.warnings))
@@ -129,6 +130,18 @@ def _check_components(data: dict, located: Located, diags: Diagnostics) -> None:
         return
     for pattern, path in regexes:
         _check_regex(pattern, path, located, diags)
+
+
+def _check_option_lookalikes(data: dict, located: Located, diags: Diagnostics) -> None:
+    """Paths and ids go on backend command lines: one starting with '-' would read as an option."""
+    data_section = data.get("data") if isinstance(data.get("data"), dict) else {}
+    for path, value in ((("model",), data.get("model")), (("output_dir",), data.get("output_dir")),
+                        (("data", "train"), data_section.get("train")),
+                        (("data", "eval"), data_section.get("eval"))):
+        if isinstance(value, str) and value.startswith("-"):
+            diags.error(located.value_loc(path), _dotted(path),
+                        f"must not start with '-' (got {_shown(value)}): a command line would read it as an option",
+                        f"write ./{value} for a relative path")
 
 
 def _check_distributed(data: dict, located: Located, diags: Diagnostics) -> None:

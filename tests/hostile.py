@@ -97,31 +97,38 @@ def _catalog_tree(model: str):
     return get_tree(find_model(model))
 
 
-def write_fake_backends(bin_dir: Path, log_file: Path,
-                        names=("swift", "torchrun", "deepspeed", "accelerate", "llamafactory-cli")) -> None:
-    """Executables that append their name and argv (JSON, one line) to ``log_file`` and exit 0.
+def write_fake_backends(bin_dir: Path, log_dir: Path,
+                        names=("swift", "torchrun", "deepspeed", "accelerate", "llamafactory-cli",
+                               "python", "python3")) -> None:
+    """Executables that record their name, working directory and argv, exactly, and exit 0.
 
-    Put ``bin_dir`` first on PATH and run a generated script: what the backend would have
-    received is in the log, and nothing else runs.
+    Each call writes one file in ``log_dir``: NUL-separated fields (a NUL is the one byte
+    no argument can hold). Put ``bin_dir`` first on PATH and run a generated script: what
+    each backend would have received is in the log, and nothing else runs.
     """
+    import shlex
+
     bin_dir.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         path = bin_dir / name
         path.write_text(
-            f"#!{sys.executable}\n"
-            "import json, os, sys\n"
-            f"with open({str(log_file)!r}, 'a', encoding='utf-8', errors='surrogateescape') as fh:\n"
-            "    fh.write(json.dumps({'argv0': os.path.basename(sys.argv[0]), 'argv': sys.argv[1:],\n"
-            "                         'cwd': os.getcwd()}) + '\\n')\n",
+            "#!/usr/bin/env bash\n"
+            f"log={shlex.quote(str(log_dir))}/$(date +%s%N)-$$\n"
+            'printf \'%s\\0\' "$(basename "$0")" "$PWD" "$@" > "$log"\n',
             encoding="utf-8",
         )
         path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
 
-def read_fake_log(log_file: Path) -> list[dict]:
-    if not log_file.exists():
-        return []
-    return [json.loads(line) for line in log_file.read_text(encoding="utf-8").splitlines() if line]
+def read_fake_calls(log_dir: Path) -> list[dict]:
+    """The recorded calls, oldest first: {"name", "cwd", "argv"}."""
+    calls = []
+    for path in sorted(log_dir.iterdir()) if log_dir.exists() else []:
+        fields = path.read_bytes().split(b"\0")[:-1]
+        name, cwd, *argv = (f.decode("utf-8", "surrogateescape") for f in fields)
+        calls.append({"name": name, "cwd": cwd, "argv": argv})
+    return calls
 
 
 def clean_env(bin_dir: Path, home: Path) -> dict:
