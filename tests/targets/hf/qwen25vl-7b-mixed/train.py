@@ -1114,6 +1114,9 @@ def training_arguments(args):
     import dataclasses
 
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "activation_checkpointing" in fields:  # transformers >= 5.2x renamed gradient checkpointing
+        kw["activation_checkpointing"] = kw.pop("gradient_checkpointing")
+        kw["activation_checkpointing_kwargs"] = kw.pop("gradient_checkpointing_kwargs")
     if "warmup_ratio" in fields:
         kw["warmup_ratio"] = t["warmup_ratio"]
     else:  # transformers 5: a float below 1 is a ratio
