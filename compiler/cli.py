@@ -52,8 +52,16 @@ def _version_callback(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
                                  help="Print the version and exit."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code",
+        help="Allow specs that set trust_remote_code: true to run the model repo's code (auto_map).",
+    ),
 ) -> None:
     """mixspec: validate, plan and compile mixed-strategy fine-tuning specs."""
+    if trust_remote_code:
+        import os
+
+        os.environ["MIXSPEC_TRUST_REMOTE_CODE"] = "1"
 
 
 @app.command()

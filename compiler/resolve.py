@@ -47,10 +47,26 @@ def _tree_and_source(loaded: LoadedSpec, use_cache: bool):
     base_dir = Path(loaded.path).parent if loaded.path and not loaded.path.startswith("<") else None
     try:
         source = find_model(spec.model, base_dir=base_dir)
+        if spec.trust_remote_code and "auto_map" in source.config and not remote_code_allowed():
+            # a spec (perhaps from a pull request) may ask; only the operator may allow it
+            raise SpecError([Problem(
+                loaded.loc("trust_remote_code"), "trust_remote_code",
+                f"the spec asks to run Python code from the model repo of {spec.model!r} (auto_map), "
+                "and mixspec runs such code only with the operator's consent",
+                "pass --trust-remote-code to mixspec (e.g. mixspec --trust-remote-code plan SPEC) "
+                "or set MIXSPEC_TRUST_REMOTE_CODE=1, if you trust that code",
+            )])
         tree = get_tree(source, trust_remote_code=spec.trust_remote_code, use_cache=use_cache)
     except ModelSourceError as exc:
         raise SpecError([Problem(loaded.value_loc("model"), "model", str(exc))]) from None
     return tree, source
+
+
+def remote_code_allowed() -> bool:
+    """Whoever runs mixspec consented to running model-repo code (--trust-remote-code)."""
+    import os
+
+    return os.environ.get("MIXSPEC_TRUST_REMOTE_CODE") == "1"
 
 
 def plan_spec(loaded: LoadedSpec, use_cache: bool = True) -> Plan:

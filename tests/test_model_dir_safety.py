@@ -108,6 +108,24 @@ def test_auto_map_refusal_through_the_spec_is_located(tmp_path):
     _assert_nothing_ran(model, marker)
 
 
+def test_spec_alone_cannot_switch_on_remote_code(tmp_path, monkeypatch):
+    """trust_remote_code: true in a (pull-request) spec needs the operator's consent too."""
+    monkeypatch.delenv("MIXSPEC_TRUST_REMOTE_CODE", raising=False)
+    model, marker = _model_dir(tmp_path, {**TINY_QWEN2, "model_type": "evil", "auto_map": AUTO_MAP})
+    spec = _spec(tmp_path, str(model), extra="trust_remote_code: true\n")
+    with pytest.raises(SpecError) as info:
+        plan_spec(load_spec(spec), use_cache=False)
+    problem = info.value.problems[0]
+    assert (problem.location.line, problem.path) == (5, "trust_remote_code")
+    assert "--trust-remote-code" in problem.hint
+    _assert_nothing_ran(model, marker)
+    result = subprocess.run([sys.executable, "-m", "mixspec", "plan", str(spec)],
+                            capture_output=True, text=True, env={**os.environ, "MIXSPEC_CACHE_DIR": str(tmp_path / "c")})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "operator's consent" in result.stderr
+    assert not marker.exists()
+
+
 def test_native_model_beside_python_files_builds_without_importing_them(tmp_path):
     model, marker = _model_dir(tmp_path, TINY_QWEN2)
     tree = build_tree(find_model(str(model)))
