@@ -316,6 +316,12 @@ def check_buildable(source: ModelSource, trust_remote_code: bool = False) -> Non
         raise ModelSourceError(f"model {source.ref!r}: config.json has no model_type")
 
 
+def _short(exc: BaseException, limit: int = 400) -> str:
+    """transformers' messages can list every known model type (10 KB): keep the start."""
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def build_tree(source: ModelSource, trust_remote_code: bool = False) -> ModuleTree:
     """Instantiate the model class on the meta device and record its module tree."""
     check_buildable(source, trust_remote_code)
@@ -352,7 +358,7 @@ def build_tree(source: ModelSource, trust_remote_code: bool = False) -> ModuleTr
             try:
                 config = CONFIG_MAPPING[model_type].from_dict(config_dict)
             except Exception as exc:  # a malformed config is the user's to fix
-                raise ModelSourceError(f"model {source.ref!r}: config.json is not a valid {model_type} config: {exc}") from None
+                raise ModelSourceError(f"model {source.ref!r}: config.json is not a valid {model_type} config: {_short(exc)}") from None
     # config.json may name a Hub kernel as its attention ("kernels-community/..."): building
     # would download and run it. Attention is a function, not a module: the tree is the same.
     config._attn_implementation = "eager"
@@ -367,7 +373,7 @@ def build_tree(source: ModelSource, trust_remote_code: bool = False) -> ModuleTr
                     model = model_cls._from_config(config)
         except Exception as exc:
             raise ModelSourceError(
-                f"model {source.ref!r}: transformers could not build {model_cls.__name__} from its config: {exc}"
+                f"model {source.ref!r}: transformers could not build {model_cls.__name__} from its config: {_short(exc)}"
             ) from None
     return tree_from_model(model, model_type)
 
