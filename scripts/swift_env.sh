@@ -2,6 +2,7 @@
 # Create the ms-swift test environment from scratch, in its own venv (never the project's).
 #
 #   bash scripts/swift_env.sh            # -> .venv-swift (or $MIXSPEC_SWIFT_VENV)
+#   MIXSPEC_SWIFT_VENV=.venv-swift3 MIXSPEC_SWIFT_VERSION=3.12.6 bash scripts/swift_env.sh
 #   MIXSPEC_SWIFT_VENV=.venv-swift pytest -m slow tests/e2e/test_swift_e2e.py
 #
 # torch and torchvision must be a matching pair: PyPI's torchvision is a CUDA build whose
@@ -15,15 +16,19 @@ VENV="${MIXSPEC_SWIFT_VENV:-$ROOT/.venv-swift}"
 PYTHON="${PYTHON:-python3}"
 
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
-# ms-swift 4.6.0 is the version the e2e tests were written against; qwen_vl_utils and
-# decord are needed by swift's Qwen2.5-VL template but not pulled in by ms-swift.
-SWIFT_PINS=(ms-swift==4.6.0 qwen_vl_utils decord)
+# ms-swift 4.6.0 is the version the e2e tests were written against (MIXSPEC_SWIFT_VERSION
+# picks another, e.g. 3.12.6 for --swift-version 3 output); qwen_vl_utils and decord are
+# needed by swift's Qwen2.5-VL template but not pulled in by ms-swift.
+SWIFT_PINS=("ms-swift==${MIXSPEC_SWIFT_VERSION:-4.6.0}" qwen_vl_utils decord)
 
 check() {
-    "$VENV/bin/python" - <<'PY'
+    WANT="${MIXSPEC_SWIFT_VERSION:-4.6.0}" "$VENV/bin/python" - <<'PY'
+import os
 import torch, torchvision, swift, peft, transformers, qwen_vl_utils, decord  # noqa: F401
 from torchvision.ops import nms  # the C extension must load against this torch
 import importlib.metadata as md
+if md.version("ms-swift") != os.environ["WANT"]:
+    raise SystemExit(f"ms-swift {md.version('ms-swift')} installed, {os.environ['WANT']} wanted")
 print("swift venv:", "ms-swift", md.version("ms-swift"), "| torch", torch.__version__,
       "| torchvision", torchvision.__version__, "| transformers", transformers.__version__,
       "| peft", peft.__version__)
