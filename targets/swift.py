@@ -835,8 +835,8 @@ def _plugin_py(plan: Plan, options: TargetOptions, d: Decision) -> str:
     data = [
         "",
         f"SWIFT_VERSION = {options.swift_version!r}",
-        f"PLAN_FINGERPRINT = {plan.fingerprint()!r}",
-        f"PLAN_MODEL = {plan.model!r}",
+        f"PLAN_FINGERPRINT = {py_literal(plan.fingerprint())}",
+        f"PLAN_MODEL = {py_literal(plan.model)}",
         f"PLAN_VERSIONS = {py_literal(dict(sorted(plan.versions.items())))}",
         f"FULL_PARAMS_FILE = {FULL_PARAMS_FILE!r}",
         "",

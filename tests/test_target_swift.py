@@ -20,6 +20,8 @@ import types
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import ROOT
 from mixspec.errors import UnsupportedError
@@ -333,6 +335,31 @@ def test_every_value_reaches_swift_as_one_literal_word(tmp_path):
     for line in files["train.sh"].splitlines():
         if line.startswith("    --"):
             assert len(shlex.split(line.rstrip(" \\"))) == 2, line
+
+
+_PATH_TEXT = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=40)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=_PATH_TEXT, out=_PATH_TEXT)
+def test_any_path_reaches_swift_as_itself(tmp_path, data, out):
+    """Whatever a spec's paths hold, the shell hands swift exactly that text, one word each,
+    and comments never end early (every non-comment line is the command)."""
+    text = SEED.replace("data/train.jsonl", json.dumps(data)).replace("runs/x", json.dumps(out))
+    path = tmp_path / "spec.yaml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        plan = plan_of(path)
+    except Exception as exc:  # a located spec error (e.g. a value the loader refuses) is fine
+        from mixspec.errors import MixspecError
+
+        assert isinstance(exc, MixspecError)
+        return
+    sh = render(plan, "swift")["train.sh"]
+    flags = flags_of(sh)
+    assert flags["dataset"] == data and flags["output_dir"] == out
+    body = [line for line in sh.splitlines() if line and not line.startswith("#")]
+    assert body[0] == "set -euo pipefail" and body[1] == "swift sft \\"
 
 
 def test_plugin_path_is_passed_relative_to_the_script(tmp_path):
