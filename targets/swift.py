@@ -192,6 +192,11 @@ def decide(plan: Plan, options: TargetOptions) -> Decision:
     """Choose the swift flags for a Plan, or the plugin, collecting every reason."""
     view = _View(plan, options)
     d = Decision()
+    if not (plan.data or {}).get("train"):
+        d.hard.append(_u("no-data", None, "a run without training data",
+                         "swift sft needs a training dataset (--dataset)",
+                         "add data: {train: data/train.jsonl} (a jsonl file or a dataset id) to the spec",
+                         origin=Location(plan.spec_path)))
     _check_model(view, d)
     _check_lora_settings(view, d)
     if not view.active:

@@ -482,6 +482,13 @@ def test_no_plugin_refuses_naming_each_part(tmp_path):
         f"  hint: {swift_target._PLUGIN_HINT}")
 
 
+def test_a_spec_without_data_is_refused(tmp_path):
+    with pytest.raises(UnsupportedError) as err:
+        compile_text(tmp_path, SEED.replace("data: {train: data/train.jsonl}\n", ""))
+    assert [i.code for i in err.value.items] == ["no-data"]
+    assert "swift sft needs a training dataset (--dataset)" in str(err.value)
+
+
 def test_no_plugin_cli_exits_1_and_writes_nothing(run_cli, tmp_path):
     result = run_cli("compile", "examples/qwen25vl-7b-mixed.yaml", "--target", "swift", "--no-plugin",
                      "-o", str(tmp_path / "out"))
@@ -625,6 +632,7 @@ components:
     lr: 1.0e-3
     lora: {rank: 4, alpha: 8, dropout: 0.05, targets: all-linear}
   lm_head: {train: full, lr: 3.0e-5}
+data: {train: data/train.jsonl}
 output_dir: OUT
 """
 
