@@ -5,7 +5,7 @@ Usage (on a machine with a CUDA GPU; needs torch, transformers, peft — not mix
 Each CASE_DIR holds ``plan.json`` (``mixspec plan SPEC --json``) and the model's
 ``config.json``. For each case the script builds the real model on the GPU with random
 weights in the training dtype, applies the Plan as the generated hf target does (PEFT LoRA
-on the Plan's exact modules, requires_grad on full components, AdamW with one group per
+on the Plan's exact modules, requires_grad on full components, trained parameters upcast to fp32, AdamW with one group per
 component), gives every trainable parameter a gradient, takes one optimizer step, and
 compares ``torch.cuda.memory_allocated()`` with the estimate's weights + gradients +
 optimizer states (single GPU, no DeepSpeed; activations are excluded on both sides).
@@ -65,6 +65,11 @@ def run_case(case: Path) -> dict:
             continue
         if params:
             groups.append({"params": params, "lr": comp["lr"]})
+    if dtype != torch.float32:
+        # as the hf target's train.py: frozen weights 16 bit, trained ones upcast to fp32
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     for p in model.parameters():
         if p.requires_grad:

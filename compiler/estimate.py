@@ -4,8 +4,8 @@ The formula follows how the generated configs run (bytes per parameter):
 
 | | frozen base | trained base (full) | LoRA adapter |
 |---|---|---|---|
-| no DeepSpeed, bf16 | 2 | 2 w + 2 grad + 4 AdamW (bf16 states) | 4 w + 4 grad + 8 AdamW (PEFT keeps adapters fp32) |
-| no DeepSpeed, fp16 / fp32 (weights fp32, fp16 by autocast) | 4 | 4 + 4 + 8 | 4 + 4 + 8 |
+| no DeepSpeed, bf16/fp16 (frozen 16 bit, trained upcast to fp32) | 2 | 4 w + 4 grad + 8 AdamW | 4 + 4 + 8 (PEFT keeps adapters fp32) |
+| no DeepSpeed, fp32 | 4 | 4 + 4 + 8 | 4 + 4 + 8 |
 | DeepSpeed, bf16/fp16 (module cast to 16 bit, fp32 master) | 2 | 2 + 2 + 12 (fp32 master, m, v) | 2 + 2 + 12 |
 | DeepSpeed, fp32 | 4 | 4 + 4 + 8 | 4 + 4 + 8 |
 
@@ -61,9 +61,9 @@ def bytes_per_param(precision: str, deepspeed: bool) -> dict:
         opt = 8 if precision == "fp32" else 12
         trained = (w, w, opt)
         return {"frozen": (w, 0, 0), "full": trained, "lora": trained}
-    if precision == "bf16":
-        return {"frozen": (2, 0, 0), "full": (2, 2, 4), "lora": (4, 4, 8)}
-    return {"frozen": (4, 0, 0), "full": (4, 4, 8), "lora": (4, 4, 8)}
+    frozen = 4 if precision == "fp32" else 2
+    # trained parameters are upcast to fp32 (hf target; PEFT keeps adapters in fp32)
+    return {"frozen": (frozen, 0, 0), "full": (4, 4, 8), "lora": (4, 4, 8)}
 
 
 def estimate(plan: Plan) -> Estimate:

@@ -3,8 +3,8 @@ mixspec.estimate), bytes per parameter as (weight, gradient, AdamW states):
 
     DeepSpeed, bf16/fp16: frozen (2, 0, 0); full and LoRA (2, 2, 12: fp32 master, m, v)
     DeepSpeed, fp32:      frozen (4, 0, 0); full and LoRA (4, 4, 8)
-    no DeepSpeed, bf16:   frozen (2, 0, 0); full (2, 2, 4); LoRA (4, 4, 8: PEFT keeps fp32)
-    no DeepSpeed, fp16/fp32: frozen (4, 0, 0); full and LoRA (4, 4, 8)
+    no DeepSpeed, bf16/fp16: frozen (2, 0, 0); full and LoRA (4, 4, 8: trained params upcast to fp32)
+    no DeepSpeed, fp32:      frozen (4, 0, 0); full and LoRA (4, 4, 8)
 
     N = nodes x gpus_per_node; ZeRO-1 divides the optimizer states by N, ZeRO-2 also the
     gradients, ZeRO-3 also the weights; offload moves states (and with "all" the weights)
@@ -55,12 +55,12 @@ CASES = [
     # precision, nodes, gpus/node, stage, offload -> weights, gradients, optimizer, cpu per node
     # no DeepSpeed, fp32: 4A, 4T, 8T
     (("fp32", 1, 1, None, "none"), (4_080_000, 480_000, 960_000, 0)),
-    # no DeepSpeed, fp16 (fp32 weights, autocast): as fp32
-    (("fp16", 1, 1, None, "none"), (4_080_000, 480_000, 960_000, 0)),
-    # no DeepSpeed, bf16: weights 2*900k + 2*100k + 4*20k, grads 2*100k + 4*20k, states 4*100k + 8*20k
-    (("bf16", 1, 1, None, "none"), (2_080_000, 280_000, 560_000, 0)),
+    # no DeepSpeed, fp16 (frozen fp16, trained fp32 under autocast): as bf16
+    (("fp16", 1, 1, None, "none"), (2_280_000, 480_000, 960_000, 0)),
+    # no DeepSpeed, bf16: weights 2*900k + 4*100k + 4*20k, grads 4*120k, states 8*120k
+    (("bf16", 1, 1, None, "none"), (2_280_000, 480_000, 960_000, 0)),
     # plain data parallel replicates everything: 4 GPUs change nothing per GPU
-    (("bf16", 1, 4, None, "none"), (2_080_000, 280_000, 560_000, 0)),
+    (("bf16", 1, 4, None, "none"), (2_280_000, 480_000, 960_000, 0)),
     # DeepSpeed ZeRO-0 shards nothing: 2A, 2T, 12T
     (("bf16", 1, 8, 0, "none"), (2_040_000, 240_000, 1_440_000, 0)),
     # ZeRO-1 on 8 GPUs: 12T/8

@@ -265,6 +265,22 @@ def test_qwen_two_steps_in_process_reload_exact(models, tmp_path):
     assert torch.equal(logits(reloaded, batch), logits(trainer.model, batch))
 
 
+def test_bf16_frozen_weights_16_bit_trained_ones_fp32(models, tmp_path):
+    """As the memory estimate assumes: frozen weights in bf16, trained ones (and adapters) in fp32."""
+    spec = QWEN_SPEC.replace("precision: fp32", "precision: bf16")
+    plan, out = compile_spec(tmp_path, spec.format(model=models["qwen"], extra="", out=tmp_path / "run"))
+    write_jsonl(tmp_path / "data.jsonl", TEXT_ROWS)
+    module = import_train(out / "train.py", "train_qwen_bf16")
+    trainer = module.build_trainer(module.parse_args(["--data", str(tmp_path / "data.jsonl")]))
+    params = named(trainer.model)
+    assert {p.dtype for p in params.values() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in params.values() if not p.requires_grad} == {torch.bfloat16}
+    before = snapshot(trainer.model)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert_two_steps_match_plan(trainer, module, plan, before)
+
+
 def test_llava_images_two_lora_components(models, tmp_path):
     images = tmp_path / "img"
     images.mkdir()

@@ -379,7 +379,7 @@ def model_class():
     return cls
 
 
-def load_model(model_ref, meta=False):
+def load_model(model_ref, meta=False, dtype=torch.float32):
     """The planned model class, from a local dir or hub id; on the meta device (no weights) if meta."""
     cls = model_class()
     try:
@@ -387,8 +387,8 @@ def load_model(model_ref, meta=False):
             config = transformers.AutoConfig.from_pretrained(model_ref)
             with torch.device("meta"):
                 return cls._from_config(config)
-        # fp32 master weights: mixed precision autocasts; small-LR components keep their updates
-        return cls.from_pretrained(model_ref, dtype=torch.float32)
+        # frozen weights in the training dtype; setup_model upcasts the trained ones to fp32
+        return cls.from_pretrained(model_ref, dtype=dtype)
     except (OSError, ValueError) as exc:  # missing files, no network, a config of another model
         fail(f"error: cannot load {model_ref!r} as {PLAN['architecture']}: " + " ".join(str(exc).split())[:400]
              + "\n  hint: pass --model with a local model directory or a hub id you can reach")
@@ -1056,6 +1056,11 @@ def deepspeed_path(args):
     return os.path.join(HERE, DEEPSPEED_CONFIG) if DEEPSPEED_CONFIG else None
 
 
+def no_accelerator():
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+
+
 def training_arguments(args):
     t = TRAINING
     ds = deepspeed_path(args)
@@ -1079,6 +1084,7 @@ def training_arguments(args):
         save_steps=t["save_steps"],
         bf16=precision == "bf16",
         fp16=precision == "fp16",
+        use_cpu=no_accelerator() and not ds,  # bf16 autocast on a CPU-only machine (smoke tests)
         gradient_checkpointing=t["gradient_checkpointing"],
         gradient_checkpointing_kwargs={"use_reentrant": False} if t["gradient_checkpointing"] else None,
         remove_unused_columns=False,
@@ -1110,13 +1116,26 @@ def encoder_side_trained():
                for comp in PLAN["components"] for name in expand_names(comp["trainable"]))
 
 
-def setup_model(model_ref, meta=False):
+def weights_dtype(precision, deepspeed):
+    """Frozen weights in 16 bit for bf16/fp16 runs (DeepSpeed casts the module itself)."""
+    if precision == "fp32" or deepspeed:
+        return torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def setup_model(model_ref, meta=False, dtype=torch.float32):
     """Load, check the structure, apply the Plan, check the trainable set. Raises PlanMismatch."""
-    model = load_model(model_ref, meta=meta)
+    model = load_model(model_ref, meta=meta, dtype=dtype)
     problems = check_structure(model)
     if problems:
         raise PlanMismatch("model structure", problems)
     model = apply_plan(model)
+    if not meta and dtype != torch.float32:
+        # fp32 master weights for what is trained: mixed precision autocasts, and
+        # small-LR components keep their updates (mixspec's estimate counts 4+4+8 bytes)
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
     problems, rows = trainable_report(model)
     if problems:
         raise PlanMismatch("trainable parameters", problems)
@@ -1147,8 +1166,9 @@ def build_trainer(args):
     """Everything up to trainer.train(): arguments, checked model, data, trainer."""
     transformers.set_seed(TRAINING["seed"])
     targs = training_arguments(args)  # before the model: ZeRO-3 partitions it while loading
+    dtype = weights_dtype(args.precision or TRAINING["precision"], deepspeed_path(args))
     try:
-        model, rows = setup_model(args.model)
+        model, rows = setup_model(args.model, dtype=dtype)
     except PlanMismatch as exc:
         fail(exc)
     total = sum(numel(p) for p in model.parameters() if p.requires_grad)
