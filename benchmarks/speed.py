@@ -10,6 +10,8 @@ of them alike:
   LLM, vision trainable, count), the baseline every ratio is taken against;
 * ``mixspec plan`` cold: an empty MIXSPEC_CACHE_DIR each time (torch + transformers are
   imported and the model is built on the meta device);
+* import floor: a process that only imports torch, transformers and the model's modelling
+  module, the least any build from the real model class can cost;
 * ``mixspec plan`` warm: the module tree cached;
 * ``mixspec compile --target T`` warm, for each target that is installed;
 * ``mixspec validate`` over 50, 100 and 200 specs (five catalog models, trees cached);
@@ -67,6 +69,18 @@ data: {{train: data/train.jsonl}}
 distributed: {{nodes: 1, gpus_per_node: 8, zero_stage: 2}}
 output_dir: runs/bench
 """
+
+# The least any tree build from the real model class can cost: import torch, transformers
+# and the model's modelling module (no mixspec, no collector, no interpreter teardown).
+IMPORT_FLOOR = ("import gc, os; gc.disable(); import torch, transformers; "
+                "import {module}; os._exit(0)")
+IMPORT_FLOOR_MODULES = {
+    "Qwen/Qwen2.5-VL-72B-Instruct": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+    "Qwen/Qwen2.5-VL-7B-Instruct": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+    "Qwen/Qwen2.5-VL-3B-Instruct": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+    "Qwen/Qwen2-VL-7B-Instruct": "transformers.models.qwen2_vl.modeling_qwen2_vl",
+    "Qwen/Qwen2-VL-2B-Instruct": "transformers.models.qwen2_vl.modeling_qwen2_vl",
+}
 
 # specs for the validate benchmark: (model, components block), varied per copy below
 VALIDATE_MODELS = [
@@ -163,6 +177,7 @@ def machine() -> dict:
         "peft": version("peft"), "pydantic": version("pydantic"), "typer": version("typer"),
         "mixspec_commit": commit + ("+dirty" if dirty else ""),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "niceness": os.nice(0),
     }
 
 
@@ -214,7 +229,8 @@ def run(args) -> dict:
                     "command": "python benchmarks/speed.py " + " ".join(args.argv),
                     "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     "goals": GOALS, "series": {}, "checks": {}}
-    series = {name: Series(name) for name in ("by_hand", "plan_cold", "plan_warm", "help")}
+    series = {name: Series(name) for name in ("by_hand", "plan_cold", "import_floor", "plan_warm", "help")}
+    model_module = IMPORT_FLOOR_MODULES.get(args.model, IMPORT_FLOOR_MODULES["Qwen/Qwen2.5-VL-72B-Instruct"])
     by_hand_phases = []
 
     print(f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
@@ -229,6 +245,8 @@ def run(args) -> dict:
         wall, cpu, _ = timed([*mixspec, "plan", str(spec)], cold_env, work)
         series["plan_cold"].add(wall, cpu)
         shutil.rmtree(work / f"cache-cold-{rep}", ignore_errors=True)
+        series["import_floor"].add(*timed([sys.executable, "-c", IMPORT_FLOOR.format(module=model_module)],
+                                          base_env, work)[:2])
         print(f"  rep {rep + 1}/{args.slow_reps}: by hand {series['by_hand'].wall[-1]:.2f} s, "
               f"cold plan {series['plan_cold'].wall[-1]:.2f} s", file=sys.stderr)
 
@@ -282,6 +300,9 @@ def run(args) -> dict:
     # 5. ratios and goals
     med = {name: s.median for name, s in series.items()}
     ratios = {"cold_over_by_hand": med["plan_cold"] / med["by_hand"],
+              "import_floor_over_by_hand": med["import_floor"] / med["by_hand"],
+              "cold_cpu_over_by_hand_cpu": (statistics.median(series["plan_cold"].cpu)
+                                            / statistics.median(series["by_hand"].cpu)),
               "by_hand_over_warm": med["by_hand"] / med["plan_warm"]}
     counts_sorted = sorted(args.validate_counts)
     if len(counts_sorted) >= 2:
@@ -289,18 +310,28 @@ def run(args) -> dict:
         ratios["validate_s_per_spec"] = (med[f"validate_{hi}"] - med[f"validate_{lo}"]) / (hi - lo)
         ratios[f"validate_{hi}_over_{lo}"] = med[f"validate_{hi}"] / med[f"validate_{lo}"]
     result["ratios"] = {k: round(v, 4) for k, v in ratios.items()}
+    cpu = {name: statistics.median(s.cpu) for name, s in series.items()}
+    # each time goal judged on wall seconds (what the issue asks) and, because other work
+    # on a shared machine stretches wall time, on the CPU seconds of the same runs
     goals = {
-        "plan cold <= 1/4 of by hand": ratios["cold_over_by_hand"] <= GOALS["cold_over_by_hand_max"],
-        "plan warm <= 0.3 s": med["plan_warm"] <= GOALS["warm_plan_max_s"],
-        "plan warm >= 30x faster than by hand": ratios["by_hand_over_warm"] >= GOALS["by_hand_over_warm_min"],
+        "plan cold <= 1/4 of by hand": (ratios["cold_over_by_hand"] <= GOALS["cold_over_by_hand_max"],
+                                        cpu["plan_cold"] / cpu["by_hand"] <= GOALS["cold_over_by_hand_max"]),
+        "plan warm <= 0.3 s": (med["plan_warm"] <= GOALS["warm_plan_max_s"],
+                               cpu["plan_warm"] <= GOALS["warm_plan_max_s"]),
+        "plan warm >= 30x faster than by hand": (
+            ratios["by_hand_over_warm"] >= GOALS["by_hand_over_warm_min"],
+            cpu["by_hand"] / cpu["plan_warm"] >= GOALS["by_hand_over_warm_min"]),
         "plan warm imports neither torch nor transformers": not result["checks"]["warm_plan_imports"],
-        "--help <= 0.3 s": med["help"] <= GOALS["help_max_s"],
+        "--help <= 0.3 s": (med["help"] <= GOALS["help_max_s"], cpu["help"] <= GOALS["help_max_s"]),
         "counts equal the by-hand (PEFT) counts": counts["equal"],
     }
     if 200 in args.validate_counts:
-        goals["validate 200 specs <= 3 s"] = med["validate_200"] <= GOALS["validate_200_max_s"]
+        goals["validate 200 specs <= 3 s"] = (med["validate_200"] <= GOALS["validate_200_max_s"],
+                                              cpu["validate_200"] <= GOALS["validate_200_max_s"])
     for t in targets:
-        goals[f"compile --target {t} warm <= 0.3 s"] = med[f"compile_{t}_warm"] <= GOALS["warm_compile_max_s"]
+        goals[f"compile --target {t} warm <= 0.3 s"] = (
+            med[f"compile_{t}_warm"] <= GOALS["warm_compile_max_s"],
+            cpu[f"compile_{t}_warm"] <= GOALS["warm_compile_max_s"])
     result["goals_met"] = goals
     shutil.rmtree(work, ignore_errors=True)
     return result
@@ -310,12 +341,14 @@ def run(args) -> dict:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
+    command = (f"nice -n {m['niceness']} " if m.get("niceness") else "") + result["command"]
     lines = [
-        f"Measured {result['date']} with `{result['command']}` on {m['cpu']} "
+        f"Measured {result['date']} with `{command}` on {m['cpu']} "
         f"({m['cores']} cores, {m['usable_cores']} usable, {m['memory']}), {m['os']}, Python {m['python']}, "
         f"torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}; mixspec {m['mixspec_commit']}. "
-        f"Load average {m['load_average_at_start']} at the start, {m['load_average_at_end']} at the end "
-        "(other work shared the machine: compare ratios, which are taken within one run).",
+        f"Load average {m['load_average_at_start']} at the start, {m['load_average_at_end']} at the end, "
+        f"benchmark niceness {m['niceness']} (other work shared the machine: wall times grow with load, "
+        "CPU seconds much less; ratios are taken within one run).",
         "",
         f"Model: `{result['model']}`, spec: vision full, aligner full, language LoRA r16 all-linear.",
         "",
@@ -344,11 +377,16 @@ def markdown(result: dict) -> str:
         f"mixspec {c['mixspec_trainable']:,} of {c['mixspec_all']:,} ({'equal' if c['equal'] else 'DIFFERENT'}). "
         f"Heavy modules imported by a warm plan: {', '.join(result['checks']['warm_plan_imports']) or 'none'}.",
         "",
-        "| goal | met |",
-        "|---|---|",
+        "| goal | met (wall s) | met (CPU s) |",
+        "|---|---|---|",
     ]
+
+    def yes(ok: bool) -> str:
+        return "yes" if ok else "**no**"
+
     for goal, ok in result["goals_met"].items():
-        lines.append(f"| {goal} | {'yes' if ok else '**no**'} |")
+        wall_ok, cpu_ok = ok if isinstance(ok, (list, tuple)) else (ok, ok)
+        lines.append(f"| {goal} | {yes(wall_ok)} | {yes(cpu_ok)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -380,7 +418,7 @@ def main(argv: list[str]) -> int:
         RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if args.write_docs:
         write_docs(result)
-    return 0 if all(result["goals_met"].values()) else 1
+    return 0 if all(ok if isinstance(ok, bool) else ok[0] for ok in result["goals_met"].values()) else 1
 
 
 if __name__ == "__main__":
