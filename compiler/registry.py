@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mixspec.names import shallowest
 from mixspec.tree import ModuleTree
 
 # attribute names (the last segment of a module or parameter name) that mark each role
@@ -46,15 +47,6 @@ class Roles:
         return best
 
 
-def _shallowest(names: list[str]) -> tuple[str, ...]:
-    """Drop names nested under another name of the same list."""
-    kept: list[str] = []
-    for name in sorted(names, key=lambda n: (n.count("."), n)):
-        if not any(name.startswith(k + ".") for k in kept):
-            kept.append(name)
-    return tuple(sorted(kept))
-
-
 def find_roles(tree: ModuleTree) -> Roles:
     """Compute the role prefixes of a tree."""
     module_names = [m.name for m in tree.modules if m.name]
@@ -67,11 +59,11 @@ def find_roles(tree: ModuleTree) -> Roles:
         return found
 
     prefixes: dict[str, tuple[str, ...]] = {}
-    vision = _shallowest(by_attr(VISION_NAMES))
+    vision = shallowest(by_attr(VISION_NAMES))
     if vision:
         prefixes["vision"] = vision
     aligner = by_attr(ALIGNER_NAMES, include_params=True)
-    language = named_language = _shallowest(by_attr(LANGUAGE_NAMES))
+    language = named_language = shallowest(by_attr(LANGUAGE_NAMES))
     if not language and tree.is_causal_lm_only and tree.base_model_prefix in module_names:
         language = (tree.base_model_prefix,)
     if not language and "." in tree.input_embedding:
@@ -84,10 +76,10 @@ def find_roles(tree: ModuleTree) -> Roles:
     # as the LLM (a fallback LLM prefix such as ``model`` may hold the projector: keep it)
     aligner = [a for a in aligner if not any(a.startswith(l + ".") for l in named_language)]
     if aligner:
-        prefixes["aligner"] = _shallowest(aligner)
+        prefixes["aligner"] = shallowest(aligner)
     if language:
         prefixes["language"] = language
-    audio = _shallowest(by_attr(AUDIO_NAMES))
+    audio = shallowest(by_attr(AUDIO_NAMES))
     if audio:
         prefixes["audio"] = audio
     if tree.input_embedding:

@@ -19,6 +19,7 @@ from pathlib import Path
 from mixspec import patterns
 from mixspec.errors import Diagnostics, Location, ModelSourceError, Problem, SpecError
 from mixspec.loader import LoadedSpec
+from mixspec.names import natural_key, shallowest
 from mixspec.plan import ComponentPlan, LoraPlan, Plan, Totals
 from mixspec.registry import Roles, find_roles
 from mixspec.spec import LoraComponent
@@ -124,7 +125,7 @@ class _Resolver:
                         self._pattern_hint(pattern),
                     )
                     continue
-                prefixes = _shallowest(matched_modules)
+                prefixes = shallowest(matched_modules)
                 hit = set(matched_params)
                 for prefix in prefixes:
                     hit.update(_under(self.param_names, prefix))
@@ -472,16 +473,6 @@ def _under(names: list[str], prefix: str) -> list[str]:
     return [n for n in names if n.startswith(dotted)]
 
 
-def _shallowest(names) -> tuple[str, ...]:
-    kept: set[str] = set()
-    for name in sorted(set(names), key=lambda n: (n.count("."), n)):
-        # look up each dotted prefix (a few) rather than scan every kept name (quadratic)
-        parts = name.split(".")
-        if not any(".".join(parts[:i]) in kept for i in range(1, len(parts))):
-            kept.add(name)
-    return tuple(sorted(kept, key=natural_key))
-
-
 def _covering(claimed: set[str], all_params: list[str]) -> tuple[str, ...]:
     """The fewest module names (or single parameters) that cover exactly ``claimed``."""
     if not claimed:
@@ -525,8 +516,3 @@ def _prefix_table(all_params: tuple[str, ...]):
     for _, prefixes in table:
         known.update(prefixes)
     return table, dict(table), frozenset(known)
-
-
-def natural_key(name: str) -> tuple:
-    """Sort 'blocks.2' before 'blocks.10'."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))

@@ -22,6 +22,7 @@ import re
 import shlex
 
 from mixspec import __version__
+from mixspec.names import natural_key
 
 _FLOAT_SPECIALS = {math.inf: 'float("inf")', -math.inf: 'float("-inf")'}
 
@@ -170,11 +171,6 @@ def expand_names(compact: dict[str, str]) -> set[str]:
                 values = [*head, str(i)]
                 names.add("".join(p + (values[k] if k < len(values) else "") for k, p in enumerate(pieces)))
     return names
-
-
-def natural_key(name: str) -> tuple:
-    """Sort 'blocks.2' before 'blocks.10' (numeric segments compare as numbers)."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.]", name))
 
 
 def exact_regex(names) -> str:

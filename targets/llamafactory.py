@@ -29,6 +29,7 @@ from typing import Iterable, Optional
 
 from mixspec import __version__
 from mixspec.errors import Location, Unsupported, UnsupportedError
+from mixspec.names import natural_key
 from mixspec.plan import ComponentPlan, Plan
 from mixspec.targets import Target, TargetOptions
 
@@ -232,11 +233,7 @@ def _cover(subset: set[str], all_names: list[str]) -> list[str]:
                 top = prefix
                 break
         out.add(top)
-    return sorted(out, key=_natural_key)
-
-
-def _natural_key(name: str) -> tuple:
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
+    return sorted(out, key=natural_key)
 
 
 # -- LLaMA-Factory's rules, re-implemented over names -----------------------------------------
@@ -320,12 +317,12 @@ class _Analyser:
         self.out = _Analysis()
         self.comp = COMPOSITE_MODELS.get(plan.model_type)
         canonical = {p for c in plan.components for p in c.params} | set(plan.unassigned_params)
-        self.names = sorted(canonical | set(plan.tied), key=_natural_key)
+        self.names = sorted(canonical | set(plan.tied), key=natural_key)
         self.holder: dict[str, Optional[str]] = {p: c.name for c in plan.components for p in c.params}
         for alias, canon in plan.tied.items():
             self.holder[alias] = self.holder.get(canon)
         self.modules = sorted({".".join(n.split(".")[:i]) for n in self.names for i in range(1, n.count(".") + 1)},
-                              key=_natural_key)
+                              key=natural_key)
         self.full = [c for c in plan.components if c.mode == "full" and c.params]
         self.lora = [c for c in plan.components if c.mode == "lora" and c.lora is not None]
         self.trainable = [c for c in plan.components if c in self.full or c in self.lora]
@@ -459,7 +456,7 @@ class _Analyser:
             wrapped = _modules_to_save(self.modules, wanted)
             wrapped = {m for m in wrapped if not any(m.startswith(w + ".") for w in wrapped)}
             if wrapped != set(wanted):
-                extra = sorted(wrapped - set(wanted), key=_natural_key)
+                extra = sorted(wrapped - set(wanted), key=natural_key)
                 self.out.hard.append(Unsupported(
                     "full-with-lora", c.origin, f"component {c.name!r} as additional_target",
                     "not even an approximation: PEFT matches additional_target names as plain suffixes "
@@ -488,7 +485,7 @@ class _Analyser:
         wanted = set()
         for c in self.lora:
             wanted.update(c.lora.targets)
-        targets = sorted(wanted, key=_natural_key)
+        targets = sorted(wanted, key=natural_key)
         self.out.lora_targets = targets
         best = None
         for flags in _FLAG_COMBOS:
@@ -504,7 +501,7 @@ class _Analyser:
             return
         for c in self.lora:
             mine = set(c.lora.targets)
-            missing = sorted(mine - got, key=_natural_key)
+            missing = sorted(mine - got, key=natural_key)
             if missing:
                 keys = [k for k in (self.comp.lora_conflict if self.comp else ()) if any(k in m for m in missing)]
                 why = (f"LLaMA-Factory never puts LoRA on a {self.plan.model_type} module whose name contains "
@@ -517,7 +514,7 @@ class _Analyser:
                     f"drop these modules from the LoRA targets, or {_HINT_OTHER_TARGET}"))
                 self.out.note("lora_target", f"approximate: no LoRA on {_show(missing)} "
                                              f"(component {_where(c)})")
-        extra = sorted(got - wanted, key=_natural_key)
+        extra = sorted(got - wanted, key=natural_key)
         if extra:
             culprits = [c for c in self.lora if any(t in m for m in extra for t in c.lora.targets)] or self.lora
             for c in culprits:
