@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 
 from mixspec import __version__
-from mixspec.errors import MixspecError, SpecError, UnsupportedError
+from mixspec.errors import MixspecError, SpecError
 
 app = typer.Typer(
     name="mixspec",

@@ -9,7 +9,6 @@ false).
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,7 +327,3 @@ def _describe_syntax_error(exc: yaml.MarkedYAMLError) -> tuple[str, str]:
     elif "undefined alias" in problem:
         hint = "define the anchor (&name) before using the alias (*name)"
     return message, hint
-
-
-def is_finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -265,7 +265,7 @@ def _lora_llm_blockers(view: _View) -> list[Unsupported]:
     (swift/tuner_plugin/lora_llm.py): LoRA (rank, alpha; PEFT defaults for the rest) on every
     Linear of the LLM but lm_head, the whole ViT and aligner fully trained, nothing else."""
     out: list[Unsupported] = []
-    plan, sw = view.plan, view.swift
+    sw = view.swift
     first_lora = view.lora[0]
     if view.options.swift_version == 3:
         out.append(_u("swift3-no-lora_llm", first_lora, "LoRA on the LLM next to a fully trained ViT/aligner",
