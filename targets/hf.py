@@ -149,12 +149,50 @@ def lora_unsupported(plan: Plan) -> list[Unsupported]:
     return out
 
 
+# Families whose image rows the test suite has run through train.py end to end (tests/e2e/
+# test_hf_families.py): --preview-data equal, key by key, to the family's processor on the whole
+# conversation; labels exactly the assistant turns; a mixed micro-batch of 2 trained for 2 steps;
+# earlier logits unchanged when the last answer token changes. README: "hf target: families".
+IMAGE_ROWS_PROVEN = (
+    "gemma3", "idefics3", "internvl", "llava", "llava_next", "llava_onevision", "mllama", "paligemma",
+    "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "smolvlm",
+)
+
+
+def _under(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def feed_unsupported(plan: Plan) -> list[Unsupported]:
+    """Trained parts that train.py cannot feed: it reads text and images, no audio."""
+    out = []
+    audio = tuple(plan.roles.get("audio") or ())
+    unfed = audio + (tuple(plan.roles.get("aligner") or ()) if audio and "vision" not in plan.roles else ())
+    if not unfed:
+        return out
+    for comp in plan.components:
+        if any(_under(n, unfed) for n in comp.trainable_names):
+            out.append(Unsupported(
+                "no-audio-input", comp.origin, f"training component {comp.name!r} (audio encoder or its projector)",
+                "train.py feeds text and images only: without audio rows these parameters never get a gradient",
+                f"freeze {comp.name!r} for the hf target, or use a backend with an audio data path (swift)"))
+    return out
+
+
 class HfTarget(Target):
     name = "hf"
     description = "standalone Hugging Face Trainer + PEFT script (train.py), launch.sh, ds_config.json"
 
+    def warnings(self, plan: Plan, options: TargetOptions) -> list[str]:
+        if "vision" in plan.roles and plan.model_type not in IMAGE_ROWS_PROVEN:
+            return [f"image rows of model_type {plan.model_type!r} are not proven by mixspec's tests (proven: "
+                    f"{', '.join(IMAGE_ROWS_PROVEN)}); run python train.py --preview-data 4 and read "
+                    "preview/preview.txt before training"]
+        return []
+
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
         out = lora_unsupported(plan)
+        out += feed_unsupported(plan)
         out += distributed_unsupported(plan, require_zero=False)
         ratio = plan.training.get("warmup_ratio", 0.0)
         if ratio >= 1:

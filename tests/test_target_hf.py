@@ -613,3 +613,50 @@ def test_bad_rows_are_named_before_training(llava_dir, tmp_path):
                    ' {"role": "assistant", "content": "y"}]}\n')
     with pytest.raises(prefix.DataError, match=r"bad\.jsonl:1: paligemma is a prefix-LM .*got system, user, assistant"):
         prefix.ConversationDataset(prefix.read_rows(str(bad)), pe)[0]
+
+
+# -- what train.py can feed ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qwen2_audio_dir(tmp_path_factory):
+    """A config-only Qwen2-Audio (audio tower + projector + LLM), small dimensions."""
+    d = tmp_path_factory.mktemp("qwen2audio")
+    config = {
+        "architectures": ["Qwen2AudioForConditionalGeneration"], "model_type": "qwen2_audio",
+        "audio_config": {"model_type": "qwen2_audio_encoder", "d_model": 32, "encoder_layers": 2,
+                         "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "num_mel_bins": 16,
+                         "max_source_positions": 64},
+        "text_config": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 256},
+        "audio_token_index": 255,
+    }
+    (d / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return d
+
+
+def test_training_the_audio_tower_is_refused_naming_the_component(qwen2_audio_dir, tmp_path):
+    """train.py has no audio path: an audio component would never get a gradient."""
+    _, plan = plan_from_text(tmp_path, f"version: 1\nmodel: {qwen2_audio_dir}\ncomponents:\n"
+                                       "  audio: {train: full, lr: 1.0e-5}\n  aligner: {train: full, lr: 1.0e-5}\n"
+                                       "  language: {train: lora, lr: 1.0e-4}\n")
+    assert "audio" in plan.roles and "vision" not in plan.roles
+    codes, text = _codes(plan)
+    assert codes == ["no-audio-input", "no-audio-input"]
+    assert "spec.yaml:4:3: error: target hf cannot express training component 'audio'" in text
+    assert "training component 'aligner'" in text and "never get a gradient" in text
+    # the language model alone is fed by text rows
+    _, plan = plan_from_text(tmp_path, f"version: 1\nmodel: {qwen2_audio_dir}\ncomponents:\n"
+                                       "  language: {train: lora, lr: 1.0e-4}\n", name="text.yaml")
+    assert "train.py" in render(plan, "hf", TargetOptions())
+
+
+def test_unproven_family_warns_at_compile(tmp_path, tiny_dirs):
+    from mixspec.targets import hf, target_warnings
+
+    _, plan = plan_from_text(tmp_path, f"version: 1\nmodel: {tiny_dirs[2]}\ncomponents:\n"
+                                       "  language: {train: lora, lr: 1.0e-4}\n")
+    assert target_warnings(plan, "hf") == []
+    unproven = dataclasses.replace(plan, model_type="some_new_vlm")
+    (line,) = target_warnings(unproven, "hf")
+    assert "model_type 'some_new_vlm' are not proven" in line and "--preview-data" in line
+    assert "qwen2_5_vl" in hf.IMAGE_ROWS_PROVEN
