@@ -18,13 +18,13 @@ PYTHON="${PYTHON:-python3}"
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 # ms-swift 4.6.0 is the version the e2e tests were written against (MIXSPEC_SWIFT_VERSION
 # picks another, e.g. 3.12.6 for --swift-version 3 output); qwen_vl_utils and decord are
-# needed by swift's Qwen2.5-VL template but not pulled in by ms-swift.
-SWIFT_PINS=("ms-swift==${MIXSPEC_SWIFT_VERSION:-4.6.0}" qwen_vl_utils decord)
+# needed by swift's Qwen2.5-VL template but not pulled in by ms-swift; num2words by SmolVLM's processor.
+SWIFT_PINS=("ms-swift==${MIXSPEC_SWIFT_VERSION:-4.6.0}" qwen_vl_utils decord num2words)
 
 check() {
     WANT="${MIXSPEC_SWIFT_VERSION:-4.6.0}" "$VENV/bin/python" - <<'PY'
 import os
-import torch, torchvision, swift, peft, transformers, qwen_vl_utils, decord  # noqa: F401
+import torch, torchvision, swift, peft, transformers, qwen_vl_utils, decord, num2words  # noqa: F401
 from torchvision.ops import nms  # the C extension must load against this torch
 import importlib.metadata as md
 if md.version("ms-swift") != os.environ["WANT"]:

@@ -67,7 +67,10 @@ def available_targets() -> dict[str, type[Target]]:
 def target_warnings(plan: Plan, target: str, options: TargetOptions | None = None) -> list[str]:
     """The target's warnings for a Plan it renders (empty for an unknown target)."""
     targets = available_targets()
-    return targets[target]().warnings(plan, options or TargetOptions()) if target in targets else []
+    if target not in targets:
+        return []
+    warn = getattr(targets[target](), "warnings", None)  # third-party targets may not have it
+    return warn(plan, options or TargetOptions()) if warn else []
 
 
 def render(plan: Plan, target: str, options: TargetOptions | None = None) -> dict[str, str]:

@@ -163,3 +163,45 @@ def test_two_steps_with_mixed_micro_batches_train_exactly_the_plan(family_run):
 
 def test_the_proven_table_is_what_these_tests_run():
     assert set(IMAGE_ROWS_PROVEN) == {tiny_families.family_info(f)["model_type"] for f in tiny_families.FAMILIES}
+
+
+DDP_FAMILIES = ("mllama", "qwen2_5_vl")
+
+
+@pytest.mark.parametrize("family", DDP_FAMILIES)
+def test_ddp_two_ranks_with_image_and_text_rows(family, tmp_path):
+    """2 ranks (gloo, CPU), micro-batch 1: one rank gets an image row while the other gets a
+    text-only row, so the vision tower, the projector (and Mllama's cross-attention layers) are
+    used on one rank only. Must finish, in step, with identical trained weights."""
+    python = python_for(family)
+    built = run(python, FIXTURES / "tiny_families.py", family, tmp_path / "model", cwd=tmp_path)
+    assert built.returncode == 0, built.stderr[-3000:]
+    rows = rows_for(family, tmp_path)
+    rows = [rows[0], rows[2], rows[1], rows[2]] if tiny_families.family_info(family)["text_only_rows"] else rows
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC.format(model=tmp_path / "model").replace("micro_batch_size: 2", "micro_batch_size: 1"),
+                    encoding="utf-8")
+    plan = plan_spec(load_spec(spec))
+    write_files(tmp_path / "out", render(plan, "hf", TargetOptions()), force=True)
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = run(python, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", port, FIXTURES / "data_oracle.py", "train",
+               tmp_path / "out" / "train.py", tmp_path / "data.jsonl", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    results = [json.loads(l[len("RESULT "):]) for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert {r["world_size"] for r in results} == {2} and {r["wrapped"] for r in results} == {"DistributedDataParallel"}
+    assert {r["steps"] for r in results} == {2}
+    assert len({r["trained_sha256"] for r in results}) == 1  # the ranks stayed in step
+    if tiny_families.family_info(family)["text_only_rows"]:  # a step where only one rank had images
+        by_rank = sorted(results, key=lambda r: r["rank"])
+        assert any(("pixel_values" in a) != ("pixel_values" in b)
+                   for a, b in zip(by_rank[0]["batches"], by_rank[1]["batches"])), [r["batches"] for r in by_rank]
+    for r in results:
+        assert r["lrs"] == plan.trainable_lrs()
+        assert [n for n, trainable in r["moved"] if not trainable] == []
