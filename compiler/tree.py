@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -24,11 +25,16 @@ from pathlib import Path
 from mixspec.errors import ModelSourceError
 from mixspec.sources import ModelSource
 
-TREE_FORMAT = 1
+TREE_FORMAT = 2
 
 # module kinds PEFT's LoRA can wrap, and how mixspec counts their adapters
 LINEAR, CONV1D_GPT2, EMBEDDING, CONV = "linear", "conv1d_gpt2", "embedding", "conv"
 LORA_KINDS = (LINEAR, CONV1D_GPT2, EMBEDDING, CONV)
+
+# normalisation modules (their parameters get no weight decay): a torch.nn.LayerNorm
+# instance (transformers' own no-decay rule looks for exactly that class), or any other norm
+NORM_TORCH_LAYERNORM, NORM_OTHER = "layernorm", "norm"
+_NORM_CLASS_NAME = re.compile(r"Norm(?:[123]d)?$")
 
 
 @dataclass(frozen=True)
@@ -43,16 +49,17 @@ class ModuleInfo:
     kernel: tuple[int, ...] = ()
     groups: int = 1
     params: dict = field(default_factory=dict)  # local name -> shape (tuple)
+    norm: str = ""  # NORM_TORCH_LAYERNORM, NORM_OTHER or "" (see norm_kind)
 
     def to_json(self) -> list:
         return [self.name, self.type, self.kind, self.in_features, self.out_features,
-                list(self.kernel), self.groups, {k: list(v) for k, v in self.params.items()}]
+                list(self.kernel), self.groups, {k: list(v) for k, v in self.params.items()}, self.norm]
 
     @classmethod
     def from_json(cls, row: list) -> "ModuleInfo":
-        name, type_, kind, fin, fout, kernel, groups, params = row
+        name, type_, kind, fin, fout, kernel, groups, params, norm = row
         return cls(name, type_, kind, fin, fout, tuple(kernel), groups,
-                   {k: tuple(v) for k, v in params.items()})
+                   {k: tuple(v) for k, v in params.items()}, norm)
 
 
 @dataclass(frozen=True)
@@ -398,6 +405,24 @@ def _model_class(config, trust_remote_code: bool):
     return AutoModelForCausalLM  # raises a clear error from transformers, caught by the caller
 
 
+def norm_kind(module) -> str:
+    """Whether a module is a normalisation layer, decided by its type: a torch LayerNorm
+    (or subclass), another torch norm (GroupNorm, RMSNorm, BatchNorm, InstanceNorm,
+    LocalResponseNorm), or a class anywhere in its MRO whose name ends in ``Norm``
+    (``Qwen2RMSNorm``, ``LlamaRMSNorm``, ``Gemma3RMSNorm``, ...)."""
+    from torch import nn
+
+    if isinstance(module, nn.LayerNorm):
+        return NORM_TORCH_LAYERNORM
+    torch_norms = tuple(c for c in (nn.GroupNorm, nn.LocalResponseNorm, getattr(nn, "RMSNorm", None),
+                                    nn.modules.batchnorm._NormBase) if c is not None)
+    if isinstance(module, torch_norms):
+        return NORM_OTHER
+    if any(_NORM_CLASS_NAME.search(cls.__name__) for cls in type(module).__mro__):
+        return NORM_OTHER
+    return ""
+
+
 def tree_from_model(model, model_type: str = "") -> ModuleTree:
     """Record the module tree of an instantiated model (any device)."""
     import torch
@@ -428,7 +453,8 @@ def tree_from_model(model, model_type: str = "") -> ModuleTree:
         elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             kind, fin, fout = CONV, mod.in_channels, mod.out_channels
             kernel, groups = tuple(mod.kernel_size), mod.groups
-        modules.append(ModuleInfo(name, type(mod).__name__, kind, fin, fout, kernel, groups, params))
+        modules.append(ModuleInfo(name, type(mod).__name__, kind, fin, fout, kernel, groups, params,
+                                  norm_kind(mod)))
 
     def module_name(target) -> str:
         if target is None:
