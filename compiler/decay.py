@@ -61,3 +61,12 @@ def transformers_decays(name: str, layernorm_modules) -> bool:
 def torch_layernorm_modules(tree: ModuleTree) -> tuple[str, ...]:
     """Names of the tree's torch.nn.LayerNorm modules (what transformers' rule looks for)."""
     return tuple(m.name for m in tree.modules if m.norm == NORM_TORCH_LAYERNORM and m.name)
+
+
+def transformers_rule_differs(comp, layernorm_modules) -> list[str]:
+    """The trained parameters of a component (a ComponentPlan) whose weight decay would differ
+    if transformers' rule chose the decay set; empty when the component has no weight decay."""
+    if not comp.weight_decay:
+        return []  # no decay at all: which rule decides makes no difference
+    exempt = set(comp.no_decay)
+    return [n for n in comp.trainable_names if transformers_decays(n, layernorm_modules) != (n not in exempt)]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from mixspec import __version__
-from mixspec.decay import transformers_decays
+from mixspec.decay import transformers_rule_differs
 from mixspec.errors import Location, Unsupported, UnsupportedError
 from mixspec.names import natural_key
 from mixspec.plan import ComponentPlan, Plan
@@ -412,10 +412,7 @@ class _Analyser:
         LayerNorm modules, names with bias/norm); the Plan decides by module type and shape."""
         layernorm = frozenset(self.plan.layernorm_modules)
         for c in self.trainable:
-            if not c.weight_decay:
-                continue
-            exempt = set(c.no_decay)
-            differ = [n for n in c.trainable_names if transformers_decays(n, layernorm) != (n not in exempt)]
+            differ = transformers_rule_differs(c, layernorm)
             if not differ:
                 continue
             shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")

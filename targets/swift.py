@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
-from mixspec.decay import transformers_decays
+from mixspec.decay import transformers_rule_differs
 from mixspec.errors import Location, Unsupported, UnsupportedError
 from mixspec.plan import ComponentPlan, Plan
 from mixspec.targets import Target, TargetOptions
@@ -479,11 +479,7 @@ def _weight_decay_blockers(view: _View) -> list[Unsupported]:
                           f"swift's flags give one --weight_decay, and component {first.name!r} has "
                           f"{first.weight_decay!r}", _PLUGIN_HINT))
     for comp in view.active:
-        if not comp.weight_decay:
-            continue  # no decay at all: which rule decides makes no difference
-        exempt = set(comp.no_decay)
-        differ = [n for n in comp.trainable_names
-                  if transformers_decays(n, view.layernorm) != (n not in exempt)]
+        differ = transformers_rule_differs(comp, view.layernorm)
         if differ:
             out.append(_u("weight-decay-rule", comp, f"weight decay of components.{comp.name} on {_few(differ)}",
                           f"swift's optimizer decides which parameters decay by transformers' rule "
