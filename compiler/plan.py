@@ -15,7 +15,7 @@ from typing import Optional
 from mixspec import __version__
 from mixspec.errors import Location, Problem
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,9 @@ class ComponentPlan:
     base_params: int
     trainable_params: int
     lora: Optional[LoraPlan] = None
+    # trained parameters exempt from weight decay (mixspec.decay's rule), and their count
+    no_decay: tuple[str, ...] = ()
+    no_decay_params: int = 0
 
     @property
     def trainable_names(self) -> tuple[str, ...]:
@@ -73,6 +76,17 @@ class ComponentPlan:
             return self.lora.param_names
         return ()
 
+    @property
+    def decay_names(self) -> tuple[str, ...]:
+        """Trained parameters that get this component's weight decay."""
+        exempt = set(self.no_decay)
+        return tuple(n for n in self.trainable_names if n not in exempt)
+
+    def weight_decays(self) -> dict[str, float]:
+        """Each trained parameter -> the weight decay its optimizer group must have."""
+        exempt = set(self.no_decay)
+        return {n: 0.0 if n in exempt else self.weight_decay for n in self.trainable_names}
+
     def to_json(self) -> dict:
         return {
             "name": self.name, "mode": self.mode, "lr": self.lr,
@@ -82,6 +96,10 @@ class ComponentPlan:
             "base_params": self.base_params, "trainable_params": self.trainable_params,
             "modules": list(self.modules),
             "lora": self.lora.to_json() if self.lora else None,
+            "decay": {"tensors": len(self.trainable_names) - len(self.no_decay),
+                      "params": self.trainable_params - self.no_decay_params},
+            "no_decay": {"tensors": len(self.no_decay), "params": self.no_decay_params,
+                         "names": list(self.no_decay)},
             "param_names": list(self.params),
         }
 
@@ -118,6 +136,9 @@ class Plan:
     data: Optional[dict]
     output_dir: Optional[str]
     param_shapes: dict = field(repr=False, default_factory=dict)  # trainable base params only
+    # torch.nn.LayerNorm modules of the model: what transformers' own no-decay rule looks for
+    # (a backend fact, for targets that must tell whether a backend's rule gives the Plan's sets)
+    layernorm_modules: tuple[str, ...] = field(repr=False, default=())
     warnings_problems: tuple[Problem, ...] = ()
 
     def component(self, name: str) -> ComponentPlan:
@@ -131,9 +152,18 @@ class Plan:
                 out[name] = comp.lr  # type: ignore[assignment]
         return dict(sorted(out.items()))
 
+    def trainable_weight_decays(self) -> dict[str, float]:
+        """Every trainable parameter name -> its weight decay (0.0 for the no-decay ones)."""
+        out: dict[str, float] = {}
+        for comp in self.components:
+            out.update(comp.weight_decays())
+        return dict(sorted(out.items()))
+
     def fingerprint(self) -> str:
-        """A short hash of the sorted trainable names and their learning rates."""
-        text = "\n".join(f"{n}={lr!r}" for n, lr in self.trainable_lrs().items())
+        """A short hash of the sorted trainable names, their learning rates and weight decays
+        (``NAME=LR wd=WD`` lines; train.py and the swift plugin recompute it from their optimizer)."""
+        wds = self.trainable_weight_decays()
+        text = "\n".join(f"{n}={lr!r} wd={wds[n]!r}" for n, lr in self.trainable_lrs().items())
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_json(self) -> dict:

@@ -64,6 +64,7 @@ def print_plan(plan: Plan, est: Estimate, show_modules: bool = False) -> None:
     t = plan.totals
     console.print(f"base params {_n(t.base_params)}  |  added (LoRA) {_n(t.added_params)}  |  "
                   f"trainable {_n(t.trainable_params)} ({_pct(t.trainable_params, t.base_params + t.added_params)} of all)")
+    _print_weight_decay(console, plan, show_modules)
     stage = "no DeepSpeed (DDP)" if est.zero_stage is None else f"ZeRO-{est.zero_stage}"
     console.print(
         f"memory per GPU ({est.world_size} GPU{'s' if est.world_size > 1 else ''}, {stage}, offload {est.offload}, "
@@ -133,3 +134,22 @@ def print_tree(tree: ModuleTree, depth: int) -> None:
         tied = [a for a in tree.tied if a.startswith(m.name + ".")]
         note = f"  (tied: {', '.join(tree.tied[a] for a in tied)})" if tied else ""
         console.print("  " * level + f"{m.name.rsplit('.', 1)[-1]} [dim]{m.type}[/dim] {_n(sizes.get(m.name, 0))}{role}{note}")
+
+
+def _print_weight_decay(console, plan: Plan, show_modules: bool) -> None:
+    """Per trained component: how many parameters decay and how many are exempt (biases,
+    norms, 1-D); with --modules, the exempt names. Silent when no weight decay is set."""
+    trained = [c for c in plan.components if c.trainable_names]
+    if not show_modules and not any(c.weight_decay for c in trained):
+        return
+    for comp in trained:
+        decay = comp.trainable_params - comp.no_decay_params
+        console.print(f"weight decay {comp.name}: {comp.weight_decay:g} on {_n(decay)} params "
+                      f"({len(comp.decay_names)} tensors); none on {_n(comp.no_decay_params)} params "
+                      f"({len(comp.no_decay)} tensors: biases, norms, 1-D)", highlight=False)
+        if show_modules and comp.no_decay:
+            from mixspec.targets._common import compact_names
+
+            for template, indices in compact_names(comp.no_decay).items():
+                console.print(f"  no decay: {template}" + (f"  [{indices}]" if indices else ""),
+                              highlight=False, markup=False)

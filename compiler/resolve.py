@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixspec import patterns
+from mixspec.decay import adapter_no_decay, no_decay_reason, torch_layernorm_modules
 from mixspec.errors import Diagnostics, Location, ModelSourceError, Problem, SpecError
 from mixspec.loader import LoadedSpec
 from mixspec.names import natural_key, shallowest
@@ -325,6 +326,18 @@ class _Resolver:
             layers=layers,
         )
 
+    def _no_decay(self, mode: str, params: list[str], lora: LoraPlan | None) -> tuple[tuple[str, ...], int]:
+        """The trained parameters exempt from weight decay (mixspec.decay), and their count."""
+        if mode == "full":
+            names = [p for p in params if no_decay_reason(self.tree, p) is not None]
+            return tuple(names), sum(self.tree.param_numel[p] for p in names)
+        if mode == "lora" and lora is not None:
+            names = [n for n in lora.param_names if adapter_no_decay(n)]
+            # a DoRA magnitude vector has one value per output feature of its module
+            count = sum(self.tree.by_name[n.split(".lora_magnitude_vector.")[0]].out_features for n in names)
+            return tuple(names), count
+        return (), 0
+
     def _warn_lora_on_tied(self, cname: str, lora: LoraPlan) -> None:
         """A LoRA adapter sits on one module: on a tied weight, the other side never sees it."""
         for target in lora.targets:
@@ -393,6 +406,7 @@ class _Resolver:
                 lora = self.lora_plan(cname, comp, claimed)
                 trainable = lora.added_params if lora else 0
             wd = getattr(comp, "weight_decay", None)
+            no_decay, no_decay_params = self._no_decay(comp.train, canon_claimed, lora)
             components.append(ComponentPlan(
                 name=cname, mode=comp.train, lr=getattr(comp, "lr", None),
                 weight_decay=float(wd if wd is not None else self.spec.training.weight_decay),
@@ -402,6 +416,7 @@ class _Resolver:
                 origin=self.loc("components", cname),
                 modules=_covering(claimed, self.param_names),
                 params=tuple(canon_claimed), base_params=base, trainable_params=trainable, lora=lora,
+                no_decay=no_decay, no_decay_params=no_decay_params,
             ))
             if lora:
                 self._warn_lora_on_tied(cname, lora)
@@ -428,6 +443,7 @@ class _Resolver:
             data=spec.data.model_dump(mode="json") if spec.data else None,
             output_dir=spec.output_dir,
             param_shapes={p: tuple(tree.param_shapes[p]) for p in sorted(trained_base)},
+            layernorm_modules=torch_layernorm_modules(tree),
             warnings_problems=tuple(self.diags.warnings) + tuple(self.loaded.warnings),
         )
 

@@ -3,8 +3,9 @@
 ``build_tree(source)`` instantiates the real transformers class from the config on
 PyTorch's meta device (no weights, no download, no remote code) and records what the
 resolver and the estimator need. Trees are cached on disk as JSON, keyed by the config's
-content, the transformers and torch versions and the tree format, so a warm plan never
-imports torch or transformers.
+content, the transformers and torch versions, the tree format, a hash of this module's
+source and, for remote-code builds, of the model repo's Python files, so a warm plan never
+imports torch or transformers and never reads a tree built by other code.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -24,11 +26,16 @@ from pathlib import Path
 from mixspec.errors import ModelSourceError
 from mixspec.sources import ModelSource
 
-TREE_FORMAT = 1
+TREE_FORMAT = 2
 
 # module kinds PEFT's LoRA can wrap, and how mixspec counts their adapters
 LINEAR, CONV1D_GPT2, EMBEDDING, CONV = "linear", "conv1d_gpt2", "embedding", "conv"
 LORA_KINDS = (LINEAR, CONV1D_GPT2, EMBEDDING, CONV)
+
+# normalisation modules (their parameters get no weight decay): a torch.nn.LayerNorm
+# instance (transformers' own no-decay rule looks for exactly that class), or any other norm
+NORM_TORCH_LAYERNORM, NORM_OTHER = "layernorm", "norm"
+_NORM_CLASS_NAME = re.compile(r"Norm(?:[123]d)?$")
 
 
 @dataclass(frozen=True)
@@ -43,16 +50,17 @@ class ModuleInfo:
     kernel: tuple[int, ...] = ()
     groups: int = 1
     params: dict = field(default_factory=dict)  # local name -> shape (tuple)
+    norm: str = ""  # NORM_TORCH_LAYERNORM, NORM_OTHER or "" (see norm_kind)
 
     def to_json(self) -> list:
         return [self.name, self.type, self.kind, self.in_features, self.out_features,
-                list(self.kernel), self.groups, {k: list(v) for k, v in self.params.items()}]
+                list(self.kernel), self.groups, {k: list(v) for k, v in self.params.items()}, self.norm]
 
     @classmethod
     def from_json(cls, row: list) -> "ModuleInfo":
-        name, type_, kind, fin, fout, kernel, groups, params = row
+        name, type_, kind, fin, fout, kernel, groups, params, norm = row
         return cls(name, type_, kind, fin, fout, tuple(kernel), groups,
-                   {k: tuple(v) for k, v in params.items()})
+                   {k: tuple(v) for k, v in params.items()}, norm)
 
 
 @dataclass(frozen=True)
@@ -191,9 +199,63 @@ def cache_dir() -> Path:
     return Path(base) / "mixspec"
 
 
-def cache_key(config: dict, trust_remote_code: bool = False) -> str:
-    payload = json.dumps({"config": config, "versions": library_versions(),
-                          "remote": trust_remote_code}, sort_keys=True, separators=(",", ":"))
+# The code that turns a model into a tree: any change to it gives new cache keys (a format
+# number alone is only as good as the memory of whoever edits this file).
+_BUILDER_FILES: tuple[Path, ...] = (Path(__file__),)
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _files_digest(paths) -> str:
+    """sha256 over the names and bytes of files, memoised by (path, mtime, size)."""
+    stamp = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            stamp.append((str(path), st.st_mtime_ns, st.st_size))
+        except OSError:
+            stamp.append((str(path), None, None))
+    stamp = tuple(stamp)
+    if stamp not in _DIGESTS:
+        h = hashlib.sha256()
+        for path, _, _ in stamp:
+            h.update(path.encode("utf-8", "surrogateescape") + b"\0")
+            try:
+                h.update(Path(path).read_bytes())
+            except OSError:
+                h.update(b"<unreadable>")
+            h.update(b"\0")
+        _DIGESTS[stamp] = h.hexdigest()
+    return _DIGESTS[stamp]
+
+
+def builder_digest() -> str:
+    """A hash of mixspec's tree-building source (this module)."""
+    return _files_digest(_BUILDER_FILES)
+
+
+def remote_code_digest(model_dir: str | Path) -> str:
+    """A hash of the Python files of a model directory: what a trust_remote_code build runs
+    (auto_map naming code in another repo is covered by the config, which holds auto_map)."""
+    root = Path(model_dir)
+    try:
+        files = sorted(p for p in root.rglob("*.py") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    except OSError:
+        files = []
+    # names relative to the directory: the same code in another place is the same tree
+    h = hashlib.sha256()
+    for path in files:
+        h.update(str(path.relative_to(root)).encode("utf-8", "surrogateescape") + b"\0")
+        h.update(_files_digest((path,)).encode() + b"\0")
+    return h.hexdigest()
+
+
+def cache_key(config: dict, trust_remote_code: bool = False, code_digest: str = "") -> str:
+    """The cache key of a tree: the config's content, the library versions and tree format,
+    mixspec's tree-building source, and (remote code) the model repo's Python files."""
+    payload = json.dumps({"config": config, "versions": library_versions(), "builder": builder_digest(),
+                          "remote": trust_remote_code, "code": code_digest},
+                         sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -220,9 +282,9 @@ def _entry_stat(path: Path):
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def load_cached_tree(config: dict, trust_remote_code: bool = False) -> ModuleTree | None:
+def load_cached_tree(config: dict, trust_remote_code: bool = False, code_digest: str = "") -> ModuleTree | None:
     """A cached tree for this config and these library versions, or None (corrupt entries are ignored)."""
-    key = cache_key(config, trust_remote_code)
+    key = cache_key(config, trust_remote_code, code_digest)
     path = _cache_path(key)
     stat = _entry_stat(path)
     if stat is None:
@@ -260,9 +322,9 @@ def _verified_tree_text(text: str, key: str) -> str | None:
     return tree_text
 
 
-def store_tree(config: dict, tree: ModuleTree, trust_remote_code: bool = False) -> None:
+def store_tree(config: dict, tree: ModuleTree, trust_remote_code: bool = False, code_digest: str = "") -> None:
     """Write a tree to the cache atomically (concurrent writers each rename a whole file)."""
-    key = cache_key(config, trust_remote_code)
+    key = cache_key(config, trust_remote_code, code_digest)
     path = _cache_path(key)
     tree_text = json.dumps(tree.to_json(), separators=(",", ":"))
     digest = hashlib.sha256(tree_text.encode("utf-8")).hexdigest()
@@ -291,12 +353,14 @@ def get_tree(source: ModelSource, trust_remote_code: bool = False, use_cache: bo
     """The module tree for a model source: from the cache, or built (and then cached)."""
     if use_cache:
         config = copy.deepcopy(source.config)  # the key is taken from the config as read
-        cached = load_cached_tree(config, trust_remote_code)
+        # a remote-code build runs the repo's own modelling files: they are part of the key
+        code = remote_code_digest(source.path) if trust_remote_code and "auto_map" in config else ""
+        cached = load_cached_tree(config, trust_remote_code, code)
         if cached is not None:
             return cached
     tree = build_tree(source, trust_remote_code=trust_remote_code)
     if use_cache:
-        store_tree(config, tree, trust_remote_code)
+        store_tree(config, tree, trust_remote_code, code)
     return tree
 
 
@@ -398,6 +462,24 @@ def _model_class(config, trust_remote_code: bool):
     return AutoModelForCausalLM  # raises a clear error from transformers, caught by the caller
 
 
+def norm_kind(module) -> str:
+    """Whether a module is a normalisation layer, decided by its type: a torch LayerNorm
+    (or subclass), another torch norm (GroupNorm, RMSNorm, BatchNorm, InstanceNorm,
+    LocalResponseNorm), or a class anywhere in its MRO whose name ends in ``Norm``
+    (``Qwen2RMSNorm``, ``LlamaRMSNorm``, ``Gemma3RMSNorm``, ...)."""
+    from torch import nn
+
+    if isinstance(module, nn.LayerNorm):
+        return NORM_TORCH_LAYERNORM
+    torch_norms = tuple(c for c in (nn.GroupNorm, nn.LocalResponseNorm, getattr(nn, "RMSNorm", None),
+                                    nn.modules.batchnorm._NormBase) if c is not None)
+    if isinstance(module, torch_norms):
+        return NORM_OTHER
+    if any(_NORM_CLASS_NAME.search(cls.__name__) for cls in type(module).__mro__):
+        return NORM_OTHER
+    return ""
+
+
 def tree_from_model(model, model_type: str = "") -> ModuleTree:
     """Record the module tree of an instantiated model (any device)."""
     import torch
@@ -428,7 +510,8 @@ def tree_from_model(model, model_type: str = "") -> ModuleTree:
         elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             kind, fin, fout = CONV, mod.in_channels, mod.out_channels
             kernel, groups = tuple(mod.kernel_size), mod.groups
-        modules.append(ModuleInfo(name, type(mod).__name__, kind, fin, fout, kernel, groups, params))
+        modules.append(ModuleInfo(name, type(mod).__name__, kind, fin, fout, kernel, groups, params,
+                                  norm_kind(mod)))
 
     def module_name(target) -> str:
         if target is None:

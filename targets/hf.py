@@ -88,6 +88,7 @@ def plan_data(plan: Plan, model_ref: str) -> dict:
             "weight_decay": comp.weight_decay,
             "trainable_params": comp.trainable_params,
             "trainable": compact_names(comp.trainable_names),
+            "no_decay": compact_names(comp.no_decay),
         }
         if comp.lora:
             entry["lora"] = {"rank": comp.lora.rank, "alpha": comp.lora.alpha,
@@ -351,8 +352,8 @@ Options override the Plan's defaults: --model (path or hub id), --data, --eval-d
 Self-check. Before the first step the script compares the loaded model with the Plan:
 every parameter name and the total count (so another model, another transformers version or
 a model with one layer more is caught), then the set of trainable parameters, their count and
-each one's optimizer learning rate (the Plan's fingerprint). Any difference stops the run
-with exit status 1 and a readable diff.
+each one's optimizer learning rate and weight decay (the Plan's fingerprint). Any difference
+stops the run with exit status 1 and a readable diff.
 
 Data: a .jsonl file, one conversation per line (a hub dataset id with the same columns works too):
     {"messages": [{"role": "system", "content": "You are a helpful assistant."},
@@ -670,24 +671,26 @@ def print_counts(rows, total):
 
 
 # -- optimizer --------------------------------------------------------------------------
-_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+def planned_no_decay():
+    """Trainable parameters the Plan exempts from weight decay (biases, norms, 1-D)."""
+    return {name for comp in PLAN["components"] for name in expand_names(comp["no_decay"])}
 
 
-def is_no_decay(name, param):
-    """Biases, norms and other 1-D parameters get no weight decay."""
-    shape = tuple(getattr(param, "ds_shape", None) or param.shape)
-    return len(shape) < 2 or bool(_NO_DECAY.search(name.lower()))
+def planned_weight_decay(name, comp, no_decay):
+    return 0.0 if name in no_decay else comp["weight_decay"]
 
 
 def param_groups(model):
-    """One optimizer group per component and decay kind, from trainable parameters only, none empty."""
+    """One optimizer group per component and decay kind, from trainable parameters only, none
+    empty; which parameters decay is the Plan's decision, not a rule of this script."""
     planned = planned_trainable()
+    no_decay = planned_no_decay()
     buckets = {}
     for name, param in model.named_parameters():
         comp = planned.get(plan_name(name))
         if comp is None or not param.requires_grad:
             continue
-        kind = "no_decay" if is_no_decay(name, param) else "decay"
+        kind = "no_decay" if plan_name(name) in no_decay else "decay"
         buckets.setdefault((comp["name"], kind), []).append(param)
     groups = []
     for comp in PLAN["components"]:
@@ -700,7 +703,8 @@ def param_groups(model):
 
 
 def lr_problems(groups, model):
-    """Each trainable parameter in exactly one group, at its planned LR; the Plan's fingerprint."""
+    """Each trainable parameter in exactly one group, at its planned LR and weight decay; the
+    Plan's fingerprint (names, LRs and weight decays)."""
     group_of = {}
     problems = []
     for g in groups:
@@ -709,25 +713,32 @@ def lr_problems(groups, model):
                 problems.append(f"a parameter is in groups {group_of[id(p)]['name']} and {g['name']}")
             group_of[id(p)] = g
     planned = planned_trainable()
+    no_decay = planned_no_decay()
     actual = {}
     for name, param in model.named_parameters():
         g = group_of.pop(id(param), None)
+        name = plan_name(name)
         if param.requires_grad:
             if g is None:
-                problems.append(f"{plan_name(name)} is trainable but in no optimizer group")
+                problems.append(f"{name} is trainable but in no optimizer group")
                 continue
-            actual[plan_name(name)] = g["lr"]
-            want = planned.get(plan_name(name), {}).get("lr")
+            actual[name] = (g["lr"], g.get("weight_decay", 0.0))
+            comp = planned.get(name)
+            want = comp["lr"] if comp else None
             if g["lr"] != want:
-                problems.append(f"{plan_name(name)}: learning rate {g['lr']!r}, the plan says {want!r}")
+                problems.append(f"{name}: learning rate {g['lr']!r}, the plan says {want!r}")
+            want_wd = planned_weight_decay(name, comp, no_decay) if comp else None
+            if g.get("weight_decay", 0.0) != want_wd:
+                problems.append(f"{name}: weight decay {g.get('weight_decay', 0.0)!r}, the plan says {want_wd!r}")
         elif g is not None:
-            problems.append(f"{plan_name(name)} is frozen but in optimizer group {g['name']}")
+            problems.append(f"{name} is frozen but in optimizer group {g['name']}")
     if group_of:
         problems.append(f"{len(group_of)} optimizer parameters are not parameters of the model")
-    text = "\n".join(f"{n}={lr!r}" for n, lr in sorted(actual.items()))
+    text = "\n".join(f"{n}={lr!r} wd={wd!r}" for n, (lr, wd) in sorted(actual.items()))
     fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
     if not problems and fingerprint != PLAN["fingerprint"]:
-        problems.append(f"names and learning rates hash to {fingerprint}, the plan's fingerprint is {PLAN['fingerprint']}")
+        problems.append(f"names, learning rates and weight decays hash to {fingerprint}, "
+                        f"the plan's fingerprint is {PLAN['fingerprint']}")
     return problems
 
 
@@ -844,20 +855,25 @@ class PlanTrainer(Trainer):
         groups = param_groups(model)
         problems = lr_problems(groups, model)
         if problems:
-            fail(PlanMismatch("optimizer learning rates", problems))
-        self._planned_group_lrs = [g["lr"] for g in groups]
+            fail(PlanMismatch("optimizer learning rates and weight decays", problems))
+        self._planned_group_lrs = [(g["lr"], g["weight_decay"]) for g in groups]
         self.optimizer = make_optimizer(groups, self.args)
+        problems = lr_problems(self.optimizer.param_groups, model)  # the optimizer as built
+        if problems:
+            fail(PlanMismatch("the optimizer's learning rates and weight decays", problems))
         return self.optimizer
 
     def check_optimizer_after_wrap(self):
-        """After DeepSpeed/accelerate wrapped the optimizer: the same groups, at the same LRs."""
+        """After DeepSpeed/accelerate wrapped the optimizer: the same groups, at the same LRs
+        and weight decays."""
         groups = getattr(self.optimizer, "param_groups", None)
         if groups is None or self._planned_group_lrs is None:
             return
-        got = [g.get("initial_lr", g["lr"]) for g in groups]
+        got = [(g.get("initial_lr", g["lr"]), g.get("weight_decay")) for g in groups]
         if got != self._planned_group_lrs:
             fail(PlanMismatch("optimizer after wrapping", [
-                f"learning rates of the optimizer groups are {got}, the plan's groups have {self._planned_group_lrs}"]))
+                f"(learning rate, weight decay) of the optimizer groups are {got}, "
+                f"the plan's groups have {self._planned_group_lrs}"]))
 
     def _due(self):
         step = self.state.global_step + 1
@@ -1503,7 +1519,7 @@ def setup_model(model_ref, meta=False, dtype=torch.float32):
         raise PlanMismatch("trainable parameters", problems)
     problems = lr_problems(param_groups(model), model)
     if problems:
-        raise PlanMismatch("optimizer learning rates", problems)
+        raise PlanMismatch("optimizer learning rates and weight decays", problems)
     return model, rows
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from mixspec import __version__
+from mixspec.decay import transformers_rule_differs
 from mixspec.errors import Location, Unsupported, UnsupportedError
 from mixspec.names import natural_key
 from mixspec.plan import ComponentPlan, Plan
@@ -342,6 +343,7 @@ class _Analyser:
         self.check_precision()
         self.check_one_value("learning_rate", "lr", "per-component-lr", "learning rate")
         self.check_one_value("weight_decay", "weight_decay", "per-component-weight-decay", "weight decay")
+        self.check_decay_rule()
         if self.lora:
             self.out.finetuning_type = "lora"
             self.check_lora_settings()
@@ -404,6 +406,24 @@ class _Analyser:
             if getattr(c, attr) != chosen:
                 self.out.note(key, f"approximate: component {_where(c)} has {label} "
                                    f"{_num(getattr(c, attr))} in the Plan; here it is {_num(chosen)}")
+
+    def check_decay_rule(self) -> None:
+        """LLaMA-Factory's Trainer decides which parameters decay by transformers' rule (torch
+        LayerNorm modules, names with bias/norm); the Plan decides by module type and shape."""
+        layernorm = frozenset(self.plan.layernorm_modules)
+        for c in self.trainable:
+            differ = transformers_rule_differs(c, layernorm)
+            if not differ:
+                continue
+            shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+            self.out.deviations.append(Unsupported(
+                "weight-decay-rule", c.origin, f"weight decay of component {c.name!r} on {shown}",
+                "LLaMA-Factory's Trainer chooses the parameters that decay by transformers' rule (torch "
+                "LayerNorm modules, names with bias/norm), which differs from the Plan's (biases, norm "
+                f"modules by type, 1-D parameters) on {len(differ)} of them",
+                f"set weight_decay: 0, or {_HINT_OTHER_TARGET}"))
+            self.out.note("weight_decay", f"approximate: transformers' rule decides which parameters of "
+                                          f"{_where(c)} decay; the Plan differs on {len(differ)} of them")
 
     # -- LoRA ----------------------------------------------------------------------------
     @staticmethod

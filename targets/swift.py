@@ -22,6 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
+from mixspec.decay import transformers_rule_differs
 from mixspec.errors import Location, Unsupported, UnsupportedError
 from mixspec.plan import ComponentPlan, Plan
 from mixspec.targets import Target, TargetOptions
@@ -144,7 +145,7 @@ class Decision:
 
 # reasons an approximation may ignore (each becomes a comment); any other reason refuses
 _APPROXIMABLE = {"lora_llm-dropout", "lora_llm-rslora", "lora_llm-dora", "lr-within-group",
-                 "weight-decay", "lr-text-model"}
+                 "weight-decay", "weight-decay-rule", "lr-text-model"}
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -174,6 +175,7 @@ class _View:
         self.full = [c for c in plan.components if c.mode == "full" and c.params]
         self.active = [c for c in plan.components if c.trainable_names]
         self.owner = {p: c for c in plan.components for p in c.params}
+        self.layernorm = frozenset(plan.layernorm_modules)
 
     def role_names(self, role: str) -> set[str]:
         prefixes = self.plan.roles.get(role, ())
@@ -466,6 +468,9 @@ def _comps_of(view: _View, names) -> list[ComponentPlan]:
 
 
 def _weight_decay_blockers(view: _View) -> list[Unsupported]:
+    """Where swift's flags cannot give each trained parameter the Plan's weight decay: one
+    --weight_decay for all, and transformers' rule for which parameters decay (swift's
+    default and multimodal optimizers use Trainer.get_decay_parameter_names)."""
     out = []
     first = view.active[0]
     for comp in view.active[1:]:
@@ -473,6 +478,14 @@ def _weight_decay_blockers(view: _View) -> list[Unsupported]:
             out.append(_u("weight-decay", comp, f"components.{comp.name}.weight_decay {comp.weight_decay!r}",
                           f"swift's flags give one --weight_decay, and component {first.name!r} has "
                           f"{first.weight_decay!r}", _PLUGIN_HINT))
+    for comp in view.active:
+        differ = transformers_rule_differs(comp, view.layernorm)
+        if differ:
+            out.append(_u("weight-decay-rule", comp, f"weight decay of components.{comp.name} on {_few(differ)}",
+                          f"swift's optimizer decides which parameters decay by transformers' rule "
+                          f"(torch LayerNorm modules, names with bias/norm), which differs from the Plan's "
+                          f"(biases, norm modules by type, 1-D parameters) on {len(differ)} of its parameters",
+                          _PLUGIN_HINT))
     return out
 
 
@@ -734,8 +747,8 @@ def _train_sh(plan: Plan, options: TargetOptions, d: Decision, ds_name: Optional
         for item in d.plugin_reasons:
             where = f"{item.origin}: " if item.origin else ""
             out.append("#   - " + _comment(f"{where}{item.what}: {item.why}"))
-        out.append("# The plugin checks the trainable parameters and their learning rates against the Plan")
-        out.append("# before the first step, and stops with a diff if they differ.")
+        out.append("# The plugin checks the trainable parameters, their learning rates and weight decays")
+        out.append("# against the Plan before the first step, and stops with a diff if they differ.")
     elif approximate:
         out.append("# APPROXIMATION (--approximate --no-plugin): this run differs from the Plan in:")
         for item in d.plugin_reasons:
@@ -806,7 +819,7 @@ def _plugin_py(plan: Plan, options: TargetOptions, d: Decision) -> str:
         if not c.trainable_names:
             continue
         components.append({"name": c.name, "mode": c.mode, "lr": c.lr, "weight_decay": c.weight_decay,
-                           "params": compact_names(c.trainable_names)})
+                           "params": compact_names(c.trainable_names), "no_decay": compact_names(c.no_decay)})
     lora_comps = _lora_comps(plan)
     lora = None
     if lora_comps:
@@ -822,9 +835,10 @@ def _plugin_py(plan: Plan, options: TargetOptions, d: Decision) -> str:
         "",
         f"Registers the tuner {PLUGIN_NAME!r} (LoRA and full parts exactly as planned) and the optimizer",
         f"{PLUGIN_NAME!r} (one parameter group per learning rate and weight decay). Both check, before",
-        "the first step, that the trainable parameters and their learning rates equal the Plan, and",
-        "stop with a diff otherwise. Checkpoints hold the LoRA adapter (adapter_model.safetensors)",
-        f"and the fully trained parameters ({FULL_PARAMS_FILE}, names as in the model).",
+        "the first step, that the trainable parameters, their learning rates and weight decays equal",
+        "the Plan, and stop with a diff otherwise. Checkpoints hold the LoRA adapter",
+        f"(adapter_model.safetensors) and the fully trained parameters ({FULL_PARAMS_FILE}, names as",
+        "in the model).",
         "",
         "Use: swift sft --external_plugins mixspec_plugin.py "
         + ("--tuner_type" if options.swift_version >= 4 else "--train_type")
@@ -850,7 +864,8 @@ def _plugin_py(plan: Plan, options: TargetOptions, d: Decision) -> str:
         "# LoRA adapter settings (PEFT LoraConfig); target_modules are full module names",
         f"LORA = {py_literal(lora)}",
         "",
-        "# what each component trains: parameter names as in the model (no PEFT prefix)",
+        "# what each component trains: parameter names as in the model (no PEFT prefix); no_decay:",
+        "# the trained parameters the Plan exempts from weight decay (biases, norms, 1-D)",
         f"COMPONENTS = {py_literal(components)}",
     ]
     body = _PLUGIN_CODE
@@ -897,12 +912,18 @@ def plan_lrs():
 
 
 def plan_weight_decay():
-    return {name: comp["weight_decay"] for comp in COMPONENTS for name in expand(comp["params"])}
+    """Every parameter the Plan trains -> its weight decay (0.0 where the Plan exempts it)."""
+    out = {}
+    for comp in COMPONENTS:
+        exempt = set(expand(comp["no_decay"]))
+        for name in expand(comp["params"]):
+            out[name] = 0.0 if name in exempt else comp["weight_decay"]
+    return out
 
 
-def fingerprint(lrs):
-    """The same hash as `mixspec plan --json` prints: sorted names and their learning rates."""
-    text = "\n".join(f"{name}={lr!r}" for name, lr in sorted(lrs.items()))
+def fingerprint(lrs, wds):
+    """The same hash as `mixspec plan --json` prints: sorted names, learning rates, weight decays."""
+    text = "\n".join(f"{name}={lr!r} wd={wds.get(name)!r}" for name, lr in sorted(lrs.items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -1057,21 +1078,19 @@ class _MixspecTunerMixin:
 
 
 def build_optimizer(args, model):
-    """The optimizer swift's trainer uses: one group per (learning rate, weight decay), with
-    transformers' rule for which parameters decay (not biases and norms)."""
+    """The optimizer swift's trainer uses: one group per (learning rate, weight decay); which
+    parameters decay is the Plan's decision (biases, norms and 1-D parameters do not)."""
     from transformers import Trainer as HfTrainer
 
     trainable = trainable_params(model)
     lrs = plan_lrs()
     if set(trainable) != set(lrs):
         raise _mismatch("the trainable parameters", _diff(lrs, trainable))
-    decay = set(HfTrainer.get_decay_parameter_names(None, model))
     wds = plan_weight_decay()
     groups = {}
     for plain in sorted(trainable):
-        name, param = trainable[plain]
-        weight_decay = wds[plain] if name in decay else 0.0
-        groups.setdefault((lrs[plain], weight_decay), []).append(param)
+        _, param = trainable[plain]
+        groups.setdefault((lrs[plain], wds[plain]), []).append(param)
     param_groups = [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
     optimizer_cls, optimizer_kwargs = HfTrainer.get_optimizer_cls_and_kwargs(args, model)
     optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
@@ -1080,9 +1099,11 @@ def build_optimizer(args, model):
 
 
 def check_optimizer(optimizer, model, output_dir=None):
-    """Stop unless every trainable parameter sits in exactly one group, at its planned LR."""
+    """Stop unless every trainable parameter sits in exactly one group, at its planned LR and
+    weight decay."""
     names = {id(p): plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
     actual = {}
+    actual_wd = {}
     repeated = []
     groups = []
     for group in optimizer.param_groups:
@@ -1092,28 +1113,35 @@ def check_optimizer(optimizer, model, output_dir=None):
             if name in actual:
                 repeated.append(name)
             actual[name] = group["lr"]
+            actual_wd[name] = group.get("weight_decay", 0.0)
             count += _numel(param)
         groups.append({"lr": group["lr"], "weight_decay": group.get("weight_decay"),
                        "tensors": len(group["params"]), "params": count})
     expected = plan_lrs()
+    expected_wd = plan_weight_decay()
     wrong = sorted(n for n in expected if n in actual and actual[n] != expected[n])
-    if set(actual) != set(expected) or repeated or wrong:
+    wrong_wd = sorted(n for n in expected if n in actual_wd and actual_wd[n] != expected_wd[n])
+    if set(actual) != set(expected) or repeated or wrong or wrong_wd:
         details = _diff(expected, actual)
         if repeated:
             details += "\n  in more than one group: " + ", ".join(sorted(set(repeated))[:20])
         for n in wrong[:20]:
             details += f"\n  {n}: lr {actual[n]!r}, planned {expected[n]!r}"
-        raise _mismatch("the optimizer's parameters and learning rates", details)
-    got = fingerprint(actual)
+        for n in wrong_wd[:20]:
+            details += f"\n  {n}: weight decay {actual_wd[n]!r}, planned {expected_wd[n]!r}"
+        raise _mismatch("the optimizer's parameters, learning rates and weight decays", details)
+    got = fingerprint(actual, actual_wd)
     if got != PLAN_FINGERPRINT:
-        raise _mismatch("the learning-rate fingerprint", f"  got {got}, planned {PLAN_FINGERPRINT}")
+        raise _mismatch("the fingerprint (names, learning rates, weight decays)",
+                        f"  got {got}, planned {PLAN_FINGERPRINT}")
     summary = "; ".join(f"lr {g['lr']!r} wd {g['weight_decay']!r}: {g['tensors']} tensors, {g['params']:,} params"
                         for g in groups)
     _log(f"optimizer matches the Plan (fingerprint {got}): {summary}")
     if output_dir and int(os.environ.get("RANK", "0")) == 0:
         os.makedirs(output_dir, exist_ok=True)
         report = {"plan_fingerprint": PLAN_FINGERPRINT, "fingerprint": got, "groups": groups,
-                  "lr_by_param": dict(sorted(actual.items()))}
+                  "lr_by_param": dict(sorted(actual.items())),
+                  "weight_decay_by_param": dict(sorted(actual_wd.items()))}
         with open(os.path.join(output_dir, "mixspec_check.json"), "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=1, sort_keys=True)
 '''

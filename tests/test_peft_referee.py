@@ -4,15 +4,19 @@ is set up as the Plan says.
 
 For each (family, spec): the real model class is built on CPU from a tiny config, mixspec
 resolves the spec against ``tree_from_model(model)``, then PEFT wraps a copy of the model
-with ``LoraConfig(target_modules=<the Plan's full module names>, r, lora_alpha, ...)`` and
-every parameter of the Plan's full components gets ``requires_grad_(True)``. PEFT names
-the parameters, counts them and builds the adapters; mixspec only predicted them.
+with a ``LoraConfig`` made from the spec's own words: ``target_modules`` is ``"all-linear"``,
+the leaf-name list or the regex as the spec says it, ``layers`` becomes
+``layers_to_transform``, and ``exclude_modules`` keeps PEFT inside the component's claim.
+Every parameter of the Plan's full components gets ``requires_grad_(True)``. PEFT chooses
+the modules, names the parameters, counts them and builds the adapters; mixspec only
+predicted them.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import re
 import textwrap
 
 import pytest
@@ -58,11 +62,16 @@ def _leaf_list(family, tied):
 
 
 def _regex(family, tied):
-    return r"""language: {train: lora, lr: 1.0e-4, lora: {rank: 2, alpha: 4, targets: '.*\.layers\.1\.mlp\..*'}}"""
+    # (the MLP's projections, not its activation: PEFT refuses a regex that hits a module
+    # without weights, where mixspec passes over it)
+    return r"""language: {train: lora, lr: 1.0e-4, lora: {rank: 2, alpha: 4, targets: '.*\.layers\.1\.mlp\.[a-z_]+_proj'}}"""
 
 
 def _layers(family, tied):
-    return "language: {train: lora, lr: 1.0e-4, lora: {rank: 4, alpha: 8, layers: '0-0'}}"
+    # a leaf list: PEFT's layers_to_transform filters target_modules given as names (with
+    # "all-linear", which PEFT expands to full names, it skips the layer filter)
+    return ("language: {train: lora, lr: 1.0e-4, lora: {rank: 4, alpha: 8, targets: [q_proj, down_proj], "
+            "layers: '0-0'}}")
 
 
 def _rslora(family, tied):
@@ -205,17 +214,36 @@ def plan_for(name, case, tree):
     return resolve(loaded, tree)
 
 
+def component_scope(comp) -> str:
+    """PEFT ``exclude_modules`` (a regex PEFT full-matches against module names) that leaves
+    exactly the modules under the component's claim: LoRA is chosen inside the component."""
+    covered = "|".join(re.escape(m) for m in comp.modules)
+    return rf"(?!(?:{covered})(?:\.|$)).*"
+
+
+def lora_config_from_spec(comp):
+    """A LoraConfig from the spec's own words, so that PEFT, not mixspec, chooses the
+    modules: ``all-linear``, the leaf-name list or the regex exactly as the user wrote them,
+    ``layers`` as PEFT's ``layers_to_transform``, scoped to the component by ``exclude_modules``."""
+    from peft import LoraConfig
+
+    lo = comp.lora
+    words = lo.targets_spec
+    layers = list(lo.layers) if lo.layers is not None else None  # PEFT: the first numbered segment
+    return LoraConfig(target_modules=list(words) if isinstance(words, list) else words,
+                      exclude_modules=component_scope(comp), layers_to_transform=layers, r=lo.rank,
+                      lora_alpha=lo.alpha, lora_dropout=lo.dropout, use_rslora=lo.rslora, use_dora=lo.dora)
+
+
 def apply_with_peft(model, plan):
-    """Set the model up the way the Plan says, with PEFT; returns the PEFT model."""
-    from peft import LoraConfig, get_peft_model
+    """Set the model up the way the spec says, with PEFT choosing the LoRA targets itself;
+    returns the PEFT model."""
+    from peft import get_peft_model
 
     model = copy.deepcopy(model)
-    loras = [c.lora for c in plan.components if c.lora]
+    loras = [c for c in plan.components if c.lora]
     assert len(loras) == 1, "these cases use exactly one LoRA component"
-    lo = loras[0]
-    config = LoraConfig(target_modules=list(lo.targets), r=lo.rank, lora_alpha=lo.alpha,
-                        lora_dropout=lo.dropout, use_rslora=lo.rslora, use_dora=lo.dora)
-    peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, lora_config_from_spec(loras[0]))
     base = peft_model.base_model.model
     for comp in plan.components:
         if comp.mode == "full":
@@ -269,3 +297,22 @@ def test_every_family_builds_and_has_all_cases(tiny_models):
     # the Conv3d patch embedding gets a Conv3d LoRA
     plan = plan_for("qwen2_5_vl", "conv3d_patch_embed", tiny_models("qwen2_5_vl")[1])
     assert plan.component("patch_embed").lora.target_kinds == ("conv",)
+
+
+def test_referee_chooses_the_modules_itself(tiny_models):
+    """A Plan whose all-linear skipped every gate_proj (the mutation a referee handed the Plan's
+    own list could not see): PEFT, given the spec's words, still wraps them, so the case fails."""
+    import dataclasses
+
+    from peft.tuners.lora import LoraLayer
+
+    model, tree = tiny_models("qwen2")
+    plan = plan_for("qwen2", "mixed", tree)
+    comp = plan.component("language")
+    skipped = tuple(t for t in comp.lora.targets if not t.endswith("gate_proj"))
+    assert len(skipped) < len(comp.lora.targets)
+    wrong = dataclasses.replace(plan, components=(
+        dataclasses.replace(comp, lora=dataclasses.replace(comp.lora, targets=skipped)),))
+    peft_model = apply_with_peft(model, wrong)
+    wrapped = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    assert wrapped == set(comp.lora.targets) != set(skipped)

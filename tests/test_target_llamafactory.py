@@ -198,7 +198,11 @@ REFUSED = {
     "per-component-weight-decay": (
         spec(QWEN_VL, "vision: {train: full, lr: 1.0e-5, weight_decay: 0.1}", "aligner: {train: full, lr: 1.0e-5}"),
         [("per-component-weight-decay", "spec.yaml:4:3", "component 'vision' at weight decay 0.1"),
-         ("per-component-weight-decay", "spec.yaml:5:3", "component 'aligner' at weight decay 0")]),
+         ("per-component-weight-decay", "spec.yaml:5:3", "component 'aligner' at weight decay 0"),
+         # the ViT's RMSNorm weights: transformers' rule decays them, the Plan does not
+         ("weight-decay-rule", "spec.yaml:4:3", "weight decay of component 'vision' on "
+          "model.visual.blocks.0.norm1.weight, model.visual.blocks.0.norm2.weight, "
+          "model.visual.blocks.1.norm1.weight and 61 more")]),
     # the motivating case: one lr per part, and full parts beside LoRA
     "mixed-full-and-lora": (
         spec(QWEN_VL, "vision: {train: full, lr: 2.0e-6}", "aligner: {train: full, lr: 1.0e-5}",
@@ -376,7 +380,9 @@ def test_deepspeed_config(stage, offload, keys):
 
 
 def test_training_values_round_trip():
-    text = spec(QWEN_VL, "aligner: {train: full, lr: 3.0e-7, weight_decay: 0.05}",
+    # (LLaVA's projector: two Linear layers, whose weights decay and biases do not by both
+    # the Plan's rule and transformers', which LLaMA-Factory's Trainer applies)
+    text = spec(LLAVA, "aligner: {train: full, lr: 3.0e-7, weight_decay: 0.05}",
                 tail="training: {epochs: 2.5, max_steps: 7, micro_batch_size: 3, gradient_accumulation: 5, "
                      "precision: fp16, gradient_checkpointing: false, max_length: 1234, warmup_ratio: 0.25, "
                      "lr_scheduler: linear, max_grad_norm: 0.5, seed: 7, logging_steps: 3, save_steps: 9}\n"

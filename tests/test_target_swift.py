@@ -690,18 +690,22 @@ def test_plugin_trains_exactly_the_plan_with_real_peft(tiny_plugin, monkeypatch,
     names = {id(p): plugin.plain_name(n) for n, p in model.named_parameters()}
     got = {names[id(p)]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
     assert {n: lr for n, (lr, _) in got.items()} == plan.trainable_lrs()
-    # weight decay: the component's, except where transformers never decays (biases, LayerNorms),
-    # the same rule as swift's own optimizers (Trainer.get_decay_parameter_names)
-    from transformers import Trainer
-
-    decay = {plugin.plain_name(n) for n in Trainer.get_decay_parameter_names(None, model)}
+    # weight decay: the component's, except for biases, norm modules and other 1-D parameters
+    # (the Plan's rule), judged here from the real modules of the wrapped model
     wd = {c.name: c.weight_decay for c in plan.components}
-    for name, (_, got_wd) in got.items():
-        assert got_wd == (wd[plan_owner(plan, name)] if name in decay else 0.0), name
+    for full_name, param in model.named_parameters():
+        name = plugin.plain_name(full_name)
+        if name not in got:
+            continue
+        owner = model.get_submodule(full_name.rsplit(".", 1)[0])
+        exempt = isinstance(owner, torch.nn.LayerNorm) or type(owner).__name__.endswith("Norm") or param.ndim < 2
+        assert got[name][1] == (0.0 if exempt else wd[plan_owner(plan, name)]), name
     assert got["model.visual.merger.mlp.0.weight"][1] == 0.01
     assert got["model.visual.merger.mlp.0.bias"][1] == 0.0
+    assert got["model.visual.merger.ln_q.weight"][1] == 0.0  # an RMSNorm transformers' rule decays
     report = json.loads((tmp_path / "run" / "mixspec_check.json").read_text())
     assert report["fingerprint"] == report["plan_fingerprint"] == plan.fingerprint()
+    assert report["weight_decay_by_param"] == plan.trainable_weight_decays()
 
     # a checkpoint: the adapter plus the fully trained parameters, under their model names
     from safetensors.torch import load_file

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -182,3 +183,84 @@ def test_changed_config_gets_its_own_tree(tiny_source, tmp_path):
     bigger = get_tree(find_model(str(write_config_dir(cfg, tmp_path / "qwen3blocks"))))
     block = sum(n for p, n in small.param_numel.items() if p.startswith("model.visual.blocks.0."))
     assert bigger.total_params == small.total_params + block
+
+
+def test_cache_key_covers_the_tree_building_source(tmp_path, monkeypatch):
+    """Any edit to mixspec's tree-building code gives new keys: a tree built by the old code
+    is not served (the format number was never bumped across eight edits of tree.py)."""
+    from mixspec import tree as tree_mod
+
+    monkeypatch.setenv("MIXSPEC_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "tree.py"
+    source.write_bytes(Path(tree_mod.__file__).read_bytes())
+    monkeypatch.setattr(tree_mod, "_BUILDER_FILES", (source,))
+    config = {"model_type": "toy", "hidden_size": 8}
+    key = tree_mod.cache_key(config)
+    tree_mod.store_tree(config, tree_mod.ModuleTree("toy", "Toy", (tree_mod.ModuleInfo("", "Toy"),), {},
+                                                    "", "", "", False, {}))
+    assert tree_mod.load_cached_tree(config) is not None
+    source.write_bytes(source.read_bytes().replace(b"kind = CONV1D_GPT2", b"kind = CONV"))
+    assert tree_mod.cache_key(config) != key
+    assert tree_mod.load_cached_tree(config) is None
+    # the module's real source is what the key covers by default
+    monkeypatch.undo()
+    assert tree_mod._BUILDER_FILES == (Path(tree_mod.__file__),)
+
+
+_REMOTE_CONFIG = """\
+from transformers import PretrainedConfig
+
+
+class ToyConfig(PretrainedConfig):
+    model_type = "toyremote"
+
+    def __init__(self, hidden_size=8, **kwargs):
+        self.hidden_size = hidden_size
+        super().__init__(**kwargs)
+"""
+
+_REMOTE_MODEL = """\
+from torch import nn
+from transformers import PreTrainedModel
+
+from .configuration_toy import ToyConfig
+
+
+class ToyForCausalLM(PreTrainedModel):
+    config_class = ToyConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.post_init()
+"""
+
+
+def test_remote_code_edit_gives_a_new_tree(tmp_path):
+    """trust_remote_code: the model repo's Python files are part of the cache key, so an
+    edited modelling file is built again, not served from the cache."""
+    model = tmp_path / "toy"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "toyremote", "architectures": ["ToyForCausalLM"], "hidden_size": 8,
+        "auto_map": {"AutoConfig": "configuration_toy.ToyConfig",
+                     "AutoModelForCausalLM": "modeling_toy.ToyForCausalLM"}}), encoding="utf-8")
+    (model / "configuration_toy.py").write_text(_REMOTE_CONFIG, encoding="utf-8")
+    (model / "modeling_toy.py").write_text(_REMOTE_MODEL, encoding="utf-8")
+    env = {**os.environ, "MIXSPEC_CACHE_DIR": str(tmp_path / "cache"), "HF_MODULES_CACHE": str(tmp_path / "mods"),
+           "HF_HUB_OFFLINE": "1"}
+
+    def tree_text():
+        result = subprocess.run([sys.executable, "-m", "mixspec", "tree", "--trust-remote-code", str(model)],
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    first = tree_text()
+    assert "72 params" in first and "head" not in first
+    assert tree_text() == first  # cached
+    (model / "modeling_toy.py").write_text(_REMOTE_MODEL.replace(
+        "        self.post_init()", "        self.head = nn.Linear(config.hidden_size, 2)\n        self.post_init()"),
+        encoding="utf-8")
+    second = tree_text()
+    assert "head Linear 18" in second and "90 params" in second

@@ -149,6 +149,11 @@ def group_lr_by_name(trainer, module):
     return {module.plan_name(n): lr_of.get(id(p)) for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
+def group_wd_by_name(trainer, module):
+    wd_of = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    return {module.plan_name(n): wd_of.get(id(p)) for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
 def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -165,6 +170,7 @@ def assert_two_steps_match_plan(trainer, module, plan, before):
         else:
             assert torch.equal(param.detach(), before[name]), f"frozen parameter changed: {name}"
     assert group_lr_by_name(trainer, module) == planned
+    assert group_wd_by_name(trainer, module) == plan.trainable_weight_decays()
     assert sum(p.numel() for p in after.values() if p.requires_grad) == plan.totals.trainable_params
 
 
@@ -296,7 +302,10 @@ def test_llava_images_two_lora_components(models, tmp_path):
         TEXT_ROWS[0],
     ]
     write_jsonl(tmp_path / "data.jsonl", rows)
-    plan, out = compile_spec(tmp_path, LLAVA_SPEC.format(model=models["llava"], out=tmp_path / "run"))
+    # weight decay on trained LayerNorms, biases and CLIP's 1-D class embedding: the Plan exempts them
+    spec = LLAVA_SPEC.replace("train: full\n    lr: 2.0e-6", "train: full\n    lr: 2.0e-6\n    weight_decay: 0.05")
+    spec = spec.replace("aligner: {{train: full, lr: 1.0e-4}}", "aligner: {{train: full, lr: 1.0e-4, weight_decay: 0.02}}")
+    plan, out = compile_spec(tmp_path, spec.format(model=models["llava"], out=tmp_path / "run"))
 
     module = import_train(out / "train.py", "train_llava_inproc")
     trainer = module.build_trainer(module.parse_args(["--data", str(tmp_path / "data.jsonl")]))
@@ -324,6 +333,18 @@ def test_llava_images_two_lora_components(models, tmp_path):
     before = snapshot(trainer.model)
     trainer.train()
     assert_two_steps_match_plan(trainer, module, plan, before)
+    # the optimizer's weight decay per parameter, against the module types of the real model
+    wd = group_wd_by_name(trainer, module)
+    for name, param in base.named_parameters():
+        if name not in wd or ".lora_" in name:
+            continue
+        owner = base.get_submodule(name.rsplit(".", 1)[0])
+        exempt = isinstance(owner, torch.nn.LayerNorm) or param.ndim < 2
+        assert wd[name] == (0.0 if exempt else 0.05 if "vision_tower" in name else 0.02), name
+    assert wd["model.vision_tower.pre_layrnorm.weight"] == 0.0
+    assert wd["model.vision_tower.embeddings.class_embedding"] == 0.0
+    assert wd["model.vision_tower.embeddings.patch_embedding.weight"] == 0.05
+    assert wd["model.multi_modal_projector.linear_1.weight"] == 0.02
 
     ckpt = tmp_path / "saved"
     trainer.save_model(str(ckpt))
