@@ -119,6 +119,7 @@ class Plan:
     output_dir: Optional[str]
     param_shapes: dict = field(repr=False, default_factory=dict)  # trainable base params only
     warnings_problems: tuple[Problem, ...] = ()
+    trust_remote_code: bool = False  # the spec allows the model repo's own code (targets that load it)
 
     def component(self, name: str) -> ComponentPlan:
         return next(c for c in self.components if c.name == name)

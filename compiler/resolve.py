@@ -429,6 +429,7 @@ class _Resolver:
             output_dir=spec.output_dir,
             param_shapes={p: tuple(tree.param_shapes[p]) for p in sorted(trained_base)},
             warnings_problems=tuple(self.diags.warnings) + tuple(self.loaded.warnings),
+            trust_remote_code=bool(spec.trust_remote_code),
         )
 
 

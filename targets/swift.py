@@ -813,6 +813,8 @@ def _train_sh(plan: Plan, options: TargetOptions, d: Decision, ds_name: Optional
     if env:
         out.append("")
         out += env
+    out.append("")
+    out += _remote_code_lines(plan, dict(_model_flags(plan, options, sw))["model"])
     args: list[str] = []
     for flag, value in _model_flags(plan, options, sw):
         args.append(f"--{flag} {sh_quote(value)}")
@@ -845,6 +847,37 @@ def _train_sh(plan: Plan, options: TargetOptions, d: Decision, ds_name: Optional
     out += [f"    {a} \\" for a in args[:-1]]
     out.append(f"    {args[-1]}")
     return "\n".join(out) + "\n"
+
+
+def _remote_code_lines(plan: Plan, model: str) -> list[str]:
+    """ms-swift 4.6 loads config, tokenizer, processor and model with trust_remote_code=True
+    (swift/model/register.py: ModelLoader.default_trust_remote_code) and has no flag to turn it
+    off, so train.sh looks for code in the model directory itself before swift starts: Python
+    files anywhere in it, or ``auto_map`` in one of its JSON configs. The model is the compiled
+    one, or the last ``--model`` passed to train.sh (swift reads the last one too)."""
+    if plan.trust_remote_code:
+        return ["# The spec allows the model repo's own code (trust_remote_code: true), and ms-swift",
+                "# loads models with trust_remote_code=True: no check for code in the model directory."]
+    return [
+        "# ms-swift loads a model with trust_remote_code=True and has no switch to turn that off. The spec",
+        "# does not allow the model's own code, so a model directory holding code (*.py files, \"auto_map\"",
+        "# in a JSON config) stops here, before swift starts. A hub id is downloaded by swift: not checked.",
+        f"MODEL={sh_quote(model)}",
+        'prev=""',
+        'for arg in "$@"; do',
+        '    if [[ "$prev" == "--model" ]]; then MODEL="$arg"; fi',
+        '    if [[ "$arg" == --model=* ]]; then MODEL="${arg#--model=}"; fi',
+        '    prev="$arg"',
+        "done",
+        'if [[ -d "$MODEL" ]]; then',
+        "    code=\"$(find \"$MODEL\" -name '*.py' -print 2>/dev/null; grep -l '\"auto_map\"' \"$MODEL\"/*.json 2>/dev/null || true)\"",
+        '    if [[ -n "$code" ]]; then',
+        '        printf \'mixspec: the model directory %s holds code that ms-swift would run (it loads models with trust_remote_code=True):\\n%s\\n\' "$MODEL" "$code" >&2',
+        "        printf 'The spec does not set trust_remote_code: true. Remove the code, or allow it in the spec and compile again.\\n' >&2",
+        "        exit 1",
+        "    fi",
+        "fi",
+    ]
 
 
 def _lora_comps(plan: Plan) -> list[ComponentPlan]:

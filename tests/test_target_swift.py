@@ -365,7 +365,11 @@ def test_any_path_reaches_swift_as_itself(tmp_path, data, out):
     flags = flags_of(sh)
     assert flags["dataset"] == data and flags["output_dir"] == out
     body = [line for line in sh.splitlines() if line and not line.startswith("#")]
-    assert body[0] == "set -euo pipefail" and body[1] == "swift sft \\"
+    start = body.index("swift sft \\")
+    assert body[0] == "set -euo pipefail"
+    assert body[1:start] == [line for line in swift_target._remote_code_lines(plan, plan.model)
+                             if not line.startswith("#")]  # the model-code check, nothing else
+    assert all(line.startswith("    --") or line == '    "$@"' for line in body[start + 1:])
 
 
 def test_plugin_path_is_passed_relative_to_the_script(tmp_path):
@@ -524,6 +528,70 @@ def test_each_unproven_path_is_a_located_plugin_reason(tmp_path, monkeypatch):
         with pytest.raises(UnsupportedError):  # not an approximation: swift may not run it at all
             compile_text(tmp_path, text, plugin=False, approximate=True)
         monkeypatch.setitem(swift_target.SWIFT_MODELS, "qwen2_5_vl", sw)
+
+
+# -- trust model: swift runs a model dir's code unasked, so train.sh looks for code first -------------
+def _run_train_sh(tmp_path, files, *args):
+    """train.sh with a fake `swift` that records that it ran."""
+    out = tmp_path / "compiled"
+    out.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text, encoding="utf-8")
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "swift").write_text('#!/usr/bin/env bash\necho "fake swift ran" > "$SWIFT_RAN"\n', encoding="utf-8")
+    (fake / "swift").chmod(0o755)
+    ran = tmp_path / "swift-ran"
+    ran.unlink(missing_ok=True)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SWIFT_RAN": str(ran)}
+    proc = subprocess.run(["bash", str(out / "train.sh"), *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=60)
+    return proc, ran.exists()
+
+
+def test_train_sh_refuses_a_model_dir_with_code(tmp_path):
+    from tinymodels import tiny_config, write_config_dir
+
+    model = write_config_dir(tiny_config("qwen2_5_vl"), tmp_path / "tiny")
+    files = compile_text(tmp_path, SEED.replace("Qwen/Qwen2.5-VL-7B-Instruct", str(model)))
+    proc, ran = _run_train_sh(tmp_path, files)
+    assert proc.returncode == 0 and ran, proc.stderr  # no code: swift starts
+
+    (model / "modeling_evil.py").write_text("import os\n", encoding="utf-8")
+    proc, ran = _run_train_sh(tmp_path, files)
+    assert proc.returncode == 1 and not ran
+    assert f"mixspec: the model directory {model} holds code that ms-swift would run" in proc.stderr
+    assert str(model / "modeling_evil.py") in proc.stderr
+    (model / "modeling_evil.py").unlink()
+
+    # auto_map in any JSON config (tokenizer, processor) points transformers at code, maybe in another repo
+    (model / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["org/repo--tok.T", None]}}),
+                                                 encoding="utf-8")
+    proc, ran = _run_train_sh(tmp_path, files)
+    assert proc.returncode == 1 and not ran and str(model / "tokenizer_config.json") in proc.stderr
+    (model / "tokenizer_config.json").unlink()
+
+    # a --model given to train.sh is the one swift loads (the last wins): that one is checked
+    other = write_config_dir(tiny_config("qwen2_5_vl"), tmp_path / "other")
+    (other / "sub").mkdir()
+    (other / "sub" / "helper.py").write_text("\n", encoding="utf-8")
+    for args in (["--model", str(other)], [f"--model={other}"], ["--model", str(model), "--model", str(other)]):
+        proc, ran = _run_train_sh(tmp_path, files, *args)
+        assert proc.returncode == 1 and not ran and str(other / "sub" / "helper.py") in proc.stderr, args
+    proc, ran = _run_train_sh(tmp_path, files, "--model", str(other), "--model", str(model))
+    assert proc.returncode == 0 and ran, proc.stderr
+
+
+def test_train_sh_skips_the_code_check_when_the_spec_allows_remote_code(tmp_path):
+    from tinymodels import tiny_config, write_config_dir
+
+    model = write_config_dir(tiny_config("qwen2_5_vl"), tmp_path / "tiny")
+    (model / "modeling_x.py").write_text("\n", encoding="utf-8")
+    files = compile_text(tmp_path, SEED.replace("Qwen/Qwen2.5-VL-7B-Instruct", str(model))
+                         + "trust_remote_code: true\n")
+    assert "trust_remote_code: true), and ms-swift" in files["train.sh"]
+    proc, ran = _run_train_sh(tmp_path, files)
+    assert proc.returncode == 0 and ran, proc.stderr
 
 
 def test_local_text_model_without_a_known_swift_type_is_refused(tmp_path):
