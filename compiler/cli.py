@@ -235,6 +235,12 @@ def compile(
     except MixspecError as exc:
         raise _fail(exc) from None
     _print_warnings(the_plan)
+    from mixspec.targets import target_warnings
+
+    for line in target_warnings(the_plan, target, TargetOptions(swift_version=swift_version, plugin=plugin,
+                                                                 approximate=approximate,
+                                                                 model_override=model_override)):
+        _stderr(f"warning: target {target}: {line}")
     if out is None and not dry_run:
         for name, text in files.items():
             if len(files) > 1:

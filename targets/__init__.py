@@ -36,6 +36,10 @@ class Target:
     def files(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
         raise NotImplementedError
 
+    def warnings(self, plan: Plan, options: TargetOptions) -> list[str]:
+        """What the output does exactly but without proof for this model (printed, not refused)."""
+        return []
+
     def render(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
         problems = self.unsupported(plan, options)
         if problems and not options.approximate:
@@ -58,6 +62,12 @@ def available_targets() -> dict[str, type[Target]]:
             raise
         out[name] = mod.TARGET
     return out
+
+
+def target_warnings(plan: Plan, target: str, options: TargetOptions | None = None) -> list[str]:
+    """The target's warnings for a Plan it renders (empty for an unknown target)."""
+    targets = available_targets()
+    return targets[target]().warnings(plan, options or TargetOptions()) if target in targets else []
 
 
 def render(plan: Plan, target: str, options: TargetOptions | None = None) -> dict[str, str]:

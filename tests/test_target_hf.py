@@ -297,15 +297,21 @@ def test_self_check_counts_equal_peft_for_conv_embedding_rslora_dora(tiny_dirs, 
     model, rows = module.setup_model(str(tiny_dirs[2]), meta=True)  # raises PlanMismatch on any difference
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.totals.trainable_params
     assert all(planned == got for _, _, _, planned, got in rows)
-    assert module.encoder_side_trained() is True
 
 
-def test_encoder_side_and_unloadable_model(tiny_dirs, tmp_path):
+def test_ddp_unused_search_on_multimodal_models_and_unloadable_model(tiny_dirs, tmp_path):
+    """A multimodal model skips parts on some batches (towers on text-only batches, Mllama's
+    cross-attention layers without images): DDP must search for unused parameters there."""
     _, plan = plan_from_text(tmp_path, f"version: 1\nmodel: {tiny_dirs[2]}\ncomponents:\n"
                                        "  language: {train: lora, lr: 1.0e-4}\n  vision: {train: freeze}\n")
     module = import_module_from_text(render(plan, "hf", TargetOptions())["train.py"], tmp_path / "train.py",
                                      "train_meta_language_only")
-    assert module.encoder_side_trained() is False  # DDP then needs no unused-parameter search
+    args = module.parse_args(["--output-dir", str(tmp_path / "o")])
+    assert module.training_arguments(args).ddp_find_unused_parameters is True
+    text_only = module.PLAN.copy()
+    module.PLAN = dict(text_only, multimodal=False)
+    assert module.training_arguments(args).ddp_find_unused_parameters is False
+    module.PLAN = text_only
     with pytest.raises(SystemExit) as info:
         module.load_model(str(tmp_path / "no-such-model"), meta=True)
     assert info.value.code == 1
@@ -479,84 +485,178 @@ def test_sh_word_and_comment_text():
 
 # -- data: rows -> tokens, labels and image tensors ---------------------------------------------
 
-class _QwenLikeProcessor:
-    """Stands in for transformers' Qwen2.5-VL processor (which needs torchvision here): expands
-    each <|image_pad|> to 4 tokens and returns per-token mm_token_type_ids, like the real one."""
-
-    image_token = "<|image_pad|>"
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.chat_template = make_tiny_vlm.QWEN_CHAT_TEMPLATE
-        self.image_processor = object()
-
-    def apply_chat_template(self, messages, **kwargs):
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
-
-    def __call__(self, text, images, return_tensors, add_special_tokens):
-        import torch
-
-        expanded = [t.replace(self.image_token, self.image_token * 4) for t in text]
-        out = dict(self.tokenizer(expanded, return_tensors=return_tensors, add_special_tokens=add_special_tokens))
-        image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        out["mm_token_type_ids"] = (out["input_ids"] == image_id).long()
-        out["pixel_values"] = torch.ones((16 * len(images), 8))
-        out["image_grid_thw"] = torch.tensor([[1, 4, 4]] * len(images))
-        return out
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    """A tiny LLaVA-1.5 with its real processor (CLIP image processor, no torchvision needed)."""
+    pytest.importorskip("PIL")
+    return make_tiny_vlm.make_tiny_llava(tmp_path_factory.mktemp("llava") / "llava")
 
 
-def test_rows_become_assistant_labels_image_tensors_and_padded_batches(tmp_path):
-    import torch
-    from PIL import Image
-
+def _data_module(tmp_path, model_type="llava"):
     from mixspec.targets import hf
 
-    module = import_module_from_text(hf._TRAIN_PY.replace("__MIXSPEC_HEADER__\n", "").replace(
-        "__MIXSPEC_PLAN__", "{}").replace("__MIXSPEC_TRAINING__", "{}").replace("__MIXSPEC_DATA__", "None").replace(
+    return import_module_from_text(hf._TRAIN_PY.replace("__MIXSPEC_HEADER__\n", "").replace(
+        "__MIXSPEC_PLAN__", repr({"model_type": model_type, "multimodal": True})).replace(
+        "__MIXSPEC_TRAINING__", "{}").replace("__MIXSPEC_DATA__", "None").replace(
         "__MIXSPEC_OUTPUT_DIR__", "'o'").replace("__MIXSPEC_DISTRIBUTED__", "{}").replace("__MIXSPEC_DEEPSPEED__", "None"),
-        tmp_path / "train_data.py", "train_data_pipeline")
-    tok = make_tiny_vlm._qwen_tokenizer()
-    Image.new("RGB", (28, 28)).save(tmp_path / "a.png")
+        tmp_path / "train_data.py", "train_data_" + tmp_path.name.replace("-", "_"))
+
+
+def test_rows_are_the_processors_whole_conversation_plus_assistant_labels(llava_dir, tmp_path):
+    """Against the oracle of the family's own processor: apply_chat_template(tokenize=True) on
+    the whole conversation, and its processor on the list of conversations for a batch."""
+    import torch
+    import transformers
+    from PIL import Image
+
+    module = _data_module(tmp_path)
+    processor = transformers.AutoProcessor.from_pretrained(llava_dir)
+    tokenizer, proc, why = module.load_processing(str(llava_dir))
+    encoder = module.ConversationEncoder(tokenizer, proc, 512, True, why)
+    Image.new("RGB", (56, 56), (200, 0, 0)).save(tmp_path / "a.png")
+    Image.new("RGB", (80, 64), (0, 0, 200)).save(tmp_path / "b.png")
     rows = [
         {"messages": [{"role": "user", "content": "<image>What is it?"}, {"role": "assistant", "content": "A dot."},
-                      {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}],
-         "images": ["a.png"]},
+                      {"role": "user", "content": "<image>And this?"}, {"role": "assistant", "content": "Blue."}],
+         "images": ["a.png", "b.png"]},
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]},
+        {"messages": [{"role": "user", "content": "Which colour?"}, {"role": "assistant", "content": "Red."}],
+         "images": ["a.png"]},
     ]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ds = module.ConversationDataset(module.read_rows(str(path)), tok, _QwenLikeProcessor(tok), 512, True)
-    first, second = ds[0], ds[1]
-    learned = tok.decode(first["labels"][first["labels"] != -100])
-    assert learned == "A dot.<|im_end|>\nYes.<|im_end|>\n"
-    full = tok.decode(first["input_ids"])
-    assert full.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                           "<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>What is it?")
-    assert first["mm_token_type_ids"].tolist() == (first["input_ids"] == 151655).long().tolist()
-    assert int(first["mm_token_type_ids"].sum()) == 4
-    assert first["pixel_values"].shape == (16, 8) and first["image_grid_thw"].tolist() == [[1, 4, 4]]
-    assert "mm_token_type_ids" not in second and tok.decode(second["labels"][second["labels"] != -100]) == \
-        "Hello there.<|im_end|>\n"
-    batch = module.Collator(tok.pad_token_id)([first, second])
-    n1, n2 = len(first["input_ids"]), len(second["input_ids"])
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["mm_token_type_ids"].shape == (2, max(n1, n2))
-    assert batch["attention_mask"].sum(1).tolist() == [n1, n2]
-    assert batch["mm_token_type_ids"][1].sum() == 0 and batch["labels"][1, n2:].eq(-100).all()
-    assert batch["input_ids"][1, n2:].eq(tok.pad_token_id).all()
-    assert batch["pixel_values"].shape == (16, 8) and "_token_keys" not in batch
-    # a cut through the image is an error naming the row; rows without an answer too
-    short = module.ConversationDataset(module.read_rows(str(path)), tok, _QwenLikeProcessor(tok), 20, True)
+    ds = module.ConversationDataset(module.read_rows(str(path)), encoder)
+    items = [ds[i] for i in range(3)]
+
+    def pil(name):
+        with Image.open(tmp_path / name) as img:
+            return img.convert("RGB")
+
+    oracle_messages = [
+        [{"role": "user", "content": [{"type": "image", "image": pil("a.png")}, {"type": "text", "text": "What is it?"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "A dot."}]},
+         {"role": "user", "content": [{"type": "image", "image": pil("b.png")}, {"type": "text", "text": "And this?"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}],
+        [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "Hello there."}]}],
+        [{"role": "user", "content": [{"type": "image", "image": pil("a.png")}, {"type": "text", "text": "Which colour?"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}],
+    ]
+    for item, messages in zip(items, oracle_messages):
+        want = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+        got = module.Collator(encoder)([item])
+        assert set(got) == set(want) | {"labels"}
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+    # labels: exactly the assistant turns as the template writes them (LLaVA: text + ' ')
+    runs = [[], []]
+    labels = items[0]["labels"]
+    k = 0
+    for i, tok in enumerate(labels.tolist()):
+        if tok != -100:
+            runs[k].append(tok)
+        elif runs[k] and k == 0:
+            k = 1
+    assert [tokenizer.decode(r) for r in runs] == [" A dot. ", " Blue. "]
+    assert tokenizer.decode(items[1]["labels"][items[1]["labels"] != -100]) == " Hello there. "
+
+    # a micro-batch of rows with 2, 0 and 1 images = the processor's own batch of the three
+    batch = module.Collator(encoder)(items)
+    want = processor.apply_chat_template(oracle_messages, tokenize=True, return_dict=True, return_tensors="pt",
+                                         padding=True, padding_side="right")
+    assert set(batch) == set(want) | {"labels"}
+    for key in want:
+        assert torch.equal(batch[key], want[key]), key
+    assert batch["pixel_values"].shape[0] == 3
+    for i, item in enumerate(items):
+        n = item["labels"].shape[0]
+        assert torch.equal(batch["labels"][i, :n], item["labels"]) and batch["labels"][i, n:].eq(-100).all()
+
+    # a cut through an image is an error naming the row; a cut after it is fine
+    short = module.ConversationEncoder(tokenizer, proc, 20, True, why)
     with pytest.raises(module.DataError, match=r"d\.jsonl:1: .*would cut an image"):
-        short[0]
+        module.ConversationDataset(module.read_rows(str(path)), short)[0]
+    cut = module.ConversationEncoder(tokenizer, proc, items[2]["labels"].shape[0] - 2, True, why)
+    row = module.ConversationDataset(module.read_rows(str(path)), cut)[2]
+    assert row["inputs"]["input_ids"].shape[1] == items[2]["labels"].shape[0] - 2
+    assert torch.equal(row["inputs"]["input_ids"][0], items[2]["inputs"]["input_ids"][0, :-2])
+
+
+def test_bad_rows_are_named_before_training(llava_dir, tmp_path):
+    module = _data_module(tmp_path)
+    tokenizer, proc, why = module.load_processing(str(llava_dir))
+    encoder = module.ConversationEncoder(tokenizer, proc, 512, True, why)
+    from PIL import Image
+
+    Image.new("RGB", (28, 28)).save(tmp_path / "a.png")
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "<image><image>x"}, {"role": "assistant", "content": "y"}],'
+    bad.write_text('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],'
                    ' "images": ["a.png"]}\n{"messages": [{"role": "user", "content": "only a question"}]}\nnot json\n')
     with pytest.raises(module.DataError, match=r"bad\.jsonl:3: not valid JSON"):
         module.read_rows(str(bad))
     bad.write_text("\n".join(bad.read_text().splitlines()[:2]) + "\n")
-    ds = module.ConversationDataset(module.read_rows(str(bad)), tok, _QwenLikeProcessor(tok), 512, True)
-    with pytest.raises(module.DataError, match=r"bad\.jsonl:1: 2 image markers but 1 images"):
-        ds[0]
     with pytest.raises(module.DataError, match=r"bad\.jsonl:2: no assistant message"):
-        ds[1]
-    assert torch.is_tensor(batch["image_grid_thw"])
+        module.ConversationDataset(module.read_rows(str(bad)), encoder)
+    bad.write_text('{"messages": [{"role": "user", "content": "<image><image>x"}, {"role": "assistant", "content": "y"}],'
+                   ' "images": ["a.png"]}\n')
+    with pytest.raises(module.DataError, match=r"bad\.jsonl:1: 2 image markers but 1 images"):
+        module.ConversationDataset(module.read_rows(str(bad)), encoder)
+    bad.write_text('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],'
+                   ' "images": ["missing.png"]}\n')
+    with pytest.raises(module.DataError, match=r"bad\.jsonl:1: image not found: .*missing\.png"):
+        module.ConversationDataset(module.read_rows(str(bad)), encoder)
+    # prefix-LM families take one user and one assistant message
+    (tmp_path / "p").mkdir()
+    prefix = _data_module(tmp_path / "p", model_type="paligemma")
+    pe = prefix.ConversationEncoder(tokenizer, proc, 512, True, why)
+    bad.write_text('{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x"},'
+                   ' {"role": "assistant", "content": "y"}]}\n')
+    with pytest.raises(prefix.DataError, match=r"bad\.jsonl:1: paligemma is a prefix-LM .*got system, user, assistant"):
+        prefix.ConversationDataset(prefix.read_rows(str(bad)), pe)[0]
+
+
+# -- what train.py can feed ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qwen2_audio_dir(tmp_path_factory):
+    """A config-only Qwen2-Audio (audio tower + projector + LLM), small dimensions."""
+    d = tmp_path_factory.mktemp("qwen2audio")
+    config = {
+        "architectures": ["Qwen2AudioForConditionalGeneration"], "model_type": "qwen2_audio",
+        "audio_config": {"model_type": "qwen2_audio_encoder", "d_model": 32, "encoder_layers": 2,
+                         "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "num_mel_bins": 16,
+                         "max_source_positions": 64},
+        "text_config": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 256},
+        "audio_token_index": 255,
+    }
+    (d / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return d
+
+
+def test_training_the_audio_tower_is_refused_naming_the_component(qwen2_audio_dir, tmp_path):
+    """train.py has no audio path: an audio component would never get a gradient."""
+    _, plan = plan_from_text(tmp_path, f"version: 1\nmodel: {qwen2_audio_dir}\ncomponents:\n"
+                                       "  audio: {train: full, lr: 1.0e-5}\n  aligner: {train: full, lr: 1.0e-5}\n"
+                                       "  language: {train: lora, lr: 1.0e-4}\n")
+    assert "audio" in plan.roles and "vision" not in plan.roles
+    codes, text = _codes(plan)
+    assert codes == ["no-audio-input", "no-audio-input"]
+    assert "spec.yaml:4:3: error: target hf cannot express training component 'audio'" in text
+    assert "training component 'aligner'" in text and "never get a gradient" in text
+    # the language model alone is fed by text rows
+    _, plan = plan_from_text(tmp_path, f"version: 1\nmodel: {qwen2_audio_dir}\ncomponents:\n"
+                                       "  language: {train: lora, lr: 1.0e-4}\n", name="text.yaml")
+    assert "train.py" in render(plan, "hf", TargetOptions())
+
+
+def test_unproven_family_warns_at_compile(tmp_path, tiny_dirs):
+    from mixspec.targets import hf, target_warnings
+
+    _, plan = plan_from_text(tmp_path, f"version: 1\nmodel: {tiny_dirs[2]}\ncomponents:\n"
+                                       "  language: {train: lora, lr: 1.0e-4}\n")
+    assert target_warnings(plan, "hf") == []
+    unproven = dataclasses.replace(plan, model_type="some_new_vlm")
+    (line,) = target_warnings(unproven, "hf")
+    assert "model_type 'some_new_vlm' are not proven" in line and "--preview-data" in line
+    assert "qwen2_5_vl" in hf.IMAGE_ROWS_PROVEN

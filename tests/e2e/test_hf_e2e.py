@@ -261,7 +261,7 @@ def test_qwen_two_steps_in_process_reload_exact(models, tmp_path):
     assert set(got) == set(want)
     for name in want:
         assert torch.equal(got[name].detach(), want[name].detach()), name
-    batch = module.Collator(151643)([trainer.train_dataset[0], trainer.train_dataset[1]])
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     assert torch.equal(logits(reloaded, batch), logits(trainer.model, batch))
 
 
@@ -301,8 +301,8 @@ def test_llava_images_two_lora_components(models, tmp_path):
     module = import_train(out / "train.py", "train_llava_inproc")
     trainer = module.build_trainer(module.parse_args(["--data", str(tmp_path / "data.jsonl")]))
     item = trainer.train_dataset[0]
-    assert int((item["input_ids"] == make_tiny_vlm.LLAVA_IMAGE_TOKEN_ID).sum()) == 16
-    assert item["pixel_values"].shape == (1, 3, 56, 56)
+    assert int((item["inputs"]["input_ids"] == make_tiny_vlm.LLAVA_IMAGE_TOKEN_ID).sum()) == 16
+    assert item["inputs"]["pixel_values"].shape == (1, 3, 56, 56)
     assert int((item["labels"] != -100).sum()) > 0
 
     # PEFT got each component's own rank, scaling and dropout, on exactly the planned modules
@@ -332,7 +332,7 @@ def test_llava_images_two_lora_components(models, tmp_path):
     assert set(got) == set(want)
     for name in want:
         assert torch.equal(got[name].detach(), want[name].detach()), name
-    batch = module.Collator(make_tiny_vlm.LLAVA_PAD_TOKEN_ID)([trainer.train_dataset[0], trainer.train_dataset[3]])
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[3]])
     assert torch.equal(logits(reloaded, batch), logits(trainer.model, batch))
 
 

@@ -40,9 +40,14 @@ Data: a .jsonl file, one conversation per line (a hub dataset id with the same c
   - images: paths (relative to the .jsonl file's directory, or absolute); optional. A row
     with images but no "<image>" marker gets them in front of its first user message.
   - text-only rows simply leave out "images".
-  Each row goes through the model's own chat template and processor. Loss is computed on the
-  assistant turns only (their text and the template's end-of-turn tokens). Rows longer than
-  training.max_length tokens are cut; a cut through an image is an error naming the row.
+  Each row goes through the model's own chat template and processor, whole, in one call: every
+  model input equals what the processor returns for that conversation (a micro-batch is the
+  processor's own batch of its rows, right-padded). Loss is computed on the assistant turns
+  only (their text and the template's end-of-turn tokens). Prefix-LM families (PaliGemma) take
+  one user and one assistant message: prompt and answer (the processor's suffix). Rows longer
+  than training.max_length tokens are cut; a cut through an image is an error naming the row.
+  python train.py --preview-data N --preview-out DIR writes the first N rows as training sees
+  them (DIR/row{i}.safetensors, DIR/preview.txt with the labelled text decoded) and exits.
 
 Saving. Each checkpoint (and OUTPUT_DIR/final at the end) holds the LoRA adapter
 (adapter_model.safetensors, adapter_config.json), the fully trained parameters
@@ -206,7 +211,8 @@ PEFT_PREFIX = "base_model.model."
 TRAINED_PARAMS_FILE = "trained_params.safetensors"
 PLAN_FILE = "mixspec_plan.json"
 IMAGE_MARKER = "<image>"
-TOKEN_KEYS = "_token_keys"  # dataset items name their token-aligned tensors under this key
+# prefix-LM families: the prompt is attended both ways (token_type_ids 0), the answer causally (1)
+PREFIX_LM_TYPES = ("paligemma",)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -842,149 +848,248 @@ def conversation(row, multimodal):
     return out, images
 
 
-def _open_image(image, base):
+def _image_path(image, base, where):
+    if not isinstance(image, str) or not image:
+        raise DataError(f"{where}: each image must be a path (a non-empty string)")
+    path = image if os.path.isabs(image) else os.path.join(base, image)
+    if not os.path.isfile(path):
+        raise DataError(f"{where}: image not found: {path}")
+    return path
+
+
+def _open_image(image, base, where="row"):
     from PIL import Image
 
-    if isinstance(image, Image.Image):
+    if hasattr(image, "convert"):  # a PIL image (hub datasets)
         return image.convert("RGB")
-    path = image if os.path.isabs(image) else os.path.join(base, image)
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    path = _image_path(image, base, where)
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as exc:
+        raise DataError(f"{where}: cannot read image {path}: {type(exc).__name__}: {exc}") from None
 
 
-class ConversationDataset(torch.utils.data.Dataset):
-    """Rows -> input_ids, labels (assistant tokens only) and the processor's image tensors."""
+class ConversationEncoder:
+    """Rows -> exactly what the family's own processor makes of each whole conversation, plus labels.
 
-    def __init__(self, rows, tokenizer, processor, max_length, multimodal, processor_error=None):
-        self.rows = rows
+    Every model input (input_ids, attention_mask, pixel_values, image_grid_thw,
+    cross_attention_mask, token_type_ids, ...) is the processor's output for the whole
+    conversation rendered by the chat template, in one call, as
+    processor.apply_chat_template(..., tokenize=True) would give it. The only key this script
+    adds is labels: -100 everywhere except the tokens of the assistant turns (with the
+    end-of-turn tokens the template emits). Assistant tokens are located by processing the
+    conversation up to each turn: those token ids must be a prefix of the whole
+    conversation's, or the row is refused (the template or tokenizer merges tokens across the
+    turn boundary). Prefix-LM families (PaliGemma) take the prompt as text and the answer as
+    the processor's suffix, their own training convention: token_type_ids 0 on the prompt
+    (attended both ways), 1 on the answer (causal)."""
+
+    def __init__(self, tokenizer, processor, max_length, multimodal, processor_error=None):
         self.tokenizer = tokenizer
         self.processor = processor
         self.max_length = max_length
         self.multimodal = multimodal
         self.processor_error = processor_error
+        self.prefix_lm = PLAN["model_type"] in PREFIX_LM_TYPES
         owner = processor if processor is not None and getattr(processor, "chat_template", None) else tokenizer
-        if not getattr(owner, "chat_template", None):
+        if not self.prefix_lm and not getattr(owner, "chat_template", None):
             raise DataError("the model has no chat template (tokenizer_config.json / chat_template.jinja)")
         self.template_owner = owner
+        tokenizer.padding_side = "right"  # batches: every row starts at position 0, labels line up
+        self.image_ids = image_token_ids(tokenizer, processor)
+        self.image_token_id = None
         image_token = getattr(processor, "image_token", None) if processor is not None else None
-        self.image_token = image_token
-        self.image_token_id = (tokenizer.convert_tokens_to_ids(image_token) if image_token else None)
-
-    def __len__(self):
-        return len(self.rows)
+        if isinstance(image_token, str):
+            self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
 
     def render(self, messages, add_generation_prompt=False):
         return self.template_owner.apply_chat_template(messages, tokenize=False,
                                                        add_generation_prompt=add_generation_prompt)
 
-    def pieces(self, messages, where):
-        """[(text, is_assistant)] covering the rendered conversation."""
-        full = self.render(messages)
-        out, pos = [], 0
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            prompt = self.render(messages[:i], add_generation_prompt=True)
-            upto = self.render(messages[: i + 1])
-            if not (full.startswith(upto) and upto.startswith(prompt) and len(prompt) >= pos):
-                raise DataError(f"{where}: the chat template renders earlier turns differently once later "
-                                "turns follow, so assistant turns cannot be located")
-            out.append((full[pos:len(prompt)], False))
-            out.append((upto[len(prompt):], True))
-            pos = len(upto)
-        out.append((full[pos:], False))
-        return [(t, a) for t, a in out if t]
+    def process(self, texts, images, suffixes=None, where="row"):
+        """One call of the processor (the tokenizer for text-only models) on whole conversations."""
+        kw = {"return_tensors": "pt"}
+        if len(texts) > 1:
+            kw["padding"] = True
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if not self.prefix_lm and bos and all(t.startswith(bos) for t in texts):
+            kw["add_special_tokens"] = False  # the template wrote BOS (as apply_chat_template does)
+        try:
+            if self.processor is None:
+                out = self.tokenizer(texts, **kw)
+            else:
+                if suffixes is not None:
+                    kw["suffix"] = suffixes
+                has_images = any(len(imgs) for imgs in images)
+                out = self.processor(text=texts, images=images if has_images else None, **kw)
+        except DataError:
+            raise
+        except Exception as exc:  # the family's processor refuses the row(s): name them
+            raise DataError(f"{where}: {type(self.processor or self.tokenizer).__name__} cannot take this: "
+                            f"{type(exc).__name__}: " + " ".join(str(exc).split())[:300]) from None
+        return {k: v for k, v in out.items() if torch.is_tensor(v) and k != "labels"}
 
-    def __getitem__(self, index):
-        row = self.rows[index]
+    def prefix_lm_parts(self, messages, where):
+        """(prompt text with image markers, answer) of a single-turn row of a prefix-LM family."""
+        roles = [m["role"] for m in messages]
+        if roles != ["user", "assistant"]:
+            raise DataError(f"{where}: {PLAN['model_type']} is a prefix-LM (prompt, then answer): a row must be "
+                            f"one user message and one assistant message, got {', '.join(roles)}")
+        marker = getattr(self.processor, "image_token", IMAGE_MARKER)
+
+        def text(m):
+            return "".join(marker if p["type"] == "image" else p["text"] for p in m["content"])
+
+        return text(messages[0]), text(messages[1])
+
+    def encode_row(self, row, index=0):
+        """{'text', 'suffix', 'images', 'inputs' (this row alone, as one micro-batch), 'labels', 'where'}."""
         where = row.get("_where", f"row {index}")
         messages, images = conversation(row, self.multimodal)
         if images and self.processor is None:
             raise DataError(f"{where}: has images, but no image processor could be loaded for this model: "
                             f"{self.processor_error}")
-        pil = [_open_image(img, row.get("_base", ".")) for img in images]
-        pieces = self.pieces(messages, where)
-        bos = getattr(self.tokenizer, "bos_token", None)
-        add_special = not (bos and pieces and pieces[0][0].startswith(bos))
-        input_ids, labels, extras, token_extras = [], [], {}, {}
-        for k, (text, is_assistant) in enumerate(pieces):
-            n_img = text.count(self.image_token) if self.image_token and pil else 0
-            special = add_special and k == 0
-            if n_img:
-                batch = self.processor(text=[text], images=pil[:n_img], return_tensors="pt",
-                                       add_special_tokens=special)
-                pil = pil[n_img:]
-            else:
-                batch = self.tokenizer([text], return_tensors="pt", add_special_tokens=special)
-            ids = batch["input_ids"][0]
-            for key, value in batch.items():
-                if key in ("input_ids", "attention_mask") or not torch.is_tensor(value):
-                    continue
-                if is_token_aligned(key, value, ids.shape[0]):
-                    token_extras.setdefault(key, {})[k] = value[0]
-                else:
-                    extras.setdefault(key, []).append(value)
-            input_ids.append(ids)
-            labels.append(ids.clone() if is_assistant else torch.full_like(ids, -100))
-        if pil:
-            raise DataError(f"{where}: {len(pil)} images were not placed by the chat template")
-        item = {"input_ids": torch.cat(input_ids), "labels": torch.cat(labels)}
-        for key, by_piece in token_extras.items():  # e.g. mm_token_type_ids: 0 on text-only pieces
-            like = next(iter(by_piece.values()))
-            item[key] = torch.cat([by_piece.get(k, like.new_zeros((len(ids), *like.shape[1:])))
-                                   for k, ids in enumerate(input_ids)])
-        if item["input_ids"].shape[0] > self.max_length:
-            cut = item["input_ids"][self.max_length:]
-            if self.image_token_id is not None and bool((cut == self.image_token_id).any()):
-                raise DataError(f"{where}: {item['input_ids'].shape[0]} tokens; cutting at max_length "
-                                f"{self.max_length} would cut an image (raise training.max_length or shorten the row)")
-            item = {k: v[: self.max_length] for k, v in item.items()}
-        if bool((item["labels"] == -100).all()):
+        pil = [_open_image(img, row.get("_base", "."), where) for img in images]
+        if self.prefix_lm:
+            prompt, answer = self.prefix_lm_parts(messages, where)
+            inputs = self.process([prompt], [pil], suffixes=[answer], where=where)
+            types = inputs.get("token_type_ids")
+            if types is None:
+                raise DataError(f"{where}: the processor gave no token_type_ids for the answer")
+            labels = torch.where(types[0] == 1, inputs["input_ids"][0], torch.full_like(types[0], -100))
+            text, suffix = prompt, answer
+        else:
+            text, suffix = self.render(messages), None
+            inputs = self.process([text], [pil], where=where)
+            labels = self.assistant_labels(messages, text, pil, inputs["input_ids"][0], where)
+        inputs, labels = self.cut(inputs, labels, where)
+        if bool((labels == -100).all()):
             raise DataError(f"{where}: no assistant token within max_length {self.max_length}")
-        item[TOKEN_KEYS] = tuple(item)
-        item.update({k: torch.cat(v) for k, v in extras.items()})
-        return item
+        return {"text": text, "suffix": suffix, "images": pil, "inputs": inputs, "labels": labels, "where": where}
+
+    def assistant_labels(self, messages, full, pil, ids, where):
+        labels = torch.full_like(ids, -100)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = self.render(messages[:i], add_generation_prompt=True)
+            upto = self.render(messages[: i + 1])
+            if not (full.startswith(upto) and upto.startswith(prompt)):
+                raise DataError(f"{where}: the chat template renders earlier turns differently once later "
+                                "turns follow, so assistant turns cannot be located")
+            start = self.prefix_length(prompt, pil, ids, where)
+            end = self.prefix_length(upto, pil, ids, where)
+            labels[start:end] = ids[start:end]
+        return labels
+
+    def prefix_length(self, text, pil, ids, where):
+        """Tokens of the conversation's first len(text) characters; they must be a prefix of ids."""
+        n_images = sum(text.count(t) for t in self.image_markers()) if pil else 0
+        if n_images > len(pil):
+            n_images = len(pil)
+        got = self.process([text], [pil[:n_images]], where=where)["input_ids"][0]
+        if got.shape[0] > ids.shape[0] or not torch.equal(got, ids[: got.shape[0]]):
+            raise DataError(f"{where}: the conversation up to an assistant turn does not tokenize as a prefix of "
+                            "the whole conversation (the chat template or tokenizer merges tokens across the "
+                            "turn boundary), so its assistant tokens cannot be located exactly")
+        return int(got.shape[0])
+
+    def image_markers(self):
+        token = getattr(self.processor, "image_token", None)
+        return [token] if isinstance(token, str) and token else [IMAGE_MARKER]
+
+    def cut(self, inputs, labels, where):
+        """Rows longer than max_length lose their end (every token-aligned key); never an image."""
+        length = int(inputs["input_ids"].shape[1])
+        if length <= self.max_length:
+            return inputs, labels
+        tail = inputs["input_ids"][0, self.max_length:]
+        if self.image_ids and bool(torch.isin(tail, torch.tensor(sorted(self.image_ids))).any()):
+            raise DataError(f"{where}: {length} tokens; cutting at max_length {self.max_length} would cut an image "
+                            "(raise training.max_length or shorten the row)")
+        out = {k: (v[:, : self.max_length] if token_aligned(v, inputs["input_ids"]) else v) for k, v in inputs.items()}
+        return out, labels[: self.max_length]
 
 
-_IMAGE_KEYS = ("pixel_values", "image_", "video_", "second_per_grid")
+def image_token_ids(tokenizer, processor):
+    """Ids of the tokens that stand for or frame images (never cut by max_length)."""
+    names = set()
+    for owner in (processor, tokenizer):
+        if owner is None:
+            continue
+        for attr in dir(owner):
+            if not re.search(r"image|img|vision|boi|eoi", attr) or attr.startswith("_"):
+                continue
+            try:
+                value = getattr(owner, attr)
+            except Exception:
+                continue
+            if isinstance(value, str) and value and attr.endswith(("token", "tag")):
+                names.add(value)
+    ids = set()
+    for name in names:
+        tid = tokenizer.convert_tokens_to_ids(name)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return ids
 
 
-def is_token_aligned(key, value, length):
-    """A processor output with one entry per token (padded in batches), not an image tensor."""
-    return (not key.startswith(_IMAGE_KEYS) and value.dim() >= 2 and value.shape[0] == 1
-            and value.shape[1] == length)
+def token_aligned(value, input_ids):
+    """A processor output with one entry per token (input_ids, attention_mask, token_type_ids,
+    cross_attention_mask, ...), as opposed to an image tensor."""
+    return value.dim() >= 2 and tuple(value.shape[:2]) == tuple(input_ids.shape)
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Rows, encoded on access; structure and image files checked up front for every row."""
+
+    def __init__(self, rows, encoder):
+        self.rows = rows
+        self.encoder = encoder
+        for i, row in enumerate(rows):  # cheap checks now, not hours into training
+            _, images = conversation(row, encoder.multimodal)
+            for img in images:
+                if not hasattr(img, "convert"):
+                    _image_path(img, row.get("_base", "."), row.get("_where", f"row {i}"))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.encoder.encode_row(self.rows[index], index)
 
 
 class Collator:
-    """Right-pads the token-aligned tensors of a batch (input_ids, labels, e.g. mm_token_type_ids;
-    zeros where a row has none) and concatenates image tensors along their first axis."""
+    """A micro-batch as the family's processor batches a list of conversations (one call,
+    right-padded), with each row's labels placed on its tokens. A row alone is its own
+    processor output unchanged."""
 
-    def __init__(self, pad_token_id):
-        self.pad_token_id = pad_token_id
+    def __init__(self, encoder):
+        self.encoder = encoder
 
     def __call__(self, items):
-        items = [dict(it) for it in items]
-        token_keys = list(dict.fromkeys(k for it in items for k in it.pop(TOKEN_KEYS, ("input_ids", "labels"))))
-        lengths = [int(it["input_ids"].shape[0]) for it in items]
-        length = max(lengths)
-        batch = {}
-        for key in token_keys:
-            like = next(it[key] for it in items if key in it)
-            pad = self.pad_token_id if key == "input_ids" else (-100 if key == "labels" else 0)
-            out = torch.full((len(items), length, *like.shape[1:]), pad, dtype=like.dtype)
-            for i, it in enumerate(items):
-                if key in it:
-                    out[i, : lengths[i]] = it[key]
-                elif key not in ("input_ids", "labels"):
-                    out[i, : lengths[i]] = 0
-            batch[key] = out
-        for key in dict.fromkeys(k for it in items for k in it):
-            if key not in batch:
-                batch[key] = torch.cat([it[key] for it in items if key in it])
-        mask = torch.zeros((len(items), length), dtype=torch.long)
-        for i, n in enumerate(lengths):
-            mask[i, :n] = 1
-        batch["attention_mask"] = mask
+        if len(items) == 1:
+            batch = dict(items[0]["inputs"])
+        else:
+            where = ", ".join(it["where"] for it in items)
+            suffixes = [it["suffix"] for it in items] if self.encoder.prefix_lm else None
+            batch = self.encoder.process([it["text"] for it in items], [it["images"] for it in items],
+                                         suffixes=suffixes, where=where)
+            ids = batch["input_ids"]
+            if ids.shape[1] > self.encoder.max_length:
+                batch = {k: (v[:, : self.encoder.max_length] if token_aligned(v, ids) else v) for k, v in batch.items()}
+            for i, it in enumerate(items):  # the batch must hold each row exactly as processed alone
+                alone = it["inputs"]["input_ids"][0]
+                n = alone.shape[0]
+                row = batch["input_ids"][i]
+                if not torch.equal(row[:n], alone) or int(batch["attention_mask"][i].sum()) != n:
+                    raise DataError(f"{it['where']}: the processor tokenizes this row differently inside a batch "
+                                    "than alone; use micro_batch_size 1")
+        labels = torch.full(batch["input_ids"].shape, -100, dtype=torch.long)
+        for i, it in enumerate(items):
+            labels[i, : it["labels"].shape[0]] = it["labels"]
+        batch["labels"] = labels
         return batch
 
 
@@ -1010,6 +1115,46 @@ def load_processing(model_ref):
     return tokenizer, None, reason
 
 
+def make_encoder(model_ref):
+    tokenizer, processor, why = load_processing(model_ref)
+    return ConversationEncoder(tokenizer, processor, TRAINING["max_length"], PLAN["multimodal"], why)
+
+
+def preview_data(args):
+    """--preview-data N: the first N rows as training sees them, one micro-batch per row."""
+    from safetensors.torch import save_file
+
+    if not args.data:
+        fail(DataError("no training data: set data.train in the spec or pass --data"))
+    out_dir = args.preview_out or "preview"
+    try:
+        encoder = make_encoder(args.model)
+        rows = read_rows(args.data)[: args.preview_data]
+        collate = Collator(encoder)
+        os.makedirs(out_dir, exist_ok=True)
+        lines = []
+        for i, row in enumerate(rows):
+            item = encoder.encode_row(row, i)
+            batch = collate([item])
+            save_file({k: v.contiguous() for k, v in batch.items()}, os.path.join(out_dir, f"row{i}.safetensors"))
+            labelled = batch["labels"][0]
+            text = encoder.tokenizer.decode(labelled[labelled != -100].tolist())
+            n_image_tokens = (int((batch["input_ids"] == encoder.image_token_id).sum())
+                              if encoder.image_token_id is not None else 0)
+            lines.append(f"row {i} ({item['where']}): {len(item['images'])} image(s), "
+                         f"{int(batch['input_ids'].shape[1])} tokens, {int((labelled != -100).sum())} labelled, "
+                         f"{n_image_tokens} image tokens")
+            for key in sorted(batch):
+                lines.append(f"  {key}: {tuple(batch[key].shape)} {str(batch[key].dtype).replace('torch.', '')}")
+            lines.append("  labelled text: " + json.dumps(text, ensure_ascii=False))
+    except (DataError, OSError) as exc:
+        fail(exc)
+    with open(os.path.join(out_dir, "preview.txt"), "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    say(f"wrote {len(rows)} row(s) to {out_dir}: row0.safetensors ... and preview.txt")
+    return 0
+
+
 # -- entry points -----------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Fine-tune as planned by mixspec (see the header of this file).")
@@ -1025,6 +1170,10 @@ def parse_args(argv=None):
                    help="override training.precision (e.g. fp32 for a CPU smoke test)")
     p.add_argument("--resume", nargs="?", const=True, default=None, help="resume from the last (or the given) checkpoint")
     p.add_argument("--no-update-ratio", action="store_true", help="log gradient norms only (no weight copy at logging steps)")
+    p.add_argument("--preview-data", type=int, metavar="N", default=None,
+                   help="process the first N rows as training would, write them to --preview-out and exit")
+    p.add_argument("--preview-out", metavar="DIR", default=None,
+                   help="with --preview-data: where to write row{i}.safetensors and preview.txt (default preview/)")
     p.add_argument("--merge", metavar="CHECKPOINT", help="merge CHECKPOINT into a complete model directory (--out)")
     p.add_argument("--out", help="with --merge: where to write the merged model")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="with --merge: weights dtype")
@@ -1073,9 +1222,10 @@ def training_arguments(args):
         report_to=args.report_to,
         deepspeed=ds,
         optim="adamw_torch",
-        # DDP: trained encoder parts get no gradient from text-only batches (or from layers the
-        # model does not use, e.g. LLaVA's last vision layer); only then search for unused ones
-        ddp_find_unused_parameters=encoder_side_trained(),
+        # DDP: a multimodal model skips parts on some batches (the vision tower and projector on
+        # text-only batches, Mllama's cross-attention layers without images, LLaVA's last vision
+        # layer always), so search for unused parameters whenever it is multimodal
+        ddp_find_unused_parameters=bool(PLAN["multimodal"]),
     )
     import dataclasses
 
@@ -1090,12 +1240,6 @@ def training_arguments(args):
     if args.eval_data:
         kw.update(eval_strategy="steps", eval_steps=t["save_steps"], per_device_eval_batch_size=t["micro_batch_size"])
     return TrainingArguments(**kw)
-
-
-def encoder_side_trained():
-    """Whether a trainable parameter lies in the vision, aligner or audio part of the model."""
-    return any(role_of(name) in ("vision", "aligner", "audio")
-               for comp in PLAN["components"] for name in expand_names(comp["trainable"]))
 
 
 def weights_dtype(precision, deepspeed):
@@ -1157,18 +1301,17 @@ def build_trainer(args):
     print_counts(rows, total)
     if not args.data:
         fail(DataError("no training data: set data.train in the spec or pass --data"))
-    tokenizer, processor, why = load_processing(args.model)
     try:
+        encoder = make_encoder(args.model)
         train_rows = read_rows(args.data)
         eval_rows = read_rows(args.eval_data) if args.eval_data else None
-        max_length = TRAINING["max_length"]
-        train_ds = ConversationDataset(train_rows, tokenizer, processor, max_length, PLAN["multimodal"], why)
-        eval_ds = ConversationDataset(eval_rows, tokenizer, processor, max_length, PLAN["multimodal"], why) if eval_rows else None
+        train_ds = ConversationDataset(train_rows, encoder)
+        eval_ds = ConversationDataset(eval_rows, encoder) if eval_rows else None
     except (DataError, OSError) as exc:
         fail(exc)
     return PlanTrainer(
         model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=Collator(tokenizer.pad_token_id), processing_class=processor or tokenizer,
+        data_collator=Collator(encoder), processing_class=encoder.processor or encoder.tokenizer,
         update_ratio=not args.no_update_ratio,
     )
 
@@ -1209,6 +1352,8 @@ def main(argv=None):
         return merge(args)
     if args.check:
         return run_check(args)
+    if args.preview_data is not None:
+        return preview_data(args)
     return train(args)
 
 
