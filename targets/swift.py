@@ -63,6 +63,7 @@ FLAG_PATHS = {
     "multimodal_lr": "--vit_lr/--aligner_lr (swift's multimodal optimizer)",
 }
 _ALL_PATHS = frozenset(FLAG_PATHS)
+_LORA_LLM = frozenset({"lora_llm"})  # lora_llm (with its --vit_lr/--aligner_lr) run on the family
 
 # Hugging Face config model_type -> ms-swift model, and the flag paths proven on it: the one
 # table of families x paths. tests/e2e/test_swift_e2e.py runs, with the real ms-swift, the
@@ -73,16 +74,16 @@ _ALL_PATHS = frozenset(FLAG_PATHS)
 # resolves to nothing). Text-only families are left out: their swift model_type and
 # template depend on the checkpoint (Qwen2 vs Qwen2.5), not on config.json.
 SWIFT_MODELS: dict[str, SwiftModel] = {
-    "qwen2_vl": SwiftModel("qwen2_vl", "qwen2_vl", *_QWEN_VL),
+    "qwen2_vl": SwiftModel("qwen2_vl", "qwen2_vl", *_QWEN_VL, proven=_LORA_LLM),
     "qwen2_5_vl": SwiftModel("qwen2_5_vl", "qwen2_5_vl", *_QWEN_VL, proven=_ALL_PATHS),
     "qwen3_vl": SwiftModel("qwen3_vl", "qwen3_vl", ("model.language_model", "lm_head"), ("model.visual",),
-                           ("model.visual.merger", "model.visual.deepstack_merger_list")),
-    "gemma3": SwiftModel("gemma3_vision", "gemma3_vision", *_LLAVA_HF),
-    "paligemma": SwiftModel("paligemma", "paligemma", *_LLAVA_HF),
-    "llava": SwiftModel("llava1_5_hf", "llava1_5_hf", *_LLAVA_HF),
+                           ("model.visual.merger", "model.visual.deepstack_merger_list"), proven=_LORA_LLM),
+    "gemma3": SwiftModel("gemma3_vision", "gemma3_vision", *_LLAVA_HF, proven=_LORA_LLM),
+    "paligemma": SwiftModel("paligemma", "paligemma", *_LLAVA_HF, proven=_LORA_LLM),
+    "llava": SwiftModel("llava1_5_hf", "llava1_5_hf", *_LLAVA_HF, proven=_LORA_LLM),
     "llava_onevision": SwiftModel("llava_onevision_hf", "llava_onevision_hf", *_LLAVA_HF),
     "mllama": SwiftModel("llama3_2_vision", "llama3_2_vision", ("model.language_model", "lm_head"),
-                         ("model.vision_model",), ("model.multi_modal_projector",)),
+                         ("model.vision_model",), ("model.multi_modal_projector",), proven=_LORA_LLM),
     "idefics3": SwiftModel("idefics3", "idefics3", ("model.text_model",), ("model.vision_model",),
                            ("model.connector",)),
     # the Hugging Face-native InternVL (OpenGVLab/InternVL3*-hf); swift's remote-code
