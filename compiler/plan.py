@@ -140,6 +140,7 @@ class Plan:
     # (a backend fact, for targets that must tell whether a backend's rule gives the Plan's sets)
     layernorm_modules: tuple[str, ...] = field(repr=False, default=())
     warnings_problems: tuple[Problem, ...] = ()
+    trust_remote_code: bool = False  # the spec allows the model repo's own code (targets that load it)
 
     def component(self, name: str) -> ComponentPlan:
         return next(c for c in self.components if c.name == name)

@@ -445,6 +445,7 @@ class _Resolver:
             param_shapes={p: tuple(tree.param_shapes[p]) for p in sorted(trained_base)},
             layernorm_modules=torch_layernorm_modules(tree),
             warnings_problems=tuple(self.diags.warnings) + tuple(self.loaded.warnings),
+            trust_remote_code=bool(spec.trust_remote_code),
         )
 
 

@@ -44,6 +44,9 @@ class SwiftModel:
     language_model: tuple[str, ...] = ()
     vision_tower: tuple[str, ...] = ()
     aligner: tuple[str, ...] = ()
+    # swift's own flag paths (FLAG_PATHS) that a test has run end to end on this family with
+    # the real ms-swift; every other Plan for the family goes through the plugin
+    proven: frozenset = frozenset()
 
     @property
     def multimodal(self) -> bool:
@@ -53,23 +56,60 @@ class SwiftModel:
 _QWEN_VL = (("model.language_model", "lm_head"), ("model.visual",), ("model.visual.merger",))
 _LLAVA_HF = (("model.language_model", "lm_head"), ("model.vision_tower",), ("model.multi_modal_projector",))
 
-# Hugging Face config model_type -> ms-swift model. Checked against the installed ms-swift by
-# tests/e2e/test_swift_e2e.py. Text-only families are left out: their swift model_type and
+# swift's own ways to say a Plan, besides the plugin (--tuner_type/--optimizer mixspec):
+FLAG_PATHS = {
+    "full": "--tuner_type full (+ --freeze_llm/vit/aligner or --trainable_parameters_regex)",
+    "lora": "--tuner_type lora --target_regex",
+    "lora_llm": "--tuner_type lora_llm (+ --vit_lr/--aligner_lr)",
+    "multimodal_lr": "--vit_lr/--aligner_lr (swift's multimodal optimizer)",
+}
+_ALL_PATHS = frozenset(FLAG_PATHS)
+_LORA_LLM = frozenset({"lora_llm"})  # lora_llm (with its --vit_lr/--aligner_lr) run on the family
+
+# Hugging Face config model_type -> ms-swift model, and the flag paths proven on it: the one
+# table of families x paths. tests/e2e/test_swift_e2e.py runs, with the real ms-swift, the
+# plugin on every family here and each proven path on its family; test_swift_model_table_*
+# checks model_type, template and prefixes against swift's registry. A path swift has not
+# been seen to run on a family is not trusted from the registry alone (lora_llm reads the
+# ViT/aligner prefixes as attributes of the PEFT-wrapped model, and on Idefics3 one of them
+# resolves to nothing). Text-only families are left out: their swift model_type and
 # template depend on the checkpoint (Qwen2 vs Qwen2.5), not on config.json.
 SWIFT_MODELS: dict[str, SwiftModel] = {
-    "qwen2_vl": SwiftModel("qwen2_vl", "qwen2_vl", *_QWEN_VL),
-    "qwen2_5_vl": SwiftModel("qwen2_5_vl", "qwen2_5_vl", *_QWEN_VL),
+    "qwen2_vl": SwiftModel("qwen2_vl", "qwen2_vl", *_QWEN_VL, proven=_LORA_LLM),
+    "qwen2_5_vl": SwiftModel("qwen2_5_vl", "qwen2_5_vl", *_QWEN_VL, proven=_ALL_PATHS),
     "qwen3_vl": SwiftModel("qwen3_vl", "qwen3_vl", ("model.language_model", "lm_head"), ("model.visual",),
-                           ("model.visual.merger", "model.visual.deepstack_merger_list")),
-    "gemma3": SwiftModel("gemma3_vision", "gemma3_vision", *_LLAVA_HF),
-    "paligemma": SwiftModel("paligemma", "paligemma", *_LLAVA_HF),
-    "llava": SwiftModel("llava1_5_hf", "llava1_5_hf", *_LLAVA_HF),
+                           ("model.visual.merger", "model.visual.deepstack_merger_list"), proven=_LORA_LLM),
+    "gemma3": SwiftModel("gemma3_vision", "gemma3_vision", *_LLAVA_HF, proven=_LORA_LLM),
+    "paligemma": SwiftModel("paligemma", "paligemma", *_LLAVA_HF, proven=_LORA_LLM),
+    "llava": SwiftModel("llava1_5_hf", "llava1_5_hf", *_LLAVA_HF, proven=_LORA_LLM),
     "llava_onevision": SwiftModel("llava_onevision_hf", "llava_onevision_hf", *_LLAVA_HF),
     "mllama": SwiftModel("llama3_2_vision", "llama3_2_vision", ("model.language_model", "lm_head"),
-                         ("model.vision_model",), ("model.multi_modal_projector",)),
+                         ("model.vision_model",), ("model.multi_modal_projector",), proven=_LORA_LLM),
     "idefics3": SwiftModel("idefics3", "idefics3", ("model.text_model",), ("model.vision_model",),
                            ("model.connector",)),
+    # the Hugging Face-native InternVL (OpenGVLab/InternVL3*-hf); swift's remote-code
+    # InternVL is internvl_chat, which mixspec does not plan (auto_map)
+    "internvl": SwiftModel("internvl", "internvl_hf", *_LLAVA_HF),
 }
+
+
+def families_table() -> str:
+    """The families x paths table, as the README shows it (a test keeps the two equal)."""
+    head = ["config model_type", "swift --model_type / --template", "plugin", *FLAG_PATHS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for hf_type, sw in sorted(SWIFT_MODELS.items()):
+        cells = [f"`{hf_type}`", f"`{sw.model_type}` / `{sw.template}`", "yes"]
+        cells += ["yes" if p in sw.proven else "plugin" for p in FLAG_PATHS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def proven(model_type: str, path: str) -> bool:
+    """Whether swift's flag path has been run end to end on this family (text models: the
+    flags do not depend on a family's module layout)."""
+    sw = SWIFT_MODELS.get(model_type)
+    return sw is None or not sw.multimodal or path in sw.proven
+
 
 # swift's built-in DeepSpeed configs (swift/config/<name>.json): (stage, offload) -> name
 _DS_BUILTIN = {
@@ -208,6 +248,8 @@ def decide(plan: Plan, options: TargetOptions) -> Decision:
         return d
     if view.lora and view.full:
         blockers = _lora_llm_blockers(view)
+        if not blockers and not proven(plan.model_type, "lora_llm"):
+            blockers.append(_unproven(view, "lora_llm"))
         if not blockers:
             d.tuner = "lora_llm"
             _lora_llm_flags(view, d)
@@ -220,14 +262,27 @@ def decide(plan: Plan, options: TargetOptions) -> Decision:
             _lora_llm_flags(view, approx)
             d.approx_flags = approx.flags
         return d
+    path = "lora" if view.lora else "full"
+    if not proven(plan.model_type, path):
+        d.plugin_reasons.append(_unproven(view, path))
+        d.tuner = "plugin"
+        d.lr_mode = "plugin"
+        return d
+    d.tuner = path
     if view.lora:
-        d.tuner = "lora"
         _lora_flags(view, d)
     else:
-        d.tuner = "full"
         _full_flags(view, d)
     _lr_flags(view, d)
     return d
+
+
+def _unproven(view: _View, path: str) -> Unsupported:
+    """The Plan fits one of swift's flag paths, but no test has run that path on this family."""
+    return _u(f"unproven-{path}", None, f"{FLAG_PATHS[path]} on model_type {view.plan.model_type!r}",
+              f"mixspec uses a swift flag path only on families where a test has run it end to end with "
+              f"the real ms-swift, and this one has not been (see the families x paths table in the README)",
+              _PLUGIN_HINT, origin=Location(view.plan.spec_path))
 
 
 def _check_model(view: _View, d: Decision) -> None:
@@ -507,6 +562,8 @@ def _lr_flags(view: _View, d: Decision) -> None:
         mode = "single"
     else:
         reasons.extend(_group_lr_blockers(view, strict_outside=True))
+        if not proven(view.plan.model_type, "multimodal_lr"):
+            reasons.append(_unproven(view, "multimodal_lr"))
         groups = _swift_groups(view)
         lr = {g: _group_lr(view, names) for g, names in groups.items() if names and g != "other"}
         base = lr.get("llm", lr.get("aligner", lr.get("vit")))
@@ -770,6 +827,8 @@ def _train_sh(plan: Plan, options: TargetOptions, d: Decision, ds_name: Optional
     if env:
         out.append("")
         out += env
+    out.append("")
+    out += _remote_code_lines(plan, dict(_model_flags(plan, options, sw))["model"])
     args: list[str] = []
     for flag, value in _model_flags(plan, options, sw):
         args.append(f"--{flag} {sh_quote(value)}")
@@ -802,6 +861,37 @@ def _train_sh(plan: Plan, options: TargetOptions, d: Decision, ds_name: Optional
     out += [f"    {a} \\" for a in args[:-1]]
     out.append(f"    {args[-1]}")
     return "\n".join(out) + "\n"
+
+
+def _remote_code_lines(plan: Plan, model: str) -> list[str]:
+    """ms-swift 4.6 loads config, tokenizer, processor and model with trust_remote_code=True
+    (swift/model/register.py: ModelLoader.default_trust_remote_code) and has no flag to turn it
+    off, so train.sh looks for code in the model directory itself before swift starts: Python
+    files anywhere in it, or ``auto_map`` in one of its JSON configs. The model is the compiled
+    one, or the last ``--model`` passed to train.sh (swift reads the last one too)."""
+    if plan.trust_remote_code:
+        return ["# The spec allows the model repo's own code (trust_remote_code: true), and ms-swift",
+                "# loads models with trust_remote_code=True: no check for code in the model directory."]
+    return [
+        "# ms-swift loads a model with trust_remote_code=True and has no switch to turn that off. The spec",
+        "# does not allow the model's own code, so a model directory holding code (*.py files, \"auto_map\"",
+        "# in a JSON config) stops here, before swift starts. A hub id is downloaded by swift: not checked.",
+        f"MODEL={sh_quote(model)}",
+        'prev=""',
+        'for arg in "$@"; do',
+        '    if [[ "$prev" == "--model" ]]; then MODEL="$arg"; fi',
+        '    if [[ "$arg" == --model=* ]]; then MODEL="${arg#--model=}"; fi',
+        '    prev="$arg"',
+        "done",
+        'if [[ -d "$MODEL" ]]; then',
+        "    code=\"$(find \"$MODEL\" -name '*.py' -print 2>/dev/null; grep -l '\"auto_map\"' \"$MODEL\"/*.json 2>/dev/null || true)\"",
+        '    if [[ -n "$code" ]]; then',
+        '        printf \'mixspec: the model directory %s holds code that ms-swift would run (it loads models with trust_remote_code=True):\\n%s\\n\' "$MODEL" "$code" >&2',
+        "        printf 'The spec does not set trust_remote_code: true. Remove the code, or allow it in the spec and compile again.\\n' >&2",
+        "        exit 1",
+        "    fi",
+        "fi",
+    ]
 
 
 def _lora_comps(plan: Plan) -> list[ComponentPlan]:

@@ -8,6 +8,7 @@ Golden files: tests/targets/swift/<case>/; rewrite them with MIXSPEC_UPDATE_GOLD
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -197,7 +198,8 @@ def test_a_parameter_outside_swifts_groups_needs_the_plugin(tmp_path, monkeypatc
     # idefics3-like arch: the LLM prefix does not cover lm_head, so the multimodal optimizer of
     # ms-swift < 4.6 leaves it out; with a single LR the default optimizer covers everything
     narrow = swift_target.SwiftModel("qwen2_5_vl", "qwen2_5_vl", ("model.language_model",),
-                                     ("model.visual",), ("model.visual.merger",))
+                                     ("model.visual",), ("model.visual.merger",),
+                                     proven=swift_target.SWIFT_MODELS["qwen2_5_vl"].proven)
     monkeypatch.setitem(swift_target.SWIFT_MODELS, "qwen2_5_vl", narrow)
     d = decide_text(tmp_path, FULL3.replace("LMHEAD_LR", "5.0e-6"))
     assert [r.code for r in d.plugin_reasons] == ["lr-outside-groups"]
@@ -248,8 +250,12 @@ def _swift_full_trainable(flags: dict[str, str], names: list[str], sw: swift_tar
 
 @pytest.mark.parametrize("spec", ["examples/llava15-projector-only.yaml", "tests/targets/specs/swift/full-three-lrs.yaml",
                                   "tests/targets/specs/swift/late-vit-blocks.yaml"])
-def test_full_training_flags_train_exactly_the_plan(spec):
+def test_full_training_flags_train_exactly_the_plan(spec, monkeypatch):
+    # swift's freeze rules simulated on any family's names, proven end to end there or not
     plan = plan_of(ROOT / spec)
+    sw = swift_target.SWIFT_MODELS[plan.model_type]
+    monkeypatch.setitem(swift_target.SWIFT_MODELS, plan.model_type,
+                        dataclasses.replace(sw, proven=frozenset(swift_target.FLAG_PATHS)))
     flags = flags_of(render(plan, "swift")["train.sh"])
     names = sorted({p for c in plan.components for p in c.params} | set(plan.unassigned_params))
     got = _swift_full_trainable(flags, names, swift_target.SWIFT_MODELS[plan.model_type])
@@ -359,7 +365,11 @@ def test_any_path_reaches_swift_as_itself(tmp_path, data, out):
     flags = flags_of(sh)
     assert flags["dataset"] == data and flags["output_dir"] == out
     body = [line for line in sh.splitlines() if line and not line.startswith("#")]
-    assert body[0] == "set -euo pipefail" and body[1] == "swift sft \\"
+    start = body.index("swift sft \\")
+    assert body[0] == "set -euo pipefail"
+    assert body[1:start] == [line for line in swift_target._remote_code_lines(plan, plan.model)
+                             if not line.startswith("#")]  # the model-code check, nothing else
+    assert all(line.startswith("    --") or line == '    "$@"' for line in body[start + 1:])
 
 
 def test_plugin_path_is_passed_relative_to_the_script(tmp_path):
@@ -451,6 +461,135 @@ def test_local_model_dir_gets_model_type_and_template(tmp_path):
     flags = flags_of(compile_text(tmp_path, SEED.replace("Qwen/Qwen2.5-VL-7B-Instruct", str(model)))["train.sh"])
     assert (flags["model"], flags["model_type"], flags["template"]) == (str(model), "qwen2_5_vl", "qwen2_5_vl")
     assert "use_hf" not in flags
+
+
+def test_hf_native_internvl_local_dir_gets_swifts_internvl_type(tmp_path):
+    from tinymodels import tiny_config, write_config_dir
+
+    model = write_config_dir(tiny_config("internvl"), tmp_path / "tinyinternvl")
+    text = SEED.replace("Qwen/Qwen2.5-VL-7B-Instruct", str(model))
+    flags = flags_of(compile_text(tmp_path, text)["train.sh"])
+    assert (flags["model"], flags["model_type"], flags["template"]) == (str(model), "internvl", "internvl_hf")
+
+
+# -- families x paths: swift's flags only where a test has run them on the family -----------------------
+def _families_with(path: str, proven: bool) -> list[str]:
+    return sorted(k for k, v in swift_target.SWIFT_MODELS.items() if (path in v.proven) == proven)
+
+
+def test_the_families_table_is_in_the_readme():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert swift_target.families_table() in readme, "README's swift families table differs from SWIFT_MODELS"
+    for sw in swift_target.SWIFT_MODELS.values():
+        assert sw.proven <= set(swift_target.FLAG_PATHS), sw
+
+
+@pytest.mark.parametrize("model_type", _families_with("lora_llm", proven=False))
+def test_lora_llm_unproven_on_a_family_goes_to_the_plugin(tmp_path, model_type):
+    from tinymodels import tiny_config, write_config_dir
+
+    model = write_config_dir(tiny_config(model_type), tmp_path / model_type)
+    text = SEED.replace("Qwen/Qwen2.5-VL-7B-Instruct", str(model))
+    d = decide_text(tmp_path, text)
+    assert d.plugin_reasons, model_type
+    assert d.tuner == "plugin" and d.lr_mode == "plugin"
+    files = compile_text(tmp_path, text)
+    assert flags_of(files["train.sh"])["tuner_type"] == "mixspec" and "mixspec_plugin.py" in files
+    with pytest.raises(UnsupportedError):
+        compile_text(tmp_path, text, plugin=False)
+
+
+def test_each_unproven_path_is_a_located_plugin_reason(tmp_path, monkeypatch):
+    """With the path taken out of Qwen2.5-VL's proven set, the same Plans go to the plugin,
+    each with a reason that names the path and the family; with --no-plugin they are refused."""
+    cases = {
+        "lora_llm": SEED,
+        "full": FULL3.replace("LMHEAD_LR", "5.0e-6").replace("1.0e-6", "5.0e-6").replace("1.0e-5", "5.0e-6"),
+        "lora": SEED.replace("vision: {train: full, lr: 2.0e-6}", "vision: {train: freeze}")
+                    .replace("aligner: {train: full, lr: 1.0e-5}", "aligner: {train: freeze}"),
+        "multimodal_lr": FULL3.replace("LMHEAD_LR", "5.0e-6"),
+    }
+    sw = swift_target.SWIFT_MODELS["qwen2_5_vl"]
+    for path, text in cases.items():
+        assert not decide_text(tmp_path, text).plugin, path  # proven: swift's flags
+        monkeypatch.setitem(swift_target.SWIFT_MODELS, "qwen2_5_vl",
+                            dataclasses.replace(sw, proven=sw.proven - {path}))
+        d = decide_text(tmp_path, text)
+        (reason,) = d.plugin_reasons
+        assert reason.code == f"unproven-{path}", path
+        assert reason.what == f"{swift_target.FLAG_PATHS[path]} on model_type 'qwen2_5_vl'"
+        assert reason.origin.file == str(tmp_path / "spec.yaml")
+        assert d.lr_mode == "plugin"
+        assert d.tuner == ("full" if path == "multimodal_lr" else "plugin"), path
+        with pytest.raises(UnsupportedError, match=f"unproven|{re.escape(swift_target.FLAG_PATHS[path])}"):
+            compile_text(tmp_path, text, plugin=False)
+        with pytest.raises(UnsupportedError):  # not an approximation: swift may not run it at all
+            compile_text(tmp_path, text, plugin=False, approximate=True)
+        monkeypatch.setitem(swift_target.SWIFT_MODELS, "qwen2_5_vl", sw)
+
+
+# -- trust model: swift runs a model dir's code unasked, so train.sh looks for code first -------------
+def _run_train_sh(tmp_path, files, *args):
+    """train.sh with a fake `swift` that records that it ran."""
+    out = tmp_path / "compiled"
+    out.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text, encoding="utf-8")
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "swift").write_text('#!/usr/bin/env bash\necho "fake swift ran" > "$SWIFT_RAN"\n', encoding="utf-8")
+    (fake / "swift").chmod(0o755)
+    ran = tmp_path / "swift-ran"
+    ran.unlink(missing_ok=True)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SWIFT_RAN": str(ran)}
+    proc = subprocess.run(["bash", str(out / "train.sh"), *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=60)
+    return proc, ran.exists()
+
+
+def test_train_sh_refuses_a_model_dir_with_code(tmp_path):
+    from tinymodels import tiny_config, write_config_dir
+
+    model = write_config_dir(tiny_config("qwen2_5_vl"), tmp_path / "tiny")
+    files = compile_text(tmp_path, SEED.replace("Qwen/Qwen2.5-VL-7B-Instruct", str(model)))
+    proc, ran = _run_train_sh(tmp_path, files)
+    assert proc.returncode == 0 and ran, proc.stderr  # no code: swift starts
+
+    (model / "modeling_evil.py").write_text("import os\n", encoding="utf-8")
+    proc, ran = _run_train_sh(tmp_path, files)
+    assert proc.returncode == 1 and not ran
+    assert f"mixspec: the model directory {model} holds code that ms-swift would run" in proc.stderr
+    assert str(model / "modeling_evil.py") in proc.stderr
+    (model / "modeling_evil.py").unlink()
+
+    # auto_map in any JSON config (tokenizer, processor) points transformers at code, maybe in another repo
+    (model / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["org/repo--tok.T", None]}}),
+                                                 encoding="utf-8")
+    proc, ran = _run_train_sh(tmp_path, files)
+    assert proc.returncode == 1 and not ran and str(model / "tokenizer_config.json") in proc.stderr
+    (model / "tokenizer_config.json").unlink()
+
+    # a --model given to train.sh is the one swift loads (the last wins): that one is checked
+    other = write_config_dir(tiny_config("qwen2_5_vl"), tmp_path / "other")
+    (other / "sub").mkdir()
+    (other / "sub" / "helper.py").write_text("\n", encoding="utf-8")
+    for args in (["--model", str(other)], [f"--model={other}"], ["--model", str(model), "--model", str(other)]):
+        proc, ran = _run_train_sh(tmp_path, files, *args)
+        assert proc.returncode == 1 and not ran and str(other / "sub" / "helper.py") in proc.stderr, args
+    proc, ran = _run_train_sh(tmp_path, files, "--model", str(other), "--model", str(model))
+    assert proc.returncode == 0 and ran, proc.stderr
+
+
+def test_train_sh_skips_the_code_check_when_the_spec_allows_remote_code(tmp_path):
+    from tinymodels import tiny_config, write_config_dir
+
+    model = write_config_dir(tiny_config("qwen2_5_vl"), tmp_path / "tiny")
+    (model / "modeling_x.py").write_text("\n", encoding="utf-8")
+    files = compile_text(tmp_path, SEED.replace("Qwen/Qwen2.5-VL-7B-Instruct", str(model))
+                         + "trust_remote_code: true\n")
+    assert "trust_remote_code: true), and ms-swift" in files["train.sh"]
+    proc, ran = _run_train_sh(tmp_path, files)
+    assert proc.returncode == 0 and ran, proc.stderr
 
 
 def test_local_text_model_without_a_known_swift_type_is_refused(tmp_path):

@@ -27,6 +27,25 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 export NPROC_PER_NODE=8
 
+# ms-swift loads a model with trust_remote_code=True and has no switch to turn that off. The spec
+# does not allow the model's own code, so a model directory holding code (*.py files, "auto_map"
+# in a JSON config) stops here, before swift starts. A hub id is downloaded by swift: not checked.
+MODEL=Qwen/Qwen2.5-VL-7B-Instruct
+prev=""
+for arg in "$@"; do
+    if [[ "$prev" == "--model" ]]; then MODEL="$arg"; fi
+    if [[ "$arg" == --model=* ]]; then MODEL="${arg#--model=}"; fi
+    prev="$arg"
+done
+if [[ -d "$MODEL" ]]; then
+    code="$(find "$MODEL" -name '*.py' -print 2>/dev/null; grep -l '"auto_map"' "$MODEL"/*.json 2>/dev/null || true)"
+    if [[ -n "$code" ]]; then
+        printf 'mixspec: the model directory %s holds code that ms-swift would run (it loads models with trust_remote_code=True):\n%s\n' "$MODEL" "$code" >&2
+        printf 'The spec does not set trust_remote_code: true. Remove the code, or allow it in the spec and compile again.\n' >&2
+        exit 1
+    fi
+fi
+
 swift sft \
     --model Qwen/Qwen2.5-VL-7B-Instruct \
     --use_hf true \
