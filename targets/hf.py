@@ -1194,7 +1194,6 @@ class ConversationEncoder:
         {% generation %} block starts) to the end of the turn with its end-of-turn tokens."""
         labels = torch.full_like(ids, -100)
         blocks = None
-        turn = 0
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
@@ -1214,7 +1213,6 @@ class ConversationEncoder:
                     raise DataError(f"{where}: the chat template's generation prompt differs from how it renders "
                                     "an assistant turn, and it marks no {% generation %} block, so the assistant "
                                     "tokens cannot be located")
-            turn += 1
             first = self.prefix_length(full[:start], pil, ids, where)
             last = self.prefix_length(upto, pil, ids, where)
             labels[first:last] = ids[first:last]

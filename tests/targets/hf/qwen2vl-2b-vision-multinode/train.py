@@ -1000,19 +1000,49 @@ class ConversationEncoder:
         return {"text": text, "suffix": suffix, "images": pil, "inputs": inputs, "labels": labels, "where": where}
 
     def assistant_labels(self, messages, full, pil, ids, where):
+        """Each assistant turn's tokens: from where the generation prompt ends (or, for templates
+        whose generation prompt differs from how they render a finished turn, where the turn's
+        {% generation %} block starts) to the end of the turn with its end-of-turn tokens."""
         labels = torch.full_like(ids, -100)
+        blocks = None
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
+            before = self.render(messages[:i]) if i else ""
             prompt = self.render(messages[:i], add_generation_prompt=True)
             upto = self.render(messages[: i + 1])
-            if not (full.startswith(upto) and upto.startswith(prompt)):
+            if not (full.startswith(upto) and upto.startswith(before)):
                 raise DataError(f"{where}: the chat template renders earlier turns differently once later "
                                 "turns follow, so assistant turns cannot be located")
-            start = self.prefix_length(prompt, pil, ids, where)
-            end = self.prefix_length(upto, pil, ids, where)
-            labels[start:end] = ids[start:end]
+            if upto.startswith(prompt):
+                start = len(prompt)
+            else:
+                if blocks is None:
+                    blocks = self.generation_blocks(messages, full)
+                start = next((s for s, e in blocks if len(before) <= s < len(upto)), None) if blocks else None
+                if start is None:
+                    raise DataError(f"{where}: the chat template's generation prompt differs from how it renders "
+                                    "an assistant turn, and it marks no {% generation %} block, so the assistant "
+                                    "tokens cannot be located")
+            first = self.prefix_length(full[:start], pil, ids, where)
+            last = self.prefix_length(upto, pil, ids, where)
+            labels[first:last] = ids[first:last]
         return labels
+
+    def generation_blocks(self, messages, full):
+        """Character spans of the template's {% generation %} blocks, as transformers tracks them."""
+        template = getattr(self.template_owner, "chat_template", None)
+        if not isinstance(template, str) or "generation" not in template:
+            return []
+        try:
+            from transformers.utils.chat_template_utils import render_jinja_template
+
+            rendered, spans = render_jinja_template(conversations=[messages], chat_template=template,
+                                                    return_assistant_tokens_mask=True,
+                                                    **self.tokenizer.special_tokens_map)
+        except Exception:
+            return []
+        return [tuple(s) for s in spans[0]] if rendered and rendered[0] == full else []
 
     def prefix_length(self, text, pil, ids, where):
         """Tokens of the conversation's first len(text) characters; they must be a prefix of ids."""
