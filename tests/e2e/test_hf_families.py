@@ -47,6 +47,8 @@ MM_PYTHON = SWIFT_VENV / "bin" / "python"  # torch + torchvision that load on CP
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
            PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="2")
 
+SEED_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+
 SPEC = """\
 version: 1
 model: {model}
@@ -159,6 +161,10 @@ def test_two_steps_with_mixed_micro_batches_train_exactly_the_plan(family_run):
     for comp in ("vision", "aligner", "language"):
         names = set(plan.component(comp).trainable_names)
         assert names & moved, f"{family_run['family']}: nothing of {comp} moved"
+    if family_run["family"] in SEED_FAMILIES:  # the seed case: the whole ViT and aligner train on image rows
+        for comp in ("vision", "aligner"):
+            still = set(plan.component(comp).trainable_names) - moved
+            assert not still, f"{family_run['family']}: {comp} parameters did not move: {sorted(still)[:5]}"
 
 
 def test_the_proven_table_is_what_these_tests_run():

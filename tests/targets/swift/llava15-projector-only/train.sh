@@ -13,8 +13,8 @@
 #
 # mixspec_plugin.py (--external_plugins) registers the tuner and optimizer 'mixspec': the flags cannot say this Plan exactly, because:
 #   - examples/llava15-projector-only.yaml: --tuner_type full (+ --freeze_llm/vit/aligner or --trainable_parameters_regex) on model_type 'llava': mixspec uses a swift flag path only on families where a test has run it end to end with the real ms-swift, and this one has not been (see the families x paths table in the README)
-# The plugin checks the trainable parameters and their learning rates against the Plan
-# before the first step, and stops with a diff if they differ.
+# The plugin checks the trainable parameters, their learning rates and weight decays
+# against the Plan before the first step, and stops with a diff if they differ.
 # --learning_rate is only what swift logs; the plugin's optimizer gives each part its own.
 # Data and output paths are used as the spec gives them, relative to the directory you run
 # this script from. Extra arguments are passed on last, so they override: bash train.sh --max_steps 10
