@@ -69,11 +69,11 @@ def bytes_per_param(precision: str, deepspeed: bool) -> dict:
 def estimate(plan: Plan) -> Estimate:
     """Memory per GPU for the Plan on the spec's hardware (activations excluded)."""
     dist = plan.distributed
-    nodes, gpn = dist["nodes"], dist["gpus_per_node"]
+    nodes, gpn = dist.nodes, dist.gpus_per_node
     n = nodes * gpn
-    stage = dist["zero_stage"]
-    offload = dist["offload"]
-    rates = bytes_per_param(plan.training["precision"], deepspeed=stage is not None)
+    stage = dist.zero_stage
+    offload = dist.offload
+    rates = bytes_per_param(plan.training.precision, deepspeed=dist.deepspeed)
     full = sum(c.trainable_params for c in plan.components if c.mode == "full")
     lora = plan.totals.added_params
     frozen = plan.totals.base_params - full
@@ -98,4 +98,4 @@ def estimate(plan: Plan) -> Estimate:
         cpu_per_gpu += weights
         weights = 0.0
     return Estimate(n, stage, offload, weights, grads, optim, cpu_per_gpu * gpn,
-                    dist.get("gpu_memory_gb"))
+                    dist.gpu_memory_gb)

@@ -14,6 +14,7 @@ from typing import Optional
 
 from mixspec import __version__
 from mixspec.errors import Location, Problem
+from mixspec.settings import DataSettings, DistributedSettings, TrainingSettings
 
 PLAN_FORMAT = 2
 
@@ -131,9 +132,9 @@ class Plan:
     unassigned_modules: tuple[str, ...]
     tied: dict
     totals: Totals
-    training: dict
-    distributed: dict
-    data: Optional[dict]
+    training: TrainingSettings
+    distributed: DistributedSettings
+    data: Optional[DataSettings]
     output_dir: Optional[str]
     param_shapes: dict = field(repr=False, default_factory=dict)  # trainable base params only
     # torch.nn.LayerNorm modules of the model: what transformers' own no-decay rule looks for
@@ -184,9 +185,9 @@ class Plan:
                            "modules": list(self.unassigned_modules)},
             "tied": dict(sorted(self.tied.items())),
             "fingerprint": self.fingerprint(),
-            "training": self.training,
-            "distributed": self.distributed,
-            "data": self.data,
+            "training": self.training.to_json(),
+            "distributed": self.distributed.to_json(),
+            "data": self.data.to_json() if self.data else None,
             "output_dir": self.output_dir,
             "warnings": [p.to_json() for p in self.warnings_problems],
         }

@@ -68,7 +68,7 @@ def print_plan(plan: Plan, est: Estimate, show_modules: bool = False) -> None:
     stage = "no DeepSpeed (DDP)" if est.zero_stage is None else f"ZeRO-{est.zero_stage}"
     console.print(
         f"memory per GPU ({est.world_size} GPU{'s' if est.world_size > 1 else ''}, {stage}, offload {est.offload}, "
-        f"{plan.training['precision']}): weights {est.weights_bytes / GIB:.2f} GiB + gradients "
+        f"{plan.training.precision}): weights {est.weights_bytes / GIB:.2f} GiB + gradients "
         f"{est.gradients_bytes / GIB:.2f} GiB + optimizer {est.optimizer_bytes / GIB:.2f} GiB = "
         f"[bold]{est.total_bytes / GIB:.2f} GiB[/bold], activations excluded"
     )

@@ -23,6 +23,7 @@ from mixspec.loader import LoadedSpec
 from mixspec.names import natural_key, shallowest
 from mixspec.plan import ComponentPlan, LoraPlan, Plan, Totals
 from mixspec.registry import Roles, find_roles
+from mixspec.settings import settings_from_spec
 from mixspec.spec import LoraComponent
 from mixspec.tree import CONV, CONV1D_GPT2, EMBEDDING, LINEAR, LORA_KINDS, ModuleTree
 
@@ -427,6 +428,7 @@ class _Resolver:
         trainable = sum(c.trainable_params for c in components)
         trained_base = {p for c in components if c.mode == "full" for p in c.params}
         spec = self.spec
+        training, distributed, data = settings_from_spec(spec)
         return Plan(
             spec_path=self.loaded.path, model=spec.model, model_source=model_source,
             model_path=model_path, model_type=tree.model_type, architecture=tree.architecture,
@@ -438,9 +440,7 @@ class _Resolver:
             unassigned_modules=_covering(set(unassigned), self.param_names),
             tied=dict(tree.tied),
             totals=Totals(base_params=total, added_params=added, trainable_params=trainable),
-            training=spec.training.model_dump(mode="json"),
-            distributed=spec.distributed.model_dump(mode="json"),
-            data=spec.data.model_dump(mode="json") if spec.data else None,
+            training=training, distributed=distributed, data=data,
             output_dir=spec.output_dir,
             param_shapes={p: tuple(tree.param_shapes[p]) for p in sorted(trained_base)},
             layernorm_modules=torch_layernorm_modules(tree),

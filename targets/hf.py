@@ -195,7 +195,7 @@ class HfTarget(Target):
         out = lora_unsupported(plan)
         out += feed_unsupported(plan)
         out += distributed_unsupported(plan, require_zero=False)
-        ratio = plan.training.get("warmup_ratio", 0.0)
+        ratio = plan.training.warmup_ratio
         if ratio >= 1:
             out.append(Unsupported(
                 "warmup-ratio-one", None, f"training.warmup_ratio {ratio}",
@@ -217,7 +217,7 @@ class HfTarget(Target):
 
     def files(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
         out = {"train.py": render_train_py(plan, options), "launch.sh": render_launch_sh(plan)}
-        if plan.distributed.get("zero_stage") is not None:
+        if plan.distributed.deepspeed:
             out["ds_config.json"] = deepspeed_config_text(plan)
         return out
 
@@ -242,8 +242,8 @@ def render_train_py(plan: Plan, options: TargetOptions) -> str:
     """The text of train.py for a Plan."""
     model_ref = default_model_ref(plan, options)
     data = plan_data(plan, model_ref)
-    training = dict(plan.training)
-    dist = dict(plan.distributed)
+    training = plan.training.to_json()
+    dist = plan.distributed.to_json()
     header = "#!/usr/bin/env python3\n" + generated_header(plan, "hf", extra=[
         "",
         "Components (the Plan; python train.py --check confirms it on the installed model):",
@@ -253,10 +253,10 @@ def render_train_py(plan: Plan, options: TargetOptions) -> str:
         "__MIXSPEC_HEADER__\n": header,
         "__MIXSPEC_PLAN__": py_literal(data, lead=len("PLAN = ")),
         "__MIXSPEC_TRAINING__": py_literal(training, lead=len("TRAINING = ")),
-        "__MIXSPEC_DATA__": py_literal(plan.data, lead=len("DATA = ")),
+        "__MIXSPEC_DATA__": py_literal(plan.data.to_json() if plan.data else None, lead=len("DATA = ")),
         "__MIXSPEC_OUTPUT_DIR__": py_literal(plan.output_dir or "output", lead=len("OUTPUT_DIR = ")),
         "__MIXSPEC_DISTRIBUTED__": py_literal(dist, lead=len("DISTRIBUTED = ")),
-        "__MIXSPEC_DEEPSPEED__": py_literal("ds_config.json" if dist.get("zero_stage") is not None else None),
+        "__MIXSPEC_DEEPSPEED__": py_literal("ds_config.json" if plan.distributed.deepspeed else None),
     }
     text = _TRAIN_PY
     for marker, value in blocks.items():
@@ -268,12 +268,12 @@ def render_train_py(plan: Plan, options: TargetOptions) -> str:
 def render_launch_sh(plan: Plan) -> str:
     """launch.sh: torchrun (default), deepspeed or accelerate, single- or multi-node."""
     dist = plan.distributed
-    nodes, gpus = int(dist.get("nodes", 1)), int(dist.get("gpus_per_node", 1))
-    uses_ds = dist.get("zero_stage") is not None
+    nodes, gpus = dist.nodes, dist.gpus_per_node
+    uses_ds = dist.deepspeed
     header = "#!/usr/bin/env bash\n" + generated_header(plan, "hf", extra=[
         "",
-        f"Planned for {nodes} node(s) x {gpus} GPU(s)" + (f", DeepSpeed ZeRO-{dist.get('zero_stage')}"
-                                                          + (f", offload {dist.get('offload')}" if dist.get("offload", "none") != "none" else "")
+        f"Planned for {nodes} node(s) x {gpus} GPU(s)" + (f", DeepSpeed ZeRO-{dist.zero_stage}"
+                                                          + (f", offload {dist.offload}" if dist.offload != "none" else "")
                                                           if uses_ds else ", no DeepSpeed") + ".",
         "Usage:  bash launch.sh [train.py options]          (on every node for multi-node runs)",
         "  LAUNCHER=torchrun|deepspeed|accelerate   which launcher (default torchrun)",
@@ -1454,7 +1454,7 @@ def training_arguments(args):
         per_device_train_batch_size=t["micro_batch_size"],
         gradient_accumulation_steps=t["gradient_accumulation"],
         num_train_epochs=t["epochs"],
-        max_steps=args.max_steps or t.get("max_steps") or -1,
+        max_steps=args.max_steps or t["max_steps"] or -1,
         learning_rate=lrs[0],  # what the Trainer logs (group 0); every group has its own LR
         weight_decay=0.0,  # per group
         lr_scheduler_type=t["lr_scheduler"],
@@ -1472,6 +1472,9 @@ def training_arguments(args):
         report_to=args.report_to,
         deepspeed=ds,
         optim="adamw_torch",
+        adam_beta1=t["adam_beta1"],
+        adam_beta2=t["adam_beta2"],
+        adam_epsilon=t["adam_epsilon"],
         # DDP: a multimodal model skips parts on some batches (the vision tower and projector on
         # text-only batches, Mllama's cross-attention layers without images, LLaVA's last vision
         # layer always), so search for unused parameters whenever it is multimodal

@@ -356,7 +356,7 @@ class _Analyser:
 
     # -- data and template -------------------------------------------------------------
     def check_data(self) -> None:
-        if not self.plan.data or not self.plan.data.get("train"):
+        if not self.plan.data or not self.plan.data.train:
             self.out.hard.append(Unsupported(
                 "no-data", _spec_location(self.plan), "a run without training data",
                 "the spec has no data section; LLaMA-Factory's YAML must name a dataset",
@@ -375,7 +375,7 @@ class _Analyser:
 
     # -- global values -----------------------------------------------------------------
     def check_precision(self) -> None:
-        if self.plan.training.get("precision") == "fp32":
+        if self.plan.training.precision == "fp32":
             self.out.deviations.append(Unsupported(
                 "precision-fp32", _spec_location(self.plan), "training.precision: fp32",
                 "LLaMA-Factory without bf16/fp16 still loads the weights in bf16 or fp16 when the GPU "
@@ -753,15 +753,15 @@ class LlamaFactoryTarget(Target):
         out_dir = _out_dir(options)
         files: dict[str, str] = {}
         ds_name = None
-        dist = plan.distributed or {}
-        if dist.get("zero_stage") is not None:
-            ds_name = f"ds_z{dist['zero_stage']}_config.json"
-            files[ds_name] = json.dumps(_deepspeed_config(dist["zero_stage"], dist.get("offload", "none")),
+        dist = plan.distributed
+        if dist.deepspeed:
+            ds_name = f"ds_z{dist.zero_stage}_config.json"
+            files[ds_name] = json.dumps(_deepspeed_config(dist.zero_stage, dist.offload),
                                         indent=2) + "\n"
         multimodal = "vision" in plan.roles or "audio" in plan.roles
-        info = {DATASET_TRAIN: _dataset_entry(plan.data["train"], out_dir, multimodal)}
-        if plan.data.get("eval"):
-            info[DATASET_EVAL] = _dataset_entry(plan.data["eval"], out_dir, multimodal)
+        info = {DATASET_TRAIN: _dataset_entry(plan.data.train, out_dir, multimodal)}
+        if plan.data.eval:
+            info[DATASET_EVAL] = _dataset_entry(plan.data.eval, out_dir, multimodal)
         files["dataset_info.json"] = json.dumps(info, indent=2) + "\n"
         files["train.yaml"] = self._yaml(plan, options, a, out_dir, ds_name)
         return files
@@ -800,43 +800,46 @@ class LlamaFactoryTarget(Target):
 
         y.section("dataset")
         y.key("dataset", DATASET_TRAIN)
-        if plan.data.get("eval"):
+        if plan.data.eval:
             y.key("eval_dataset", DATASET_EVAL)
         y.key("dataset_dir", out_dir)
         y.key("media_dir", ".")
         y.key("template", a.template)
-        y.key("cutoff_len", t["max_length"])
+        y.key("cutoff_len", t.max_length)
 
         y.section("output")
         y.key("output_dir", plan.output_dir or "output")
-        y.key("logging_steps", t["logging_steps"])
-        y.key("save_steps", t["save_steps"])
+        y.key("logging_steps", t.logging_steps)
+        y.key("save_steps", t.save_steps)
         y.key("report_to", "none")
 
         y.section("train")
-        y.key("per_device_train_batch_size", t["micro_batch_size"])
-        y.key("gradient_accumulation_steps", t["gradient_accumulation"])
+        y.key("per_device_train_batch_size", t.micro_batch_size)
+        y.key("gradient_accumulation_steps", t.gradient_accumulation)
         y.key("learning_rate", float(a.learning_rate), notes)
-        y.key("num_train_epochs", float(t["epochs"]))
-        if t.get("max_steps"):
-            y.key("max_steps", t["max_steps"])
-        y.key("lr_scheduler_type", t["lr_scheduler"])
-        y.key("warmup_ratio", float(t["warmup_ratio"]))
+        y.key("num_train_epochs", float(t.epochs))
+        if t.max_steps:
+            y.key("max_steps", t.max_steps)
+        y.key("lr_scheduler_type", t.lr_scheduler)
+        y.key("warmup_ratio", float(t.warmup_ratio))
         y.key("weight_decay", float(a.weight_decay), notes)
-        y.key("max_grad_norm", float(t["max_grad_norm"]))
+        y.key("max_grad_norm", float(t.max_grad_norm))
         y.key("optim", "adamw_torch")
-        y.key("seed", t["seed"])
-        precision = t["precision"]
+        y.key("adam_beta1", float(t.adam_beta1))
+        y.key("adam_beta2", float(t.adam_beta2))
+        y.key("adam_epsilon", float(t.adam_epsilon))
+        y.key("seed", t.seed)
+        precision = t.precision
         y.key("bf16", precision == "bf16", notes)
         y.key("fp16", precision == "fp16")
-        if not t["gradient_checkpointing"]:
+        if not t.gradient_checkpointing:
             y.key("disable_gradient_checkpointing", True)
 
-        if plan.data.get("eval"):
+        if plan.data.eval:
             y.section("eval (the spec sets no cadence: evaluate whenever a checkpoint is saved)")
-            y.key("per_device_eval_batch_size", t["micro_batch_size"])
+            y.key("per_device_eval_batch_size", t.micro_batch_size)
             y.key("eval_strategy", "steps")
-            y.key("eval_steps", t["save_steps"])
+            y.key("eval_steps", t.save_steps)
         return y.text()
 
     def _header(self, y: _Lines, plan: Plan, options: TargetOptions, a: _Analysis, out_dir: str) -> None:
@@ -851,8 +854,7 @@ class LlamaFactoryTarget(Target):
         y.comment("Run from the directory the spec's data and output paths are relative to (where")
         y.comment("mixspec compile ran):")
         y.comment(f"  llamafactory-cli train {posixpath.join(out_dir, 'train.yaml')}")
-        dist = plan.distributed or {}
-        nodes, gpus = dist.get("nodes", 1), dist.get("gpus_per_node", 1)
+        nodes, gpus = plan.distributed.nodes, plan.distributed.gpus_per_node
         if nodes > 1:
             y.comment(f"on each of the {nodes} nodes, {gpus} GPUs each:")
             y.comment(f"  FORCE_TORCHRUN=1 NNODES={nodes} NODE_RANK=<0..{nodes - 1}> MASTER_ADDR=<node 0> "

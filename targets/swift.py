@@ -234,7 +234,7 @@ def decide(plan: Plan, options: TargetOptions) -> Decision:
     """Choose the swift flags for a Plan, or the plugin, collecting every reason."""
     view = _View(plan, options)
     d = Decision()
-    if not (plan.data or {}).get("train"):
+    if not (plan.data and plan.data.train):
         d.hard.append(_u("no-data", None, "a run without training data",
                          "swift sft needs a training dataset (--dataset)",
                          "add data: {train: data/train.jsonl} (a jsonl file or a dataset id) to the spec",
@@ -587,8 +587,7 @@ def _lr_flags(view: _View, d: Decision) -> None:
 def _deepspeed(plan: Plan, d: Decision) -> tuple[Optional[str], Optional[dict]]:
     """The --deepspeed value: a swift built-in name, or a generated JSON (no optimizer block:
     one would replace the optimizer and its per-component groups)."""
-    dist = plan.distributed
-    stage, offload = dist.get("zero_stage"), dist.get("offload", "none")
+    stage, offload = plan.distributed.zero_stage, plan.distributed.offload
     if stage is None:
         if offload != "none":
             d.hard.append(_u("deepspeed-offload", None, f"distributed.offload {offload!r}",
@@ -694,33 +693,33 @@ def _model_flags(plan: Plan, options: TargetOptions, sw: Optional[SwiftModel]) -
 
 def _training_flags(plan: Plan, d: Decision, sw: Optional[SwiftModel]) -> list:
     t = plan.training
-    dtype, bf16, fp16 = _PRECISION[t["precision"]]
+    dtype, bf16, fp16 = _PRECISION[t.precision]
     flags: list = [("torch_dtype", dtype), ("bf16", bf16), ("fp16", fp16)]
-    if t.get("max_steps"):
-        flags.append(("max_steps", t["max_steps"]))
+    if t.max_steps:
+        flags.append(("max_steps", t.max_steps))
     else:
-        flags.append(("num_train_epochs", t["epochs"]))
+        flags.append(("num_train_epochs", t.epochs))
     flags += [
-        ("per_device_train_batch_size", t["micro_batch_size"]),
-        ("gradient_accumulation_steps", t["gradient_accumulation"]),
-        ("max_length", t["max_length"]),
-        ("gradient_checkpointing", t["gradient_checkpointing"]),
+        ("per_device_train_batch_size", t.micro_batch_size),
+        ("gradient_accumulation_steps", t.gradient_accumulation),
+        ("max_length", t.max_length),
+        ("gradient_checkpointing", t.gradient_checkpointing),
     ]
     if sw is not None and sw.multimodal:
         vit_trained = any(_starts(n, sw.vision_tower) for n in _trainable_names(plan))
         # the default differs by version (4.2-4.5.2: not freeze_vit; later: gradient_checkpointing)
-        flags.append(("vit_gradient_checkpointing", bool(t["gradient_checkpointing"] and vit_trained)))
+        flags.append(("vit_gradient_checkpointing", bool(t.gradient_checkpointing and vit_trained)))
     wd = next(c.weight_decay for c in plan.components if c.trainable_names)
     flags += [
         ("optim", "adamw_torch"),
-        ("adam_beta1", 0.9), ("adam_beta2", 0.999), ("adam_epsilon", 1e-08),
+        ("adam_beta1", t.adam_beta1), ("adam_beta2", t.adam_beta2), ("adam_epsilon", t.adam_epsilon),
         ("weight_decay", wd),
-        ("max_grad_norm", t["max_grad_norm"]),
-        ("lr_scheduler_type", _SCHEDULERS[t["lr_scheduler"]]),
-        ("warmup_ratio", t["warmup_ratio"]),
-        ("seed", t["seed"]),
-        ("logging_steps", t["logging_steps"]),
-        ("save_steps", t["save_steps"]),
+        ("max_grad_norm", t.max_grad_norm),
+        ("lr_scheduler_type", _SCHEDULERS[t.lr_scheduler]),
+        ("warmup_ratio", t.warmup_ratio),
+        ("seed", t.seed),
+        ("logging_steps", t.logging_steps),
+        ("save_steps", t.save_steps),
     ]
     return flags
 
@@ -732,11 +731,10 @@ def _trainable_names(plan: Plan):
 
 def _data_flags(plan: Plan) -> list:
     flags: list = []
-    data = plan.data or {}
-    if data.get("train"):
-        flags.append(("dataset", data["train"]))
-    if data.get("eval"):
-        flags.append(("val_dataset", data["eval"]))
+    if plan.data and plan.data.train:
+        flags.append(("dataset", plan.data.train))
+    if plan.data and plan.data.eval:
+        flags.append(("val_dataset", plan.data.eval))
     flags.append(("split_dataset_ratio", 0))
     if plan.output_dir:
         flags += [("output_dir", plan.output_dir), ("add_version", False)]
@@ -744,8 +742,7 @@ def _data_flags(plan: Plan) -> list:
 
 
 def _env_lines(plan: Plan) -> list[str]:
-    dist = plan.distributed
-    nodes, gpus = dist.get("nodes", 1), dist.get("gpus_per_node", 1)
+    nodes, gpus = plan.distributed.nodes, plan.distributed.gpus_per_node
     lines = []
     if gpus > 1 or nodes > 1:
         lines.append(f"export NPROC_PER_NODE={sh_quote(gpus)}")
@@ -948,6 +945,7 @@ def _plugin_py(plan: Plan, options: TargetOptions, d: Decision) -> str:
         f"PLAN_MODEL = {py_literal(plan.model)}",
         f"PLAN_VERSIONS = {py_literal(dict(sorted(plan.versions.items())))}",
         f"FULL_PARAMS_FILE = {FULL_PARAMS_FILE!r}",
+        f"TRAINED_DTYPE = {py_literal(_PRECISION[plan.training.trained_dtype][0])}",
         "",
         "# Names are compact: {\"model.layers.{}.mlp.up_proj\": \"0-27\"} stands for layers 0 to 27 (expand() below).",
         "",
@@ -1096,6 +1094,16 @@ def full_param_names():
     return {name for comp in COMPONENTS if comp["mode"] == "full" for name in expand(comp["params"])}
 
 
+def upcast_trained(model):
+    """The Plan holds trained parameters in TRAINED_DTYPE (fp32 master weights; mixed precision
+    autocasts) and frozen ones in the training precision: swift alone would train a bf16
+    model's full parts in bf16."""
+    dtype = getattr(torch, TRAINED_DTYPE)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 class _MixspecTunerMixin:
     """prepare_model / save_pretrained / from_pretrained, as swift's Tuner interface wants."""
 
@@ -1109,6 +1117,7 @@ class _MixspecTunerMixin:
             config = LoraConfig(task_type="CAUSAL_LM", **settings)
             model = get_peft_model(model, config)
         set_full_trainable(model)
+        upcast_trained(model)
         check_trainable(model)
         return model
 
@@ -1194,6 +1203,7 @@ def check_optimizer(optimizer, model, output_dir=None):
     names = {id(p): plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
     actual = {}
     actual_wd = {}
+    actual_dtype = {}
     repeated = []
     groups = []
     for group in optimizer.param_groups:
@@ -1204,6 +1214,7 @@ def check_optimizer(optimizer, model, output_dir=None):
                 repeated.append(name)
             actual[name] = group["lr"]
             actual_wd[name] = group.get("weight_decay", 0.0)
+            actual_dtype[name] = str(param.dtype).replace("torch.", "")
             count += _numel(param)
         groups.append({"lr": group["lr"], "weight_decay": group.get("weight_decay"),
                        "tensors": len(group["params"]), "params": count})
@@ -1231,7 +1242,8 @@ def check_optimizer(optimizer, model, output_dir=None):
         os.makedirs(output_dir, exist_ok=True)
         report = {"plan_fingerprint": PLAN_FINGERPRINT, "fingerprint": got, "groups": groups,
                   "lr_by_param": dict(sorted(actual.items())),
-                  "weight_decay_by_param": dict(sorted(actual_wd.items()))}
+                  "weight_decay_by_param": dict(sorted(actual_wd.items())),
+                  "dtype_by_param": dict(sorted(actual_dtype.items()))}
         with open(os.path.join(output_dir, "mixspec_check.json"), "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=1, sort_keys=True)
 '''

@@ -23,6 +23,7 @@ import pytest
 
 from mixspec.estimate import GIB, estimate
 from mixspec.plan import Totals
+from mixspec.settings import DistributedSettings
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +47,9 @@ def base_plan():
 
 def with_hardware(plan, precision, nodes, gpn, stage, offload, gpu_memory_gb=None):
     return dataclasses.replace(
-        plan, training={**plan.training, "precision": precision},
-        distributed={"nodes": nodes, "gpus_per_node": gpn, "zero_stage": stage, "offload": offload,
-                     "gpu_memory_gb": gpu_memory_gb})
+        plan, training=dataclasses.replace(plan.training, precision=precision),
+        distributed=DistributedSettings(nodes=nodes, gpus_per_node=gpn, zero_stage=stage, offload=offload,
+                                        gpu_memory_gb=gpu_memory_gb))
 
 
 CASES = [

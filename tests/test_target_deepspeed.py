@@ -50,8 +50,8 @@ def clean_hf_deepspeed():
 
 def variant(plan, stage, offload, precision="bf16", **training):
     return dataclasses.replace(
-        plan, distributed={**plan.distributed, "zero_stage": stage, "offload": offload},
-        training={**plan.training, "precision": precision, **training})
+        plan, distributed=dataclasses.replace(plan.distributed, zero_stage=stage, offload=offload),
+        training=dataclasses.replace(plan.training, precision=precision, **training))
 
 
 def auto_paths(config, prefix=""):

@@ -245,6 +245,11 @@ TRAINING = {
     'seed': 42,
     'logging_steps': 10,
     'save_steps': 500,
+    'adam_beta1': 0.9,
+    'adam_beta2': 0.999,
+    'adam_epsilon': 1e-08,
+    'trained_dtype': 'fp32',
+    'frozen_dtype': 'bf16',
 }
 
 DATA = {'train': 'data/train.jsonl', 'eval': None}
@@ -1303,7 +1308,7 @@ def training_arguments(args):
         per_device_train_batch_size=t["micro_batch_size"],
         gradient_accumulation_steps=t["gradient_accumulation"],
         num_train_epochs=t["epochs"],
-        max_steps=args.max_steps or t.get("max_steps") or -1,
+        max_steps=args.max_steps or t["max_steps"] or -1,
         learning_rate=lrs[0],  # what the Trainer logs (group 0); every group has its own LR
         weight_decay=0.0,  # per group
         lr_scheduler_type=t["lr_scheduler"],
@@ -1321,6 +1326,9 @@ def training_arguments(args):
         report_to=args.report_to,
         deepspeed=ds,
         optim="adamw_torch",
+        adam_beta1=t["adam_beta1"],
+        adam_beta2=t["adam_beta2"],
+        adam_epsilon=t["adam_epsilon"],
         # DDP: a multimodal model skips parts on some batches (the vision tower and projector on
         # text-only batches, Mllama's cross-attention layers without images, LLaVA's last vision
         # layer always), so search for unused parameters whenever it is multimodal

@@ -24,6 +24,7 @@ PLAN_FINGERPRINT = 'c374680fd7426512'
 PLAN_MODEL = 'Qwen/Qwen2.5-VL-7B-Instruct'
 PLAN_VERSIONS = {'torch': '2.13.0+cpu', 'transformers': '5.24.0'}
 FULL_PARAMS_FILE = 'full_params.safetensors'
+TRAINED_DTYPE = 'float32'
 
 # Names are compact: {"model.layers.{}.mlp.up_proj": "0-27"} stands for layers 0 to 27 (expand() below).
 
@@ -250,6 +251,16 @@ def full_param_names():
     return {name for comp in COMPONENTS if comp["mode"] == "full" for name in expand(comp["params"])}
 
 
+def upcast_trained(model):
+    """The Plan holds trained parameters in TRAINED_DTYPE (fp32 master weights; mixed precision
+    autocasts) and frozen ones in the training precision: swift alone would train a bf16
+    model's full parts in bf16."""
+    dtype = getattr(torch, TRAINED_DTYPE)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 class _MixspecTunerMixin:
     """prepare_model / save_pretrained / from_pretrained, as swift's Tuner interface wants."""
 
@@ -263,6 +274,7 @@ class _MixspecTunerMixin:
             config = LoraConfig(task_type="CAUSAL_LM", **settings)
             model = get_peft_model(model, config)
         set_full_trainable(model)
+        upcast_trained(model)
         check_trainable(model)
         return model
 
@@ -348,6 +360,7 @@ def check_optimizer(optimizer, model, output_dir=None):
     names = {id(p): plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
     actual = {}
     actual_wd = {}
+    actual_dtype = {}
     repeated = []
     groups = []
     for group in optimizer.param_groups:
@@ -358,6 +371,7 @@ def check_optimizer(optimizer, model, output_dir=None):
                 repeated.append(name)
             actual[name] = group["lr"]
             actual_wd[name] = group.get("weight_decay", 0.0)
+            actual_dtype[name] = str(param.dtype).replace("torch.", "")
             count += _numel(param)
         groups.append({"lr": group["lr"], "weight_decay": group.get("weight_decay"),
                        "tensors": len(group["params"]), "params": count})
@@ -385,7 +399,8 @@ def check_optimizer(optimizer, model, output_dir=None):
         os.makedirs(output_dir, exist_ok=True)
         report = {"plan_fingerprint": PLAN_FINGERPRINT, "fingerprint": got, "groups": groups,
                   "lr_by_param": dict(sorted(actual.items())),
-                  "weight_decay_by_param": dict(sorted(actual_wd.items()))}
+                  "weight_decay_by_param": dict(sorted(actual_wd.items())),
+                  "dtype_by_param": dict(sorted(actual_dtype.items()))}
         with open(os.path.join(output_dir, "mixspec_check.json"), "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=1, sort_keys=True)
 

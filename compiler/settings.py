@@ -1,0 +1,100 @@
+"""Typed run settings of a Plan: every default in one place, targets read attributes only.
+
+The spec's own keys (``training``, ``distributed``, ``data``) take their defaults from
+mixspec.spec (the pydantic models, which the JSON Schema publishes) and have none here:
+``settings_from_spec`` builds these objects once, in resolve. What the spec
+language does not expose but a backend could otherwise choose differently is decided
+here, once, so every target emits the same value (or refuses):
+
+- AdamW's betas and epsilon: torch's defaults (0.9, 0.999, 1e-8), which are also
+  transformers' ``TrainingArguments`` defaults, ms-swift's and LLaMA-Factory's;
+- the dtype of trained parameters (fp32 master weights, whatever ``precision`` says) and of
+  frozen ones (the training precision).
+
+``to_json`` keeps the keys ``plan --json`` has always shown, in the same order, and adds
+the decided ones after them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.9, 0.999, 1e-8
+TRAINED_DTYPE = "fp32"
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Optimisation settings shared by all components (spec ``training`` + decided values)."""
+
+    epochs: float
+    max_steps: Optional[int]
+    micro_batch_size: int
+    gradient_accumulation: int
+    precision: str
+    gradient_checkpointing: bool
+    max_length: int
+    optimizer: str
+    weight_decay: float
+    warmup_ratio: float
+    lr_scheduler: str
+    max_grad_norm: float
+    seed: int
+    logging_steps: int
+    save_steps: int
+    # decided by mixspec (no spec key): every target emits these
+    adam_beta1: float = ADAM_BETA1
+    adam_beta2: float = ADAM_BETA2
+    adam_epsilon: float = ADAM_EPSILON
+    trained_dtype: str = TRAINED_DTYPE
+
+    @property
+    def frozen_dtype(self) -> str:
+        """Frozen parameters are held in the training precision."""
+        return self.precision
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "frozen_dtype": self.frozen_dtype}
+
+
+@dataclass(frozen=True)
+class DistributedSettings:
+    """The hardware the run is planned for (spec ``distributed``)."""
+
+    nodes: int
+    gpus_per_node: int
+    zero_stage: Optional[int]
+    offload: str
+    gpu_memory_gb: Optional[float]
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def deepspeed(self) -> bool:
+        """Whether the run uses DeepSpeed (a ZeRO stage is set)."""
+        return self.zero_stage is not None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Training data (spec ``data``); paths as written, checked for form only."""
+
+    train: str
+    eval: Optional[str]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def settings_from_spec(spec) -> tuple[TrainingSettings, DistributedSettings, Optional[DataSettings]]:
+    """The typed settings of a (validated) Spec; the spec's pydantic models give the defaults."""
+    training = TrainingSettings(**spec.training.model_dump(mode="json"))
+    distributed = DistributedSettings(**spec.distributed.model_dump(mode="json"))
+    data = DataSettings(**spec.data.model_dump(mode="json")) if spec.data else None
+    return training, distributed, data
