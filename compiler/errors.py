@@ -84,6 +84,9 @@ class Unsupported:
     what: str
     why: str
     hint: str = ""
+    # --approximate may emit the output anyway, with this deviation written as a comment;
+    # otherwise the target refuses even with --approximate (Target.render decides)
+    approximable: bool = False
 
     def render(self, target: str) -> str:
         where = f"{self.origin}: " if self.origin else ""

@@ -41,9 +41,13 @@ class Target:
         return []
 
     def render(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
+        """Refuse or approximate, decided here for every target: without --approximate any
+        Unsupported item refuses; with it, only items that are not ``approximable`` do (the
+        target's ``files`` then writes each approximated deviation as a comment)."""
         problems = self.unsupported(plan, options)
-        if problems and not options.approximate:
-            raise UnsupportedError(self.name, problems)
+        refused = [p for p in problems if not (options.approximate and p.approximable)]
+        if refused:
+            raise UnsupportedError(self.name, refused)
         return self.files(plan, options)
 
 

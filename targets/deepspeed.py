@@ -7,6 +7,16 @@ train.py) is then the only way groups survive. Its ``"auto"`` values are exactly
 Trainer fills from TrainingArguments (batch sizes, accumulation, clipping, precision), so
 they always agree with them; every other value is explicit. The ZeRO section comes from
 ``distributed`` (zero_stage, offload).
+
+It is the one DeepSpeed config mixspec writes: the hf target's ds_config.json, the swift
+target's deepspeed.json (where swift has no built-in config for the stage and offload) and
+LLaMA-Factory's ds_z*_config.json. All three backends hand the file to the same Hugging Face
+Trainer integration and build a torch AdamW outside DeepSpeed, so one config serves them. It
+is the config tests/test_target_deepspeed.py validates with DeepSpeed's own parser for every
+stage, offload and precision. Before, swift's copy (taken from swift's zero3.json) and
+LLaMA-Factory's (from its examples) left the ZeRO-3 bucket sizes "auto", which the Trainer
+fills from the model config's hidden size (a value that depends on the transformers
+version's lookup for multimodal configs), and turned overlap_comm off.
 """
 
 from __future__ import annotations
@@ -104,14 +114,6 @@ class DeepSpeedTarget(Target):
 
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
         return distributed_unsupported(plan, require_zero=True)
-
-    def render(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
-        problems = self.unsupported(plan, options)
-        if problems:  # nothing to approximate: a JSON DeepSpeed rejects helps nobody
-            from mixspec.errors import UnsupportedError
-
-            raise UnsupportedError(self.name, problems)
-        return self.files(plan, options)
 
     def files(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
         return {"ds_config.json": deepspeed_config_text(plan)}

@@ -207,14 +207,6 @@ class HfTarget(Target):
                                    "give at least one component train: full or lora"))
         return out
 
-    def render(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
-        problems = self.unsupported(plan, options)
-        if problems:  # no approximation exists for these: refuse even with --approximate
-            from mixspec.errors import UnsupportedError
-
-            raise UnsupportedError(self.name, problems)
-        return self.files(plan, options)
-
     def files(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
         out = {"train.py": render_train_py(plan, options), "launch.sh": render_launch_sh(plan)}
         if plan.distributed.deepspeed:

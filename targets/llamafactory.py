@@ -24,15 +24,16 @@ from __future__ import annotations
 import itertools
 import json
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional
 
 from mixspec import __version__
 from mixspec.decay import transformers_rule_differs
-from mixspec.errors import Location, Unsupported, UnsupportedError
+from mixspec.errors import Location, Unsupported
 from mixspec.names import natural_key
 from mixspec.plan import ComponentPlan, Plan
 from mixspec.targets import Target, TargetOptions
+from mixspec.targets.deepspeed import deepspeed_config_text
 
 LLAMAFACTORY_VERSION = "0.9.5"
 
@@ -700,37 +701,6 @@ def _dataset_entry(path: str, out_dir: str, multimodal: bool) -> dict:
     return entry
 
 
-def _deepspeed_config(stage: int, offload: str) -> dict:
-    # LLaMA-Factory's own examples/deepspeed/ds_z{0,2,3}*_config.json, with the spec's stage
-    # and offload; every size the Trainer knows is "auto"
-    config: dict = {
-        "train_batch_size": "auto",
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "zero_allow_untested_optimizer": True,
-        "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
-                 "hysteresis": 2, "min_loss_scale": 1},
-        "bf16": {"enabled": "auto"},
-    }
-    zero: dict = {"stage": stage}
-    if offload in ("optimizer", "all"):
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if offload == "all":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    if stage < 3:
-        zero.update({"allgather_partitions": True, "allgather_bucket_size": 500000000, "overlap_comm": False,
-                     "reduce_scatter": True, "reduce_bucket_size": 500000000, "contiguous_gradients": True,
-                     "round_robin_gradients": True})
-    else:
-        zero.update({"overlap_comm": False, "contiguous_gradients": True, "sub_group_size": 1000000000,
-                     "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-                     "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1000000000,
-                     "stage3_max_reuse_distance": 1000000000, "stage3_gather_16bit_weights_on_model_save": True})
-    config["zero_optimization"] = zero
-    return config
-
-
 class LlamaFactoryTarget(Target):
     """LLaMA-Factory 0.9.5 ``llamafactory-cli train`` YAML."""
 
@@ -741,23 +711,20 @@ class LlamaFactoryTarget(Target):
         return _Analyser(plan, options).run()
 
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
+        """Hard limits, then the deviations: each has its comment in the YAML, so each is
+        approximable (Target.render decides)."""
         analysis = self.analyse(plan, options)
-        return analysis.hard + analysis.deviations
+        return analysis.hard + [replace(d, approximable=True) for d in analysis.deviations]
 
     def files(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
         a = self.analyse(plan, options)
-        if a.hard:
-            raise UnsupportedError(self.name, a.hard + ([] if options.approximate else a.deviations))
-        if a.deviations and not options.approximate:
-            raise UnsupportedError(self.name, a.deviations)
         out_dir = _out_dir(options)
         files: dict[str, str] = {}
         ds_name = None
         dist = plan.distributed
         if dist.deepspeed:
             ds_name = f"ds_z{dist.zero_stage}_config.json"
-            files[ds_name] = json.dumps(_deepspeed_config(dist.zero_stage, dist.offload),
-                                        indent=2) + "\n"
+            files[ds_name] = deepspeed_config_text(plan)
         multimodal = "vision" in plan.roles or "audio" in plan.roles
         info = {DATASET_TRAIN: _dataset_entry(plan.data.train, out_dir, multimodal)}
         if plan.data.eval:

@@ -16,7 +16,6 @@ code it mirrors. Everything is decided from the Plan alone.
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,7 +25,8 @@ from mixspec.decay import transformers_rule_differs
 from mixspec.errors import Location, Unsupported, UnsupportedError
 from mixspec.plan import ComponentPlan, Plan
 from mixspec.targets import Target, TargetOptions
-from mixspec.targets._common import compact_names, exact_regex, generated_header, py_literal, sh_word
+from mixspec.targets._common import compact_names, exact_regex, generated_header, json_text, py_literal, sh_word
+from mixspec.targets.deepspeed import deepspeed_config
 
 PLUGIN_FILE = "mixspec_plugin.py"
 DEEPSPEED_FILE = "deepspeed.json"
@@ -183,11 +183,6 @@ class Decision:
         return bool(self.plugin_reasons)
 
 
-# reasons an approximation may ignore (each becomes a comment); any other reason refuses
-_APPROXIMABLE = {"lora_llm-dropout", "lora_llm-rslora", "lora_llm-dora", "lr-within-group",
-                 "weight-decay", "weight-decay-rule", "lr-text-model"}
-
-
 def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
@@ -223,8 +218,10 @@ class _View:
 
 
 def _u(code: str, comp: Optional[ComponentPlan], what: str, why: str, hint: str = "",
-       origin: Optional[Location] = None) -> Unsupported:
-    return Unsupported(code, origin or (comp.origin if comp else None), what, why, hint)
+       origin: Optional[Location] = None, approximable: bool = False) -> Unsupported:
+    """``approximable``: swift's flags still run and differ only in this (--approximate
+    --no-plugin writes it as a comment); otherwise no flags approximate it."""
+    return Unsupported(code, origin or (comp.origin if comp else None), what, why, hint, approximable)
 
 
 _PLUGIN_HINT = "without --no-plugin, mixspec writes a swift plugin (--external_plugins) that does this exactly"
@@ -257,7 +254,7 @@ def decide(plan: Plan, options: TargetOptions) -> Decision:
         d.plugin_reasons.extend(blockers)
         d.tuner = "plugin"
         d.lr_mode = "plugin"
-        if all(b.code in _APPROXIMABLE for b in blockers):
+        if all(b.approximable for b in blockers):
             approx = Decision()
             _lora_llm_flags(view, approx)
             d.approx_flags = approx.flags
@@ -354,11 +351,13 @@ def _lora_llm_blockers(view: _View) -> list[Unsupported]:
         if lo.dropout != 0:
             out.append(_u("lora_llm-dropout", comp, f"{what}.dropout {lo.dropout!r}",
                           "lora_llm ignores --lora_dropout (PEFT's default 0 is used)",
-                          _PLUGIN_HINT + "; or set dropout: 0 to use --tuner_type lora_llm"))
+                          _PLUGIN_HINT + "; or set dropout: 0 to use --tuner_type lora_llm", approximable=True))
         if lo.rslora:
-            out.append(_u("lora_llm-rslora", comp, f"{what}.rslora", "lora_llm ignores --use_rslora", _PLUGIN_HINT))
+            out.append(_u("lora_llm-rslora", comp, f"{what}.rslora", "lora_llm ignores --use_rslora", _PLUGIN_HINT,
+                          approximable=True))
         if lo.dora:
-            out.append(_u("lora_llm-dora", comp, f"{what}.dora", "lora_llm ignores --use_dora", _PLUGIN_HINT))
+            out.append(_u("lora_llm-dora", comp, f"{what}.dora", "lora_llm ignores --use_dora", _PLUGIN_HINT,
+                          approximable=True))
         outside = [t for t in lo.targets if not any(_under(t, pre) for pre in sw.language_model)]
         if outside:
             out.append(_u("lora_llm-outside-llm", comp, f"{what} on {_few(outside)}",
@@ -502,7 +501,7 @@ def _group_lr_blockers(view: _View, strict_outside: bool) -> list[Unsupported]:
                     out.append(_u("lr-within-group", comp, f"components.{comp.name}.lr {comp.lr!r}",
                                   f"swift's multimodal optimizer gives its {labels[group]} group one learning "
                                   f"rate, and component {first.name!r} in the same group has {first.lr!r}",
-                                  _PLUGIN_HINT))
+                                  _PLUGIN_HINT, approximable=True))
     if strict_outside and groups["other"]:
         for comp in _comps_of(view, groups["other"]):
             names = [n for n in groups["other"] if view.trainable[n] is comp]
@@ -532,7 +531,7 @@ def _weight_decay_blockers(view: _View) -> list[Unsupported]:
         if comp.weight_decay != first.weight_decay:
             out.append(_u("weight-decay", comp, f"components.{comp.name}.weight_decay {comp.weight_decay!r}",
                           f"swift's flags give one --weight_decay, and component {first.name!r} has "
-                          f"{first.weight_decay!r}", _PLUGIN_HINT))
+                          f"{first.weight_decay!r}", _PLUGIN_HINT, approximable=True))
     for comp in view.active:
         differ = transformers_rule_differs(comp, view.layernorm)
         if differ:
@@ -540,7 +539,7 @@ def _weight_decay_blockers(view: _View) -> list[Unsupported]:
                           f"swift's optimizer decides which parameters decay by transformers' rule "
                           f"(torch LayerNorm modules, names with bias/norm), which differs from the Plan's "
                           f"(biases, norm modules by type, 1-D parameters) on {len(differ)} of its parameters",
-                          _PLUGIN_HINT))
+                          _PLUGIN_HINT, approximable=True))
     return out
 
 
@@ -557,7 +556,7 @@ def _lr_flags(view: _View, d: Decision) -> None:
             if comp.lr != first.lr:
                 reasons.append(_u("lr-text-model", comp, f"components.{comp.name}.lr {comp.lr!r}",
                                   f"swift's flags give this model one --learning_rate, and component "
-                                  f"{first.name!r} has {first.lr!r}", _PLUGIN_HINT))
+                                  f"{first.name!r} has {first.lr!r}", _PLUGIN_HINT, approximable=True))
         flags.append(("learning_rate", first.lr))
         mode = "single"
     else:
@@ -573,7 +572,7 @@ def _lr_flags(view: _View, d: Decision) -> None:
     if reasons:
         d.plugin_reasons.extend(reasons)
         d.lr_mode = "plugin"
-        if all(r.code in _APPROXIMABLE for r in reasons):
+        if all(r.approximable for r in reasons):
             d.approx_flags = d.flags + flags
         return
     d.flags += flags
@@ -597,37 +596,11 @@ def _deepspeed(plan: Plan, d: Decision) -> tuple[Optional[str], Optional[dict]]:
     if (stage, offload) in _DS_BUILTIN:
         return _DS_BUILTIN[(stage, offload)], None
     if offload == "optimizer" and stage in (1, 3):
-        return None, _ds_config(stage, offload_param=False)
+        return None, deepspeed_config(plan)
     d.hard.append(_u("deepspeed-offload", None, f"distributed: zero_stage {stage} with offload {offload!r}",
                      "DeepSpeed offloads parameters only with ZeRO-3, and the optimizer only with ZeRO >= 1",
                      origin=Location(plan.spec_path)))
     return None, None
-
-
-def _ds_config(stage: int, offload_param: bool) -> dict:
-    zero: dict = {"stage": stage, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
-    if offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    if stage == 3:
-        zero.update({"overlap_comm": False, "contiguous_gradients": True, "sub_group_size": 1e9,
-                     "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-                     "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e9,
-                     "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True})
-    else:
-        zero.update({"allgather_partitions": True, "allgather_bucket_size": 2e8, "overlap_comm": False,
-                     "reduce_scatter": True, "reduce_bucket_size": 2e8, "contiguous_gradients": True})
-    return {
-        "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
-                 "hysteresis": 2, "min_loss_scale": 1},
-        "bf16": {"enabled": "auto"},
-        "zero_optimization": zero,
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "steps_per_print": 2000,
-        "train_batch_size": "auto",
-        "train_micro_batch_size_per_gpu": "auto",
-        "wall_clock_breakdown": False,
-    }
 
 
 # -- the target ------------------------------------------------------------------------------------
@@ -643,33 +616,16 @@ class SwiftTarget(Target):
             return list(d.hard)
         return list(d.hard) + list(d.plugin_reasons)
 
-    def render(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
-        """Files for the Plan; refuses what it cannot say. ``--approximate --no-plugin`` ignores
-        only reasons listed in ``_APPROXIMABLE`` (each written as a comment)."""
-        problems = self.unsupported(plan, options)
-        if problems:
-            can_approximate = (options.approximate and not _hard(plan, options)
-                               and decide(plan, options).approx_flags is not None)
-            if not can_approximate:
-                raise UnsupportedError(self.name, problems)
-        return self.files(plan, options)
-
     def files(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
         d = decide(plan, options)
         ds_name, ds_json = _deepspeed(plan, d)
         use_plugin = d.plugin and options.plugin
         files = {"train.sh": _train_sh(plan, options, d, ds_name, ds_json is not None, use_plugin)}
         if ds_json is not None:
-            files[DEEPSPEED_FILE] = json.dumps(ds_json, indent=4) + "\n"
+            files[DEEPSPEED_FILE] = json_text(ds_json)
         if use_plugin:
             files[PLUGIN_FILE] = _plugin_py(plan, options, d)
         return files
-
-
-def _hard(plan: Plan, options: TargetOptions) -> list[Unsupported]:
-    d = decide(plan, options)
-    _deepspeed(plan, d)
-    return d.hard
 
 
 TARGET = SwiftTarget

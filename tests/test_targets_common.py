@@ -1,0 +1,65 @@
+"""What every target shares: refuse-or-approximate decided once, one DeepSpeed config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mixspec.errors import UnsupportedError
+from mixspec.loader import load_spec_text
+from mixspec.resolve import plan_spec
+from mixspec.targets import Target, TargetOptions, available_targets, render
+
+
+def test_no_target_overrides_the_refuse_or_approximate_decision():
+    for name, cls in available_targets().items():
+        assert cls.render is Target.render, f"target {name} decides refusal itself"
+
+
+# LoRA on the LLM, full ViT + merger, three LRs, ZeRO-3 + optimizer offload: swift needs a
+# generated deepspeed.json (no built-in), LLaMA-Factory approximates the LRs
+MIXED = """version: 1
+model: Qwen/Qwen2.5-VL-7B-Instruct
+components:
+  vision: {train: full, lr: 2.0e-6}
+  aligner: {train: full, lr: 1.0e-5}
+  language: {train: lora, lr: 1.0e-4, lora: {rank: 16, alpha: 32, dropout: 0.05}}
+data: {train: data/train.jsonl}
+distributed: {nodes: 1, gpus_per_node: 8, zero_stage: 3, offload: optimizer}
+"""
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return plan_spec(load_spec_text(MIXED, "spec.yaml"))
+
+
+def test_one_deepspeed_config_for_every_target(plan):
+    hf = json.loads(render(plan, "hf", TargetOptions())["ds_config.json"])
+    assert json.loads(render(plan, "deepspeed", TargetOptions())["ds_config.json"]) == hf
+    assert json.loads(render(plan, "swift", TargetOptions())["deepspeed.json"]) == hf
+    lf = render(plan, "llamafactory", TargetOptions(approximate=True))
+    assert json.loads(lf["ds_z3_config.json"]) == hf
+    assert "optimizer" not in hf
+
+
+@pytest.mark.parametrize("target,options", [("swift", {"plugin": False}), ("llamafactory", {})])
+def test_approximable_parts_render_with_approximate_and_refuse_without(plan, target, options):
+    with pytest.raises(UnsupportedError) as info:
+        render(plan, target, TargetOptions(**options))
+    assert info.value.items and all(i.approximable for i in info.value.items), \
+        [(i.code, i.approximable) for i in info.value.items]
+    files = render(plan, target, TargetOptions(approximate=True, **options))
+    assert "APPROXIMATION" in "".join(files.values())
+
+
+def test_approximate_never_covers_a_part_that_is_not_approximable(plan):
+    import dataclasses
+
+    no_data = dataclasses.replace(plan, data=None)
+    whole_run_warmup = dataclasses.replace(plan, training=dataclasses.replace(plan.training, warmup_ratio=1.0))
+    for target, bad in (("swift", no_data), ("llamafactory", no_data), ("hf", whole_run_warmup)):
+        with pytest.raises(UnsupportedError) as info:
+            render(bad, target, TargetOptions(approximate=True))
+        assert info.value.items and not any(i.approximable for i in info.value.items), target
