@@ -20,7 +20,7 @@ from mixspec import patterns
 from mixspec.decay import adapter_no_decay, no_decay_reason, torch_layernorm_modules
 from mixspec.errors import Diagnostics, Location, ModelSourceError, Problem, SpecError
 from mixspec.loader import LoadedSpec
-from mixspec.names import natural_key, shallowest
+from mixspec.names import natural_key, ranges, shallowest
 from mixspec.plan import ComponentPlan, LoraPlan, Plan, Totals
 from mixspec.registry import Roles, find_roles
 from mixspec.settings import settings_from_spec
@@ -139,7 +139,7 @@ class _Resolver:
                     elif prev is None:
                         claims[p] = Claim(cname, why)
         for (a, b), params in sorted(conflicts.items()):
-            mods = _covering(set(params), self.param_names)  # whole blocks, not their leaves
+            mods = covering(set(params), self.param_names)  # whole blocks, not their leaves
             shown = ", ".join(mods[:5]) + (f" and {len(mods) - 5} more" if len(mods) > 5 else "")
             self.diags.error(
                 self.loc("components", b, "modules"), f"components.{b}.modules",
@@ -277,9 +277,9 @@ class _Resolver:
             missing = [i for i in layers if i not in available]
             if available and missing:
                 self.diags.error(self.loaded.value_loc(*path, "layers"), f"components.{cname}.lora.layers",
-                                 f"block(s) {_ranges(missing)} do not exist among the LoRA targets of "
+                                 f"block(s) {ranges(missing, ', ')} do not exist among the LoRA targets of "
                                  f"component {cname!r}",
-                                 f"its targets lie in blocks {_ranges(available)}")
+                                 f"its targets lie in blocks {ranges(available, ', ')}")
             elif not chosen:
                 shown = f"{available[0]}-{available[-1]}" if available else "none"
                 self.diags.error(self.loc(*path, "layers"), f"components.{cname}.lora.layers",
@@ -415,7 +415,7 @@ class _Resolver:
                 role=None if comp.modules is not None else cname,
                 patterns=tuple(comp.modules or ()),
                 origin=self.loc("components", cname),
-                modules=_covering(claimed, self.param_names),
+                modules=covering(claimed, self.param_names),
                 params=tuple(canon_claimed), base_params=base, trainable_params=trainable, lora=lora,
                 no_decay=no_decay, no_decay_params=no_decay_params,
             ))
@@ -437,7 +437,7 @@ class _Resolver:
             components=tuple(components),
             unassigned_params=tuple(unassigned),
             unassigned_base_params=sum(numel[p] for p in unassigned),
-            unassigned_modules=_covering(set(unassigned), self.param_names),
+            unassigned_modules=covering(set(unassigned), self.param_names),
             tied=dict(tree.tied),
             totals=Totals(base_params=total, added_params=added, trainable_params=trainable),
             training=training, distributed=distributed, data=data,
@@ -466,21 +466,6 @@ def _lora_leaves(members) -> str:
     return ", ".join(shown[:20]) + (f" and {len(shown) - 20} more" if len(shown) > 20 else "") if shown else "none"
 
 
-def _ranges(indices) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
-    out, run = [], []
-    for i in sorted(set(indices)):
-        if run and i == run[-1] + 1:
-            run.append(i)
-            continue
-        if run:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [i]
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ", ".join(out)
-
-
 def _treat(t) -> str:
     return f"full at lr {t[1]}" if t[0] == "full" else "frozen"
 
@@ -490,8 +475,9 @@ def _under(names: list[str], prefix: str) -> list[str]:
     return [n for n in names if n.startswith(dotted)]
 
 
-def _covering(claimed: set[str], all_params: list[str]) -> tuple[str, ...]:
-    """The fewest module names (or single parameters) that cover exactly ``claimed``."""
+def covering(claimed: set[str], all_params: list[str]) -> tuple[str, ...]:
+    """The fewest module names (or single parameters) that cover exactly ``claimed``, given every
+    parameter name (the Plan's ``modules`` and the LLaMA-Factory target's messages use it)."""
     if not claimed:
         return ()
     table, prefixes_of, known = _prefix_table(tuple(all_params))

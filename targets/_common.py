@@ -7,8 +7,9 @@ files only through these helpers:
 - ``py_literal``: a Python literal (ASCII only, ``ast.literal_eval`` gives the value back);
 - ``sh_word``: one single-quoted shell word (``shlex.quote``);
 - ``json_text``: JSON (ASCII only);
-- ``comment_text``: a one-line, ASCII-only rendering for comments (Python, shell, YAML),
-  so a newline in a spec path can never end a comment and start code.
+- ``comment_text``: a one-line, ASCII-only, quoted token for comments (Python, shell, YAML),
+  so a newline in a spec path can never end a comment and start code;
+- ``comment_line``: the same for free text (messages, reasons) without the quotes.
 
 Output is deterministic: no dates, no absolute paths unless the Plan holds them, sorted
 where the order carries no meaning.
@@ -22,7 +23,7 @@ import re
 import shlex
 
 from mixspec import __version__
-from mixspec.names import natural_key
+from mixspec.names import INDEX, compact_names, expand_names, natural_key, ranges
 
 _FLOAT_SPECIALS = {math.inf: 'float("inf")', -math.inf: 'float("-inf")'}
 
@@ -30,6 +31,18 @@ _FLOAT_SPECIALS = {math.inf: 'float("inf")', -math.inf: 'float("-inf")'}
 def comment_text(value: str) -> str:
     """A string as a double-quoted, one-line, ASCII-only token, safe inside any comment."""
     return json.dumps(str(value), ensure_ascii=True)
+
+
+def unicode_escape(ch: str) -> str:
+    """One character as a ``\\uXXXX`` (or ``\\UXXXXXXXX``) escape."""
+    code = ord(ch)
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def comment_line(text) -> str:
+    """Free text for a comment line (Python, shell, YAML): one line, ASCII only, every other
+    character escaped, so a newline in a spec value can never end the comment."""
+    return "".join(ch if " " <= ch <= "~" else unicode_escape(ch) for ch in str(text))
 
 
 def sh_word(value: str) -> str:
@@ -105,72 +118,17 @@ def generated_header(plan, target: str, comment: str = "#", extra: list[str] | t
     return "".join(f"{comment} {line}".rstrip() + "\n" for line in lines)
 
 
+def inline_source() -> str:
+    """mixspec's name helpers (mixspec.names), as source for a generated program that imports
+    ``re``: written once, in the package, and inlined into train.py and the swift plugin."""
+    import inspect
+
+    funcs = (natural_key, ranges, compact_names, expand_names)
+    return f"INDEX = re.compile({INDEX.pattern!r})\n\n\n" + "\n\n".join(inspect.getsource(f) for f in funcs)
+
+
 # -- compact, exact lists of parameter or module names ----------------------------------
-
-_INDEX = re.compile(r"^(?:0|[1-9][0-9]*)$")
-
-
-def _ranges(values: list[int]) -> str:
-    out = []
-    values = sorted(set(values))
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        out.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
-def compact_names(names) -> dict[str, str]:
-    """Names grouped by template: ``{"a.{}.b": "0-27"}``; each numeric segment becomes ``{}``.
-
-    The inverse is ``expand_names``. A template with several numeric segments lists its
-    index tuples as ``"0.0-7,1.0-7"`` (all but the last index dotted, the last as ranges).
-    Names that contain a brace are kept verbatim (template = the name, indices ``""``).
-    """
-    groups: dict[str, dict[tuple, list[int]]] = {}
-    verbatim = []
-    for name in names:
-        if "{" in name or "}" in name:
-            verbatim.append(name)
-            continue
-        parts = name.split(".")
-        idx = [int(p) for p in parts if _INDEX.match(p)]
-        if not idx:
-            verbatim.append(name)
-            continue
-        template = ".".join("{}" if _INDEX.match(p) else p for p in parts)
-        groups.setdefault(template, {}).setdefault(tuple(idx[:-1]), []).append(idx[-1])
-    out: dict[str, str] = {}
-    for name in verbatim:
-        out[name] = ""
-    for template, by_head in groups.items():
-        items = []
-        for head in sorted(by_head):
-            runs = _ranges(by_head[head])
-            prefix = "".join(f"{h}." for h in head)
-            items.extend(prefix + r for r in runs.split(","))
-        out[template] = ",".join(items)
-    return dict(sorted(out.items(), key=lambda kv: natural_key(kv[0])))
-
-
-def expand_names(compact: dict[str, str]) -> set[str]:
-    """The exact set of names a ``compact_names`` mapping stands for."""
-    names = set()
-    for template, indices in compact.items():
-        if not indices:
-            names.add(template)
-            continue
-        pieces = template.split("{}")
-        for item in indices.split(","):
-            *head, last = item.split(".")
-            lo, _, hi = last.partition("-")
-            for i in range(int(lo), int(hi or lo) + 1):
-                values = [*head, str(i)]
-                names.add("".join(p + (values[k] if k < len(values) else "") for k, p in enumerate(pieces)))
-    return names
+# compact_names / expand_names live in mixspec.names (imported above; inlined into programs)
 
 
 def exact_regex(names) -> str:

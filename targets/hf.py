@@ -25,6 +25,7 @@ from mixspec.targets._common import (
     compact_names,
     exact_regex,
     generated_header,
+    inline_source,
     py_literal,
     sh_word,
 )
@@ -249,6 +250,7 @@ def render_train_py(plan: Plan, options: TargetOptions) -> str:
         "__MIXSPEC_OUTPUT_DIR__": py_literal(plan.output_dir or "output", lead=len("OUTPUT_DIR = ")),
         "__MIXSPEC_DISTRIBUTED__": py_literal(dist, lead=len("DISTRIBUTED = ")),
         "__MIXSPEC_DEEPSPEED__": py_literal("ds_config.json" if plan.distributed.deepspeed else None),
+        "__MIXSPEC_NAME_HELPERS__": inline_source().rstrip("\n"),
     }
     text = _TRAIN_PY
     for marker, value in blocks.items():
@@ -414,61 +416,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # -- names ------------------------------------------------------------------------------
-_INDEX = re.compile(r"^(?:0|[1-9][0-9]*)$")
-
-
-def expand_names(compact):
-    """The exact set of names a compact {template: indices} mapping stands for."""
-    names = set()
-    for template, indices in compact.items():
-        if not indices:
-            names.add(template)
-            continue
-        pieces = template.split("{}")
-        for item in indices.split(","):
-            *head, last = item.split(".")
-            lo, _, hi = last.partition("-")
-            for i in range(int(lo), int(hi or lo) + 1):
-                values = [*head, str(i)]
-                names.add("".join(p + (values[k] if k < len(values) else "") for k, p in enumerate(pieces)))
-    return names
-
-
-def _ranges(values):
-    values = sorted(set(values))
-    out, i = [], 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        out.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
-def natural_key(name):
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
-
-
-def compact_names(names):
-    """Names grouped by template ({} for each numeric segment): {"a.{}.b": "0-27"}."""
-    groups, verbatim = {}, []
-    for name in names:
-        parts = name.split(".")
-        idx = [int(p) for p in parts if _INDEX.match(p)]
-        if "{" in name or "}" in name or not idx:
-            verbatim.append(name)
-            continue
-        template = ".".join("{}" if _INDEX.match(p) else p for p in parts)
-        groups.setdefault(template, {}).setdefault(tuple(idx[:-1]), []).append(idx[-1])
-    out = {name: "" for name in verbatim}
-    for template, by_head in groups.items():
-        items = []
-        for head in sorted(by_head):
-            prefix = "".join(f"{h}." for h in head)
-            items.extend(prefix + r for r in _ranges(by_head[head]).split(","))
-        out[template] = ",".join(items)
-    return dict(sorted(out.items(), key=lambda kv: natural_key(kv[0])))
+__MIXSPEC_NAME_HELPERS__
 
 
 def names_sha256(names):
@@ -515,7 +463,7 @@ def describe_name_diff(actual, planned, what):
         if a and b and a != b:
             role = role_of(prefix)
             label = f"{prefix} ({role})" if role else prefix
-            lines.append(f"{label}: the model has {len(a)} ({_ranges(a)}), the plan was made for {len(b)} ({_ranges(b)})")
+            lines.append(f"{label}: the model has {len(a)} ({ranges(a)}), the plan was made for {len(b)} ({ranges(b)})")
             for n in only_model | only_plan:
                 m = _BLOCK.match(n)
                 if m and m.group(1) == prefix and int(m.group(2)) in a ^ b:

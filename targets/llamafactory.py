@@ -32,7 +32,9 @@ from mixspec.decay import transformers_rule_differs
 from mixspec.errors import Location, Unsupported
 from mixspec.names import natural_key
 from mixspec.plan import ComponentPlan, Plan
+from mixspec.resolve import covering
 from mixspec.targets import Target, TargetOptions
+from mixspec.targets._common import comment_line, unicode_escape
 from mixspec.targets.deepspeed import deepspeed_config_text
 
 LLAMAFACTORY_VERSION = "0.9.5"
@@ -159,11 +161,6 @@ _HINT_OTHER_TARGET = "compile to --target hf (or swift), which express it exactl
 _YAML_SPECIAL = {"", "~", "null", "true", "false", "yes", "no", "on", "off", "y", "n"}
 
 
-def _escape(ch: str) -> str:
-    code = ord(ch)
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
 def _yaml_str(text: str) -> str:
     """A YAML scalar that reads back as exactly ``text``: plain when unambiguous, else
     double-quoted with every character outside printable ASCII escaped (one line, ASCII)."""
@@ -172,13 +169,8 @@ def _yaml_str(text: str) -> str:
     if safe:
         return text
     body = "".join(
-        "\\" + ch if ch in '"\\' else ch if " " <= ch <= "~" else _escape(ch) for ch in text)
+        "\\" + ch if ch in '"\\' else ch if " " <= ch <= "~" else unicode_escape(ch) for ch in text)
     return f'"{body}"'
-
-
-def _comment_safe(text: str) -> str:
-    """Comment text on one line, ASCII only: a newline in a spec path cannot end the comment."""
-    return "".join(ch if " " <= ch <= "~" else _escape(ch) for ch in text)
 
 
 def _yaml_float(value: float) -> str:
@@ -216,29 +208,6 @@ def _show(names: Iterable[str], limit: int = 4) -> str:
         text += f" and {len(names) - limit} more"
     return text
 
-
-def _cover(subset: set[str], all_names: list[str]) -> list[str]:
-    """The fewest module names (or single parameter names) that cover exactly ``subset``."""
-    full: dict[str, bool] = {}
-    for name in all_names:
-        parts = name.split(".")
-        for i in range(1, len(parts)):
-            prefix = ".".join(parts[:i])
-            full[prefix] = full.get(prefix, True) and name in subset
-    out = set()
-    for name in subset:
-        parts = name.split(".")
-        top = name
-        for i in range(1, len(parts)):
-            prefix = ".".join(parts[:i])
-            if full.get(prefix):
-                top = prefix
-                break
-        out.add(top)
-    return sorted(out, key=natural_key)
-
-
-# -- LLaMA-Factory's rules, re-implemented over names -----------------------------------------
 
 def _forbidden(comp: Optional[_Composite], flags: tuple[bool, bool, bool]) -> tuple[str, ...]:
     """get_forbidden_modules: the keys of every part whose freeze flag is set."""
@@ -564,10 +533,10 @@ class _Analyser:
         extra = got - self.trained
         lost = self.trained - got
         if extra:
-            self.out.note("finetuning_type", f"approximate: also trains {_show(_cover(extra, self.names))}, "
+            self.out.note("finetuning_type", f"approximate: also trains {_show(covering(extra, self.names))}, "
                                              "which the Plan freezes")
         if lost:
-            self.out.note("finetuning_type", f"approximate: freezes {_show(_cover(lost, self.names))}, "
+            self.out.note("finetuning_type", f"approximate: freezes {_show(covering(lost, self.names))}, "
                                              "which the Plan trains")
 
     def _part_members(self) -> dict[str, set[str]]:
@@ -585,7 +554,7 @@ class _Analyser:
         parts = []
         for holder in sorted(groups):
             label = "unassigned" if holder == "unassigned" else f"component {holder!r}"
-            parts.append(f"{_show(_cover(groups[holder], self.names), 3)} ({label})")
+            parts.append(f"{_show(covering(groups[holder], self.names), 3)} ({label})")
         return "; ".join(parts)
 
     def explain_full_mismatch(self) -> None:
@@ -622,7 +591,7 @@ class _Analyser:
             comps = {c.name: c for c in self.plan.components}
             for holder in sorted(by_holder, key=lambda h: (h is None, h or "")):
                 names = by_holder[holder]
-                shown = _show(_cover(names, self.names))
+                shown = _show(covering(names, self.names))
                 if holder is None:
                     origin, what = _spec_location(self.plan), f"unassigned (frozen) parameters {shown}"
                 else:
@@ -645,7 +614,7 @@ class _Lines:
         self.lines: list[str] = []
 
     def comment(self, text: str = "") -> None:
-        self.lines.append(f"# {_comment_safe(text)}".rstrip())
+        self.lines.append(f"# {comment_line(text)}".rstrip())
 
     def blank(self) -> None:
         self.lines.append("")

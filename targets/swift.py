@@ -25,7 +25,8 @@ from mixspec.decay import transformers_rule_differs
 from mixspec.errors import Location, Unsupported, UnsupportedError
 from mixspec.plan import ComponentPlan, Plan
 from mixspec.targets import Target, TargetOptions
-from mixspec.targets._common import compact_names, exact_regex, generated_header, json_text, py_literal, sh_word
+from mixspec.targets._common import (comment_line, compact_names, exact_regex, generated_header, inline_source, json_text,
+                                     py_literal, sh_word)
 from mixspec.targets.deepspeed import deepspeed_config
 
 PLUGIN_FILE = "mixspec_plugin.py"
@@ -141,11 +142,6 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
     return str(value)
-
-
-def _comment(text: str) -> str:
-    """Text safe inside a ``#`` comment line (no line breaks)."""
-    return re.sub(r"[\r\n\v\f\x85\u2028\u2029]+", " ", str(text))
 
 
 # -- exact regular expressions over names ---------------------------------------------------
@@ -747,7 +743,7 @@ def _train_sh(plan: Plan, options: TargetOptions, d: Decision, ds_name: Optional
         "Do not edit: change the spec and compile again.",
     ]).splitlines()
     out.append("#")
-    out += ["# " + _comment(line) for line in _summary_lines(plan)]
+    out += ["# " + comment_line(line) for line in _summary_lines(plan)]
     out.append("#")
     approximate = d.plugin and not use_plugin
     if use_plugin:
@@ -756,19 +752,19 @@ def _train_sh(plan: Plan, options: TargetOptions, d: Decision, ds_name: Optional
                    "the flags cannot say this Plan exactly, because:")
         for item in d.plugin_reasons:
             where = f"{item.origin}: " if item.origin else ""
-            out.append("#   - " + _comment(f"{where}{item.what}: {item.why}"))
+            out.append("#   - " + comment_line(f"{where}{item.what}: {item.why}"))
         out.append("# The plugin checks the trainable parameters, their learning rates and weight decays")
         out.append("# against the Plan before the first step, and stops with a diff if they differ.")
     elif approximate:
         out.append("# APPROXIMATION (--approximate --no-plugin): this run differs from the Plan in:")
         for item in d.plugin_reasons:
             where = f"{item.origin}: " if item.origin else ""
-            out.append("#   - " + _comment(f"{where}{item.what}: {item.why}"))
+            out.append("#   - " + comment_line(f"{where}{item.what}: {item.why}"))
     if use_plugin:
         out.append("# --learning_rate is only what swift logs; the plugin's optimizer gives each part its own.")
     else:
         for note in d.notes:
-            out.append("# " + _comment(note))
+            out.append("# " + comment_line(note))
     out += [
         "# Data and output paths are used as the spec gives them, relative to the directory you run",
         "# this script from. Extra arguments are passed on last, so they override: bash train.sh --max_steps 10",
@@ -893,7 +889,7 @@ def _plugin_py(plan: Plan, options: TargetOptions, d: Decision) -> str:
     ]
     for item in d.plugin_reasons:
         where = f"{item.origin}: " if item.origin else ""
-        head.append("#   - " + _comment(f"{where}{item.what}: {item.why}"))
+        head.append("#   - " + comment_line(f"{where}{item.what}: {item.why}"))
     data = [
         "",
         f"SWIFT_VERSION = {options.swift_version!r}",
@@ -903,7 +899,7 @@ def _plugin_py(plan: Plan, options: TargetOptions, d: Decision) -> str:
         f"FULL_PARAMS_FILE = {FULL_PARAMS_FILE!r}",
         f"TRAINED_DTYPE = {py_literal(_PRECISION[plan.training.trained_dtype][0])}",
         "",
-        "# Names are compact: {\"model.layers.{}.mlp.up_proj\": \"0-27\"} stands for layers 0 to 27 (expand() below).",
+        "# Names are compact: {\"model.layers.{}.mlp.up_proj\": \"0-27\"} stands for layers 0 to 27 (expand_names() below).",
         "",
         "# LoRA adapter settings (PEFT LoraConfig); target_modules are full module names",
         f"LORA = {py_literal(lora)}",
@@ -912,7 +908,7 @@ def _plugin_py(plan: Plan, options: TargetOptions, d: Decision) -> str:
         "# the trained parameters the Plan exempts from weight decay (biases, norms, 1-D)",
         f"COMPONENTS = {py_literal(components)}",
     ]
-    body = _PLUGIN_CODE
+    body = _PLUGIN_CODE.replace("__MIXSPEC_NAME_HELPERS__", inline_source().rstrip("\n"))
     reg = _PLUGIN_REGISTER_V4 if options.swift_version >= 4 else _PLUGIN_REGISTER_V3
     return "\n".join(head + data) + "\n" + body + reg
 
@@ -922,6 +918,7 @@ _PLUGIN_CODE = r'''
 import hashlib
 import json
 import os
+import re
 
 import torch
 
@@ -933,34 +930,20 @@ def _log(message):
         print(f"[mixspec] {message}", flush=True)
 
 
-def expand(compact):
-    """The names a compact mapping stands for: {"a.{}.b": "0-2,5"} -> a.0.b, a.1.b, a.2.b, a.5.b."""
-    names = []
-    for template, indices in compact.items():
-        if not indices:
-            names.append(template)
-            continue
-        pieces = template.split("{}")
-        for item in indices.split(","):
-            *head, last = item.split(".")
-            lo, _, hi = last.partition("-")
-            for i in range(int(lo), int(hi or lo) + 1):
-                values = [*head, str(i)]
-                names.append("".join(p + (values[k] if k < len(values) else "") for k, p in enumerate(pieces)))
-    return names
+__MIXSPEC_NAME_HELPERS__
 
 
 def plan_lrs():
     """Every parameter the Plan trains -> its learning rate."""
-    return {name: comp["lr"] for comp in COMPONENTS for name in expand(comp["params"])}
+    return {name: comp["lr"] for comp in COMPONENTS for name in expand_names(comp["params"])}
 
 
 def plan_weight_decay():
     """Every parameter the Plan trains -> its weight decay (0.0 where the Plan exempts it)."""
     out = {}
     for comp in COMPONENTS:
-        exempt = set(expand(comp["no_decay"]))
-        for name in expand(comp["params"]):
+        exempt = expand_names(comp["no_decay"])
+        for name in expand_names(comp["params"]):
             out[name] = 0.0 if name in exempt else comp["weight_decay"]
     return out
 
@@ -1037,7 +1020,7 @@ def set_full_trainable(model):
     for comp in COMPONENTS:
         if comp["mode"] != "full":
             continue
-        for name in expand(comp["params"]):
+        for name in expand_names(comp["params"]):
             if name in params:
                 params[name].requires_grad_(True)
             else:
@@ -1047,7 +1030,7 @@ def set_full_trainable(model):
 
 
 def full_param_names():
-    return {name for comp in COMPONENTS if comp["mode"] == "full" for name in expand(comp["params"])}
+    return {name for comp in COMPONENTS if comp["mode"] == "full" for name in expand_names(comp["params"])}
 
 
 def upcast_trained(model):
@@ -1069,7 +1052,7 @@ class _MixspecTunerMixin:
         if LORA is not None:
             from peft import LoraConfig, get_peft_model
 
-            settings = dict(LORA, target_modules=expand(LORA["target_modules"]))
+            settings = dict(LORA, target_modules=sorted(expand_names(LORA["target_modules"])))
             config = LoraConfig(task_type="CAUSAL_LM", **settings)
             model = get_peft_model(model, config)
         set_full_trainable(model)

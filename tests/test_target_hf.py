@@ -180,10 +180,12 @@ def test_train_py_embeds_the_plan_exactly(monkeypatch, case):
 def _script_functions(names: tuple[str, ...]) -> dict:
     """Functions of the generated train.py (its text is fixed), executed without its imports."""
     from mixspec.targets import hf
+    from mixspec.targets._common import inline_source
 
-    tree = ast.parse(hf._TRAIN_PY.replace("__MIXSPEC_HEADER__", "").replace("__MIXSPEC_", "None  # "))
+    text = hf._TRAIN_PY.replace("__MIXSPEC_NAME_HELPERS__", inline_source())
+    tree = ast.parse(text.replace("__MIXSPEC_HEADER__", "").replace("__MIXSPEC_", "None  # "))
     keep = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names
-            or isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "_INDEX"]
+            or isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "INDEX"]
     namespace = {"re": re}
     exec(compile(ast.Module(body=keep, type_ignores=[]), "train.py", "exec"), namespace)
     return namespace
@@ -197,7 +199,7 @@ _NAME_PART = st.one_of(st.sampled_from(["model", "layers", "blocks", "mlp", "q_p
 @settings(max_examples=100, deadline=None)
 @given(st.sets(st.lists(_NAME_PART, min_size=1, max_size=5).map(".".join), max_size=30))
 def test_name_compaction_round_trips_and_script_agrees(names):
-    fns = _script_functions(("expand_names", "compact_names", "_ranges", "natural_key"))
+    fns = _script_functions(("expand_names", "compact_names", "ranges", "natural_key"))
     compact = _common.compact_names(names)
     assert _common.expand_names(compact) == names
     assert fns["compact_names"](names) == compact
@@ -495,11 +497,13 @@ def llava_dir(tmp_path_factory):
 
 def _data_module(tmp_path, model_type="llava"):
     from mixspec.targets import hf
+    from mixspec.targets._common import inline_source
 
     return import_module_from_text(hf._TRAIN_PY.replace("__MIXSPEC_HEADER__\n", "").replace(
         "__MIXSPEC_PLAN__", repr({"model_type": model_type, "multimodal": True})).replace(
         "__MIXSPEC_TRAINING__", "{}").replace("__MIXSPEC_DATA__", "None").replace(
-        "__MIXSPEC_OUTPUT_DIR__", "'o'").replace("__MIXSPEC_DISTRIBUTED__", "{}").replace("__MIXSPEC_DEEPSPEED__", "None"),
+        "__MIXSPEC_OUTPUT_DIR__", "'o'").replace("__MIXSPEC_DISTRIBUTED__", "{}").replace("__MIXSPEC_DEEPSPEED__", "None")
+        .replace("__MIXSPEC_NAME_HELPERS__", inline_source()),
         tmp_path / "train_data.py", "train_data_" + tmp_path.name.replace("-", "_"))
 
 

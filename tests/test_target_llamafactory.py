@@ -570,13 +570,13 @@ def test_any_string_reads_back_from_yaml_and_comments_stay_one_line():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from mixspec.targets.llamafactory import _comment_safe
+    from mixspec.targets._common import comment_line
 
     @settings(max_examples=300, deadline=None)
     @given(st.text())
     def check(text):
         assert yaml.safe_load(f"k: {_yaml_str(text)}")["k"] == text
-        line = _comment_safe(text)
+        line = comment_line(text)
         assert line.isascii() and "\n" not in line and "\r" not in line
 
     check()

@@ -282,7 +282,7 @@ def test_anchored_regex_is_exact_over_the_universe():
     assert {n for n in universe if re.fullmatch(rx, n)} == {"a.0.x", "a.0.y", "a.0.x.z"}
 
 
-def test_plugin_expand_inverts_compact_names(tmp_path, monkeypatch):
+def test_plugin_expand_names_inverts_compact_names(tmp_path, monkeypatch):
     from mixspec.targets._common import compact_names
 
     plan = plan_of(ROOT / "examples/design-example.yaml")
@@ -292,7 +292,7 @@ def test_plugin_expand_inverts_compact_names(tmp_path, monkeypatch):
     plugin = _load_plugin(path)
     assert plugin.plan_lrs() == plan.trainable_lrs()
     odd = ["x.0.y.3", "x.0.y.4", "x.1.y.3", "a{b}.1", "plain", "m.10", "m.2"]
-    assert sorted(plugin.expand(compact_names(odd))) == sorted(odd)
+    assert sorted(plugin.expand_names(compact_names(odd))) == sorted(odd)
 
 
 # -- quoting and the launcher environment -------------------------------------------------------------

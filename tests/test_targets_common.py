@@ -63,3 +63,16 @@ def test_approximate_never_covers_a_part_that_is_not_approximable(plan):
         with pytest.raises(UnsupportedError) as info:
             render(bad, target, TargetOptions(approximate=True))
         assert info.value.items and not any(i.approximable for i in info.value.items), target
+
+
+def test_name_helpers_are_inlined_from_the_package(plan):
+    """train.py and the swift plugin carry mixspec.names' helpers verbatim (written once)."""
+    from mixspec.targets._common import inline_source
+
+    helpers = inline_source()
+    assert "def expand_names(" in helpers and "def compact_names(" in helpers
+    train_py = render(plan, "hf", TargetOptions())["train.py"]
+    plugin = render(plan, "swift", TargetOptions())["mixspec_plugin.py"]
+    for text in (train_py, plugin):
+        assert helpers.rstrip("\n") in text
+        assert text.count("def expand_names(") == 1 and "def _ranges(" not in text and "def expand(" not in text

@@ -276,11 +276,54 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # -- names ------------------------------------------------------------------------------
-_INDEX = re.compile(r"^(?:0|[1-9][0-9]*)$")
+INDEX = re.compile('^(?:0|[1-9][0-9]*)$')
 
 
-def expand_names(compact):
-    """The exact set of names a compact {template: indices} mapping stands for."""
+def natural_key(name: str) -> tuple:
+    """Sort 'blocks.2' before 'blocks.10' (numeric segments compare as numbers)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))
+
+
+def ranges(values, sep: str = ",") -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8' (``sep`` between the runs)."""
+    values = sorted(set(values))
+    out, i = [], 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        out.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
+        i = j + 1
+    return sep.join(out)
+
+
+def compact_names(names) -> dict:
+    """Names grouped by template: ``{"a.{}.b": "0-27"}``; each numeric segment becomes ``{}``.
+
+    The inverse is ``expand_names``. A template with several numeric segments lists its
+    index tuples as ``"0.0-7,1.0-7"`` (all but the last index dotted, the last as ranges).
+    Names that contain a brace, or no numeric segment, are kept verbatim (indices ``""``).
+    """
+    groups, out = {}, {}
+    for name in names:
+        parts = name.split(".")
+        idx = [int(p) for p in parts if INDEX.match(p)]
+        if "{" in name or "}" in name or not idx:
+            out[name] = ""
+            continue
+        template = ".".join("{}" if INDEX.match(p) else p for p in parts)
+        groups.setdefault(template, {}).setdefault(tuple(idx[:-1]), []).append(idx[-1])
+    for template, by_head in groups.items():
+        items = []
+        for head in sorted(by_head):
+            prefix = "".join(f"{h}." for h in head)
+            items.extend(prefix + r for r in ranges(by_head[head]).split(","))
+        out[template] = ",".join(items)
+    return dict(sorted(out.items(), key=lambda kv: natural_key(kv[0])))
+
+
+def expand_names(compact) -> set:
+    """The exact set of names a ``compact_names`` mapping stands for."""
     names = set()
     for template, indices in compact.items():
         if not indices:
@@ -294,43 +337,6 @@ def expand_names(compact):
                 values = [*head, str(i)]
                 names.add("".join(p + (values[k] if k < len(values) else "") for k, p in enumerate(pieces)))
     return names
-
-
-def _ranges(values):
-    values = sorted(set(values))
-    out, i = [], 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        out.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
-def natural_key(name):
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
-
-
-def compact_names(names):
-    """Names grouped by template ({} for each numeric segment): {"a.{}.b": "0-27"}."""
-    groups, verbatim = {}, []
-    for name in names:
-        parts = name.split(".")
-        idx = [int(p) for p in parts if _INDEX.match(p)]
-        if "{" in name or "}" in name or not idx:
-            verbatim.append(name)
-            continue
-        template = ".".join("{}" if _INDEX.match(p) else p for p in parts)
-        groups.setdefault(template, {}).setdefault(tuple(idx[:-1]), []).append(idx[-1])
-    out = {name: "" for name in verbatim}
-    for template, by_head in groups.items():
-        items = []
-        for head in sorted(by_head):
-            prefix = "".join(f"{h}." for h in head)
-            items.extend(prefix + r for r in _ranges(by_head[head]).split(","))
-        out[template] = ",".join(items)
-    return dict(sorted(out.items(), key=lambda kv: natural_key(kv[0])))
 
 
 def names_sha256(names):
@@ -377,7 +383,7 @@ def describe_name_diff(actual, planned, what):
         if a and b and a != b:
             role = role_of(prefix)
             label = f"{prefix} ({role})" if role else prefix
-            lines.append(f"{label}: the model has {len(a)} ({_ranges(a)}), the plan was made for {len(b)} ({_ranges(b)})")
+            lines.append(f"{label}: the model has {len(a)} ({ranges(a)}), the plan was made for {len(b)} ({ranges(b)})")
             for n in only_model | only_plan:
                 m = _BLOCK.match(n)
                 if m and m.group(1) == prefix and int(m.group(2)) in a ^ b:

@@ -25,7 +25,7 @@ PLAN_VERSIONS = {'torch': '2.13.0+cpu', 'transformers': '5.24.0'}
 FULL_PARAMS_FILE = 'full_params.safetensors'
 TRAINED_DTYPE = 'float32'
 
-# Names are compact: {"model.layers.{}.mlp.up_proj": "0-27"} stands for layers 0 to 27 (expand() below).
+# Names are compact: {"model.layers.{}.mlp.up_proj": "0-27"} stands for layers 0 to 27 (expand_names() below).
 
 # LoRA adapter settings (PEFT LoraConfig); target_modules are full module names
 LORA = None
@@ -55,6 +55,7 @@ COMPONENTS = [
 import hashlib
 import json
 import os
+import re
 
 import torch
 
@@ -66,12 +67,58 @@ def _log(message):
         print(f"[mixspec] {message}", flush=True)
 
 
-def expand(compact):
-    """The names a compact mapping stands for: {"a.{}.b": "0-2,5"} -> a.0.b, a.1.b, a.2.b, a.5.b."""
-    names = []
+INDEX = re.compile('^(?:0|[1-9][0-9]*)$')
+
+
+def natural_key(name: str) -> tuple:
+    """Sort 'blocks.2' before 'blocks.10' (numeric segments compare as numbers)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))
+
+
+def ranges(values, sep: str = ",") -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8' (``sep`` between the runs)."""
+    values = sorted(set(values))
+    out, i = [], 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        out.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
+        i = j + 1
+    return sep.join(out)
+
+
+def compact_names(names) -> dict:
+    """Names grouped by template: ``{"a.{}.b": "0-27"}``; each numeric segment becomes ``{}``.
+
+    The inverse is ``expand_names``. A template with several numeric segments lists its
+    index tuples as ``"0.0-7,1.0-7"`` (all but the last index dotted, the last as ranges).
+    Names that contain a brace, or no numeric segment, are kept verbatim (indices ``""``).
+    """
+    groups, out = {}, {}
+    for name in names:
+        parts = name.split(".")
+        idx = [int(p) for p in parts if INDEX.match(p)]
+        if "{" in name or "}" in name or not idx:
+            out[name] = ""
+            continue
+        template = ".".join("{}" if INDEX.match(p) else p for p in parts)
+        groups.setdefault(template, {}).setdefault(tuple(idx[:-1]), []).append(idx[-1])
+    for template, by_head in groups.items():
+        items = []
+        for head in sorted(by_head):
+            prefix = "".join(f"{h}." for h in head)
+            items.extend(prefix + r for r in ranges(by_head[head]).split(","))
+        out[template] = ",".join(items)
+    return dict(sorted(out.items(), key=lambda kv: natural_key(kv[0])))
+
+
+def expand_names(compact) -> set:
+    """The exact set of names a ``compact_names`` mapping stands for."""
+    names = set()
     for template, indices in compact.items():
         if not indices:
-            names.append(template)
+            names.add(template)
             continue
         pieces = template.split("{}")
         for item in indices.split(","):
@@ -79,21 +126,21 @@ def expand(compact):
             lo, _, hi = last.partition("-")
             for i in range(int(lo), int(hi or lo) + 1):
                 values = [*head, str(i)]
-                names.append("".join(p + (values[k] if k < len(values) else "") for k, p in enumerate(pieces)))
+                names.add("".join(p + (values[k] if k < len(values) else "") for k, p in enumerate(pieces)))
     return names
 
 
 def plan_lrs():
     """Every parameter the Plan trains -> its learning rate."""
-    return {name: comp["lr"] for comp in COMPONENTS for name in expand(comp["params"])}
+    return {name: comp["lr"] for comp in COMPONENTS for name in expand_names(comp["params"])}
 
 
 def plan_weight_decay():
     """Every parameter the Plan trains -> its weight decay (0.0 where the Plan exempts it)."""
     out = {}
     for comp in COMPONENTS:
-        exempt = set(expand(comp["no_decay"]))
-        for name in expand(comp["params"]):
+        exempt = expand_names(comp["no_decay"])
+        for name in expand_names(comp["params"]):
             out[name] = 0.0 if name in exempt else comp["weight_decay"]
     return out
 
@@ -170,7 +217,7 @@ def set_full_trainable(model):
     for comp in COMPONENTS:
         if comp["mode"] != "full":
             continue
-        for name in expand(comp["params"]):
+        for name in expand_names(comp["params"]):
             if name in params:
                 params[name].requires_grad_(True)
             else:
@@ -180,7 +227,7 @@ def set_full_trainable(model):
 
 
 def full_param_names():
-    return {name for comp in COMPONENTS if comp["mode"] == "full" for name in expand(comp["params"])}
+    return {name for comp in COMPONENTS if comp["mode"] == "full" for name in expand_names(comp["params"])}
 
 
 def upcast_trained(model):
@@ -202,7 +249,7 @@ class _MixspecTunerMixin:
         if LORA is not None:
             from peft import LoraConfig, get_peft_model
 
-            settings = dict(LORA, target_modules=expand(LORA["target_modules"]))
+            settings = dict(LORA, target_modules=sorted(expand_names(LORA["target_modules"])))
             config = LoraConfig(task_type="CAUSAL_LM", **settings)
             model = get_peft_model(model, config)
         set_full_trainable(model)
