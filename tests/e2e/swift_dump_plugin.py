@@ -35,3 +35,29 @@ class DumpParams(SwiftCallback):
 
 
 callbacks_map["mixspec_test_dump"] = DumpParams
+
+
+class RecordOptimizer(SwiftCallback):
+    """``--callbacks mixspec_test_optimizer``: at the start of training, every parameter the
+    optimizer holds -> its group's learning rate, weight decay and the parameter's dtype, in
+    ``OUTPUT_DIR/optimizer_record.json`` (names as in the bare model). Works whatever built
+    the optimizer (swift's own, its multimodal one, or mixspec's plugin)."""
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        import json
+
+        model = model if model is not None else self.trainer.model
+        optimizer = optimizer if optimizer is not None else self.trainer.optimizer
+        names = {id(p): _plain(n) for n, p in model.named_parameters()}
+        record = {}
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                record[names[id(param)]] = {"lr": group.get("initial_lr", group["lr"]),
+                                            "weight_decay": group.get("weight_decay", 0.0),
+                                            "dtype": str(param.dtype).replace("torch.", "")}
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, "optimizer_record.json"), "w", encoding="utf-8") as fh:
+            json.dump(record, fh, indent=1, sort_keys=True)
+
+
+callbacks_map["mixspec_test_optimizer"] = RecordOptimizer

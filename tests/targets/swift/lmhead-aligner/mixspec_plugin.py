@@ -365,6 +365,7 @@ def build_optimizer(args, model):
     parameters decay is the Plan's decision (biases, norms and 1-D parameters do not)."""
     from transformers import Trainer as HfTrainer
 
+    upcast_trained(model)  # also where swift's own tuner prepared the model
     trainable = trainable_params(model)
     lrs = plan_lrs()
     if set(trainable) != set(lrs):

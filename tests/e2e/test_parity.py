@@ -1,0 +1,191 @@
+"""Cross-backend parity: one spec, compiled to hf and to swift, both run for real (2 steps on
+a tiny random Qwen2.5-VL with image rows). Each run records every parameter its optimizer
+holds: (name, learning rate, weight decay, dtype). The two records must be equal to each
+other and to the Plan (its LRs, its weight decays with mixspec's no-decay rule, its trained
+dtype).
+
+- hf: the generated train.py, imported and driven (build_trainer, train) by the ms-swift
+  venv's python (Qwen2.5-VL's processor needs torchvision); the record is read from
+  ``trainer.optimizer`` after the 2 steps.
+- swift: the generated train.sh (``swift sft``, with mixspec's plugin where the Plan needs it),
+  plus the test-only callback ``mixspec_test_optimizer`` (tests/e2e/swift_dump_plugin.py),
+  which records swift's optimizer whatever built it.
+
+Needs the ms-swift venv (default .venv-swift or $MIXSPEC_SWIFT_VENV). Run:
+pytest -m slow tests/e2e/test_parity.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV = Path(os.environ.get("MIXSPEC_SWIFT_VENV") or ROOT / ".venv-swift")
+PYTHON = VENV / "bin" / "python"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (VENV / "bin" / "swift").exists(),
+                       reason=f"no ms-swift venv at {VENV} (bash scripts/swift_env.sh)"),
+]
+
+from mixspec.loader import load_spec  # noqa: E402
+from mixspec.output import write_files  # noqa: E402
+from mixspec.resolve import plan_spec  # noqa: E402
+from mixspec.targets import TargetOptions, render  # noqa: E402
+from mixspec.targets import swift as swift_target  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+import make_tiny_vlm  # noqa: E402
+
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    "MODELSCOPE_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
+    "MAX_PIXELS": str(112 * 112), "PYTHONWARNINGS": "ignore",
+    "PATH": f"{VENV / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+}
+DUMP_PLUGIN = ROOT / "tests" / "e2e" / "swift_dump_plugin.py"
+SWIFT_EXTRA = ["--check_model", "false", "--report_to", "none", "--dataloader_num_workers", "0",
+               "--callbacks", "mixspec_test_optimizer", "--save_strategy", "no"]
+
+SPEC = """\
+version: 1
+model: {model}
+components:
+{components}
+training: {{max_steps: 2, micro_batch_size: 1, gradient_accumulation: 1, precision: {precision},
+           gradient_checkpointing: true, max_length: 1024, lr_scheduler: constant,
+           weight_decay: 0.0, logging_steps: 1, save_steps: 100, seed: 1}}
+data: {{train: {data}}}
+output_dir: {out}
+"""
+
+SEED_PLUGIN = """\
+  vision: {train: full, lr: 1.0e-5, weight_decay: 0.1}
+  aligner: {train: full, lr: 3.0e-4}
+  language:
+    train: lora
+    lr: 4.0e-3
+    lora: {rank: 8, alpha: 16, dropout: 0.05, targets: all-linear}
+"""
+FULL_THREE_LRS = """\
+  vision: {train: full, lr: 1.0e-5}
+  aligner: {train: full, lr: 3.0e-4}
+  language: {train: full, lr: 1.0e-3}
+"""
+# swift's flags load the model in --torch_dtype and train full parameters in it: in bf16 the
+# ViT at lr 1e-5 is trained in pure bf16 (the Plan: fp32 master weights, as train.py and the
+# plugin hold them). Measured here; the swift target does not yet route this to its plugin.
+_BF16_FLAGS = pytest.mark.xfail(strict=True, reason="swift's flag paths train full parameters in bf16, "
+                                "the Plan holds them in fp32 (not yet routed to the plugin)")
+CASES = [
+    # the seed case, with decay on the ViT (whose RMSNorm weights the Plan exempts and
+    # transformers' rule does not) and LoRA dropout: swift runs it through mixspec's plugin
+    pytest.param(SEED_PLUGIN, "fp32", "plugin", id="seed-plugin-fp32"),
+    pytest.param(SEED_PLUGIN, "bf16", "plugin", id="seed-plugin-bf16"),
+    # full ViT, aligner and LLM at one LR each: swift's own flags (full tuner, --vit_lr,
+    # --aligner_lr and its multimodal optimizer), no plugin
+    pytest.param(FULL_THREE_LRS, "fp32", "full", id="full-three-lrs-flags-fp32"),
+    pytest.param(FULL_THREE_LRS, "bf16", "full", id="full-three-lrs-flags-bf16", marks=_BF16_FLAGS),
+]
+
+HF_DRIVER = r'''
+import importlib.util, json, sys
+path, data, out, record = sys.argv[1:5]
+spec = importlib.util.spec_from_file_location("train_parity", path)
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+trainer = mod.build_trainer(mod.parse_args(["--data", data, "--output-dir", out]))
+trainer.train()
+assert trainer.state.global_step == 2, trainer.state.global_step
+names = {id(p): mod.plan_name(n) for n, p in trainer.model.named_parameters()}
+rows = {}
+for group in trainer.optimizer.param_groups:
+    for param in group["params"]:
+        rows[names[id(param)]] = {"lr": group.get("initial_lr", group["lr"]),
+                                  "weight_decay": group["weight_decay"],
+                                  "dtype": str(param.dtype).replace("torch.", "")}
+with open(record, "w") as fh:
+    json.dump(rows, fh, indent=1, sort_keys=True)
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity")
+    model = make_tiny_vlm.make_tiny_qwen25vl(root / "qwen25vl")
+    rows = []
+    for i, (color, word) in enumerate([((200, 30, 30), "red"), ((30, 200, 30), "green")]):
+        image = make_tiny_vlm.make_image(root / f"img{i}.png", size=(56, 56), color=color)
+        rows.append({"messages": [{"role": "user", "content": "<image>What colour is the background?"},
+                                  {"role": "assistant", "content": f"The background is {word}."}],
+                     "images": [str(image)]})
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return {"root": root, "model": model, "data": data}
+
+
+def _run(cmd, cwd, log):
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
+    text = proc.stdout + proc.stderr
+    log.write_text(text, encoding="utf-8")
+    assert proc.returncode == 0, text[-6000:]
+    return text
+
+
+def _plan_record(plan) -> dict:
+    wds = plan.trainable_weight_decays()
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[plan.training.trained_dtype]
+    return {n: {"lr": lr, "weight_decay": wds[n], "dtype": dtype} for n, lr in plan.trainable_lrs().items()}
+
+
+@pytest.mark.parametrize("components,precision,tuner", CASES)
+def test_hf_and_swift_optimizers_hold_the_same_parameters_as_the_plan(tiny, request, components, precision,
+                                                                       tuner):
+    case = request.node.callspec.id
+    folder = tiny["root"] / case
+    folder.mkdir()
+    spec = folder / "spec.yaml"
+    spec.write_text(SPEC.format(model=tiny["model"], components=components, precision=precision,
+                                data=tiny["data"], out=folder / "swift-run"), encoding="utf-8")
+    plan = plan_spec(load_spec(spec))
+    assert swift_target.decide(plan, TargetOptions()).tuner == tuner
+    want = _plan_record(plan)
+    # the case exercises both kinds of weight decay, or none
+    assert len({r["weight_decay"] for r in want.values()}) == (2 if "weight_decay: 0.1" in components else 1)
+
+    write_files(folder / "hf", render(plan, "hf", TargetOptions()))
+    write_files(folder / "swift", render(plan, "swift", TargetOptions()))
+
+    driver = folder / "hf_driver.py"
+    driver.write_text(HF_DRIVER, encoding="utf-8")
+    hf_record = folder / "hf_record.json"
+    _run([str(PYTHON), str(driver), str(folder / "hf" / "train.py"), str(tiny["data"]),
+          str(folder / "hf-run"), str(hf_record)], folder, folder / "hf.log")
+    # --external_plugins takes a list and the last flag wins: name mixspec's plugin again
+    plugins = ([str(folder / "swift" / swift_target.PLUGIN_FILE)] if tuner == "plugin" else []) + [str(DUMP_PLUGIN)]
+    cpu_bf16 = ["--use_cpu", "true"] if precision != "fp32" else []  # no bf16 GPU here
+    _run(["bash", str(folder / "swift" / "train.sh"), *SWIFT_EXTRA, *cpu_bf16, "--external_plugins", *plugins],
+         folder, folder / "swift.log")
+
+    hf = json.loads(hf_record.read_text())
+    swift = json.loads((folder / "swift-run" / "optimizer_record.json").read_text())
+    assert set(hf) == set(want), sorted(set(hf) ^ set(want))[:10]
+    assert set(swift) == set(want), sorted(set(swift) ^ set(want))[:10]
+    for name in want:
+        assert hf[name] == swift[name] == want[name], (name, hf[name], swift[name], want[name])
+    if tuner == "plugin":  # the plugin's own report says the same
+        report = json.loads((folder / "swift-run" / "mixspec_check.json").read_text())
+        assert report["lr_by_param"] == {n: r["lr"] for n, r in want.items()}
+        assert report["weight_decay_by_param"] == {n: r["weight_decay"] for n, r in want.items()}
+        assert report["dtype_by_param"] == {n: r["dtype"] for n, r in want.items()}
+    print(json.dumps({"case": case, "tensors": len(want), "frozen_dtype": plan.training.frozen_dtype,
+                      "no_decay": sum(1 for r in want.values() if r["weight_decay"] == 0.0),
+                      "lrs": sorted({r["lr"] for r in want.values()})}))
