@@ -412,7 +412,7 @@ def test_examples_cover_every_outcome(tree):
     """The generators reach plans, load errors and resolve errors (not just one kind)."""
     seen = set()
 
-    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(data=st.data())
     def probe(data):

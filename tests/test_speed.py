@@ -181,7 +181,7 @@ def test_validate_200_specs_in_one_call(warm, tmp_path):
 
 def test_covering_and_roles_stay_linear():
     """The resolver's per-parameter loops: 8x the parameters may cost ~8x, not ~64x."""
-    from mixspec.resolve import _covering
+    from mixspec.resolve import covering
 
     def params(blocks):
         return [f"model.layers.{b}.{m}.{p}" for b in range(blocks)
@@ -195,14 +195,14 @@ def test_covering_and_roles_stay_linear():
         for _ in range(3):
             start = time.perf_counter()
             for _ in range(5):
-                _covering(claimed, names)
+                covering(claimed, names)
             best = min(best, time.perf_counter() - start)
         return best
 
     small, big = cost(250), cost(2000)
     assert big < 30 * small, (small, big)
     names = params(4)
-    assert _covering(set(names[:12]) | {names[13]}, names) == ("model.layers.0", "model.layers.1.q_proj.bias")
+    assert covering(set(names[:12]) | {names[13]}, names) == ("model.layers.0", "model.layers.1.q_proj.bias")
 
 
 # -- the tree cache ----------------------------------------------------------------------
