@@ -40,8 +40,9 @@ callbacks_map["mixspec_test_dump"] = DumpParams
 class RecordOptimizer(SwiftCallback):
     """``--callbacks mixspec_test_optimizer``: at the start of training, every parameter the
     optimizer holds -> its group's learning rate, weight decay and the parameter's dtype, in
-    ``OUTPUT_DIR/optimizer_record.json`` (names as in the bare model). Works whatever built
-    the optimizer (swift's own, its multimodal one, or mixspec's plugin)."""
+    ``OUTPUT_DIR/optimizer_record.json``, and every other parameter's dtype in
+    ``frozen_dtypes.json`` (names as in the bare model). Works whatever built the optimizer
+    (swift's own, its multimodal one, or mixspec's plugin)."""
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         import json
@@ -55,9 +56,14 @@ class RecordOptimizer(SwiftCallback):
                 record[names[id(param)]] = {"lr": group.get("initial_lr", group["lr"]),
                                             "weight_decay": group.get("weight_decay", 0.0),
                                             "dtype": str(param.dtype).replace("torch.", "")}
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        frozen = {_plain(n): str(p.dtype).replace("torch.", "") for n, p in model.named_parameters()
+                  if id(p) not in held}
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, "optimizer_record.json"), "w", encoding="utf-8") as fh:
             json.dump(record, fh, indent=1, sort_keys=True)
+        with open(os.path.join(self.args.output_dir, "frozen_dtypes.json"), "w", encoding="utf-8") as fh:
+            json.dump(frozen, fh, indent=1, sort_keys=True)
 
 
 callbacks_map["mixspec_test_optimizer"] = RecordOptimizer

@@ -1,8 +1,8 @@
 """Cross-backend parity: one spec, compiled to hf and to swift, both run for real (2 steps on
 a tiny random Qwen2.5-VL with image rows). Each run records every parameter its optimizer
-holds: (name, learning rate, weight decay, dtype). The two records must be equal to each
-other and to the Plan (its LRs, its weight decays with mixspec's no-decay rule, its trained
-dtype).
+holds: (name, learning rate, weight decay, dtype), and every other parameter's dtype. The
+records must be equal to each other and to the Plan (its LRs, its weight decays with
+mixspec's no-decay rule, its trained dtype; the frozen parameters in its frozen dtype).
 
 - hf: the generated train.py, imported and driven (build_trainer, train) by the ms-swift
   venv's python (Qwen2.5-VL's processor needs torchvision); the record is read from
@@ -112,8 +112,11 @@ for group in trainer.optimizer.param_groups:
         rows[names[id(param)]] = {"lr": group.get("initial_lr", group["lr"]),
                                   "weight_decay": group["weight_decay"],
                                   "dtype": str(param.dtype).replace("torch.", "")}
+held = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+frozen = {mod.plan_name(n).replace(".base_layer.", "."): str(p.dtype).replace("torch.", "")
+          for n, p in trainer.model.named_parameters() if id(p) not in held}
 with open(record, "w") as fh:
-    json.dump(rows, fh, indent=1, sort_keys=True)
+    json.dump({"optimizer": rows, "frozen": frozen}, fh, indent=1, sort_keys=True)
 '''
 
 
@@ -175,8 +178,14 @@ def test_hf_and_swift_optimizers_hold_the_same_parameters_as_the_plan(tiny, requ
     _run(["bash", str(folder / "swift" / "train.sh"), *SWIFT_EXTRA, *cpu_bf16, "--external_plugins", *plugins],
          folder, folder / "swift.log")
 
-    hf = json.loads(hf_record.read_text())
+    hf_both = json.loads(hf_record.read_text())
+    hf = hf_both["optimizer"]
     swift = json.loads((folder / "swift-run" / "optimizer_record.json").read_text())
+    # frozen parameters: held in the training precision by both (the Plan's frozen_dtype)
+    frozen_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[plan.training.frozen_dtype]
+    swift_frozen = json.loads((folder / "swift-run" / "frozen_dtypes.json").read_text())
+    assert hf_both["frozen"] == swift_frozen
+    assert set(swift_frozen.values()) == {frozen_dtype}, sorted(set(swift_frozen.values()))
     assert set(hf) == set(want), sorted(set(hf) ^ set(want))[:10]
     assert set(swift) == set(want), sorted(set(swift) ^ set(want))[:10]
     for name in want:
