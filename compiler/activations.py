@@ -255,3 +255,33 @@ def loss_bytes_per_token(vocab: int, hidden: int, p: int, lm_head_trains: bool) 
     int64 target, lm_head's input when it trains) and transient at the start of the backward
     pass (the logits' fp32 gradient and its p-byte cast)."""
     return {"saved": 4 * vocab + 8 + (p * hidden if lm_head_trains else 0), "transient": (4 + p) * vocab}
+
+
+def model_structure(tree, roles: dict) -> dict:
+    """What the activation estimate needs from the tree (plain data, carried by the Plan)."""
+    out: dict = {"hidden": 0, "vocab": 0, "language": [], "vision": [], "aligner_linears": [],
+                 "vision_position_embeddings": 0, "patch_kernel": 0, "vision_hidden": 0, "final_norm": ""}
+    head = tree.by_name.get(tree.output_embedding)
+    if head is not None:
+        out["vocab"], out["hidden"] = head.out_features, head.in_features
+    for role in ("language", "vision"):
+        out[role] = [k.to_json() for k in block_kinds(tree, roles.get(role, ()))]
+    vision = roles.get("vision", ())
+    aligner = roles.get("aligner", ())
+    for m in tree.modules:
+        in_vision = any(m.name.startswith(p + ".") for p in vision)
+        in_aligner = any(m.name == p or m.name.startswith(p + ".") for p in aligner)
+        if in_aligner and m.kind == "linear":
+            out["aligner_linears"].append([m.name, m.in_features, m.out_features])
+        elif in_vision and not in_aligner:
+            if m.kind == "embedding" and "position" in m.name and not out["vision_position_embeddings"]:
+                out["vision_position_embeddings"] = m.in_features
+            elif m.kind == "conv" and len(m.kernel) >= 2 and not out["patch_kernel"]:
+                out["patch_kernel"] = int(m.kernel[-1])
+    if out["vision"]:
+        out["vision_hidden"] = out["vision"][0]["hidden"]
+    lang = roles.get("language", ())
+    for m in tree.modules:  # the LLM's final norm: a norm directly under the language model
+        if m.norm and any(m.name == f"{p}.norm" for p in lang):
+            out["final_norm"] = m.name
+    return out

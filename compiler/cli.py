@@ -148,6 +148,53 @@ def plan(
 
 
 @app.command()
+def fit(
+    spec: Path = typer.Argument(..., help="Spec file."),
+    gpu_memory: float = typer.Option(None, "--gpu-memory", help="Memory of one GPU in GB (default: distributed.gpu_memory_gb)."),
+    write: Path = typer.Option(None, "--write", help="Write a copy of the spec with the best settings here."),
+    show_all: bool = typer.Option(False, "--all", help="List every option tried."),
+    as_json: bool = typer.Option(False, "--json", help="Print the options as JSON."),
+) -> None:
+    """Find ZeRO stage, offload, checkpointing and micro-batch x accumulation that fit the GPUs.
+
+    Exit 0 when some option fits (the spec as written or another), 1 when none does."""
+    try:
+        _, the_plan = _load_and_plan(spec)
+    except MixspecError as exc:
+        raise _fail(exc) from None
+    from mixspec.fit import fit as fit_plan, render_fit, write_fitted_spec
+
+    dist = the_plan.distributed
+    gb = gpu_memory or (dist.get("gpu_memory_gb") if isinstance(dist, dict) else getattr(dist, "gpu_memory_gb", None))
+    if not gb or gb <= 0:
+        _stderr("error: give --gpu-memory GB (or distributed.gpu_memory_gb in the spec)")
+        raise typer.Exit(2)
+    result = fit_plan(the_plan, gb)
+    if as_json:
+        typer.echo(json.dumps({"gpu_memory_gb": gb, "best": None if result.best is None else {
+            "settings": _option_json(result.best), "peak_bytes": round(result.best.estimate.peak_bytes)},
+            "options": [dict(_option_json(o), peak_bytes=round(o.estimate.peak_bytes), fits=o.fits)
+                        for o in result.options]}, indent=2))
+    else:
+        for line in render_fit(result, show=len(result.options) if show_all else 12):
+            typer.echo(line)
+    if write is not None and result.best is not None:
+        try:
+            write_fitted_spec(spec, result.best, write)
+        except MixspecError as exc:
+            raise _fail(exc) from None
+        _stderr(f"wrote {write}")
+    if result.best is None:
+        raise typer.Exit(1)
+
+
+def _option_json(option) -> dict:
+    return {"zero_stage": option.zero_stage, "offload": option.offload,
+            "gradient_checkpointing": option.gradient_checkpointing,
+            "micro_batch_size": option.micro_batch_size, "gradient_accumulation": option.gradient_accumulation}
+
+
+@app.command()
 def explain(
     spec: Path = typer.Argument(..., help="Spec file."),
     name: str = typer.Argument(..., help="A module or parameter name (mixspec tree MODEL lists them)."),

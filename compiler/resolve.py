@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixspec import patterns
+from mixspec.activations import model_structure
 from mixspec.decay import adapter_no_decay, no_decay_reason, torch_layernorm_modules
 from mixspec.errors import Diagnostics, Location, ModelSourceError, Problem, SpecError
 from mixspec.loader import LoadedSpec
@@ -446,6 +447,7 @@ class _Resolver:
             layernorm_modules=torch_layernorm_modules(tree),
             warnings_problems=tuple(self.diags.warnings) + tuple(self.loaded.warnings),
             trust_remote_code=bool(spec.trust_remote_code),
+            structure=model_structure(tree, self.roles.prefixes),
         )
 
 
