@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("Qwen/Qwen2.5-VL-7B-Instruct", "llava-hf/llava-1.5-7b-hf", "google/gemma-3-4b-it")
+QUIET = False  # tests set it
 
 
 def saved_bytes(run, exclude):
@@ -115,6 +116,17 @@ def block_call(model_id, role, block, seq, hidden, head_dim):
     return make
 
 
+def check_model(model_id, model, config, tree, roles, seqs, results):
+    """Every block kind of the LLM and the vision tower, and the loss head: rows appended to results."""
+    from mixspec.activations import block_kinds
+
+    for role in ("language", "vision"):
+        exclude = roles.prefixes.get("aligner", ()) if role == "vision" else ()
+        for kind in block_kinds(tree, roles.prefixes.get(role, ()), exclude=exclude):
+            run_block(model_id, role, kind, model, config, seqs, results)
+    run_loss(model_id, tree, config, seqs, results)
+
+
 def run_block(model_id, role, kind, model, config, seqs, results):
     import torch
     from peft import LoraConfig, inject_adapter_in_model
@@ -195,6 +207,8 @@ def run_loss(model_id, tree, config, seqs, results):
 
 
 def print_row(r):
+    if QUIET:
+        return
     ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
     print(f"{r['model']:<30} {r['block']:<48} {r['mode']:<22} {r['tokens']:>6} "
           f"{r['measured'] / 2**20:>10.1f} MiB {r['estimated'] / 2**20:>10.1f} MiB  {ratio}", flush=True)
@@ -212,16 +226,10 @@ def main(argv=None) -> int:
     seqs = [int(s) for s in args.seq.split(",")]
     results = []
     print(f"{'model':<30} {'block':<48} {'mode':<22} {'tokens':>6} {'measured':>14} {'estimated':>14}  ratio")
-    from mixspec.activations import block_kinds
-
     for model_id in args.models.split(","):
         tree, roles = plan_tree(model_id)
         model, config = meta_model(model_id)
-        for role in ("language", "vision"):
-            kinds = block_kinds(tree, roles.prefixes.get(role, ()))
-            for kind in kinds:
-                run_block(model_id, role, kind, model, config, seqs, results)
-        run_loss(model_id, tree, config, seqs, results)
+        check_model(model_id, model, config, tree, roles, seqs, results)
         del model
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")

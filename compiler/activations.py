@@ -80,15 +80,28 @@ class BlockKind:
                          tuple(tuple(n) for n in data["norms"]), data["hidden"], data.get("activation", ""))
 
 
-def block_kinds(tree, prefixes) -> tuple[BlockKind, ...]:
-    """The repeated blocks under a role's prefixes: the numbered children of the ModuleList
-    with the most entries, grouped by structure (Mllama's cross-attention layers apart)."""
+def block_kinds(tree, prefixes, exclude=()) -> tuple[BlockKind, ...]:
+    """The repeated blocks under a role's prefixes (minus ``exclude``): the numbered children
+    of the ModuleList with the most entries that are blocks themselves (hold a norm and a
+    Linear, unlike a Sequential of layers), grouped by structure (Mllama's cross-attention
+    layers apart)."""
     lists: dict[str, set[int]] = {}
+    def ancestors(names):
+        out = set()
+        for name in names:
+            parts = name.split(".")
+            out.update(".".join(parts[:i]) for i in range(1, len(parts)))
+        return out
+
+    holders = ancestors(m.name for m in tree.modules if m.norm) & ancestors(
+        m.name for m in tree.modules if m.kind == "linear")
     for m in tree.modules:
         if not any(m.name.startswith(p + ".") for p in prefixes):
             continue
+        if any(m.name == e or m.name.startswith(e + ".") for e in exclude):
+            continue
         match = _BLOCK.match(m.name)
-        if match:
+        if match and m.name in holders:
             lists.setdefault(match.group(1), set()).add(int(match.group(2)))
     if not lists:
         return ()
@@ -264,10 +277,10 @@ def model_structure(tree, roles: dict) -> dict:
     head = tree.by_name.get(tree.output_embedding)
     if head is not None:
         out["vocab"], out["hidden"] = head.out_features, head.in_features
-    for role in ("language", "vision"):
-        out[role] = [k.to_json() for k in block_kinds(tree, roles.get(role, ()))]
     vision = roles.get("vision", ())
     aligner = roles.get("aligner", ())
+    out["language"] = [k.to_json() for k in block_kinds(tree, roles.get("language", ()))]
+    out["vision"] = [k.to_json() for k in block_kinds(tree, vision, exclude=aligner)]
     for m in tree.modules:
         in_vision = any(m.name.startswith(p + ".") for p in vision)
         in_aligner = any(m.name == p or m.name.startswith(p + ".") for p in aligner)
