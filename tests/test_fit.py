@@ -57,7 +57,9 @@ def test_plan_shows_every_term_of_the_peak(run_cli):
     assert r.exit_code == 0
     est = json.loads(r.stdout)["estimate"]
     terms = est["per_gpu_bytes"]
-    assert set(terms["activation_terms"]) == {"vision_blocks", "aligner", "llm_blocks", "final_norm", "loss"}
+    assert set(est["activation_terms"]) == {"vision_blocks", "aligner", "llm_blocks", "final_norm", "loss"}
+    assert terms["activations"] == sum(est["activation_terms"].values())
+    assert terms["transient"] == max(est["transient_terms"].values())
     assert terms["peak"] == (terms["total"] + terms["activations"] + terms["transient"] + terms["zero3_live_params"]
                              + terms["overhead"])
     assert est["assumptions"]["vision_tokens_per_image"] == 1003520 // 14 ** 2

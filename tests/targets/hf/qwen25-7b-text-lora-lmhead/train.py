@@ -190,7 +190,12 @@ TRAINING = {
     'save_steps': 500,
 }
 
-DATA = {'train': 'data/train.jsonl', 'eval': None}
+DATA = {
+    'train': 'data/train.jsonl',
+    'eval': None,
+    'max_pixels': 1003520,
+    'images_per_sample': 1,
+}
 
 OUTPUT_DIR = 'runs/qwen25-7b-text-lora-lmhead'
 
