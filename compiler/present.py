@@ -105,9 +105,13 @@ def print_memory(console, plan: Plan, est: Estimate) -> None:
     if est.cpu_bytes_per_node:
         console.print(f"CPU memory per node for offload: {est.cpu_bytes_per_node / GIB:.2f} GiB")
     if est.gpu_memory_gb and est.peak_bytes > est.gpu_memory_gb * 1e9:
+        from mixspec.fit import fit
+
+        best = fit(plan, est.gpu_memory_gb).best
+        advice = (f"it fits with {best.describe()} (peak {best.estimate.peak_bytes / GIB:.2f} GiB; "
+                  f"mixspec fit SPEC shows the spec lines)" if best else "no setting mixspec fit searches makes it fit")
         console.print(f"[yellow]warning[/yellow]: the estimated peak ({est.peak_bytes / GIB:.2f} GiB) exceeds "
-                      f"gpu_memory_gb ({est.gpu_memory_gb:g} GB); mixspec fit SPEC --gpu-memory "
-                      f"{est.gpu_memory_gb:g} finds settings that fit")
+                      f"gpu_memory_gb ({est.gpu_memory_gb:g} GB): {advice}")
 
 
 def print_explain(name: str, rows, tree: ModuleTree) -> None:

@@ -65,3 +65,12 @@ def test_plan_shows_every_term_of_the_peak(run_cli):
     assert est["assumptions"]["vision_tokens_per_image"] == 1003520 // 14 ** 2
     r = run_cli("plan", str(SEED))
     assert "peak" in r.stdout and "assuming 1 x 4096 tokens per GPU" in r.stdout
+
+
+def test_plan_with_gpu_memory_gives_the_fit_advice(run_cli, tmp_path):
+    spec = tmp_path / "seed.yaml"
+    spec.write_text(SEED.read_text().replace("  zero_stage: 2\n", "  zero_stage: 2\n  gpu_memory_gb: 24\n"))
+    r = run_cli("plan", str(spec))
+    assert r.exit_code == 0
+    best = fit(plan_spec(load_spec(spec)), 24).best
+    assert f"exceeds gpu_memory_gb (24 GB): it fits with {best.describe()}" in " ".join(r.stdout.split())
