@@ -136,12 +136,26 @@ def diff_plans(old: Plan, old_est: Estimate, new: Plan, new_est: Estimate) -> Pl
         changes += _setting_changes(old, new)
         if not changes:  # the view differs in a way no section names: say so, never hide it
             changes.append(Change("trained", "parameters", old.fingerprint(), new.fingerprint()))
-    elif [c.to_json() for c in old.components] != [c.to_json() for c in new.components]:
+    elif set(old_comps) != set(new_comps):
         notes.append("the specs group the model into different components "
                      f"({', '.join(old_comps) or 'none'} vs {', '.join(new_comps) or 'none'}) "
                      "but train the same parameters with the same settings")
+    else:
+        written = sorted(n for n in old_comps
+                         if _written(old_comps[n]) != _written(new_comps[n]))
+        if written:
+            notes.append(f"component(s) {', '.join(written)} are selected or configured in other words "
+                         "(a role or a pattern, LoRA targets or layers spelled differently) "
+                         "but train the same parameters with the same settings")
     return PlanDiff(old.spec_path, new.spec_path, old.fingerprint(), new.fingerprint(),
                     tuple(changes), tuple(notes))
+
+
+def _written(comp: ComponentPlan) -> dict:
+    """A component as the spec words it (selection, LoRA targets and layers as written)."""
+    data = comp.to_json()
+    data.pop("origin", None)
+    return data
 
 
 def _model_changes(old: Plan, new: Plan) -> list[Change]:
