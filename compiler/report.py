@@ -219,8 +219,9 @@ h2 { font-size:15px; margin:22px 0 8px; }
 #crumbs button { background:none; border:0; color:inherit; padding:0 2px; cursor:pointer; text-decoration:underline; font:inherit; }
 #icicle { width:100%; display:block; border:1px solid var(--line); border-radius:6px; background:var(--panel); }
 #icicle rect { stroke:var(--bg); stroke-width:1; cursor:pointer; }
-#icicle text { font-size:11px; pointer-events:none; fill:#111; }
-#icicle text.onfrozen { fill:var(--fg); }
+#icicle text { font-size:11px; pointer-events:none; fill:#111; paint-order:stroke;
+  stroke:rgba(255,255,255,.8); stroke-width:3px; stroke-linejoin:round; }
+#icicle text.onfrozen { fill:var(--fg); stroke:var(--panel); }
 .legend { display:flex; flex-wrap:wrap; gap:6px 16px; margin:8px 0 0; font-size:13px; }
 .sw { display:inline-block; width:14px; height:14px; border-radius:3px; vertical-align:-2px; margin-right:5px; border:1px solid var(--line); }
 #card { position:fixed; z-index:10; max-width:420px; padding:8px 10px; border:1px solid var(--line);
@@ -232,7 +233,7 @@ h2 { font-size:15px; margin:22px 0 8px; }
 table { border-collapse:collapse; width:100%; font-size:13px; }
 th, td { border-bottom:1px solid var(--line); padding:5px 8px; text-align:left; vertical-align:top; }
 td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
-td.mods { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:12px; word-break:break-all; }
+td.mods { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:12px; overflow-wrap:anywhere; }
 .grid { display:grid; grid-template-columns:minmax(0,3fr) minmax(0,2fr); gap:0 28px; }
 @media (max-width: 1100px) { .grid { grid-template-columns:minmax(0,1fr); } }
 #memory { width:100%; display:block; }
@@ -451,7 +452,9 @@ function row(cells, attrs) {
   return tr;
 }
 const share = (n) => t.base_params ? (100 * n / t.base_params).toFixed(2) + "%" : "-";
-const covers = (mods) => mods.length <= 4 ? mods.join(", ") : mods.slice(0, 3).join(", ") + ", ... (" + mods.length + " modules)";
+// a zero-width space after each dot: long names wrap between their parts
+const covers = (mods) => (mods.length <= 4 ? mods.join(", ") : mods.slice(0, 3).join(", ") + ", ... (" + mods.length + " modules)")
+  .replace(/\\./g, ".\\u200b");
 comps.forEach((c, ci) => {
   const mode = c.mode === "lora" ? "LoRA " + loraText(c.lora) : modeText(c);
   const tr = row([[c.name, ""], [mode, ""], [lrText(c.lr), "num"], [fmt(c.base_params), "num"],

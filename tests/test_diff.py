@@ -257,3 +257,24 @@ def test_git_revision(run_cli, tmp_path):
     spec.write_text(textwrap.dedent(SEED).lstrip(), encoding="utf-8")
     result = run_cli("diff", "--git", "HEAD", str(spec))
     assert result.exit_code == 1 and "HEAD:specs/train.yaml:3:" in result.stderr, result.stderr
+
+
+def test_only_order_or_an_overridden_default_differs(run_cli, specs):
+    wd = SEED.replace("{train: full, lr: 2.0e-6}", "{train: full, lr: 2.0e-6, weight_decay: 0.1}") \
+        .replace("{train: full, lr: 1.0e-5}", "{train: full, lr: 1.0e-5, weight_decay: 0.1}") \
+        .replace("    lr: 1.0e-4\n", "    lr: 1.0e-4\n    weight_decay: 0.1\n")
+    old = specs("old.yaml", wd.replace("training: {", "training: {weight_decay: 0.0, "))
+    # every trained component sets its own weight decay: the default is never used
+    new = specs("new.yaml", wd.replace("training: {", "training: {weight_decay: 0.5, "))
+    data = diff_json(run_cli, old, new)
+    assert data["changes"] == [] and data["notes"] == []
+    # the same components in another order: no change, and nothing to note
+    lines = SEED.splitlines()
+    i = lines.index("  vision: {train: full, lr: 2.0e-6}")
+    swapped = "\n".join(lines[:i] + [lines[i + 1], lines[i]] + lines[i + 2:])
+    data = diff_json(run_cli, specs("a.yaml", SEED), specs("b.yaml", swapped))
+    assert data["changes"] == [] and data["notes"] == []
+    # but the default does count when a trained component uses it
+    data = diff_json(run_cli, specs("c.yaml", SEED), specs("d.yaml", SEED.replace("training: {", "training: {weight_decay: 0.1, ")))
+    assert {(c["kind"], c["subject"]) for c in data["changes"]} == {
+        ("weight_decay", "vision"), ("weight_decay", "aligner"), ("weight_decay", "language")}
