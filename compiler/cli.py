@@ -132,20 +132,17 @@ def plan(
 ) -> None:
     """Show which modules each part covers, exact trainable parameters, LRs and memory per GPU."""
     try:
-        loaded, the_plan = _load_and_plan(spec)
+        _, the_plan = _load_and_plan(spec)
+        if html is not None:
+            from mixspec.report import write_spec_report
+
+            write_spec_report(spec, html)
+            _stderr(f"wrote {html}")
     except MixspecError as exc:
         raise _fail(exc) from None
     from mixspec.estimate import estimate
 
     est = estimate(the_plan)
-    if html is not None:
-        from mixspec.report import write_report
-
-        try:
-            write_report(html, loaded, the_plan, est)
-        except MixspecError as exc:
-            raise _fail(exc) from None
-        _stderr(f"wrote {html}")
     if as_json:
         data = the_plan.to_json()
         data["estimate"] = est.to_json()

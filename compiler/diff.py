@@ -21,6 +21,7 @@ from mixspec.errors import MixspecError
 from mixspec.estimate import GIB, Estimate
 from mixspec.names import natural_key
 from mixspec.plan import ComponentPlan, Plan
+from mixspec.report import settings_dict
 
 UNASSIGNED = "unassigned"
 LORA_KEYS = ("rank", "alpha", "dropout", "rslora", "dora", "targets_spec", "layers")
@@ -91,7 +92,7 @@ def training_view(plan: Plan) -> dict:
 def _settings(plan: Plan) -> dict:
     out = {}
     for section in ("training", "distributed", "data"):
-        for key, value in sorted((getattr(plan, section) or {}).items()):
+        for key, value in sorted(settings_dict(getattr(plan, section)).items()):
             if (section, key) not in _REPRESENTED:
                 out[f"{section}.{key}"] = value
     out["output_dir"] = plan.output_dir
@@ -218,7 +219,10 @@ def _summary(comp: ComponentPlan) -> dict:
 def _moves(old: Plan, new: Plan) -> list[Change]:
     """Modules whose parameters changed component, grouped by (from, to), as the fewest
     module names that cover them (on the old model's parameter list)."""
-    from mixspec.resolve import _covering
+    try:
+        from mixspec.resolve import covering
+    except ImportError:  # the name before issue 11 made it public
+        from mixspec.resolve import _covering as covering
 
     a, b = _owner(old), _owner(new)
     if set(a) != set(b):
@@ -230,7 +234,7 @@ def _moves(old: Plan, new: Plan) -> list[Change]:
     names = list(a)
     out = []
     for (frm, to), params in sorted(groups.items()):
-        modules = _covering(params, names)
+        modules = covering(params, names)
         out.append(Change("moved", f"{frm} -> {to}", frm, to, _compact(modules)))
     return out
 

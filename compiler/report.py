@@ -43,6 +43,14 @@ def _adapter_params(module, lora) -> int:
     return added
 
 
+def settings_dict(settings) -> dict:
+    """A Plan's training/distributed/data settings as a dict (a dict, or settings objects
+    with ``to_json``)."""
+    if settings is None:
+        return {}
+    return settings.to_json() if hasattr(settings, "to_json") else dict(settings)
+
+
 def report_data(loaded, plan: Plan, est: Estimate, tree: ModuleTree) -> dict:
     """Everything the page draws, as plain JSON."""
     from mixspec.resolve import claims as claim_params
@@ -126,7 +134,7 @@ def report_data(loaded, plan: Plan, est: Estimate, tree: ModuleTree) -> dict:
         "model_type": plan.model_type, "source": plan.model_source,
         "transformers": plan.versions.get("transformers"),
         "fingerprint": plan.fingerprint(),
-        "precision": plan.training.get("precision"),
+        "precision": settings_dict(plan.training).get("precision"),
         "totals": {"base_params": plan.totals.base_params, "added_params": plan.totals.added_params,
                    "trainable_params": plan.totals.trainable_params},
         "components": components,
@@ -154,6 +162,17 @@ def report_html(loaded, plan: Plan, est: Estimate, tree: ModuleTree) -> str:
 def _html_escape(text: str) -> str:
     return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
             .replace('"', "&quot;").replace("--", "-&#45;"))
+
+
+def write_spec_report(spec: Path, path: Path) -> None:
+    """Load and plan ``spec`` and write its report to ``path`` (see ``write_report``)."""
+    from mixspec.estimate import estimate
+    from mixspec.loader import load_spec
+    from mixspec.resolve import plan_spec
+
+    loaded = load_spec(spec)
+    plan = plan_spec(loaded)
+    write_report(path, loaded, plan, estimate(plan))
 
 
 def write_report(path: Path, loaded, plan: Plan, est: Estimate) -> None:
