@@ -278,3 +278,24 @@ def test_only_order_or_an_overridden_default_differs(run_cli, specs):
     data = diff_json(run_cli, specs("c.yaml", SEED), specs("d.yaml", SEED.replace("training: {", "training: {weight_decay: 0.1, ")))
     assert {(c["kind"], c["subject"]) for c in data["changes"]} == {
         ("weight_decay", "vision"), ("weight_decay", "aligner"), ("weight_decay", "language")}
+
+
+@pytest.mark.parametrize("edit, key, old_value, new_value", [
+    ("alpha: 64", "alpha", 32.0, 64.0),
+    ("rslora: true", "rslora", False, True),
+    ("dora: true", "dora", False, True),
+    ("layers: '0-13'", "layers", None, list(range(14))),
+])
+def test_each_lora_setting(run_cli, specs, edit, key, old_value, new_value):
+    new_lora = "rank: 16, dropout: 0.05, targets: all-linear, " + (edit if key != "alpha" else "alpha: 64")
+    if key != "alpha":
+        new_lora += ", alpha: 32"
+    old = specs("old.yaml", SEED)
+    new = specs("new.yaml", SEED.replace("rank: 16, alpha: 32, dropout: 0.05, targets: all-linear", new_lora))
+    k = kinds(diff_json(run_cli, old, new))
+    assert [(c["subject"], c["old"], c["new"]) for c in k["lora"]] == [(f"language.{key}", old_value, new_value)]
+    assert "moved" not in k and "component_added" not in k and "mode" not in k
+    if key in ("dora", "layers"):  # these change what trains; alpha and rslora only the scaling
+        assert [c["subject"] for c in k["trainable"]] == ["language"]
+    else:
+        assert "trainable" not in k and "memory" not in k

@@ -144,7 +144,12 @@ def test_never_overwrites_a_file_that_is_not_a_report(run_cli, spec_file, tmp_pa
     report = tmp_path / "r.html"
     assert run_cli("plan", str(spec_file), "--html", str(report)).exit_code == 0
     assert run_cli("plan", str(spec_file), "--html", str(report)).exit_code == 0  # its own report: replaced
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.html", "r.html", "spec.yaml"]
+    # an invalid spec writes nothing
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(spec_file.read_text(encoding="utf-8").replace("rank: 16", "rank: 0"), encoding="utf-8")
+    result = run_cli("plan", str(bad), "--html", str(tmp_path / "bad.html"))
+    assert result.exit_code == 1 and "bad.yaml:" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "notes.html", "r.html", "spec.yaml"]
 
 
 def _artifacts() -> Path:
