@@ -1,7 +1,8 @@
 """The mixspec command line: the one boundary where errors become exit codes.
 
 stdout carries artifacts (plans, schemas, JSON); stderr carries diagnostics.
-Exit codes: 0 ok, 1 a spec/model/target problem the user can fix, 2 CLI usage error.
+Exit codes: 0 ok, 1 a spec/model/target problem the user can fix, 2 CLI usage error,
+3 `diff`: the two Plans train differently.
 Heavy modules (torch, transformers) are imported only when a module tree must be built.
 """
 
@@ -127,10 +128,16 @@ def plan(
     spec: Path = typer.Argument(..., help="Spec file."),
     as_json: bool = typer.Option(False, "--json", help="Print the Plan (and estimate) as JSON."),
     show_modules: bool = typer.Option(False, "--modules", help="List the modules each component covers."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report to this file."),
 ) -> None:
     """Show which modules each part covers, exact trainable parameters, LRs and memory per GPU."""
     try:
         _, the_plan = _load_and_plan(spec)
+        if html is not None:
+            from mixspec.report import write_spec_report
+
+            write_spec_report(spec, html)
+            _stderr(f"wrote {html}")
     except MixspecError as exc:
         raise _fail(exc) from None
     from mixspec.estimate import estimate
@@ -300,6 +307,41 @@ def compile(
         raise _fail(exc) from None
     for line in written:
         _stderr(line)
+
+
+class DiffFormat(str, Enum):
+    text = "text"
+    markdown = "markdown"
+    json = "json"
+
+
+@app.command()
+def diff(
+    old: Path = typer.Argument(..., help="The old spec, or with --git the spec to compare."),
+    new: Optional[Path] = typer.Argument(None, help="The new spec (not with --git)."),
+    git: Optional[str] = typer.Option(None, "--git", metavar="REV",
+                                      help="Compare the spec with its version at this git revision."),
+    format: DiffFormat = typer.Option(DiffFormat.text, "--format", help="text, markdown (a PR comment) or json."),
+) -> None:
+    """What changes in the training from OLD to NEW. Exit 0 when they train the same, 3 when not."""
+    from mixspec import diff as plan_diff
+    from mixspec.estimate import estimate
+
+    if (git is None) == (new is None):
+        _stderr("error: give two specs (mixspec diff OLD NEW) or one with a revision (mixspec diff --git REV SPEC)")
+        raise typer.Exit(2)
+    try:
+        if git is not None:
+            old_plan = plan_diff.plan_of_git_revision(git, old)
+            _, new_plan = _load_and_plan(old)
+        else:
+            _, old_plan = _load_and_plan(old)
+            _, new_plan = _load_and_plan(new)
+    except MixspecError as exc:
+        raise _fail(exc) from None
+    result = plan_diff.diff_plans(old_plan, estimate(old_plan), new_plan, estimate(new_plan))
+    typer.echo(plan_diff.render(result, format.value), nl=False)
+    raise typer.Exit(0 if result.equal else 3)
 
 
 @app.command()

@@ -92,6 +92,11 @@ def explain(loaded: LoadedSpec, tree: ModuleTree, name: str) -> list[tuple[str, 
     return [(p, claims.get(p)) for p in sorted(names)]
 
 
+def claims(loaded: LoadedSpec, tree: ModuleTree) -> dict[str, Claim]:
+    """Every claimed parameter -> the component and rule that claimed it (what explain says)."""
+    return _Resolver(loaded, tree).claim_params()
+
+
 class _Resolver:
     def __init__(self, loaded: LoadedSpec, tree: ModuleTree):
         self.loaded = loaded
