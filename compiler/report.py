@@ -143,7 +143,8 @@ def report_data(loaded, plan: Plan, est: Estimate, tree: ModuleTree) -> dict:
         "tree": root,
         "estimate": est_json,
         # the estimate's own order of its per-GPU terms (the JSON block is key-sorted)
-        "memory_terms": [k for k in est_json["per_gpu_bytes"] if k != "total"],
+        # the parts of the peak; "total" (model states) and "peak" are sums of them
+        "memory_terms": [k for k in est_json["per_gpu_bytes"] if k not in ("total", "peak")],
         "gpu_memory_gb": est.gpu_memory_gb,
         "warnings": warnings,
     }
@@ -321,7 +322,7 @@ const t = D.totals, all = t.base_params + t.added_params;
 const tot = document.getElementById("totals");
 for (const [k, v] of [["base params", fmt(t.base_params)], ["added (LoRA)", fmt(t.added_params)],
                       ["trainable", fmt(t.trainable_params) + " (" + (all ? (100 * t.trainable_params / all).toFixed(2) : "0") + "% of all)"],
-                      ["memory per GPU", gib(D.estimate.per_gpu_bytes.total)]]) {
+                      ["memory per GPU (peak)", gib(D.estimate.per_gpu_bytes.peak ?? D.estimate.per_gpu_bytes.total)]]) {
   const s = el("span", {}, k + " "); s.appendChild(el("b", {}, v)); tot.appendChild(s);
 }
 
@@ -524,7 +525,8 @@ for (const [k, v] of numeric.map((k) => [k, per[k]]).concat(est.cpu_offload_byte
   mem.appendChild(el("svg:text", {x: 18, y: y}, k.replace(/_/g, " ") + ": " + gib(v)));
 }
 y += 18;
-mem.appendChild(el("svg:text", {x: 0, y: y, "font-weight": "bold"}, "total per GPU: " + gib(per.total)));
+mem.appendChild(el("svg:text", {x: 0, y: y, "font-weight": "bold"},
+  ("peak" in per ? "peak per GPU: " + gib(per.peak) + " (model states " + gib(per.total) + ")" : "total per GPU: " + gib(per.total))));
 mem.setAttribute("viewBox", "0 0 " + MW + " " + (y + 6));
 mem.setAttribute("style", "max-width:" + MW + "px");
 const stage = est.zero_stage === null ? "no DeepSpeed (DDP)" : "ZeRO-" + est.zero_stage;
