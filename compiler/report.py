@@ -126,8 +126,9 @@ def report_data(loaded, plan: Plan, est: Estimate, tree: ModuleTree) -> dict:
             del components[-1]["lora"]["target_modules"]
     est_json = est.to_json()
     warnings = [p.render() for p in plan.warnings_problems]
-    if est.gpu_memory_gb and est.total_bytes > est.gpu_memory_gb * 1e9:
-        warnings.append(f"warning: the estimate exceeds gpu_memory_gb ({est.gpu_memory_gb:g} GB) before activations")
+    if est.gpu_memory_gb and est.peak_bytes > est.gpu_memory_gb * 1e9:
+        warnings.append(f"warning: the estimated peak ({est.peak_bytes / 2**30:.2f} GiB) exceeds gpu_memory_gb "
+                        f"({est.gpu_memory_gb:g} GB); mixspec fit finds settings that fit")
     return {
         "mixspec": __version__,
         "spec": plan.spec_path, "model": plan.model, "architecture": plan.architecture,
