@@ -93,7 +93,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _deepspeed_overlay(root: Path) -> Path:
+def _deepspeed_overlay(root: Path) -> Path | None:
     """A PYTHONPATH dir for the swift venv's python with this project's DeepSpeed in it, and a
     bin dir with a ``deepspeed`` launcher for that python; empty when it has its own."""
     site, bin_dir = root / "site", root / "bin"
@@ -107,7 +107,7 @@ def _deepspeed_overlay(root: Path) -> Path:
     try:
         md.distribution("deepspeed")
     except md.PackageNotFoundError:
-        pytest.skip("no DeepSpeed here or in the swift venv (pip install -e '.[test]')")
+        return None  # the DeepSpeed tests skip
     for dist_name in ("deepspeed", "hjson", "msgpack", "py-cpuinfo", "ninja"):
         dist = md.distribution(dist_name)
         base = Path(dist.locate_file(""))
@@ -166,7 +166,7 @@ def compile_case(world, case: str, target: str, zero: int | None = None):
 
 
 def run_env(world, folder: Path, extra: dict | None = None) -> dict:
-    overlay = world["overlay"]
+    overlay = world["overlay"] or world["root"] / "no-deepspeed"
     return {**ENV, "PATH": f"{overlay / 'bin'}:{MM_BIN}:{FAKE_SLURM}:{os.environ.get('PATH', '/usr/bin:/bin')}",
             "PYTHONPATH": f"{PROBE}:{overlay / 'site'}", "MIXSPEC_PROBE_DIR": str(folder / "probe"),
             **(extra or {})}
@@ -309,6 +309,8 @@ def test_hf_torchrun_two_nodes_through_slurm(world):
 def test_hf_deepspeed_two_nodes(world, zero, launcher):
     """launch.sh on each node: ZeRO-2 through the deepspeed launcher (one per node, --no_ssh),
     ZeRO-3 through torchrun with DeepSpeed inside the Trainer."""
+    if world["overlay"] is None:
+        pytest.skip("no DeepSpeed here or in the swift venv (pip install -e '.[test]')")
     plan, folder, files = compile_case(world, f"hf-zero{zero}", "hf", zero=zero)
     assert "ds_config.json" in files
     _, took = start_nodes(folder, "launch.sh", run_env(world, folder, {
