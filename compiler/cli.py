@@ -271,19 +271,39 @@ def compile(
                                 help="swift: allow a generated --external_plugins file when flags cannot be exact."),
     swift_version: int = typer.Option(4, "--swift-version", help="ms-swift major version: 3 or 4."),
     model_override: Optional[str] = typer.Option(None, "--model", help="Model path or id the generated files load (default: the spec's)."),
+    launcher: str = typer.Option("auto", "--launcher",
+                                 help="hf, swift: auto (sbatch.sh when distributed.nodes > 1), slurm (always) or none."),
+    slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", help="sbatch.sh: #SBATCH --partition."),
+    slurm_time: Optional[str] = typer.Option(None, "--slurm-time", help="sbatch.sh: #SBATCH --time (e.g. 2-00:00:00)."),
+    slurm_account: Optional[str] = typer.Option(None, "--slurm-account", help="sbatch.sh: #SBATCH --account."),
 ) -> None:
     """Write configs the real backend runs as is, or refuse, naming what it cannot express."""
     from mixspec.output import write_files
     from mixspec.targets import TargetOptions, render
+    from mixspec.targets._slurm import LAUNCHERS, slurm_value_problem
 
     if swift_version not in (3, 4):
         _stderr("error: --swift-version must be 3 or 4")
+        raise typer.Exit(2)
+    if launcher not in LAUNCHERS:
+        _stderr(f"error: --launcher must be one of {', '.join(LAUNCHERS)} (got {launcher!r})")
+        raise typer.Exit(2)
+    slurm = {"partition": slurm_partition, "time": slurm_time, "account": slurm_account}
+    problems = [p for kind, value in slurm.items() if value is not None for p in [slurm_value_problem(kind, value)] if p]
+    if target not in ("hf", "swift") and (launcher == "slurm" or any(v is not None for v in slurm.values())):
+        problems.append(f"--launcher slurm and --slurm-* are for the hf and swift targets (got --target {target})")
+    elif launcher == "none" and any(v is not None for v in slurm.values()):
+        problems.append("--slurm-* options need sbatch.sh, which --launcher none does not write")
+    if problems:
+        for problem in problems:
+            _stderr(f"error: {problem}")
         raise typer.Exit(2)
     try:
         _, the_plan = _load_and_plan(spec)
         files = render(the_plan, target, TargetOptions(
             swift_version=swift_version, plugin=plugin, approximate=approximate,
-            model_override=model_override,
+            model_override=model_override, launcher=launcher, slurm_partition=slurm_partition,
+            slurm_time=slurm_time, slurm_account=slurm_account,
             # generated files that name each other (e.g. LLaMA-Factory's dataset_dir) need it
             extra={"out_dir": str(out)} if out is not None else {}))
     except MixspecError as exc:

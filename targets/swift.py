@@ -27,6 +27,7 @@ from mixspec.errors import Location, Unsupported, UnsupportedError
 from mixspec.plan import ComponentPlan, Plan
 from mixspec.targets import Target, TargetOptions
 from mixspec.targets._common import compact_names, exact_regex, generated_header, py_literal, sh_word
+from mixspec.targets._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
 
 PLUGIN_FILE = "mixspec_plugin.py"
 DEEPSPEED_FILE = "deepspeed.json"
@@ -664,6 +665,8 @@ class SwiftTarget(Target):
             files[DEEPSPEED_FILE] = json.dumps(ds_json, indent=4) + "\n"
         if use_plugin:
             files[PLUGIN_FILE] = _plugin_py(plan, options, d)
+        if wants_sbatch(plan, options):
+            files[SBATCH_FILE] = render_sbatch_sh(plan, options, "swift", "train.sh")
         return files
 
 
