@@ -68,24 +68,26 @@ class BlockKind:
     norms: tuple[tuple[str, str, int, str], ...]  # (relative name, "layernorm" | "norm", dim, class name)
     hidden: int
     activation: str = ""  # class name of the MLP's activation module ("" when it is a function)
+    gates: tuple[str, ...] = ()  # the block's own parameters (scalar gates on the residual stream)
 
     def to_json(self) -> dict:
         return {"prefix": self.prefix, "indices": list(self.indices), "hidden": self.hidden,
                 "linears": [[l.name, l.in_features, l.out_features] for l in self.linears],
-                "norms": [list(n) for n in self.norms], "activation": self.activation}
+                "norms": [list(n) for n in self.norms], "activation": self.activation, "gates": list(self.gates)}
 
     @staticmethod
     def from_json(data: dict) -> "BlockKind":
         return BlockKind(data["prefix"], tuple(data["indices"]), tuple(Linear(*l) for l in data["linears"]),
-                         tuple(tuple(n) for n in data["norms"]), data["hidden"], data.get("activation", ""))
+                         tuple(tuple(n) for n in data["norms"]), data["hidden"], data.get("activation", ""),
+                         tuple(data.get("gates", ())))
 
 
 def block_kinds(tree, prefixes, exclude=()) -> tuple[BlockKind, ...]:
     """The repeated blocks under a role's prefixes (minus ``exclude``): the numbered children
-    of the ModuleList with the most entries that are blocks themselves (hold a norm and a
-    Linear, unlike a Sequential of layers), grouped by structure (Mllama's cross-attention
-    layers apart)."""
-    lists: dict[str, set[int]] = {}
+    of every ModuleList whose entries are blocks themselves (they hold a norm and a Linear,
+    unlike a Sequential of layers, and are not inside another block), stack after stack in the
+    model's order (Mllama's ViT: its 32 layers, then its 8 gated global layers), grouped by
+    structure (Mllama's cross-attention layers apart from the self-attention ones)."""
     def ancestors(names):
         out = set()
         for name in names:
@@ -95,6 +97,7 @@ def block_kinds(tree, prefixes, exclude=()) -> tuple[BlockKind, ...]:
 
     holders = ancestors(m.name for m in tree.modules if m.norm) & ancestors(
         m.name for m in tree.modules if m.kind == "linear")
+    lists: dict[str, set[int]] = {}
     for m in tree.modules:
         if not any(m.name.startswith(p + ".") for p in prefixes):
             continue
@@ -103,32 +106,36 @@ def block_kinds(tree, prefixes, exclude=()) -> tuple[BlockKind, ...]:
         match = _BLOCK.match(m.name)
         if match and m.name in holders:
             lists.setdefault(match.group(1), set()).add(int(match.group(2)))
-    if not lists:
-        return ()
-    stack = max(lists, key=lambda k: (len(lists[k]), -k.count(".")))
-    kinds: dict[tuple, list[int]] = {}
-    shapes: dict[tuple, tuple] = {}
-    for index in sorted(lists[stack]):
-        base = f"{stack}.{index}."
-        linears, norms, acts = [], [], []
-        for m in tree.modules:
-            if not m.name.startswith(base):
-                continue
-            rel = m.name[len(base):]
-            if m.kind == "linear" and m.in_features:
-                linears.append(Linear(rel, m.in_features, m.out_features))
-            elif m.norm:
-                dim = next(iter(m.params.values()), (0,))
-                norms.append((rel, m.norm, int(dim[0]) if dim else 0, m.type))
-            elif _ACTIVATION.search(m.type) and not m.params:
-                acts.append(m.type)
-        key = (tuple(linears), tuple(norms), acts[0] if acts else "")
-        kinds.setdefault(key, []).append(index)
+    # a list inside a block of another list is part of that block
+    stacks = [k for k in lists if not any(k.startswith(f"{o}.{i}.") for o in lists for i in lists[o] if o != k)]
+    stacks = [k for k in stacks if len(lists[k]) > 1]
     out = []
-    for (linears, norms, act), indices in kinds.items():
-        hidden = max((n[2] for n in norms), default=0) or max((l.in_features for l in linears), default=0)
-        out.append(BlockKind(stack, tuple(indices), linears, norms, hidden, act))
-    return tuple(sorted(out, key=lambda k: k.indices[0]))
+    for stack in stacks:  # in the tree's (registration) order
+        kinds: dict[tuple, list[int]] = {}
+        params_of = {m.name: m.params for m in tree.modules}
+        for index in sorted(lists[stack]):
+            base = f"{stack}.{index}."
+            linears, norms, acts = [], [], []
+            for m in tree.modules:
+                if not m.name.startswith(base):
+                    continue
+                rel = m.name[len(base):]
+                if m.kind == "linear" and m.in_features:
+                    linears.append(Linear(rel, m.in_features, m.out_features))
+                elif m.norm:
+                    dim = next(iter(m.params.values()), (0,))
+                    norms.append((rel, m.norm, int(dim[0]) if dim else 0, m.type))
+                elif _ACTIVATION.search(m.type) and not m.params:
+                    acts.append(m.type)
+            # the block's own parameters (Mllama's tanh gates): each scales the residual stream
+            gates = tuple(sorted(n for n, shape in (params_of.get(f"{stack}.{index}") or {}).items()))
+            key = (tuple(linears), tuple(norms), acts[0] if acts else "", gates)
+            kinds.setdefault(key, []).append(index)
+        for (linears, norms, act, gates), indices in kinds.items():
+            hidden = max((n[2] for n in norms), default=0) or max((l.in_features for l in linears), default=0)
+            out.append(BlockKind(stack, tuple(indices), linears, norms, hidden, act, gates))
+    order = {stack: i for i, stack in enumerate(stacks)}
+    return tuple(sorted(out, key=lambda k: (order[k.prefix], k.indices[0])))
 
 
 def _leaf(name: str) -> str:
@@ -222,6 +229,9 @@ def block_bytes_per_token(kind: BlockKind, training: Training, p: int, grad_in: 
                 inter = members[0].out_features  # fc1 -> activation -> fc2
                 kept = 2 if any(a in kind.activation for a in _TWO_TENSOR_ACTIVATIONS) else 1
                 terms["mlp"] += kept * p * inter + (p * inter if _trains(down, training) else 0)
+    for gate in kind.gates:  # gate.tanh() * branch keeps the branch for the gate's gradient
+        if gate in training.full:
+            terms["gates"] = terms.get("gates", 0.0) + p * kind.hidden
     return {k: v for k, v in terms.items() if v}
 
 
@@ -259,8 +269,11 @@ def block_index_training(kind: BlockKind, index: int, full_params: set, lora: di
 
 
 def sorted_indices(kinds) -> list[tuple[int, BlockKind]]:
-    """(block index, its kind) for every block of a stack, in order."""
-    return sorted(((i, k) for k in kinds for i in k.indices), key=lambda t: t[0])
+    """(block index, its kind) for every block, stack after stack (kinds come in stack order)."""
+    order: dict[str, int] = {}
+    for k in kinds:
+        order.setdefault(k.prefix, len(order))
+    return sorted(((i, k) for k in kinds for i in k.indices), key=lambda t: (order[t[1].prefix], t[0]))
 
 
 def loss_bytes_per_token(vocab: int, hidden: int, p: int, lm_head_trains: bool) -> dict:
@@ -287,7 +300,7 @@ def model_structure(tree, roles: dict) -> dict:
         if in_aligner and m.kind == "linear":
             out["aligner_linears"].append([m.name, m.in_features, m.out_features])
         elif in_vision and not in_aligner:
-            if m.kind == "embedding" and "position" in m.name and not out["vision_position_embeddings"]:
+            if m.kind == "embedding" and "position" in _leaf(m.name) and not out["vision_position_embeddings"]:
                 out["vision_position_embeddings"] = m.in_features
             elif m.kind == "conv" and len(m.kernel) >= 2 and not out["patch_kernel"]:
                 out["patch_kernel"] = int(m.kernel[-1])

@@ -42,7 +42,7 @@ def _layers(text, n):
 
 
 def _shrunk(model_id):
-    config = transformers.AutoConfig.from_pretrained(ROOT / "compiler" / "catalog" / model_id)
+    config = activation_check._config(model_id)
     text, vision = config.get_text_config(), config.vision_config
     text.hidden_size, text.intermediate_size = 256, 512
     _layers(text, 2)
@@ -50,10 +50,19 @@ def _shrunk(model_id):
     if hasattr(text, "head_dim"):
         text.head_dim = 64
     text.vocab_size = 512
+    if getattr(text, "pad_token_id", None) is not None and text.pad_token_id >= 512:
+        text.pad_token_id = 0
     rope = getattr(text, "rope_scaling", None) or getattr(text, "rope_parameters", None)
     if isinstance(rope, dict) and "mrope_section" in rope:
         rope["mrope_section"] = [8, 12, 12]
-    if hasattr(vision, "depth"):  # Qwen2.5-VL's ViT
+    if hasattr(text, "cross_attention_layers"):  # Mllama
+        text.cross_attention_layers = [1]
+    if hasattr(vision, "num_global_layers"):  # Mllama's ViT: 2 layers and 2 gated global layers
+        vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers = 128, 256, 2
+        vision.num_global_layers, vision.attention_heads = 2, 4
+        vision.intermediate_layers_indices = [0]
+        config.vision_config.vision_output_dim = 128 * 2
+    elif hasattr(vision, "depth"):  # Qwen2.5-VL's ViT
         vision.depth, vision.hidden_size, vision.intermediate_size, vision.num_heads = 2, 128, 256, 4
         vision.out_hidden_size, vision.fullatt_block_indexes = 256, [1]
     else:
@@ -68,7 +77,7 @@ def _shrunk(model_id):
 
 
 @pytest.mark.parametrize("model_id", ["Qwen/Qwen2.5-VL-7B-Instruct", "llava-hf/llava-1.5-7b-hf",
-                                      "google/gemma-3-4b-it"])
+                                      "google/gemma-3-4b-it", "mllama"])
 def test_each_block_kind_saves_what_the_estimate_says(model_id):
     model, config = _shrunk(model_id)
     tree = tree_from_model(model, config.model_type)
