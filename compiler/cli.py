@@ -1,7 +1,8 @@
 """The mixspec command line: the one boundary where errors become exit codes.
 
 stdout carries artifacts (plans, schemas, JSON); stderr carries diagnostics.
-Exit codes: 0 ok, 1 a spec/model/target problem the user can fix, 2 CLI usage error.
+Exit codes: 0 ok, 1 a spec/model/target problem the user can fix, 2 CLI usage error,
+3 `diff`: the two Plans train differently.
 Heavy modules (torch, transformers) are imported only when a module tree must be built.
 """
 
@@ -127,10 +128,16 @@ def plan(
     spec: Path = typer.Argument(..., help="Spec file."),
     as_json: bool = typer.Option(False, "--json", help="Print the Plan (and estimate) as JSON."),
     show_modules: bool = typer.Option(False, "--modules", help="List the modules each component covers."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report to this file."),
 ) -> None:
     """Show which modules each part covers, exact trainable parameters, LRs and memory per GPU."""
     try:
         _, the_plan = _load_and_plan(spec)
+        if html is not None:
+            from mixspec.report import write_spec_report
+
+            write_spec_report(spec, html)
+            _stderr(f"wrote {html}")
     except MixspecError as exc:
         raise _fail(exc) from None
     from mixspec.estimate import estimate
@@ -145,6 +152,52 @@ def plan(
 
         print_plan(the_plan, est, show_modules=show_modules)
     _print_warnings(the_plan)
+
+
+@app.command()
+def fit(
+    spec: Path = typer.Argument(..., help="Spec file."),
+    gpu_memory: float = typer.Option(None, "--gpu-memory", help="Memory of one GPU in GB (default: distributed.gpu_memory_gb)."),
+    write: Path = typer.Option(None, "--write", help="Write a copy of the spec with the best settings here."),
+    show_all: bool = typer.Option(False, "--all", help="List every option tried."),
+    as_json: bool = typer.Option(False, "--json", help="Print the options as JSON."),
+) -> None:
+    """Find ZeRO stage, offload, checkpointing and micro-batch x accumulation that fit the GPUs.
+
+    Exit 0 when some option fits (the spec as written or another), 1 when none does."""
+    try:
+        _, the_plan = _load_and_plan(spec)
+    except MixspecError as exc:
+        raise _fail(exc) from None
+    from mixspec.fit import fit as fit_plan, render_fit, write_fitted_spec
+
+    gb = gpu_memory or the_plan.distributed.gpu_memory_gb
+    if not gb or gb <= 0:
+        _stderr("error: give --gpu-memory GB (or distributed.gpu_memory_gb in the spec)")
+        raise typer.Exit(2)
+    result = fit_plan(the_plan, gb)
+    if as_json:
+        typer.echo(json.dumps({"gpu_memory_gb": gb, "best": None if result.best is None else {
+            "settings": _option_json(result.best), "peak_bytes": round(result.best.estimate.peak_bytes)},
+            "options": [dict(_option_json(o), peak_bytes=round(o.estimate.peak_bytes), fits=o.fits)
+                        for o in result.options]}, indent=2))
+    else:
+        for line in render_fit(result, show=len(result.options) if show_all else 12):
+            typer.echo(line)
+    if write is not None and result.best is not None:
+        try:
+            write_fitted_spec(spec, result.best, write)
+        except MixspecError as exc:
+            raise _fail(exc) from None
+        _stderr(f"wrote {write}")
+    if result.best is None:
+        raise typer.Exit(1)
+
+
+def _option_json(option) -> dict:
+    return {"zero_stage": option.zero_stage, "offload": option.offload,
+            "gradient_checkpointing": option.gradient_checkpointing,
+            "micro_batch_size": option.micro_batch_size, "gradient_accumulation": option.gradient_accumulation}
 
 
 @app.command()
@@ -217,19 +270,39 @@ def compile(
                                 help="swift: allow a generated --external_plugins file when flags cannot be exact."),
     swift_version: int = typer.Option(4, "--swift-version", help="ms-swift major version: 3 or 4."),
     model_override: Optional[str] = typer.Option(None, "--model", help="Model path or id the generated files load (default: the spec's)."),
+    launcher: str = typer.Option("auto", "--launcher",
+                                 help="hf, swift: auto (sbatch.sh when distributed.nodes > 1), slurm (always) or none."),
+    slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", help="sbatch.sh: #SBATCH --partition."),
+    slurm_time: Optional[str] = typer.Option(None, "--slurm-time", help="sbatch.sh: #SBATCH --time (e.g. 2-00:00:00)."),
+    slurm_account: Optional[str] = typer.Option(None, "--slurm-account", help="sbatch.sh: #SBATCH --account."),
 ) -> None:
     """Write configs the real backend runs as is, or refuse, naming what it cannot express."""
     from mixspec.output import write_files
     from mixspec.targets import TargetOptions, render
+    from mixspec.targets._slurm import LAUNCHERS, slurm_value_problem
 
     if swift_version not in (3, 4):
         _stderr("error: --swift-version must be 3 or 4")
+        raise typer.Exit(2)
+    if launcher not in LAUNCHERS:
+        _stderr(f"error: --launcher must be one of {', '.join(LAUNCHERS)} (got {launcher!r})")
+        raise typer.Exit(2)
+    slurm = {"partition": slurm_partition, "time": slurm_time, "account": slurm_account}
+    problems = [p for kind, value in slurm.items() if value is not None for p in [slurm_value_problem(kind, value)] if p]
+    if target not in ("hf", "swift") and (launcher == "slurm" or any(v is not None for v in slurm.values())):
+        problems.append(f"--launcher slurm and --slurm-* are for the hf and swift targets (got --target {target})")
+    elif launcher == "none" and any(v is not None for v in slurm.values()):
+        problems.append("--slurm-* options need sbatch.sh, which --launcher none does not write")
+    if problems:
+        for problem in problems:
+            _stderr(f"error: {problem}")
         raise typer.Exit(2)
     try:
         _, the_plan = _load_and_plan(spec)
         files = render(the_plan, target, TargetOptions(
             swift_version=swift_version, plugin=plugin, approximate=approximate,
-            model_override=model_override,
+            model_override=model_override, launcher=launcher, slurm_partition=slurm_partition,
+            slurm_time=slurm_time, slurm_account=slurm_account,
             # generated files that name each other (e.g. LLaMA-Factory's dataset_dir) need it
             extra={"out_dir": str(out)} if out is not None else {}))
     except MixspecError as exc:
@@ -253,6 +326,41 @@ def compile(
         raise _fail(exc) from None
     for line in written:
         _stderr(line)
+
+
+class DiffFormat(str, Enum):
+    text = "text"
+    markdown = "markdown"
+    json = "json"
+
+
+@app.command()
+def diff(
+    old: Path = typer.Argument(..., help="The old spec, or with --git the spec to compare."),
+    new: Optional[Path] = typer.Argument(None, help="The new spec (not with --git)."),
+    git: Optional[str] = typer.Option(None, "--git", metavar="REV",
+                                      help="Compare the spec with its version at this git revision."),
+    format: DiffFormat = typer.Option(DiffFormat.text, "--format", help="text, markdown (a PR comment) or json."),
+) -> None:
+    """What changes in the training from OLD to NEW. Exit 0 when they train the same, 3 when not."""
+    from mixspec import diff as plan_diff
+    from mixspec.estimate import estimate
+
+    if (git is None) == (new is None):
+        _stderr("error: give two specs (mixspec diff OLD NEW) or one with a revision (mixspec diff --git REV SPEC)")
+        raise typer.Exit(2)
+    try:
+        if git is not None:
+            old_plan = plan_diff.plan_of_git_revision(git, old)
+            _, new_plan = _load_and_plan(old)
+        else:
+            _, old_plan = _load_and_plan(old)
+            _, new_plan = _load_and_plan(new)
+    except MixspecError as exc:
+        raise _fail(exc) from None
+    result = plan_diff.diff_plans(old_plan, estimate(old_plan), new_plan, estimate(new_plan))
+    typer.echo(plan_diff.render(result, format.value), nl=False)
+    raise typer.Exit(0 if result.equal else 3)
 
 
 @app.command()

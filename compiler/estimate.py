@@ -13,17 +13,24 @@ With N = nodes x gpus_per_node data-parallel ranks, ZeRO stage 1 divides optimiz
 states by N, stage 2 also gradients, stage 3 also the weights (frozen ones included).
 Offload "optimizer" moves optimizer states to CPU memory, "all" (ZeRO-3) also weights.
 
-Activations depend on sequence length, batch, image size and checkpointing; they are
-**not included** and are reported as excluded, never silently.
+Activations (mixspec.activations, checked op by op against the bytes autograd saves on
+real-width blocks: benchmarks/activation_check.py) are added per GPU for one micro-batch of
+``training.max_length`` tokens and ``data.images_per_sample`` images of ``data.max_pixels``
+pixels; the peak adds what is transient (the logits' gradient, or one block recomputed under
+gradient checkpointing), ZeRO-3's gathered parameters and a stated framework overhead.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mixspec.plan import Plan
+from mixspec.spec import Data
 
 GIB = 1024 ** 3
+# CUDA context, NCCL buffers and allocator slack: not counted by torch.cuda.memory_allocated,
+# present on every GPU; a stated constant, not a measurement of your machine
+OVERHEAD_BYTES = 1.0 * GIB
 
 
 @dataclass(frozen=True)
@@ -36,10 +43,29 @@ class Estimate:
     optimizer_bytes: float
     cpu_bytes_per_node: float
     gpu_memory_gb: float | None
+    activations: dict = field(default_factory=dict)  # term -> bytes kept for backward
+    transient: dict = field(default_factory=dict)  # term -> bytes alive only for a moment (the largest counts)
+    zero3_live_bytes: float = 0.0
+    overhead_bytes: float = 0.0
+    assumptions: dict = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> float:
+        """Model states: weights + gradients + optimizer states."""
         return self.weights_bytes + self.gradients_bytes + self.optimizer_bytes
+
+    @property
+    def activation_bytes(self) -> float:
+        return sum(self.activations.values())
+
+    @property
+    def transient_bytes(self) -> float:
+        return max(self.transient.values(), default=0.0)
+
+    @property
+    def peak_bytes(self) -> float:
+        return (self.total_bytes + self.activation_bytes + self.transient_bytes + self.zero3_live_bytes
+                + self.overhead_bytes)
 
     def to_json(self) -> dict:
         return {
@@ -47,9 +73,17 @@ class Estimate:
             "per_gpu_bytes": {
                 "weights": round(self.weights_bytes), "gradients": round(self.gradients_bytes),
                 "optimizer_states": round(self.optimizer_bytes), "total": round(self.total_bytes),
-                "activations": "excluded",
+                "activations": round(self.activation_bytes),
+                "transient": round(self.transient_bytes),
+                "zero3_live_params": round(self.zero3_live_bytes),
+                "overhead": round(self.overhead_bytes),
+                "peak": round(self.peak_bytes),
             },
+            "activation_terms": {k: round(v) for k, v in self.activations.items()},
+            "transient_terms": {k: round(v) for k, v in self.transient.items()},
             "per_gpu_gib": round(self.total_bytes / GIB, 2),
+            "peak_gib": round(self.peak_bytes / GIB, 2),
+            "assumptions": self.assumptions,
             "cpu_offload_bytes_per_node": round(self.cpu_bytes_per_node),
         }
 
@@ -66,23 +100,26 @@ def bytes_per_param(precision: str, deepspeed: bool) -> dict:
     return {"frozen": (frozen, 0, 0), "full": (4, 4, 8), "lora": (4, 4, 8)}
 
 
-def estimate(plan: Plan) -> Estimate:
-    """Memory per GPU for the Plan on the spec's hardware (activations excluded)."""
-    dist = plan.distributed
+def estimate(plan: Plan, overrides: dict | None = None) -> Estimate:
+    """Memory per GPU for the Plan on the spec's hardware. ``overrides`` replaces settings
+    (zero_stage, offload, gradient_checkpointing, micro_batch_size) for what-if searches."""
+    o = overrides or {}
+    dist, training = plan.distributed, plan.training
     nodes, gpn = dist.nodes, dist.gpus_per_node
     n = nodes * gpn
-    stage = dist.zero_stage
-    offload = dist.offload
-    rates = bytes_per_param(plan.training.precision, deepspeed=dist.deepspeed)
+    stage = o.get("zero_stage", dist.zero_stage)
+    offload = o.get("offload", dist.offload)
+    precision = training.precision
+    rates = bytes_per_param(precision, deepspeed=stage is not None)
     full = sum(c.trainable_params for c in plan.components if c.mode == "full")
     lora = plan.totals.added_params
     frozen = plan.totals.base_params - full
     weights = grads = optim = 0.0
     for count, kind in ((frozen, "frozen"), (full, "full"), (lora, "lora")):
-        w, g, o = rates[kind]
+        w, g, opt = rates[kind]
         weights += count * w
         grads += count * g
-        optim += count * o
+        optim += count * opt
     s = stage or 0
     if s >= 1:
         optim /= n
@@ -97,5 +134,126 @@ def estimate(plan: Plan) -> Estimate:
     if offload == "all" and s >= 3:
         cpu_per_gpu += weights
         weights = 0.0
+    acts, transient, assumptions = activation_terms(plan, o)
+    live = zero3_live_bytes(plan, 4 if precision == "fp32" else 2) if s >= 3 else 0.0
     return Estimate(n, stage, offload, weights, grads, optim, cpu_per_gpu * gpn,
-                    dist.gpu_memory_gb)
+                    dist.gpu_memory_gb, acts, transient, live, OVERHEAD_BYTES, assumptions)
+
+
+def _trained_sets(plan: Plan):
+    """(fully trained parameter names, LoRA module name -> (rank, dropout))."""
+    full, lora = set(), {}
+    for comp in plan.components:
+        if comp.mode == "full":
+            full.update(comp.params)
+        elif comp.mode == "lora" and comp.lora:
+            for target in comp.lora.targets:
+                lora[target] = (comp.lora.rank, comp.lora.dropout)
+    return full, lora
+
+
+def _stack_bytes(kinds, full, lora, p, grad_in, checkpointing, tokens):
+    """(bytes kept by a stack of blocks, bytes of one block recomputed, grad flows out) for `tokens`."""
+    from mixspec.activations import block_bytes_per_token, block_index_training, sorted_indices
+
+    kept = recompute = 0.0
+    for index, kind in sorted_indices(kinds):
+        training = block_index_training(kind, index, full, lora)
+        per_token = sum(block_bytes_per_token(kind, training, p, grad_in).values())
+        if per_token:
+            if checkpointing:
+                kept += p * kind.hidden * tokens  # each block keeps its input
+                recompute = max(recompute, per_token * tokens)
+            else:
+                kept += per_token * tokens
+        grad_in = grad_in or bool(training.full or training.lora)
+    return kept, recompute, grad_in
+
+
+def activation_terms(plan: Plan, overrides: dict | None = None):
+    """(activation term -> bytes, transient term -> bytes, assumptions) per GPU."""
+    from mixspec.activations import BlockKind, loss_bytes_per_token
+
+    o = overrides or {}
+    st = plan.structure or {}
+    training, data = plan.training, plan.data
+    if not st or not st.get("language"):
+        return {}, {}, {"activations": "not estimated: no decoder stack found in the tree"}
+    p = 4 if training.precision == "fp32" else 2
+    micro = o.get("micro_batch_size", training.micro_batch_size)
+    seq = training.max_length
+    checkpointing = o.get("gradient_checkpointing", training.gradient_checkpointing)
+    tokens = micro * seq
+    full, lora = _trained_sets(plan)
+    anything = bool(full or lora)
+    acts, transient = {}, {}
+    assumptions = {"tokens_per_gpu": tokens, "micro_batch_size": micro, "max_length": seq,
+                   "attention": "sdpa/flash (no sequence-squared term)", "gradient_checkpointing": checkpointing,
+                   "activation_bytes": p}
+
+    def under(prefixes, names):
+        return any(n.startswith(pre + ".") or n == pre for pre in prefixes for n in names)
+
+    roles = plan.roles
+    grad_in = False
+    vision_kinds = [BlockKind.from_json(k) for k in st.get("vision", ())]
+    if vision_kinds:
+        # no data section: the spec's defaults for these keys (mixspec.spec.Data)
+        images = data.images_per_sample if data is not None else Data.model_fields["images_per_sample"].default
+        max_pixels = data.max_pixels if data is not None else Data.model_fields["max_pixels"].default
+        if st.get("vision_position_embeddings"):
+            per_image = st["vision_position_embeddings"]
+            how = "fixed by the encoder's position embeddings"
+        elif st.get("patch_kernel"):
+            per_image = max(1, max_pixels // (st["patch_kernel"] ** 2))
+            how = f"data.max_pixels {max_pixels} / {st['patch_kernel']}^2"
+        else:
+            per_image, how = 0, "unknown"
+        vision_tokens = per_image * images * micro
+        assumptions.update(vision_tokens_per_image=per_image, vision_tokens_how=how, images_per_sample=images)
+        vision_prefixes = roles.get("vision", ())
+        below = under(vision_prefixes, full) and not under(tuple(k.prefix for k in vision_kinds), full)
+        kept, recompute, grad_out = _stack_bytes(vision_kinds, full, lora, p, below, checkpointing, vision_tokens)
+        if kept:
+            acts["vision_blocks"] = kept
+        if recompute:
+            transient["vision_block_recompute"] = recompute
+        aligner = st.get("aligner_linears", [])
+        aligner_trains = under(roles.get("aligner", ()), full) or any(under(roles.get("aligner", ()), [m]) for m in lora)
+        if aligner and (grad_out or aligner_trains) and vision_tokens:
+            merge = max(1, aligner[0][1] // max(1, st.get("vision_hidden") or aligner[0][1]))
+            merged = vision_tokens / merge
+            acts["aligner"] = sum(p * fin for _, fin, _ in aligner) * merged + p * aligner[0][2] * merged
+        grad_in = grad_out or aligner_trains
+    embeddings = roles.get("embeddings", ())
+    grad_in = grad_in or under(embeddings, full) or any(under(embeddings, [m]) for m in lora)
+    lang_kinds = [BlockKind.from_json(k) for k in st["language"]]
+    kept, recompute, grad_out = _stack_bytes(lang_kinds, full, lora, p, grad_in, checkpointing, tokens)
+    if kept:
+        acts["llm_blocks"] = kept
+    if recompute:
+        transient["llm_block_recompute"] = recompute
+    if anything and st.get("vocab"):
+        hidden = st["hidden"]
+        head_trains = under(roles.get("lm_head", ()), full)
+        if grad_out or head_trains:
+            acts["final_norm"] = (4 * hidden + 4) * tokens
+        loss = loss_bytes_per_token(st["vocab"], hidden, p, head_trains)
+        acts["loss"] = loss["saved"] * tokens
+        transient["logits_gradient"] = loss["transient"] * tokens
+    return acts, transient, assumptions
+
+
+def zero3_live_bytes(plan: Plan, p: int) -> float:
+    """ZeRO-3 gathers each block's parameters to run it and prefetches the next: about two
+    of the largest blocks' weights live at once (DeepSpeed's defaults via the Trainer)."""
+    from mixspec.activations import BlockKind
+
+    st = plan.structure or {}
+    largest = 0
+    for role in ("language", "vision"):
+        for data in st.get(role, ()):
+            kind = BlockKind.from_json(data)
+            size = sum(l.in_features * l.out_features for l in kind.linears) + sum(n[2] for n in kind.norms)
+            largest = max(largest, size)
+    return 2.0 * largest * p

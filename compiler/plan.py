@@ -142,6 +142,8 @@ class Plan:
     layernorm_modules: tuple[str, ...] = field(repr=False, default=())
     warnings_problems: tuple[Problem, ...] = ()
     trust_remote_code: bool = False  # the spec allows the model repo's own code (targets that load it)
+    # block kinds, vocab, vision patching: what the activation estimate reads (mixspec.activations)
+    structure: dict = field(repr=False, default_factory=dict, compare=False)
 
     def component(self, name: str) -> ComponentPlan:
         return next(c for c in self.components if c.name == name)

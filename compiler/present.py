@@ -65,18 +65,53 @@ def print_plan(plan: Plan, est: Estimate, show_modules: bool = False) -> None:
     console.print(f"base params {_n(t.base_params)}  |  added (LoRA) {_n(t.added_params)}  |  "
                   f"trainable {_n(t.trainable_params)} ({_pct(t.trainable_params, t.base_params + t.added_params)} of all)")
     _print_weight_decay(console, plan, show_modules)
+    print_memory(console, plan, est)
+
+
+_TERM_LABELS = {
+    "vision_blocks": "vision blocks", "aligner": "aligner", "llm_blocks": "LLM blocks", "final_norm": "final norm",
+    "loss": "loss (fp32 log-softmax)", "logits_gradient": "logits gradient", "llm_block_recompute":
+    "one LLM block recomputed", "vision_block_recompute": "one vision block recomputed",
+}
+
+
+def print_memory(console, plan: Plan, est: Estimate) -> None:
+    """Model states, activations, transient, ZeRO-3 live parameters, overhead: the peak per GPU."""
     stage = "no DeepSpeed (DDP)" if est.zero_stage is None else f"ZeRO-{est.zero_stage}"
+    precision = plan.training.precision
     console.print(
         f"memory per GPU ({est.world_size} GPU{'s' if est.world_size > 1 else ''}, {stage}, offload {est.offload}, "
-        f"{plan.training.precision}): weights {est.weights_bytes / GIB:.2f} GiB + gradients "
+        f"{precision}): weights {est.weights_bytes / GIB:.2f} GiB + gradients "
         f"{est.gradients_bytes / GIB:.2f} GiB + optimizer {est.optimizer_bytes / GIB:.2f} GiB = "
-        f"[bold]{est.total_bytes / GIB:.2f} GiB[/bold], activations excluded"
+        f"model states {est.total_bytes / GIB:.2f} GiB"
     )
+    a = est.assumptions
+    if est.activations or est.transient:
+        acts = " + ".join(f"{_TERM_LABELS.get(k, k)} {v / GIB:.2f}" for k, v in est.activations.items())
+        largest = max(est.transient, key=est.transient.get) if est.transient else None
+        console.print(f"  activations {est.activation_bytes / GIB:.2f} GiB ({acts or 'none'})")
+        if largest:
+            console.print(f"  transient {est.transient_bytes / GIB:.2f} GiB (the largest: {_TERM_LABELS.get(largest, largest)})")
+        if est.zero3_live_bytes:
+            console.print(f"  ZeRO-3 gathered parameters {est.zero3_live_bytes / GIB:.2f} GiB")
+        console.print(f"  overhead {est.overhead_bytes / GIB:.2f} GiB (CUDA context, NCCL, allocator: a stated constant)")
+        console.print(f"  [bold]peak {est.peak_bytes / GIB:.2f} GiB[/bold] per GPU")
+        vision = (f", {a['vision_tokens_per_image']} vision tokens per image ({a['vision_tokens_how']}) x "
+                  f"{a['images_per_sample']} per sample" if "vision_tokens_per_image" in a else "")
+        console.print(f"  assuming {a['micro_batch_size']} x {a['max_length']} tokens per GPU{vision}, attention "
+                      f"{a['attention']}, gradient checkpointing {'on' if a['gradient_checkpointing'] else 'off'}")
+    elif a.get("activations"):
+        console.print(f"  activations {a['activations']}")
     if est.cpu_bytes_per_node:
         console.print(f"CPU memory per node for offload: {est.cpu_bytes_per_node / GIB:.2f} GiB")
-    if est.gpu_memory_gb and est.total_bytes > est.gpu_memory_gb * 1e9:
-        console.print(f"[yellow]warning[/yellow]: the estimate exceeds gpu_memory_gb ({est.gpu_memory_gb:g} GB) "
-                      "before activations")
+    if est.gpu_memory_gb and est.peak_bytes > est.gpu_memory_gb * 1e9:
+        from mixspec.fit import fit
+
+        best = fit(plan, est.gpu_memory_gb).best
+        advice = (f"it fits with {best.describe()} (peak {best.estimate.peak_bytes / GIB:.2f} GiB; "
+                  f"mixspec fit SPEC shows the spec lines)" if best else "no setting mixspec fit searches makes it fit")
+        console.print(f"[yellow]warning[/yellow]: the estimated peak ({est.peak_bytes / GIB:.2f} GiB) exceeds "
+                      f"gpu_memory_gb ({est.gpu_memory_gb:g} GB): {advice}")
 
 
 def print_explain(name: str, rows, tree: ModuleTree) -> None:

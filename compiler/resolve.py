@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixspec import patterns
+from mixspec.activations import model_structure
 from mixspec.decay import adapter_no_decay, no_decay_reason, torch_layernorm_modules
 from mixspec.errors import Diagnostics, Location, ModelSourceError, Problem, SpecError
 from mixspec.loader import LoadedSpec
@@ -90,6 +91,11 @@ def explain(loaded: LoadedSpec, tree: ModuleTree, name: str) -> list[tuple[str, 
     claims = resolver.claim_params()
     names = [p for p in tree.param_shapes if p == name or p.startswith(name + ".")]
     return [(p, claims.get(p)) for p in sorted(names)]
+
+
+def claims(loaded: LoadedSpec, tree: ModuleTree) -> dict[str, Claim]:
+    """Every claimed parameter -> the component and rule that claimed it (what explain says)."""
+    return _Resolver(loaded, tree).claim_params()
 
 
 class _Resolver:
@@ -446,6 +452,7 @@ class _Resolver:
             layernorm_modules=torch_layernorm_modules(tree),
             warnings_problems=tuple(self.diags.warnings) + tuple(self.loaded.warnings),
             trust_remote_code=bool(spec.trust_remote_code),
+            structure=model_structure(tree, self.roles.prefixes),
         )
 
 

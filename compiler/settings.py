@@ -87,6 +87,8 @@ class DataSettings:
 
     train: str
     eval: Optional[str]
+    max_pixels: int
+    images_per_sample: int
 
     def to_json(self) -> dict:
         return asdict(self)

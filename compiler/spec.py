@@ -139,6 +139,12 @@ class Data(_Strict):
 
     train: str = Field(min_length=1, description="Training data: a .jsonl file (messages + images) or a dataset id.")
     eval: Optional[str] = Field(None, min_length=1, description="Optional evaluation data.")
+    max_pixels: int = Field(
+        1003520, ge=1,
+        description="Memory estimate: pixels per image for encoders that take any size (Qwen2-VL family: "
+                    "patches = pixels / 14^2, 4 merged into one LLM token); 1003520 = 1280 LLM tokens.")
+    images_per_sample: int = Field(
+        1, ge=0, description="Memory estimate: images (or tiles/crops) per sample that go through the vision tower.")
 
 
 class Distributed(_Strict):

@@ -22,6 +22,12 @@ class TargetOptions:
     approximate: bool = False  # emit an approximation, each deviation as a comment
     model_override: str | None = None
     extra: dict = field(default_factory=dict)
+    # hf and swift: "auto" writes sbatch.sh when the plan has several nodes, "slurm" always,
+    # "none" never; the slurm_* values become #SBATCH lines (checked by mixspec.targets._slurm)
+    launcher: str = "auto"
+    slurm_partition: str | None = None
+    slurm_time: str | None = None
+    slurm_account: str | None = None
 
 
 class Target:

@@ -29,6 +29,7 @@ from mixspec.targets._common import (
     py_literal,
     sh_word,
 )
+from mixspec.targets._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
 from mixspec.targets.deepspeed import deepspeed_config_text, distributed_unsupported
 
 _SAFE_LABEL = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
@@ -212,6 +213,8 @@ class HfTarget(Target):
         out = {"train.py": render_train_py(plan, options), "launch.sh": render_launch_sh(plan)}
         if plan.distributed.deepspeed:
             out["ds_config.json"] = deepspeed_config_text(plan)
+        if wants_sbatch(plan, options):
+            out[SBATCH_FILE] = render_sbatch_sh(plan, options, "hf", "launch.sh")
         return out
 
 
@@ -273,7 +276,9 @@ def render_launch_sh(plan: Plan) -> str:
         "  LAUNCHER=torchrun|deepspeed|accelerate   which launcher (default torchrun)",
         "  NNODES, GPUS_PER_NODE                    override the planned sizes",
         "  NODE_RANK, MASTER_ADDR, MASTER_PORT      multi-node rendezvous (node 0's address)",
-        "  HOSTFILE                                 deepspeed launcher, multi-node: its hostfile",
+        "  HOSTFILE                                 deepspeed launcher, multi-node: run on node 0 only,",
+        "                                           which starts every node over ssh (pdsh) from it;",
+        "                                           without it, run on every node (deepspeed --no_ssh)",
     ])
     body = _LAUNCH_SH
     body = body.replace("__NNODES__", sh_word(str(nodes))).replace("__GPUS__", sh_word(str(gpus)))
@@ -290,7 +295,9 @@ LAUNCHER="${LAUNCHER:-torchrun}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 
 if [ "$NNODES" -gt 1 ]; then
-  : "${NODE_RANK:?multi-node: set NODE_RANK (0..NNODES-1) on each node}"
+  if [ "$LAUNCHER" != deepspeed ] || [ -z "${HOSTFILE:-}" ]; then
+    : "${NODE_RANK:?multi-node: set NODE_RANK (0..NNODES-1) on each node}"
+  fi
   : "${MASTER_ADDR:?multi-node: set MASTER_ADDR to node 0 address}"
 fi
 
@@ -306,10 +313,18 @@ case "$LAUNCHER" in
     if [ "$NNODES" -eq 1 ]; then
       exec deepspeed --num_gpus "$GPUS_PER_NODE" --master_port "$MASTER_PORT" "$SCRIPT" "$@"
     fi
-    # the deepspeed launcher starts every node itself over ssh, from node 0, with a hostfile
-    : "${HOSTFILE:?deepspeed multi-node: set HOSTFILE (lines: host slots=GPUS_PER_NODE)}"
-    exec deepspeed --hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE" \
-      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$SCRIPT" "$@"
+    if [ -n "${HOSTFILE:-}" ]; then
+      # run on node 0 only: the deepspeed launcher starts every node over ssh (pdsh)
+      exec deepspeed --hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE" \
+        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$SCRIPT" "$@"
+    fi
+    # run on every node (by hand, or srun): one launcher per node, no ssh; its hostfile only
+    # tells it the world (NNODES x GPUS_PER_NODE), no host in it is contacted
+    hostfile="$(mktemp)"
+    trap 'rm -f "$hostfile"' EXIT
+    for ((i = 0; i < NNODES; i++)); do echo "node$i slots=$GPUS_PER_NODE"; done > "$hostfile"
+    deepspeed --no_ssh --node_rank "$NODE_RANK" --hostfile "$hostfile" --num_nodes "$NNODES" \
+      --num_gpus "$GPUS_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$SCRIPT" "$@"
     ;;
   accelerate)
     if [ "$NNODES" -eq 1 ]; then

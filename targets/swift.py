@@ -27,6 +27,7 @@ from mixspec.plan import ComponentPlan, Plan
 from mixspec.targets import Target, TargetOptions
 from mixspec.targets._common import (comment_line, compact_names, exact_regex, generated_header, inline_source, json_text,
                                      py_literal, sh_word)
+from mixspec.targets._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
 from mixspec.targets.deepspeed import deepspeed_config
 
 PLUGIN_FILE = "mixspec_plugin.py"
@@ -621,6 +622,8 @@ class SwiftTarget(Target):
             files[DEEPSPEED_FILE] = json_text(ds_json)
         if use_plugin:
             files[PLUGIN_FILE] = _plugin_py(plan, options, d)
+        if wants_sbatch(plan, options):
+            files[SBATCH_FILE] = render_sbatch_sh(plan, options, "swift", "train.sh")
         return files
 
 

@@ -33,7 +33,6 @@ from mixspec import patterns
 from mixspec.errors import SpecError, UnsupportedError
 from mixspec.loader import load_spec, load_spec_text
 from mixspec.resolve import plan_spec
-from mixspec.settings import DataSettings
 from mixspec.sources import find_model
 
 TARGETS = ("hf", "deepspeed", "swift", "llamafactory")
@@ -373,7 +372,7 @@ def test_nul_never_reaches_a_shell_word_and_stays_a_python_literal(workspace):
         "data": {"train": "d.jsonl"}, "output_dir": "runs/x"}), "nul.json")
     plan = resolve(loaded, catalog_tree())
     for nul in NUL_STRINGS:
-        bad = dataclasses.replace(plan, data=DataSettings(train=nul, eval=None), output_dir=nul)
+        bad = dataclasses.replace(plan, data=dataclasses.replace(plan.data, train=nul, eval=None), output_dir=nul)
         for target, cls in sorted(available_targets().items()):
             try:
                 files = cls().render(bad, TargetOptions())

@@ -89,7 +89,8 @@ def test_plan_json_keeps_the_spec_keys_in_order_and_adds_the_decided_ones():
                                                        "trained_dtype", "frozen_dtype"]
     assert data["training"]["frozen_dtype"] == "bf16" and data["training"]["trained_dtype"] == "fp32"
     assert list(data["distributed"]) == list(Distributed.model_fields)
-    assert data["data"] == {"train": "data/train.jsonl", "eval": None}
+    assert list(data["data"]) == list(Data.model_fields)
+    assert (data["data"]["train"], data["data"]["eval"]) == ("data/train.jsonl", None)
 
 
 def _check(args, plan, warmup_ratio=None):

@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 from mixspec.errors import UnsupportedError
 from mixspec.loader import load_spec
 from mixspec.resolve import load_tree_for, plan_spec
-from mixspec.settings import DataSettings
 from mixspec.targets import TargetOptions, available_targets, render
 from mixspec.targets import _common
 
@@ -442,7 +441,7 @@ _NASTY = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size
 @pytest.fixture(scope="module")
 def benign_render(base_plan):
     benign = dataclasses.replace(base_plan, spec_path="s", model="m", output_dir="o",
-                                 data=DataSettings(train="d", eval=None))
+                                 data=dataclasses.replace(base_plan.data, train="d", eval=None))
     files = render(benign, "hf", TargetOptions())
     return files, _code_tokens(files["train.py"])
 
@@ -451,7 +450,7 @@ def benign_render(base_plan):
 @given(spec_path=_NASTY, model=_NASTY, out_dir=_NASTY, data=_NASTY)
 def test_spec_strings_only_as_literals(base_plan, benign_render, spec_path, model, out_dir, data):
     nasty = dataclasses.replace(base_plan, spec_path=spec_path, model=model, output_dir=out_dir,
-                                data=DataSettings(train=data, eval=None))
+                                data=dataclasses.replace(base_plan.data, train=data, eval=None))
     got = render(nasty, "hf", TargetOptions())
     ref, ref_tokens = benign_render
     text = got["train.py"]

@@ -8,7 +8,9 @@
 #   LAUNCHER=torchrun|deepspeed|accelerate   which launcher (default torchrun)
 #   NNODES, GPUS_PER_NODE                    override the planned sizes
 #   NODE_RANK, MASTER_ADDR, MASTER_PORT      multi-node rendezvous (node 0's address)
-#   HOSTFILE                                 deepspeed launcher, multi-node: its hostfile
+#   HOSTFILE                                 deepspeed launcher, multi-node: run on node 0 only,
+#                                            which starts every node over ssh (pdsh) from it;
+#                                            without it, run on every node (deepspeed --no_ssh)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -19,7 +21,9 @@ LAUNCHER="${LAUNCHER:-torchrun}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 
 if [ "$NNODES" -gt 1 ]; then
-  : "${NODE_RANK:?multi-node: set NODE_RANK (0..NNODES-1) on each node}"
+  if [ "$LAUNCHER" != deepspeed ] || [ -z "${HOSTFILE:-}" ]; then
+    : "${NODE_RANK:?multi-node: set NODE_RANK (0..NNODES-1) on each node}"
+  fi
   : "${MASTER_ADDR:?multi-node: set MASTER_ADDR to node 0 address}"
 fi
 
@@ -35,10 +39,18 @@ case "$LAUNCHER" in
     if [ "$NNODES" -eq 1 ]; then
       exec deepspeed --num_gpus "$GPUS_PER_NODE" --master_port "$MASTER_PORT" "$SCRIPT" "$@"
     fi
-    # the deepspeed launcher starts every node itself over ssh, from node 0, with a hostfile
-    : "${HOSTFILE:?deepspeed multi-node: set HOSTFILE (lines: host slots=GPUS_PER_NODE)}"
-    exec deepspeed --hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE" \
-      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$SCRIPT" "$@"
+    if [ -n "${HOSTFILE:-}" ]; then
+      # run on node 0 only: the deepspeed launcher starts every node over ssh (pdsh)
+      exec deepspeed --hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE" \
+        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$SCRIPT" "$@"
+    fi
+    # run on every node (by hand, or srun): one launcher per node, no ssh; its hostfile only
+    # tells it the world (NNODES x GPUS_PER_NODE), no host in it is contacted
+    hostfile="$(mktemp)"
+    trap 'rm -f "$hostfile"' EXIT
+    for ((i = 0; i < NNODES; i++)); do echo "node$i slots=$GPUS_PER_NODE"; done > "$hostfile"
+    deepspeed --no_ssh --node_rank "$NODE_RANK" --hostfile "$hostfile" --num_nodes "$NNODES" \
+      --num_gpus "$GPUS_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$SCRIPT" "$@"
     ;;
   accelerate)
     if [ "$NNODES" -eq 1 ]; then

@@ -230,7 +230,12 @@ TRAINING = {
     'frozen_dtype': 'fp16',
 }
 
-DATA = {'train': 'corpora/it\'s "quoted" $HOME; rm -rf ~.jsonl', 'eval': None}
+DATA = {
+    'train': 'corpora/it\'s "quoted" $HOME; rm -rf ~.jsonl',
+    'eval': None,
+    'max_pixels': 1003520,
+    'images_per_sample': 1,
+}
 
 OUTPUT_DIR = 'runs/llama 8b\nsecond line'
 

@@ -198,7 +198,12 @@ TRAINING = {
     'frozen_dtype': 'bf16',
 }
 
-DATA = {'train': 'data/pretrain.jsonl', 'eval': None}
+DATA = {
+    'train': 'data/pretrain.jsonl',
+    'eval': None,
+    'max_pixels': 1003520,
+    'images_per_sample': 1,
+}
 
 OUTPUT_DIR = 'runs/llava15-projector-only'
 

@@ -298,7 +298,12 @@ TRAINING = {
     'frozen_dtype': 'bf16',
 }
 
-DATA = {'train': 'data/train.jsonl', 'eval': 'data/eval.jsonl'}
+DATA = {
+    'train': 'data/train.jsonl',
+    'eval': 'data/eval.jsonl',
+    'max_pixels': 1003520,
+    'images_per_sample': 1,
+}
 
 OUTPUT_DIR = 'runs/three-lora'
 

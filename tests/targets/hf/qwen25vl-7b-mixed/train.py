@@ -252,7 +252,12 @@ TRAINING = {
     'frozen_dtype': 'bf16',
 }
 
-DATA = {'train': 'data/train.jsonl', 'eval': None}
+DATA = {
+    'train': 'data/train.jsonl',
+    'eval': None,
+    'max_pixels': 1003520,
+    'images_per_sample': 1,
+}
 
 OUTPUT_DIR = 'runs/qwen25vl-7b-mixed'
 

@@ -1,0 +1,313 @@
+"""Activation memory: the bytes autograd keeps for the backward pass, per GPU, from the tree's
+real dimensions and the Plan's trainable set.
+
+The model follows what PyTorch saves for each op of a transformer block as transformers
+writes it (measured op by op with ``torch.autograd.graph.saved_tensors_hooks``; the
+benchmark ``benchmarks/activation_check.py`` compares every term with such a count on
+real-width layers). Per token of a block, with p bytes per activation element (2 for
+bf16/fp16, 4 for fp32):
+
+- RMSNorm-style norms (any norm that is not a torch LayerNorm: transformers upcasts to fp32):
+  the fp32 input (4 d) and the reciprocal RMS (4), plus the p-byte normalised input when the
+  norm's weight trains; torch LayerNorm: its input (p d) and mean/rstd (8).
+- A Linear saves its input (p in) only when its weight trains; linears that read the same
+  input (q/k/v, gate/up) share it. A LoRA adapter saves that input as well (dropout 0) or
+  its own dropped-out copy plus the dropout mask (p in + in), and the rank-r middle (p r).
+- Attention (sdpa / flash): the rotated q, k, v, the output and the log-sum-exp
+  (4 bytes per head); the output projection reads the output without a copy. Eager
+  attention also keeps the probabilities: p x heads x sequence per token.
+- Gated MLP: the gate output (SiLU's input), SiLU's output and the up output (the product's
+  operands); the product itself when the down projection trains. Plain MLP (fc1, GELU, fc2):
+  GELU's input, and its output when fc2 trains.
+- Nothing is saved in a block no gradient passes through: no trainable parameter in it or
+  anywhere before it (towers and layers below the first trained one).
+- Gradient checkpointing (per block, as transformers applies it): each block keeps its input
+  (p h) and one block's activations exist at a time during the recompute.
+- The loss: transformers upcasts the logits to fp32; cross-entropy keeps its log-softmax
+  (4 x vocab per token); the logits' gradient (fp32, then p bytes) is transient at the start
+  of the backward pass.
+
+What is not modelled is stated with the result: fused kernels other than sdpa/flash, DoRA's
+extra norm, model-specific extras (rotary tables are counted once; Mllama's cross-attention
+states are counted as the vision tokens they come from).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+# leaf names of linears that read the same input inside one block
+_ATTN_IN = {"q_proj", "k_proj", "v_proj", "qkv", "qkv_proj", "query", "key", "value", "in_proj", "Wqkv",
+            "query_key_value", "c_attn"}
+_ATTN_OUT = {"o_proj", "out_proj", "proj", "dense", "c_proj", "o"}
+_MLP_IN = {"gate_proj", "up_proj", "fc1", "w1", "w3", "gate_up_proj", "linear_fc1", "c_fc"}
+_BLOCK = re.compile(r"^(.*)\.(0|[1-9][0-9]*)$")
+_ACTIVATION = re.compile(r"GELU|SiLU|Silu|ReLU|Tanh|Sigmoid|Activation|Swish|Mish", re.IGNORECASE)
+# activations that keep two tensors (x * sigmoid(a x) keeps x and the sigmoid)
+_TWO_TENSOR_ACTIVATIONS = ("QuickGELU",)
+_Q_NORMS = ("q_norm", "query_norm", "q_layernorm")
+_K_NORMS = ("k_norm", "key_norm", "k_layernorm")
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str  # relative to the block, e.g. "self_attn.q_proj"
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class BlockKind:
+    """The blocks of one stack that share a structure (an LLM's decoder layers, a ViT's blocks)."""
+
+    prefix: str  # e.g. "model.language_model.layers"
+    indices: tuple[int, ...]
+    linears: tuple[Linear, ...]
+    norms: tuple[tuple[str, str, int, str], ...]  # (relative name, "layernorm" | "norm", dim, class name)
+    hidden: int
+    activation: str = ""  # class name of the MLP's activation module ("" when it is a function)
+    gates: tuple[str, ...] = ()  # the block's own parameters (scalar gates on the residual stream)
+
+    def to_json(self) -> dict:
+        return {"prefix": self.prefix, "indices": list(self.indices), "hidden": self.hidden,
+                "linears": [[l.name, l.in_features, l.out_features] for l in self.linears],
+                "norms": [list(n) for n in self.norms], "activation": self.activation, "gates": list(self.gates)}
+
+    @staticmethod
+    def from_json(data: dict) -> "BlockKind":
+        return BlockKind(data["prefix"], tuple(data["indices"]), tuple(Linear(*l) for l in data["linears"]),
+                         tuple(tuple(n) for n in data["norms"]), data["hidden"], data.get("activation", ""),
+                         tuple(data.get("gates", ())))
+
+
+def block_kinds(tree, prefixes, exclude=()) -> tuple[BlockKind, ...]:
+    """The repeated blocks under a role's prefixes (minus ``exclude``): the numbered children
+    of every ModuleList whose entries are blocks themselves (they hold a norm and a Linear,
+    unlike a Sequential of layers, and are not inside another block), stack after stack in the
+    model's order (Mllama's ViT: its 32 layers, then its 8 gated global layers), grouped by
+    structure (Mllama's cross-attention layers apart from the self-attention ones)."""
+    def ancestors(names):
+        out = set()
+        for name in names:
+            parts = name.split(".")
+            out.update(".".join(parts[:i]) for i in range(1, len(parts)))
+        return out
+
+    holders = ancestors(m.name for m in tree.modules if m.norm) & ancestors(
+        m.name for m in tree.modules if m.kind == "linear")
+    lists: dict[str, set[int]] = {}
+    for m in tree.modules:
+        if not any(m.name.startswith(p + ".") for p in prefixes):
+            continue
+        if any(m.name == e or m.name.startswith(e + ".") for e in exclude):
+            continue
+        match = _BLOCK.match(m.name)
+        if match and m.name in holders:
+            lists.setdefault(match.group(1), set()).add(int(match.group(2)))
+    # a list inside a block of another list is part of that block
+    stacks = [k for k in lists if not any(k.startswith(f"{o}.{i}.") for o in lists for i in lists[o] if o != k)]
+    stacks = [k for k in stacks if len(lists[k]) > 1]
+    out = []
+    for stack in stacks:  # in the tree's (registration) order
+        kinds: dict[tuple, list[int]] = {}
+        params_of = {m.name: m.params for m in tree.modules}
+        for index in sorted(lists[stack]):
+            base = f"{stack}.{index}."
+            linears, norms, acts = [], [], []
+            for m in tree.modules:
+                if not m.name.startswith(base):
+                    continue
+                rel = m.name[len(base):]
+                if m.kind == "linear" and m.in_features:
+                    linears.append(Linear(rel, m.in_features, m.out_features))
+                elif m.norm:
+                    dim = next(iter(m.params.values()), (0,))
+                    norms.append((rel, m.norm, int(dim[0]) if dim else 0, m.type))
+                elif _ACTIVATION.search(m.type) and not m.params:
+                    acts.append(m.type)
+            # the block's own parameters (Mllama's tanh gates): each scales the residual stream
+            gates = tuple(sorted(n for n, shape in (params_of.get(f"{stack}.{index}") or {}).items()))
+            key = (tuple(linears), tuple(norms), acts[0] if acts else "", gates)
+            kinds.setdefault(key, []).append(index)
+        for (linears, norms, act, gates), indices in kinds.items():
+            hidden = max((n[2] for n in norms), default=0) or max((l.in_features for l in linears), default=0)
+            out.append(BlockKind(stack, tuple(indices), linears, norms, hidden, act, gates))
+    order = {stack: i for i, stack in enumerate(stacks)}
+    return tuple(sorted(out, key=lambda k: (order[k.prefix], k.indices[0])))
+
+
+def _leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _parent(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+@dataclass(frozen=True)
+class Training:
+    """How one block index is trained: full-trained parameter local names, LoRA per linear."""
+
+    full: frozenset  # relative parameter names ("self_attn.q_proj.weight", "input_layernorm.weight")
+    lora: dict  # relative linear name -> (rank, dropout)
+
+
+def block_bytes_per_token(kind: BlockKind, training: Training, p: int, grad_in: bool,
+                          attention: str = "sdpa", seq: int = 0) -> dict:
+    """Bytes saved for backward per token in one block, by term. Empty when no gradient
+    passes through the block (nothing trainable in it, nothing trainable before it)."""
+    trains = bool(training.full or training.lora)
+    if not (grad_in or trains):
+        return {}
+    terms = {"norms": 0.0, "linear_inputs": 0.0, "lora": 0.0, "attention": 0.0, "mlp": 0.0}
+    by_name = {l.name: l for l in kind.linears}
+    q_width = next((l.out_features for l in kind.linears if _leaf(l.name) == "q_proj"), 0)
+    k_width = next((l.out_features for l in kind.linears if _leaf(l.name) == "k_proj"), 0)
+    for rel, norm, dim, cls in kind.norms:
+        trains = f"{rel}.weight" in training.full
+        # per-head q/k norms run over every head of the projection
+        width, rows = dim, 1
+        if _leaf(rel) in _Q_NORMS and q_width:
+            width, rows = q_width, max(1, q_width // max(dim, 1))
+        elif _leaf(rel) in _K_NORMS and k_width:
+            width, rows = k_width, max(1, k_width // max(dim, 1))
+        if norm == "layernorm":  # its input, and mean + rstd (fp32 on GPUs)
+            terms["norms"] += p * width + 8 * rows
+        else:  # transformers' RMSNorms upcast: fp32 input and rstd; the weighted product for the weight's
+            # gradient in p bytes (Gemma's (1 + w) product stays fp32)
+            kept = (4 if "Gemma" in cls else p) * width if trains else 0
+            terms["norms"] += 4 * width + 4 * rows + kept
+    groups: dict[tuple, list[Linear]] = {}
+    for lin in kind.linears:
+        leaf = _leaf(lin.name)
+        group = "attn_in" if leaf in _ATTN_IN else "mlp_in" if leaf in _MLP_IN else lin.name
+        groups.setdefault((_parent(lin.name), group), []).append(lin)
+    attn_out_widths = set()
+    for (parent, group), members in groups.items():
+        if group == "attn_in":
+            q, k, v = _qkv(members)
+            heads = max(1, q // 128)
+            if len(members) == 1:  # fused qkv: v stays a view that pins the whole fused output;
+                v = q + k + v      # the output projection reads a reshaped copy (counted with it)
+            else:  # separate q/k/v: the output projection reads the attention output itself
+                attn_out_widths.add(q)
+            terms["attention"] += p * (q + k + v + q) + 4 * heads
+            if attention == "eager":
+                terms["attention"] += p * heads * seq
+    # the down projection reads the MLP's product, counted with the MLP
+    downs = {d.name for (parent, group) in groups if group == "mlp_in"
+             for d in [_down_of(by_name, parent)] if d is not None}
+    for (parent, group), members in groups.items():
+        inputs_saved = False
+        for lin in members:
+            full = f"{lin.name}.weight" in training.full
+            lora = training.lora.get(lin.name)
+            reads_attn_output = _leaf(lin.name) in _ATTN_OUT and lin.in_features in attn_out_widths
+            if full or (lora and lora[1] == 0):
+                if not inputs_saved and not reads_attn_output and lin.name not in downs:
+                    terms["linear_inputs"] += p * lin.in_features
+                inputs_saved = True
+            if lora:
+                rank, dropout = lora
+                if dropout > 0:
+                    terms["lora"] += p * lin.in_features + lin.in_features  # dropped-out copy + mask
+                terms["lora"] += p * rank
+        if group == "mlp_in":
+            gate = next((l for l in members if _leaf(l.name) in ("gate_proj", "w1")), None)
+            up = next((l for l in members if _leaf(l.name) in ("up_proj", "w3")), None)
+            fused = next((l for l in members if _leaf(l.name) == "gate_up_proj"), None)
+            down = _down_of(by_name, parent)
+            if fused is not None:
+                inter = fused.out_features // 2
+                terms["mlp"] += 3 * p * inter + (p * inter if _trains(down, training) else 0)
+            elif gate is not None and up is not None:
+                inter = gate.out_features
+                terms["mlp"] += 3 * p * inter + (p * inter if _trains(down, training) else 0)
+            else:
+                inter = members[0].out_features  # fc1 -> activation -> fc2
+                kept = 2 if any(a in kind.activation for a in _TWO_TENSOR_ACTIVATIONS) else 1
+                terms["mlp"] += kept * p * inter + (p * inter if _trains(down, training) else 0)
+    for gate in kind.gates:  # gate.tanh() * branch keeps the branch for the gate's gradient
+        if gate in training.full:
+            terms["gates"] = terms.get("gates", 0.0) + p * kind.hidden
+    return {k: v for k, v in terms.items() if v}
+
+
+def _qkv(members) -> tuple[int, int, int]:
+    by_leaf = {_leaf(l.name): l for l in members}
+    if "q_proj" in by_leaf:
+        q = by_leaf["q_proj"].out_features
+        k = by_leaf.get("k_proj", by_leaf["q_proj"]).out_features
+        v = by_leaf.get("v_proj", by_leaf["q_proj"]).out_features
+        return q, k, v
+    fused = members[0]
+    third = fused.out_features // 3
+    return third, third, third
+
+
+def _down_of(by_name: dict, parent: str):
+    for leaf in ("down_proj", "fc2", "w2", "linear_fc2", "c_proj"):
+        lin = by_name.get(f"{parent}.{leaf}" if parent else leaf)
+        if lin is not None:
+            return lin
+    return None
+
+
+def _trains(lin, training: Training) -> bool:
+    return lin is not None and (f"{lin.name}.weight" in training.full or lin.name in training.lora)
+
+
+def block_index_training(kind: BlockKind, index: int, full_params: set, lora: dict) -> Training:
+    """The Training of one block from the Plan's full-trained parameter names and LoRA map
+    (full module name -> (rank, dropout))."""
+    base = f"{kind.prefix}.{index}."
+    full = frozenset(n[len(base):] for n in full_params if n.startswith(base))
+    mine = {n[len(base):]: v for n, v in lora.items() if n.startswith(base)}
+    return Training(full, mine)
+
+
+def sorted_indices(kinds) -> list[tuple[int, BlockKind]]:
+    """(block index, its kind) for every block, stack after stack (kinds come in stack order)."""
+    order: dict[str, int] = {}
+    for k in kinds:
+        order.setdefault(k.prefix, len(order))
+    return sorted(((i, k) for k in kinds for i in k.indices), key=lambda t: (order[t[1].prefix], t[0]))
+
+
+def loss_bytes_per_token(vocab: int, hidden: int, p: int, lm_head_trains: bool) -> dict:
+    """The loss head per token: kept for backward (fp32 log-softmax of the upcast logits, the
+    int64 target, lm_head's input when it trains) and transient at the start of the backward
+    pass (the logits' fp32 gradient and its p-byte cast)."""
+    return {"saved": 4 * vocab + 8 + (p * hidden if lm_head_trains else 0), "transient": (4 + p) * vocab}
+
+
+def model_structure(tree, roles: dict) -> dict:
+    """What the activation estimate needs from the tree (plain data, carried by the Plan)."""
+    out: dict = {"hidden": 0, "vocab": 0, "language": [], "vision": [], "aligner_linears": [],
+                 "vision_position_embeddings": 0, "patch_kernel": 0, "vision_hidden": 0, "final_norm": ""}
+    head = tree.by_name.get(tree.output_embedding)
+    if head is not None:
+        out["vocab"], out["hidden"] = head.out_features, head.in_features
+    vision = roles.get("vision", ())
+    aligner = roles.get("aligner", ())
+    out["language"] = [k.to_json() for k in block_kinds(tree, roles.get("language", ()))]
+    out["vision"] = [k.to_json() for k in block_kinds(tree, vision, exclude=aligner)]
+    for m in tree.modules:
+        in_vision = any(m.name.startswith(p + ".") for p in vision)
+        in_aligner = any(m.name == p or m.name.startswith(p + ".") for p in aligner)
+        if in_aligner and m.kind == "linear":
+            out["aligner_linears"].append([m.name, m.in_features, m.out_features])
+        elif in_vision and not in_aligner:
+            if m.kind == "embedding" and "position" in _leaf(m.name) and not out["vision_position_embeddings"]:
+                out["vision_position_embeddings"] = m.in_features
+            elif m.kind == "conv" and len(m.kernel) >= 2 and not out["patch_kernel"]:
+                out["patch_kernel"] = int(m.kernel[-1])
+    if out["vision"]:
+        out["vision_hidden"] = out["vision"][0]["hidden"]
+    lang = roles.get("language", ())
+    for m in tree.modules:  # the LLM's final norm: a norm directly under the language model
+        if m.norm and any(m.name == f"{p}.norm" for p in lang):
+            out["final_norm"] = m.name
+    return out

@@ -1,0 +1,138 @@
+"""Activation estimate against the bytes autograd really saves (the oracle: storages counted by
+``torch.autograd.graph.saved_tensors_hooks`` while real blocks run forward on the CPU).
+
+The same check as benchmarks/activation_check.py (which runs the real widths of the catalog
+models and is recorded in docs/memory-check.md), on the same architectures shrunk so that it
+takes seconds: each block kind of the LLM and of the vision tower, fully trained, LoRA with
+and without dropout, frozen with a gradient passing through, frozen with nothing trainable
+below; the loss head. Then a whole model: a planned LoRA on late layers only, where the layers
+below must keep nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import activation_check  # noqa: E402
+
+from mixspec.activations import block_kinds  # noqa: E402
+from mixspec.registry import find_roles  # noqa: E402
+from mixspec.tree import tree_from_model  # noqa: E402
+
+activation_check.QUIET = True
+
+
+def _layers(text, n):
+    text.num_hidden_layers = n
+    if getattr(text, "layer_types", None):
+        text.layer_types = (list(text.layer_types) * n)[:n]
+    if hasattr(text, "max_window_layers"):
+        text.max_window_layers = n
+
+
+def _shrunk(model_id):
+    config = activation_check._config(model_id)
+    text, vision = config.get_text_config(), config.vision_config
+    text.hidden_size, text.intermediate_size = 256, 512
+    _layers(text, 2)
+    text.num_attention_heads, text.num_key_value_heads = 4, 2
+    if hasattr(text, "head_dim"):
+        text.head_dim = 64
+    text.vocab_size = 512
+    if getattr(text, "pad_token_id", None) is not None and text.pad_token_id >= 512:
+        text.pad_token_id = 0
+    rope = getattr(text, "rope_scaling", None) or getattr(text, "rope_parameters", None)
+    if isinstance(rope, dict) and "mrope_section" in rope:
+        rope["mrope_section"] = [8, 12, 12]
+    if hasattr(text, "cross_attention_layers"):  # Mllama
+        text.cross_attention_layers = [1]
+    if hasattr(vision, "num_global_layers"):  # Mllama's ViT: 2 layers and 2 gated global layers
+        vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers = 128, 256, 2
+        vision.num_global_layers, vision.attention_heads = 2, 4
+        vision.intermediate_layers_indices = [0]
+        config.vision_config.vision_output_dim = 128 * 2
+    elif hasattr(vision, "depth"):  # Qwen2.5-VL's ViT
+        vision.depth, vision.hidden_size, vision.intermediate_size, vision.num_heads = 2, 128, 256, 4
+        vision.out_hidden_size, vision.fullatt_block_indexes = 256, [1]
+    else:
+        vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers = 128, 256, 2
+        vision.num_attention_heads = 4
+    for sub in (config, text, vision):
+        sub._attn_implementation = "sdpa"
+    cls = getattr(transformers, config.architectures[0])
+    with torch.device("meta"):
+        model = cls._from_config(config)
+    return model, config
+
+
+@pytest.mark.parametrize("model_id", ["Qwen/Qwen2.5-VL-7B-Instruct", "llava-hf/llava-1.5-7b-hf",
+                                      "google/gemma-3-4b-it", "mllama"])
+def test_each_block_kind_saves_what_the_estimate_says(model_id):
+    model, config = _shrunk(model_id)
+    tree = tree_from_model(model, config.model_type)
+    roles = find_roles(tree)
+    assert block_kinds(tree, roles.prefixes["language"]) and block_kinds(tree, roles.prefixes["vision"])
+    results = []
+    activation_check.check_model(model_id, model, config, tree, roles, [96, 160], results)
+    modes = {r["mode"] for r in results}
+    assert {"full", "lora-d0", "lora-d0.05", "frozen-grad-through", "frozen-nothing-below"} <= modes
+    for r in results:
+        if r["mode"] == "frozen-nothing-below":
+            assert r["measured"] == r["estimated"] == 0, r
+        else:
+            assert r["measured"] > 0 and 0.9 <= r["ratio"] <= 1.1, r
+
+
+def test_a_whole_model_keeps_nothing_below_the_first_trained_layer(tmp_path):
+    """A tiny Qwen2.5-VL LLM (4 layers) with LoRA on layers 2-3 only: the whole forward with
+    labels, counted, against the Plan's estimate (checkpointing off, text rows)."""
+    from mixspec.estimate import activation_terms
+    from mixspec.loader import load_spec
+    from mixspec.resolve import plan_spec
+
+    model, config = _shrunk("Qwen/Qwen2.5-VL-7B-Instruct")
+    _layers(config.get_text_config(), 4)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(config.to_json_string(), encoding="utf-8")
+    seq = 128
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"version: 1\nmodel: {model_dir}\ncomponents:\n"
+                    "  late: {modules: ['model\\.language_model\\.layers\\.[23]'], train: lora, lr: 1.0e-4,\n"
+                    "         lora: {rank: 8, alpha: 16, dropout: 0.1, targets: all-linear}}\n"
+                    f"training: {{max_length: {seq}, micro_batch_size: 1, gradient_checkpointing: false,"
+                    " precision: bf16}\n", encoding="utf-8")
+    plan = plan_spec(load_spec(spec), use_cache=False)
+    acts, _, _ = activation_terms(plan)
+
+    from peft import LoraConfig, get_peft_model
+
+    real = getattr(transformers, config.architectures[0])._from_config(config).to(torch.bfloat16)
+    comp = plan.component("late")
+    peft_model = get_peft_model(real, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
+                                                 target_modules=list(comp.lora.targets)))
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(torch.bfloat16)
+    ids = torch.randint(0, 500, (1, seq))
+    params = {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
+    measured, loss = activation_check.saved_bytes(
+        lambda: peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss, params)
+    estimated = sum(acts.values())
+    # layers 0-1 keep nothing: the estimate holds only layers 2-3, the final norm and the loss
+    per_layer = acts["llm_blocks"] / 2
+    print("whole model: estimated", acts, "measured", measured)
+    assert 0.9 <= estimated / measured <= 1.1, (acts, measured)
+    assert measured < estimated + 0.5 * per_layer  # had layers 0-1 kept anything, far more
+    assert torch.isfinite(loss)
