@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from mixspec import __version__
 from mixspec.errors import MixspecError, SpecError
@@ -26,6 +27,43 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+# the targets mixspec ships (mixspec.targets.available_targets imports them; a usage check
+# must not)
+TARGET_NAMES = ("deepspeed", "hf", "llamafactory", "swift")
+
+
+class _Command(TyperCommand):
+    """Usage lines and argument help as a user types them: `SPEC...`, not typer's `{spec}`
+    and `<list[Path]>`."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                pieces.append(_argument_label(param) if param.required else f"[{_argument_label(param)}]")
+        return pieces
+
+    def format_options(self, ctx, formatter) -> None:
+        args, opts = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                args.append((_argument_label(param), record[1]))
+            else:
+                opts.append(record)
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _argument_label(param) -> str:
+    label = param.metavar or param.name.upper()
+    return label + ("..." if param.nargs != 1 and not label.endswith("...") else "")
 
 
 class OutputFormat(str, Enum):
@@ -64,10 +102,11 @@ def _root(
         os.environ["MIXSPEC_TRUST_REMOTE_CODE"] = "1"
 
 
-@app.command()
+@app.command(cls=_Command)
 def validate(
-    specs: List[Path] = typer.Argument(..., help="Spec files (.yaml, .yml, .json)."),
+    specs: List[Path] = typer.Argument(..., metavar="SPEC", help="Spec files (.yaml, .yml, .json)."),
     format: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text or json."),
+    as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
     model_check: bool = typer.Option(
         True, "--model/--no-model",
         help="Also resolve each spec against its model's module tree (catalog, local dir or cache).",
@@ -76,6 +115,8 @@ def validate(
     """Check specs: schema, values, and (by default) the real module tree. Exit 0 when all are valid."""
     from mixspec.loader import load_spec
 
+    if as_json:
+        format = OutputFormat.json
     results = []
     ok = True
     for path in specs:
@@ -122,34 +163,46 @@ def _print_warnings(plan) -> None:
         _stderr(problem.render())
 
 
-@app.command()
+@app.command(cls=_Command)
 def plan(
-    spec: Path = typer.Argument(..., help="Spec file."),
-    as_json: bool = typer.Option(False, "--json", help="Print the Plan (and estimate) as JSON."),
+    specs: List[Path] = typer.Argument(..., metavar="SPEC", help="Spec files."),
+    as_json: bool = typer.Option(False, "--json", help="Print the Plan (and estimate) as JSON (same as --format json)."),
+    format: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text or json."),
     show_modules: bool = typer.Option(False, "--modules", help="List the modules each component covers."),
 ) -> None:
     """Show which modules each part covers, exact trainable parameters, LRs and memory per GPU."""
-    try:
-        _, the_plan = _load_and_plan(spec)
-    except MixspecError as exc:
-        raise _fail(exc) from None
-    from mixspec.estimate import estimate
+    as_json = as_json or format == OutputFormat.json
+    failed = False
+    plans = []
+    for spec in specs:
+        try:
+            _, the_plan = _load_and_plan(spec)
+        except MixspecError as exc:
+            _stderr(str(exc))
+            failed = True
+            continue
+        from mixspec.estimate import estimate
 
-    est = estimate(the_plan)
-    if as_json:
-        data = the_plan.to_json()
-        data["estimate"] = est.to_json()
-        typer.echo(json.dumps(data, indent=2))
-    else:
-        from mixspec.present import print_plan
+        est = estimate(the_plan)
+        if as_json:
+            data = the_plan.to_json()
+            data["estimate"] = est.to_json()
+            plans.append(data)
+        else:
+            from mixspec.present import print_plan
 
-        print_plan(the_plan, est, show_modules=show_modules)
-    _print_warnings(the_plan)
+            print_plan(the_plan, est, show_modules=show_modules)
+        _print_warnings(the_plan)
+    if as_json and plans:
+        # one spec prints its Plan object (as before); several print a list of them
+        typer.echo(json.dumps(plans[0] if len(specs) == 1 else plans, indent=2))
+    if failed:
+        raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=_Command)
 def explain(
-    spec: Path = typer.Argument(..., help="Spec file."),
+    spec: Path = typer.Argument(..., metavar="SPEC", help="Spec file."),
     name: str = typer.Argument(..., help="A module or parameter name (mixspec tree MODEL lists them)."),
 ) -> None:
     """Say which component claimed a module or parameter, and by which rule."""
@@ -170,13 +223,23 @@ def explain(
                 + (f"\n  hint: did you mean {', '.join(close)}?" if close else ""))
         raise typer.Exit(1)
     from mixspec.present import print_explain
+    from mixspec.resolve import resolve
 
-    print_explain(name, rows, tree)
+    try:  # the Plan says which modules get LoRA; explain still answers for a spec that does not resolve
+        the_plan = resolve(loaded, tree)
+    except MixspecError:
+        the_plan = None
+    # a tied tensor's other name usually lies outside NAME: who claims it
+    partners = {p: tree.tied.get(p) or next((a for a, c in sorted(tree.tied.items()) if c == p), None)
+                for p, _ in rows}
+    partner_claims = {partner: dict(explain_name(loaded, tree, partner)).get(partner)
+                      for partner in partners.values() if partner}
+    print_explain(name, rows, tree, plan=the_plan, spec=loaded.spec, partner_claims=partner_claims)
 
 
-@app.command()
+@app.command(cls=_Command)
 def tree(
-    model: str = typer.Argument(..., help="Catalog id, cache id or local dir."),
+    model: str = typer.Argument(..., metavar="MODEL", help="Catalog id, cache id or local dir."),
     depth: int = typer.Option(3, "--depth", min=0, help="Show modules up to this depth."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                            help="Allow configs with auto_map (runs the repo's code)."),
@@ -195,7 +258,7 @@ def tree(
     print_tree(the_tree, depth)
 
 
-@app.command()
+@app.command(cls=_Command)
 def models() -> None:
     """List the built-in catalog of model configs (usable offline by id)."""
     from mixspec.sources import catalog_ids
@@ -204,9 +267,9 @@ def models() -> None:
         typer.echo(model_id)
 
 
-@app.command()
+@app.command(cls=_Command)
 def compile(
-    spec: Path = typer.Argument(..., help="Spec file."),
+    spec: Path = typer.Argument(..., metavar="SPEC", help="Spec file."),
     target: str = typer.Option(..., "--target", "-t", help="swift, hf, deepspeed or llamafactory."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: print to stdout)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing files in the output directory."),
@@ -224,6 +287,13 @@ def compile(
 
     if swift_version not in (3, 4):
         _stderr("error: --swift-version must be 3 or 4")
+        raise typer.Exit(2)
+    if target not in TARGET_NAMES:
+        import difflib
+
+        close = difflib.get_close_matches(target, TARGET_NAMES, n=1, cutoff=0.5)
+        _stderr(f"error: unknown target {target!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                + f"\n  targets: {', '.join(TARGET_NAMES)}")
         raise typer.Exit(2)
     try:
         _, the_plan = _load_and_plan(spec)
@@ -255,7 +325,7 @@ def compile(
         _stderr(line)
 
 
-@app.command()
+@app.command(cls=_Command)
 def schema() -> None:
     """Print the JSON Schema of the spec language."""
     from mixspec.spec import json_schema

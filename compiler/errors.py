@@ -11,6 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def quoted(text: str) -> str:
+    """A string (a regex above all) quoted as the user wrote it: repr() would double
+    every backslash of 'model\\.visual'. Control characters keep repr's escapes."""
+    if not text.isprintable():
+        return repr(text)
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return f'"{text}"'
+    return repr(text)
+
+
 @dataclass(frozen=True)
 class Location:
     """Where in a spec file something came from (1-based line and column)."""
