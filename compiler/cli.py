@@ -29,11 +29,6 @@ app = typer.Typer(
 )
 
 
-# the targets mixspec ships (mixspec.targets.available_targets imports them; a usage check
-# must not)
-TARGET_NAMES = ("deepspeed", "hf", "llamafactory", "swift")
-
-
 class _Command(TyperCommand):
     """Usage lines and argument help as a user types them: `SPEC...`, not typer's `{spec}`
     and `<list[Path]>`."""
@@ -288,12 +283,15 @@ def compile(
     if swift_version not in (3, 4):
         _stderr("error: --swift-version must be 3 or 4")
         raise typer.Exit(2)
-    if target not in TARGET_NAMES:
+    from mixspec.targets import available_targets
+
+    target_names = sorted(available_targets())
+    if target not in target_names:
         import difflib
 
-        close = difflib.get_close_matches(target, TARGET_NAMES, n=1, cutoff=0.5)
+        close = difflib.get_close_matches(target, target_names, n=1, cutoff=0.5)
         _stderr(f"error: unknown target {target!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-                + f"\n  targets: {', '.join(TARGET_NAMES)}")
+                + f"\n  targets: {', '.join(target_names)}")
         raise typer.Exit(2)
     try:
         _, the_plan = _load_and_plan(spec)

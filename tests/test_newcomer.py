@@ -291,3 +291,61 @@ def test_readme_states_the_swift_venv_size():
     readme = (ROOT / "README.md").read_text()
     stated = float(re.search(r"\(`\.venv-swift`, about ([\d.]+) GB", readme).group(1))
     assert abs(stated - size_gb) <= 0.3, f"README says {stated} GB, the venv is {size_gb:.1f} GiB"
+
+
+# -- 1. hf: train.py --check runs offline for catalog, cache and local-dir models ---------
+
+def _compile_hf(tmp_path: Path, model: str) -> Path:
+    from mixspec.loader import load_spec
+    from mixspec.output import write_files
+    from mixspec.targets import TargetOptions, render
+
+    spec = _spec(tmp_path, f"""\
+        version: 1
+        model: {model}
+        components:
+          vision: {{train: full, lr: 2.0e-6}}
+          language: {{train: lora, lr: 1.0e-4, lora: {{rank: 8}}}}
+        data: {{train: data/train.jsonl}}
+        """)
+    out = tmp_path / "out"
+    write_files(out, render(plan_spec(load_spec(spec)), "hf", TargetOptions()), force=True)
+    return out
+
+
+def test_hf_output_carries_the_models_config(tmp_path):
+    out = _compile_hf(tmp_path, "Qwen/Qwen2-VL-2B-Instruct")
+    # the oracle: the published config the catalog ships, as data
+    assert json.loads((out / "model_config.json").read_text()) == json.loads(CONFIG)
+
+
+def _offline_check(train_py: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    # no network, an empty Hugging Face home: nothing but what the compiled output carries
+    env = {**_clean_env(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf")}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, str(train_py), "--check"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_hf_check_offline_for_a_catalog_model(tmp_path):
+    out = _compile_hf(tmp_path, "Qwen/Qwen2-VL-2B-Instruct")
+    result = _offline_check(out / "train.py", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "self-check passed" in result.stdout
+    assert f"config: {out / 'model_config.json'}" in result.stdout
+
+
+@pytest.mark.slow
+def test_hf_check_offline_for_a_local_dir_that_is_gone(tmp_path):
+    model = tmp_path / "models" / "qwen2vl"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(CONFIG)
+    out = _compile_hf(tmp_path, str(model))
+    for f in model.iterdir():  # train.py now runs where that directory does not exist
+        f.unlink()
+    model.rmdir()
+    result = _offline_check(out / "train.py", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "self-check passed" in result.stdout

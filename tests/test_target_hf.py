@@ -359,7 +359,7 @@ def test_cli_compile_writes_train_launch_and_deepspeed(run_cli, tmp_path):
     out = tmp_path / "o"
     result = run_cli("compile", "examples/qwen25vl-7b-mixed.yaml", "--target", "hf", "-o", str(out))
     assert result.exit_code == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["ds_config.json", "launch.sh", "train.py"]
+    assert sorted(p.name for p in out.iterdir()) == ["ds_config.json", "launch.sh", "model_config.json", "train.py"]
     assert os.access(out / "launch.sh", os.X_OK)
     assert (out / "train.py").read_text() == (ROOT / "tests/targets/hf/qwen25vl-7b-mixed/train.py").read_text()
     result = run_cli("compile", "examples/qwen25vl-7b-mixed.yaml", "--target", "hf", "-o", str(out),
