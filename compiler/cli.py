@@ -146,8 +146,7 @@ def validate(
 
 
 def _load_and_plan(spec: Path):
-    from mixspec.loader import load_spec
-    from mixspec.resolve import plan_spec
+    from mixspec.api import load_spec, plan_spec
 
     loaded = load_spec(spec)
     return loaded, plan_spec(loaded)
@@ -176,9 +175,9 @@ def plan(
             _stderr(str(exc))
             failed = True
             continue
-        from mixspec.estimate import estimate
+        from mixspec.api import estimate_memory
 
-        est = estimate(the_plan)
+        est = estimate_memory(the_plan)
         if as_json:
             data = the_plan.to_json()
             data["estimate"] = est.to_json()
@@ -277,29 +276,26 @@ def compile(
     model_override: Optional[str] = typer.Option(None, "--model", help="Model path or id the generated files load (default: the spec's)."),
 ) -> None:
     """Write configs the real backend runs as is, or refuse, naming what it cannot express."""
+    from mixspec.api import render, target_names
     from mixspec.output import write_files
-    from mixspec.targets import TargetOptions, render
+    from mixspec.targets import TargetOptions
 
     if swift_version not in (3, 4):
         _stderr("error: --swift-version must be 3 or 4")
         raise typer.Exit(2)
-    from mixspec.targets import available_targets
-
-    target_names = sorted(available_targets())
-    if target not in target_names:
+    names = target_names()
+    if target not in names:
         import difflib
 
-        close = difflib.get_close_matches(target, target_names, n=1, cutoff=0.5)
+        close = difflib.get_close_matches(target, names, n=1, cutoff=0.5)
         _stderr(f"error: unknown target {target!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-                + f"\n  targets: {', '.join(target_names)}")
+                + f"\n  targets: {', '.join(names)}")
         raise typer.Exit(2)
     try:
         _, the_plan = _load_and_plan(spec)
-        files = render(the_plan, target, TargetOptions(
-            swift_version=swift_version, plugin=plugin, approximate=approximate,
-            model_override=model_override,
-            # generated files that name each other (e.g. LLaMA-Factory's dataset_dir) need it
-            extra={"out_dir": str(out)} if out is not None else {}))
+        # generated files that name each other (e.g. LLaMA-Factory's dataset_dir) need out_dir
+        files = render(the_plan, target, swift_version=swift_version, plugin=plugin,
+                       approximate=approximate, model=model_override, out_dir=out)
     except MixspecError as exc:
         raise _fail(exc) from None
     _print_warnings(the_plan)
