@@ -108,41 +108,9 @@ def validate(
     ),
 ) -> None:
     """Check specs: schema, values, and (by default) the real module tree. Exit 0 when all are valid."""
-    from mixspec.loader import load_spec
+    from mixspec.fast import run_validate
 
-    if as_json:
-        format = OutputFormat.json
-    results = []
-    ok = True
-    for path in specs:
-        problems = []
-        try:
-            loaded = load_spec(path)
-            problems.extend(loaded.warnings)
-            if model_check:
-                from mixspec.resolve import plan_spec
-
-                plan = plan_spec(loaded)
-                problems.extend(p for p in plan.warnings_problems)
-        except SpecError as exc:
-            ok = False
-            problems.extend(exc.problems)
-        except MixspecError as exc:
-            ok = False
-            from mixspec.errors import Location, Problem
-
-            problems.append(Problem(Location(str(path)), "", str(exc)))
-        valid = not any(p.severity == "error" for p in problems)
-        results.append({"file": str(path), "valid": valid,
-                        "problems": [p.to_json() for p in problems]})
-        if format == OutputFormat.text:
-            for p in problems:
-                _stderr(p.render())
-            if valid:
-                _stderr(f"{path}: ok")
-    if format == OutputFormat.json:
-        typer.echo(json.dumps({"valid": ok, "files": results}, indent=2))
-    raise typer.Exit(0 if ok else 1)
+    raise typer.Exit(run_validate(specs, as_json=as_json or format == OutputFormat.json, model_check=model_check))
 
 
 def _load_and_plan(spec: Path):
@@ -165,33 +133,11 @@ def plan(
     show_modules: bool = typer.Option(False, "--modules", help="List the modules each component covers."),
 ) -> None:
     """Show which modules each part covers, exact trainable parameters, LRs and memory per GPU."""
-    as_json = as_json or format == OutputFormat.json
-    failed = False
-    plans = []
-    for spec in specs:
-        try:
-            _, the_plan = _load_and_plan(spec)
-        except MixspecError as exc:
-            _stderr(str(exc))
-            failed = True
-            continue
-        from mixspec.api import estimate_memory
+    from mixspec.fast import run_plan
 
-        est = estimate_memory(the_plan)
-        if as_json:
-            data = the_plan.to_json()
-            data["estimate"] = est.to_json()
-            plans.append(data)
-        else:
-            from mixspec.present import print_plan
-
-            print_plan(the_plan, est, show_modules=show_modules)
-        _print_warnings(the_plan)
-    if as_json and plans:
-        # one spec prints its Plan object (as before); several print a list of them
-        typer.echo(json.dumps(plans[0] if len(specs) == 1 else plans, indent=2))
-    if failed:
-        raise typer.Exit(1)
+    code = run_plan(specs, as_json=as_json or format == OutputFormat.json, show_modules=show_modules)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command(cls=_Command)
