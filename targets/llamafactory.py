@@ -671,8 +671,17 @@ class _Lines:
 
 
 def _out_dir(options: TargetOptions) -> str:
+    """The output directory as train.yaml names it: relative to where `llamafactory-cli train`
+    runs (where mixspec compile ran, as its header says), never this machine's absolute -o."""
     out = options.extra.get("out_dir") if options.extra else None
-    return posixpath.normpath(str(out)) if out else "."
+    if not out:
+        return "."
+    out = posixpath.normpath(str(out))
+    if out.startswith("/"):
+        import os
+
+        out = posixpath.relpath(out, os.getcwd())
+    return out
 
 
 def _is_local_path(path: str) -> bool:

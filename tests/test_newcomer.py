@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mixspec.errors import SpecError
 from mixspec.loader import load_spec_text
@@ -349,3 +350,22 @@ def test_hf_check_offline_for_a_local_dir_that_is_gone(tmp_path):
     result = _offline_check(out / "train.py", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "self-check passed" in result.stdout
+
+
+# -- 13. LLaMA-Factory: train.yaml names paths relative to where it is run -------------------
+
+def test_llamafactory_paths_are_relative_to_the_run_directory(run_cli, tmp_path):
+    out = tmp_path / "lf"  # an absolute -o
+    result = run_cli("compile", "examples/qwen25vl-7b-mixed.yaml", "-t", "llamafactory", "--approximate",
+                     "-o", str(out))
+    assert result.exit_code == 0, result.stderr
+    text = (out / "train.yaml").read_text()
+    cfg = yaml.safe_load((out / "train.yaml").read_text())
+    info = json.loads((out / "dataset_info.json").read_text())
+    paths = (cfg["dataset_dir"], cfg["deepspeed"], info["mixspec_train"]["file_name"])
+    assert not any(p.startswith("/") for p in paths), paths
+    assert f"llamafactory-cli train {cfg['dataset_dir']}/train.yaml" in text
+    # run from ROOT (where compile ran), each path reaches what it names
+    assert (ROOT / cfg["dataset_dir"]).resolve() == out.resolve()
+    assert (ROOT / cfg["deepspeed"]).resolve() == (out / "ds_z2_config.json").resolve()
+    assert (ROOT / cfg["dataset_dir"] / info["mixspec_train"]["file_name"]).resolve() == ROOT / "data" / "train.jsonl"

@@ -353,12 +353,15 @@ def test_dataset_info_text_model_hub_id_and_eval():
     assert info["mixspec_eval"]["file_name"] == "/abs/eval.jsonl"
     assert info["mixspec_train"]["columns"] == {"messages": "messages"}  # no images column on a text model
     assert (cfg["eval_dataset"], cfg["eval_strategy"], cfg["eval_steps"]) == ("mixspec_eval", "steps", 500)
-    assert cfg["template"] == "qwen" and cfg["dataset_dir"] == "/srv/out"
+    assert cfg["template"] == "qwen" and cfg["dataset_dir"] == os.path.relpath("/srv/out")
 
 
-def test_relative_data_with_an_absolute_output_dir_becomes_absolute():
-    _, files = compile_yaml(EXACT["qwen-aligner-only"][0], extra={"out_dir": "/srv/out"})
-    assert json.loads(files["dataset_info.json"])["mixspec_train"]["file_name"] == os.path.abspath("data/train.jsonl")
+def test_relative_data_with_an_absolute_output_dir_stays_relative():
+    # train.yaml runs from where mixspec compile ran: every path relative to it (issue 12)
+    cfg, files = compile_yaml(EXACT["qwen-aligner-only"][0], extra={"out_dir": "/srv/out"})
+    file_name = json.loads(files["dataset_info.json"])["mixspec_train"]["file_name"]
+    assert not file_name.startswith("/") and not cfg["dataset_dir"].startswith("/")
+    assert os.path.abspath(os.path.join(cfg["dataset_dir"], file_name)) == os.path.abspath("data/train.jsonl")
 
 
 @pytest.mark.parametrize("stage,offload,keys", [
@@ -502,7 +505,8 @@ def test_cli_compile_writes_files_and_refuses_with_locations(run_cli, tmp_path):
     assert ok.exit_code == 0, ok.stderr
     assert sorted(p.name for p in out.iterdir()) == ["dataset_info.json", "ds_z2_config.json", "train.yaml"]
     cfg = yaml.safe_load((out / "train.yaml").read_text())
-    assert cfg["dataset_dir"] == str(out) and cfg["deepspeed"] == f"{out}/ds_z2_config.json"
+    rel = os.path.relpath(out)  # run_cli runs from the repository root: paths relative to it
+    assert cfg["dataset_dir"] == rel and cfg["deepspeed"] == f"{rel}/ds_z2_config.json"
     bad = run_cli("compile", "examples/qwen25vl-7b-mixed.yaml", "--target", "llamafactory", "-o", str(tmp_path / "no"))
     assert bad.exit_code == 1
     assert bad.stderr.startswith("examples/qwen25vl-7b-mixed.yaml:14:3: error: target llamafactory cannot express "
