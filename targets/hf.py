@@ -232,7 +232,7 @@ MODEL_CONFIG = "model_config.json"
 
 
 def model_config_text(plan: Plan) -> str | None:
-    """The model's config.json as the Plan saw it (None for a plan without a model dir)."""
+    """The model's config.json as the Plan saw it (None for a plan without a readable model dir)."""
     if not plan.model_path:
         return None
     import json
@@ -240,7 +240,12 @@ def model_config_text(plan: Plan) -> str | None:
 
     from mixspec.sources import read_config
 
-    config = read_config(Path(plan.model_path) / "config.json", plan.model)
+    from mixspec.errors import ModelSourceError
+
+    try:
+        config = read_config(Path(plan.model_path) / "config.json", plan.model)
+    except ModelSourceError:  # a Plan made by hand, or a model dir gone since: --check reads --model
+        return None
     return json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 

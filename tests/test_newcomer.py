@@ -369,3 +369,50 @@ def test_llamafactory_paths_are_relative_to_the_run_directory(run_cli, tmp_path)
     assert (ROOT / cfg["dataset_dir"]).resolve() == out.resolve()
     assert (ROOT / cfg["deepspeed"]).resolve() == (out / "ds_z2_config.json").resolve()
     assert (ROOT / cfg["dataset_dir"] / info["mixspec_train"]["file_name"]).resolve() == ROOT / "data" / "train.jsonl"
+
+
+# -- 7. refusals: one message per cause, listing the parts; --approximate named where it helps --
+
+def test_refusal_says_each_cause_once_and_lists_the_components(run_cli):
+    result = run_cli("compile", "examples/design-example.yaml", "-t", "llamafactory")
+    assert result.exit_code == 1
+    err = result.stderr
+    assert err.count("LLaMA-Factory trains every parameter with one learning_rate") == 1
+    assert err.count("trains a module fully only through additional_target") == 1
+    for line in (":13:3: component 'vision' at learning rate 2e-06", ":14:3: component 'aligner' at learning rate 1e-05",
+                 ":15:3: component 'language' at learning rate 0.0001",
+                 ":19:3: component 'late_vit_blocks' at learning rate 5e-06"):
+        assert line in err
+    assert err.count("hint:") == 2
+    assert err.count("or pass --approximate") == 2  # both causes are approximable
+    # a cause --approximate cannot lift does not mention it
+    no_data = run_cli("compile", "tests/specs/valid/minimal.yaml", "-t", "llamafactory")
+    assert no_data.exit_code == 1 and "--approximate" not in no_data.stderr
+
+
+def test_refusal_items_stay_one_per_part():
+    import mixspec
+
+    with pytest.raises(mixspec.UnsupportedError) as info:
+        mixspec.render(mixspec.plan_spec("examples/design-example.yaml"), "llamafactory")
+    assert len([i for i in info.value.items if i.code == "per-component-lr"]) == 4
+
+
+# -- 8. --approximate's one LR: least harm, each factor on stderr ---------------------------
+
+def test_approximate_lr_is_the_minimax_choice_and_factors_are_printed(run_cli, tmp_path):
+    result = run_cli("compile", SEED, "-t", "llamafactory", "--approximate", "-o", str(tmp_path / "lf"))
+    assert result.exit_code == 0, result.stderr
+    chosen = yaml.safe_load((tmp_path / "lf" / "train.yaml").read_text())["learning_rate"]
+    planned = {"vision": 2e-6, "aligner": 1e-5, "language": 1e-4}  # the spec's own numbers
+
+    def worst(lr: float) -> float:  # the largest factor any component is off by
+        return max(max(lr / p, p / lr) for p in planned.values())
+
+    # least harm: no single LR keeps every component closer to its own (3 digits of rounding)
+    candidates = [10 ** (e / 100) for e in range(-700, -300)] + list(planned.values())
+    assert worst(chosen) <= min(worst(c) for c in candidates) * 1.005
+    assert worst(chosen) < worst(max(planned.values())) and worst(chosen) < worst(min(planned.values()))
+    for name, lr in planned.items():
+        assert (f"warning: target llamafactory: --approximate: component {name!r} trains at learning rate "
+                f"{chosen:g} instead of {lr:g}: {chosen / lr:.3g}x") in result.stderr

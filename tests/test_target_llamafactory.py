@@ -301,17 +301,19 @@ def test_approximate_mixed_spec_comments_every_deviation():
     yaml_text = files["train.yaml"]
     plan = plan_of(text)
     vision = plan.component("vision")
-    # one lr for all: the component that trains the most parameters (the ViT) gives it
-    assert cfg["learning_rate"] == 2.0e-6
-    assert "# approximate: component 'aligner' (spec.yaml:5:3) has learning rate 1e-05 in the Plan; here it is 2e-06" in yaml_text
-    assert "# approximate: component 'language' (spec.yaml:6:3) has learning rate 0.0001 in the Plan; here it is 2e-06" in yaml_text
+    # one lr for all: the geometric midpoint of 2e-6 and 1e-4 (3 digits), so no component is
+    # off by more than ~7x (issue 12)
+    assert cfg["learning_rate"] == 1.41e-5
+    assert "# approximate: component 'vision' (spec.yaml:4:3) has learning rate 2e-06 in the Plan; here it is 1.41e-05 (7.05x)" in yaml_text
+    assert "# approximate: component 'aligner' (spec.yaml:5:3) has learning rate 1e-05 in the Plan; here it is 1.41e-05 (1.41x)" in yaml_text
+    assert "# approximate: component 'language' (spec.yaml:6:3) has learning rate 0.0001 in the Plan; here it is 1.41e-05 (0.141x)" in yaml_text
     # the full parts become modules_to_save copies; ModuleLists are split into their blocks
     targets = lf_split(cfg["additional_target"])
     assert "model.visual.blocks" not in targets
     assert [t for t in targets if t.startswith("model.visual.blocks.")] == [f"model.visual.blocks.{i}" for i in range(32)]
     assert targets[-2:] == ["model.visual.patch_embed", "model.visual.merger"]
     assert f"({vision.base_params:,} parameters held twice" in yaml_text
-    assert yaml_text.count("# approximate:") == 4
+    assert yaml_text.count("# approximate:") == 5
     assert "APPROXIMATION (--approximate): 5 part(s)" in yaml_text
     assert "trainable params:" not in yaml_text  # no count promise for an approximation
 
@@ -510,7 +512,8 @@ def test_cli_compile_writes_files_and_refuses_with_locations(run_cli, tmp_path):
     bad = run_cli("compile", "examples/qwen25vl-7b-mixed.yaml", "--target", "llamafactory", "-o", str(tmp_path / "no"))
     assert bad.exit_code == 1
     assert bad.stderr.startswith("examples/qwen25vl-7b-mixed.yaml:14:3: error: target llamafactory cannot express "
-                                 "component 'vision' at learning rate 2e-06")
+                                 "3 parts, for one reason: LLaMA-Factory trains every parameter with one learning_rate")
+    assert "\n  - examples/qwen25vl-7b-mixed.yaml:14:3: component 'vision' at learning rate 2e-06\n" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "no").exists()
 
 
