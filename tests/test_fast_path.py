@@ -63,3 +63,20 @@ def test_a_warm_plan_and_validate_do_not_import_typer():
         imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
                     if line.startswith("import time:") and "|" in line}
         assert not {m for m in imported if m.split(".")[0] in ("typer", "click", "torch", "transformers")}
+
+
+def test_fast_path_skips_pydantic_plugin_scan_and_restores_the_loader():
+    # importlib.metadata is what pydantic's plugin scan costs; the tree cache avoids it too
+    _run(["validate", SEED], via_typer=False)
+    result = _run(["validate", SEED], via_typer=False, importtime=True)
+    assert result.returncode == 0, result.stderr
+    assert "importlib.metadata" not in {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                                        if line.startswith("import time:") and "|" in line}
+    # after the spec's models are built, a model built later gets pydantic's real loader
+    code = ("import sys; from mixspec.fast import build_spec_models_without_plugin_scan as build; build(); "
+            "assert 'pydantic.plugin._loader' not in sys.modules; import mixspec.spec; "
+            "from pydantic import BaseModel\nclass Later(BaseModel):\n    a: int\n"
+            "loader = sys.modules['pydantic.plugin._loader']; assert hasattr(loader, 'PYDANTIC_ENTRY_POINT_GROUP'); "
+            "assert Later(a=1).a == 1; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
