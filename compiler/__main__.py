@@ -1,3 +1,3 @@
-from mixspec.cli import main
+from mixspec.fast import main
 
 main()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from mixspec import __version__
 from mixspec.errors import MixspecError, SpecError
@@ -27,6 +28,38 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+class _Command(TyperCommand):
+    """Usage lines and argument help as a user types them: `SPEC...`, not typer's `{spec}`
+    and `<list[Path]>`."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                pieces.append(_argument_label(param) if param.required else f"[{_argument_label(param)}]")
+        return pieces
+
+    def format_options(self, ctx, formatter) -> None:
+        args, opts = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                args.append((_argument_label(param), record[1]))
+            else:
+                opts.append(record)
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _argument_label(param) -> str:
+    label = param.metavar or param.name.upper()
+    return label + ("..." if param.nargs != 1 and not label.endswith("...") else "")
 
 
 class OutputFormat(str, Enum):
@@ -65,54 +98,24 @@ def _root(
         os.environ["MIXSPEC_TRUST_REMOTE_CODE"] = "1"
 
 
-@app.command()
+@app.command(cls=_Command)
 def validate(
-    specs: List[Path] = typer.Argument(..., help="Spec files (.yaml, .yml, .json)."),
+    specs: List[Path] = typer.Argument(..., metavar="SPEC", help="Spec files (.yaml, .yml, .json)."),
     format: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text or json."),
+    as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
     model_check: bool = typer.Option(
         True, "--model/--no-model",
         help="Also resolve each spec against its model's module tree (catalog, local dir or cache).",
     ),
 ) -> None:
     """Check specs: schema, values, and (by default) the real module tree. Exit 0 when all are valid."""
-    from mixspec.loader import load_spec
+    from mixspec.fast import run_validate
 
-    results = []
-    ok = True
-    for path in specs:
-        problems = []
-        try:
-            loaded = load_spec(path)
-            problems.extend(loaded.warnings)
-            if model_check:
-                from mixspec.resolve import plan_spec
-
-                plan = plan_spec(loaded)
-                problems.extend(p for p in plan.warnings_problems)
-        except SpecError as exc:
-            ok = False
-            problems.extend(exc.problems)
-        except MixspecError as exc:
-            ok = False
-            from mixspec.errors import Location, Problem
-
-            problems.append(Problem(Location(str(path)), "", str(exc)))
-        valid = not any(p.severity == "error" for p in problems)
-        results.append({"file": str(path), "valid": valid,
-                        "problems": [p.to_json() for p in problems]})
-        if format == OutputFormat.text:
-            for p in problems:
-                _stderr(p.render())
-            if valid:
-                _stderr(f"{path}: ok")
-    if format == OutputFormat.json:
-        typer.echo(json.dumps({"valid": ok, "files": results}, indent=2))
-    raise typer.Exit(0 if ok else 1)
+    raise typer.Exit(run_validate(specs, as_json=as_json or format == OutputFormat.json, model_check=model_check))
 
 
 def _load_and_plan(spec: Path):
-    from mixspec.loader import load_spec
-    from mixspec.resolve import plan_spec
+    from mixspec.api import load_spec, plan_spec
 
     loaded = load_spec(spec)
     return loaded, plan_spec(loaded)
@@ -123,40 +126,36 @@ def _print_warnings(plan) -> None:
         _stderr(problem.render())
 
 
-@app.command()
+@app.command(cls=_Command)
 def plan(
-    spec: Path = typer.Argument(..., help="Spec file."),
-    as_json: bool = typer.Option(False, "--json", help="Print the Plan (and estimate) as JSON."),
+    specs: List[Path] = typer.Argument(..., metavar="SPEC", help="Spec files."),
+    as_json: bool = typer.Option(False, "--json", help="Print the Plan (and estimate) as JSON (same as --format json)."),
+    format: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text or json."),
     show_modules: bool = typer.Option(False, "--modules", help="List the modules each component covers."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report to this file."),
 ) -> None:
     """Show which modules each part covers, exact trainable parameters, LRs and memory per GPU."""
-    try:
-        _, the_plan = _load_and_plan(spec)
-        if html is not None:
+    if html is not None:
+        if len(specs) != 1:
+            _stderr("error: --html writes the report of one spec; give exactly one")
+            raise typer.Exit(2)
+        try:
             from mixspec.report import write_spec_report
 
-            write_spec_report(spec, html)
-            _stderr(f"wrote {html}")
-    except MixspecError as exc:
-        raise _fail(exc) from None
-    from mixspec.estimate import estimate
+            write_spec_report(specs[0], html)
+        except MixspecError as exc:
+            raise _fail(exc) from None
+        _stderr(f"wrote {html}")
+    from mixspec.fast import run_plan
 
-    est = estimate(the_plan)
-    if as_json:
-        data = the_plan.to_json()
-        data["estimate"] = est.to_json()
-        typer.echo(json.dumps(data, indent=2))
-    else:
-        from mixspec.present import print_plan
-
-        print_plan(the_plan, est, show_modules=show_modules)
-    _print_warnings(the_plan)
+    code = run_plan(specs, as_json=as_json or format == OutputFormat.json, show_modules=show_modules)
+    if code:
+        raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=_Command)
 def fit(
-    spec: Path = typer.Argument(..., help="Spec file."),
+    spec: Path = typer.Argument(..., metavar="SPEC", help="Spec file."),
     gpu_memory: float = typer.Option(None, "--gpu-memory", help="Memory of one GPU in GB (default: distributed.gpu_memory_gb)."),
     write: Path = typer.Option(None, "--write", help="Write a copy of the spec with the best settings here."),
     show_all: bool = typer.Option(False, "--all", help="List every option tried."),
@@ -200,9 +199,9 @@ def _option_json(option) -> dict:
             "micro_batch_size": option.micro_batch_size, "gradient_accumulation": option.gradient_accumulation}
 
 
-@app.command()
+@app.command(cls=_Command)
 def explain(
-    spec: Path = typer.Argument(..., help="Spec file."),
+    spec: Path = typer.Argument(..., metavar="SPEC", help="Spec file."),
     name: str = typer.Argument(..., help="A module or parameter name (mixspec tree MODEL lists them)."),
 ) -> None:
     """Say which component claimed a module or parameter, and by which rule."""
@@ -223,13 +222,23 @@ def explain(
                 + (f"\n  hint: did you mean {', '.join(close)}?" if close else ""))
         raise typer.Exit(1)
     from mixspec.present import print_explain
+    from mixspec.resolve import resolve
 
-    print_explain(name, rows, tree)
+    try:  # the Plan says which modules get LoRA; explain still answers for a spec that does not resolve
+        the_plan = resolve(loaded, tree)
+    except MixspecError:
+        the_plan = None
+    # a tied tensor's other name usually lies outside NAME: who claims it
+    partners = {p: tree.tied.get(p) or next((a for a, c in sorted(tree.tied.items()) if c == p), None)
+                for p, _ in rows}
+    partner_claims = {partner: dict(explain_name(loaded, tree, partner)).get(partner)
+                      for partner in partners.values() if partner}
+    print_explain(name, rows, tree, plan=the_plan, spec=loaded.spec, partner_claims=partner_claims)
 
 
-@app.command()
+@app.command(cls=_Command)
 def tree(
-    model: str = typer.Argument(..., help="Catalog id, cache id or local dir."),
+    model: str = typer.Argument(..., metavar="MODEL", help="Catalog id, cache id or local dir."),
     depth: int = typer.Option(3, "--depth", min=0, help="Show modules up to this depth."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                            help="Allow configs with auto_map (runs the repo's code)."),
@@ -248,7 +257,7 @@ def tree(
     print_tree(the_tree, depth)
 
 
-@app.command()
+@app.command(cls=_Command)
 def models() -> None:
     """List the built-in catalog of model configs (usable offline by id)."""
     from mixspec.sources import catalog_ids
@@ -257,9 +266,9 @@ def models() -> None:
         typer.echo(model_id)
 
 
-@app.command()
+@app.command(cls=_Command)
 def compile(
-    spec: Path = typer.Argument(..., help="Spec file."),
+    spec: Path = typer.Argument(..., metavar="SPEC", help="Spec file."),
     target: str = typer.Option(..., "--target", "-t", help="swift, hf, deepspeed or llamafactory."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: print to stdout)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing files in the output directory."),
@@ -277,12 +286,21 @@ def compile(
     slurm_account: Optional[str] = typer.Option(None, "--slurm-account", help="sbatch.sh: #SBATCH --account."),
 ) -> None:
     """Write configs the real backend runs as is, or refuse, naming what it cannot express."""
+    from mixspec.api import render, target_names
     from mixspec.output import write_files
-    from mixspec.targets import TargetOptions, render
+    from mixspec.targets import TargetOptions
     from mixspec.targets._slurm import LAUNCHERS, slurm_value_problem
 
     if swift_version not in (3, 4):
         _stderr("error: --swift-version must be 3 or 4")
+        raise typer.Exit(2)
+    names = target_names()
+    if target not in names:
+        import difflib
+
+        close = difflib.get_close_matches(target, names, n=1, cutoff=0.5)
+        _stderr(f"error: unknown target {target!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                + f"\n  targets: {', '.join(names)}")
         raise typer.Exit(2)
     if launcher not in LAUNCHERS:
         _stderr(f"error: --launcher must be one of {', '.join(LAUNCHERS)} (got {launcher!r})")
@@ -299,12 +317,10 @@ def compile(
         raise typer.Exit(2)
     try:
         _, the_plan = _load_and_plan(spec)
-        files = render(the_plan, target, TargetOptions(
-            swift_version=swift_version, plugin=plugin, approximate=approximate,
-            model_override=model_override, launcher=launcher, slurm_partition=slurm_partition,
-            slurm_time=slurm_time, slurm_account=slurm_account,
-            # generated files that name each other (e.g. LLaMA-Factory's dataset_dir) need it
-            extra={"out_dir": str(out)} if out is not None else {}))
+        # generated files that name each other (e.g. LLaMA-Factory's dataset_dir) need out_dir
+        files = render(the_plan, target, swift_version=swift_version, plugin=plugin,
+                       approximate=approximate, model=model_override, out_dir=out, launcher=launcher,
+                       slurm_partition=slurm_partition, slurm_time=slurm_time, slurm_account=slurm_account)
     except MixspecError as exc:
         raise _fail(exc) from None
     _print_warnings(the_plan)
@@ -334,7 +350,7 @@ class DiffFormat(str, Enum):
     json = "json"
 
 
-@app.command()
+@app.command(cls=_Command)
 def diff(
     old: Path = typer.Argument(..., help="The old spec, or with --git the spec to compare."),
     new: Optional[Path] = typer.Argument(None, help="The new spec (not with --git)."),
@@ -363,7 +379,7 @@ def diff(
     raise typer.Exit(0 if result.equal else 3)
 
 
-@app.command()
+@app.command(cls=_Command)
 def schema() -> None:
     """Print the JSON Schema of the spec language."""
     from mixspec.spec import json_schema

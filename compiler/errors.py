@@ -11,6 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def quoted(text: str) -> str:
+    """A string (a regex above all) quoted as the user wrote it: repr() would double
+    every backslash of 'model\\.visual'. Control characters keep repr's escapes."""
+    if not text.isprintable():
+        return repr(text)
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return f'"{text}"'
+    return repr(text)
+
+
 @dataclass(frozen=True)
 class Location:
     """Where in a spec file something came from (1-based line and column)."""
@@ -96,13 +108,47 @@ class Unsupported:
         return text
 
 
-class UnsupportedError(MixspecError):
-    """A target refused to compile a Plan; lists every part it cannot express."""
+APPROXIMATE_HINT = "or pass --approximate for an approximation, each deviation written as a comment"
 
-    def __init__(self, target: str, items: list[Unsupported]):
+
+class UnsupportedError(MixspecError):
+    """A target refused to compile a Plan; lists every part it cannot express, one message
+    per cause (parts refused for the same reason are listed under it). ``approximable``:
+    the items --approximate would emit instead (their hint says so)."""
+
+    def __init__(self, target: str, items: list[Unsupported], approximable=()):
         self.target = target
         self.items = items
-        super().__init__("\n".join(i.render(target) for i in items))
+        marked = list(approximable)
+        self.approximable = [i for i in items if i in marked or getattr(i, "approximable", False)]
+        super().__init__(render_refusal(target, items, self.approximable))
+
+
+def render_refusal(target: str, items: list[Unsupported], approximable=()) -> str:
+    """Items grouped by cause (code and reason), in order of first appearance."""
+    groups: dict[tuple, list[Unsupported]] = {}
+    for item in items:
+        groups.setdefault((item.code, item.why), []).append(item)
+    out = []
+    for (_, why), group in groups.items():
+        hints = list(dict.fromkeys(i.hint for i in group if i.hint))
+        if len(hints) > 1:  # the same advice, one per part: say it once
+            hints = [f"{hints[0]} (and likewise for the other {len(group) - 1} part{'s' if len(group) > 2 else ''})"]
+        if any(i in approximable for i in group):
+            hints = [h.rstrip(".") + "; " + APPROXIMATE_HINT if h else APPROXIMATE_HINT for h in hints[:1]] + hints[1:] \
+                if hints else [APPROXIMATE_HINT[3:]]
+        if len(group) == 1:
+            text = Unsupported(group[0].code, group[0].origin, group[0].what, why).render(target)
+        else:
+            first = group[0]
+            where = f"{first.origin}: " if first.origin else ""
+            text = f"{where}error: target {target} cannot express {len(group)} parts, for one reason: {why}"
+            for i in group:
+                text += f"\n  - {str(i.origin) + ': ' if i.origin else ''}{i.what}"
+        for hint in hints:
+            text += f"\n  hint: {hint}"
+        out.append(text)
+    return "\n".join(out)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from mixspec import patterns
-from mixspec.errors import Diagnostics, Location, Problem, SpecError
+from mixspec.errors import Diagnostics, Location, Problem, SpecError, quoted
 from mixspec.spec import ROLES, Spec
 from mixspec.yamlloc import Located, load_located, load_located_text
 
@@ -88,6 +88,8 @@ def _check_components(data: dict, located: Located, diags: Diagnostics) -> None:
         if not isinstance(comp, dict):
             continue
         base = ("components", name)
+        if comp.get("train") not in ("freeze", "full", "lora"):
+            _check_keys_without_mode(comp, base, located, diags)
         if name == "unassigned":
             diags.error(located.loc(base), f"components.{name}",
                         "'unassigned' is reserved for parameters no component claims",
@@ -130,6 +132,21 @@ def _check_components(data: dict, located: Located, diags: Diagnostics) -> None:
         return
     for pattern, path in regexes:
         _check_regex(pattern, path, located, diags)
+
+
+def _check_keys_without_mode(comp: dict, base: tuple, located: Located, diags: Diagnostics) -> None:
+    """pydantic picks a component's model by its `train` value, so without a valid one it
+    checks no other key; report unknown keys anyway, against every mode's keys."""
+    from mixspec import spec as spec_mod
+
+    allowed = sorted(set(spec_mod.FreezeComponent.model_fields) | set(spec_mod.FullComponent.model_fields)
+                     | set(spec_mod.LoraComponent.model_fields))
+    for key in comp:
+        if key in allowed:
+            continue
+        close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else "allowed keys: " + ", ".join(allowed)
+        diags.error(located.loc(base + (key,)), _dotted(base + (key,)), f"unknown key {key!r}", hint)
 
 
 def _check_option_lookalikes(data: dict, located: Located, diags: Diagnostics) -> None:
@@ -341,5 +358,5 @@ def _shown(value: object) -> str:
             return ".inf" if value > 0 else "-.inf"
     if isinstance(value, (dict, list)):
         return f"a {_type_name(value)}" if value else ("[]" if isinstance(value, list) else "{}")
-    text = repr(value)
+    text = quoted(value) if isinstance(value, str) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 
+from mixspec.errors import quoted
+
 MAX_PATTERN_LEN = 2000
 MAX_BLOCK_INDEX = 100_000
 
@@ -31,7 +33,7 @@ def compile_pattern(pattern: str):
         if isinstance(detail, bytes):
             detail = detail.decode("utf-8", "replace")
         hint = "patterns use RE2 syntax (no lookaround or backreferences), e.g. 'model\\.visual\\.blocks\\.(2[4-9]|3[01])'"
-        raise PatternError(f"invalid regex {pattern[:80]!r}: {detail}", hint) from None
+        raise PatternError(f"invalid regex {quoted(pattern[:80])}: {detail}", hint) from None
 
 
 def parse_layers(text: str) -> tuple[int, ...]:

@@ -53,6 +53,9 @@ def print_plan(plan: Plan, est: Estimate, show_modules: bool = False) -> None:
             covers = "(nothing)"
         elif comp.role and not show_modules and len(comp.modules) > 3:
             covers = f"role {comp.role} ({', '.join(plan.roles.get(comp.role, ()))}), {len(comp.modules)} modules"
+        through = _trained_through_partner(plan, comp)
+        if through:
+            covers += f" ({through})"
         table.add_row(comp.name, mode, _lr(comp.lr), _n(comp.base_params), _n(comp.trainable_params),
                       _pct(comp.base_params, total), covers)
     unassigned = plan.unassigned_modules
@@ -114,23 +117,73 @@ def print_memory(console, plan: Plan, est: Estimate) -> None:
                       f"gpu_memory_gb ({est.gpu_memory_gb:g} GB): {advice}")
 
 
-def print_explain(name: str, rows, tree: ModuleTree) -> None:
+def _trained_through_partner(plan: Plan, comp) -> str:
+    """For a component whose parameters are tied aliases (lm_head tied to the input
+    embedding): where the one shared tensor is counted, so `0` does not read as untrained."""
+    aliases = [a for a in plan.tied for m in comp.modules if a == m or a.startswith(m + ".")]
+    if not aliases or comp.mode == "freeze":
+        return ""
+    notes = []
+    for alias in sorted(set(aliases)):
+        canon = plan.tied[alias]
+        owner = next((c.name for c in plan.components if canon in c.params), None)
+        notes.append(f"tied to {canon}" + (f", trained and counted in {owner!r}" if owner else ""))
+    return "; ".join(notes)
+
+
+def _component_setting(plan: Plan | None, spec, component: str, params: list[str]) -> str:
+    """A component's mode, LR and LoRA settings (rank, alpha, targets as written), and
+    which of the given parameters' modules get LoRA (from the Plan, when it resolves)."""
+    comp = spec.components.get(component) if spec is not None else None
+    if comp is None:
+        return ""
+    text = f"mode {comp.train}"
+    if getattr(comp, "lr", None) is not None:
+        text += f", lr {comp.lr:g}"
+    lora = getattr(comp, "lora", None)
+    if comp.train == "lora" and lora is not None:
+        targets = lora.targets if isinstance(lora.targets, str) else "[" + ", ".join(lora.targets) + "]"
+        text += f", LoRA rank {lora.rank} alpha {lora.alpha:g} targets {targets}"
+        if lora.layers is not None:
+            text += f" layers {lora.layers}"
+        planned = next((c for c in plan.components if c.name == component), None) if plan else None
+        if planned is not None and planned.lora is not None:
+            hit = [t for t in planned.lora.targets if any(p.startswith(t + ".") for p in params)]
+            text += f"; LoRA on {len(hit)} module(s) here" + (f": {', '.join(hit[:4])}" if hit else "")
+            if len(hit) > 4:
+                text += f" and {len(hit) - 4} more"
+    return text
+
+
+def print_explain(name: str, rows, tree: ModuleTree, plan: Plan | None = None, spec=None,
+                  partner_claims: dict | None = None) -> None:
+    """Each group of parameters under ``name``: the component that claimed it, the rule,
+    and how that component trains (mode, LR, LoRA); a tied tensor names its partner."""
     console = _console()
+    claim_of = {param: claim for param, claim in rows}
+    claim_of.update(partner_claims or {})
     groups: dict[tuple, list[str]] = {}
     for param, claim in rows:
         key = (claim.component, f"by {claim.why}") if claim else ("unassigned", "no pattern or role claims it (frozen)")
         groups.setdefault(key, []).append(param)
     for (component, why), params in groups.items():
         numel = sum(tree.param_numel[p] for p in params if p not in tree.tied)
-        tied = [f"{p} (tied to {tree.tied[p]})" for p in params if p in tree.tied]
         console.print(f"{name}: {len(params)} parameter tensor(s), {_n(numel)} params -> "
-                      f"[bold]{component}[/bold]: {why}")
+                      f"[bold]{component}[/bold]: {why}", markup=True)
+        setting = _component_setting(plan, spec, component, params)
+        if setting:
+            console.print(f"  {setting}", markup=False)
         for p in params[:8]:
-            console.print(f"  {p}")
+            console.print(f"  {p}", markup=False)
         if len(params) > 8:
             console.print(f"  ... and {len(params) - 8} more")
-        for t in tied:
-            console.print(f"  note: {t}")
+        for p in params:
+            partner = tree.tied.get(p) or next((a for a, c in sorted(tree.tied.items()) if c == p), None)
+            if partner is not None:
+                claim = claim_of.get(partner)
+                console.print(f"  note: {p} is tied to {partner} (one tensor), which "
+                              + (f"component {claim.component!r} claims" if claim else "no component claims"),
+                              markup=False)
 
 
 def print_tree(tree: ModuleTree, depth: int) -> None:
@@ -150,8 +203,11 @@ def print_tree(tree: ModuleTree, depth: int) -> None:
     console.print(f"{tree.architecture} ({tree.model_type}): {_n(tree.total_params)} params"
                   + ("  [yellow](roles guessed)[/yellow]" if roles.guessed else ""))
     role_at = {pre: role for role, pres in roles.prefixes.items() for pre in pres}
+    hidden: str | None = None  # the collapsed block whose children are skipped too
     for m in tree.modules:
         if not m.name:
+            continue
+        if hidden is not None and m.name.startswith(hidden + "."):
             continue
         level = m.name.count(".") + 1
         if level > depth:
@@ -164,6 +220,7 @@ def print_tree(tree: ModuleTree, depth: int) -> None:
             if len(siblings) > 2 and m.name not in (siblings[0], siblings[-1]):
                 if m.name == siblings[1]:
                     console.print("  " * level + f"... ({len(siblings) - 2} more)")
+                hidden = m.name
                 continue
         role = f"  [cyan]<{role_at[m.name]}>[/cyan]" if m.name in role_at else ""
         tied = [a for a in tree.tied if a.startswith(m.name + ".")]

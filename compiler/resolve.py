@@ -19,7 +19,7 @@ from pathlib import Path
 from mixspec import patterns
 from mixspec.activations import model_structure
 from mixspec.decay import adapter_no_decay, no_decay_reason, torch_layernorm_modules
-from mixspec.errors import Diagnostics, Location, ModelSourceError, Problem, SpecError
+from mixspec.errors import Diagnostics, Location, ModelSourceError, Problem, SpecError, quoted
 from mixspec.loader import LoadedSpec
 from mixspec.names import natural_key, ranges, shallowest
 from mixspec.plan import ComponentPlan, LoraPlan, Plan, Totals
@@ -129,7 +129,7 @@ class _Resolver:
                     self.diags.error(
                         self.loaded.value_loc("components", cname, "modules", i),
                         f"components.{cname}.modules[{i}]",
-                        f"pattern {pattern!r} matches no module or parameter of {self.tree.architecture}",
+                        f"pattern {quoted(pattern)} matches no module or parameter of {self.tree.architecture}",
                         self._pattern_hint(pattern),
                     )
                     continue
@@ -139,7 +139,7 @@ class _Resolver:
                     hit.update(_under(self.param_names, prefix))
                 for p in hit:
                     prev = claims.get(p)
-                    why = f"pattern {pattern!r} (components.{cname}.modules[{i}])"
+                    why = f"pattern {quoted(pattern)} (components.{cname}.modules[{i}])"
                     if prev is not None and prev.component != cname:
                         conflicts[(prev.component, cname)].append(p)
                     elif prev is None:
@@ -258,7 +258,7 @@ class _Resolver:
             chosen = [m for m in members if regex.fullmatch(m.name)]
             if not chosen:
                 self.diags.error(self.loaded.value_loc(*path, "targets"), f"components.{cname}.lora.targets",
-                                 f"regex {targets_spec!r} matches no module of component {cname!r}",
+                                 f"regex {quoted(targets_spec)} matches no module of component {cname!r}",
                                  "the regex is full-matched against module names (mixspec tree MODEL)")
         bad: dict[tuple, list[str]] = defaultdict(list)
         for m in chosen:
@@ -345,6 +345,19 @@ class _Resolver:
             return tuple(names), count
         return (), 0
 
+    def _tied_hint(self, unclaimed_param: str, where: str, ca: str, cc: str) -> str:
+        """How to train a tied pair one way. 'unassigned' is no component anyone can
+        configure: name the role that holds the other half and show the line to add."""
+        if "unassigned" not in (ca, cc):
+            return f"give {ca!r} and {cc!r} the same train mode and lr, or leave both frozen"
+        comp = self.spec.components[where]
+        role = _role_of(self.roles, unclaimed_param)
+        if comp.train == "full" and role is not None and role not in self.spec.components:
+            return (f"{unclaimed_param} is the {role!r} role: add `{role}: {{train: full, lr: {_yaml_number(comp.lr)}}}` "
+                    f"under components (the same train mode and lr as {where!r}), or freeze {where!r}")
+        return (f"{unclaimed_param} is claimed by no component: claim it with the same train mode and lr "
+                f"as {where!r} (a component with modules: ['{re.escape(unclaimed_param)}']), or freeze {where!r}")
+
     def _warn_lora_on_tied(self, cname: str, lora: LoraPlan) -> None:
         """A LoRA adapter sits on one module: on a tied weight, the other side never sees it."""
         for target in lora.targets:
@@ -393,7 +406,7 @@ class _Resolver:
                     self.loc("components", where), f"components.{where}",
                     f"{alias} and {canon} are one tied tensor, but {ca!r} and {cc!r} train it differently "
                     f"({_treat(ta)} vs {_treat(tc)})",
-                    f"give {ca!r} and {cc!r} the same train mode and lr, or leave both frozen",
+                    self._tied_hint(alias if ca == "unassigned" else canon, where, ca, cc),
                 )
 
         components = []
@@ -428,6 +441,11 @@ class _Resolver:
             if lora:
                 self._warn_lora_on_tied(cname, lora)
         self.diags.raise_if_errors()
+        if not any(c.trainable_params for c in components):
+            # compile refuses such a plan; say so before anyone gets that far
+            self.diags.warn(self.loc("components"), "components",
+                            "the spec trains nothing: every component is frozen or claims no parameter",
+                            "set train: full or lora (with an lr) on at least one component")
         unassigned = sorted(p for p in self.param_names if p not in claims and p not in tree.tied)
         total = tree.total_params
         added = sum(c.lora.added_params for c in components if c.lora)
@@ -454,6 +472,26 @@ class _Resolver:
             trust_remote_code=bool(spec.trust_remote_code),
             structure=model_structure(tree, self.roles.prefixes),
         )
+
+
+def _yaml_number(value: float) -> str:
+    """A number as a spec writes it (1.0e-5: YAML reads 1e-05 as a string under 1.1 rules)."""
+    text = f"{value:.6g}"
+    if "e" in text:
+        mantissa, exp = text.split("e")
+        text = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{int(exp)}"
+    return text
+
+
+def _role_of(roles, param: str) -> str | None:
+    """The role whose (longest) prefix holds a parameter, if any."""
+    best = None
+    for role, prefixes in roles.prefixes.items():
+        for prefix in prefixes:
+            if param == prefix or param.startswith(prefix + "."):
+                if best is None or len(prefix) > len(best[1]):
+                    best = (role, prefix)
+    return best[0] if best else None
 
 
 def _tied_partner(tree: ModuleTree, param: str) -> str | None:

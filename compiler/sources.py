@@ -44,14 +44,25 @@ def catalog_ids() -> list[str]:
 
 
 def _hf_cache_dirs() -> list[Path]:
-    dirs = []
-    if os.environ.get("HF_HUB_CACHE"):
-        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
-    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
-        dirs.append(Path(os.environ["HUGGINGFACE_HUB_CACHE"]))
-    if os.environ.get("HF_HOME"):
-        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
-    dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
+    """Where huggingface_hub keeps models, by its own rule: HF_HUB_CACHE, then
+    HUGGINGFACE_HUB_CACHE, then HF_HOME/hub, with HF_HOME defaulting to
+    $XDG_CACHE_HOME/huggingface (XDG_CACHE_HOME defaults to ~/.cache). The rule is read
+    from the environment at each lookup; huggingface_hub's own answer (fixed when it was
+    imported, ~5 ms, only after a catalog miss) is added when it is installed and differs."""
+
+    def expand(value: str) -> Path:
+        return Path(os.path.expandvars(os.path.expanduser(value)))
+
+    env = os.environ
+    hf_home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    hub_cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(hf_home, "hub")
+    dirs = [expand(hub_cache)]
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # plain `pip install mixspec` has no huggingface_hub: the rule above suffices
+        pass
+    else:
+        dirs.append(expand(str(constants.HF_HUB_CACHE)))
     return list(dict.fromkeys(dirs))
 
 
@@ -169,9 +180,13 @@ def _find_model(ref: str, base_dir: str | Path | None) -> ModelSource:
             for cand in (cache / ref, cache / ref.replace(".", "___")):
                 if (cand / "config.json").is_file():
                     return ModelSource(ref, "modelscope-cache", str(cand), read_config(cand / "config.json", ref))
+    import difflib
+
+    close = difflib.get_close_matches(ref, catalog_ids(), n=3, cutoff=0.6)
     raise ModelSourceError(
         f"model {ref!r} not found (mixspec never downloads). Looked in:\n  "
         + "\n  ".join(looked)
+        + (f"\n  did you mean {' or '.join(repr(c) for c in close)} (in the catalog)?" if close else "")
         + "\n  hint: use a catalog id (mixspec models), a local directory with config.json, "
         "or download the model's config into your Hugging Face cache first"
     )

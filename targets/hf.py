@@ -215,7 +215,34 @@ class HfTarget(Target):
             out["ds_config.json"] = deepspeed_config_text(plan)
         if wants_sbatch(plan, options):
             out[SBATCH_FILE] = render_sbatch_sh(plan, options, "hf", "launch.sh")
+        config = model_config_text(plan)
+        if config is not None:
+            out[MODEL_CONFIG] = config
         return out
+
+
+# the config the Plan was made from, next to train.py: `--check` builds the model from it
+# when the planned model is not a local directory here (a hub id offline, a path on
+# another machine)
+MODEL_CONFIG = "model_config.json"
+
+
+def model_config_text(plan: Plan) -> str | None:
+    """The model's config.json as the Plan saw it (None for a plan without a readable model dir)."""
+    if not plan.model_path:
+        return None
+    import json
+    from pathlib import Path
+
+    from mixspec.sources import read_config
+
+    from mixspec.errors import ModelSourceError
+
+    try:
+        config = read_config(Path(plan.model_path) / "config.json", plan.model)
+    except ModelSourceError:  # a Plan made by hand, or a model dir gone since: --check reads --model
+        return None
+    return json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
 def _summary_lines(plan: Plan) -> list[str]:
@@ -532,7 +559,7 @@ def load_model(model_ref, meta=False, dtype=torch.float32):
     cls = model_class()
     try:
         if meta:
-            config = transformers.AutoConfig.from_pretrained(model_ref)
+            config = transformers.AutoConfig.from_pretrained(config_source(model_ref))
             with torch.device("meta"):
                 return cls._from_config(config)
         # frozen weights in the training dtype; setup_model upcasts the trained ones to fp32
@@ -540,6 +567,17 @@ def load_model(model_ref, meta=False, dtype=torch.float32):
     except (OSError, ValueError) as exc:  # missing files, no network, a config of another model
         fail(f"error: cannot load {model_ref!r} as {PLAN['architecture']}: " + " ".join(str(exc).split())[:400]
              + "\n  hint: pass --model with a local model directory or a hub id you can reach")
+
+
+def config_source(model_ref):
+    """Where --check reads the config: a local model directory, else (for the planned model)
+    model_config.json next to this file, the config the Plan was made from, so the check
+    needs no network; another hub id goes to the hub."""
+    shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_config.json")
+    if not os.path.isdir(model_ref) and model_ref == PLAN["model"] and os.path.isfile(shipped):
+        say(f"config: {shipped} (the config the plan was made from; --model DIR checks another)")
+        return shipped
+    return model_ref
 
 
 def check_structure(model):

@@ -361,7 +361,8 @@ class _Analyser:
 
     def check_one_value(self, key: str, attr: str, code: str, label: str) -> None:
         values = {getattr(c, attr) for c in self.trainable}
-        chosen = getattr(self._dominant(self.trainable), attr)
+        chosen = (approximate_learning_rate(values) if key == "learning_rate"
+                  else getattr(self._dominant(self.trainable), attr))
         setattr(self.out, key, chosen)
         if len(values) == 1:
             return
@@ -374,8 +375,9 @@ class _Analyser:
                 f"{len(values)}: {listing}",
                 f"give every trainable component the same {attr}, or {_HINT_OTHER_TARGET}"))
             if getattr(c, attr) != chosen:
+                factor = f" ({chosen / c.lr:.3g}x)" if key == "learning_rate" else ""
                 self.out.note(key, f"approximate: component {_where(c)} has {label} "
-                                   f"{_num(getattr(c, attr))} in the Plan; here it is {_num(chosen)}")
+                                   f"{_num(getattr(c, attr))} in the Plan; here it is {_num(chosen)}{factor}")
 
     def check_decay_rule(self) -> None:
         """LLaMA-Factory's Trainer decides which parameters decay by transformers' rule (torch
@@ -640,9 +642,29 @@ class _Lines:
         return "\n".join(self.lines) + "\n"
 
 
+def approximate_learning_rate(lrs) -> float:
+    """The one LR --approximate gives every component: the geometric midpoint of the lowest
+    and the highest, rounded to 3 significant digits. It does the least harm in the sense
+    that no component's LR is off by a larger factor than under any other single LR (the
+    extremes are off by sqrt(max/min), one up, one down); the largest component's LR would
+    leave the others off by up to max/min (a LoRA part at 2e-4 beside embeddings at 5e-6:
+    40x too slow)."""
+    lo, hi = min(lrs), max(lrs)
+    return float(f"{(lo * hi) ** 0.5:.3g}")
+
+
 def _out_dir(options: TargetOptions) -> str:
+    """The output directory as train.yaml names it: relative to where `llamafactory-cli train`
+    runs (where mixspec compile ran, as its header says), never this machine's absolute -o."""
     out = options.extra.get("out_dir") if options.extra else None
-    return posixpath.normpath(str(out)) if out else "."
+    if not out:
+        return "."
+    out = posixpath.normpath(str(out))
+    if out.startswith("/"):
+        import os
+
+        out = posixpath.relpath(out, os.getcwd())
+    return out
 
 
 def _is_local_path(path: str) -> bool:
@@ -684,6 +706,15 @@ class LlamaFactoryTarget(Target):
         approximable (Target.render decides)."""
         analysis = self.analyse(plan, options)
         return analysis.hard + [replace(d, approximable=True) for d in analysis.deviations]
+
+    def warnings(self, plan: Plan, options: TargetOptions) -> list[str]:
+        """With --approximate: each component whose LR changes, and by which factor."""
+        if not options.approximate:
+            return []
+        chosen = self.analyse(plan, options).learning_rate
+        return [f"--approximate: component {c.name!r} trains at learning rate {_num(chosen)} instead of "
+                f"{_num(c.lr)}: {chosen / c.lr:.3g}x"
+                for c in plan.components if c.trainable_params and c.lr is not None and c.lr != chosen]
 
     def files(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
         a = self.analyse(plan, options)

@@ -379,8 +379,8 @@ def _lora_llm_blockers(view: _View) -> list[Unsupported]:
             label = f"components.{comp.name} ({comp.mode})" if comp else "unassigned parameters"
             out.append(_u("lora_llm-vit-not-full", comp, f"{label} in the ViT/aligner: {_few(names)}",
                           f"next to LoRA, swift's flags train full parts only with lora_llm, which trains the "
-                          f"whole ViT and aligner ({', '.join(sw.vision_tower + sw.aligner)}) fully; these "
-                          f"{len(names)} parameters would not be",
+                          f"whole ViT and aligner ({', '.join(sw.vision_tower + sw.aligner)}) fully, but the spec "
+                          f"does not train these {len(names)} parameters fully",
                           _PLUGIN_HINT, origin=None if comp else Location(view.plan.spec_path)))
     for comp in view.full:
         extra = sorted(p for p in comp.params if p not in vit_aligner)

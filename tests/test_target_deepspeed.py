@@ -165,7 +165,7 @@ def test_refusals(base_plan, stage, offload, codes):
             render(plan, "hf", TargetOptions())
         assert [i.code for i in info.value.items] == hf_codes
     else:  # and without a ZeRO stage it simply writes no DeepSpeed JSON
-        assert sorted(render(plan, "hf", TargetOptions())) == ["launch.sh", "train.py"]
+        assert sorted(render(plan, "hf", TargetOptions())) == ["launch.sh", "model_config.json", "train.py"]
 
 
 def test_cli_deepspeed_target_writes_the_json_alone(run_cli, tmp_path):

@@ -361,7 +361,7 @@ def test_cli_compile_writes_train_launch_and_deepspeed(run_cli, tmp_path):
     out = tmp_path / "o"
     result = run_cli("compile", "examples/qwen25vl-7b-mixed.yaml", "--target", "hf", "-o", str(out))
     assert result.exit_code == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["ds_config.json", "launch.sh", "train.py"]
+    assert sorted(p.name for p in out.iterdir()) == ["ds_config.json", "launch.sh", "model_config.json", "train.py"]
     assert os.access(out / "launch.sh", os.X_OK)
     assert (out / "train.py").read_text() == (ROOT / "tests/targets/hf/qwen25vl-7b-mixed/train.py").read_text()
     result = run_cli("compile", "examples/qwen25vl-7b-mixed.yaml", "--target", "hf", "-o", str(out),
@@ -646,7 +646,8 @@ def test_training_the_audio_tower_is_refused_naming_the_component(qwen2_audio_di
     assert "audio" in plan.roles and "vision" not in plan.roles
     codes, text = _codes(plan)
     assert codes == ["no-audio-input", "no-audio-input"]
-    assert "spec.yaml:4:3: error: target hf cannot express training component 'audio'" in text
+    assert "spec.yaml:4:3: error: target hf cannot express 2 parts, for one reason: " in text
+    assert "\n  - " + str(tmp_path / "spec.yaml") + ":4:3: training component 'audio'" in text
     assert "training component 'aligner'" in text and "never get a gradient" in text
     # the language model alone is fed by text rows
     _, plan = plan_from_text(tmp_path, f"version: 1\nmodel: {qwen2_audio_dir}\ncomponents:\n"

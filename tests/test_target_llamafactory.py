@@ -301,17 +301,19 @@ def test_approximate_mixed_spec_comments_every_deviation():
     yaml_text = files["train.yaml"]
     plan = plan_of(text)
     vision = plan.component("vision")
-    # one lr for all: the component that trains the most parameters (the ViT) gives it
-    assert cfg["learning_rate"] == 2.0e-6
-    assert "# approximate: component 'aligner' (spec.yaml:5:3) has learning rate 1e-05 in the Plan; here it is 2e-06" in yaml_text
-    assert "# approximate: component 'language' (spec.yaml:6:3) has learning rate 0.0001 in the Plan; here it is 2e-06" in yaml_text
+    # one lr for all: the geometric midpoint of 2e-6 and 1e-4 (3 digits), so no component is
+    # off by more than ~7x (issue 12)
+    assert cfg["learning_rate"] == 1.41e-5
+    assert "# approximate: component 'vision' (spec.yaml:4:3) has learning rate 2e-06 in the Plan; here it is 1.41e-05 (7.05x)" in yaml_text
+    assert "# approximate: component 'aligner' (spec.yaml:5:3) has learning rate 1e-05 in the Plan; here it is 1.41e-05 (1.41x)" in yaml_text
+    assert "# approximate: component 'language' (spec.yaml:6:3) has learning rate 0.0001 in the Plan; here it is 1.41e-05 (0.141x)" in yaml_text
     # the full parts become modules_to_save copies; ModuleLists are split into their blocks
     targets = lf_split(cfg["additional_target"])
     assert "model.visual.blocks" not in targets
     assert [t for t in targets if t.startswith("model.visual.blocks.")] == [f"model.visual.blocks.{i}" for i in range(32)]
     assert targets[-2:] == ["model.visual.patch_embed", "model.visual.merger"]
     assert f"({vision.base_params:,} parameters held twice" in yaml_text
-    assert yaml_text.count("# approximate:") == 4
+    assert yaml_text.count("# approximate:") == 5
     assert "APPROXIMATION (--approximate): 5 part(s)" in yaml_text
     assert "trainable params:" not in yaml_text  # no count promise for an approximation
 
@@ -353,12 +355,15 @@ def test_dataset_info_text_model_hub_id_and_eval():
     assert info["mixspec_eval"]["file_name"] == "/abs/eval.jsonl"
     assert info["mixspec_train"]["columns"] == {"messages": "messages"}  # no images column on a text model
     assert (cfg["eval_dataset"], cfg["eval_strategy"], cfg["eval_steps"]) == ("mixspec_eval", "steps", 500)
-    assert cfg["template"] == "qwen" and cfg["dataset_dir"] == "/srv/out"
+    assert cfg["template"] == "qwen" and cfg["dataset_dir"] == os.path.relpath("/srv/out")
 
 
-def test_relative_data_with_an_absolute_output_dir_becomes_absolute():
-    _, files = compile_yaml(EXACT["qwen-aligner-only"][0], extra={"out_dir": "/srv/out"})
-    assert json.loads(files["dataset_info.json"])["mixspec_train"]["file_name"] == os.path.abspath("data/train.jsonl")
+def test_relative_data_with_an_absolute_output_dir_stays_relative():
+    # train.yaml runs from where mixspec compile ran: every path relative to it (issue 12)
+    cfg, files = compile_yaml(EXACT["qwen-aligner-only"][0], extra={"out_dir": "/srv/out"})
+    file_name = json.loads(files["dataset_info.json"])["mixspec_train"]["file_name"]
+    assert not file_name.startswith("/") and not cfg["dataset_dir"].startswith("/")
+    assert os.path.abspath(os.path.join(cfg["dataset_dir"], file_name)) == os.path.abspath("data/train.jsonl")
 
 
 @pytest.mark.parametrize("stage,offload,keys", [
@@ -502,11 +507,13 @@ def test_cli_compile_writes_files_and_refuses_with_locations(run_cli, tmp_path):
     assert ok.exit_code == 0, ok.stderr
     assert sorted(p.name for p in out.iterdir()) == ["dataset_info.json", "ds_z2_config.json", "train.yaml"]
     cfg = yaml.safe_load((out / "train.yaml").read_text())
-    assert cfg["dataset_dir"] == str(out) and cfg["deepspeed"] == f"{out}/ds_z2_config.json"
+    rel = os.path.relpath(out)  # run_cli runs from the repository root: paths relative to it
+    assert cfg["dataset_dir"] == rel and cfg["deepspeed"] == f"{rel}/ds_z2_config.json"
     bad = run_cli("compile", "examples/qwen25vl-7b-mixed.yaml", "--target", "llamafactory", "-o", str(tmp_path / "no"))
     assert bad.exit_code == 1
     assert bad.stderr.startswith("examples/qwen25vl-7b-mixed.yaml:14:3: error: target llamafactory cannot express "
-                                 "component 'vision' at learning rate 2e-06")
+                                 "3 parts, for one reason: LLaMA-Factory trains every parameter with one learning_rate")
+    assert "\n  - examples/qwen25vl-7b-mixed.yaml:14:3: component 'vision' at learning rate 2e-06\n" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "no").exists()
 
 

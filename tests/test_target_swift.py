@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT
-from mixspec.errors import UnsupportedError
+from mixspec.errors import APPROXIMATE_HINT, UnsupportedError
 from mixspec.loader import load_spec
 from mixspec.resolve import plan_spec
 from mixspec.targets import TargetOptions, available_targets, render
@@ -614,7 +614,8 @@ def test_no_plugin_refuses_naming_each_part(tmp_path):
     assert str(err.value) == (
         f"{spec}:6:3: error: target swift cannot express components.language.lora.dropout 0.05: "
         "lora_llm ignores --lora_dropout (PEFT's default 0 is used)\n"
-        f"  hint: {swift_target._PLUGIN_HINT}; or set dropout: 0 to use --tuner_type lora_llm\n"
+        f"  hint: {swift_target._PLUGIN_HINT}; or set dropout: 0 to use --tuner_type lora_llm; "
+        f"{APPROXIMATE_HINT}\n"  # that part is approximable (lora_llm runs without the dropout)
         f"{spec}:10:3: error: target swift cannot express components.lm_head (full) on lm_head.weight: "
         "next to LoRA, swift's flags train full parts only with lora_llm, which trains fully only the ViT "
         "and the aligner\n"

@@ -385,7 +385,7 @@ def load_model(model_ref, meta=False, dtype=torch.float32):
     cls = model_class()
     try:
         if meta:
-            config = transformers.AutoConfig.from_pretrained(model_ref)
+            config = transformers.AutoConfig.from_pretrained(config_source(model_ref))
             with torch.device("meta"):
                 return cls._from_config(config)
         # frozen weights in the training dtype; setup_model upcasts the trained ones to fp32
@@ -393,6 +393,17 @@ def load_model(model_ref, meta=False, dtype=torch.float32):
     except (OSError, ValueError) as exc:  # missing files, no network, a config of another model
         fail(f"error: cannot load {model_ref!r} as {PLAN['architecture']}: " + " ".join(str(exc).split())[:400]
              + "\n  hint: pass --model with a local model directory or a hub id you can reach")
+
+
+def config_source(model_ref):
+    """Where --check reads the config: a local model directory, else (for the planned model)
+    model_config.json next to this file, the config the Plan was made from, so the check
+    needs no network; another hub id goes to the hub."""
+    shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_config.json")
+    if not os.path.isdir(model_ref) and model_ref == PLAN["model"] and os.path.isfile(shipped):
+        say(f"config: {shipped} (the config the plan was made from; --model DIR checks another)")
+        return shipped
+    return model_ref
 
 
 def check_structure(model):

@@ -16,7 +16,7 @@ Use: swift sft --external_plugins mixspec_plugin.py --tuner_type mixspec --optim
 """
 
 # Why a plugin:
-#   - tests/targets/specs/swift/lmhead-aligner.yaml:6:3: components.vision (freeze) in the ViT/aligner: model.visual.blocks.0.attn.proj.bias, model.visual.blocks.0.attn.proj.weight, model.visual.blocks.0.attn.qkv.bias and 382 more: next to LoRA, swift's flags train full parts only with lora_llm, which trains the whole ViT and aligner (model.visual, model.visual.merger) fully; these 385 parameters would not be
+#   - tests/targets/specs/swift/lmhead-aligner.yaml:6:3: components.vision (freeze) in the ViT/aligner: model.visual.blocks.0.attn.proj.bias, model.visual.blocks.0.attn.proj.weight, model.visual.blocks.0.attn.qkv.bias and 382 more: next to LoRA, swift's flags train full parts only with lora_llm, which trains the whole ViT and aligner (model.visual, model.visual.merger) fully, but the spec does not train these 385 parameters fully
 #   - tests/targets/specs/swift/lmhead-aligner.yaml:12:3: components.lm_head (full) on lm_head.weight: next to LoRA, swift's flags train full parts only with lora_llm, which trains fully only the ViT and the aligner
 #   - tests/targets/specs/swift/lmhead-aligner.yaml:12:3: components.lm_head.lr 2e-05: swift's multimodal optimizer gives its LLM (--learning_rate) group one learning rate, and component 'language' in the same group has 0.0001
 #   - tests/targets/specs/swift/lmhead-aligner.yaml:7:3: weight decay of components.aligner on model.visual.merger.ln_q.weight: swift's optimizer decides which parameters decay by transformers' rule (torch LayerNorm modules, names with bias/norm), which differs from the Plan's (biases, norm modules by type, 1-D parameters) on 1 of its parameters

@@ -1,0 +1,418 @@
+"""A newcomer's first hour (issue 12): usage errors, tree and explain output, located
+errors that say what to write, cache lookups as huggingface_hub does them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mixspec.errors import SpecError
+from mixspec.loader import load_spec_text
+from mixspec.resolve import plan_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = "examples/qwen25vl-7b-mixed.yaml"
+
+
+def _spec(tmp_path: Path, text: str, name: str = "spec.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return str(path)
+
+
+# -- 2. an unknown target is a usage error ------------------------------------------------
+
+def test_unknown_target_is_a_usage_error_with_did_you_mean(run_cli):
+    result = run_cli("compile", SEED, "-t", "swfit")
+    assert result.exit_code == 2
+    assert "unknown target 'swfit'; did you mean 'swift'?" in result.stderr
+    assert "targets: deepspeed, hf, llamafactory, swift" in result.stderr
+    assert "cannot express" not in result.stderr
+
+
+# -- 3. tree: a collapsed block hides its children too ------------------------------------
+
+def test_tree_collapsed_blocks_hide_their_children(run_cli):
+    result = run_cli("tree", "Qwen/Qwen2-VL-2B-Instruct", "--depth", "5")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("blocks ModuleList"))
+    more = next(i for i, line in enumerate(lines) if line.strip() == "... (30 more)")
+    # the vision tower has 32 blocks of 4 children each: block 0, the marker, block 31
+    shown = lines[start + 1:more + 6]
+    assert [line.strip().split()[0] for line in shown] == [
+        "0", "norm1", "norm2", "attn", "mlp", "...", "31", "norm1", "norm2", "attn", "mlp"]
+    assert sum(1 for line in lines if line.strip().startswith("norm1 LayerNorm")) == 2
+
+
+# -- 4. swift: the lora_llm explanation is a whole sentence ---------------------------------
+
+def test_swift_lora_llm_explanation_is_not_cut(run_cli):
+    result = run_cli("compile", "tests/targets/specs/swift/lmhead-aligner.yaml", "-t", "swift", "--no-plugin")
+    assert result.exit_code == 1
+    assert "would not be\n" not in result.stderr + "\n"
+    assert re.search(r"fully, but the spec does not train these \d+ parameters fully", result.stderr)
+
+
+# -- 5. tied embedding / lm_head: name the role, show the line; plan says where it trains --
+
+TIED = "version: 1\nmodel: Qwen/Qwen2-VL-2B-Instruct\ncomponents:\n  lm_head: {train: full, lr: 1.0e-5}\n"
+TIED_BOTH = TIED + "  embeddings: {train: full, lr: 1.0e-5}\n"
+
+
+def test_tied_hint_names_the_embeddings_role_and_the_line_to_add(tmp_path):
+    with pytest.raises(SpecError) as info:
+        plan_spec(load_spec_text(TIED, "tied.yaml"))
+    [error] = [p for p in info.value.problems if p.severity == "error"]
+    hint = error.hint
+    assert "'unassigned'" not in hint
+    assert "add `embeddings: {train: full, lr: 1.0e-5}` under components" in hint
+    # the line it shows is a spec that resolves, and trains the tied tensor
+    plan = plan_spec(load_spec_text(TIED_BOTH, "fixed.yaml"))
+    assert {c.name: c.trainable_params for c in plan.components}["embeddings"] > 0
+
+
+def test_plan_shows_lm_head_trained_through_its_tied_partner(run_cli, tmp_path):
+    spec = _spec(tmp_path, TIED_BOTH)
+    result = run_cli("plan", spec)
+    assert result.exit_code == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("│ lm_head"))
+    assert "tied to" in row and "'embeddings'" in result.stdout
+
+
+# -- 6. explain: the component's mode, LR, LoRA and a tied partner --------------------------
+
+def test_explain_shows_mode_lr_lora_and_targets(run_cli):
+    result = run_cli("explain", SEED, "model.language_model.layers.3.self_attn")
+    assert result.exit_code == 0, result.stderr
+    out = " ".join(result.stdout.split())  # rich wraps long lines
+    assert "mode lora, lr 0.0001, LoRA rank 16 alpha 32 targets all-linear" in out
+    assert "LoRA on 4 module(s) here" in out
+    assert "model.language_model.layers.3.self_attn.q_proj" in out
+    vit = run_cli("explain", SEED, "model.visual.blocks.0.attn")
+    assert "mode full, lr 2e-06" in " ".join(vit.stdout.split())
+
+
+def test_explain_names_the_tied_partner_and_who_trains_it(run_cli, tmp_path):
+    spec = _spec(tmp_path, TIED_BOTH)
+    result = run_cli("explain", spec, "lm_head")
+    out = " ".join(result.stdout.split())
+    assert "lm_head.weight is tied to model.language_model.embed_tokens.weight (one tensor), " \
+           "which component 'embeddings' claims" in out
+
+
+# -- 9. unknown keys are reported even when `train` is missing --------------------------------
+
+@pytest.mark.parametrize("train", ["trian: full", "train: fulll"])
+def test_unknown_keys_reported_without_a_valid_train(train):
+    text = ("version: 1\nmodel: Qwen/Qwen2-VL-2B-Instruct\ncomponents:\n"
+            f"  language: {{{train}, lr: 1.0e-5, weight_decy: 0.1}}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec_text(text, "typo.yaml")
+    by_path = {p.path: p for p in info.value.problems}
+    assert by_path["components.language.weight_decy"].hint == "did you mean 'weight_decay'?"
+    assert by_path["components.language.weight_decy"].location.col == text.splitlines()[3].index("weight_decy") + 1
+    if train.startswith("trian"):
+        assert by_path["components.language.trian"].hint == "did you mean 'train'?"
+
+
+# -- 10. regexes are shown as written -------------------------------------------------------
+
+def test_regexes_are_echoed_as_written(run_cli, tmp_path):
+    spec = _spec(tmp_path, r"""
+        version: 1
+        model: Qwen/Qwen2-VL-2B-Instruct
+        components:
+          late:
+            modules: ['model\.visual\.blockz\.3', 'model\.visual\.blocks\.(2|3)']
+            train: full
+            lr: 1.0e-5
+        """)
+    result = run_cli("validate", spec)
+    assert r"pattern 'model\.visual\.blockz\.3' matches no module" in result.stderr
+    assert "\\\\" not in result.stderr
+    Path(spec).write_text(Path(spec).read_text().replace("blockz", "blocks"))
+    explained = run_cli("explain", spec, "model.visual.blocks.3.attn")
+    assert r"by pattern 'model\.visual\.blocks\.3'" in explained.stdout
+    assert "\\\\" not in explained.stdout
+
+
+def test_control_characters_in_echoed_strings_stay_escaped():
+    from mixspec.errors import quoted
+
+    assert quoted("a\x1b[31mb") == repr("a\x1b[31mb")
+    assert quoted(r"model\.x") == r"'model\.x'"
+
+
+# -- 11. plan warns about a spec that trains nothing ---------------------------------------
+
+def test_plan_warns_when_nothing_is_trained(run_cli, tmp_path):
+    spec = _spec(tmp_path, """\
+        version: 1
+        model: Qwen/Qwen2-VL-2B-Instruct
+        components:
+          language: {train: freeze}
+        """)
+    result = run_cli("plan", spec)
+    assert result.exit_code == 0
+    assert "warning: components: the spec trains nothing" in result.stderr
+
+
+# -- 12. help, several specs, one JSON convention, catalog did-you-mean ---------------------
+
+@pytest.mark.parametrize("command, usage", [
+    ("plan", "Usage: mixspec plan [OPTIONS] SPEC..."),
+    ("validate", "Usage: mixspec validate [OPTIONS] SPEC..."),
+    ("explain", "Usage: mixspec explain [OPTIONS] SPEC NAME"),
+    ("compile", "Usage: mixspec compile [OPTIONS] SPEC"),
+    ("tree", "Usage: mixspec tree [OPTIONS] MODEL"),
+])
+def test_help_usage_reads_as_typed(run_cli, command, usage):
+    result = run_cli(command, "--help")
+    assert result.exit_code == 0
+    assert result.stdout.splitlines()[0] == usage
+    assert "{" not in result.stdout.split("Options:")[0]
+    assert "<list[" not in result.stdout
+
+
+def test_plan_takes_several_specs_and_both_json_spellings(run_cli):
+    one = run_cli("plan", SEED, "--json")
+    assert one.exit_code == 0, one.stderr
+    assert json.loads(one.stdout)["totals"]["trainable_params"] == 716_920_320
+    fmt = run_cli("plan", SEED, "--format", "json")
+    assert fmt.stdout == one.stdout
+    two = run_cli("plan", SEED, "examples/" + sorted(p.name for p in (ROOT / "examples").glob("*.yaml")
+                                                    if p.name != Path(SEED).name)[0], "--json")
+    assert two.exit_code == 0, two.stderr
+    plans = json.loads(two.stdout)
+    assert isinstance(plans, list) and len(plans) == 2 and plans[0] == json.loads(one.stdout)
+    text = run_cli("plan", SEED, SEED)
+    assert text.stdout.count("base params 8,292,166,656") == 2
+
+
+def test_validate_json_alias(run_cli):
+    a = run_cli("validate", SEED, "--json", "--no-model")
+    b = run_cli("validate", SEED, "--format", "json", "--no-model")
+    assert a.exit_code == b.exit_code == 0
+    assert a.stdout == b.stdout and json.loads(a.stdout)["valid"] is True
+
+
+def test_tree_unknown_id_suggests_catalog_ids(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    result = run_cli("tree", "Qwen/Qwen2.5-VL-72B")
+    assert result.exit_code == 1
+    assert "did you mean 'Qwen/Qwen2.5-VL-72B-Instruct'" in result.stderr
+
+
+# -- 14. caches: huggingface_hub's own rule (XDG_CACHE_HOME included), fake layouts ----------
+
+CONFIG = (ROOT / "compiler" / "catalog" / "Qwen" / "Qwen2-VL-2B-Instruct" / "config.json").read_text()
+
+_FIND = ("import sys; from mixspec.sources import find_model; m = find_model(sys.argv[1]); "
+         "print(m.kind); print(m.path)")
+
+
+def _clean_env() -> dict:
+    return {k: v for k, v in os.environ.items()
+            if k not in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME", "MODELSCOPE_CACHE")}
+
+
+def _find_in_subprocess(ref: str, env: dict, cwd: Path) -> tuple[str, str]:
+    result = subprocess.run([sys.executable, "-c", _FIND, ref], env={**_clean_env(), **env}, cwd=cwd,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    kind, path = result.stdout.splitlines()
+    return kind, path
+
+
+def _fake_hf_repo(hub: Path, ref: str, commit: str = "abc123") -> Path:
+    repo = hub / ("models--" + ref.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(CONFIG)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snap
+
+
+@pytest.mark.parametrize("var", ["XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE"])
+def test_hf_cache_found_where_huggingface_hub_looks(tmp_path, var):
+    pytest.importorskip("huggingface_hub")
+    env = {"HOME": str(tmp_path / "home"), var: str(tmp_path / "root")}
+    # the oracle: where huggingface_hub itself keeps the hub cache in this environment
+    where = subprocess.run([sys.executable, "-c", "from huggingface_hub import constants; print(constants.HF_HUB_CACHE)"],
+                           env={**_clean_env(), **env}, capture_output=True, text=True, timeout=60)
+    assert where.returncode == 0, where.stderr
+    hub = Path(where.stdout.strip())
+    assert str(hub).startswith(str(tmp_path / "root"))
+    snap = _fake_hf_repo(hub, "someorg/tiny-vl")
+    kind, path = _find_in_subprocess("someorg/tiny-vl", env, tmp_path)
+    assert (kind, Path(path)) == ("hf-cache", snap)
+
+
+def test_hf_cache_follows_refs_main(tmp_path):
+    hub = tmp_path / "hub"
+    old = _fake_hf_repo(hub, "someorg/tiny-vl", "old")
+    new = old.parent / "new"
+    new.mkdir()
+    (new / "config.json").write_text(CONFIG)
+    (old.parent.parent / "refs" / "main").write_text("old")
+    kind, path = _find_in_subprocess("someorg/tiny-vl", {"HF_HUB_CACHE": str(hub), "HOME": str(tmp_path)}, tmp_path)
+    assert Path(path) == old
+
+
+@pytest.mark.parametrize("layout", ["models/someorg/tiny-vl", "someorg/tiny-vl", "models/someorg/tiny___vl1___5"])
+def test_modelscope_cache_layouts(tmp_path, layout):
+    ms = tmp_path / "ms"
+    (ms / layout).mkdir(parents=True)
+    (ms / layout / "config.json").write_text(CONFIG)
+    ref = "someorg/tiny.vl1.5" if "___" in layout else "someorg/tiny-vl"
+    env = {"MODELSCOPE_CACHE": str(ms), "HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "nohf")}
+    kind, path = _find_in_subprocess(ref, env, tmp_path)
+    assert (kind, Path(path)) == ("modelscope-cache", ms / layout)
+
+
+# -- 16. README: the ms-swift venv's size ---------------------------------------------------
+
+@pytest.mark.slow
+def test_readme_states_the_swift_venv_size():
+    venv = os.environ.get("MIXSPEC_SWIFT_VENV")
+    if not venv or not Path(venv).is_dir():
+        pytest.skip("MIXSPEC_SWIFT_VENV not set")
+    out = subprocess.run(["du", "-sk", venv], capture_output=True, text=True, timeout=300).stdout
+    size_gb = int(out.split()[0]) * 1024 / 2**30
+    readme = (ROOT / "README.md").read_text()
+    stated = float(re.search(r"\(`\.venv-swift`, about ([\d.]+) GB", readme).group(1))
+    assert abs(stated - size_gb) <= 0.3, f"README says {stated} GB, the venv is {size_gb:.1f} GiB"
+
+
+# -- 1. hf: train.py --check runs offline for catalog, cache and local-dir models ---------
+
+def _compile_hf(tmp_path: Path, model: str) -> Path:
+    from mixspec.loader import load_spec
+    from mixspec.output import write_files
+    from mixspec.targets import TargetOptions, render
+
+    spec = _spec(tmp_path, f"""\
+        version: 1
+        model: {model}
+        components:
+          vision: {{train: full, lr: 2.0e-6}}
+          language: {{train: lora, lr: 1.0e-4, lora: {{rank: 8}}}}
+        data: {{train: data/train.jsonl}}
+        """)
+    out = tmp_path / "out"
+    write_files(out, render(plan_spec(load_spec(spec)), "hf", TargetOptions()), force=True)
+    return out
+
+
+def test_hf_output_carries_the_models_config(tmp_path):
+    out = _compile_hf(tmp_path, "Qwen/Qwen2-VL-2B-Instruct")
+    # the oracle: the published config the catalog ships, as data
+    assert json.loads((out / "model_config.json").read_text()) == json.loads(CONFIG)
+
+
+def _offline_check(train_py: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    # no network, an empty Hugging Face home: nothing but what the compiled output carries
+    env = {**_clean_env(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf")}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, str(train_py), "--check"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_hf_check_offline_for_a_catalog_model(tmp_path):
+    out = _compile_hf(tmp_path, "Qwen/Qwen2-VL-2B-Instruct")
+    result = _offline_check(out / "train.py", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "self-check passed" in result.stdout
+    assert f"config: {out / 'model_config.json'}" in result.stdout
+
+
+@pytest.mark.slow
+def test_hf_check_offline_for_a_local_dir_that_is_gone(tmp_path):
+    model = tmp_path / "models" / "qwen2vl"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(CONFIG)
+    out = _compile_hf(tmp_path, str(model))
+    for f in model.iterdir():  # train.py now runs where that directory does not exist
+        f.unlink()
+    model.rmdir()
+    result = _offline_check(out / "train.py", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "self-check passed" in result.stdout
+
+
+# -- 13. LLaMA-Factory: train.yaml names paths relative to where it is run -------------------
+
+def test_llamafactory_paths_are_relative_to_the_run_directory(run_cli, tmp_path):
+    out = tmp_path / "lf"  # an absolute -o
+    result = run_cli("compile", "examples/qwen25vl-7b-mixed.yaml", "-t", "llamafactory", "--approximate",
+                     "-o", str(out))
+    assert result.exit_code == 0, result.stderr
+    text = (out / "train.yaml").read_text()
+    cfg = yaml.safe_load((out / "train.yaml").read_text())
+    info = json.loads((out / "dataset_info.json").read_text())
+    paths = (cfg["dataset_dir"], cfg["deepspeed"], info["mixspec_train"]["file_name"])
+    assert not any(p.startswith("/") for p in paths), paths
+    assert f"llamafactory-cli train {cfg['dataset_dir']}/train.yaml" in text
+    # run from ROOT (where compile ran), each path reaches what it names
+    assert (ROOT / cfg["dataset_dir"]).resolve() == out.resolve()
+    assert (ROOT / cfg["deepspeed"]).resolve() == (out / "ds_z2_config.json").resolve()
+    assert (ROOT / cfg["dataset_dir"] / info["mixspec_train"]["file_name"]).resolve() == ROOT / "data" / "train.jsonl"
+
+
+# -- 7. refusals: one message per cause, listing the parts; --approximate named where it helps --
+
+def test_refusal_says_each_cause_once_and_lists_the_components(run_cli):
+    result = run_cli("compile", "examples/design-example.yaml", "-t", "llamafactory")
+    assert result.exit_code == 1
+    err = result.stderr
+    assert err.count("LLaMA-Factory trains every parameter with one learning_rate") == 1
+    assert err.count("trains a module fully only through additional_target") == 1
+    for line in (":13:3: component 'vision' at learning rate 2e-06", ":14:3: component 'aligner' at learning rate 1e-05",
+                 ":15:3: component 'language' at learning rate 0.0001",
+                 ":19:3: component 'late_vit_blocks' at learning rate 5e-06"):
+        assert line in err
+    assert err.count("hint:") == 2
+    assert err.count("or pass --approximate") == 2  # both causes are approximable
+    # a cause --approximate cannot lift does not mention it
+    no_data = run_cli("compile", "tests/specs/valid/minimal.yaml", "-t", "llamafactory")
+    assert no_data.exit_code == 1 and "--approximate" not in no_data.stderr
+
+
+def test_refusal_items_stay_one_per_part():
+    import mixspec
+
+    with pytest.raises(mixspec.UnsupportedError) as info:
+        mixspec.render(mixspec.plan_spec("examples/design-example.yaml"), "llamafactory")
+    assert len([i for i in info.value.items if i.code == "per-component-lr"]) == 4
+
+
+# -- 8. --approximate's one LR: least harm, each factor on stderr ---------------------------
+
+def test_approximate_lr_is_the_minimax_choice_and_factors_are_printed(run_cli, tmp_path):
+    result = run_cli("compile", SEED, "-t", "llamafactory", "--approximate", "-o", str(tmp_path / "lf"))
+    assert result.exit_code == 0, result.stderr
+    chosen = yaml.safe_load((tmp_path / "lf" / "train.yaml").read_text())["learning_rate"]
+    planned = {"vision": 2e-6, "aligner": 1e-5, "language": 1e-4}  # the spec's own numbers
+
+    def worst(lr: float) -> float:  # the largest factor any component is off by
+        return max(max(lr / p, p / lr) for p in planned.values())
+
+    # least harm: no single LR keeps every component closer to its own (3 digits of rounding)
+    candidates = [10 ** (e / 100) for e in range(-700, -300)] + list(planned.values())
+    assert worst(chosen) <= min(worst(c) for c in candidates) * 1.005
+    assert worst(chosen) < worst(max(planned.values())) and worst(chosen) < worst(min(planned.values()))
+    for name, lr in planned.items():
+        assert (f"warning: target llamafactory: --approximate: component {name!r} trains at learning rate "
+                f"{chosen:g} instead of {lr:g}: {chosen / lr:.3g}x") in result.stderr
