@@ -195,11 +195,13 @@ def test_ddp_two_ranks_with_image_and_text_rows(family, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = run(python, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", port, FIXTURES / "data_oracle.py", "train",
-               tmp_path / "out" / "train.py", tmp_path / "data.jsonl", cwd=tmp_path, timeout=300)
+    env_run = dict(ENV, MIXSPEC_ORACLE_OUT=str(tmp_path / "result"))
+    proc = subprocess.run([str(python), "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(port), str(FIXTURES / "data_oracle.py"),
+                           "train", str(tmp_path / "out" / "train.py"), str(tmp_path / "data.jsonl")],
+                          cwd=tmp_path, env=env_run, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
-    results = [json.loads(l[len("RESULT "):]) for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    results = [json.loads((tmp_path / f"result.rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert {r["world_size"] for r in results} == {2} and {r["wrapped"] for r in results} == {"DistributedDataParallel"}
     assert {r["steps"] for r in results} == {2}
