@@ -613,6 +613,21 @@ class SwiftTarget(Target):
             return list(d.hard)
         return list(d.hard) + list(d.plugin_reasons)
 
+    def warnings(self, plan: Plan, options: TargetOptions) -> list[str]:
+        """swift's flag paths keep fully trained parameters in the training dtype; the Plan (the
+        plugin, the hf target) keeps them in fp32 (measured: tests/e2e/test_parity.py)."""
+        d = decide(plan, options)
+        if d.plugin and options.plugin:
+            return []
+        precision = plan.training.precision
+        full = [c.name for c in plan.components if c.mode == "full" and c.trainable_params]
+        if precision == "fp32" or not full:
+            return []
+        return [f"--tuner_type {d.tuner} trains the full parameters of {', '.join(full)} in {precision}, not in "
+                f"fp32 as the Plan does (hf target, swift plugin): updates below {precision}'s resolution are lost "
+                "(small LRs on a fully trained ViT); to keep them fp32, compile with --precision fp32 in the spec or "
+                "let the plugin train (a spec the flags cannot express, e.g. per-part weight decay)"]
+
     def files(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
         d = decide(plan, options)
         ds_name, ds_json = _deepspeed(plan, d)

@@ -897,3 +897,19 @@ def test_plugin_optimizer_checks_lrs(tiny_plugin, monkeypatch):
     with pytest.raises(plugin.PlanMismatch) as err:
         plugin.check_optimizer(optimizer, model)
     assert "lm_head.weight: lr 0.5, planned 3e-05" in str(err.value)
+
+
+def test_flag_paths_that_train_full_parts_in_bf16_warn(tmp_path):
+    """swift's flag paths hold fully trained parameters in the training dtype (measured in
+    tests/e2e/test_parity.py); the Plan keeps them in fp32: compile says so."""
+    from mixspec.targets import target_warnings
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("version: 1\nmodel: Qwen/Qwen2.5-VL-7B-Instruct\ncomponents:\n"
+                    "  vision: {train: full, lr: 1.0e-5}\n  aligner: {train: full, lr: 1.0e-4}\n"
+                    "data: {train: d.jsonl}\n", encoding="utf-8")
+    plan = plan_spec(load_spec(spec))
+    (line,) = target_warnings(plan, "swift")
+    assert "--tuner_type full trains the full parameters of vision, aligner in bf16, not in fp32" in line
+    spec.write_text(spec.read_text() + "training: {precision: fp32}\n", encoding="utf-8")
+    assert target_warnings(plan_spec(load_spec(spec)), "swift") == []
