@@ -24,7 +24,10 @@ sys.path.insert(0, str(FIXTURES))
 
 import tiny_families  # noqa: E402
 
-PYTHONS = {"venv": ROOT / ".venv" / "bin" / "python", "venv-swift": ROOT / ".venv-swift" / "bin" / "python"}
+# "venv": the python running the tests (no torchvision: CI's fresh venv, or .venv); "venv-swift": the
+# ms-swift venv (torch + torchvision that load on CPU)
+PYTHONS = {"venv": Path(sys.executable),
+           "venv-swift": Path(os.environ.get("MIXSPEC_SWIFT_VENV") or ROOT / ".venv-swift") / "bin" / "python"}
 REAL_IDS = ("qwen2_5_vl", "gemma3", "mllama", "paligemma", "idefics3", "qwen3_vl", "llava_onevision")
 
 _SCRIPT = r"""
