@@ -37,6 +37,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mixspec.names import is_under
+
 
 # leaf names of linears that read the same input inside one block
 _ATTN_IN = {"q_proj", "k_proj", "v_proj", "qkv", "qkv_proj", "query", "key", "value", "in_proj", "Wqkv",
@@ -99,9 +101,9 @@ def block_kinds(tree, prefixes, exclude=()) -> tuple[BlockKind, ...]:
         m.name for m in tree.modules if m.kind == "linear")
     lists: dict[str, set[int]] = {}
     for m in tree.modules:
-        if not any(m.name.startswith(p + ".") for p in prefixes):
+        if not is_under(m.name, prefixes) or m.name in prefixes:
             continue
-        if any(m.name == e or m.name.startswith(e + ".") for e in exclude):
+        if is_under(m.name, exclude):
             continue
         match = _BLOCK.match(m.name)
         if match and m.name in holders:
@@ -295,8 +297,8 @@ def model_structure(tree, roles: dict) -> dict:
     out["language"] = [k.to_json() for k in block_kinds(tree, roles.get("language", ()))]
     out["vision"] = [k.to_json() for k in block_kinds(tree, vision, exclude=aligner)]
     for m in tree.modules:
-        in_vision = any(m.name.startswith(p + ".") for p in vision)
-        in_aligner = any(m.name == p or m.name.startswith(p + ".") for p in aligner)
+        in_vision = is_under(m.name, vision) and m.name not in vision
+        in_aligner = is_under(m.name, aligner)
         if in_aligner and m.kind == "linear":
             out["aligner_linears"].append([m.name, m.in_features, m.out_features])
         elif in_vision and not in_aligner:

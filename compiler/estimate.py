@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mixspec.names import is_under
 from mixspec.plan import Plan
 from mixspec.spec import Data
 
@@ -192,7 +193,7 @@ def activation_terms(plan: Plan, overrides: dict | None = None):
                    "activation_bytes": p}
 
     def under(prefixes, names):
-        return any(n.startswith(pre + ".") or n == pre for pre in prefixes for n in names)
+        return any(is_under(n, prefixes) for n in names)
 
     roles = plan.roles
     grad_in = False
@@ -219,14 +220,14 @@ def activation_terms(plan: Plan, overrides: dict | None = None):
         if recompute:
             transient["vision_block_recompute"] = recompute
         aligner = st.get("aligner_linears", [])
-        aligner_trains = under(roles.get("aligner", ()), full) or any(under(roles.get("aligner", ()), [m]) for m in lora)
+        aligner_trains = under(roles.get("aligner", ()), full) or under(roles.get("aligner", ()), lora)
         if aligner and (grad_out or aligner_trains) and vision_tokens:
             merge = max(1, aligner[0][1] // max(1, st.get("vision_hidden") or aligner[0][1]))
             merged = vision_tokens / merge
             acts["aligner"] = sum(p * fin for _, fin, _ in aligner) * merged + p * aligner[0][2] * merged
         grad_in = grad_out or aligner_trains
     embeddings = roles.get("embeddings", ())
-    grad_in = grad_in or under(embeddings, full) or any(under(embeddings, [m]) for m in lora)
+    grad_in = grad_in or under(embeddings, full) or under(embeddings, lora)
     lang_kinds = [BlockKind.from_json(k) for k in st["language"]]
     kept, recompute, grad_out = _stack_bytes(lang_kinds, full, lora, p, grad_in, checkpointing, tokens)
     if kept:

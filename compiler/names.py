@@ -73,6 +73,15 @@ def expand_names(compact) -> set:
     return names
 
 
+def is_under(name: str, prefixes) -> bool:
+    """Whether a dotted name is one of ``prefixes`` (a name or an iterable of names) or lies
+    under one of them (dot-bounded: 'model.visual' covers 'model.visual.blocks', not
+    'model.visual_extra')."""
+    if isinstance(prefixes, str):
+        prefixes = (prefixes,)
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
 def shallowest(names) -> tuple[str, ...]:
     """Drop names nested under another name of the same collection; natural order."""
     kept: set[str] = set()

@@ -18,6 +18,7 @@ import re
 
 from mixspec import __version__
 from mixspec.errors import Unsupported
+from mixspec.names import is_under
 from mixspec.plan import Plan
 from mixspec.targets import Target, TargetOptions
 from mixspec.targets._common import (
@@ -162,10 +163,6 @@ IMAGE_ROWS_PROVEN = (
 )
 
 
-def _under(name: str, prefixes) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
 def feed_unsupported(plan: Plan) -> list[Unsupported]:
     """Trained parts that train.py cannot feed: it reads text and images, no audio."""
     out = []
@@ -174,7 +171,7 @@ def feed_unsupported(plan: Plan) -> list[Unsupported]:
     if not unfed:
         return out
     for comp in plan.components:
-        if any(_under(n, unfed) for n in comp.trainable_names):
+        if any(is_under(n, unfed) for n in comp.trainable_names):
             out.append(Unsupported(
                 "no-audio-input", comp.origin, f"training component {comp.name!r} (audio encoder or its projector)",
                 "train.py feeds text and images only: without audio rows these parameters never get a gradient",

@@ -23,6 +23,7 @@ from typing import Optional
 
 from mixspec.decay import transformers_rule_differs
 from mixspec.errors import Location, Unsupported, UnsupportedError
+from mixspec.names import is_under
 from mixspec.plan import ComponentPlan, Plan
 from mixspec.targets import Target, TargetOptions
 from mixspec.targets._common import (comment_line, compact_names, exact_regex, generated_header, inline_source, json_text,
@@ -180,10 +181,6 @@ class Decision:
         return bool(self.plugin_reasons)
 
 
-def _under(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
 def _starts(name: str, prefixes) -> bool:
     """swift's own prefix test: plain ``str.startswith`` (no dot boundary)."""
     return any(name.startswith(p) for p in prefixes)
@@ -211,7 +208,7 @@ class _View:
 
     def role_names(self, role: str) -> set[str]:
         prefixes = self.plan.roles.get(role, ())
-        return {p for p in self.all_params if any(_under(p, pre) for pre in prefixes)}
+        return {p for p in self.all_params if is_under(p, prefixes)}
 
 
 def _u(code: str, comp: Optional[ComponentPlan], what: str, why: str, hint: str = "",
@@ -329,10 +326,10 @@ def _lora_llm_blockers(view: _View) -> list[Unsupported]:
                           "mixspec does not use: PEFT trains a copy of the module (its parameters renamed, "
                           f"{comp.base_params:,} more in memory)", _PLUGIN_HINT))
         return out
-    vit_aligner = {p for p in view.all_params if any(_under(p, pre) for pre in sw.vision_tower + sw.aligner)}
+    vit_aligner = {p for p in view.all_params if is_under(p, sw.vision_tower + sw.aligner)}
     skip = view.role_names("lm_head") | view.role_names("embeddings")
     llm_body = {p for p in view.all_params
-                if any(_under(p, pre) for pre in sw.language_model) and p not in skip}
+                if is_under(p, sw.language_model) and p not in skip}
     lora_claimed = {p for c in view.lora for p in c.params}
     full_names = {p for c in view.full for p in c.params}
 
@@ -355,7 +352,7 @@ def _lora_llm_blockers(view: _View) -> list[Unsupported]:
         if lo.dora:
             out.append(_u("lora_llm-dora", comp, f"{what}.dora", "lora_llm ignores --use_dora", _PLUGIN_HINT,
                           approximable=True))
-        outside = [t for t in lo.targets if not any(_under(t, pre) for pre in sw.language_model)]
+        outside = [t for t in lo.targets if not is_under(t, sw.language_model)]
         if outside:
             out.append(_u("lora_llm-outside-llm", comp, f"{what} on {_few(outside)}",
                           "lora_llm puts LoRA only on the LLM", _PLUGIN_HINT))
