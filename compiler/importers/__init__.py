@@ -1,0 +1,83 @@
+"""mixspec import: read the config people already have (a `swift sft` command line, a
+LLaMA-Factory or axolotl YAML), apply that backend's own selection rules at its version over
+the model's real module tree, and give back the mixspec spec that trains exactly that, with
+every silent effect found on the way.
+
+Each backend module (``swift``, ``llamafactory``, ``axolotl``) exposes
+
+    read(text: str, path: str) -> Imported
+
+which never raises for a problem in the user's file: what cannot be expressed goes to
+``Imported.problems`` (located), flags the importer does not model go to ``unmodelled``
+(listed, never silently ignored), and surprising or no-op flags go to ``effects``.
+The spec is plain data the loader validates like any spec (``mixspec.api.load_spec``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+from mixspec.errors import Location, Problem
+
+BACKENDS = ("swift", "llamafactory", "axolotl")
+
+
+@dataclass(frozen=True)
+class Effect:
+    """A flag that has no effect, or a surprising one, for this model and backend version."""
+
+    code: str          # a stable id tests and tools can match, e.g. "pattern-matches-nothing"
+    where: Location    # the flag or key in the user's file
+    message: str       # what the backend really does
+    fix: str           # how to get what the user most likely meant
+
+    def render(self) -> str:
+        return f"{self.where}: {self.code}: {self.message}\n  fix: {self.fix}"
+
+    def to_json(self) -> dict:
+        return {**self.where.to_json(), "code": self.code, "message": self.message, "fix": self.fix}
+
+
+@dataclass(frozen=True)
+class Unmodelled:
+    """A flag or key the importer does not model (it may still change the training)."""
+
+    where: Location
+    key: str
+    note: str = ""
+
+    def render(self) -> str:
+        return f"{self.where}: {self.key}: not modelled by mixspec import" + (f" ({self.note})" if self.note else "")
+
+    def to_json(self) -> dict:
+        return {**self.where.to_json(), "key": self.key, "note": self.note}
+
+
+@dataclass
+class Imported:
+    """What a backend config really trains, as a mixspec spec plus everything noticed."""
+
+    backend: str                 # one of BACKENDS
+    rules: str                   # whose rules at which version, e.g. "ms-swift 4.x (4.6.0)"
+    spec: dict                   # the mixspec spec, plain data
+    # dotted spec key ("components.vision.lr") -> where its value came from: a Location in the
+    # user's file, or a sentence ("ms-swift 4.x default") when the backend's default decided
+    origins: dict[str, object] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)   # spec component -> the backend's name for it
+    effects: list[Effect] = field(default_factory=list)
+    unmodelled: list[Unmodelled] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)  # errors: the spec language cannot say it
+
+    @property
+    def ok(self) -> bool:
+        return not any(p.severity == "error" for p in self.problems)
+
+
+def read(backend: str, text: str, path: str) -> Imported:
+    """Read ``text`` (the content of ``path``, or of stdin with path '<stdin>') as a config
+    of ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
+    module = importlib.import_module(f"mixspec.importers.{backend}")
+    return module.read(text, path)
