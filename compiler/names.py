@@ -1,13 +1,14 @@
 """Helpers over dotted module/parameter names, shared by the passes and the targets.
 
-``natural_key``, ``ranges``, ``compact_names`` and ``expand_names`` (with ``INDEX``) are
-also the name helpers of the programs mixspec generates: train.py and the swift plugin get
-their source inlined (``mixspec.targets._common.inline_source``), so they are written once.
-They use nothing but ``re``.
+``natural_key``, ``ranges``, ``compact_names``, ``expand_names`` (with ``INDEX``),
+``names_sha256`` and ``fingerprint`` are also the helpers of the programs mixspec generates:
+train.py and the swift plugin get their source inlined (``mixspec.programs.helpers_source``),
+so they are written once. They use nothing but ``re`` and ``hashlib``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 INDEX = re.compile(r"^(?:0|[1-9][0-9]*)$")
@@ -71,6 +72,19 @@ def expand_names(compact) -> set:
                 values = [*head, str(i)]
                 names.add("".join(p + (values[k] if k < len(values) else "") for k, p in enumerate(pieces)))
     return names
+
+
+def names_sha256(names) -> str:
+    """The self-check's hash of a set of names: sha256 of the sorted names, one a line."""
+    return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()
+
+
+def fingerprint(lrs, wds) -> str:
+    """The Plan's fingerprint: a short hash of every trained parameter's name, learning rate
+    and weight decay (``NAME=LR wd=WD`` lines, sorted by name). mixspec computes it from the
+    Plan; train.py and the swift plugin recompute it from the optimizer they built."""
+    text = "\n".join(f"{name}={lr!r} wd={wds.get(name)!r}" for name, lr in sorted(lrs.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def is_under(name: str, prefixes) -> bool:

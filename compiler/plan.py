@@ -7,13 +7,13 @@ settings. Targets read nothing else: not the spec, not the tree.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Optional
 
 from mixspec import __version__
 from mixspec.errors import Location, Problem
+from mixspec.names import fingerprint as names_fingerprint
 from mixspec.settings import DataSettings, DistributedSettings, TrainingSettings
 
 PLAN_FORMAT = 2
@@ -166,9 +166,7 @@ class Plan:
     def fingerprint(self) -> str:
         """A short hash of the sorted trainable names, their learning rates and weight decays
         (``NAME=LR wd=WD`` lines; train.py and the swift plugin recompute it from their optimizer)."""
-        wds = self.trainable_weight_decays()
-        text = "\n".join(f"{n}={lr!r} wd={wds[n]!r}" for n, lr in self.trainable_lrs().items())
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return names_fingerprint(self.trainable_lrs(), self.trainable_weight_decays())
 
     def to_json(self) -> dict:
         return {

@@ -3,8 +3,11 @@
 
 Cases: every spec in examples/ and in tests/targets/specs/hf/, compiled for each target
 into tests/targets/<target>/<spec stem>/ (the files the target writes, or refusal.txt
-holding the refusal). Golden files are reviewed like code: run this after a change that
-alters output, read the diff, commit it with the change.
+holding the refusal). A generated program (train.py) is kept as NAME.data: the blocks the
+target filled in (header, Plan), not the program, which is mixspec/programs/*.py itself
+(tests/test_programs.py proves program + blocks == the generated file, byte for byte).
+Golden files are reviewed like code: run this after a change that alters output, read the
+diff, commit it with the change.
 
     python scripts/update_goldens.py            rewrite the golden files
     python scripts/update_goldens.py --check    exit 1 and list the drift, write nothing
@@ -24,6 +27,21 @@ TARGETS = ("hf", "deepspeed")
 SPEC_DIRS = (ROOT / "examples", ROOT / "tests" / "targets" / "specs" / "hf")
 SUFFIXES = (".yaml", ".yml", ".json")
 REFUSAL = "refusal.txt"
+DATA_SUFFIX = ".data"  # a generated program's golden form: its generated blocks
+
+
+def golden_form(files: dict[str, str]) -> dict[str, str]:
+    """The files as golden files hold them: a generated program (a .py file with mixspec's
+    block markers) as NAME.data, its data part; every other file as it is."""
+    from mixspec import programs
+
+    out = {}
+    for name, text in files.items():
+        if name.endswith(".py") and programs.blocks(text, name):
+            out[name + DATA_SUFFIX] = programs.data_part(text, name)
+        else:
+            out[name] = text
+    return out
 
 
 def cases() -> dict[str, str]:
@@ -43,7 +61,8 @@ def cases() -> dict[str, str]:
 
 
 def render_case(spec_rel: str, target: str) -> dict[str, str]:
-    """The files a target writes for a spec (paths as given, from the repository root)."""
+    """The files a target writes for a spec (paths as given, from the repository root), in
+    their golden form."""
     from mixspec.errors import UnsupportedError
     from mixspec.loader import load_spec
     from mixspec.resolve import plan_spec
@@ -54,7 +73,7 @@ def render_case(spec_rel: str, target: str) -> dict[str, str]:
     try:
         plan = plan_spec(load_spec(Path(spec_rel)))
         try:
-            return render(plan, target, TargetOptions())
+            return golden_form(render(plan, target, TargetOptions()))
         except UnsupportedError as exc:
             return {REFUSAL: str(exc) + "\n"}
     finally:

@@ -23,7 +23,7 @@ import re
 import shlex
 
 from mixspec import __version__
-from mixspec.names import INDEX, compact_names, expand_names, natural_key, ranges
+from mixspec.names import compact_names, expand_names, natural_key
 
 _FLOAT_SPECIALS = {math.inf: 'float("inf")', -math.inf: 'float("-inf")'}
 
@@ -118,13 +118,10 @@ def generated_header(plan, target: str, comment: str = "#", extra: list[str] | t
     return "".join(f"{comment} {line}".rstrip() + "\n" for line in lines)
 
 
-def inline_source() -> str:
-    """mixspec's name helpers (mixspec.names), as source for a generated program that imports
-    ``re``: written once, in the package, and inlined into train.py and the swift plugin."""
-    import inspect
-
-    funcs = (natural_key, ranges, compact_names, expand_names)
-    return f"INDEX = re.compile({INDEX.pattern!r})\n\n\n" + "\n\n".join(inspect.getsource(f) for f in funcs)
+def py_assignments(values: dict) -> str:
+    """``NAME = literal`` lines (``py_literal``), a blank line between them: the plan block of
+    a generated program (mixspec.programs)."""
+    return "\n".join(f"{name} = {py_literal(value, lead=len(name) + 3)}\n" for name, value in values.items())
 
 
 # -- compact, exact lists of parameter or module names ----------------------------------

@@ -21,13 +21,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
+from mixspec import programs
 from mixspec.decay import transformers_rule_differs
 from mixspec.errors import Location, Unsupported, UnsupportedError
 from mixspec.names import is_under
 from mixspec.plan import ComponentPlan, Plan
 from mixspec.targets import Target, TargetOptions
-from mixspec.targets._common import (comment_line, compact_names, exact_regex, generated_header, inline_source, json_text,
-                                     py_literal, sh_word)
+from mixspec.targets._common import (comment_line, compact_names, exact_regex, generated_header, json_text,
+                                     py_assignments, sh_word)
 from mixspec.targets._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
 from mixspec.targets.deepspeed import deepspeed_config
 
@@ -868,6 +869,7 @@ def _first_lr(plan: Plan) -> float:
 
 # -- the plugin ------------------------------------------------------------------------------------
 def _plugin_py(plan: Plan, options: TargetOptions, d: Decision) -> str:
+    """mixspec_plugin.py: mixspec.programs' swift_plugin with its blocks filled."""
     components = []
     for c in plan.components:
         if not c.trainable_names:
@@ -881,362 +883,24 @@ def _plugin_py(plan: Plan, options: TargetOptions, d: Decision) -> str:
         lora = {"r": lo.rank, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout, "use_rslora": lo.rslora,
                 "use_dora": lo.dora,
                 "target_modules": compact_names(sorted({t for c in lora_comps for t in c.lora.targets}))}
-    head = generated_header(plan, "swift", extra=[
-        f"An ms-swift {options.swift_version}.x plugin, loaded by train.sh with --external_plugins. Do not edit.",
-    ]).splitlines()
-    head += [
-        f'"""ms-swift {options.swift_version}.x plugin for a mixspec Plan (spec and model: see above).',
-        "",
-        f"Registers the tuner {PLUGIN_NAME!r} (LoRA and full parts exactly as planned) and the optimizer",
-        f"{PLUGIN_NAME!r} (one parameter group per learning rate and weight decay). Both check, before",
-        "the first step, that the trainable parameters, their learning rates and weight decays equal",
-        "the Plan, and stop with a diff otherwise. Checkpoints hold the LoRA adapter",
-        f"(adapter_model.safetensors) and the fully trained parameters ({FULL_PARAMS_FILE}, names as",
-        "in the model).",
-        "",
-        "Use: swift sft --external_plugins mixspec_plugin.py "
-        + ("--tuner_type" if options.swift_version >= 4 else "--train_type")
-        + f" {PLUGIN_NAME} --optimizer {PLUGIN_NAME} ...",
-        "(train.sh does; it passes swift's own tuner flags instead where those are exact).",
-        '"""',
-        "",
-        "# Why a plugin:",
-    ]
+    reasons = ["Why a plugin:"]
     for item in d.plugin_reasons:
         where = f"{item.origin}: " if item.origin else ""
-        head.append("#   - " + comment_line(f"{where}{item.what}: {item.why}"))
-    data = [
-        "",
-        f"SWIFT_VERSION = {options.swift_version!r}",
-        f"PLAN_FINGERPRINT = {py_literal(plan.fingerprint())}",
-        f"PLAN_MODEL = {py_literal(plan.model)}",
-        f"PLAN_VERSIONS = {py_literal(dict(sorted(plan.versions.items())))}",
-        f"FULL_PARAMS_FILE = {FULL_PARAMS_FILE!r}",
-        f"TRAINED_DTYPE = {py_literal(_PRECISION[plan.training.trained_dtype][0])}",
-        "",
-        "# Names are compact: {\"model.layers.{}.mlp.up_proj\": \"0-27\"} stands for layers 0 to 27 (expand_names() below).",
-        "",
-        "# LoRA adapter settings (PEFT LoraConfig); target_modules are full module names",
-        f"LORA = {py_literal(lora)}",
-        "",
-        "# what each component trains: parameter names as in the model (no PEFT prefix); no_decay:",
-        "# the trained parameters the Plan exempts from weight decay (biases, norms, 1-D)",
-        f"COMPONENTS = {py_literal(components)}",
-    ]
-    body = _PLUGIN_CODE.replace("__MIXSPEC_NAME_HELPERS__", inline_source().rstrip("\n"))
-    reg = _PLUGIN_REGISTER_V4 if options.swift_version >= 4 else _PLUGIN_REGISTER_V3
-    return "\n".join(head + data) + "\n" + body + reg
-
-
-_PLUGIN_CODE = r'''
-
-import hashlib
-import json
-import os
-import re
-
-import torch
-
-_PREFIXES = ("base_model.model.", "module.")
-
-
-def _log(message):
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[mixspec] {message}", flush=True)
-
-
-__MIXSPEC_NAME_HELPERS__
-
-
-def plan_lrs():
-    """Every parameter the Plan trains -> its learning rate."""
-    return {name: comp["lr"] for comp in COMPONENTS for name in expand_names(comp["params"])}
-
-
-def plan_weight_decay():
-    """Every parameter the Plan trains -> its weight decay (0.0 where the Plan exempts it)."""
-    out = {}
-    for comp in COMPONENTS:
-        exempt = expand_names(comp["no_decay"])
-        for name in expand_names(comp["params"]):
-            out[name] = 0.0 if name in exempt else comp["weight_decay"]
-    return out
-
-
-def fingerprint(lrs, wds):
-    """The same hash as `mixspec plan --json` prints: sorted names, learning rates, weight decays."""
-    text = "\n".join(f"{name}={lr!r} wd={wds.get(name)!r}" for name, lr in sorted(lrs.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def plain_name(name):
-    """A parameter name as in the bare model (PEFT and DDP prefixes removed)."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-                changed = True
-    return name
-
-
-def _numel(param):
-    return getattr(param, "ds_numel", None) or param.numel()
-
-
-def trainable_params(model):
-    """Plain name -> (name in the model, parameter) for every parameter that requires grad."""
-    return {plain_name(n): (n, p) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _diff(expected, actual, limit=20):
-    missing = sorted(set(expected) - set(actual))
-    unexpected = sorted(set(actual) - set(expected))
-    lines = []
-    for title, names in (("planned but not trainable", missing), ("trainable but not planned", unexpected)):
-        if names:
-            lines.append(f"  {title} ({len(names)}):")
-            lines += [f"    {n}" for n in names[:limit]]
-            if len(names) > limit:
-                lines.append(f"    ... and {len(names) - limit} more")
-    return "\n".join(lines)
-
-
-class PlanMismatch(RuntimeError):
-    """The installed model or ms-swift does not train what the Plan says."""
-
-
-def _mismatch(what, details):
-    return PlanMismatch(
-        f"mixspec: {what} differ from the Plan ({PLAN_MODEL}, fingerprint {PLAN_FINGERPRINT}):\n{details}\n"
-        f"  The Plan was made with {PLAN_VERSIONS}; if the installed transformers names modules "
-        f"differently, recompile the spec with it (mixspec compile ... --target swift).")
-
-
-def check_trainable(model):
-    """Stop unless exactly the planned parameters require grad."""
-    actual = trainable_params(model)
-    expected = plan_lrs()
-    if set(actual) != set(expected):
-        raise _mismatch("the trainable parameters", _diff(expected, actual))
-    count = sum(_numel(p) for _, p in actual.values())
-    _log(f"trainable parameters match the Plan: {len(actual)} tensors, {count:,} parameters")
-    return count
-
-
-def _params_by_plain_name(model):
-    return {plain_name(n): p for n, p in model.named_parameters()}
-
-
-def set_full_trainable(model):
-    params = _params_by_plain_name(model)
-    missing = []
-    for comp in COMPONENTS:
-        if comp["mode"] != "full":
-            continue
-        for name in expand_names(comp["params"]):
-            if name in params:
-                params[name].requires_grad_(True)
-            else:
-                missing.append(name)
-    if missing:
-        raise _mismatch("the model's parameter names", _diff(missing, []))
-
-
-def full_param_names():
-    return {name for comp in COMPONENTS if comp["mode"] == "full" for name in expand_names(comp["params"])}
-
-
-def upcast_trained(model):
-    """The Plan holds trained parameters in TRAINED_DTYPE (fp32 master weights; mixed precision
-    autocasts) and frozen ones in the training precision: swift alone would train a bf16
-    model's full parts in bf16."""
-    dtype = getattr(torch, TRAINED_DTYPE)
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != dtype:
-            param.data = param.data.to(dtype)
-
-
-class _MixspecTunerMixin:
-    """prepare_model / save_pretrained / from_pretrained, as swift's Tuner interface wants."""
-
-    @staticmethod
-    def prepare_model(args, model):
-        model.requires_grad_(False)
-        if LORA is not None:
-            from peft import LoraConfig, get_peft_model
-
-            settings = dict(LORA, target_modules=sorted(expand_names(LORA["target_modules"])))
-            config = LoraConfig(task_type="CAUSAL_LM", **settings)
-            model = get_peft_model(model, config)
-        set_full_trainable(model)
-        upcast_trained(model)
-        check_trainable(model)
-        return model
-
-    @staticmethod
-    def save_pretrained(model, save_directory, state_dict=None, safe_serialization=True, **kwargs):
-        import safetensors.torch
-
-        if state_dict is None:
-            state_dict = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        if LORA is not None:
-            model.save_pretrained(save_directory, state_dict=state_dict,
-                                  safe_serialization=safe_serialization, **kwargs)
-        wanted = full_param_names()
-        full = {}
-        for name, tensor in state_dict.items():
-            plain = plain_name(name)
-            if plain in wanted:
-                full[plain] = tensor.detach().cpu().contiguous()
-        os.makedirs(save_directory, exist_ok=True)
-        safetensors.torch.save_file(full, os.path.join(save_directory, FULL_PARAMS_FILE),
-                                    metadata={"format": "pt", "mixspec_fingerprint": PLAN_FINGERPRINT})
-
-    @staticmethod
-    def from_pretrained(model, model_id, **kwargs):
-        import safetensors.torch
-
-        if LORA is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, model_id, **kwargs)
-        path = os.path.join(model_id, FULL_PARAMS_FILE)
-        if os.path.exists(path):
-            tensors = safetensors.torch.load_file(path)
-            params = _params_by_plain_name(model)
-            unknown = sorted(n for n in tensors if n not in params)
-            if unknown:
-                raise _mismatch("the saved full parameters", _diff([], unknown))
-            from transformers.integrations import is_deepspeed_zero3_enabled
-
-            if is_deepspeed_zero3_enabled():
-                import deepspeed
-
-                targets = [params[n] for n in tensors]
-                with deepspeed.zero.GatheredParameters(targets, modifier_rank=0):
-                    if deepspeed.comm.get_rank() == 0:
-                        with torch.no_grad():
-                            for name, tensor in tensors.items():
-                                params[name].data.copy_(tensor)
-            else:
-                with torch.no_grad():
-                    for name, tensor in tensors.items():
-                        params[name].data.copy_(tensor.to(params[name].dtype))
-        if kwargs.get("is_trainable"):
-            set_full_trainable(model)
-            check_trainable(model)
-        return model
-
-
-def build_optimizer(args, model):
-    """The optimizer swift's trainer uses: one group per (learning rate, weight decay); which
-    parameters decay is the Plan's decision (biases, norms and 1-D parameters do not)."""
-    from transformers import Trainer as HfTrainer
-
-    upcast_trained(model)  # also where swift's own tuner prepared the model
-    trainable = trainable_params(model)
-    lrs = plan_lrs()
-    if set(trainable) != set(lrs):
-        raise _mismatch("the trainable parameters", _diff(lrs, trainable))
-    wds = plan_weight_decay()
-    groups = {}
-    for plain in sorted(trainable):
-        _, param = trainable[plain]
-        groups.setdefault((lrs[plain], wds[plain]), []).append(param)
-    param_groups = [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
-    optimizer_cls, optimizer_kwargs = HfTrainer.get_optimizer_cls_and_kwargs(args, model)
-    optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
-    check_optimizer(optimizer, model, getattr(args, "output_dir", None))
-    return optimizer
-
-
-def check_optimizer(optimizer, model, output_dir=None):
-    """Stop unless every trainable parameter sits in exactly one group, at its planned LR and
-    weight decay."""
-    names = {id(p): plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
-    actual = {}
-    actual_wd = {}
-    actual_dtype = {}
-    repeated = []
-    groups = []
-    for group in optimizer.param_groups:
-        count = 0
-        for param in group["params"]:
-            name = names.get(id(param), f"<unnamed {tuple(param.shape)}>")
-            if name in actual:
-                repeated.append(name)
-            actual[name] = group["lr"]
-            actual_wd[name] = group.get("weight_decay", 0.0)
-            actual_dtype[name] = str(param.dtype).replace("torch.", "")
-            count += _numel(param)
-        groups.append({"lr": group["lr"], "weight_decay": group.get("weight_decay"),
-                       "tensors": len(group["params"]), "params": count})
-    expected = plan_lrs()
-    expected_wd = plan_weight_decay()
-    wrong = sorted(n for n in expected if n in actual and actual[n] != expected[n])
-    wrong_wd = sorted(n for n in expected if n in actual_wd and actual_wd[n] != expected_wd[n])
-    if set(actual) != set(expected) or repeated or wrong or wrong_wd:
-        details = _diff(expected, actual)
-        if repeated:
-            details += "\n  in more than one group: " + ", ".join(sorted(set(repeated))[:20])
-        for n in wrong[:20]:
-            details += f"\n  {n}: lr {actual[n]!r}, planned {expected[n]!r}"
-        for n in wrong_wd[:20]:
-            details += f"\n  {n}: weight decay {actual_wd[n]!r}, planned {expected_wd[n]!r}"
-        raise _mismatch("the optimizer's parameters, learning rates and weight decays", details)
-    got = fingerprint(actual, actual_wd)
-    if got != PLAN_FINGERPRINT:
-        raise _mismatch("the fingerprint (names, learning rates, weight decays)",
-                        f"  got {got}, planned {PLAN_FINGERPRINT}")
-    summary = "; ".join(f"lr {g['lr']!r} wd {g['weight_decay']!r}: {g['tensors']} tensors, {g['params']:,} params"
-                        for g in groups)
-    _log(f"optimizer matches the Plan (fingerprint {got}): {summary}")
-    if output_dir and int(os.environ.get("RANK", "0")) == 0:
-        os.makedirs(output_dir, exist_ok=True)
-        report = {"plan_fingerprint": PLAN_FINGERPRINT, "fingerprint": got, "groups": groups,
-                  "lr_by_param": dict(sorted(actual.items())),
-                  "weight_decay_by_param": dict(sorted(actual_wd.items())),
-                  "dtype_by_param": dict(sorted(actual_dtype.items()))}
-        with open(os.path.join(output_dir, "mixspec_check.json"), "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=1, sort_keys=True)
-'''
-
-_PLUGIN_REGISTER_V4 = r'''
-
-# -- registration (ms-swift 4.x: swift.tuner_plugin, swift.optimizers) -------------------------------
-from swift.optimizers import OptimizerCallback, optimizers_map  # noqa: E402
-from swift.tuner_plugin import Tuner, tuners_map  # noqa: E402
-
-
-class MixspecTuner(_MixspecTunerMixin, Tuner):
-    pass
-
-
-class MixspecOptimizer(OptimizerCallback):
-    def create_optimizer(self, model=None):
-        return build_optimizer(self.args, self.trainer.model if model is None else model)
-
-
-tuners_map["mixspec"] = MixspecTuner
-optimizers_map["mixspec"] = MixspecOptimizer
-'''
-
-_PLUGIN_REGISTER_V3 = r'''
-
-# -- registration (ms-swift 3.x: swift.plugin) -------------------------------------------------------
-from swift.plugin import Tuner, extra_tuners, optimizers_map  # noqa: E402
-
-
-class MixspecTuner(_MixspecTunerMixin, Tuner):
-    pass
-
-
-def create_mixspec_optimizer(args, model, dataset):
-    return build_optimizer(args, model), None
-
-
-extra_tuners["mixspec"] = MixspecTuner
-optimizers_map["mixspec"] = create_mixspec_optimizer
-'''
+        reasons.append("  - " + comment_line(f"{where}{item.what}: {item.why}"))
+    header = generated_header(plan, "swift", extra=[
+        f"An ms-swift {options.swift_version}.x plugin, loaded by train.sh with --external_plugins"
+        f" ({'--tuner_type' if options.swift_version >= 4 else '--train_type'} {PLUGIN_NAME}"
+        f" --optimizer {PLUGIN_NAME}). Do not edit.",
+        *reasons,
+    ])
+    data = py_assignments({
+        "SWIFT_VERSION": options.swift_version,
+        "PLAN_FINGERPRINT": plan.fingerprint(),
+        "PLAN_MODEL": plan.model,
+        "PLAN_VERSIONS": dict(sorted(plan.versions.items())),
+        "FULL_PARAMS_FILE": FULL_PARAMS_FILE,
+        "TRAINED_DTYPE": _PRECISION[plan.training.trained_dtype][0],
+        "LORA": lora,
+        "COMPONENTS": components,
+    })
+    return programs.render("swift_plugin", {"header": header, "plan": data})

@@ -1,13 +1,27 @@
-"""Shared test helpers: the repository root and an in-process mixspec CLI runner."""
+"""Shared test helpers: the repository root, scripts/update_goldens.py as a module and an
+in-process mixspec CLI runner."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_goldens():
+    spec = importlib.util.spec_from_file_location("update_goldens", ROOT / "scripts" / "update_goldens.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+#: scripts/update_goldens.py: the golden cases of the hf and deepspeed targets, and the golden
+#: form of a target's files (a generated program as its data part) for every target
+goldens = _load_goldens()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 import mixspec
+from conftest import goldens
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "examples" / "qwen25vl-7b-mixed.yaml"
@@ -38,10 +39,11 @@ def test_plan_json_is_what_the_cli_prints(run_cli):
 
 
 def test_render_gives_the_golden_files():
-    files = mixspec.render(mixspec.plan_spec("examples/qwen25vl-7b-mixed.yaml"), "hf")
+    files = goldens.golden_form(mixspec.render(mixspec.plan_spec("examples/qwen25vl-7b-mixed.yaml"), "hf"))
     golden = ROOT / "tests" / "targets" / "hf" / "qwen25vl-7b-mixed"
     assert sorted(files) == sorted(p.name for p in golden.iterdir())
     assert files["launch.sh"] == (golden / "launch.sh").read_text()
+    assert files["train.py.data"] == (golden / "train.py.data").read_text()
 
 
 def test_compile_spec_writes_all_files(tmp_path):

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import goldens
 from mixspec.errors import UnsupportedError
 from mixspec.loader import load_spec
 from mixspec.resolve import load_tree_for, plan_spec
@@ -34,9 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
 import make_tiny_vlm  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("update_goldens", ROOT / "scripts" / "update_goldens.py")
-goldens = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(goldens)
 
 CASES = goldens.cases()
 UPDATE = os.environ.get("MIXSPEC_UPDATE_GOLDEN") == "1"
@@ -140,12 +138,14 @@ def test_examples_are_golden_cases():
 
 # -- the embedded Plan -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", sorted(c for c in CASES if (ROOT / "tests/targets/hf" / c / "train.py").is_file()))
+@pytest.mark.parametrize("case", sorted(c for c in CASES if (ROOT / "tests/targets/hf" / c / "train.py.data").is_file()))
 def test_train_py_embeds_the_plan_exactly(monkeypatch, case):
     monkeypatch.chdir(ROOT)
     loaded = load_spec(Path(CASES[case]))
     plan = plan_spec(loaded)
-    text = (ROOT / "tests/targets/hf" / case / "train.py").read_text(encoding="utf-8")
+    # the golden data part: train.py's header and Plan blocks (tests/test_programs.py: the rest
+    # of train.py is mixspec/programs/hf_train.py, byte for byte)
+    text = (ROOT / "tests/targets/hf" / case / "train.py.data").read_text(encoding="utf-8")
     compile(text, "train.py", "exec")
     assert text.isascii()
     values = literal_assignments(text)
@@ -177,17 +177,20 @@ def test_train_py_embeds_the_plan_exactly(monkeypatch, case):
 
 @functools.lru_cache(maxsize=None)
 def _script_functions(names: tuple[str, ...]) -> dict:
-    """Functions of the generated train.py (its text is fixed), executed without its imports."""
-    from mixspec.targets import hf
-    from mixspec.targets._common import inline_source
+    """Functions of the helpers block of a generated train.py, executed on their own."""
+    import hashlib
 
-    text = hf._TRAIN_PY.replace("__MIXSPEC_NAME_HELPERS__", inline_source())
-    tree = ast.parse(text.replace("__MIXSPEC_HEADER__", "").replace("__MIXSPEC_", "None  # "))
-    keep = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names
-            or isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "INDEX"]
-    namespace = {"re": re}
-    exec(compile(ast.Module(body=keep, type_ignores=[]), "train.py", "exec"), namespace)
-    return namespace
+    from mixspec.programs import block_text
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        text = render(plan_spec(load_spec(Path("examples/qwen25vl-7b-mixed.yaml"))), "hf", TargetOptions())["train.py"]
+    finally:
+        os.chdir(cwd)
+    namespace = {"re": re, "hashlib": hashlib}
+    exec(compile(block_text(text, "helpers"), "train.py", "exec"), namespace)
+    return {name: namespace[name] for name in names}
 
 
 _NAME_PART = st.one_of(st.sampled_from(["model", "layers", "blocks", "mlp", "q_proj", "weight", "lora_A",
@@ -363,7 +366,8 @@ def test_cli_compile_writes_train_launch_and_deepspeed(run_cli, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["ds_config.json", "launch.sh", "model_config.json", "train.py"]
     assert os.access(out / "launch.sh", os.X_OK)
-    assert (out / "train.py").read_text() == (ROOT / "tests/targets/hf/qwen25vl-7b-mixed/train.py").read_text()
+    assert (goldens.golden_form({"train.py": (out / "train.py").read_text()})["train.py.data"]
+            == (ROOT / "tests/targets/hf/qwen25vl-7b-mixed/train.py.data").read_text())
     result = run_cli("compile", "examples/qwen25vl-7b-mixed.yaml", "--target", "hf", "-o", str(out),
                      "--model", "/models/qwen 7b")
     assert result.exit_code == 1 and "would overwrite" in result.stderr
@@ -495,15 +499,14 @@ def llava_dir(tmp_path_factory):
 
 
 def _data_module(tmp_path, model_type="llava"):
-    from mixspec.targets import hf
-    from mixspec.targets._common import inline_source
+    """train.py's data path: mixspec's own copy of the program, with a Plan of just what the
+    data path reads."""
+    from mixspec.programs import program_text
 
-    return import_module_from_text(hf._TRAIN_PY.replace("__MIXSPEC_HEADER__\n", "").replace(
-        "__MIXSPEC_PLAN__", repr({"model_type": model_type, "multimodal": True})).replace(
-        "__MIXSPEC_TRAINING__", "{}").replace("__MIXSPEC_DATA__", "None").replace(
-        "__MIXSPEC_OUTPUT_DIR__", "'o'").replace("__MIXSPEC_DISTRIBUTED__", "{}").replace("__MIXSPEC_DEEPSPEED__", "None")
-        .replace("__MIXSPEC_NAME_HELPERS__", inline_source()),
-        tmp_path / "train_data.py", "train_data_" + tmp_path.name.replace("-", "_"))
+    module = import_module_from_text(program_text("hf_train"), tmp_path / "train_data.py",
+                                     "train_data_" + tmp_path.name.replace("-", "_"))
+    module.PLAN = {"model_type": model_type, "multimodal": True}
+    return module
 
 
 def test_rows_are_the_processors_whole_conversation_plus_assistant_labels(llava_dir, tmp_path):

@@ -67,9 +67,9 @@ def test_approximate_never_covers_a_part_that_is_not_approximable(plan):
 
 def test_name_helpers_are_inlined_from_the_package(plan):
     """train.py and the swift plugin carry mixspec.names' helpers verbatim (written once)."""
-    from mixspec.targets._common import inline_source
+    from mixspec.programs import helpers_source
 
-    helpers = inline_source()
+    helpers = helpers_source()
     assert "def expand_names(" in helpers and "def compact_names(" in helpers
     train_py = render(plan, "hf", TargetOptions())["train.py"]
     plugin = render(plan, "swift", TargetOptions())["mixspec_plugin.py"]

@@ -1,0 +1,170 @@
+"""The programs mixspec generates, kept as real Python files of this package.
+
+``hf_train.py`` is the hf target's ``train.py`` and ``swift_plugin.py`` the swift target's
+``mixspec_plugin.py``. They are complete programs: the tests import them and ruff lints them
+as they are. What differs from one Plan to the next stands in marked blocks::
+
+    # --- mixspec: plan (generated) ---
+    PLAN = {...}                      placeholder values: the file imports as it is
+    # --- end mixspec: plan ---
+
+A target renders a program (``render``) by replacing the lines between each block's two
+marker lines (which stay, so a reader of the output sees what was generated) with text it
+computes: the ``header`` comment, the ``plan`` as Python literals, and the ``helpers``
+block. In the package the helpers block imports the helpers from ``mixspec.names`` (so this
+copy runs); in the output it holds their source (``helpers_source``), so a generated file
+is self-contained and needs nothing of mixspec.
+
+Every block the program has must be filled, each exactly once, and a plan block must assign
+the same names as the program's placeholder. Anything else is a bug in a program or in a
+target, and ``render`` stops with a ``ProgramError`` naming the program and the block.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from importlib import resources
+
+from mixspec import names
+
+#: the program files of this package (module name -> file name)
+PROGRAMS = ("hf_train", "swift_plugin")
+
+BEGIN = "# --- mixspec: {} (generated) ---"
+END = "# --- end mixspec: {} ---"
+_BEGIN = re.compile(r"# --- mixspec: ([a-z_]+) \(generated\) ---")
+_END = re.compile(r"# --- end mixspec: ([a-z_]+) ---")
+# anything that looks like a marker must be one, exactly (a typo would silently leave a block)
+_LOOKS_LIKE_MARKER = re.compile(r"\s*#\s*---\s*(end\s+)?mixspec\b")
+
+#: the block whose package text imports the helpers and whose output text is their source
+HELPERS = "helpers"
+#: the functions inlined into every generated program (after ``INDEX``), in this order
+_INLINED = (names.natural_key, names.ranges, names.compact_names, names.expand_names, names.names_sha256,
+            names.fingerprint)
+
+
+class ProgramError(RuntimeError):
+    """A program's marked blocks do not fit what a target fills in (a bug, not user input)."""
+
+
+def program_text(name: str) -> str:
+    """The source of one of this package's programs."""
+    if name not in PROGRAMS:
+        raise ProgramError(f"no program {name!r} in mixspec.programs (there are: {', '.join(PROGRAMS)})")
+    return resources.files(__name__).joinpath(name + ".py").read_text(encoding="utf-8")
+
+
+def helpers_source() -> str:
+    """mixspec.names' helpers as source, for the helpers block of a generated program (which
+    imports ``re`` and ``hashlib``): written once, in the package, inlined into each output."""
+    funcs = "\n\n".join(inspect.getsource(f) for f in _INLINED)
+    return f"INDEX = re.compile({names.INDEX.pattern!r})\n\n\n" + funcs
+
+
+def helpers_import() -> str:
+    """The helpers block as it stands in the package programs: the same helpers, imported."""
+    imported = sorted(["INDEX"] + [f.__name__ for f in _INLINED], key=lambda n: (n != "INDEX", n))
+    return f"from mixspec.names import {', '.join(imported)}  # noqa: F401\n"
+
+
+def blocks(text: str, program: str = "program") -> dict[str, tuple[int, int]]:
+    """Each marked block of a program: name -> (line index of its begin marker, of its end
+    marker). Raises ProgramError on a duplicated, unclosed, nested or malformed marker."""
+    out: dict[str, tuple[int, int]] = {}
+    open_name, open_at = None, -1
+    for i, line in enumerate(text.split("\n")):
+        begin, end = _BEGIN.fullmatch(line), _END.fullmatch(line)
+        if not begin and not end:
+            if _LOOKS_LIKE_MARKER.match(line):
+                raise ProgramError(f"{program}:{i + 1}: a malformed block marker: {line.strip()!r} "
+                                   f"(write {BEGIN.format('NAME')!r} ... {END.format('NAME')!r})")
+            continue
+        if begin:
+            name = begin.group(1)
+            if open_name is not None:
+                raise ProgramError(f"{program}:{i + 1}: block {name!r} begins inside block {open_name!r}")
+            if name in out:
+                raise ProgramError(f"{program}:{i + 1}: block {name!r} appears twice "
+                                   f"(first at line {out[name][0] + 1})")
+            open_name, open_at = name, i
+            continue
+        name = end.group(1)
+        if open_name != name:
+            raise ProgramError(f"{program}:{i + 1}: the end of block {name!r} without its begin marker"
+                               + (f" (block {open_name!r} is open)" if open_name else ""))
+        out[name] = (open_at, i)
+        open_name = None
+    if open_name is not None:
+        raise ProgramError(f"{program}:{open_at + 1}: block {open_name!r} has no end marker "
+                           f"{END.format(open_name)!r}")
+    return out
+
+
+def block_text(text: str, name: str, program: str = "program") -> str:
+    """The lines inside one block (markers excluded), each ending in a newline."""
+    where = blocks(text, program)
+    if name not in where:
+        raise ProgramError(f"{program}: has no block {name!r}")
+    start, end = where[name]
+    return "".join(line + "\n" for line in text.split("\n")[start + 1:end])
+
+
+def data_part(text: str, program: str = "program") -> str:
+    """What a generated file adds to its program: every block but the helpers (the same
+    source in every output), markers included, in file order. The golden files hold this."""
+    lines = text.split("\n")
+    out = []
+    for name, (start, end) in sorted(blocks(text, program).items(), key=lambda kv: kv[1]):
+        if name != HELPERS:
+            out += lines[start:end + 1]
+    return "".join(line + "\n" for line in out)
+
+
+def _assigned(source: str, where: str) -> list[str]:
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise ProgramError(f"{where}: not valid Python: {exc.msg} (line {exc.lineno})") from None
+    return [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+            if isinstance(t, ast.Name)]
+
+
+def render(program: str, filled: dict[str, str]) -> str:
+    """The program ``program`` (a name in PROGRAMS) with each block's lines replaced by
+    ``filled[block]`` (a missing final newline is added); ``helpers`` is filled here."""
+    text = program_text(program)
+    where = f"mixspec/programs/{program}.py"
+    found = blocks(text, where)
+    filled = dict(filled)
+    if HELPERS in found:
+        if HELPERS in filled:
+            raise ProgramError(f"{where}: the {HELPERS!r} block is filled by mixspec.programs, not by a target")
+        if block_text(text, HELPERS, where) != helpers_import():
+            raise ProgramError(f"{where}: the {HELPERS!r} block must be exactly {helpers_import()!r}, "
+                               "the helpers that helpers_source() inlines")
+        filled[HELPERS] = helpers_source()
+    missing, unknown = sorted(set(found) - set(filled)), sorted(set(filled) - set(found))
+    if missing or unknown:
+        raise ProgramError(f"{where}: " + "; ".join(
+            part for part in (f"blocks not filled: {', '.join(missing)}" if missing else "",
+                              f"no block for: {', '.join(unknown)}" if unknown else "") if part))
+    if "plan" in found:
+        want = _assigned(block_text(text, "plan", where), f"{where} (plan block)")
+        got = _assigned(filled["plan"], f"{program}: the generated plan block")
+        if got != want:
+            raise ProgramError(f"{where}: the generated plan block assigns {got}, the program's placeholder {want}")
+    lines = text.split("\n")
+    out: list[str] = []
+    pos = 0
+    for name, (start, end) in sorted(found.items(), key=lambda kv: kv[1]):
+        body = filled[name]
+        if body and not body.endswith("\n"):
+            body += "\n"
+        out += lines[pos:start + 1]
+        out += body.split("\n")[:-1]
+        pos = end
+    out += lines[pos:]
+    return "\n".join(out)
