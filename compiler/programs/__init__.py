@@ -135,8 +135,11 @@ def _assigned(source: str, where: str) -> list[str]:
 def render(program: str, filled: dict[str, str]) -> str:
     """The program ``program`` (a name in PROGRAMS) with each block's lines replaced by
     ``filled[block]`` (a missing final newline is added); ``helpers`` is filled here."""
-    text = program_text(program)
-    where = f"mixspec/programs/{program}.py"
+    return fill(program_text(program), filled, f"mixspec/programs/{program}.py")
+
+
+def fill(text: str, filled: dict[str, str], where: str = "program") -> str:
+    """``render`` for a program's text (``where`` names it in errors)."""
     found = blocks(text, where)
     filled = dict(filled)
     if HELPERS in found:
@@ -153,7 +156,7 @@ def render(program: str, filled: dict[str, str]) -> str:
                               f"no block for: {', '.join(unknown)}" if unknown else "") if part))
     if "plan" in found:
         want = _assigned(block_text(text, "plan", where), f"{where} (plan block)")
-        got = _assigned(filled["plan"], f"{program}: the generated plan block")
+        got = _assigned(filled["plan"], f"{where}: the generated plan block")
         if got != want:
             raise ProgramError(f"{where}: the generated plan block assigns {got}, the program's placeholder {want}")
     lines = text.split("\n")
