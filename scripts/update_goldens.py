@@ -3,8 +3,8 @@
 
 Cases: every spec in examples/ and in tests/targets/specs/hf/, compiled for each target
 into tests/targets/<target>/<spec stem>/ (the files the target writes, or refusal.txt
-holding the refusal). A generated program (train.py) is kept as NAME.data: the blocks the
-target filled in (header, Plan), not the program, which is mixspec/programs/*.py itself
+holding the refusal). A generated program (train.py, launch.sh) is kept as NAME.data: the
+blocks the target filled in (header, Plan), not the program, which is mixspec/programs/ itself
 (tests/test_programs.py proves program + blocks == the generated file, byte for byte).
 Golden files are reviewed like code: run this after a change that alters output, read the
 diff, commit it with the change.
@@ -31,13 +31,13 @@ DATA_SUFFIX = ".data"  # a generated program's golden form: its generated blocks
 
 
 def golden_form(files: dict[str, str]) -> dict[str, str]:
-    """The files as golden files hold them: a generated program (a .py file with mixspec's
-    block markers) as NAME.data, its data part; every other file as it is."""
+    """The files as golden files hold them: a generated program (a .py or .sh file with
+    mixspec's block markers) as NAME.data, its data part; every other file as it is."""
     from mixspec import programs
 
     out = {}
     for name, text in files.items():
-        if name.endswith(".py") and programs.blocks(text, name):
+        if name.endswith((".py", ".sh")) and programs.blocks(text, name):
             out[name + DATA_SUFFIX] = programs.data_part(text, name)
         else:
             out[name] = text

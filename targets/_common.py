@@ -124,6 +124,11 @@ def py_assignments(values: dict) -> str:
     return "\n".join(f"{name} = {py_literal(value, lead=len(name) + 3)}\n" for name, value in values.items())
 
 
+def sh_assignments(values: dict) -> str:
+    """``NAME=word`` lines (``sh_word``): the plan block of a generated shell program."""
+    return "".join(f"{name}={sh_word(str(value))}\n" for name, value in values.items())
+
+
 # -- compact, exact lists of parameter or module names ----------------------------------
 # compact_names / expand_names live in mixspec.names (imported above; inlined into programs)
 

@@ -7,9 +7,11 @@ is embedded as Python literals at its top: per-component trainable parameter nam
 a compact, exact form), learning rates, LoRA settings with exact target modules, counts,
 and hashes. Before the first step it checks the model it loaded against them.
 
-The script is a real file of the package, mixspec/programs/hf_train.py; this target fills its
-marked blocks (header, Plan, helpers), so only they differ between plans and a golden file
-diff shows exactly what a spec change does.
+train.py and launch.sh are real files of the package, mixspec/programs/hf_train.py and
+hf_launch.sh; this target fills their marked blocks (header, Plan; mixspec.programs inlines
+the helpers), so only those differ between plans and a golden file diff shows exactly what a
+spec change does. This module holds the decisions: what the Plan says in PEFT's terms, what
+train.py cannot express (refused), and the data it embeds.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from mixspec.targets._common import (
     exact_regex,
     generated_header,
     py_assignments,
-    sh_word,
+    sh_assignments,
 )
 from mixspec.targets._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
 from mixspec.targets.deepspeed import deepspeed_config_text, distributed_unsupported
@@ -271,84 +273,16 @@ def render_train_py(plan: Plan, options: TargetOptions) -> str:
 
 
 def render_launch_sh(plan: Plan) -> str:
-    """launch.sh: torchrun (default), deepspeed or accelerate, single- or multi-node."""
+    """launch.sh (torchrun by default, deepspeed or accelerate; single- or multi-node):
+    mixspec.programs' hf_launch with its blocks filled."""
     dist = plan.distributed
     nodes, gpus = dist.nodes, dist.gpus_per_node
-    uses_ds = dist.deepspeed
-    header = "#!/usr/bin/env bash\n" + generated_header(plan, "hf", extra=[
-        "",
-        f"Planned for {nodes} node(s) x {gpus} GPU(s)" + (f", DeepSpeed ZeRO-{dist.zero_stage}"
-                                                          + (f", offload {dist.offload}" if dist.offload != "none" else "")
-                                                          if uses_ds else ", no DeepSpeed") + ".",
-        "Usage:  bash launch.sh [train.py options]          (on every node for multi-node runs)",
-        "  LAUNCHER=torchrun|deepspeed|accelerate   which launcher (default torchrun)",
-        "  NNODES, GPUS_PER_NODE                    override the planned sizes",
-        "  NODE_RANK, MASTER_ADDR, MASTER_PORT      multi-node rendezvous (node 0's address)",
-        "  HOSTFILE                                 deepspeed launcher, multi-node: run on node 0 only,",
-        "                                           which starts every node over ssh (pdsh) from it;",
-        "                                           without it, run on every node (deepspeed --no_ssh)",
-    ])
-    body = _LAUNCH_SH
-    body = body.replace("__NNODES__", sh_word(str(nodes))).replace("__GPUS__", sh_word(str(gpus)))
-    return header + body
-
-
-_LAUNCH_SH = r'''set -euo pipefail
-
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-SCRIPT="$HERE/train.py"
-NNODES="${NNODES:-__NNODES__}"
-GPUS_PER_NODE="${GPUS_PER_NODE:-__GPUS__}"
-LAUNCHER="${LAUNCHER:-torchrun}"
-MASTER_PORT="${MASTER_PORT:-29500}"
-
-if [ "$NNODES" -gt 1 ]; then
-  if [ "$LAUNCHER" != deepspeed ] || [ -z "${HOSTFILE:-}" ]; then
-    : "${NODE_RANK:?multi-node: set NODE_RANK (0..NNODES-1) on each node}"
-  fi
-  : "${MASTER_ADDR:?multi-node: set MASTER_ADDR to node 0 address}"
-fi
-
-case "$LAUNCHER" in
-  torchrun)
-    if [ "$NNODES" -eq 1 ]; then
-      exec torchrun --standalone --nnodes 1 --nproc_per_node "$GPUS_PER_NODE" "$SCRIPT" "$@"
-    fi
-    exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
-      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$SCRIPT" "$@"
-    ;;
-  deepspeed)
-    if [ "$NNODES" -eq 1 ]; then
-      exec deepspeed --num_gpus "$GPUS_PER_NODE" --master_port "$MASTER_PORT" "$SCRIPT" "$@"
-    fi
-    if [ -n "${HOSTFILE:-}" ]; then
-      # run on node 0 only: the deepspeed launcher starts every node over ssh (pdsh)
-      exec deepspeed --hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE" \
-        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$SCRIPT" "$@"
-    fi
-    # run on every node (by hand, or srun): one launcher per node, no ssh; its hostfile only
-    # tells it the world (NNODES x GPUS_PER_NODE), no host in it is contacted
-    hostfile="$(mktemp)"
-    trap 'rm -f "$hostfile"' EXIT
-    for ((i = 0; i < NNODES; i++)); do echo "node$i slots=$GPUS_PER_NODE"; done > "$hostfile"
-    deepspeed --no_ssh --node_rank "$NODE_RANK" --hostfile "$hostfile" --num_nodes "$NNODES" \
-      --num_gpus "$GPUS_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$SCRIPT" "$@"
-    ;;
-  accelerate)
-    if [ "$NNODES" -eq 1 ]; then
-      exec accelerate launch --multi_gpu --num_machines 1 --num_processes "$GPUS_PER_NODE" \
-        --main_process_port "$MASTER_PORT" "$SCRIPT" "$@"
-    fi
-    exec accelerate launch --multi_gpu --num_machines "$NNODES" --machine_rank "$NODE_RANK" \
-      --num_processes "$((NNODES * GPUS_PER_NODE))" --main_process_ip "$MASTER_ADDR" \
-      --main_process_port "$MASTER_PORT" "$SCRIPT" "$@"
-    ;;
-  *)
-    echo "launch.sh: unknown LAUNCHER '$LAUNCHER' (torchrun, deepspeed or accelerate)" >&2
-    exit 2
-    ;;
-esac
-'''
+    setup = ", no DeepSpeed"
+    if dist.deepspeed:
+        setup = f", DeepSpeed ZeRO-{dist.zero_stage}" + (f", offload {dist.offload}" if dist.offload != "none" else "")
+    header = generated_header(plan, "hf", extra=["", f"Planned for {nodes} node(s) x {gpus} GPU(s){setup}."])
+    data = sh_assignments({"PLANNED_NNODES": nodes, "PLANNED_GPUS_PER_NODE": gpus})
+    return programs.render("hf_launch", {"header": header, "plan": data})
 
 
 TARGET = HfTarget

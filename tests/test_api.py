@@ -42,7 +42,7 @@ def test_render_gives_the_golden_files():
     files = goldens.golden_form(mixspec.render(mixspec.plan_spec("examples/qwen25vl-7b-mixed.yaml"), "hf"))
     golden = ROOT / "tests" / "targets" / "hf" / "qwen25vl-7b-mixed"
     assert sorted(files) == sorted(p.name for p in golden.iterdir())
-    assert files["launch.sh"] == (golden / "launch.sh").read_text()
+    assert files["launch.sh.data"] == (golden / "launch.sh.data").read_text()
     assert files["train.py.data"] == (golden / "train.py.data").read_text()
 
 

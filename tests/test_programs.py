@@ -32,7 +32,8 @@ from mixspec.targets import TargetOptions, render
 
 PROGRAM_DIR = ROOT / "compiler" / "programs"
 # generated file -> the package program it is rendered from
-OUTPUT_OF = {"train.py": "hf_train", "mixspec_plugin.py": "swift_plugin"}
+OUTPUT_OF = {"train.py": "hf_train", "launch.sh": "hf_launch", "mixspec_plugin.py": "swift_plugin"}
+PYTHON_PROGRAMS = [p for p, f in programs.PROGRAMS.items() if f.endswith(".py")]
 SWIFT_VENV = Path(os.environ.get("MIXSPEC_SWIFT_VENV") or ROOT / ".venv-swift")
 
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
@@ -102,11 +103,12 @@ def test_generated_file_is_the_package_program_with_the_golden_blocks(monkeypatc
         data = (ROOT / "tests" / "targets" / target / name / (out_name + ".data")).read_text(encoding="utf-8")
         blocks = split_blocks(data)
         assert sorted(blocks) == ["header", "plan"]
-        blocks["helpers"] = programs.helpers_source()
-        program_file = (PROGRAM_DIR / f"{program}.py").read_text(encoding="utf-8")
+        program_file = (PROGRAM_DIR / programs.PROGRAMS[program]).read_text(encoding="utf-8")
+        if programs.BEGIN.format("helpers") in program_file:
+            blocks["helpers"] = programs.helpers_source()
         assert files[out_name] == splice(program_file, blocks), f"{case}/{out_name}"
     if target == "hf":
-        assert found == 1  # every hf case that compiles writes train.py
+        assert found == 2  # every hf case that compiles writes train.py and launch.sh
 
 
 def test_inlined_helpers_are_mixspec_names_source():
@@ -120,8 +122,8 @@ def test_inlined_helpers_are_mixspec_names_source():
     namespace = {"re": re, "hashlib": __import__("hashlib")}
     exec(compile(source, "helpers", "exec"), namespace)
     assert namespace["INDEX"].pattern == names.INDEX.pattern
-    # the package programs import the same names in their helpers block
-    for program in programs.PROGRAMS:
+    # the package's Python programs import the same names in their helpers block
+    for program in PYTHON_PROGRAMS:
         imported = programs.block_text(programs.program_text(program), "helpers", program)
         node = ast.parse(imported).body[0]
         assert isinstance(node, ast.ImportFrom) and node.module == "mixspec.names"
@@ -351,11 +353,15 @@ def _filled(program: str) -> dict[str, str]:
     return {"header": "# a header\n", "plan": programs.block_text(text, "plan", program)}
 
 
-@pytest.mark.parametrize("program", programs.PROGRAMS)
-def test_placeholder_blocks_render_to_a_valid_program(program):
-    text = programs.fill(programs.program_text(program), _filled(program), program)
-    compile(text, program, "exec")
-    assert programs.block_text(text, "helpers") == programs.helpers_source()
+@pytest.mark.parametrize("program", list(programs.PROGRAMS))
+def test_placeholder_blocks_render_to_a_valid_program(program, tmp_path):
+    text = programs.render(program, _filled(program))
+    if program in PYTHON_PROGRAMS:
+        compile(text, program, "exec")
+        assert programs.block_text(text, "helpers") == programs.helpers_source()
+    else:
+        (tmp_path / "p.sh").write_text(text, encoding="utf-8")
+        assert subprocess.run(["bash", "-n", str(tmp_path / "p.sh")]).returncode == 0
 
 
 def _mutations(text: str) -> dict[str, tuple[str, str]]:
@@ -373,23 +379,26 @@ def _mutations(text: str) -> dict[str, tuple[str, str]]:
                    "block 'inner' begins inside block 'plan'"),
         "helpers edited": (text.replace(programs.helpers_import(), programs.helpers_import().replace(", ranges", "")),
                            "the 'helpers' block must be exactly"),
-        "placeholder name changed": (text.replace(begin + "\n" + first, begin + "\n" + first.replace(" = ", "_X = ", 1)),
+        "placeholder name changed": (text.replace(begin + "\n" + first, begin + "\n" + re.sub(r"^(\w+)", r"\1_X", first)),
                                      "the generated plan block assigns"),
     }
 
 
-@pytest.mark.parametrize("program", programs.PROGRAMS)
+@pytest.mark.parametrize("program", list(programs.PROGRAMS))
 @pytest.mark.parametrize("mutation", ["begin missing", "end missing", "block duplicated", "block removed",
                                       "marker misspelt", "nested", "helpers edited", "placeholder name changed"])
 def test_a_program_whose_markers_do_not_fit_stops_the_renderer(program, mutation):
     text = programs.program_text(program)
+    if mutation == "helpers edited" and program not in PYTHON_PROGRAMS:
+        pytest.skip("a shell program has no helpers block")
     filled = _filled(program)
     bad, message = _mutations(text)[mutation]
     assert bad != text
+    where = programs.PROGRAMS[program]
     with pytest.raises(programs.ProgramError) as info:
-        programs.fill(bad, filled, f"{program}.py")
+        programs.fill(bad, filled, where, shell=where.endswith(".sh"))
     assert message in str(info.value), str(info.value)
-    assert f"{program}.py" in str(info.value)
+    assert where in str(info.value)
 
 
 def test_a_target_that_fills_too_little_or_too_much_stops_the_renderer():

@@ -387,16 +387,20 @@ def test_cli_refusal_exits_1_without_traceback(run_cli, tmp_path):
 
 def test_launch_sh_parses_and_picks_the_planned_command(monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
+    scripts = {}
     for case in ("qwen25vl-7b-mixed", "qwen2vl-2b-vision-multinode"):
-        path = ROOT / "tests/targets/hf" / case / "launch.sh"
+        path = tmp_path / case / "launch.sh"
+        path.parent.mkdir()
+        path.write_text(render(plan_spec(load_spec(Path(CASES[case]))), "hf", TargetOptions())["launch.sh"])
         assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+        scripts[case] = path
     # run the multi-node script with fake launchers that print their argv
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("torchrun", "deepspeed", "accelerate"):
         (bin_dir / tool).write_text(f"#!/bin/sh\necho {tool} \"$@\"\n")
         (bin_dir / tool).chmod(0o755)
-    script = ROOT / "tests/targets/hf/qwen2vl-2b-vision-multinode/launch.sh"
+    script = scripts["qwen2vl-2b-vision-multinode"]
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"}
     here = str(script.parent)
     out = subprocess.run(["bash", str(script), "--max-steps", "5"], capture_output=True, text=True, env=env)
@@ -409,7 +413,7 @@ def test_launch_sh_parses_and_picks_the_planned_command(monkeypatch, tmp_path):
     missing = subprocess.run(["bash", str(script)], capture_output=True, text=True,
                              env={k: v for k, v in env.items() if k != "NODE_RANK"})
     assert missing.returncode != 0 and "NODE_RANK" in missing.stderr
-    single = ROOT / "tests/targets/hf/qwen25vl-7b-mixed/launch.sh"
+    single = scripts["qwen25vl-7b-mixed"]
     out = subprocess.run(["bash", str(single)], capture_output=True, text=True, env={**env, "LAUNCHER": "deepspeed"})
     assert out.stdout == f"deepspeed --num_gpus 8 --master_port 29500 {single.parent}/train.py\n"
 

@@ -1,8 +1,9 @@
 """The programs mixspec generates, kept as real Python files of this package.
 
-``hf_train.py`` is the hf target's ``train.py`` and ``swift_plugin.py`` the swift target's
-``mixspec_plugin.py``. They are complete programs: the tests import them and ruff lints them
-as they are. What differs from one Plan to the next stands in marked blocks::
+``hf_train.py`` is the hf target's ``train.py``, ``hf_launch.sh`` its ``launch.sh`` and
+``swift_plugin.py`` the swift target's ``mixspec_plugin.py``. They are complete programs: the
+tests import the Python ones and ruff lints them as they are (``bash -n`` the shell one).
+What differs from one Plan to the next stands in marked blocks::
 
     # --- mixspec: plan (generated) ---
     PLAN = {...}                      placeholder values: the file imports as it is
@@ -29,8 +30,8 @@ from importlib import resources
 
 from mixspec import names
 
-#: the program files of this package (module name -> file name)
-PROGRAMS = ("hf_train", "swift_plugin")
+#: the programs of this package: name -> file name
+PROGRAMS = {"hf_train": "hf_train.py", "hf_launch": "hf_launch.sh", "swift_plugin": "swift_plugin.py"}
 
 BEGIN = "# --- mixspec: {} (generated) ---"
 END = "# --- end mixspec: {} ---"
@@ -54,7 +55,7 @@ def program_text(name: str) -> str:
     """The source of one of this package's programs."""
     if name not in PROGRAMS:
         raise ProgramError(f"no program {name!r} in mixspec.programs (there are: {', '.join(PROGRAMS)})")
-    return resources.files(__name__).joinpath(name + ".py").read_text(encoding="utf-8")
+    return resources.files(__name__).joinpath(PROGRAMS[name]).read_text(encoding="utf-8")
 
 
 def helpers_source() -> str:
@@ -123,7 +124,13 @@ def data_part(text: str, program: str = "program") -> str:
     return "".join(line + "\n" for line in out)
 
 
-def _assigned(source: str, where: str) -> list[str]:
+_SH_ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=")
+
+
+def _assigned(source: str, where: str, shell: bool) -> list[str]:
+    """The names a plan block assigns, in order (Python, or shell ``NAME=word`` lines)."""
+    if shell:
+        return [m.group(1) for line in source.splitlines() if (m := _SH_ASSIGNMENT.match(line))]
     try:
         tree = ast.parse(source)
     except SyntaxError as exc:
@@ -135,11 +142,13 @@ def _assigned(source: str, where: str) -> list[str]:
 def render(program: str, filled: dict[str, str]) -> str:
     """The program ``program`` (a name in PROGRAMS) with each block's lines replaced by
     ``filled[block]`` (a missing final newline is added); ``helpers`` is filled here."""
-    return fill(program_text(program), filled, f"mixspec/programs/{program}.py")
+    text = program_text(program)
+    return fill(text, filled, f"mixspec/programs/{PROGRAMS[program]}", shell=PROGRAMS[program].endswith(".sh"))
 
 
-def fill(text: str, filled: dict[str, str], where: str = "program") -> str:
-    """``render`` for a program's text (``where`` names it in errors)."""
+def fill(text: str, filled: dict[str, str], where: str = "program", shell: bool = False) -> str:
+    """``render`` for a program's text (``where`` names it in errors; ``shell``: a shell
+    program, whose plan block is ``NAME=word`` lines)."""
     found = blocks(text, where)
     filled = dict(filled)
     if HELPERS in found:
@@ -155,8 +164,8 @@ def fill(text: str, filled: dict[str, str], where: str = "program") -> str:
             part for part in (f"blocks not filled: {', '.join(missing)}" if missing else "",
                               f"no block for: {', '.join(unknown)}" if unknown else "") if part))
     if "plan" in found:
-        want = _assigned(block_text(text, "plan", where), f"{where} (plan block)")
-        got = _assigned(filled["plan"], f"{where}: the generated plan block")
+        want = _assigned(block_text(text, "plan", where), f"{where} (plan block)", shell)
+        got = _assigned(filled["plan"], f"{where}: the generated plan block", shell)
         if got != want:
             raise ProgramError(f"{where}: the generated plan block assigns {got}, the program's placeholder {want}")
     lines = text.split("\n")
