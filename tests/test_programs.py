@@ -155,11 +155,15 @@ def test_hf_train_program_imports_and_its_placeholder_plan_has_the_generated_sha
 def test_swift_plugin_program_imports_and_registers(monkeypatch):
     from test_target_swift import _stub_swift
 
+    from mixspec.targets.swift import FULL_PARAMS_FILE, PLUGIN_NAME
+
     mods = _stub_swift(monkeypatch, 4)
     module = _fresh_import("mixspec.programs.swift_plugin")
     try:
-        assert mods["swift.tuner_plugin"].tuners_map["mixspec"] is module.MixspecTuner
-        assert mods["swift.optimizers"].optimizers_map["mixspec"] is module.MixspecOptimizer
+        # registered under the name train.sh passes (--tuner_type/--optimizer)
+        assert mods["swift.tuner_plugin"].tuners_map[PLUGIN_NAME] is module.MixspecTuner
+        assert mods["swift.optimizers"].optimizers_map[PLUGIN_NAME] is module.MixspecOptimizer
+        assert module.FULL_PARAMS_FILE == FULL_PARAMS_FILE
         assert module.plan_lrs() == {} and module.COMPONENTS == []
     finally:
         sys.modules.pop("mixspec.programs.swift_plugin", None)
@@ -413,3 +417,6 @@ def test_a_target_that_fills_too_little_or_too_much_stops_the_renderer():
         programs.render("hf_train", {**filled, "plan": filled["plan"].replace("TRAINING = ", "TRAINNG = ")})
     with pytest.raises(programs.ProgramError, match="no program"):
         programs.program_text("nope")
+    for marker in (programs.END.format("header"), programs.BEGIN.format("plan")):
+        with pytest.raises(programs.ProgramError, match="holds a line that is a block marker"):
+            programs.render("hf_train", {**filled, "header": f"# a\n{marker}\n# b\n"})

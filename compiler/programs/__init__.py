@@ -1,4 +1,4 @@
-"""The programs mixspec generates, kept as real Python files of this package.
+"""The programs mixspec generates, kept as real files of this package.
 
 ``hf_train.py`` is the hf target's ``train.py``, ``hf_launch.sh`` its ``launch.sh`` and
 ``swift_plugin.py`` the swift target's ``mixspec_plugin.py``. They are complete programs: the
@@ -179,4 +179,11 @@ def fill(text: str, filled: dict[str, str], where: str = "program", shell: bool 
         out += body.split("\n")[:-1]
         pos = end
     out += lines[pos:]
-    return "\n".join(out)
+    result = "\n".join(out)
+    try:
+        same = list(blocks(result, where)) == sorted(found, key=lambda n: found[n])
+    except ProgramError:
+        same = False
+    if not same:
+        raise ProgramError(f"{where}: a filled block holds a line that is a block marker")
+    return result
