@@ -202,6 +202,8 @@ _ORACLE = textwrap.dedent("""
 
     model_dir, config_path = sys.argv[1], sys.argv[2]
     cfg = DictDefault(yaml.safe_load(open(config_path)))
+    if cfg.adapter and cfg.lora_dropout is None:
+        cfg.lora_dropout = 0.0  # what axolotl's schema (validate_lora_dropout) fills in
     raw = json.load(open(os.path.join(model_dir, "config.json")))
     config = AutoConfig.for_model(**raw)
     model = getattr(transformers, raw["architectures"][0])._from_config(config, dtype=torch.float32)
@@ -274,3 +276,19 @@ def test_axolotl_own_functions_train_what_the_import_says(tiny, tmp_path):
             failures.append((case, sorted((n, got["lrs"].get(n), lrs.get(n)) for n in set(lrs) | set(got["lrs"])
                                           if got["lrs"].get(n) != lrs.get(n))[:8]))
     assert not failures, failures
+
+
+@pytest.mark.parametrize("text", [
+    f"base_model: {QWEN_VL}\nlearning_rate: 1.0e-4\nlogging_steps: .inf\nsave_steps: .nan\n",
+    f"base_model: {QWEN_VL}\nlearning_rate: 1.0e-4\nlr_groups: {{a: 1}}\ndatasets: 3\ndeepspeed: [1]\n",
+    f"base_model: {QWEN_VL}\nlearning_rate: 1.0e-4\nlr_groups: [{{name: x}}, 3]\nunfrozen_parameters: ['(']\n",
+    f"base_model: {QWEN_VL}\nlearning_rate: -1\nunfrozen_parameters: ['model.visual.merger.+']\n",
+    f"base_model: {QWEN_VL}\nadapter: lora\nlora_r: 0\nlora_alpha: 8\nlora_target_modules: '('\nlearning_rate: 1\n",
+    "base_model: 7\nlearning_rate: x\n",
+])
+def test_odd_values_give_problems_or_a_spec_never_a_traceback(text):
+    imp = axo(text)
+    for p in imp.problems:
+        assert p.location.file == "config.yml" and p.message
+    if imp.ok:
+        plan_spec(imp.spec)

@@ -379,3 +379,25 @@ def test_real_llamafactory_trains_what_the_import_says(tmp_path, monkeypatch):
         if got["trainable"] != sorted(plan.trainable_lrs()) or {got["lr"]} != set(plan.trainable_lrs().values()):
             failures.append((method, sorted(set(got["trainable"]) ^ set(plan.trainable_lrs()))[:10]))
     assert not failures, failures
+
+
+@pytest.mark.parametrize("text", [
+    "model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct\nlogging_steps: .inf\nsave_steps: .nan\n",
+    "model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct\nlora_target: {a: 1}\ndeepspeed: [1]\ndataset: {x: 1}\n",
+    "model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct\nlearning_rate: -1\nlora_rank: 0\n",
+    "model_name_or_path: 7\nfinetuning_type: [lora]\n",
+    "model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct\ndeepspeed: /no/such/ds.json\n",
+    "model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct\nadditional_target: ''\nlora_target: ','\n",
+])
+def test_odd_values_give_problems_or_a_spec_never_a_traceback(text):
+    imp = lf(text)
+    for p in imp.problems:
+        assert p.location.file == "train.yaml" and p.message
+    if imp.ok:
+        plan_spec(imp.spec)
+
+
+def test_a_bad_value_is_located_at_the_users_key():
+    imp = lf(head(QWEN_VL, "finetuning_type: lora\nlora_rank: 0\n"))
+    # (lora_alpha defaults to lora_rank * 2, so it is 0 too)
+    assert ("train.yaml:5:1", "components.language.lora.rank") in [(str(p.location), p.path) for p in imp.problems]

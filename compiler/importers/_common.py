@@ -434,7 +434,10 @@ def plan_imported(imported: Imported, model: Model, parts: list[Part], where: Lo
         plan = plan_spec(imported.spec)
     except SpecError as exc:
         for p in exc.problems:
-            imported.problems.append(Problem(where, p.path, f"the imported spec does not plan: {p.message}", p.hint))
+            # point at the user's key the spec value came from, where there is one
+            origin = imported.origins.get(p.path)
+            at = origin if isinstance(origin, Location) else where
+            imported.problems.append(Problem(at, p.path, f"the imported spec does not plan: {p.message}", p.hint))
         return None
     diffs = check_plan(plan, model, parts)
     for d in diffs:

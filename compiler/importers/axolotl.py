@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 from typing import Optional
@@ -30,8 +31,8 @@ AXOLOTL_VERSION = "0.19.0"
 RULES = (f"axolotl {AXOLOTL_VERSION}: derived from its source (axolotl/loaders/adapter.py "
          "find_all_linear_names and _build_peft_lora_config, axolotl/utils/freeze.py freeze_layers_except "
          "and LayerNamePattern, axolotl/core/trainers/mixins/optimizer.py create_optimizer_grouped_parameters) "
-         "and PEFT's target_modules / modules_to_save matching; tests/test_import_axolotl.py checks it against "
-         "those axolotl functions when AXOLOTL_PYTHON is set")
+         "and PEFT's target_modules / modules_to_save matching, checked against those axolotl functions on a "
+         "tiny Qwen2.5-VL (tests/test_import_axolotl.py, opt-in with AXOLOTL_PYTHON)")
 
 DEFAULT = f"axolotl {AXOLOTL_VERSION} default"
 _PEFT = "base_model.model."
@@ -201,7 +202,12 @@ class _Reader:
             return None
         modules = self.model.modules
         if isinstance(targets, str):
-            regex = re.compile(targets)
+            try:
+                regex = re.compile(targets)
+            except re.error as exc:
+                cfg.error("lora_target_modules", f"PEFT cannot compile the regex {quoted(targets)}: {exc}",
+                          "fix the regex (a string value is full-matched against module names)")
+                return None
             chosen = {m for m in modules if regex.fullmatch(m)}
         else:
             chosen = {m for m in modules if any(m == t or m.endswith("." + t) for t in targets)}
@@ -561,8 +567,10 @@ class _Reader:
             put("seed", seed, cfg.loc("seed"))
         for key in ("logging_steps", "save_steps"):
             value = cfg.get(key, "float", None, allow_none=True)
-            if value is not None and value >= 1:
+            if value is not None and math.isfinite(value) and value >= 1:
                 put(key, int(value), cfg.loc(key))
+            elif value is not None:
+                cfg.unmodelled(key, "a fraction of the run (or not a count): the spec counts steps")
         optim = cfg.get("optimizer", "str", "adamw_torch_fused", allow_none=True) or "adamw_torch_fused"
         if optim in _ADAMW:
             put("optimizer", "adamw", self.src("optimizer", f"{DEFAULT}: adamw_torch_fused"))

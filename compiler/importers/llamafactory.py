@@ -13,6 +13,7 @@ one learning rate and one LoRA configuration, so every component of the spec get
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Optional
@@ -618,9 +619,12 @@ class _Reader:
                       "a spec's lr_scheduler is one of " + ", ".join(_SCHEDULERS))
         put("max_grad_norm", cfg.get("max_grad_norm", "float", 1.0), self.src("max_grad_norm", f"{HF_DEFAULT}: 1.0"))
         put("seed", cfg.get("seed", "int", 42), self.src("seed", f"{HF_DEFAULT}: 42"))
-        put("logging_steps", max(1, int(cfg.get("logging_steps", "float", 500))),
-            self.src("logging_steps", f"{HF_DEFAULT}: 500"))
-        put("save_steps", max(1, int(cfg.get("save_steps", "float", 500))), self.src("save_steps", f"{HF_DEFAULT}: 500"))
+        for key in ("logging_steps", "save_steps"):
+            value = cfg.get(key, "float", 500)
+            if math.isfinite(value) and value >= 1:
+                put(key, int(value), self.src(key, f"{HF_DEFAULT}: 500"))
+            else:
+                cfg.unmodelled(key, "a fraction of the run (or not a count): the spec counts steps")
         optim = cfg.get("optim", "str", "adamw_torch")
         if optim in _ADAMW:
             put("optimizer", "adamw", self.src("optim", f"{HF_DEFAULT}: adamw"))
