@@ -11,7 +11,6 @@ Oracles mixspec did not compute:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess

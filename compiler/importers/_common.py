@@ -7,6 +7,8 @@ components that the resolver plans back to exactly that (checked, never assumed)
 from __future__ import annotations
 
 import difflib
+import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -16,7 +18,8 @@ from mixspec.names import natural_key
 from mixspec.registry import Roles, find_roles
 from mixspec.resolve import covering
 from mixspec.spec import COMPONENT_NAME_PATTERN, ROLES
-from mixspec.tree import CONV1D_GPT2, LINEAR, LORA_KINDS, ModuleTree
+from mixspec.targets.llamafactory import _show as show  # noqa: F401 (one name lister)
+from mixspec.tree import CONV1D_GPT2, LINEAR, ModuleTree
 
 from . import Effect, Imported, Unmodelled
 
@@ -137,14 +140,6 @@ def human(n: int) -> str:
 
 def gib(n_bytes: float) -> str:
     return f"{n_bytes / 2 ** 30:.2f} GiB"
-
-
-def show(names: Iterable[str], limit: int = 4) -> str:
-    names = list(names)
-    text = ", ".join(names[:limit])
-    if len(names) > limit:
-        text += f" and {len(names) - limit} more"
-    return text
 
 
 # -- the model --------------------------------------------------------------------------
@@ -445,3 +440,126 @@ def plan_imported(imported: Imported, model: Model, parts: list[Part], where: Lo
             where, "", f"the spec language cannot say exactly what this config trains: {d}",
             "report this config to mixspec; meanwhile check `mixspec plan` of the imported spec by hand"))
     return plan
+
+
+# -- what both YAML readers do the same way ----------------------------------------------------
+
+def file_candidates(cfg: Config, value: str) -> list[str]:
+    """Where a relative path in a config may point: from the working directory (where the
+    backend is launched), then from the config's own directory."""
+    bases = [os.getcwd()]
+    if not cfg.path.startswith("<"):
+        bases.append(os.path.dirname(os.path.abspath(cfg.path)))
+    return [os.path.join(base, os.path.expanduser(value)) for base in bases]
+
+
+class BaseReader:
+    """A backend reader's shared steps; subclasses read their own keys."""
+
+    launcher = "the backend"
+
+    def __init__(self, cfg: Config, out: Imported):
+        self.cfg = cfg
+        self.out = out
+        self.parts: list[Part] = []
+
+    def src(self, key: str, default_text: str):
+        """Where a value came from: the key in the user's file, or the default that decided."""
+        return self.cfg.loc(key) if self.cfg.has(key) else default_text
+
+    def put(self, training: dict, key: str, value, origin) -> None:
+        training[key] = value
+        self.out.origins[f"training.{key}"] = origin
+
+    def adam_settings(self, default_missing) -> None:
+        """AdamW betas and epsilon: the spec fixes them (torch's defaults); other values are listed."""
+        for key, default in (("adam_beta1", 0.9), ("adam_beta2", 0.999), ("adam_epsilon", 1e-8)):
+            value = self.cfg.get(key, "float", default_missing, allow_none=True)
+            if value is not None and value != default:
+                self.cfg.unmodelled(key, f"the spec has no {key}: mixspec's targets use {default}")
+
+    def deepspeed(self, by_name) -> dict:
+        """zero_stage and offload from the config's ``deepspeed`` (a JSON file or an inline
+        mapping). ``by_name(path)`` reads a file that is not here by the backend's own file
+        names (its bundled configs), or returns None."""
+        cfg, o = self.cfg, self.out.origins
+        o["distributed.gpus_per_node"] = (f"not in the config ({self.launcher} decides); the spec plans "
+                                          "1 node x 1 GPU: set distributed in it")
+        if not cfg.has("deepspeed"):
+            return {}
+        value = cfg.raw("deepspeed")
+        where = cfg.loc("deepspeed")
+        ds = value if isinstance(value, dict) else None
+        if isinstance(value, str):
+            for candidate in file_candidates(cfg, value):
+                if os.path.isfile(candidate):
+                    try:
+                        with open(candidate, encoding="utf-8") as fh:
+                            ds = json.loads(fh.read(1 << 20))
+                    except (OSError, ValueError) as exc:
+                        cfg.error("deepspeed", f"cannot read the DeepSpeed config {value}: {exc}",
+                                  "give a readable JSON file")
+                        return {}
+                    break
+            if ds is None:
+                known = by_name(value)
+                if known is not None:
+                    for k in known:
+                        o[f"distributed.{k}"] = f"{where}: {value} is not here; read by its name"
+                    return known
+                cfg.error("deepspeed", f"cannot find the DeepSpeed config {value} (looked from the working "
+                                       "directory and from the config's directory)",
+                          f"run mixspec import where {self.launcher} runs, or fix the path")
+                return {}
+        if not isinstance(ds, dict):
+            cfg.error("deepspeed", "expected the path of a DeepSpeed JSON file", "deepspeed: path/to/ds_config.json")
+            return {}
+        zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
+        stage = zero.get("stage", 0)
+        if stage not in (0, 1, 2, 3):
+            cfg.error("deepspeed", f"the DeepSpeed config has zero_optimization.stage {stage!r}", "use 0-3")
+            return {}
+
+        def offloaded(key):
+            node = zero.get(key)
+            return isinstance(node, dict) and node.get("device") in ("cpu", "nvme")
+        o["distributed.zero_stage"] = o["distributed.offload"] = where
+        return {"zero_stage": stage,
+                "offload": "all" if offloaded("offload_param") else "optimizer" if offloaded("offload_optimizer")
+                else "none"}
+
+    def assemble(self, model_key: str, model: str, sections: dict, where_key: str, nothing_hint: str):
+        """The spec from ``self.parts`` and the other ``sections`` (training, distributed, data,
+        output_dir; empty ones left out), planned and checked; a located problem when the config
+        trains nothing or the spec does not plan it exactly. Returns the Plan or None."""
+        cfg = self.cfg
+        where = cfg.loc(where_key) if cfg.has(where_key) else Location(cfg.path)
+        if any(p.severity == "error" for p in self.out.problems):
+            return None
+        if not self.parts:
+            self.out.problems.append(Problem(where, where_key, "this config trains no parameter of the model",
+                                             nothing_hint))
+            return None
+        components, groups, origins = build_components(self.model, self.parts, self.origin_of)
+        spec = {"version": 1, "model": model, "components": components}
+        spec.update((k, v) for k, v in sections.items() if v)
+        self.out.spec = spec
+        self.out.groups.update(groups)
+        self.out.origins["model"] = cfg.loc(model_key)
+        self.out.origins.update(origins)
+        return plan_imported(self.out, self.model, self.parts, where)
+
+    def finish_unmodelled(self, note_for=lambda key: "") -> None:
+        """List every key nothing read (never silently ignored)."""
+        for key in self.cfg.data:
+            if key not in self.cfg.used:
+                self.cfg.unmodelled(key, note_for(key))
+
+
+def read_config(backend: str, rules: str, reader, text: str, path: str) -> Imported:
+    """Parse ``text`` and run ``reader(cfg, imported).run()`` when it is a mapping."""
+    out = Imported(backend=backend, rules=rules, spec={})
+    cfg = Config(out, path, text)
+    if cfg.ok:
+        reader(cfg, out).run()
+    return out

@@ -12,9 +12,7 @@ over the model's module tree, under the parameter names axolotl sees.
 from __future__ import annotations
 
 import difflib
-import json
 import math
-import os
 import re
 from typing import Optional
 
@@ -25,7 +23,8 @@ from mixspec.tree import EMBEDDING, LORA_KINDS
 
 from . import Imported
 from ._axolotl_keys import AXOLOTL_KEYS
-from ._common import Config, Model, Part, build_components, gib, human, load_tree, plan_imported, show
+from ._common import (BaseReader, Config, Model, Part, gib, human, load_tree,
+                      read_config, show)
 
 AXOLOTL_VERSION = "0.19.0"
 RULES = (f"axolotl {AXOLOTL_VERSION}: derived from its source (axolotl/loaders/adapter.py "
@@ -60,11 +59,7 @@ _NOT_EXPRESSIBLE = {
 
 def read(text: str, path: str) -> Imported:
     """What the axolotl config ``text`` (read from ``path``) trains, as a spec."""
-    out = Imported(backend="axolotl", rules=RULES, spec={})
-    cfg = Config(out, path, text)
-    if cfg.ok:
-        _Reader(cfg, out).run()
-    return out
+    return read_config("axolotl", RULES, _Reader, text, path)
 
 
 class LayerNamePattern:
@@ -82,15 +77,12 @@ class LayerNamePattern:
         return self.regex.match(name) is not None
 
 
-class _Reader:
-    def __init__(self, cfg: Config, out: Imported):
-        self.cfg = cfg
-        self.out = out
-        self.parts: list[Part] = []
-        self.sources: dict[str, object] = {}
+class _Reader(BaseReader):
+    launcher = "the launcher (accelerate / torchrun / deepspeed)"
 
-    def src(self, key: str, default_text: str):
-        return self.cfg.loc(key) if self.cfg.has(key) else default_text
+    def __init__(self, cfg: Config, out: Imported):
+        super().__init__(cfg, out)
+        self.sources: dict = {}
 
     def run(self) -> None:
         cfg = self.cfg
@@ -141,28 +133,11 @@ class _Reader:
             return
         trainable = self.unfreeze(names)
         self.assign(trainable)
-        if any(p.severity == "error" for p in self.out.problems):
-            self.finish_unmodelled()
-            return
-        if not self.parts:
-            self.out.problems.append(Problem(cfg.loc("unfrozen_parameters") if cfg.has("unfrozen_parameters")
-                                             else Location(cfg.path), "", "this config trains no parameter",
-                                             "check unfrozen_parameters and the LoRA targets"))
-            self.finish_unmodelled()
-            return
-        components, groups, origins = build_components(self.model, self.parts, self.origin_of)
-        spec = {"version": 1, "model": model, "components": components, "training": training}
-        if distributed:
-            spec["distributed"] = distributed
-        if data:
-            spec["data"] = data
-        spec["output_dir"] = cfg.get("output_dir", "str", "./model-out")
         self.out.origins["output_dir"] = self.src("output_dir", f"{DEFAULT}: ./model-out")
-        self.out.origins["model"] = cfg.loc("base_model")
-        self.out.spec = spec
-        self.out.groups.update(groups)
-        self.out.origins.update(origins)
-        plan_imported(self.out, self.model, self.parts, cfg.loc("adapter") if cfg.has("adapter") else Location(cfg.path))
+        self.assemble("base_model", model, {"training": training, "distributed": distributed, "data": data,
+                                            "output_dir": cfg.get("output_dir", "str", "./model-out")},
+                      "unfrozen_parameters" if cfg.has("unfrozen_parameters") else "adapter",
+                      "check unfrozen_parameters and the LoRA targets")
         self.finish_unmodelled()
 
     def origin_of(self, part: Part, key: str):
@@ -522,12 +497,11 @@ class _Reader:
 
     # -- training, distributed, data -----------------------------------------------------
     def training(self) -> dict:
-        cfg, o = self.cfg, self.out.origins
+        cfg = self.cfg
         t: dict = {}
 
         def put(key, value, origin):
-            t[key] = value
-            o[f"training.{key}"] = origin
+            self.put(t, key, value, origin)
 
         put("epochs", cfg.get("num_epochs", "float", 1.0), self.src("num_epochs", f"{DEFAULT}: 1.0"))
         max_steps = cfg.get("max_steps", "int", None, allow_none=True)
@@ -577,59 +551,18 @@ class _Reader:
         else:
             cfg.error("optimizer", f"optimizer: {optim} cannot be expressed: mixspec plans AdamW (its memory and states)",
                       "use optimizer: adamw_torch_fused")
-        for key, default in (("adam_beta1", 0.9), ("adam_beta2", 0.999), ("adam_epsilon", 1e-8)):
-            value = cfg.get(key, "float", None, allow_none=True)
-            if value is not None and value != default:
-                cfg.unmodelled(key, f"the spec has no {key}: mixspec's targets use {default}")
+        self.adam_settings(None)
         return t
 
     def distributed(self) -> dict:
-        cfg, o = self.cfg, self.out.origins
-        o["distributed.gpus_per_node"] = ("not in the axolotl config (the launcher decides); the spec plans "
-                                          "1 node x 1 GPU: set distributed in it")
-        if not cfg.has("deepspeed"):
-            return {}
-        value = cfg.raw("deepspeed")
-        ds = value if isinstance(value, dict) else None
-        if isinstance(value, str):
-            bases = [os.getcwd()] + ([os.path.dirname(os.path.abspath(cfg.path))] if not cfg.path.startswith("<") else [])
-            for base in bases:
-                candidate = os.path.join(base, os.path.expanduser(value))
-                if os.path.isfile(candidate):
-                    try:
-                        with open(candidate, encoding="utf-8") as fh:
-                            ds = json.loads(fh.read(1 << 20))
-                    except (OSError, ValueError) as exc:
-                        cfg.error("deepspeed", f"cannot read the DeepSpeed config {value}: {exc}", "give a JSON file")
-                        return {}
-                    break
-            if ds is None:
-                m = re.search(r"zero([0-3])(?:_bf16)?(_cpuoffload_all|_cpuoffload_params|_cpuoffload)?\.json$", value)
-                if m:  # axolotl's own deepspeed_configs/ files, read by name
-                    stage = int(m.group(1))
-                    offload = {None: "none", "_cpuoffload": "optimizer"}.get(m.group(2), "all")
-                    for k in ("zero_stage", "offload"):
-                        o[f"distributed.{k}"] = (f"{cfg.loc('deepspeed')}: {value} is not here; axolotl's "
-                                                 "deepspeed_configs/ file of that name says it")
-                    return {"zero_stage": stage, "offload": offload}
-                cfg.error("deepspeed", f"cannot find the DeepSpeed config {value}",
-                          "run mixspec import where you run axolotl, or fix the path")
-                return {}
-        if not isinstance(ds, dict):
-            cfg.error("deepspeed", "expected the path of a DeepSpeed JSON file", "deepspeed: path/to/ds.json")
-            return {}
-        zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
-        stage = zero.get("stage", 0)
-        if stage not in (0, 1, 2, 3):
-            cfg.error("deepspeed", f"zero_optimization.stage {stage!r}", "use 0-3")
-            return {}
-
-        def dev(key):
-            node = zero.get(key)
-            return isinstance(node, dict) and node.get("device") in ("cpu", "nvme")
-        o["distributed.zero_stage"] = o["distributed.offload"] = cfg.loc("deepspeed")
-        return {"zero_stage": stage, "offload": "all" if dev("offload_param") else
-                "optimizer" if dev("offload_optimizer") else "none"}
+        def by_name(path: str):
+            # axolotl's own deepspeed_configs/zero{1,2,3}[_bf16][_cpuoffload...].json
+            m = re.search(r"zero([0-3])(?:_bf16)?(_cpuoffload_all|_cpuoffload_params|_cpuoffload)?\.json$", path)
+            if not m:
+                return None
+            return {"zero_stage": int(m.group(1)), "offload": {None: "none", "_cpuoffload": "optimizer"}.get(
+                m.group(2), "all")}
+        return self.deepspeed(by_name)
 
     def data(self) -> dict:
         cfg = self.cfg
@@ -648,11 +581,6 @@ class _Reader:
         if "train" not in out:
             out.pop("eval", None)
         return out
-
-    def finish_unmodelled(self) -> None:
-        for key in self.cfg.data:
-            if key not in self.cfg.used:
-                self.cfg.unmodelled(key, "")
 
 
 def _effect(where, code, message, fix):

@@ -25,8 +25,8 @@ from mixspec.targets.llamafactory import (COMPOSITE_MODELS, LLAMAFACTORY_VERSION
 from mixspec.tree import LORA_KINDS
 
 from . import Imported
-from ._common import (Config, Model, Part, build_components, gib, human, load_tree, plan_imported, show,
-                      split_names)
+from ._common import (BaseReader, Config, Model, Part, gib, human, load_tree,
+                      read_config, show, split_names)
 from ._llamafactory_keys import LLAMAFACTORY_KEYS, TRAINING_ARGUMENTS_KEYS
 
 RULES = (f"LLaMA-Factory {LLAMAFACTORY_VERSION}: its selection rules re-implemented from its source "
@@ -84,25 +84,16 @@ _NO_EFFECT_NOTE = {
 
 def read(text: str, path: str) -> Imported:
     """What the LLaMA-Factory train.yaml ``text`` (read from ``path``) trains, as a spec."""
-    out = Imported(backend="llamafactory", rules=RULES, spec={})
-    cfg = Config(out, path, text)
-    if cfg.ok:
-        _Reader(cfg, out).run()
-    return out
+    return read_config("llamafactory", RULES, _Reader, text, path)
 
 
-class _Reader:
+class _Reader(BaseReader):
+    launcher = "llamafactory-cli (NPROC_PER_NODE / NNODES)"
+
     def __init__(self, cfg: Config, out: Imported):
-        self.cfg = cfg
-        self.out = out
+        super().__init__(cfg, out)
         self.model: Optional[Model] = None
         self.comp = None
-        self.parts: list[Part] = []
-
-    # -- helpers ---------------------------------------------------------------------
-    def src(self, key: str, default_text: str):
-        """Where a value came from: the key in the user's file, or the default that decided."""
-        return self.cfg.loc(key) if self.cfg.has(key) else default_text
 
     def run(self) -> None:
         cfg = self.cfg
@@ -165,32 +156,12 @@ class _Reader:
             self.freeze()
         else:
             self.lora()
-        if self.out.problems and any(p.severity == "error" for p in self.out.problems):
-            self.finish_unmodelled()
-            return
-        if not self.parts:
-            cfg.out.problems.append(Problem(cfg.loc("finetuning_type") if cfg.has("finetuning_type")
-                                            else Location(cfg.path), "finetuning_type",
-                                            "this config trains no parameter of the model",
-                                            "check the freeze_* flags and lora_target"))
-            self.finish_unmodelled()
-            return
-        components, groups, origins = build_components(self.model, self.parts, self.origin_of)
-        spec = {"version": 1, "model": model, "components": components, "training": training}
-        if distributed:
-            spec["distributed"] = distributed
-        if data:
-            spec["data"] = data
         output_dir = cfg.get("output_dir", "str")
         if output_dir:
-            spec["output_dir"] = output_dir
             self.out.origins["output_dir"] = cfg.loc("output_dir")
-        self.out.spec = spec
-        self.out.groups.update(groups)
-        self.out.origins["model"] = cfg.loc("model_name_or_path")
-        self.out.origins.update(origins)
-        plan = plan_imported(self.out, self.model, self.parts, cfg.loc("finetuning_type")
-                             if cfg.has("finetuning_type") else Location(cfg.path))
+        plan = self.assemble("model_name_or_path", model, {"training": training, "distributed": distributed,
+                                                           "data": data, "output_dir": output_dir},
+                             "finetuning_type", "check the freeze_* flags and lora_target")
         if plan is not None:
             self.decay_effects(plan)
         self.finish_unmodelled()
@@ -576,12 +547,11 @@ class _Reader:
 
     # -- training, distributed, data -----------------------------------------------------
     def training(self) -> dict:
-        cfg, o = self.cfg, self.out.origins
+        cfg = self.cfg
         t: dict = {}
 
         def put(key, value, origin):
-            t[key] = value
-            o[f"training.{key}"] = origin
+            self.put(t, key, value, origin)
 
         put("epochs", cfg.get("num_train_epochs", "float", 3.0), self.src("num_train_epochs", f"{HF_DEFAULT}: 3.0"))
         max_steps = cfg.get("max_steps", "int", -1)
@@ -631,70 +601,20 @@ class _Reader:
         else:
             cfg.error("optim", f"optim: {optim} cannot be expressed: mixspec plans AdamW (its memory and states)",
                       "use optim: adamw_torch")
-        for key, default in (("adam_beta1", 0.9), ("adam_beta2", 0.999), ("adam_epsilon", 1e-8)):
-            value = cfg.get(key, "float", default)
-            if value != default:
-                cfg.unmodelled(key, f"the spec has no {key}: mixspec's targets use {default}")
+        self.adam_settings(None)
         if cfg.get("warmup_steps", "float", 0):
             cfg.unmodelled("warmup_steps", "the spec has warmup_ratio only")
         return t
 
     def distributed(self) -> dict:
-        cfg, o = self.cfg, self.out.origins
-        o["distributed.gpus_per_node"] = ("not in train.yaml (the launcher's NPROC_PER_NODE / NNODES decide); "
-                                          "the spec plans 1 node x 1 GPU: set distributed in it")
-        if not cfg.has("deepspeed"):
-            return {}
-        value = cfg.raw("deepspeed")
-        ds = None
-        where = cfg.loc("deepspeed")
-        if isinstance(value, dict):
-            ds = value
-        elif isinstance(value, str):
-            for base in (os.getcwd(), os.path.dirname(os.path.abspath(cfg.path)) if not cfg.path.startswith("<")
-                         else None):
-                if base is None:
-                    continue
-                candidate = os.path.join(base, os.path.expanduser(value))
-                if os.path.isfile(candidate):
-                    try:
-                        with open(candidate, encoding="utf-8") as fh:
-                            ds = json.loads(fh.read(1 << 20))
-                    except (OSError, ValueError) as exc:
-                        cfg.error("deepspeed", f"cannot read the DeepSpeed config {value}: {exc}",
-                                  "give a readable JSON file")
-                        return {}
-                    break
-            if ds is None:
-                m = re.search(r"ds_z([0-3])(_offload)?_config\.json$", value)
-                if m:
-                    # LLaMA-Factory's own examples/deepspeed/ files, read by name
-                    stage, offload = int(m.group(1)), bool(m.group(2))
-                    out = {"zero_stage": stage, "offload": ("all" if stage == 3 else "optimizer") if offload else "none"}
-                    for k in out:
-                        o[f"distributed.{k}"] = (f"{where}: {value} is not here; LLaMA-Factory's examples/deepspeed/"
-                                                 "file of that name says it")
-                    return out
-                cfg.error("deepspeed", f"cannot find the DeepSpeed config {value} (looked from the working directory "
-                                       "and from the config's directory)",
-                          "run mixspec import where you run llamafactory-cli, or fix the path")
-                return {}
-        else:
-            cfg.error("deepspeed", "expected the path of a DeepSpeed JSON file", "deepspeed: path/to/ds_config.json")
-            return {}
-        zero = ds.get("zero_optimization") if isinstance(ds, dict) else None
-        stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
-        if stage not in (0, 1, 2, 3):
-            cfg.error("deepspeed", f"the DeepSpeed config has zero_optimization.stage {stage!r}", "use 0-3")
-            return {}
-
-        def dev(key):
-            node = zero.get(key) if isinstance(zero, dict) else None
-            return isinstance(node, dict) and node.get("device") in ("cpu", "nvme")
-        offload = "all" if dev("offload_param") else "optimizer" if dev("offload_optimizer") else "none"
-        o["distributed.zero_stage"] = where
-        o["distributed.offload"] = where
-        return {"zero_stage": stage, "offload": offload}
+        def by_name(path: str):
+            # LLaMA-Factory's own examples/deepspeed/ds_z{0,2,3}[_offload]_config.json
+            m = re.search(r"ds_z([0-3])(_offload)?_config\.json$", path)
+            if not m:
+                return None
+            stage = int(m.group(1))
+            return {"zero_stage": stage, "offload": ("all" if stage == 3 else "optimizer") if m.group(2) else "none"}
+        return self.deepspeed(by_name)
 
     def data(self) -> dict:
         cfg, o = self.cfg, self.out.origins
@@ -742,15 +662,12 @@ class _Reader:
         return name
 
     def finish_unmodelled(self) -> None:
-        cfg = self.cfg
-        for key in cfg.data:
-            if key in cfg.used:
-                continue
-            note = _NO_EFFECT_NOTE.get(key)
-            if note is None:
-                note = "does not change which parameters train, their learning rates or the memory plan" \
-                    if key in _NEUTRAL else ""
-            cfg.unmodelled(key, note)
+        def note(key: str) -> str:
+            if key in _NO_EFFECT_NOTE:
+                return _NO_EFFECT_NOTE[key]
+            return "does not change which parameters train, their learning rates or the memory plan" \
+                if key in _NEUTRAL else ""
+        super().finish_unmodelled(note)
 
 
 # keys known not to change what trains, the learning rates or the per-GPU memory plan
