@@ -400,3 +400,29 @@ def test_a_bad_value_is_located_at_the_users_key():
     imp = lf(head(QWEN_VL, "finetuning_type: lora\nlora_rank: 0\n"))
     # (lora_alpha defaults to lora_rank * 2, so it is 0 too)
     assert ("train.yaml:5:1", "components.language.lora.rank") in [(str(p.location), p.path) for p in imp.problems]
+
+
+# -- the real published configs (the catalog's copies of shared/models) ----------------------------
+
+@pytest.mark.parametrize("model,method,trainable,total", [
+    # LLaVA-1.5-7B projector: Linear 1024->4096 and 4096->4096 with biases; total published exactly
+    ("llava-hf/llava-1.5-7b-hf", "finetuning_type: full\nfreeze_multi_modal_projector: false\n"
+     "freeze_language_model: true\n", 1024 * 4096 + 4096 + 4096 * 4096 + 4096, 7_063_427_072),
+    # Qwen2.5-VL-7B: the whole ViT with its merger, published as 676.6M of 8.29B
+    (QWEN_VL, "finetuning_type: full\nfreeze_vision_tower: false\nfreeze_multi_modal_projector: false\n"
+     "freeze_language_model: true\n", 676_550_144, 8_292_166_656),
+])
+def test_counts_on_published_configs(model, method, trainable, total):
+    imp = lf(head(model, method))
+    plan = plan_spec(imp.spec)
+    assert (plan.totals.trainable_params, plan.totals.base_params) == (trainable, total)
+
+
+def test_tied_qwen2vl_language_part_trains_the_shared_embedding_once():
+    # Qwen2-VL-2B ties lm_head to embed_tokens: LLaMA-Factory's language keys hold both names
+    imp = lf(head("Qwen/Qwen2-VL-2B-Instruct", "finetuning_type: full\n"))
+    assert imp.ok
+    plan = plan_spec(imp.spec)
+    vision = sum(c.base_params for c in plan.components if c.mode == "freeze") + plan.unassigned_base_params
+    assert plan.totals.trainable_params + vision == plan.totals.base_params == 2_208_985_600
+    assert {"embeddings", "lm_head", "language"} <= set(imp.spec["components"])
