@@ -68,6 +68,8 @@ class Imported:
     effects: list[Effect] = field(default_factory=list)
     unmodelled: list[Unmodelled] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)  # errors: the spec language cannot say it
+    # the Plan of ``spec`` when the importer resolved it (None: not resolved, or problems)
+    plan: object = None
 
     @property
     def ok(self) -> bool:
