@@ -915,8 +915,8 @@ def _build_spec(r: _Reader, truth: _Truth, lr_mode: str, tuner: str):
     used_roles: set[str] = set()
 
     def label(group: str, extra: str = "") -> str:
-        text = f"swift {_GROUP_LABEL[group]} group, {_LR_FLAG[group]}" if lr_mode == "multimodal" else \
-            "swift: one LR, --learning_rate"
+        text = f"swift {group}: {_LR_FLAG[group]}" if lr_mode == "multimodal" else \
+            "swift: --learning_rate"
         return text + extra
 
     # fully trained parameters, by (lr, group)
@@ -971,7 +971,7 @@ def _build_spec(r: _Reader, truth: _Truth, lr_mode: str, tuner: str):
                         "lora": dict(lora_opts, targets="all-linear")}
             components[name] = comp
             comp["_targets"] = sorted(mods, key=natural_key)
-            groups[name] = label(g, " (LoRA)")
+            groups[name] = label(g, ", LoRA")
             origins[f"components.{name}"] = tuner_origin
             origins[f"components.{name}.lr"] = lr_origin[g]
             for key, flag in (("rank", "lora_rank"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout"),
