@@ -201,12 +201,13 @@ class _Reader:
                     current.values.append(Word(value, w.line, w.col + len(name) + 3, value))
                 self.flags[name] = current
                 continue
+            if "$@" in w.unresolved or "$*" in w.unresolved:
+                self.imp.unmodelled.append(Unmodelled(self.loc(w), w.raw or w.text,
+                                                      "the script's own arguments reach swift here (they override)"))
+                current = None
+                continue
             if current is None:
-                if w.text in ("$@", "$*") or "$@" in w.unresolved or "$*" in w.unresolved:
-                    self.imp.unmodelled.append(Unmodelled(self.loc(w), w.raw or w.text,
-                                                          "the script's own arguments reach swift here"))
-                else:
-                    self.imp.unmodelled.append(Unmodelled(self.loc(w), w.text, "a word before any --flag"))
+                self.imp.unmodelled.append(Unmodelled(self.loc(w), w.text, "a word before any --flag"))
                 continue
             current.values.append(w)
 
@@ -525,6 +526,7 @@ def _read(r: _Reader) -> None:
     r.imp.groups.update(groups)
     _training(r, spec, tuner)
     _env_and_unmodelled(r)
+    r.imp.unmodelled.sort(key=lambda u: (u.where.line, u.where.col))
     if not r.imp.ok:
         return
     plan = _verify(r, truth)
@@ -957,10 +959,8 @@ def _build_spec(r: _Reader, truth: _Truth, lr_mode: str, tuner: str):
             lora_opts["dora"] = True
         by_lgroup: dict[tuple, list] = defaultdict(list)
         for m, (lr, g) in truth.lora.items():
-            by_lgroup[(g, lr)].append(m)
-        for (g, lr), mods in sorted(by_lgroup.items()):
-            in_roles = {roles.role_of(m) for m in mods}
-            role = next(iter(in_roles)) if len(in_roles) == 1 else None
+            by_lgroup[(g, lr, roles.role_of(m) or "")].append(m)
+        for (g, lr, role), mods in sorted(by_lgroup.items()):
             if role and role not in used_roles and role not in components:
                 name = role
                 comp = {"train": "lora", "lr": lr, "lora": dict(lora_opts, targets="all-linear")}
@@ -1186,7 +1186,14 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
     o["distributed.nodes"] = f"{r.env['NNODES'][1]} NNODES" if "NNODES" in r.env else "NNODES unset: 1 node"
     o["distributed.gpus_per_node"] = (f"{r.env['NPROC_PER_NODE'][1]} NPROC_PER_NODE" if "NPROC_PER_NODE" in r.env
                                       else "NPROC_PER_NODE unset: 1 process")
-    ds_name = r.get_str("deepspeed")
+    ds_flag = r.flags.get("deepspeed")
+    ds_name = None
+    if ds_flag is not None and ds_flag.values and ds_flag.values[0].unresolved:
+        # a path built from the script's variables (e.g. "$HERE/deepspeed.json"): a JSON file
+        r.imp.unmodelled.append(Unmodelled(ds_flag.where, f"--deepspeed {ds_flag.values[0].raw}",
+                                           "a DeepSpeed JSON file: the spec leaves zero_stage out; set it by hand"))
+    else:
+        ds_name = r.get_str("deepspeed")
     if ds_name is not None:
         if ds_name in _DS_BUILTIN:
             stage, offload = _DS_BUILTIN[ds_name]
