@@ -231,6 +231,7 @@ def test_values_from_shell_variables():
     ("swift sft --model Qwen/Qwen2.5-VL-7B-Instruct --tuner_type lora --freeze_llm true --dataset d\n",
      "train.sh:1:65: error: --freeze_llm: with the LLM, ViT and aligner all frozen"),
     ("swift sft --model a\nswift sft --model b\n", "train.sh:2:1: error: 2 `swift sft` commands (lines 1, 2)"),
+    ("swift sft --model 'Qwen/x \\\n  --dataset d\n", "train.sh:1:19: error: this ' quote is never closed"),
 ])
 def test_problems_are_located(text, message):
     got = read("swift", text, "train.sh")
@@ -371,3 +372,16 @@ def test_cli_import_errors(run_cli, tmp_path):
     usage = run_cli("import", "--from", "swiftt", str(bad))
     assert usage.exit_code == 2 and "did you mean 'swift'" in usage.stderr
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_everything_frozen_is_said():
+    got = imp("    --tuner_type full --freeze_parameters_ratio 1\n")
+    assert "no parameter is trainable" in effect(got, "nothing-trained").message
+    assert got.plan.totals.trainable_params == 0
+
+
+def test_modules_to_save_all_norm_is_one_effect_per_entry():
+    got = imp("    --modules_to_save all-norm\n", model="Qwen/Qwen2.5-7B-Instruct")
+    assert codes(got).count("modules-to-save-copy") == 1
+    # every RMSNorm (2 per layer and the final norm) becomes a trained copy
+    assert len([n for n in got.plan.trainable_lrs() if "norm" in n]) == 28 * 2 + 1

@@ -39,6 +39,7 @@ def split_commands(text: str) -> list[list[Word]]:
     line, col = 1, 1
     i, n = 0, len(text)
     quote = ""  # "", "'" or '"'
+    quote_start = (0, 0)
 
     def pos_advance(ch: str) -> None:
         nonlocal line, col
@@ -120,14 +121,25 @@ def split_commands(text: str) -> list[list[Word]]:
                 start = (line, col)
             if ch in "'\"":
                 quote = ch
+                quote_start = (line, col)
                 raw.append(ch)
             else:
                 cur.append("\0" if ch == "$" else ch)
                 raw.append(ch)
         pos_advance(ch)
         i += 1
+    if quote:
+        raise UnterminatedQuote(quote, *quote_start)
     end_command()
     return commands
+
+
+class UnterminatedQuote(ValueError):
+    """A quote opened at (line, col) and never closed."""
+
+    def __init__(self, quote: str, line: int, col: int):
+        super().__init__(f"unterminated {quote} quote")
+        self.quote, self.line, self.col = quote, line, col
 
 
 def expand(word: Word, variables: dict[str, str]) -> Word:

@@ -40,7 +40,7 @@ from typing import Optional
 
 from mixspec.errors import Location, ModelSourceError, Problem, SpecError, quoted
 from mixspec.importers import Effect, Imported, Unmodelled
-from mixspec.importers.shell import ASSIGNMENT, Word, expand, split_commands
+from mixspec.importers.shell import ASSIGNMENT, UnterminatedQuote, Word, expand, split_commands
 from mixspec.names import is_under, natural_key
 from mixspec.tree import EMBEDDING, LORA_KINDS, ModuleTree
 
@@ -137,7 +137,12 @@ class _Reader:
     def find_command(self) -> Optional[list[Word]]:
         shell_vars: dict[str, str] = {}
         found = []
-        for words in split_commands(self.text):
+        try:
+            commands = split_commands(self.text)
+        except UnterminatedQuote as exc:
+            raise _Fail(Problem(Location(self.path, exc.line, exc.col), "",
+                                f"this {exc.quote} quote is never closed", "close it (the shell would stop here)"))
+        for words in commands:
             head = 0
             assigns = []
             while head < len(words) and ASSIGNMENT.match(words[head].text.replace("\0", "$")):
@@ -516,6 +521,10 @@ def _read(r: _Reader) -> None:
                  f"{len(dropped)} trainable tensors ({_few(dropped)}) lie outside swift's ViT/aligner/LLM prefixes; "
                  "ms-swift 3.x's multimodal optimizer puts them in no group, so they get gradients and never change",
                  "freeze them, or upgrade to ms-swift 4.6 (which trains them at --learning_rate)")
+    if not truth.full and not truth.lora:
+        r.effect("nothing-trained", Location(r.path, *_first_pos(r)),
+                 "no parameter is trainable: swift stops or trains nothing",
+                 "check the freeze flags against: mixspec tree " + r.source.ref)
     _lr_effects(r, truth, lr_mode, vit_lr, aligner_lr, lr, tuner)
     _lm_head_effects(r, tuner, truth)
 
@@ -776,14 +785,20 @@ def _lora_targets(r: _Reader, truth: _Truth, multimodal: bool) -> None:
                             f"LoRA targets inside a modules_to_save module ({_few(inside)}): mixspec cannot "
                             "express a LoRA adapter inside a trained copy", "exclude them from the LoRA targets"))
     numel = r.tree.param_numel
+    by_word: dict[int, list[str]] = defaultdict(list)
+    words = {}
     for c in top:
         truth.copies.append(c)
-        n = sum(numel[p] for p in numel if (p == c or p.startswith(c + ".")) and p not in r.tree.tied)
-        r.effect("modules-to-save-copy", r.loc(copied[c]),
-                 f"--modules_to_save: PEFT trains a copy of {c} ({_human(n)} parameters) and keeps the frozen "
-                 f"original beside it: {_human(n)} more parameters in memory ({n * 2 / 2**30:.2f} GiB in bf16), "
-                 "its own weights renamed (...modules_to_save.default...) in checkpoints",
-                 f"the spec trains {c} in place (train: full); compiled for swift it needs no copy")
+        by_word[id(copied[c])].append(c)
+        words[id(copied[c])] = copied[c]
+    for key, mods in by_word.items():
+        n = sum(numel[p] for p in numel if p not in r.tree.tied and any(p == c or p.startswith(c + ".") for c in mods))
+        r.effect("modules-to-save-copy", r.loc(words[key]),
+                 f"--modules_to_save {words[key].text}: PEFT trains a copy of {_few(mods)} ({_human(n)} parameters) "
+                 f"and keeps the frozen original beside it: {_human(n)} more parameters in memory "
+                 f"({n * 2 / 2**30:.2f} GiB in bf16), the copy's weights renamed (...modules_to_save.default...) "
+                 "in checkpoints",
+                 "the spec trains them in place (train: full); compiled for swift it needs no copy")
 
 
 def _compile_target(r: _Reader, text: str, name: str):
@@ -859,7 +874,9 @@ def _lr_effects(r: _Reader, truth: _Truth, lr_mode: str, vit_lr, aligner_lr, lr,
         r.effect("base-lr", flag.where if flag else Location(r.path, *_first_pos(r)),
                  f"the fully trained parts ({_human(full_n)} parameters) and the LoRA adapters share one LR, "
                  f"--learning_rate {lr:g}" + ("" if flag else " (swift's default for LoRA)"),
-                 "give --vit_lr/--aligner_lr (swift's multimodal optimizer) for the ViT and aligner")
+                 "give --vit_lr/--aligner_lr (swift's multimodal optimizer) for the ViT and aligner"
+                 if r.sw and r.sw.multimodal else "swift's flags give a text model one LR; a mixspec spec gives "
+                 "each part its own (compiled for swift, through its plugin)")
 
 
 def _first_pos(r: _Reader) -> tuple[int, int]:

@@ -25,9 +25,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-_MAIN_VENV = Path("/work/main/.venv-swift")
-VENV = Path(os.environ.get("MIXSPEC_SWIFT_VENV") or (ROOT / ".venv-swift" if (ROOT / ".venv-swift").exists()
-                                                     else _MAIN_VENV))
+VENV = Path(os.environ.get("MIXSPEC_SWIFT_VENV") or ROOT / ".venv-swift")
 DUMP_PLUGIN = Path(__file__).resolve().parent / "swift_dump_plugin.py"
 
 pytestmark = [
