@@ -132,22 +132,15 @@ def _emit(node, path: tuple, indent: int, imported: Imported, lines: list) -> No
 
 
 def _scalar(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
+    from mixspec.targets._common import yaml_value
+
+    if isinstance(value, float) and not isinstance(value, bool):
         from mixspec.resolve import _yaml_number
 
-        text = _yaml_number(value)
-        return text if float(text) == value else repr(value)
+        text = _yaml_number(value)  # 1.0e-5, as specs write learning rates
+        return text if float(text) == value else yaml_value(value)
     if isinstance(value, list):
         return "[" + ", ".join(_scalar(v) for v in value) + "]"
-    if value is None:
-        return "null"
-    text = str(value)
-    if text.isprintable():
-        return "'" + text.replace("'", "''") + "'"
-    import json
-
-    return json.dumps(text)
+    if isinstance(value, str) and "\\" in value and value.isascii() and value.isprintable() and "'" not in value:
+        return f"'{value}'"  # a regex reads best without doubled backslashes
+    return yaml_value(value)

@@ -632,38 +632,30 @@ def _full_trainable(r: _Reader, all_params: list[str], multimodal: bool) -> set[
     _check_prefixes(r, "freeze_parameters", r.get_list("freeze_parameters") or [], all_params, "freezes")
     _check_prefixes(r, "trainable_parameters", r.get_list("trainable_parameters") or [], all_params, "unfreezes")
     trainable = {p for p in trainable if not _starts(p, freeze)}
-    freeze_rx = _regex(r, "freeze_parameters_regex")
-    if freeze_rx is not None:
-        hit = {p for p in all_params if freeze_rx.search(p)}
-        if not hit:
-            r.effect("pattern-matches-nothing", r.flags["freeze_parameters_regex"].where,
-                     f"--freeze_parameters_regex {quoted(freeze_rx.pattern)} matches no parameter name",
-                     f"check the names with: mixspec tree {r.source.ref}")
-        trainable -= hit
+    trainable -= _regex_hits(r, "freeze_parameters_regex", all_params)
     trainable |= {p for p in all_params if _starts(p, trainable_prefixes)}
-    train_rx = _regex(r, "trainable_parameters_regex")
-    if train_rx is not None:
-        hit = {p for p in all_params if train_rx.search(p)}
-        if not hit:
-            r.effect("pattern-matches-nothing", r.flags["trainable_parameters_regex"].where,
-                     f"--trainable_parameters_regex {quoted(train_rx.pattern)} matches no parameter name",
-                     f"check the names with: mixspec tree {r.source.ref}")
-        trainable |= hit
+    trainable |= _regex_hits(r, "trainable_parameters_regex", all_params)
     return trainable
 
 
-def _regex(r: _Reader, name: str):
+def _regex_hits(r: _Reader, name: str, all_params) -> set[str]:
+    """The parameter names a --*_parameters_regex finds (swift: re.search)."""
     value = r.get_str(name)
     if value is None:
-        return None
+        return set()
     try:
-        return re.compile(value)
+        rx = re.compile(value)
     except re.error as exc:
         # swift logs a warning and ignores an invalid regex
         r.effect("invalid-regex", r.flags[name].where,
                  f"--{name} {quoted(value)} is not a valid Python regex ({exc}); swift warns and ignores it",
                  "fix the regex")
-        return None
+        return set()
+    hit = {p for p in all_params if rx.search(p)}
+    if not hit:
+        r.effect("pattern-matches-nothing", r.flags[name].where, f"--{name} {quoted(value)} matches no parameter name",
+                 f"check the names with: mixspec tree {r.source.ref}")
+    return hit
 
 
 def _lora_settings(r: _Reader) -> dict:
@@ -944,27 +936,31 @@ def _build_spec(r: _Reader, truth: _Truth, lr_mode: str, tuner: str):
         by_group[(g, lr)].add(p)
         by_group[(g, lr)].update(alias_of.get(p, ()))
     copies = set(truth.copies)
-    for (g, lr), params in sorted(by_group.items(), key=lambda kv: min(natural_key(p) for p in kv[1])):
-        in_roles = {roles.role_of(p) for p in params}
+    role_order = ("vision", "aligner", "language", "embeddings", "lm_head", "audio")
+    parts: dict[tuple, set] = defaultdict(set)  # (group, lr, role) -> params
+    for (g, lr), params in by_group.items():
+        for p in params:
+            parts[(g, lr, roles.role_of(p) or "")].add(p)
+
+    def order(key):
+        role = key[2]
+        return (role_order.index(role) if role in role_order else len(role_order), role, key[0], key[1])
+
+    for (g, lr, role) in sorted(parts, key=order):
+        params = parts[(g, lr, role)]
         via_copy = any(is_under(p, c) for p in params for c in copies)
         how = " (a modules_to_save copy in swift)" if via_copy else ""
-        if None not in in_roles and all(role_params[x] <= params for x in in_roles) and not (in_roles & used_roles):
-            for role in sorted(in_roles, key=lambda x: ("vision", "aligner", "language", "embeddings",
-                                                        "lm_head", "audio").index(x) if x in (
-                "vision", "aligner", "language", "embeddings", "lm_head", "audio") else 9):
-                components[role] = {"train": "full", "lr": lr}
-                used_roles.add(role)
-                groups[role] = label(g, how)
-                origins[f"components.{role}"] = tuner_origin
-                origins[f"components.{role}.lr"] = lr_origin[g]
-        else:
-            name = _free_name(components, {"vit": "vit", "aligner": "aligner_part", "llm": "llm",
-                                           "other": "other", "all": "trained"}[g])
-            cover = covering(params, all_names)
-            components[name] = {"modules": _patterns(cover, exact_regex), "train": "full", "lr": lr}
-            groups[name] = label(g, how)
-            origins[f"components.{name}"] = tuner_origin
-            origins[f"components.{name}.lr"] = lr_origin[g]
+        if role and role_params[role] <= params and role not in used_roles:
+            name = role
+            components[name] = {"train": "full", "lr": lr}
+            used_roles.add(role)
+        else:  # part of a role (or of no role): the exact modules
+            name = _free_name(components, f"{role}_part" if role else "other")
+            components[name] = {"modules": _patterns(covering(params, all_names), exact_regex), "train": "full",
+                                "lr": lr}
+        groups[name] = label(g, how)
+        origins[f"components.{name}"] = tuner_origin
+        origins[f"components.{name}.lr"] = lr_origin[g]
 
     # LoRA modules, by (lr, group)
     if truth.lora:
