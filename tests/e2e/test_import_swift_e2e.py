@@ -7,9 +7,13 @@ Cases (issue 14): the seed case with lora_llm; a --freeze_parameters typo like m
 #7226; --tuner_type full --freeze_vit true --vit_lr ...; LoRA with --target_modules
 all-linear --modules_to_save ...
 
+And the all-linear rules the import re-implements (get_multimodal_target_regex,
+find_all_linears) against swift's own functions on the real model class of every catalog
+family, for six freeze combinations.
+
 Needs the ms-swift venv (MIXSPEC_SWIFT_VENV or .venv-swift; scripts/swift_env.sh); skipped
 without it. Run: pytest -m slow tests/e2e/test_import_swift_e2e.py (one swift process per
-case, about 15 s each on 2 cores).
+case, 12-25 s each on 2 cores, and one process for the rules, about 30 s: about 2.2 min).
 """
 
 from __future__ import annotations
@@ -154,3 +158,83 @@ def test_import_agrees_with_real_swift(tiny, case):
                     "lrs": sorted({lr for lr in planned.values()}),
                     "effects": sorted({e.code for e in imported.effects})})
     print(json.dumps(RESULTS[-1]))
+
+
+# -- the LoRA target rules, against ms-swift's own functions, on every catalog family ---------------
+RULES_PROBE = r"""
+import json, re, sys
+import torch, transformers
+from swift.model import MODEL_MAPPING
+from swift.utils import find_all_linears, get_multimodal_target_regex
+out = {}
+for path, swift_type, combos in json.loads(sys.argv[1]):
+    config = transformers.AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = getattr(transformers, config.architectures[0])._from_config(config)
+    model.model_meta = MODEL_MAPPING[swift_type]
+    names = [n for n, _ in model.named_modules() if n]
+    row = {}
+    for fl, fv, fa, emb in combos:
+        if swift_type in ("qwen2", "llama"):
+            targets = find_all_linears(model, model.model_meta.model_arch)
+            row["text"] = sorted(n for n in names if any(n == t or n.endswith("." + t) for t in targets))
+            continue
+        try:
+            rx = get_multimodal_target_regex(model, freeze_llm=fl, freeze_vit=fv, freeze_aligner=fa,
+                                             include_embedding=emb)
+        except AssertionError:
+            row[f"{fl}{fv}{fa}{emb}"] = None
+            continue
+        row[f"{fl}{fv}{fa}{emb}"] = sorted(n for n in names if re.fullmatch(rx, n))
+    out[path] = row
+print(json.dumps(out))
+"""
+COMBOS = [(False, True, True, False), (False, False, True, False), (True, False, False, False),
+          (False, False, False, True), (True, True, False, False), (True, True, True, False)]
+
+
+def test_lora_target_rules_equal_swifts_own_functions():
+    """multimodal_target_regex / find_all_linears (mixspec's copy of swift's all-linear rules)
+    give the same LoRA modules as swift's get_multimodal_target_regex / find_all_linears, run
+    on the real model classes (meta device) of every catalog family, for each freeze combination."""
+    from mixspec.importers.swift import find_all_linears, multimodal_target_regex
+    from mixspec.sources import catalog_ids, catalog_root, find_model
+    from mixspec.targets.swift import SWIFT_MODELS
+    from mixspec.tree import get_tree
+
+    jobs, trees = [], {}
+    text_types = {"qwen2": "qwen2", "llama": "llama"}
+    for model_id in catalog_ids():
+        tree = get_tree(find_model(model_id))
+        sw = SWIFT_MODELS.get(tree.model_type)
+        swift_type = sw.model_type if sw else text_types.get(tree.model_type)
+        if swift_type is None:
+            continue
+        path = str(catalog_root() / model_id)
+        trees[path] = (tree, sw)
+        jobs.append((path, swift_type, COMBOS if sw else COMBOS[:1]))
+    assert len(jobs) >= 9
+    proc = subprocess.run([str(VENV / "bin" / "python"), "-c", RULES_PROBE, json.dumps(jobs)], env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    swift = json.loads(proc.stdout.strip().splitlines()[-1])
+    checked = 0
+    for path, (tree, sw) in trees.items():
+        names = [m.name for m in tree.modules if m.name]
+        if sw is None:
+            targets = find_all_linears(tree, "")
+            mine = sorted(n for n in names if any(n == t or n.endswith("." + t) for t in targets))
+            assert mine == swift[path]["text"], path
+            checked += 1
+            continue
+        for fl, fv, fa, emb in COMBOS:
+            want = swift[path][f"{fl}{fv}{fa}{emb}"]
+            try:
+                rx = re.compile(multimodal_target_regex(tree, sw, fl, fv, fa, emb))
+            except ValueError:
+                assert want is None, (path, fl, fv, fa)
+                continue
+            mine = sorted(n for n in names if rx.fullmatch(n))
+            assert mine == want, (path, (fl, fv, fa, emb), sorted(set(mine) ^ set(want))[:6])
+            checked += 1
+    assert checked >= 40
