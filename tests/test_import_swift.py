@@ -398,3 +398,19 @@ def test_readme_audit_example():
     for e in got.effects:
         assert e.render().splitlines()[0] in readme
     assert "trainable 7,660,190,976 (92.38% of all)" in readme
+
+
+def test_freeze_flags_beside_explicit_lora_targets_do_nothing():
+    got = imp("    --tuner_type lora --target_modules q_proj --freeze_vit false\n")
+    e = effect(got, "flag-for-other-tuner")
+    assert "--freeze_vit has no effect here" in e.message
+    # PEFT's suffix match: the ViT has no q_proj (its attention is qkv), so LoRA stays in the LLM
+    assert all(t.startswith("model.language_model.") for c in got.plan.components if c.lora for t in c.lora.targets)
+
+
+def test_modules_to_save_suffix_matches_more_than_the_module():
+    """PEFT's modules_to_save test is str.endswith: 'norm' also copies every *_layernorm."""
+    got = imp("    --tuner_type lora --modules_to_save norm\n", model="Qwen/Qwen2.5-7B-Instruct")
+    e = effect(got, "suffix-matches-more")
+    assert "model.layers.0.input_layernorm" in e.message and "56 modules" in e.message
+    assert e.fix == "name the module with its full dotted name, e.g. --modules_to_save model.norm"

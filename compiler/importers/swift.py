@@ -736,6 +736,12 @@ def _lora_targets(r: _Reader, truth: _Truth, multimodal: bool) -> None:
                          f"use --target_modules {near.rsplit('.', 1)[-1]}" if near else
                          f"list the names with: mixspec tree {r.source.ref}")
         rx_text = None
+    if target_regex is not None or "all-linear" not in names or not multimodal:
+        for name in ("freeze_llm", "freeze_vit", "freeze_aligner"):
+            if name in r.flags:
+                r.effect("flag-for-other-tuner", r.flags[name].where,
+                         f"--{name} has no effect here: with LoRA, swift reads it only for --target_modules "
+                         "all-linear on a multimodal model", f"remove --{name}, or choose the targets with it")
     bad = [m for m in chosen if m.kind not in LORA_KINDS]
     if bad:
         raise _Fail(Problem(where, origin.spelled if origin else "--target_modules",
@@ -766,6 +772,13 @@ def _lora_targets(r: _Reader, truth: _Truth, multimodal: bool) -> None:
             r.effect("pattern-matches-nothing", r.loc(w),
                      f"--modules_to_save {entry}: no module name ends with it, so nothing is trained through it",
                      f"use --modules_to_save {near}" if near else f"list the names with: mixspec tree {r.source.ref}")
+        beyond = [h for h in hits if h != entry and not h.endswith("." + entry)]
+        if beyond:
+            r.effect("suffix-matches-more", r.loc(w),
+                     f"--modules_to_save {entry}: PEFT matches it with str.endswith, so it also copies "
+                     f"{_few(beyond)} ({len(beyond)} modules whose last name only ends with {entry})",
+                     "name the module with its full dotted name, e.g. --modules_to_save "
+                     + (next((h for h in hits if h.endswith("." + entry) or h == entry), hits[0])))
         for h in hits:
             copied.setdefault(h, w)
     from mixspec.names import shallowest
