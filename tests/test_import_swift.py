@@ -414,3 +414,36 @@ def test_modules_to_save_suffix_matches_more_than_the_module():
     e = effect(got, "suffix-matches-more")
     assert "model.layers.0.input_layernorm" in e.message and "56 modules" in e.message
     assert e.fix == "name the module with its full dotted name, e.g. --modules_to_save model.norm"
+
+
+# -- any command line: an import or located problems, never a traceback --------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_FLAG_NAMES = ["tuner_type", "train_type", "freeze_llm", "freeze_vit", "freeze_aligner", "freeze_parameters",
+               "freeze_parameters_regex", "freeze_parameters_ratio", "trainable_parameters",
+               "trainable_parameters_regex", "target_modules", "target_regex", "modules_to_save", "lora_rank",
+               "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "learning_rate", "vit_lr", "aligner_lr",
+               "optimizer", "torch_dtype", "max_length", "deepspeed", "weight_decay", "warmup_ratio",
+               "num_train_epochs", "gradient_accumulation_steps", "lr_scheduler_type", "unknown_flag"]
+_VALUES = ["full", "lora", "lora_llm", "true", "false", "0", "1", "-1", "1e-5", "0.5", "nan", "all-linear",
+           "model.visual", "model.layers.1", "model.visual.merger", "q_proj", "norm", "all-embedding", "all-norm",
+           "(", ".*", "lm_head", "zero2", "zero3_offload", "bfloat16", "int8", "cosine", "multimodal", "galore",
+           "$X", "'quoted value'", "\"a b\"", ""]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(_FLAG_NAMES), st.lists(st.sampled_from(_VALUES), max_size=3)),
+                max_size=8),
+       st.sampled_from([QWEN, "Qwen/Qwen2.5-7B-Instruct", "llava-hf/llava-1.5-7b-hf"]))
+def test_any_command_line_gives_an_import_or_located_problems(flags, model):
+    body = "".join(f" --{name} {' '.join(values)}" for name, values in flags)
+    got = read("swift", f"swift sft --model {model} --dataset d{body}\n", "fuzz.sh")
+    if got.ok:
+        assert got.plan is not None
+        loaded = load_spec_text(spec_yaml(got, "fuzz.sh"), "spec.yaml")
+        assert loaded.spec == load_spec_text(json.dumps(got.spec), "x").spec
+    else:
+        assert all(p.location.file == "fuzz.sh" for p in got.problems)
+    for e in got.effects:
+        assert e.where.line >= 1 and e.fix
