@@ -687,7 +687,7 @@ def _lora_targets(r: _Reader, truth: _Truth, multimodal: bool) -> None:
         if entries is not None:
             r.effect("target-modules-ignored", r.flags["target_modules"].where,
                      "--target_modules has no effect: --target_regex replaces it", "remove one of the two")
-        rx, rx_text = _compile_target(r, target_regex, "target_regex"), target_regex
+        rx = _compile_target(r, target_regex, "target_regex")
         chosen = [m for m in modules if rx.fullmatch(m.name)]
     elif "all-linear" in names and multimodal:
         fl, fv, fa = (r.get_bool("freeze_llm", False), r.get_bool("freeze_vit", True),
@@ -735,7 +735,6 @@ def _lora_targets(r: _Reader, truth: _Truth, multimodal: bool) -> None:
                          f"--target_modules {w.text}: no module name is or ends with .{w.text}",
                          f"use --target_modules {near.rsplit('.', 1)[-1]}" if near else
                          f"list the names with: mixspec tree {r.source.ref}")
-        rx_text = None
     if target_regex is not None or "all-linear" not in names or not multimodal:
         for name in ("freeze_llm", "freeze_vit", "freeze_aligner"):
             if name in r.flags:
