@@ -460,20 +460,24 @@ def _lora_flags(view: _View, d: Decision) -> None:
 
 
 # -- learning rates and weight decay --------------------------------------------------------------
+def swift_group(name: str, sw: SwiftModel) -> str:
+    """The group swift's multimodal optimizer puts a parameter (or module) name in
+    (swift/optimizers/multimodal.py, plain ``startswith`` prefixes): "aligner", "vit"
+    (vision_tower minus aligner), "llm" (language_model), or "other"."""
+    if _starts(name, sw.aligner):
+        return "aligner"
+    if _starts(name, sw.vision_tower):
+        return "vit"
+    if _starts(name, sw.language_model):
+        return "llm"
+    return "other"
+
+
 def _swift_groups(view: _View) -> dict[str, list[str]]:
-    """Trainable names by the group swift's multimodal optimizer puts them in
-    (swift/optimizers/multimodal.py): aligner, ViT (vision_tower minus aligner), LLM, other."""
-    sw = view.swift
+    """Trainable names by the group swift's multimodal optimizer puts them in."""
     groups: dict[str, list[str]] = {"vit": [], "aligner": [], "llm": [], "other": []}
     for name in sorted(view.trainable):
-        if _starts(name, sw.aligner):
-            groups["aligner"].append(name)
-        elif _starts(name, sw.vision_tower):
-            groups["vit"].append(name)
-        elif _starts(name, sw.language_model):
-            groups["llm"].append(name)
-        else:
-            groups["other"].append(name)
+        groups[swift_group(name, view.swift)].append(name)
     return groups
 
 
