@@ -423,10 +423,12 @@ def check_plan(plan, model: Model, parts: list[Part]) -> list[str]:
 def plan_imported(imported: Imported, model: Model, parts: list[Part], where: Location):
     """Plan the imported spec and check it trains exactly ``parts``; a problem otherwise.
     Returns the Plan (or None)."""
-    from mixspec.api import plan_spec
+    from mixspec.api import _load_dict
+    from mixspec.resolve import plan_spec
 
     try:
-        plan = plan_spec(imported.spec)
+        # named after the user's file: the Plan's header says what was imported
+        plan = plan_spec(_load_dict(imported.spec, where.file))
     except SpecError as exc:
         for p in exc.problems:
             # point at the user's key the spec value came from, where there is one
@@ -434,7 +436,10 @@ def plan_imported(imported: Imported, model: Model, parts: list[Part], where: Lo
             at = origin if isinstance(origin, Location) else where
             imported.problems.append(Problem(at, p.path, f"the imported spec does not plan: {p.message}", p.hint))
         return None
+    imported.plan = plan
     diffs = check_plan(plan, model, parts)
+    if diffs:
+        imported.plan = None
     for d in diffs:
         imported.problems.append(Problem(
             where, "", f"the spec language cannot say exactly what this config trains: {d}",
