@@ -292,3 +292,20 @@ def test_odd_values_give_problems_or_a_spec_never_a_traceback(text):
         assert p.location.file == "config.yml" and p.message
     if imp.ok:
         plan_spec(imp.spec)
+
+
+def test_cli_imports_writes_the_spec_and_refuses_with_locations(run_cli, tmp_path):
+    good = tmp_path / "config.yml"
+    good.write_text(f"base_model: {QWEN_VL}\nunfrozen_parameters: ['model.visual.+']\n"
+                    "lr_groups: [{name: vit, modules: [visual.blocks], lr: 2.0e-6}]\nlearning_rate: 1.0e-5\n")
+    out = tmp_path / "spec.yaml"
+    ok = run_cli("import", "--from", "axolotl", str(good), "-o", str(out))
+    assert ok.exit_code == 0, ok.stderr
+    assert "lr-groups-skip-no-decay" in ok.stdout
+    assert plan_spec(str(out)).trainable_lrs() == plan_spec(axo(good.read_text(), str(good)).spec).trainable_lrs()
+    bad = tmp_path / "bad.yml"
+    bad.write_text(f"base_model: {QWEN_VL}\nadapter: qlora\nlearning_rate: 1.0e-4\n")
+    refused = run_cli("import", "--from", "axolotl", str(bad), "-o", str(tmp_path / "no.yaml"))
+    assert refused.exit_code == 1 and "Traceback" not in refused.stderr
+    assert f"{bad}:2:10: error: adapter:" in refused.stderr
+    assert not (tmp_path / "no.yaml").exists()

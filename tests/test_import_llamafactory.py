@@ -426,3 +426,19 @@ def test_tied_qwen2vl_language_part_trains_the_shared_embedding_once():
     vision = sum(c.base_params for c in plan.components if c.mode == "freeze") + plan.unassigned_base_params
     assert plan.totals.trainable_params + vision == plan.totals.base_params == 2_208_985_600
     assert {"embeddings", "lm_head", "language"} <= set(imp.spec["components"])
+
+
+def test_cli_imports_writes_the_spec_and_refuses_with_locations(run_cli, tmp_path):
+    good = tmp_path / "train.yaml"
+    good.write_text(head(QWEN_VL, "finetuning_type: lora\nfreeze_multi_modal_projector: false\n"))
+    out = tmp_path / "spec.yaml"
+    ok = run_cli("import", "--from", "llamafactory", str(good), "-o", str(out))
+    assert ok.exit_code == 0, ok.stderr
+    assert "projector-not-trained-under-lora" in ok.stdout
+    assert plan_spec(str(out)).fingerprint() == plan_spec(lf(good.read_text(), str(good)).spec).fingerprint()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct\nfreeze_vison_tower: false\n")
+    refused = run_cli("import", "--from", "llamafactory", str(bad), "-o", str(tmp_path / "no.yaml"))
+    assert refused.exit_code == 1 and "Traceback" not in refused.stderr
+    assert f"{bad}:2:1: error: freeze_vison_tower:" in refused.stderr
+    assert not (tmp_path / "no.yaml").exists()
