@@ -309,3 +309,11 @@ def test_cli_imports_writes_the_spec_and_refuses_with_locations(run_cli, tmp_pat
     assert refused.exit_code == 1 and "Traceback" not in refused.stderr
     assert f"{bad}:2:10: error: adapter:" in refused.stderr
     assert not (tmp_path / "no.yaml").exists()
+
+
+def test_weight_decay_rule_differences_are_named():
+    imp = axo(f"base_model: {QWEN_VL}\nunfrozen_parameters: ['model.visual.blocks.0.+', 'lm_head.+']\n"
+              "weight_decay: 0.1\nlearning_rate: 1.0e-5\n")
+    texts = [e.message for e in imp.effects if e.code == "weight-decay-rule"]
+    assert any("embeddings no weight decay" in t and "lm_head.weight" in t for t in texts)
+    assert any("model.visual.blocks.0.norm1.weight" in t for t in texts)  # an RMSNorm named norm1

@@ -554,6 +554,24 @@ class BaseReader:
         self.out.origins.update(origins)
         return plan_imported(self.out, self.model, self.parts, where)
 
+    def decay_effects(self, plan, who: str) -> None:
+        """The backend decides which parameters decay by transformers' rule (torch LayerNorm
+        modules, bias/norm names); say where that differs from the Plan's rule."""
+        from mixspec.decay import transformers_rule_differs
+
+        layernorm = frozenset(plan.layernorm_modules)
+        for c in plan.components:
+            if c.mode == "freeze" or not c.weight_decay:
+                continue
+            differ = transformers_rule_differs(c, layernorm)
+            if differ:
+                self.cfg.effect("weight_decay", "weight-decay-rule",
+                                f"{who} decays by transformers' rule (torch LayerNorm modules and bias/norm names "
+                                f"exempt), which also decays {len(differ)} parameters of component {c.name!r} that "
+                                f"mixspec's rule exempts: {show(differ, 3)}",
+                                "the spec's plan exempts them (norms, 1-D parameters); set weight_decay: 0 for "
+                                "no difference")
+
     def finish_unmodelled(self, note_for=lambda key: "") -> None:
         """List every key nothing read (never silently ignored)."""
         for key in self.cfg.data:

@@ -134,10 +134,12 @@ class _Reader(BaseReader):
         trainable = self.unfreeze(names)
         self.assign(trainable)
         self.out.origins["output_dir"] = self.src("output_dir", f"{DEFAULT}: ./model-out")
-        self.assemble("base_model", model, {"training": training, "distributed": distributed, "data": data,
-                                            "output_dir": cfg.get("output_dir", "str", "./model-out")},
-                      "unfrozen_parameters" if cfg.has("unfrozen_parameters") else "adapter",
-                      "check unfrozen_parameters and the LoRA targets")
+        plan = self.assemble("base_model", model, {"training": training, "distributed": distributed, "data": data,
+                                                   "output_dir": cfg.get("output_dir", "str", "./model-out")},
+                             "unfrozen_parameters" if cfg.has("unfrozen_parameters") else "adapter",
+                             "check unfrozen_parameters and the LoRA targets")
+        if plan is not None:
+            self.decay_effects(plan, "axolotl's optimizer")
         self.finish_unmodelled()
 
     def origin_of(self, part: Part, key: str):

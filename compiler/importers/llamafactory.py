@@ -163,7 +163,7 @@ class _Reader(BaseReader):
                                                            "data": data, "output_dir": output_dir},
                              "finetuning_type", "check the freeze_* flags and lora_target")
         if plan is not None:
-            self.decay_effects(plan)
+            self.decay_effects(plan, "LLaMA-Factory's Trainer")
         self.finish_unmodelled()
 
     def origin_of(self, part: Part, key: str):
@@ -529,22 +529,6 @@ class _Reader(BaseReader):
         return wrapped
 
     # -- weight decay after planning -------------------------------------------------------
-    def decay_effects(self, plan) -> None:
-        from mixspec.decay import transformers_rule_differs
-
-        layernorm = frozenset(plan.layernorm_modules)
-        for c in plan.components:
-            if c.mode == "freeze" or not c.weight_decay:
-                continue
-            differ = transformers_rule_differs(c, layernorm)
-            if differ:
-                self.cfg.effect("weight_decay", "weight-decay-rule",
-                                f"LLaMA-Factory's Trainer decays by transformers' rule (torch LayerNorm modules and "
-                                f"bias/norm names exempt), which also decays {len(differ)} parameters of "
-                                f"component {c.name!r} that mixspec's rule exempts: {show(differ, 3)}",
-                                "the spec's plan exempts them (norms, 1-D parameters); set weight_decay: 0 for "
-                                "no difference")
-
     # -- training, distributed, data -----------------------------------------------------
     def training(self) -> dict:
         cfg = self.cfg
