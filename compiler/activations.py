@@ -112,16 +112,20 @@ def block_kinds(tree, prefixes, exclude=()) -> tuple[BlockKind, ...]:
     stacks = [k for k in lists if not any(k.startswith(f"{o}.{i}.") for o in lists for i in lists[o] if o != k)]
     stacks = [k for k in stacks if len(lists[k]) > 1]
     out = []
+    params_of = {m.name: m.params for m in tree.modules}
     for stack in stacks:  # in the tree's (registration) order
         kinds: dict[tuple, list[int]] = {}
-        params_of = {m.name: m.params for m in tree.modules}
+        # each block's modules, in tree order, in one pass over the tree (not one per block)
+        head = stack + "."
+        members: dict[str, list] = {str(i): [] for i in lists[stack]}
+        for m in tree.modules:
+            if m.name.startswith(head):
+                index, dot, rel = m.name[len(head):].partition(".")
+                if dot and index in members:
+                    members[index].append((rel, m))
         for index in sorted(lists[stack]):
-            base = f"{stack}.{index}."
             linears, norms, acts = [], [], []
-            for m in tree.modules:
-                if not m.name.startswith(base):
-                    continue
-                rel = m.name[len(base):]
+            for rel, m in members[str(index)]:
                 if m.kind == "linear" and m.in_features:
                     linears.append(Linear(rel, m.in_features, m.out_features))
                 elif m.norm:
