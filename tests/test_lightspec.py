@@ -161,22 +161,12 @@ EDGES = [None, True, False, 0, 1, -1, 2, 3, 4, 4096, 4097, 2**53, 2**53 + 1, 2**
          [True], {}, {"x": 1}]
 
 
-def _leaf_paths(node, prefix=()):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield prefix + (key,)
-            yield from _leaf_paths(value, prefix + (key,))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield prefix + (i,)
-
-
 @pytest.mark.parametrize("base", range(len(fuzz.BASES)))
 def test_every_edge_value_in_every_place(base):
     import copy
 
     accepted = 0
-    for path in _leaf_paths(fuzz.BASES[base]):
+    for path in fuzz._paths(fuzz.BASES[base]):
         for value in EDGES:
             spec = copy.deepcopy(fuzz.BASES[base])
             node = spec

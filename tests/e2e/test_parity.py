@@ -88,14 +88,8 @@ LORA_ONLY = """\
     lr: 2.0e-4
     lora: {rank: 8, alpha: 16, dropout: 0.05, targets: all-linear}
 """
-LORA_LLM = """\
-  vision: {train: full, lr: 1.0e-5}
-  aligner: {train: full, lr: 3.0e-4}
-  language:
-    train: lora
-    lr: 4.0e-3
-    lora: {rank: 8, alpha: 16, dropout: 0, targets: all-linear}
-"""
+# what --tuner_type lora_llm says exactly: the seed case without LoRA dropout and ViT decay
+LORA_LLM = SEED_PLUGIN.replace("dropout: 0.05", "dropout: 0").replace(", weight_decay: 0.1", "")
 CASES = [
     # the seed case, with decay on the ViT (whose RMSNorm weights the Plan exempts and
     # transformers' rule does not) and LoRA dropout: swift runs it through mixspec's plugin
