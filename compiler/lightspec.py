@@ -123,6 +123,14 @@ class LightModel:
     def __setattr__(self, name, value):
         raise AttributeError(f"{self._model} is read-only")
 
+    def __reduce__(self):  # copy, deepcopy and pickle rebuild it through __init__
+        return (LightModel, (self._model, self._values))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, LightModel) and (self._model, self._values) == (other._model, other._values)
+
+    __hash__ = None
+
     def __repr__(self) -> str:
         return f"{self._model}({', '.join(f'{k}={v!r}' for k, v in self._values.items())})"
 

@@ -212,3 +212,13 @@ def test_cpu_time_of_a_light_load_is_below_a_pydantic_one():
 
     assert cpu("1") < cpu("0")
 
+
+
+def test_light_objects_copy_and_pickle():
+    import copy
+    import pickle
+
+    text = (ROOT / "examples" / "design-example.yaml").read_text(encoding="utf-8")
+    light = load_spec_text(text, "x.yaml", light=True).spec
+    for again in (copy.copy(light), copy.deepcopy(light), pickle.loads(pickle.dumps(light))):
+        assert again == light and again.model_dump() == light.model_dump()
