@@ -5,6 +5,9 @@ values or the same located problems as one without, on every spec fixture and on
 corpus's generated specs (tests/test_fuzz_spec.py's bases and mutations). Its rule table
 must have the models' keys, defaults, required keys and bounds. And a plain warm validate
 through the console script's entry point does not import pydantic at all (the point of it).
+
+Mutations these tests catch (tried): RULES' Training.seed as a float (the kind check), the
+LoRA rank without its upper bound (the rule check, and rank 4097 in the edge sweep).
 """
 
 from __future__ import annotations
@@ -68,6 +71,33 @@ def _bounds(field) -> dict:
     return out
 
 
+def _kind(annotation) -> str:
+    """The light check's kind for a field's annotation (as RULES spells it)."""
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return _kind(rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]) + "?"
+    if origin is typing.Literal:
+        if all(type(a) is str for a in args):
+            return "enum:" + "|".join(args)
+        return {(1,): "version", (0, 1, 2, 3): "stage"}[args]
+    if origin in (typing.Union, types.UnionType):
+        return {frozenset({"enum:all-linear", "list[str]", "str"}): "targets",
+                frozenset({"str", "list[int]"}): "layers"}[frozenset(_kind(a) for a in args)]
+    if origin is list:
+        return f"list[{args[0].__name__}]"
+    if origin is dict:
+        return "components"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation.__name__
+    return annotation.__name__
+
+
 @pytest.mark.parametrize("model", sorted(lightspec.RULES))
 def test_rules_have_the_models_keys_defaults_and_bounds(model):
     cls = getattr(spec_mod, model)
@@ -75,6 +105,7 @@ def test_rules_have_the_models_keys_defaults_and_bounds(model):
     assert list(rules) == list(cls.model_fields), f"lightspec.RULES[{model!r}]: keys differ from mixspec.spec"
     for key, field in cls.model_fields.items():
         kind, default, bounds = rules[key]
+        assert kind == _kind(field.annotation).replace("list[str]", "modules"), (model, key, _kind(field.annotation))
         assert (default is lightspec.REQUIRED) == field.is_required(), (model, key)
         if field.default_factory is not None:  # a nested model's defaults
             assert default is None and kind == field.default_factory.__name__, (model, key)
