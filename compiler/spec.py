@@ -7,9 +7,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-ROLES = ("vision", "aligner", "language", "lm_head", "embeddings", "audio")
-TRAIN_MODES = ("freeze", "full", "lora")
-COMPONENT_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$"
+from mixspec.spec_names import COMPONENT_NAME_PATTERN, ROLES, TRAIN_MODES  # noqa: F401  (re-exported)
 
 
 class _Strict(BaseModel):

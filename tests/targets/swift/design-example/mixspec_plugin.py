@@ -18,6 +18,9 @@ Use: swift sft --external_plugins mixspec_plugin.py --tuner_type mixspec --optim
 # Why a plugin:
 #   - examples/design-example.yaml:15:3: components.language.lora.dropout 0.05: lora_llm ignores --lora_dropout (PEFT's default 0 is used)
 #   - examples/design-example.yaml:19:3: components.late_vit_blocks.lr 5e-06: swift's multimodal optimizer gives its ViT (--vit_lr) group one learning rate, and component 'vision' in the same group has 2e-06
+#   - examples/design-example.yaml:13:3: components.vision trained fully in fp32: --tuner_type lora_llm loads the model with --torch_dtype bfloat16 and trains full parameters in bf16 (swift casts only fp16 trainable parameters up), where the Plan holds them in fp32 (master weights; frozen ones in bf16), so updates below bf16's resolution would be lost; --torch_dtype float32 would hold the frozen parameters in fp32 instead
+#   - examples/design-example.yaml:14:3: components.aligner trained fully in fp32: --tuner_type lora_llm loads the model with --torch_dtype bfloat16 and trains full parameters in bf16 (swift casts only fp16 trainable parameters up), where the Plan holds them in fp32 (master weights; frozen ones in bf16), so updates below bf16's resolution would be lost; --torch_dtype float32 would hold the frozen parameters in fp32 instead
+#   - examples/design-example.yaml:19:3: components.late_vit_blocks trained fully in fp32: --tuner_type lora_llm loads the model with --torch_dtype bfloat16 and trains full parameters in bf16 (swift casts only fp16 trainable parameters up), where the Plan holds them in fp32 (master weights; frozen ones in bf16), so updates below bf16's resolution would be lost; --torch_dtype float32 would hold the frozen parameters in fp32 instead
 
 SWIFT_VERSION = 4
 PLAN_FINGERPRINT = '26351df05ad4ce7a'

@@ -16,7 +16,7 @@ Use: swift sft --external_plugins mixspec_plugin.py --train_type mixspec --optim
 """
 
 # Why a plugin:
-#   - tests/targets/specs/swift/lora-llm.yaml:9:3: LoRA on the LLM next to a fully trained ViT/aligner: ms-swift 3.x has no lora_llm tuner (it came with 4.0)
+#   - tests/targets/specs/swift/lora-llm.yaml:11:3: LoRA on the LLM next to a fully trained ViT/aligner: ms-swift 3.x has no lora_llm tuner (it came with 4.0)
 
 SWIFT_VERSION = 3
 PLAN_FINGERPRINT = 'c374680fd7426512'

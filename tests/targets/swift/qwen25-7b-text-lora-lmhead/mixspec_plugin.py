@@ -17,6 +17,7 @@ Use: swift sft --external_plugins mixspec_plugin.py --tuner_type mixspec --optim
 
 # Why a plugin:
 #   - examples/qwen25-7b-text-lora-lmhead.yaml:21:3: components.lm_head (full) next to LoRA: swift's flags train a whole module next to LoRA only through lora_llm (ViT and aligner of a multimodal model mixspec maps to swift) or --modules_to_save, which mixspec does not use: PEFT trains a copy of the module (its parameters renamed, 544,997,376 more in memory)
+#   - examples/qwen25-7b-text-lora-lmhead.yaml:21:3: components.lm_head trained fully in fp32: --tuner_type lora_llm loads the model with --torch_dtype bfloat16 and trains full parameters in bf16 (swift casts only fp16 trainable parameters up), where the Plan holds them in fp32 (master weights; frozen ones in bf16), so updates below bf16's resolution would be lost; --torch_dtype float32 would hold the frozen parameters in fp32 instead
 
 SWIFT_VERSION = 4
 PLAN_FINGERPRINT = '4bfb53cb2644cd6d'

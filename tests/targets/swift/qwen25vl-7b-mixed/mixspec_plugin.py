@@ -17,6 +17,8 @@ Use: swift sft --external_plugins mixspec_plugin.py --tuner_type mixspec --optim
 
 # Why a plugin:
 #   - examples/qwen25vl-7b-mixed.yaml:20:3: components.language.lora.dropout 0.05: lora_llm ignores --lora_dropout (PEFT's default 0 is used)
+#   - examples/qwen25vl-7b-mixed.yaml:14:3: components.vision trained fully in fp32: --tuner_type lora_llm loads the model with --torch_dtype bfloat16 and trains full parameters in bf16 (swift casts only fp16 trainable parameters up), where the Plan holds them in fp32 (master weights; frozen ones in bf16), so updates below bf16's resolution would be lost; --torch_dtype float32 would hold the frozen parameters in fp32 instead
+#   - examples/qwen25vl-7b-mixed.yaml:17:3: components.aligner trained fully in fp32: --tuner_type lora_llm loads the model with --torch_dtype bfloat16 and trains full parameters in bf16 (swift casts only fp16 trainable parameters up), where the Plan holds them in fp32 (master weights; frozen ones in bf16), so updates below bf16's resolution would be lost; --torch_dtype float32 would hold the frozen parameters in fp32 instead
 
 SWIFT_VERSION = 4
 PLAN_FINGERPRINT = 'c374680fd7426512'
