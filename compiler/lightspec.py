@@ -51,6 +51,9 @@ RULES: dict[str, dict[str, tuple]] = {
         "seed": ("int", 42, {"ge": 0}),
         "logging_steps": ("int", 10, {"ge": 1}),
         "save_steps": ("int", 500, {"ge": 1}),
+        "adam_beta1": ("float", 0.9, {"ge": 0, "lt": 1}),
+        "adam_beta2": ("float", 0.999, {"ge": 0, "lt": 1}),
+        "adam_epsilon": ("float", 1e-8, {"gt": 0}),
     },
     "Data": {
         "train": ("str", REQUIRED, {"min_length": 1}),

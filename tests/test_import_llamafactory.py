@@ -225,10 +225,13 @@ def test_unmodelled_keys_are_listed_never_dropped():
     imp = lf(head(QWEN_VL, "finetuning_type: lora\n") + "plot_loss: true\ntemplate: qwen2_vl\nadam_beta2: 0.95\n"
              "dataset_dir: data\nmax_samples: 1000\n")
     keys = {u.key for u in imp.unmodelled}
-    assert {"plot_loss", "template", "adam_beta2", "max_samples"} <= keys
+    assert {"plot_loss", "template", "max_samples"} <= keys
     # every key is either read into the spec or listed
     data = yaml.safe_load(head(QWEN_VL, "finetuning_type: lora\n"))
-    assert "adam_beta2" in keys and not set(data) & {"plot_loss"}
+    assert not set(data) & {"plot_loss"}
+    # AdamW's betas are spec keys: read, with their origin, never listed
+    assert "adam_beta2" not in keys and imp.spec["training"]["adam_beta2"] == 0.95
+    assert str(imp.origins["training.adam_beta2"]).endswith(":1")
 
 
 def test_import_is_deterministic():

@@ -329,7 +329,7 @@ def test_cli_import_prints_plan_effects_and_writes_the_spec(run_cli, tmp_path):
     text = result.stdout
     assert "read with the rules of ms-swift 4.x (rules of 4.6.0)" in text
     assert "(swift vit: --vit_lr)" in text and "631,975,680" in text and "40,370,176" in text
-    i, j = text.index("silent effects (3):"), text.index("not modelled (1;")
+    i, j = text.index("silent effects (2):"), text.index("not modelled (1;")
     assert i < j and "lora_llm-ignores-lora_dropout" in text[i:j] and "--save_only_model true" in text[j:]
     assert result.stderr.strip().endswith(f"wrote {out}")
     validated = run_cli("validate", str(out))
@@ -392,7 +392,7 @@ def test_readme_audit_example():
     path = ROOT / "examples" / "import" / "swift_sft_full.sh"
     got = read("swift", path.read_text(), "examples/import/swift_sft_full.sh")
     assert codes(got) == ["pattern-matches-nothing", "pattern-matches-nothing", "lr-reaches-nothing",
-                          "lm-head-in-llm", "adam-betas", "weight-decay-rule"]
+                          "lm-head-in-llm", "weight-decay-rule"]
     assert got.plan.totals.trainable_params == 7_660_190_976
     readme = (ROOT / "README.md").read_text()
     for e in got.effects:
@@ -447,3 +447,42 @@ def test_any_command_line_gives_an_import_or_located_problems(flags, model):
         assert all(p.location.file == "fuzz.sh" for p in got.problems)
     for e in got.effects:
         assert e.where.line >= 1 and e.fix
+
+
+def test_adamw_settings_are_swifts_own_defaults_in_the_spec():
+    """ms-swift's TrainArguments default adam_beta2 is 0.95 (torch's 0.999): the spec states
+    what swift runs, with its origin, and the swift target emits it back."""
+    got = imp("    --tuner_type lora\n")
+    t = got.spec["training"]
+    assert (t["adam_beta1"], t["adam_beta2"], t["adam_epsilon"]) == (0.9, 0.95, 1e-8)
+    assert got.origins["training.adam_beta2"] == "ms-swift 4.x default (--adam_beta2)"
+    assert got.plan.training.adam_beta2 == 0.95 and "adam-betas" not in codes(got)
+    flags = render(got.plan, "swift")["train.sh"]
+    assert "--adam_beta2 0.95 " in flags.replace("\\\n", " ")
+    given = imp("    --tuner_type lora --adam_beta2 0.999 --adam_epsilon 1e-6\n")
+    assert (given.spec["training"]["adam_beta2"], given.spec["training"]["adam_epsilon"]) == (0.999, 1e-6)
+    assert str(given.origins["training.adam_beta2"]).startswith("train.sh:4:")
+
+
+@pytest.mark.parametrize("body, reported", [
+    ("--tuner_type full --torch_dtype bfloat16", True),          # the full tuner casts nothing
+    ("--tuner_type full --torch_dtype float16", True),
+    ("--tuner_type full --torch_dtype float32", False),
+    ("--tuner_type full --torch_dtype bfloat16 --deepspeed zero2", False),  # ZeRO keeps fp32 masters
+    ("--tuner_type lora_llm --torch_dtype bfloat16", True),      # the ViT and aligner stay bf16
+    ("--tuner_type lora_llm --torch_dtype float16", False),      # swift casts fp16 trainables up
+    ("--tuner_type lora --torch_dtype bfloat16", False),         # LoRA weights are fp32 (PEFT)
+    ("--tuner_type lora --torch_dtype bfloat16 --modules_to_save model.visual.merger", True),
+])
+def test_fully_trained_parameters_in_half_precision_are_said(body, reported):
+    """swift's tuners (TunerMixin.prepare_model) against the Plan's fp32 master weights: the
+    same rule that sends such Plans to the swift target's plugin."""
+    got = imp(f"    {body}\n")
+    assert got.ok, [p.render() for p in got.problems]
+    assert ("full-params-dtype" in codes(got)) == reported, codes(got)
+    if reported:
+        e = effect(got, "full-params-dtype")
+        assert e.where.line == 4 and "fp32" in e.message and "plugin" in e.fix
+        # the swift target, given the imported spec, does not reuse swift's flags for it
+        files = render(got.plan, "swift")
+        assert "swift_plugin.py" in files or "plugin" in files["train.sh"]

@@ -476,12 +476,13 @@ class BaseReader:
         training[key] = value
         self.out.origins[f"training.{key}"] = origin
 
-    def adam_settings(self, default_missing) -> None:
-        """AdamW betas and epsilon: the spec fixes them (torch's defaults); other values are listed."""
-        for key, default in (("adam_beta1", 0.9), ("adam_beta2", 0.999), ("adam_epsilon", 1e-8)):
-            value = self.cfg.get(key, "float", default_missing, allow_none=True)
-            if value is not None and value != default:
-                self.cfg.unmodelled(key, f"the spec has no {key}: mixspec's targets use {default}")
+    def adam_settings(self, training: dict) -> None:
+        """AdamW betas and epsilon the config sets (the spec's defaults, torch's 0.9 / 0.999 /
+        1e-8, are these backends' defaults too)."""
+        for key in ("adam_beta1", "adam_beta2", "adam_epsilon"):
+            value = self.cfg.get(key, "float", None, allow_none=True)
+            if value is not None:
+                self.put(training, key, value, self.cfg.loc(key))
 
     def deepspeed(self, by_name) -> dict:
         """zero_stage and offload from the config's ``deepspeed`` (a JSON file or an inline

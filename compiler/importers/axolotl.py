@@ -553,7 +553,7 @@ class _Reader(BaseReader):
         else:
             cfg.error("optimizer", f"optimizer: {optim} cannot be expressed: mixspec plans AdamW (its memory and states)",
                       "use optimizer: adamw_torch_fused")
-        self.adam_settings(None)
+        self.adam_settings(t)
         return t
 
     def distributed(self) -> dict:

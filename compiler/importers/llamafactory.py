@@ -585,7 +585,7 @@ class _Reader(BaseReader):
         else:
             cfg.error("optim", f"optim: {optim} cannot be expressed: mixspec plans AdamW (its memory and states)",
                       "use optim: adamw_torch")
-        self.adam_settings(None)
+        self.adam_settings(t)
         if cfg.get("warmup_steps", "float", 0):
             cfg.unmodelled("warmup_steps", "the spec has warmup_ratio only")
         return t

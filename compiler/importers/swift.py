@@ -542,6 +542,27 @@ def _read(r: _Reader) -> None:
     r.imp.plan = plan
     if plan is not None:
         _weight_decay_effect(r, plan)
+        _precision_effect(r, plan, tuner, truth)
+
+
+def _precision_effect(r: _Reader, plan, tuner: str, truth: _Truth) -> None:
+    """swift trains fully trained parameters in --torch_dtype (the full tuner casts nothing;
+    adapter tuners cast only fp16 trainable parameters up: TunerMixin.prepare_model), while a
+    spec's Plan holds them in fp32 master weights (what the swift target's plugin does).
+    Under --deepspeed, DeepSpeed's ZeRO/bf16 optimizers keep fp32 master copies of every
+    trainable parameter themselves, so there is nothing to report."""
+    t = plan.training
+    if not truth.full or t.precision == "fp32" or (tuner != "full" and t.precision == "fp16"):
+        return
+    if r.flags.get("deepspeed") is not None:
+        return
+    flag = r.flags.get("torch_dtype")
+    r.effect("full-params-dtype", flag.where if flag else Location(r.path, *_first_pos(r)),
+             f"swift holds the {len(truth.full)} fully trained tensors ({_few(sorted(truth.full))}) in "
+             f"{t.precision} and updates them there ({'the full tuner casts nothing' if tuner == 'full' else 'swift casts only fp16 trainable parameters up'}): "
+             f"updates below {t.precision}'s resolution are lost; the spec's Plan keeps them in fp32 "
+             f"(frozen ones in {t.precision})",
+             "compile the spec for swift (its plugin keeps fp32 master weights for them), or --torch_dtype float32")
 
 
 def _params_under(all_params, module: str) -> list[str]:
@@ -1172,16 +1193,10 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
                                      ("logging_steps", "logging_steps", 5, int), ("save_steps", "save_steps", 500, int)):
         t[key] = r.get_num(flag, default, kind)
         o[f"training.{key}"] = r.origin(flag)
-    beta2 = r.get_num("adam_beta2", 0.95)
-    beta1 = r.get_num("adam_beta1", 0.9)
-    eps = r.get_num("adam_epsilon", 1e-8)
-    if (beta1, beta2, eps) != (0.9, 0.999, 1e-8):
-        flag = r.flags.get("adam_beta2") or r.flags.get("adam_beta1") or r.flags.get("adam_epsilon")
-        r.effect("adam-betas", flag.where if flag else Location(r.path, *_first_pos(r)),
-                 f"AdamW runs with beta1 {beta1:g}, beta2 {beta2:g}, eps {eps:g}"
-                 + ("" if flag else " (swift's default beta2 is 0.95)")
-                 + "; a mixspec spec fixes torch's 0.9 / 0.999 / 1e-8, so the spec's runs use those",
-                 "pass --adam_beta2 0.999 to swift to match the spec")
+    # swift's own AdamW defaults (beta2 0.95, not torch's 0.999): the spec states them
+    for key, default in (("adam_beta1", 0.9), ("adam_beta2", 0.95), ("adam_epsilon", 1e-8)):
+        t[key] = r.get_num(key, default)
+        o[f"training.{key}"] = r.origin(key)
     spec["training"] = t
     # data
     data = {}
