@@ -34,6 +34,7 @@ states are counted as the vision tokens they come from).
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 
@@ -112,16 +113,20 @@ def block_kinds(tree, prefixes, exclude=()) -> tuple[BlockKind, ...]:
     stacks = [k for k in lists if not any(k.startswith(f"{o}.{i}.") for o in lists for i in lists[o] if o != k)]
     stacks = [k for k in stacks if len(lists[k]) > 1]
     out = []
+    params_of = {m.name: m.params for m in tree.modules}
     for stack in stacks:  # in the tree's (registration) order
         kinds: dict[tuple, list[int]] = {}
-        params_of = {m.name: m.params for m in tree.modules}
+        # each block's modules, in tree order, in one pass over the tree (not one per block)
+        head = stack + "."
+        members: dict[str, list] = {str(i): [] for i in lists[stack]}
+        for m in tree.modules:
+            if m.name.startswith(head):
+                index, dot, rel = m.name[len(head):].partition(".")
+                if dot and index in members:
+                    members[index].append((rel, m))
         for index in sorted(lists[stack]):
-            base = f"{stack}.{index}."
             linears, norms, acts = [], [], []
-            for m in tree.modules:
-                if not m.name.startswith(base):
-                    continue
-                rel = m.name[len(base):]
+            for rel, m in members[str(index)]:
                 if m.kind == "linear" and m.in_features:
                     linears.append(Linear(rel, m.in_features, m.out_features))
                 elif m.norm:
@@ -285,8 +290,26 @@ def loss_bytes_per_token(vocab: int, hidden: int, p: int, lm_head_trains: bool) 
     return {"saved": 4 * vocab + 8 + (p * hidden if lm_head_trains else 0), "transient": (4 + p) * vocab}
 
 
+_STRUCTURES: dict = {}  # id(tree) -> (tree, {roles: structure}): one validate reads a tree for many specs
+_STRUCTURES_KEPT = 16
+
+
 def model_structure(tree, roles: dict) -> dict:
-    """What the activation estimate needs from the tree (plain data, carried by the Plan)."""
+    """What the activation estimate needs from the tree (plain data, carried by the Plan).
+    It depends on the tree and the roles alone, so it is computed once per tree object and
+    roles in a process (each Plan gets its own copy)."""
+    key = tuple(sorted((role, tuple(prefixes)) for role, prefixes in roles.items()))
+    held = _STRUCTURES.get(id(tree))
+    if held is None or held[0] is not tree:
+        while len(_STRUCTURES) >= _STRUCTURES_KEPT:
+            del _STRUCTURES[next(iter(_STRUCTURES))]
+        held = _STRUCTURES[id(tree)] = (tree, {})
+    if key not in held[1]:
+        held[1][key] = _model_structure(tree, roles)
+    return copy.deepcopy(held[1][key])
+
+
+def _model_structure(tree, roles: dict) -> dict:
     out: dict = {"hidden": 0, "vocab": 0, "language": [], "vision": [], "aligner_linears": [],
                  "vision_position_embeddings": 0, "patch_kernel": 0, "vision_hidden": 0, "final_norm": ""}
     head = tree.by_name.get(tree.output_embedding)

@@ -1,7 +1,7 @@
 """The mixspec command line: the one boundary where errors become exit codes.
 
 stdout carries artifacts (plans, schemas, JSON); stderr carries diagnostics.
-Exit codes: 0 ok, 1 a spec/model/target problem the user can fix, 2 CLI usage error,
+Exit codes: 0 ok, 1 a spec/model/target/imported-config problem the user can fix, 2 CLI usage error,
 3 `diff`: the two Plans train differently.
 Heavy modules (torch, transformers) are imported only when a module tree must be built.
 """
@@ -342,6 +342,144 @@ def compile(
         raise _fail(exc) from None
     for line in written:
         _stderr(line)
+
+
+MAX_IMPORT_BYTES = 1_000_000
+
+
+@app.command("import", cls=_Command)
+def import_config(
+    file: str = typer.Argument(..., metavar="FILE", help="The backend's config: a file, or - for stdin."),
+    backend: str = typer.Option(..., "--from", help="swift (a swift sft command line), llamafactory or axolotl."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the mixspec spec that trains the same here."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing -o file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the import (spec, Plan, effects, unmodelled) as JSON."),
+) -> None:
+    """Read a config you already have: show what it really trains (the Plan), its silent effects,
+    what is not modelled, and (-o) write the spec that trains exactly that. Exit 1 when it
+    cannot be expressed."""
+    from mixspec.importers import BACKENDS
+
+    if backend not in BACKENDS:
+        import difflib
+
+        close = difflib.get_close_matches(backend, BACKENDS, n=1, cutoff=0.5)
+        _stderr(f"error: unknown --from {backend!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                + f"\n  one of: {', '.join(BACKENDS)}")
+        raise typer.Exit(2)
+    source = "<stdin>" if file == "-" else file
+    text = _read_config(file, source)
+    from mixspec.importers import read, spec_yaml
+
+    try:
+        imported = read(backend, text, source)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"mixspec.importers.{backend}":
+            raise
+        _stderr(f"error: this build of mixspec has no {backend} importer")
+        raise typer.Exit(1) from None
+    except MixspecError as exc:
+        raise _fail(exc) from None
+    plan = imported.plan
+    if imported.ok and plan is None:  # an importer that leaves the resolving to us
+        try:
+            from mixspec.api import _load_dict
+            from mixspec.resolve import plan_spec as resolve_plan
+
+            plan = resolve_plan(_load_dict(imported.spec, source))
+        except SpecError as exc:
+            imported.problems.extend(exc.problems)
+        except MixspecError as exc:
+            raise _fail(exc) from None
+    if not imported.ok:
+        if as_json:
+            typer.echo(json.dumps(_import_json(imported, source, None), indent=2))
+        for problem in imported.problems:
+            _stderr(problem.render())
+        _stderr(f"{source}: cannot be expressed as a mixspec spec ({imported.rules or backend}); nothing written")
+        raise typer.Exit(1)
+    yaml_text = spec_yaml(imported, source)
+    from mixspec.loader import load_spec_text
+
+    if load_spec_text(yaml_text, "<imported>").spec != load_spec_text(json.dumps(imported.spec), "<json>").spec:
+        raise RuntimeError("internal error: the written spec does not load back as the imported one")
+    from mixspec.api import estimate_memory
+
+    if as_json:
+        typer.echo(json.dumps(_import_json(imported, source, plan), indent=2))
+    else:
+        from mixspec.present import print_plan
+
+        typer.echo(f"{source}: read with the rules of {imported.rules}")
+        print_plan(plan, estimate_memory(plan), groups=imported.groups)
+        _print_import_findings(imported)
+    for problem in plan.warnings_problems:
+        _stderr(problem.render())
+    if out is not None:
+        from mixspec.output import write_files
+
+        try:
+            written = write_files(out.parent if str(out.parent) else Path("."), {out.name: yaml_text}, force=force)
+        except MixspecError as exc:
+            raise _fail(exc) from None
+        for line in written:
+            _stderr(line)
+
+
+def _read_config(file: str, source: str) -> str:
+    try:
+        if file == "-":
+            data = sys.stdin.buffer.read(MAX_IMPORT_BYTES + 1)
+        else:
+            with open(file, "rb") as fh:
+                data = fh.read(MAX_IMPORT_BYTES + 1)
+    except OSError as exc:
+        _stderr(f"{source}: error: cannot read it: {exc.strerror or exc}")
+        raise typer.Exit(1) from None
+    if len(data) > MAX_IMPORT_BYTES:
+        _stderr(f"{source}: error: larger than {MAX_IMPORT_BYTES:,} bytes; a training config is far smaller")
+        raise typer.Exit(1)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        _stderr(f"{source}:{line}:{col}: error: not UTF-8 text (byte 0x{data[exc.start]:02x})")
+        raise typer.Exit(1) from None
+    if "\x00" in text:
+        _stderr(f"{source}: error: holds NUL bytes: not a text config")
+        raise typer.Exit(1)
+    return text
+
+
+def _print_import_findings(imported) -> None:
+    typer.echo("")
+    if imported.effects:
+        typer.echo(f"silent effects ({len(imported.effects)}):")
+        for effect in imported.effects:
+            typer.echo("  " + effect.render().replace("\n", "\n  "))
+    else:
+        typer.echo("silent effects: none found")
+    if imported.unmodelled:
+        typer.echo(f"not modelled ({len(imported.unmodelled)}; mixspec import did not read them):")
+        for item in imported.unmodelled:
+            typer.echo("  " + item.render())
+
+
+def _import_json(imported, source: str, plan) -> dict:
+    from mixspec.api import estimate_memory
+
+    data = {"backend": imported.backend, "rules": imported.rules, "source": source, "ok": imported.ok,
+            "spec": imported.spec,
+            "origins": {k: (v.to_json() if hasattr(v, "to_json") else str(v)) for k, v in imported.origins.items()},
+            "groups": imported.groups,
+            "effects": [e.to_json() for e in imported.effects],
+            "unmodelled": [u.to_json() for u in imported.unmodelled],
+            "problems": [p.to_json() for p in imported.problems]}
+    if plan is not None:
+        data["plan"] = plan.to_json()
+        data["plan"]["estimate"] = estimate_memory(plan).to_json()
+    return data
 
 
 class DiffFormat(str, Enum):

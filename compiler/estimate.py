@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from mixspec.names import is_under
 from mixspec.plan import Plan
-from mixspec.spec import Data
+from mixspec.lightspec import default
 
 GIB = 1024 ** 3
 # CUDA context, NCCL buffers and allocator slack: not counted by torch.cuda.memory_allocated,
@@ -200,8 +200,8 @@ def activation_terms(plan: Plan, overrides: dict | None = None):
     vision_kinds = [BlockKind.from_json(k) for k in st.get("vision", ())]
     if vision_kinds:
         # no data section: the spec's defaults for these keys (mixspec.spec.Data)
-        images = data.images_per_sample if data is not None else Data.model_fields["images_per_sample"].default
-        max_pixels = data.max_pixels if data is not None else Data.model_fields["max_pixels"].default
+        images = data.images_per_sample if data is not None else default("Data", "images_per_sample")
+        max_pixels = data.max_pixels if data is not None else default("Data", "max_pixels")
         if st.get("vision_position_embeddings"):
             per_image = st["vision_position_embeddings"]
             how = "fixed by the encoder's position embeddings"

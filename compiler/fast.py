@@ -70,12 +70,13 @@ def _stdout(text: str) -> None:
 def run_plan(specs: list[Path], as_json: bool = False, show_modules: bool = False) -> int:
     """`mixspec plan`: each spec's table (or one JSON Plan, a list for several); exit code."""
     from mixspec.api import estimate_memory, plan_spec
+    from mixspec.loader import load_spec
 
     failed = False
     plans = []
     for spec in specs:
         try:
-            the_plan = plan_spec(spec)
+            the_plan = plan_spec(load_spec(spec, light=True))
         except MixspecError as exc:
             _stderr(str(exc))
             failed = True
@@ -107,7 +108,7 @@ def run_validate(specs: list[Path], as_json: bool = False, model_check: bool = T
     for path in specs:
         problems = []
         try:
-            loaded = load_spec(path)
+            loaded = load_spec(path, light=True)
             problems.extend(loaded.warnings)
             if model_check:
                 from mixspec.resolve import plan_spec
@@ -134,7 +135,8 @@ def run_validate(specs: list[Path], as_json: bool = False, model_check: bool = T
 
 
 def build_spec_models_without_plugin_scan() -> None:
-    """Build the spec's pydantic models without pydantic's plugin scan.
+    """Build the spec's pydantic models without pydantic's plugin scan (the loader calls this
+    for ``light`` loads, the console script's, when a spec needs pydantic after all).
 
     When it builds its first model class pydantic looks for plugins among the entry points
     of every installed distribution, importing importlib.metadata to do so: ~15-20 ms of a
@@ -174,7 +176,6 @@ def main() -> None:
 
     command, specs, options = parsed
     gc.disable()  # one short process (see mixspec.cli.main)
-    build_spec_models_without_plugin_scan()
     code = (run_plan if command == "plan" else run_validate)(specs, **options)
     gc.freeze()
     if "torch" in sys.modules:  # a tree was built: skip torch's teardown (see mixspec.cli)

@@ -9,19 +9,22 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from typing import TYPE_CHECKING, Any
 
 from mixspec import patterns
 from mixspec.errors import Diagnostics, Location, Problem, SpecError, quoted
-from mixspec.spec import ROLES, Spec
+from mixspec.spec_names import ROLES
 from mixspec.yamlloc import Located, load_located, load_located_text
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 
 @dataclass(frozen=True)
 class LoadedSpec:
     """A validated Spec together with where each of its keys came from."""
 
-    spec: Spec
+    spec: Any  # a mixspec.spec.Spec (a lightspec.LightModel with the same values when loaded light)
     source: Located
     path: str
     warnings: tuple[Problem, ...] = field(default=())
@@ -33,18 +36,21 @@ class LoadedSpec:
         return self.source.value_loc(tuple(path))
 
 
-def load_spec(path: str | Path) -> LoadedSpec:
-    """Read and validate a spec file; raises SpecError listing every problem."""
+def load_spec(path: str | Path, light: bool = False) -> LoadedSpec:
+    """Read and validate a spec file; raises SpecError listing every problem.
+
+    ``light``: a plainly valid spec is checked without pydantic (mixspec.lightspec; the
+    values are the same, held as plain read-only objects); the console script uses it."""
     located = load_located(path)
-    return _validate(located, str(path))
+    return _validate(located, str(path), light)
 
 
-def load_spec_text(text: str, name: str = "<spec>") -> LoadedSpec:
+def load_spec_text(text: str, name: str = "<spec>", light: bool = False) -> LoadedSpec:
     """Validate spec text (for tests and tools); same errors as ``load_spec``."""
-    return _validate(load_located_text(text, name), name)
+    return _validate(load_located_text(text, name), name, light)
 
 
-def _validate(located: Located, path: str) -> LoadedSpec:
+def _validate(located: Located, path: str, light: bool = False) -> LoadedSpec:
     diags = Diagnostics()
     data = located.data
     if not isinstance(data, dict):
@@ -52,12 +58,26 @@ def _validate(located: Located, path: str) -> LoadedSpec:
         diags.error(located.loc(()), "", f"a spec must be a mapping of keys, got {got}",
                     "start from an example: mixspec validate examples/*.yaml")
         raise SpecError(diags.problems)
-    try:
-        spec = Spec.model_validate(data)
-    except ValidationError as exc:
-        for err in exc.errors(include_url=False):
-            diags.problems.append(_problem_from_pydantic(err, located))
-        spec = None
+    spec = None
+    if light:  # the same values as pydantic's, or None: then pydantic checks and words the problems
+        from mixspec.lightspec import light_spec
+
+        spec = light_spec(data)
+    if spec is None:
+        if light:
+            from mixspec.fast import build_spec_models_without_plugin_scan
+
+            build_spec_models_without_plugin_scan()
+        from pydantic import ValidationError
+
+        from mixspec.spec import Spec
+
+        try:
+            spec = Spec.model_validate(data)
+        except ValidationError as exc:
+            for err in exc.errors(include_url=False):
+                diags.problems.append(_problem_from_pydantic(err, located))
+            spec = None
     _check_components(data, located, diags)
     _check_distributed(data, located, diags)
     _check_option_lookalikes(data, located, diags)
@@ -216,6 +236,7 @@ def _strip_union_tags(loc: tuple, data: object) -> tuple:
 def _model_at(path: tuple, data: object) -> type[BaseModel] | None:
     """The pydantic model that validates the mapping at ``path`` (for 'did you mean')."""
     from mixspec import spec as spec_mod
+    from mixspec.spec import Spec
 
     model: type[BaseModel] | None = Spec
     node = data
@@ -242,6 +263,8 @@ def _model_at(path: tuple, data: object) -> type[BaseModel] | None:
 
 
 def _first_model(annotation) -> type[BaseModel] | None:
+    from pydantic import BaseModel
+
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):

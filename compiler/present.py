@@ -29,7 +29,9 @@ def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.2f}%" if whole else "-"
 
 
-def print_plan(plan: Plan, est: Estimate, show_modules: bool = False) -> None:
+def print_plan(plan: Plan, est: Estimate, show_modules: bool = False, groups: dict | None = None) -> None:
+    """The plan table, totals and memory. ``groups``: component -> a backend's name for it
+    (mixspec import), shown under the component's name."""
     from rich.table import Table
 
     console = _console()
@@ -56,7 +58,8 @@ def print_plan(plan: Plan, est: Estimate, show_modules: bool = False) -> None:
         through = _trained_through_partner(plan, comp)
         if through:
             covers += f" ({through})"
-        table.add_row(comp.name, mode, _lr(comp.lr), _n(comp.base_params), _n(comp.trainable_params),
+        name = f"{comp.name}\n({groups[comp.name]})" if groups and comp.name in groups else comp.name
+        table.add_row(name, mode, _lr(comp.lr), _n(comp.base_params), _n(comp.trainable_params),
                       _pct(comp.base_params, total), covers)
     unassigned = plan.unassigned_modules
     table.add_row("unassigned", "frozen", "-", _n(plan.unassigned_base_params), "0",

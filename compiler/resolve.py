@@ -15,6 +15,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mixspec import patterns
 from mixspec.activations import model_structure
@@ -25,8 +26,10 @@ from mixspec.names import natural_key, ranges, shallowest
 from mixspec.plan import ComponentPlan, LoraPlan, Plan, Totals
 from mixspec.registry import Roles, find_roles
 from mixspec.settings import settings_from_spec
-from mixspec.spec import LoraComponent
 from mixspec.tree import CONV, CONV1D_GPT2, EMBEDDING, LINEAR, LORA_KINDS, ModuleTree
+
+if TYPE_CHECKING:
+    from mixspec.spec import LoraComponent
 
 _INT_SEGMENT = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 

@@ -6,8 +6,6 @@ mixspec.spec (the pydantic models, which the JSON Schema publishes) and have non
 language does not expose but a backend could otherwise choose differently is decided
 here, once, so every target emits the same value (or refuses):
 
-- AdamW's betas and epsilon: torch's defaults (0.9, 0.999, 1e-8), which are also
-  transformers' ``TrainingArguments`` defaults, ms-swift's and LLaMA-Factory's;
 - the dtype of trained parameters (fp32 master weights, whatever ``precision`` says) and of
   frozen ones (the training precision).
 
@@ -20,7 +18,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.9, 0.999, 1e-8
 TRAINED_DTYPE = "fp32"
 
 
@@ -43,10 +40,12 @@ class TrainingSettings:
     seed: int
     logging_steps: int
     save_steps: int
-    # decided by mixspec (no spec key): every target emits these
-    adam_beta1: float = ADAM_BETA1
-    adam_beta2: float = ADAM_BETA2
-    adam_epsilon: float = ADAM_EPSILON
+    # AdamW's betas and epsilon: spec keys, emitted by every target (ms-swift's own default
+    # beta2 is 0.95, transformers' and torch's 0.999: a target never leaves them to the backend)
+    adam_beta1: float
+    adam_beta2: float
+    adam_epsilon: float
+    # decided by mixspec (no spec key): every target emits this
     trained_dtype: str = TRAINED_DTYPE
 
     @property

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from mixspec.errors import ModelSourceError
@@ -32,7 +31,10 @@ class ModelSource:
 
 
 def catalog_root() -> Path:
-    return Path(str(resources.files("mixspec.catalog")))
+    """The catalog's directory (a plain package directory: its configs are package data)."""
+    import mixspec.catalog
+
+    return Path(mixspec.catalog.__file__).parent
 
 
 def catalog_ids() -> list[str]:

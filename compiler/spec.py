@@ -7,9 +7,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-ROLES = ("vision", "aligner", "language", "lm_head", "embeddings", "audio")
-TRAIN_MODES = ("freeze", "full", "lora")
-COMPONENT_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$"
+from mixspec.spec_names import COMPONENT_NAME_PATTERN, ROLES, TRAIN_MODES  # noqa: F401  (re-exported)
 
 
 class _Strict(BaseModel):
@@ -130,8 +128,11 @@ class Training(_Strict):
     seed: int = Field(42, ge=0, description="Random seed.")
     logging_steps: int = Field(10, ge=1, description="Log every N optimizer steps.")
     save_steps: int = Field(500, ge=1, description="Save a checkpoint every N optimizer steps.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (torch's default 0.9).")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2 (torch's default 0.999; ms-swift's own default is 0.95).")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon (torch's default 1e-8).")
 
-    _finite = field_validator("epochs", "weight_decay", "max_grad_norm")(_finite)
+    _finite = field_validator("epochs", "weight_decay", "max_grad_norm", "adam_epsilon")(_finite)
 
 
 class Data(_Strict):

@@ -18,7 +18,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -331,6 +330,8 @@ def store_tree(config: dict, tree: ModuleTree, trust_remote_code: bool = False, 
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        import tempfile  # only when writing an entry (a warm run reads)
+
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(_ENTRY_HEAD.format(key=key, digest=digest) + tree_text + "}")

@@ -188,3 +188,43 @@ def _index_tuples(template: str, indices: str) -> list[tuple[int, ...]]:
         for i in range(int(lo), int(hi or lo) + 1):
             out.append(tuple(int(h) for h in head) + (i,))
     return out
+
+
+# -- YAML scalars (the LLaMA-Factory target's train.yaml, mixspec import's spec) ---------------
+_YAML_SPECIAL = {"", "~", "null", "true", "false", "yes", "no", "on", "off", "y", "n"}
+
+
+def _yaml_str(text: str) -> str:
+    """A YAML scalar that reads back as exactly ``text``: plain when unambiguous, else
+    double-quoted with every character outside printable ASCII escaped (one line, ASCII)."""
+    safe = (text and text.lower() not in _YAML_SPECIAL and not text[0].isdigit() and text[0] not in "-.+"
+            and all(ch.isalnum() and ch.isascii() or ch in "_-./" for ch in text))
+    if safe:
+        return text
+    body = "".join(
+        "\\" + ch if ch in '"\\' else ch if " " <= ch <= "~" else unicode_escape(ch) for ch in text)
+    return f'"{body}"'
+
+
+def _yaml_float(value: float) -> str:
+    """A float YAML 1.1 loaders (PyYAML, OmegaConf) read as a float: the mantissa keeps a dot."""
+    text = repr(float(value))
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        if "." not in mantissa:
+            mantissa += ".0"
+        text = f"{mantissa}e{exponent}"
+    return text
+
+
+def yaml_value(value) -> str:
+    """A scalar as one line of YAML that PyYAML and OmegaConf read back as exactly ``value``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return _yaml_float(value)
+    if value is None:
+        return "null"
+    return _yaml_str(str(value))

@@ -34,7 +34,7 @@ from mixspec.names import natural_key
 from mixspec.plan import ComponentPlan, Plan
 from mixspec.resolve import covering
 from mixspec.targets import Target, TargetOptions
-from mixspec.targets._common import comment_line, unicode_escape
+from mixspec.targets._common import comment_line, yaml_value as _yaml_value
 from mixspec.targets.deepspeed import deepspeed_config_text
 
 LLAMAFACTORY_VERSION = "0.9.5"
@@ -157,44 +157,6 @@ _HINT_OTHER_TARGET = "compile to --target hf (or swift), which express it exactl
 
 
 # -- small renderers (kept private: literal quoting for this YAML only) ------------------------
-
-_YAML_SPECIAL = {"", "~", "null", "true", "false", "yes", "no", "on", "off", "y", "n"}
-
-
-def _yaml_str(text: str) -> str:
-    """A YAML scalar that reads back as exactly ``text``: plain when unambiguous, else
-    double-quoted with every character outside printable ASCII escaped (one line, ASCII)."""
-    safe = (text and text.lower() not in _YAML_SPECIAL and not text[0].isdigit() and text[0] not in "-.+"
-            and all(ch.isalnum() and ch.isascii() or ch in "_-./" for ch in text))
-    if safe:
-        return text
-    body = "".join(
-        "\\" + ch if ch in '"\\' else ch if " " <= ch <= "~" else unicode_escape(ch) for ch in text)
-    return f'"{body}"'
-
-
-def _yaml_float(value: float) -> str:
-    """A float YAML 1.1 loaders (PyYAML, OmegaConf) read as a float: the mantissa keeps a dot."""
-    text = repr(float(value))
-    if "e" in text:
-        mantissa, exponent = text.split("e")
-        if "." not in mantissa:
-            mantissa += ".0"
-        text = f"{mantissa}e{exponent}"
-    return text
-
-
-def _yaml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return _yaml_float(value)
-    if value is None:
-        return "null"
-    return _yaml_str(str(value))
-
 
 def _num(value: float) -> str:
     """A learning rate or decay as people write it in messages."""

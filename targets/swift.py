@@ -242,6 +242,7 @@ def decide(plan: Plan, options: TargetOptions) -> Decision:
         blockers = _lora_llm_blockers(view)
         if not blockers and not proven(plan.model_type, "lora_llm"):
             blockers.append(_unproven(view, "lora_llm"))
+        blockers += _precision_blockers(view, "lora_llm")
         if not blockers:
             d.tuner = "lora_llm"
             _lora_llm_flags(view, d)
@@ -266,7 +267,45 @@ def decide(plan: Plan, options: TargetOptions) -> Decision:
     else:
         _full_flags(view, d)
     _lr_flags(view, d)
+    dtype_reasons = _precision_blockers(view, path)
+    if dtype_reasons:  # swift's tuner would train the full parts in the wrong dtype: the plugin's does not
+        if not d.plugin_reasons:
+            d.approx_flags = list(d.flags)
+        elif not all(r.approximable for r in d.plugin_reasons):
+            d.approx_flags = None
+        d.plugin_reasons.extend(dtype_reasons)
+        d.tuner = "plugin"
+        d.lr_mode = "plugin"
     return d
+
+
+def _precision_blockers(view: _View, path: str) -> list[Unsupported]:
+    """Where swift's flag path would hold fully trained parameters in another dtype than the
+    Plan's (``trained_dtype``: fp32 master weights, frozen parameters in the training precision).
+
+    swift loads the whole model in --torch_dtype and trains in it: the full tuner keeps every
+    trainable parameter in that dtype (TunerMixin.prepare_model, swift/pipelines/train/tuner.py,
+    its ``full`` branch has no cast); adapter tuners (lora, lora_llm) cast trainable fp16
+    parameters, and only fp16 ones, to fp32 after preparing the model (the same function: "fix
+    bug: Attempting to unscale FP16 gradients"). LoRA weights are fp32 anyway (PEFT's
+    autocast_adapter_dtype, kept since swift passes no lora_dtype). So in bf16 both full and
+    lora_llm train full parameters in bf16, in fp16 the full tuner trains them in fp16, and
+    ``--torch_dtype float32`` would hold the frozen parameters in fp32 (not the Plan's frozen
+    dtype, nor its memory). One item per fully trained component."""
+    t = view.plan.training
+    if t.precision == t.trained_dtype or (path == "lora_llm" and t.precision == "fp16"):
+        return []
+    dtype = _PRECISION[t.precision][0]
+    casts = "the full tuner casts nothing" if path == "full" else "swift casts only fp16 trainable parameters up"
+    why = (f"--tuner_type {path} loads the model with --torch_dtype {dtype} and trains full parameters in "
+           f"{t.precision} ({casts}), where the Plan holds them in {t.trained_dtype} (master weights; frozen "
+           f"ones in {t.precision}), so updates below {t.precision}'s resolution would be lost; "
+           f"--torch_dtype float32 would hold the frozen parameters in fp32 instead")
+    return [_u("full-params-dtype", comp, f"components.{comp.name} trained fully in {t.trained_dtype}", why,
+               _PLUGIN_HINT + " (it holds trained parameters in fp32); or set training.precision: "
+               + ("fp32 or fp16" if path == "lora_llm" else "fp32"),
+               approximable=True)
+            for comp in view.full if comp.trainable_names]
 
 
 def _unproven(view: _View, path: str) -> Unsupported:
@@ -461,20 +500,24 @@ def _lora_flags(view: _View, d: Decision) -> None:
 
 
 # -- learning rates and weight decay --------------------------------------------------------------
+def swift_group(name: str, sw: SwiftModel) -> str:
+    """The group swift's multimodal optimizer puts a parameter (or module) name in
+    (swift/optimizers/multimodal.py, plain ``startswith`` prefixes): "aligner", "vit"
+    (vision_tower minus aligner), "llm" (language_model), or "other"."""
+    if _starts(name, sw.aligner):
+        return "aligner"
+    if _starts(name, sw.vision_tower):
+        return "vit"
+    if _starts(name, sw.language_model):
+        return "llm"
+    return "other"
+
+
 def _swift_groups(view: _View) -> dict[str, list[str]]:
-    """Trainable names by the group swift's multimodal optimizer puts them in
-    (swift/optimizers/multimodal.py): aligner, ViT (vision_tower minus aligner), LLM, other."""
-    sw = view.swift
+    """Trainable names by the group swift's multimodal optimizer puts them in."""
     groups: dict[str, list[str]] = {"vit": [], "aligner": [], "llm": [], "other": []}
     for name in sorted(view.trainable):
-        if _starts(name, sw.aligner):
-            groups["aligner"].append(name)
-        elif _starts(name, sw.vision_tower):
-            groups["vit"].append(name)
-        elif _starts(name, sw.language_model):
-            groups["llm"].append(name)
-        else:
-            groups["other"].append(name)
+        groups[swift_group(name, view.swift)].append(name)
     return groups
 
 
@@ -610,21 +653,6 @@ class SwiftTarget(Target):
         if options.plugin:
             return list(d.hard)
         return list(d.hard) + list(d.plugin_reasons)
-
-    def warnings(self, plan: Plan, options: TargetOptions) -> list[str]:
-        """swift's flag paths keep fully trained parameters in the training dtype; the Plan (the
-        plugin, the hf target) keeps them in fp32 (measured: tests/e2e/test_parity.py)."""
-        d = decide(plan, options)
-        if d.plugin and options.plugin:
-            return []
-        precision = plan.training.precision
-        full = [c.name for c in plan.components if c.mode == "full" and c.trainable_params]
-        if precision == "fp32" or not full:
-            return []
-        return [f"--tuner_type {d.tuner} trains the full parameters of {', '.join(full)} in {precision}, not in "
-                f"fp32 as the Plan does (hf target, swift plugin): updates below {precision}'s resolution are lost "
-                "(small LRs on a fully trained ViT); to keep them fp32, compile with --precision fp32 in the spec or "
-                "let the plugin train (a spec the flags cannot express, e.g. per-part weight decay)"]
 
     def files(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
         d = decide(plan, options)

@@ -136,3 +136,24 @@ def test_a_whole_model_keeps_nothing_below_the_first_trained_layer(tmp_path):
     assert 0.9 <= estimated / measured <= 1.1, (acts, measured)
     assert measured < estimated + 0.5 * per_layer  # had layers 0-1 kept anything, far more
     assert torch.isfinite(loss)
+
+
+def test_model_structure_is_computed_once_per_tree_and_roles(monkeypatch):
+    """A validate of many specs reads each tree once; its structure is then computed once per
+    roles (the oracle: the uncached computation), and each Plan gets its own copy."""
+    from mixspec import activations
+
+    model, _ = _shrunk("Qwen/Qwen2.5-VL-7B-Instruct")
+    tree = tree_from_model(model)
+    roles = find_roles(tree).prefixes
+    calls = []
+    real = activations._model_structure
+    monkeypatch.setattr(activations, "_model_structure", lambda t, r: calls.append(1) or real(t, r))
+    first = activations.model_structure(tree, roles)
+    second = activations.model_structure(tree, dict(roles))
+    assert first == second == real(tree, roles) and len(calls) == 1
+    first["language"].clear()  # a copy: the next Plan's structure is whole
+    assert activations.model_structure(tree, roles) == second and len(calls) == 1
+    no_vision = {k: v for k, v in roles.items() if k != "vision"}
+    assert activations.model_structure(tree, no_vision) == real(tree, no_vision) and len(calls) == 2
+    assert activations.model_structure(tree, no_vision)["vision"] == []

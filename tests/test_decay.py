@@ -156,6 +156,8 @@ def _swift_decision(components: str, wd: float):
     from mixspec.targets.swift import decide
 
     text = SWIFT_BASE.format(components=textwrap.indent(textwrap.dedent(components).strip("\n"), "  "), wd=wd)
+    # in fp32: in bf16 swift's full tuner would train in bf16, and that alone sends it to the plugin
+    text = text.replace("training: {weight_decay", "training: {precision: fp32, weight_decay")
     plan = plan_spec(load_spec_text(text, "swift.yaml"))
     return plan, decide(plan, TargetOptions())
 

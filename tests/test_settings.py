@@ -54,8 +54,14 @@ def bf16_allowed(monkeypatch):
 
 @pytest.fixture(scope="module")
 def plan():
-    base = plan_spec(load_spec_text(SPEC, "spec.yaml"))
-    return dataclasses.replace(base, training=dataclasses.replace(base.training, **OFF_DEFAULTS))
+    # AdamW's betas and epsilon through the spec's own keys, the rest set on the Plan
+    betas = {k: OFF_DEFAULTS[k] for k in ("adam_beta1", "adam_beta2", "adam_epsilon")}
+    text = SPEC.replace("training: {max_steps: 7}", "training: {max_steps: 7, " + ", ".join(
+        f"{k}: {v}" for k, v in betas.items()) + "}")
+    base = plan_spec(load_spec_text(text, "spec.yaml"))
+    assert {k: getattr(base.training, k) for k in betas} == betas
+    rest = {k: v for k, v in OFF_DEFAULTS.items() if k not in betas}
+    return dataclasses.replace(base, training=dataclasses.replace(base.training, **rest))
 
 
 def test_spec_keys_have_their_defaults_only_in_the_spec_models():
@@ -67,10 +73,10 @@ def test_spec_keys_have_their_defaults_only_in_the_spec_models():
         for key in model.model_fields:
             assert fields[key].default is dataclasses.MISSING, f"{cls.__name__}.{key} repeats a default"
     decided = {f.name for f in dataclasses.fields(TrainingSettings)} - set(Training.model_fields)
-    assert decided == {"adam_beta1", "adam_beta2", "adam_epsilon", "trained_dtype"}
+    assert decided == {"trained_dtype"}
 
 
-def test_decided_values_are_torchs_adamw_defaults():
+def test_adamw_defaults_are_torchs():
     import torch
 
     plan = plan_spec(load_spec_text(SPEC, "spec.yaml"))
@@ -85,8 +91,7 @@ def test_plan_json_keeps_the_spec_keys_in_order_and_adds_the_decided_ones():
     data = json.loads(plan.to_json_text())
     spec_keys = list(Training.model_fields)
     assert list(data["training"])[:len(spec_keys)] == spec_keys
-    assert list(data["training"])[len(spec_keys):] == ["adam_beta1", "adam_beta2", "adam_epsilon",
-                                                       "trained_dtype", "frozen_dtype"]
+    assert list(data["training"])[len(spec_keys):] == ["trained_dtype", "frozen_dtype"]
     assert data["training"]["frozen_dtype"] == "bf16" and data["training"]["trained_dtype"] == "fp32"
     assert list(data["distributed"]) == list(Distributed.model_fields)
     assert list(data["data"]) == list(Data.model_fields)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -129,16 +130,23 @@ def test_cold_plan_does_import_torch(tmp_path):
     assert f"{bad}:4:" in out.stderr and "matches no module" in out.stderr
 
 
+def _child_cpu() -> float:
+    """CPU seconds of this process's finished children (a loaded machine stretches wall time,
+    not CPU time: issue 12 keeps wall-clock goals in benchmarks/speed.py)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def test_warm_plan_is_fast(warm):
-    """Goal: 0.3 s on an idle machine (benchmarks/speed.py). Here: 2 s, a loaded CI's margin."""
+    """Goal: 0.2 s on an idle machine (benchmarks/speed.py). Here: 1 s of CPU, a wide margin."""
     run_mixspec(["plan", str(warm["spec"])], warm["cache"], warm["work"])  # page cache
     times = []
     for _ in range(3):
-        start = time.perf_counter()
+        start = _child_cpu()
         out = run_mixspec(["plan", str(warm["spec"])], warm["cache"], warm["work"])
-        times.append(time.perf_counter() - start)
+        times.append(_child_cpu() - start)
         assert out.returncode == 0, out.stderr[-2000:]
-    assert min(times) < 2.0, times
+    assert min(times) < 1.0, times
 
 
 # -- validate: one tree read per model, linear in the number of specs ----------------------
@@ -163,7 +171,7 @@ def test_validate_many_specs_reads_each_tree_once(warm, tmp_path, run_cli, monke
 
 
 def test_validate_200_specs_in_one_call(warm, tmp_path):
-    """Goal: 3 s for 200 specs (benchmarks/speed.py); here 15 s, a loaded CI's margin.
+    """Goal: 3 s for 200 specs (benchmarks/speed.py); here 15 s of CPU, a wide margin.
     (That each tree is read once, whatever the number of specs, is tested above.)"""
     specs = []
     for i in range(200):
@@ -171,9 +179,9 @@ def test_validate_200_specs_in_one_call(warm, tmp_path):
         path.write_text(MIXED.format(model=MODEL).replace("rank: 16", f"rank: {i % 64 + 1}"),
                         encoding="utf-8")
         specs.append(str(path))
-    start = time.perf_counter()
+    start = _child_cpu()
     out = run_mixspec(["validate", *specs], warm["cache"], warm["work"])
-    elapsed = time.perf_counter() - start
+    elapsed = _child_cpu() - start
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stderr.count(": ok") == 200
     assert elapsed < 15.0, elapsed

@@ -26,8 +26,8 @@ from mixspec.errors import UnsupportedError
 from mixspec.loader import load_spec, load_spec_text
 from mixspec.resolve import plan_spec
 from mixspec.targets import TargetOptions, available_targets, render
-from mixspec.targets.llamafactory import (COMPOSITE_MODELS, TARGET, _full_trainable, _lora_modules,
-                                          _yaml_str)
+from mixspec.targets._common import _yaml_str
+from mixspec.targets.llamafactory import COMPOSITE_MODELS, TARGET, _full_trainable, _lora_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "targets" / "llamafactory"

@@ -47,6 +47,7 @@ components:
     lora: {rank: 16, alpha: 32, dropout: 0, targets: all-linear}
 data: {train: data/train.jsonl}
 output_dir: runs/x
+training: {precision: fp32}
 """
 
 
@@ -174,6 +175,7 @@ components:
   language: {train: full, lr: 5.0e-6}
   lm_head: {train: full, lr: LMHEAD_LR}
 data: {train: data/train.jsonl}
+training: {precision: fp32}
 """
 
 
@@ -218,6 +220,7 @@ def test_text_model_with_two_lrs_needs_the_plugin(tmp_path):
           language: {train: full, lr: 1.0e-5}
           lm_head: {train: full, lr: 2.0e-5}
         data: {train: data/train.jsonl}
+        training: {precision: fp32}
         """)
     d = decide_text(tmp_path, text)
     assert [r.code for r in d.plugin_reasons] == ["lr-text-model"]
@@ -254,6 +257,8 @@ def _swift_full_trainable(flags: dict[str, str], names: list[str], sw: swift_tar
 def test_full_training_flags_train_exactly_the_plan(spec, monkeypatch):
     # swift's freeze rules simulated on any family's names, proven end to end there or not
     plan = plan_of(ROOT / spec)
+    # in fp32: in bf16 the full tuner would train in bf16 and the Plan goes to the plugin
+    plan = dataclasses.replace(plan, training=dataclasses.replace(plan.training, precision="fp32"))
     sw = swift_target.SWIFT_MODELS[plan.model_type]
     monkeypatch.setitem(swift_target.SWIFT_MODELS, plan.model_type,
                         dataclasses.replace(sw, proven=frozenset(swift_target.FLAG_PATHS)))
@@ -441,7 +446,7 @@ def test_deepspeed_builtin_names_or_a_generated_json(tmp_path, stage, offload, e
 
 # -- training settings set explicitly (swift's defaults differ from the spec's) ----------------------------
 def test_training_flags_are_explicit(tmp_path):
-    flags = flags_of(compile_text(tmp_path, SEED)["train.sh"])
+    flags = flags_of(compile_text(tmp_path, SEED.replace("precision: fp32", "precision: bf16"))["train.sh"])
     # swift: weight_decay 0.1, adam_beta2 0.95, fp16 on for float32, split_dataset_ratio 0.01 on 3.x
     assert flags["weight_decay"] == "0" and flags["adam_beta2"] == "0.999"
     assert (flags["torch_dtype"], flags["bf16"], flags["fp16"]) == ("bfloat16", "true", "false")
@@ -450,7 +455,7 @@ def test_training_flags_are_explicit(tmp_path):
     assert flags["vit_gradient_checkpointing"] == "true"
     assert (flags["model"], flags["use_hf"], flags["model_type"], flags["template"]) == (
         "Qwen/Qwen2.5-VL-7B-Instruct", "true", "qwen2_5_vl", "qwen2_5_vl")
-    fp32 = flags_of(compile_text(tmp_path, SEED + "training: {precision: fp32, gradient_checkpointing: false}\n")["train.sh"])
+    fp32 = flags_of(compile_text(tmp_path, SEED.replace("{precision: fp32}", "{precision: fp32, gradient_checkpointing: false}"))["train.sh"])
     assert (fp32["torch_dtype"], fp32["bf16"], fp32["fp16"]) == ("float32", "false", "false")
     assert fp32["vit_gradient_checkpointing"] == "false"
 
@@ -900,17 +905,92 @@ def test_plugin_optimizer_checks_lrs(tiny_plugin, monkeypatch):
     assert "lm_head.weight: lr 0.5, planned 3e-05" in str(err.value)
 
 
-def test_flag_paths_that_train_full_parts_in_bf16_warn(tmp_path):
-    """swift's flag paths hold fully trained parameters in the training dtype (measured in
-    tests/e2e/test_parity.py); the Plan keeps them in fp32: compile says so."""
-    from mixspec.targets import target_warnings
 
+
+# -- precision: the Plan holds trained parameters in fp32 (master weights), frozen ones in the
+# training dtype; swift's flags load everything in --torch_dtype (measured: tests/e2e/test_parity.py)
+def _in(text: str, precision: str) -> str:
+    assert "precision: fp32" in text
+    return text.replace("precision: fp32", f"precision: {precision}")
+
+
+FULL_ONE_LR_PER_GROUP = FULL3.replace("LMHEAD_LR", "5.0e-6")
+LORA_ONLY = SEED.replace("vision: {train: full, lr: 2.0e-6}", "vision: {train: freeze}").replace(
+    "aligner: {train: full, lr: 1.0e-5}", "aligner: {train: freeze}")
+
+
+@pytest.mark.parametrize("precision,tuner", [("fp32", "lora_llm"), ("fp16", "lora_llm"), ("bf16", "plugin")])
+def test_lora_llm_only_where_swift_trains_the_full_parts_in_fp32(tmp_path, precision, tuner):
+    # lora_llm is an adapter tuner: swift casts its fp16 trainable parameters to fp32, bf16 ones not
+    d = decide_text(tmp_path, _in(SEED, precision))
+    assert d.tuner == tuner
+    files = compile_text(tmp_path, _in(SEED, precision))
+    if tuner == "plugin":
+        assert [(r.code, r.what, r.approximable) for r in d.plugin_reasons] == [
+            ("full-params-dtype", "components.vision trained fully in fp32", True),
+            ("full-params-dtype", "components.aligner trained fully in fp32", True)]
+        assert flags_of(files["train.sh"])["tuner_type"] == "mixspec"
+        assert "TRAINED_DTYPE = 'float32'" in files["mixspec_plugin.py"]
+    else:
+        assert d.plugin_reasons == [] and sorted(files) == ["train.sh"]
+        assert flags_of(files["train.sh"])["tuner_type"] == "lora_llm"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_full_tuner_in_half_precision_goes_to_the_plugin(tmp_path, precision):
+    assert decide_text(tmp_path, FULL_ONE_LR_PER_GROUP).tuner == "full"  # fp32: swift's own flags
+    d = decide_text(tmp_path, _in(FULL_ONE_LR_PER_GROUP, precision))
+    assert (d.tuner, d.lr_mode) == ("plugin", "plugin")
+    assert [r.what for r in d.plugin_reasons] == [f"components.{c} trained fully in fp32"
+                                                  for c in ("vision", "aligner", "language", "lm_head")]
+    why = d.plugin_reasons[0].why
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}[precision]
+    assert why.startswith(f"--tuner_type full loads the model with --torch_dtype {dtype} and trains full "
+                          f"parameters in {precision} (the full tuner casts nothing), where the Plan holds them "
+                          f"in fp32 (master weights; frozen ones in {precision})")
+    flags = flags_of(compile_text(tmp_path, _in(FULL_ONE_LR_PER_GROUP, precision))["train.sh"])
+    assert (flags["tuner_type"], flags["optimizer"], flags["torch_dtype"]) == ("mixspec", "mixspec", dtype)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_lora_only_stays_on_swifts_flags_in_any_precision(tmp_path, precision):
+    # no full parameter; PEFT keeps the adapters in fp32 (autocast_adapter_dtype)
+    d = decide_text(tmp_path, _in(LORA_ONLY, precision))
+    assert (d.tuner, d.plugin_reasons) == ("lora", [])
+
+
+def test_no_plugin_refuses_half_precision_full_parts_once_naming_the_dtypes(tmp_path):
+    text = _in(SEED, "bf16")
+    with pytest.raises(UnsupportedError) as err:
+        compile_text(tmp_path, text, plugin=False)
     spec = tmp_path / "spec.yaml"
-    spec.write_text("version: 1\nmodel: Qwen/Qwen2.5-VL-7B-Instruct\ncomponents:\n"
-                    "  vision: {train: full, lr: 1.0e-5}\n  aligner: {train: full, lr: 1.0e-4}\n"
-                    "data: {train: d.jsonl}\n", encoding="utf-8")
-    plan = plan_spec(load_spec(spec))
-    (line,) = target_warnings(plan, "swift")
-    assert "--tuner_type full trains the full parameters of vision, aligner in bf16, not in fp32" in line
-    spec.write_text(spec.read_text() + "training: {precision: fp32}\n", encoding="utf-8")
-    assert target_warnings(plan_spec(load_spec(spec)), "swift") == []
+    message = str(err.value)
+    assert [i.code for i in err.value.items] == ["full-params-dtype", "full-params-dtype"]
+    assert message.count("error: target swift cannot express") == 1  # one cause, its two parts listed
+    assert f"{spec}:4:3" in message and f"{spec}:5:3" in message  # components.vision, components.aligner
+    assert ("--tuner_type lora_llm loads the model with --torch_dtype bfloat16 and trains full parameters in "
+            "bf16 (swift casts only fp16 trainable parameters up), where the Plan holds them in fp32") in message
+    assert "or set training.precision: fp32 or fp16" in message and APPROXIMATE_HINT in message
+    # --approximate lifts it: lora_llm's flags, the deviation written as a comment
+    sh = compile_text(tmp_path, text, plugin=False, approximate=True)["train.sh"]
+    assert flags_of(sh)["tuner_type"] == "lora_llm" and flags_of(sh)["torch_dtype"] == "bfloat16"
+    assert "# APPROXIMATION (--approximate --no-plugin)" in sh
+    assert "components.vision trained fully in fp32: --tuner_type lora_llm loads the model" in sh
+
+
+def test_approximate_full_path_keeps_its_lr_flags_and_other_reasons(tmp_path, monkeypatch):
+    sh = compile_text(tmp_path, _in(FULL_ONE_LR_PER_GROUP, "bf16"), plugin=False, approximate=True)["train.sh"]
+    flags = flags_of(sh)
+    assert (flags["tuner_type"], flags["vit_lr"], flags["aligner_lr"]) == ("full", "1e-06", "1e-05")
+    # next to an approximable LR reason: both written, the approximated LR flags kept
+    two_lrs = _in(FULL3.replace("LMHEAD_LR", "1.0e-5"), "bf16")
+    d = decide_text(tmp_path, two_lrs)
+    assert [r.code for r in d.plugin_reasons] == ["lr-within-group"] + ["full-params-dtype"] * 4
+    sh = compile_text(tmp_path, two_lrs, plugin=False, approximate=True)["train.sh"]
+    assert flags_of(sh)["tuner_type"] == "full" and "components.lm_head.lr 1e-05" in sh
+    # next to a reason no flags approximate (a path not run on the family): still refused
+    sw = swift_target.SWIFT_MODELS["qwen2_5_vl"]
+    monkeypatch.setitem(swift_target.SWIFT_MODELS, "qwen2_5_vl",
+                        dataclasses.replace(sw, proven=sw.proven - {"multimodal_lr"}))
+    with pytest.raises(UnsupportedError):
+        compile_text(tmp_path, _in(FULL_ONE_LR_PER_GROUP, "bf16"), plugin=False, approximate=True)

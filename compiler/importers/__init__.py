@@ -68,6 +68,8 @@ class Imported:
     effects: list[Effect] = field(default_factory=list)
     unmodelled: list[Unmodelled] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)  # errors: the spec language cannot say it
+    # the Plan of ``spec`` when the importer resolved it (None: not resolved, or problems)
+    plan: object = None
 
     @property
     def ok(self) -> bool:
@@ -81,3 +83,64 @@ def read(backend: str, text: str, path: str) -> Imported:
         raise ValueError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
     module = importlib.import_module(f"mixspec.importers.{backend}")
     return module.read(text, path)
+
+
+def spec_yaml(imported: Imported, source: str) -> str:
+    """The imported spec as YAML, each line commented with where its value came from
+    (``file:line:col --flag``, or the backend's default), headed by what was imported and
+    which silent effects and unmodelled keys to read. Loads back as ``imported.spec``."""
+    from mixspec import __version__
+
+    lines = [
+        f"# Imported by mixspec {__version__} (mixspec import --from {imported.backend}) from {source},",
+        f"# read with the rules of {imported.rules}. Each comment says where the value came from.",
+    ]
+    if imported.effects:
+        lines.append(f"# {len(imported.effects)} silent effect(s) found there (mixspec import prints them):")
+        lines += [f"#   {_one_line(e.where)}: {e.code}" for e in imported.effects]
+    if imported.unmodelled:
+        lines.append(f"# {len(imported.unmodelled)} flag(s)/key(s) not modelled: {_one_line(', '.join(u.key for u in imported.unmodelled))}"[:400])
+    lines.append("")
+    _emit(imported.spec, (), 0, imported, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _one_line(value) -> str:
+    text = str(value)
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+def _origin(imported: Imported, path: tuple) -> str:
+    key = ".".join(str(p) for p in path)
+    origin = imported.origins.get(key)
+    extra = imported.groups.get(path[1]) if len(path) == 2 and path[0] == "components" else None
+    parts = [_one_line(origin) for origin in (origin,) if origin is not None]
+    if extra:
+        parts.append(_one_line(extra))
+    return "  # " + "; ".join(parts) if parts else ""
+
+
+def _emit(node, path: tuple, indent: int, imported: Imported, lines: list) -> None:
+    pad = "  " * indent
+    for key, value in node.items():
+        here = path + (key,)
+        if isinstance(value, dict):
+            lines.append(f"{pad}{key}:{_origin(imported, here)}")
+            _emit(value, here, indent + 1, imported, lines)
+        else:
+            lines.append(f"{pad}{key}: {_scalar(value)}{_origin(imported, here)}")
+
+
+def _scalar(value) -> str:
+    from mixspec.targets._common import yaml_value
+
+    if isinstance(value, float) and not isinstance(value, bool):
+        from mixspec.resolve import _yaml_number
+
+        text = _yaml_number(value)  # 1.0e-5, as specs write learning rates
+        return text if float(text) == value else yaml_value(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_scalar(v) for v in value) + "]"
+    if isinstance(value, str) and "\\" in value and value.isascii() and value.isprintable() and "'" not in value:
+        return f"'{value}'"  # a regex reads best without doubled backslashes
+    return yaml_value(value)

@@ -80,11 +80,16 @@ FULL_THREE_LRS = """\
   aligner: {train: full, lr: 3.0e-4}
   language: {train: full, lr: 1.0e-3}
 """
-# swift's flags load the model in --torch_dtype and train full parameters in it: in bf16 the
-# ViT at lr 1e-5 is trained in pure bf16 (the Plan: fp32 master weights, as train.py and the
-# plugin hold them). Measured here; the swift target does not yet route this to its plugin.
-_BF16_FLAGS = pytest.mark.xfail(strict=True, reason="swift's flag paths train full parameters in bf16, "
-                                "the Plan holds them in fp32 (not yet routed to the plugin)")
+LORA_ONLY = """\
+  vision: {train: freeze}
+  aligner: {train: freeze}
+  language:
+    train: lora
+    lr: 2.0e-4
+    lora: {rank: 8, alpha: 16, dropout: 0.05, targets: all-linear}
+"""
+# what --tuner_type lora_llm says exactly: the seed case without LoRA dropout and ViT decay
+LORA_LLM = SEED_PLUGIN.replace("dropout: 0.05", "dropout: 0").replace(", weight_decay: 0.1", "")
 CASES = [
     # the seed case, with decay on the ViT (whose RMSNorm weights the Plan exempts and
     # transformers' rule does not) and LoRA dropout: swift runs it through mixspec's plugin
@@ -93,7 +98,16 @@ CASES = [
     # full ViT, aligner and LLM at one LR each: swift's own flags (full tuner, --vit_lr,
     # --aligner_lr and its multimodal optimizer), no plugin
     pytest.param(FULL_THREE_LRS, "fp32", "full", id="full-three-lrs-flags-fp32"),
-    pytest.param(FULL_THREE_LRS, "bf16", "full", id="full-three-lrs-flags-bf16", marks=_BF16_FLAGS),
+    # the same in bf16: swift's full tuner would train the full parameters in bf16 (the Plan:
+    # fp32 master weights), so the target routes it to the plugin, which holds them in fp32
+    pytest.param(FULL_THREE_LRS, "bf16", "plugin", id="full-three-lrs-plugin-bf16"),
+    # what lora_llm does exactly, in bf16: it too would train the ViT and aligner in bf16
+    pytest.param(LORA_LLM, "bf16", "plugin", id="lora-llm-plugin-bf16"),
+    # in fp16 lora_llm is exact: swift casts fp16 trainable parameters of adapter tuners to fp32
+    pytest.param(LORA_LLM, "fp16", "lora_llm", id="lora-llm-flags-fp16"),
+    # LoRA only, in bf16: no full parameter, the adapters are fp32 (PEFT's autocast_adapter_dtype),
+    # so swift's own LoRA flags stay exact
+    pytest.param(LORA_ONLY, "bf16", "lora", id="lora-only-flags-bf16"),
 ]
 
 HF_DRIVER = r'''

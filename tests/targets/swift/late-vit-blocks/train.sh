@@ -50,8 +50,8 @@ swift sft \
     --learning_rate 1e-05 \
     --vit_lr 5e-06 \
     --aligner_lr 1e-05 \
-    --torch_dtype bfloat16 \
-    --bf16 true \
+    --torch_dtype float32 \
+    --bf16 false \
     --fp16 false \
     --num_train_epochs 1 \
     --per_device_train_batch_size 2 \

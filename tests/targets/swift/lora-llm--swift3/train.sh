@@ -12,7 +12,7 @@
 #   trainable: 716,920,320 of 8,332,536,832 parameters
 #
 # mixspec_plugin.py (--external_plugins) registers the tuner and optimizer 'mixspec': the flags cannot say this Plan exactly, because:
-#   - tests/targets/specs/swift/lora-llm.yaml:9:3: LoRA on the LLM next to a fully trained ViT/aligner: ms-swift 3.x has no lora_llm tuner (it came with 4.0)
+#   - tests/targets/specs/swift/lora-llm.yaml:11:3: LoRA on the LLM next to a fully trained ViT/aligner: ms-swift 3.x has no lora_llm tuner (it came with 4.0)
 # The plugin checks the trainable parameters, their learning rates and weight decays
 # against the Plan before the first step, and stops with a diff if they differ.
 # --learning_rate is only what swift logs; the plugin's optimizer gives each part its own.
@@ -51,9 +51,9 @@ swift sft \
     --train_type mixspec \
     --optimizer mixspec \
     --learning_rate 2e-06 \
-    --torch_dtype bfloat16 \
-    --bf16 true \
-    --fp16 false \
+    --torch_dtype float16 \
+    --bf16 false \
+    --fp16 true \
     --num_train_epochs 1 \
     --per_device_train_batch_size 1 \
     --gradient_accumulation_steps 16 \

@@ -48,9 +48,9 @@ swift sft \
     --learning_rate 0.0001 \
     --vit_lr 2e-06 \
     --aligner_lr 1e-05 \
-    --torch_dtype bfloat16 \
-    --bf16 true \
-    --fp16 false \
+    --torch_dtype float16 \
+    --bf16 false \
+    --fp16 true \
     --num_train_epochs 1 \
     --per_device_train_batch_size 1 \
     --gradient_accumulation_steps 16 \

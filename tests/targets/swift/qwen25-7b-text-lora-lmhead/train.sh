@@ -12,6 +12,7 @@
 #
 # mixspec_plugin.py (--external_plugins) registers the tuner and optimizer 'mixspec': the flags cannot say this Plan exactly, because:
 #   - examples/qwen25-7b-text-lora-lmhead.yaml:21:3: components.lm_head (full) next to LoRA: swift's flags train a whole module next to LoRA only through lora_llm (ViT and aligner of a multimodal model mixspec maps to swift) or --modules_to_save, which mixspec does not use: PEFT trains a copy of the module (its parameters renamed, 544,997,376 more in memory)
+#   - examples/qwen25-7b-text-lora-lmhead.yaml:21:3: components.lm_head trained fully in fp32: --tuner_type lora_llm loads the model with --torch_dtype bfloat16 and trains full parameters in bf16 (swift casts only fp16 trainable parameters up), where the Plan holds them in fp32 (master weights; frozen ones in bf16), so updates below bf16's resolution would be lost; --torch_dtype float32 would hold the frozen parameters in fp32 instead
 # The plugin checks the trainable parameters, their learning rates and weight decays
 # against the Plan before the first step, and stops with a diff if they differ.
 # --learning_rate is only what swift logs; the plugin's optimizer gives each part its own.

@@ -13,6 +13,8 @@
 #
 # mixspec_plugin.py (--external_plugins) registers the tuner and optimizer 'mixspec': the flags cannot say this Plan exactly, because:
 #   - examples/qwen25vl-7b-mixed.yaml:20:3: components.language.lora.dropout 0.05: lora_llm ignores --lora_dropout (PEFT's default 0 is used)
+#   - examples/qwen25vl-7b-mixed.yaml:14:3: components.vision trained fully in fp32: --tuner_type lora_llm loads the model with --torch_dtype bfloat16 and trains full parameters in bf16 (swift casts only fp16 trainable parameters up), where the Plan holds them in fp32 (master weights; frozen ones in bf16), so updates below bf16's resolution would be lost; --torch_dtype float32 would hold the frozen parameters in fp32 instead
+#   - examples/qwen25vl-7b-mixed.yaml:17:3: components.aligner trained fully in fp32: --tuner_type lora_llm loads the model with --torch_dtype bfloat16 and trains full parameters in bf16 (swift casts only fp16 trainable parameters up), where the Plan holds them in fp32 (master weights; frozen ones in bf16), so updates below bf16's resolution would be lost; --torch_dtype float32 would hold the frozen parameters in fp32 instead
 # The plugin checks the trainable parameters, their learning rates and weight decays
 # against the Plan before the first step, and stops with a diff if they differ.
 # --learning_rate is only what swift logs; the plugin's optimizer gives each part its own.
