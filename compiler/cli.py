@@ -396,7 +396,9 @@ def import_config(
             typer.echo(json.dumps(_import_json(imported, source, None), indent=2))
         for problem in imported.problems:
             _stderr(problem.render())
-        _stderr(f"{source}: cannot be expressed as a mixspec spec ({imported.rules or backend}); nothing written")
+        # the rules' short name (their long form is on the import's first line and in --json)
+        rules = (imported.rules or backend).split(":")[0]
+        _stderr(f"{source}: cannot be expressed as a mixspec spec ({rules}); nothing written")
         raise typer.Exit(1)
     yaml_text = spec_yaml(imported, source)
     from mixspec.loader import load_spec_text
