@@ -144,3 +144,26 @@ def _scalar(value) -> str:
     if isinstance(value, str) and "\\" in value and value.isascii() and value.isprintable() and "'" not in value:
         return f"'{value}'"  # a regex reads best without doubled backslashes
     return yaml_value(value)
+
+
+def tied_copies(tree, modules) -> list[tuple[str, str, str]]:
+    """``(module, parameter, partner)`` for each tied parameter under ``modules`` (the modules
+    PEFT's modules_to_save would copy). ``copy.deepcopy`` of one module gives its weight a
+    tensor of its own, so the copy unties the pair: the copy trains, the partner stays frozen
+    (PEFT's ``ensure_weight_tying`` is off by default). A spec trains a tied pair as one tensor."""
+    out = []
+    for alias, canon in sorted(tree.tied.items()):
+        for param, partner in ((alias, canon), (canon, alias)):
+            for module in modules:
+                if param == module or param.startswith(module + "."):
+                    out.append((module, param, partner))
+    return out
+
+
+def tied_copy_text(module: str, param: str, partner: str, numel: int, setting: str) -> tuple[str, str]:
+    """The problem's message and hint for a modules_to_save copy that unties a tied pair."""
+    return (f"{setting} copies {module}, whose {param} is tied to {partner}: PEFT's copy unties them and trains "
+            f"a separate {param} ({numel:,} parameters) while {partner} stays frozen; a mixspec spec trains a "
+            "tied pair as one tensor and cannot say this",
+            "drop it from the copied modules, or train the pair as one in a spec "
+            "(embeddings: {train: full, ...} and lm_head: {train: full, ...} with the same LR)")

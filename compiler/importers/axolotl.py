@@ -21,7 +21,7 @@ from mixspec.errors import Location, Problem, quoted
 from mixspec.names import natural_key
 from mixspec.tree import EMBEDDING, LORA_KINDS
 
-from . import Imported
+from . import Imported, tied_copies, tied_copy_text
 from ._axolotl_keys import AXOLOTL_KEYS
 from ._common import (BaseReader, Config, Model, Part, gib, human, load_tree,
                       read_config, show)
@@ -312,6 +312,11 @@ class _Reader(BaseReader):
         if overlap:
             cfg.error("lora_modules_to_save", f"modules that also get LoRA: {show(overlap)}",
                       "a module is either a LoRA target or a modules_to_save copy")
+            return None
+        for module, param, partner in tied_copies(self.model.tree, wrapped):
+            message, hint = tied_copy_text(module, param, partner, self.model.tree.param_numel[param],
+                                           "lora_modules_to_save")
+            cfg.error("lora_modules_to_save", message, hint)
             return None
         if wrapped:
             params = {p for m in wrapped for p in self.model.params_under(m)}

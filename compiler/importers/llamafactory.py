@@ -24,7 +24,7 @@ from mixspec.targets.llamafactory import (COMPOSITE_MODELS, LLAMAFACTORY_VERSION
                                           _forbidden, _full_trainable, _modules_to_save, _peft_list_match)
 from mixspec.tree import LORA_KINDS
 
-from . import Imported
+from . import Imported, tied_copies, tied_copy_text
 from ._common import (BaseReader, Config, Model, Part, gib, human, load_tree,
                       read_config, show, split_names)
 from ._llamafactory_keys import LLAMAFACTORY_KEYS, TRAINING_ARGUMENTS_KEYS
@@ -518,12 +518,15 @@ class _Reader(BaseReader):
         if wrapped:
             params = {p for m in wrapped for p in self.model.params_under(m)}
             n = self.model.numel(params)
-            tied = [p for p in params if p in self.model.tree.tied or p in self.model.tree.tied.values()]
+            for module, param, partner in tied_copies(self.model.tree, wrapped):
+                message, hint = tied_copy_text(module, param, partner, self.model.tree.param_numel[param],
+                                               "additional_target")
+                cfg.error("additional_target", message, hint)
+                return []
             cfg.effect("additional_target", "additional-target-copy",
                        f"PEFT modules_to_save keeps each of {show(wrapped, 3)} frozen and trains a copy beside it: "
                        f"{human(n)} parameters held twice (+{gib(2 * n)} of weights in bf16 on every GPU beyond "
-                       "what the spec's plan counts), saved under ...modules_to_save.default... names"
-                       + (f"; {show(tied, 2)} is tied: the copy unties it" if tied else ""),
+                       "what the spec's plan counts), saved under ...modules_to_save.default... names",
                        "the spec below trains these modules in place (train: full); compile it with --target hf "
                        "or swift to avoid the copy")
         return wrapped

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Optional
 
 from mixspec.errors import Location, ModelSourceError, Problem, SpecError, quoted
-from mixspec.importers import Effect, Imported, Unmodelled
+from mixspec.importers import Effect, Imported, Unmodelled, tied_copies, tied_copy_text
 from mixspec.importers.shell import ASSIGNMENT, UnterminatedQuote, Word, expand, split_commands
 from mixspec.names import is_under, natural_key
 from mixspec.tree import EMBEDDING, LORA_KINDS, ModuleTree
@@ -804,6 +804,10 @@ def _lora_targets(r: _Reader, truth: _Truth, multimodal: bool) -> None:
     from mixspec.names import shallowest
 
     top = shallowest(copied)
+    for module, param, partner in tied_copies(r.tree, top):
+        message, hint = tied_copy_text(module, param, partner, r.tree.param_numel[param],
+                                       f"--modules_to_save {copied[module].text}")
+        raise _Fail(Problem(r.loc(copied[module]), "--modules_to_save", message, hint))
     inside = [t for t in truth.lora if any(is_under(t, c) for c in top)]
     if inside:
         raise _Fail(Problem(r.loc(copied[top[0]]), "--modules_to_save",
