@@ -1,7 +1,7 @@
 """mixspec: one spec for mixed-strategy fine-tuning, compiled to real training backends.
 
 The pipeline as a library (see mixspec.api and the README): load_spec, plan_spec,
-estimate_memory, render, write, compile_spec, module_tree; errors as exceptions that
+estimate_memory, render, write, compile_spec, module_tree, import_config; errors as exceptions that
 carry the located problems (SpecError, UnsupportedError, ModelSourceError).
 """
 
@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from mixspec.api import (  # noqa: E402  (light: the heavy modules load on first use)
     compile_spec,
     estimate_memory,
+    import_config,
     load_spec,
     module_tree,
     plan_spec,
@@ -29,6 +30,6 @@ from mixspec.errors import (  # noqa: E402
 
 __all__ = [
     "__version__", "load_spec", "plan_spec", "estimate_memory", "render", "write", "compile_spec",
-    "module_tree", "target_names", "MixspecError", "SpecError", "UnsupportedError", "ModelSourceError",
+    "module_tree", "target_names", "import_config", "MixspecError", "SpecError", "UnsupportedError", "ModelSourceError",
     "Problem", "Location", "Unsupported",
 ]

@@ -6,6 +6,7 @@
     mixspec.estimate_memory(plan).total_bytes
     files = mixspec.render(plan, "swift")          # {filename: text}
     mixspec.compile_spec("spec.yaml", "hf", out_dir="out/")
+    got = mixspec.import_config("train.sh", "swift")   # what a backend config really trains
 
 Errors are the CLI's, as exceptions: ``SpecError`` (``.problems``: each located
 ``file:line:col`` with the dotted key, message and hint), ``UnsupportedError`` (``.items``:
@@ -144,3 +145,27 @@ def module_tree(model: str, trust_remote_code: bool = False) -> "ModuleTree":
     from mixspec.tree import get_tree
 
     return get_tree(find_model(model), trust_remote_code=trust_remote_code)
+
+
+def import_config(source: str | Path, backend: str, text: str | None = None):
+    """What a backend's config really trains (``mixspec import``): ``backend`` is one of
+    ``swift``, ``llamafactory``, ``axolotl``; ``source`` the file (read unless ``text`` is
+    given, then only its name). Returns the ``mixspec.importers.Imported``: ``.spec`` (plain
+    data), ``.plan`` (the Plan it trains; None when ``.problems`` holds errors), ``.effects``,
+    ``.unmodelled``, ``.origins``; ``mixspec.importers.spec_yaml(imported, name)`` writes the
+    commented spec. Problems in the user's file are returned, never raised; a model that
+    cannot be found raises ModelSourceError; an unknown backend is a ValueError."""
+    from mixspec.importers import read
+
+    name = str(source)
+    if text is None:
+        text = Path(source).read_text(encoding="utf-8")
+    imported = read(backend, text, name)
+    if imported.ok and imported.plan is None:  # an importer that leaves the resolving to us
+        from mixspec.resolve import plan_spec as resolve_plan
+
+        try:
+            imported.plan = resolve_plan(_load_dict(imported.spec, name))
+        except SpecError as exc:
+            imported.problems.extend(exc.problems)
+    return imported

@@ -369,10 +369,11 @@ def import_config(
         raise typer.Exit(2)
     source = "<stdin>" if file == "-" else file
     text = _read_config(file, source)
-    from mixspec.importers import read, spec_yaml
+    from mixspec.api import import_config
+    from mixspec.importers import spec_yaml
 
     try:
-        imported = read(backend, text, source)
+        imported = import_config(source, backend, text=text)
     except ModuleNotFoundError as exc:
         if exc.name != f"mixspec.importers.{backend}":
             raise
@@ -381,16 +382,6 @@ def import_config(
     except MixspecError as exc:
         raise _fail(exc) from None
     plan = imported.plan
-    if imported.ok and plan is None:  # an importer that leaves the resolving to us
-        try:
-            from mixspec.api import _load_dict
-            from mixspec.resolve import plan_spec as resolve_plan
-
-            plan = resolve_plan(_load_dict(imported.spec, source))
-        except SpecError as exc:
-            imported.problems.extend(exc.problems)
-        except MixspecError as exc:
-            raise _fail(exc) from None
     if not imported.ok:
         if as_json:
             typer.echo(json.dumps(_import_json(imported, source, None), indent=2))

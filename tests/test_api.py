@@ -115,3 +115,25 @@ def test_import_is_light_and_a_cached_plan_needs_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "False"]
+
+
+def test_import_config_is_the_cli_import(tmp_path, run_cli):
+    """mixspec.import_config gives what `mixspec import` prints: the same Plan (counts), the
+    same effects; problems come back on the result, not raised."""
+    import mixspec
+    from mixspec.importers import spec_yaml
+
+    script = ROOT / "examples" / "import" / "swift_sft_full.sh"
+    got = mixspec.import_config(script, "swift")
+    assert got.ok and got.plan.totals.trainable_params == 7_660_190_976
+    cli = run_cli("import", "--from", "swift", str(script), "--json")
+    data = json.loads(cli.stdout)
+    assert [e["code"] for e in data["effects"]] == [e.code for e in got.effects]
+    assert data["spec"] == got.spec
+    assert mixspec.plan_spec(got.spec).totals.trainable_params == got.plan.totals.trainable_params
+    assert "swift_sft_full.sh:14:37 --learning_rate" in spec_yaml(got, str(script))
+    bad = mixspec.import_config("train.sh", "swift", text="swift sft --model Qwen/Qwen2.5-VL-7B-Instruct "
+                                                          "--tuner_type adalora\n")
+    assert not bad.ok and bad.plan is None and "adalora" in bad.problems[0].message
+    with pytest.raises(ValueError):
+        mixspec.import_config("x", "swfit", text="")
