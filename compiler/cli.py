@@ -411,6 +411,9 @@ def import_config(
     if out is not None:
         from mixspec.output import write_files
 
+        if out.is_dir():
+            _stderr(f"error: -o {out} is a directory; give the spec file's path, e.g. -o {out / 'spec.yaml'}")
+            raise typer.Exit(1)
         try:
             written = write_files(out.parent if str(out.parent) else Path("."), {out.name: yaml_text}, force=force)
         except MixspecError as exc:

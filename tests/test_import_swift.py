@@ -372,6 +372,12 @@ def test_cli_import_errors(run_cli, tmp_path):
     usage = run_cli("import", "--from", "swiftt", str(bad))
     assert usage.exit_code == 2 and "did you mean 'swift'" in usage.stderr
     assert result.exception is None or isinstance(result.exception, SystemExit)
+    good = tmp_path / "good.sh"
+    good.write_text("swift sft --model Qwen/Qwen2.5-VL-7B-Instruct --tuner_type lora --dataset d\n")
+    (tmp_path / "outdir").mkdir()
+    to_dir = run_cli("import", "--from", "swift", str(good), "-o", str(tmp_path / "outdir"))
+    assert to_dir.exit_code == 1 and "is a directory; give the spec file's path" in to_dir.stderr
+    assert list((tmp_path / "outdir").iterdir()) == []
 
 
 def test_everything_frozen_is_said():
