@@ -317,3 +317,27 @@ def test_weight_decay_rule_differences_are_named():
     texts = [e.message for e in imp.effects if e.code == "weight-decay-rule"]
     assert any("embeddings no weight decay" in t and "lm_head.weight" in t for t in texts)
     assert any("model.visual.blocks.0.norm1.weight" in t for t in texts)  # an RMSNorm named norm1
+
+
+@pytest.mark.parametrize("extra, reported", [
+    ("bf16: true\n", True),                                         # loaded and updated in bf16
+    ("fp16: true\n", True),
+    ("", False),                                                    # fp32: nothing to say
+    ("bf16: true\ndeepspeed: deepspeed_configs/zero2.json\n", False),  # ZeRO keeps fp32 masters
+])
+def test_fully_trained_parameters_in_half_precision_are_said(extra, reported):
+    """axolotl's cfg.torch_dtype is the training precision (utils/config) and the model is loaded
+    in it, so a full fine-tune (here: unfrozen_parameters on the merger) updates bf16/fp16
+    weights, where the spec's Plan keeps fp32 master weights."""
+    got = axo(f"base_model: {QWEN_VL}\nlearning_rate: 1.0e-5\n"
+              "unfrozen_parameters: ['model.visual.merger.*']\n" + extra)
+    assert got.ok, [p.render() for p in got.problems]
+    codes = [e.code for e in got.effects]
+    assert ("full-params-dtype" in codes) == reported, codes
+    if reported:
+        e = effect(got, "full-params-dtype")
+        assert e.where.line == 4 and "aligner" in e.message and "fp32 master" in e.message
+    # LoRA alone trains nothing fully: no effect in any precision
+    lora = axo(f"base_model: {QWEN_VL}\nlearning_rate: 1.0e-4\nadapter: lora\nlora_r: 8\nlora_alpha: 16\n"
+               "lora_target_modules: [q_proj, v_proj]\n" + extra)
+    assert "full-params-dtype" not in [e.code for e in lora.effects]

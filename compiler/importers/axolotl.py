@@ -140,7 +140,27 @@ class _Reader(BaseReader):
                              "check unfrozen_parameters and the LoRA targets")
         if plan is not None:
             self.decay_effects(plan, "axolotl's optimizer")
+            self.precision_effect(plan)
         self.finish_unmodelled()
+
+    def precision_effect(self, plan) -> None:
+        """axolotl loads the model in the training precision (cfg.torch_dtype: bf16 for bf16,
+        fp16 for fp16; utils/config) and its trainer updates fully trained parameters there; only
+        a full fine-tune upcasts norm and embedding modules to fp32 first
+        (ModelLoader._configure_embedding_dtypes). The spec's Plan keeps fp32 master weights.
+        Under DeepSpeed the ZeRO optimizer keeps fp32 masters itself; FSDP is not modelled."""
+        cfg, t = self.cfg, plan.training
+        full = [c.name for c in plan.components if c.mode == "full" and c.trainable_params]
+        if t.precision == "fp32" or not full or cfg.has("deepspeed") or cfg.has("fsdp") or cfg.has("fsdp_config"):
+            return
+        key = "bf16" if t.precision == "bf16" else "fp16"
+        cfg.effect(key if cfg.has(key) else "", "full-params-dtype",
+                   f"axolotl loads the model in {t.precision} and updates the fully trained parameters there "
+                   f"in spec component(s) {show(sorted(full), 3)}"
+                   + (" (a full fine-tune first upcasts norm and embedding modules to fp32)" if not self.adapter else "")
+                   + f": updates below {t.precision}'s resolution are lost; the spec's Plan keeps fp32 master weights "
+                   f"for them (frozen ones in {t.precision})",
+                   "compile the spec (hf or swift targets keep fp32 masters), or train under DeepSpeed")
 
     def origin_of(self, part: Part, key: str):
         if key == "lr":
