@@ -279,24 +279,33 @@ def decide(plan: Plan, options: TargetOptions) -> Decision:
     return d
 
 
+def swift_full_params_dtype(tuner: str, precision: str) -> tuple[str, str]:
+    """The dtype swift's flags hold and update fully trained parameters in, for a tuner
+    (full, lora, lora_llm) and a training precision, and why (ms-swift 4.6.0,
+    TunerMixin.prepare_model in swift/pipelines/train/tuner.py): swift loads the whole model in
+    --torch_dtype; its ``full`` branch casts nothing, adapter tuners cast trainable parameters to
+    fp32 only when they are fp16 ("fix bug: Attempting to unscale FP16 gradients")."""
+    if precision == "fp32":
+        return "fp32", "--torch_dtype float32"
+    if tuner != "full" and precision == "fp16":
+        return "fp32", "swift casts fp16 trainable parameters of adapter tuners up"
+    return precision, "the full tuner casts nothing" if tuner == "full" else "swift casts only fp16 trainable parameters up"
+
+
 def _precision_blockers(view: _View, path: str) -> list[Unsupported]:
     """Where swift's flag path would hold fully trained parameters in another dtype than the
     Plan's (``trained_dtype``: fp32 master weights, frozen parameters in the training precision).
 
-    swift loads the whole model in --torch_dtype and trains in it: the full tuner keeps every
-    trainable parameter in that dtype (TunerMixin.prepare_model, swift/pipelines/train/tuner.py,
-    its ``full`` branch has no cast); adapter tuners (lora, lora_llm) cast trainable fp16
-    parameters, and only fp16 ones, to fp32 after preparing the model (the same function: "fix
-    bug: Attempting to unscale FP16 gradients"). LoRA weights are fp32 anyway (PEFT's
+    swift's rule is ``swift_full_params_dtype``; LoRA weights are fp32 anyway (PEFT's
     autocast_adapter_dtype, kept since swift passes no lora_dtype). So in bf16 both full and
     lora_llm train full parameters in bf16, in fp16 the full tuner trains them in fp16, and
     ``--torch_dtype float32`` would hold the frozen parameters in fp32 (not the Plan's frozen
     dtype, nor its memory). One item per fully trained component."""
     t = view.plan.training
-    if t.precision == t.trained_dtype or (path == "lora_llm" and t.precision == "fp16"):
+    held, casts = swift_full_params_dtype(path, t.precision)
+    if held == t.trained_dtype:
         return []
     dtype = _PRECISION[t.precision][0]
-    casts = "the full tuner casts nothing" if path == "full" else "swift casts only fp16 trainable parameters up"
     why = (f"--tuner_type {path} loads the model with --torch_dtype {dtype} and trains full parameters in "
            f"{t.precision} ({casts}), where the Plan holds them in {t.trained_dtype} (master weights; frozen "
            f"ones in {t.precision}), so updates below {t.precision}'s resolution would be lost; "

@@ -546,20 +546,21 @@ def _read(r: _Reader) -> None:
 
 
 def _precision_effect(r: _Reader, plan, tuner: str, truth: _Truth) -> None:
-    """swift trains fully trained parameters in --torch_dtype (the full tuner casts nothing;
-    adapter tuners cast only fp16 trainable parameters up: TunerMixin.prepare_model), while a
-    spec's Plan holds them in fp32 master weights (what the swift target's plugin does).
-    Under --deepspeed, DeepSpeed's ZeRO/bf16 optimizers keep fp32 master copies of every
-    trainable parameter themselves, so there is nothing to report."""
+    """swift holds fully trained parameters in the dtype ``swift_full_params_dtype`` gives (the
+    rule the swift target routes to its plugin by), while a spec's Plan holds them in fp32
+    master weights (what the swift target's plugin does). Under --deepspeed, DeepSpeed's
+    ZeRO/bf16 optimizers keep fp32 master copies of every trainable parameter themselves, so
+    there is nothing to report."""
+    from mixspec.targets.swift import swift_full_params_dtype
+
     t = plan.training
-    if not truth.full or t.precision == "fp32" or (tuner != "full" and t.precision == "fp16"):
-        return
-    if r.flags.get("deepspeed") is not None:
+    held, casts = swift_full_params_dtype(tuner, t.precision)
+    if not truth.full or held == t.trained_dtype or r.flags.get("deepspeed") is not None:
         return
     flag = r.flags.get("torch_dtype")
     r.effect("full-params-dtype", flag.where if flag else Location(r.path, *_first_pos(r)),
              f"swift holds the {len(truth.full)} fully trained tensors ({_few(sorted(truth.full))}) in "
-             f"{t.precision} and updates them there ({'the full tuner casts nothing' if tuner == 'full' else 'swift casts only fp16 trainable parameters up'}): "
+             f"{held} and updates them there ({casts}): "
              f"updates below {t.precision}'s resolution are lost; the spec's Plan keeps them in fp32 "
              f"(frozen ones in {t.precision})",
              "compile the spec for swift (its plugin keeps fp32 master weights for them), or --torch_dtype float32")
