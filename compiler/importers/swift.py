@@ -1195,30 +1195,24 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
     t["lr_scheduler"] = sched
     o["training.lr_scheduler"] = r.origin("lr_scheduler_type")
     for key, flag, default, kind in (("max_grad_norm", "max_grad_norm", 1.0, float), ("seed", "seed", 42, int),
-                                     ("logging_steps", "logging_steps", 5, int), ("save_steps", "save_steps", 500, int)):
+                                     ("logging_steps", "logging_steps", 5, int), ("save_steps", "save_steps", 500, int),
+                                     # swift's own AdamW defaults (beta2 0.95, not torch's 0.999)
+                                     ("adam_beta1", "adam_beta1", 0.9, float),
+                                     ("adam_beta2", "adam_beta2", 0.95, float),
+                                     ("adam_epsilon", "adam_epsilon", 1e-8, float)):
         t[key] = r.get_num(flag, default, kind)
         o[f"training.{key}"] = r.origin(flag)
-    # swift's own AdamW defaults (beta2 0.95, not torch's 0.999): the spec states them
-    for key, default in (("adam_beta1", 0.9), ("adam_beta2", 0.95), ("adam_epsilon", 1e-8)):
-        t[key] = r.get_num(key, default)
-        o[f"training.{key}"] = r.origin(key)
     spec["training"] = t
     # data
     data = {}
-    ds = r.get_list("dataset")
-    if ds:
-        data["train"] = ds[0].text
-        o["data.train"] = r.origin("dataset")
-        for w in ds[1:]:
-            r.imp.unmodelled.append(Unmodelled(r.loc(w), f"--dataset {w.text}",
-                                               "a spec's data.train names one dataset: the spec keeps the first"))
-    vds = r.get_list("val_dataset")
-    if vds:
-        data["eval"] = vds[0].text
-        o["data.eval"] = r.origin("val_dataset")
-        for w in vds[1:]:
-            r.imp.unmodelled.append(Unmodelled(r.loc(w), f"--val_dataset {w.text}",
-                                               "a spec's data.eval names one dataset: the spec keeps the first"))
+    for key, flag in (("train", "dataset"), ("eval", "val_dataset")):
+        words = r.get_list(flag)
+        if words:
+            data[key] = words[0].text
+            o[f"data.{key}"] = r.origin(flag)
+            for w in words[1:]:
+                r.imp.unmodelled.append(Unmodelled(r.loc(w), f"--{flag} {w.text}",
+                                                   f"a spec's data.{key} names one dataset: the spec keeps the first"))
     if "MAX_PIXELS" in r.env and data:
         value, where, _ = r.env["MAX_PIXELS"]
         if value.isdigit() and int(value) > 0:
