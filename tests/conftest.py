@@ -1,5 +1,5 @@
 """Shared test helpers: the repository root, scripts/update_goldens.py as a module and an
-in-process mixspec CLI runner."""
+in-process mixspec CLI runner, and the effect lookups of the import tests."""
 
 from __future__ import annotations
 
@@ -22,6 +22,18 @@ def _load_goldens():
 #: scripts/update_goldens.py: the golden cases of the hf and deepspeed targets, and the golden
 #: form of a target's files (a generated program as its data part) for every target
 goldens = _load_goldens()
+
+
+def codes(imported) -> list[str]:
+    """The codes of an import's silent effects, in order (mixspec import's tests)."""
+    return [e.code for e in imported.effects]
+
+
+def effect(imported, code: str):
+    """An import's first silent effect with ``code``; fails naming the codes found."""
+    found = [e for e in imported.effects if e.code == code]
+    assert found, f"no {code} effect in {codes(imported)}"
+    return found[0]
 
 
 @pytest.fixture

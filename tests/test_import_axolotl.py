@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import codes, effect
 from mixspec.api import plan_spec
 from mixspec.importers import read
 from mixspec.importers.axolotl import LayerNamePattern
@@ -39,12 +40,6 @@ LLM_REGEX = "'model.language_model.*(q|k|v|o|gate|up|down)_proj'"
 
 def axo(text: str, path: str = "config.yml"):
     return read("axolotl", textwrap.dedent(text), path)
-
-
-def effect(imported, code: str):
-    found = [e for e in imported.effects if e.code == code]
-    assert found, f"no {code} effect in {[e.code for e in imported.effects]}"
-    return found[0]
 
 
 @pytest.fixture(scope="module")
@@ -332,12 +327,11 @@ def test_fully_trained_parameters_in_half_precision_are_said(extra, reported):
     got = axo(f"base_model: {QWEN_VL}\nlearning_rate: 1.0e-5\n"
               "unfrozen_parameters: ['model.visual.merger.*']\n" + extra)
     assert got.ok, [p.render() for p in got.problems]
-    codes = [e.code for e in got.effects]
-    assert ("full-params-dtype" in codes) == reported, codes
+    assert ("full-params-dtype" in codes(got)) == reported, codes(got)
     if reported:
         e = effect(got, "full-params-dtype")
         assert e.where.line == 4 and "aligner" in e.message and "fp32 master" in e.message
     # LoRA alone trains nothing fully: no effect in any precision
     lora = axo(f"base_model: {QWEN_VL}\nlearning_rate: 1.0e-4\nadapter: lora\nlora_r: 8\nlora_alpha: 16\n"
                "lora_target_modules: [q_proj, v_proj]\n" + extra)
-    assert "full-params-dtype" not in [e.code for e in lora.effects]
+    assert "full-params-dtype" not in codes(lora)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import codes, effect
 from mixspec.api import plan_spec, render
 from mixspec.errors import UnsupportedError
 from mixspec.importers import read
@@ -34,16 +35,6 @@ TINY_BASE = 19_763_008
 
 def lf(text: str, path: str = "train.yaml"):
     return read("llamafactory", textwrap.dedent(text), path)
-
-
-def codes(imported) -> list[str]:
-    return [e.code for e in imported.effects]
-
-
-def effect(imported, code: str):
-    found = [e for e in imported.effects if e.code == code]
-    assert found, f"no {code} effect in {codes(imported)}"
-    return found[0]
 
 
 @pytest.fixture(scope="module")

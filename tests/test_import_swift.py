@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import codes, effect
 from mixspec.api import plan_spec, render
 from mixspec.importers import read, spec_yaml
 from mixspec.loader import load_spec_text
@@ -26,16 +27,6 @@ QWEN = "Qwen/Qwen2.5-VL-7B-Instruct"
 def imp(body: str, head: str = "", model: str = QWEN, path: str = "train.sh"):
     text = head + f"swift sft \\\n    --model {model} \\\n    --dataset data.jsonl \\\n" + body
     return read("swift", text, path)
-
-
-def codes(imported) -> list[str]:
-    return [e.code for e in imported.effects]
-
-
-def effect(imported, code: str):
-    found = [e for e in imported.effects if e.code == code]
-    assert found, (code, codes(imported))
-    return found[0]
 
 
 def comp(plan, name):
