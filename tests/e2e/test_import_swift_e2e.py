@@ -19,7 +19,6 @@ case, 12-25 s each on 2 cores, and one process for the rules, about 30 s: about 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -29,29 +28,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-VENV = Path(os.environ.get("MIXSPEC_SWIFT_VENV") or ROOT / ".venv-swift")
-DUMP_PLUGIN = Path(__file__).resolve().parent / "swift_dump_plugin.py"
+sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+import make_tiny_vlm  # noqa: E402
+from swift_venv import DUMP_PLUGIN, MARKS, RUN_ARGS, VENV, swift_env  # noqa: E402
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (VENV / "bin" / "swift").exists(),
-                       reason=f"no ms-swift venv at {VENV} (bash scripts/swift_env.sh)"),
-]
+pytestmark = MARKS
 
 from mixspec.importers import read  # noqa: E402
 
-sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
-import make_tiny_vlm  # noqa: E402
-
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-    "MODELSCOPE_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONWARNINGS": "ignore", "PATH": f"{VENV / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-}
-# environment, not training: no network check, no tensorboard, no workers, the recording callback
-EXTRA = ["--check_model", "false", "--report_to", "none", "--dataloader_num_workers", "0",
-         "--external_plugins", str(DUMP_PLUGIN), "--callbacks", "mixspec_test_optimizer"]
+ENV = swift_env()
+# the recording callback
+EXTRA = [*RUN_ARGS, "--external_plugins", str(DUMP_PLUGIN), "--callbacks", "mixspec_test_optimizer"]
 
 SCRIPT = """\
 #!/usr/bin/env bash

@@ -18,7 +18,6 @@ pytest -m slow tests/e2e/test_parity.py
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,14 +25,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-VENV = Path(os.environ.get("MIXSPEC_SWIFT_VENV") or ROOT / ".venv-swift")
-PYTHON = VENV / "bin" / "python"
+sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+import make_tiny_vlm  # noqa: E402
+from swift_venv import DUMP_PLUGIN, MARKS, PYTHON, RUN_ARGS, swift_env  # noqa: E402
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (VENV / "bin" / "swift").exists(),
-                       reason=f"no ms-swift venv at {VENV} (bash scripts/swift_env.sh)"),
-]
+pytestmark = MARKS
 
 from mixspec.loader import load_spec  # noqa: E402
 from mixspec.output import write_files  # noqa: E402
@@ -41,19 +37,8 @@ from mixspec.resolve import plan_spec  # noqa: E402
 from mixspec.targets import TargetOptions, render  # noqa: E402
 from mixspec.targets import swift as swift_target  # noqa: E402
 
-sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
-import make_tiny_vlm  # noqa: E402
-
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-    "MODELSCOPE_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
-    "MAX_PIXELS": str(112 * 112), "PYTHONWARNINGS": "ignore",
-    "PATH": f"{VENV / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-}
-DUMP_PLUGIN = ROOT / "tests" / "e2e" / "swift_dump_plugin.py"
-SWIFT_EXTRA = ["--check_model", "false", "--report_to", "none", "--dataloader_num_workers", "0",
-               "--callbacks", "mixspec_test_optimizer", "--save_strategy", "no"]
+ENV = swift_env(MAX_PIXELS=str(112 * 112))
+SWIFT_EXTRA = [*RUN_ARGS, "--callbacks", "mixspec_test_optimizer", "--save_strategy", "no"]
 
 SPEC = """\
 version: 1
