@@ -18,7 +18,7 @@ import typer
 from typer.core import TyperCommand
 
 from mixspec import __version__
-from mixspec.errors import MixspecError, SpecError
+from mixspec.errors import MixspecError
 
 app = typer.Typer(
     name="mixspec",

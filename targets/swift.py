@@ -320,8 +320,8 @@ def _precision_blockers(view: _View, path: str) -> list[Unsupported]:
 def _unproven(view: _View, path: str) -> Unsupported:
     """The Plan fits one of swift's flag paths, but no test has run that path on this family."""
     return _u(f"unproven-{path}", None, f"{FLAG_PATHS[path]} on model_type {view.plan.model_type!r}",
-              f"mixspec uses a swift flag path only on families where a test has run it end to end with "
-              f"the real ms-swift, and this one has not been (see the families x paths table in the README)",
+              "mixspec uses a swift flag path only on families where a test has run it end to end with "
+              "the real ms-swift, and this one has not been (see the families x paths table in the README)",
               _PLUGIN_HINT, origin=Location(view.plan.spec_path))
 
 

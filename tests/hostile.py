@@ -12,10 +12,8 @@ kept in the session's tree cache, see conftest.py), for tests that resolve many 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import stat
-import sys
 from pathlib import Path
 
 FUZZ_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"

@@ -11,8 +11,6 @@ below must keep nothing.
 
 from __future__ import annotations
 
-import copy
-import json
 import sys
 from pathlib import Path
 

@@ -17,7 +17,6 @@ same spec is compiled with a benign token in the same places, and for each targe
 from __future__ import annotations
 
 import ast
-import copy
 import json
 import os
 import shutil

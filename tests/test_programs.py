@@ -204,6 +204,23 @@ def test_ruff_passes_on_the_programs_and_on_generated_files(tmp_path, monkeypatc
     assert result.returncode == 1 and "F401" in result.stdout, result.stdout + result.stderr
 
 
+def test_pyflakes_finds_nothing_in_the_project(tmp_path):
+    """ruff's pyflakes rules (F: unused or undefined names, a function defined twice) over the
+    package, the tests, benchmarks and scripts: a second test helper of the same name once
+    replaced the first and broke two speed tests only CI ran."""
+    ruff = _ruff()
+    dirs = [str(ROOT / d) for d in ("compiler", "targets", "tests", "benchmarks", "scripts")]
+    result = subprocess.run([*ruff, "check", "--no-cache", "--isolated", "--select", "F", *dirs],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # and it bites on exactly that: a function defined twice
+    twice = tmp_path / "twice.py"
+    twice.write_text("def helper():\n    return 1\n\n\ndef helper(x):\n    return x\n", encoding="utf-8")
+    result = subprocess.run([*ruff, "check", "--no-cache", "--isolated", "--select", "F", str(twice)],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "F811" in result.stdout, result.stdout + result.stderr
+
+
 def test_the_programs_package_ships_in_a_non_editable_install():
     """pyproject lists every package under compiler/ (the programs are modules of one)."""
     tomllib = pytest.importorskip("tomllib")

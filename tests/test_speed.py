@@ -345,15 +345,13 @@ def test_unwritable_cache_dir_is_not_an_error(tmp_path, monkeypatch):
 
 # -- against the by-hand dry run (slow: PEFT wraps a 72B model on the meta device) ----------
 
-def _child_cpu(cmd, env, cwd, timeout=600):
-    """Run a command; (CPU seconds of the child, user + system, and the completed process).
-    CPU time, not wall clock: on a shared 2-core CI machine the wall clock of a 3-8 s
-    process varies by a third from run to run (CI saw 0.502 x by hand where this machine
-    measures 0.39-0.46), its CPU time by a few percent."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), proc
+def _cpu_of(cmd, env, cwd) -> tuple[float, subprocess.CompletedProcess]:
+    """Run a command; its CPU seconds and the completed process. CPU time, not wall clock:
+    on a shared 2-core CI machine the wall clock of a 3-8 s process varies by a third from
+    run to run (CI saw 0.502 x by hand where this machine measures 0.39-0.46)."""
+    start = _child_cpu()
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    return _child_cpu() - start, proc
 
 
 @pytest.mark.slow
@@ -372,7 +370,7 @@ def test_cold_plan_beats_by_hand_and_counts_agree(tmp_path):
     spec = tmp_path / "mixed.yaml"
     spec.write_text(MIXED.format(model=MODEL), encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    by_hand, hand = _child_cpu([sys.executable, str(ROOT / "benchmarks" / "by_hand.py"),
+    by_hand, hand = _cpu_of([sys.executable, str(ROOT / "benchmarks" / "by_hand.py"),
                                 str(ROOT / "compiler" / "catalog" / MODEL)], env, tmp_path)
     assert hand.returncode == 0, hand.stderr[-2000:]
     floor_cmd = [sys.executable, "-c", IMPORT_FLOOR.format(module=IMPORT_FLOOR_MODULES[MODEL])]
@@ -380,11 +378,11 @@ def test_cold_plan_beats_by_hand_and_counts_agree(tmp_path):
     for attempt in range(2):
         cache_env = {**env, "MIXSPEC_CACHE_DIR": str(tmp_path / f"empty-cache-{attempt}"),
                      "COLUMNS": "140"}
-        cpu, cold = _child_cpu([sys.executable, "-m", "mixspec", "plan", str(spec), "--json"],
+        cpu, cold = _cpu_of([sys.executable, "-m", "mixspec", "plan", str(spec), "--json"],
                                cache_env, tmp_path)
         assert cold.returncode == 0, cold.stderr[-2000:]
         colds.append(cpu)
-        cpu, floor = _child_cpu(floor_cmd, env, tmp_path)
+        cpu, floor = _cpu_of(floor_cmd, env, tmp_path)
         assert floor.returncode == 0, floor.stderr[-2000:]
         floors.append(cpu)
     counts = json.loads(hand.stdout.strip().splitlines()[-1])

@@ -469,7 +469,6 @@ def _read(r: _Reader) -> None:
                             "use --learning_rate alone on a text model"))
 
     all_params = [p for p in tree.param_shapes if p not in tree.tied]
-    numel = tree.param_numel
     r.tree, r.sw, r.roles, r.source = tree, sw, roles, source
 
     # -- which parameters train -------------------------------------------------------------
@@ -728,7 +727,7 @@ def _lora_targets(r: _Reader, truth: _Truth, multimodal: bool) -> None:
             r.effect("target-modules-ignored", r.loc(w),
                      f"--target_modules {w.text}: on a multimodal model all-linear becomes one regex over the "
                      "unfrozen parts and every other entry is dropped",
-                     f"drop all-linear and list the modules, or use --target_regex")
+                     "drop all-linear and list the modules, or use --target_regex")
         if not fv and "freeze_vit" in r.flags:
             r.effect("freeze-vit-means-lora", r.flags["freeze_vit"].where,
                      "--freeze_vit false with LoRA puts LoRA adapters on the ViT's linears; it does not train "

@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(FIXTURES))
 import tiny_families  # noqa: E402
+from swift_venv import PYTHON as MM_PYTHON  # noqa: E402  (torch + torchvision that load on CPU)
+from swift_venv import VENV as SWIFT_VENV  # noqa: E402
 
-SWIFT_VENV = Path(os.environ.get("MIXSPEC_SWIFT_VENV") or ROOT / ".venv-swift")
-MM_PYTHON = SWIFT_VENV / "bin" / "python"  # torch + torchvision that load on CPU
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
            PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="2")
 

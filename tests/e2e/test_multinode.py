@@ -52,7 +52,9 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 PROBE = Path(__file__).resolve().parent / "multinode_probe"
 FAKE_SLURM = FIXTURES / "fake_slurm"
-SWIFT_VENV = Path(os.environ.get("MIXSPEC_SWIFT_VENV") or ROOT / ".venv-swift")
+sys.path.insert(0, str(FIXTURES))
+from swift_venv import VENV as SWIFT_VENV  # noqa: E402
+
 MM_BIN = SWIFT_VENV / "bin"
 TIMEOUT = 240  # seconds for one two-node run; a hang fails the test
 
@@ -131,18 +133,9 @@ def world(tmp_path_factory):
     built = subprocess.run([str(MM_BIN / "python"), str(FIXTURES / "tiny_families.py"), "qwen2_5_vl",
                             str(root / "model"), "--real-ids"], env=ENV, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-3000:]
-    sys.path.insert(0, str(FIXTURES))
     import make_tiny_vlm
 
-    rows = []
-    for i, (size, colour, word) in enumerate([((56, 56), (200, 30, 30), "red"), ((84, 56), (30, 200, 30), "green"),
-                                               ((56, 84), (30, 30, 200), "blue"), ((56, 56), (200, 200, 30), "yellow")]):
-        image = make_tiny_vlm.make_image(root / f"img{i}.png", size=size, color=colour)
-        rows.append({"messages": [{"role": "user", "content": "<image>What colour is the background?"},
-                                  {"role": "assistant", "content": f"The background is {word}."}],
-                     "images": [str(image)]})
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data = make_tiny_vlm.colour_rows(root, sizes=((56, 56), (84, 56), (56, 84), (56, 56)))
     overlay = _deepspeed_overlay(root / "ds-overlay")
     from safetensors.torch import load_file
 

@@ -123,14 +123,7 @@ with open(record, "w") as fh:
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
     model = make_tiny_vlm.make_tiny_qwen25vl(root / "qwen25vl")
-    rows = []
-    for i, (color, word) in enumerate([((200, 30, 30), "red"), ((30, 200, 30), "green")]):
-        image = make_tiny_vlm.make_image(root / f"img{i}.png", size=(56, 56), color=color)
-        rows.append({"messages": [{"role": "user", "content": "<image>What colour is the background?"},
-                                  {"role": "assistant", "content": f"The background is {word}."}],
-                     "images": [str(image)]})
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data = make_tiny_vlm.colour_rows(root)
     return {"root": root, "model": model, "data": data}
 
 

@@ -32,17 +32,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-VENV = Path(os.environ.get("MIXSPEC_SWIFT_VENV") or ROOT / ".venv-swift")
+sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+import make_tiny_vlm  # noqa: E402
+from swift_venv import DUMP_PLUGIN, MARKS, RUN_ARGS, VENV, swift_env  # noqa: E402
+
 # optional: ms-swift 3.x for --swift-version 3 output
 # (MIXSPEC_SWIFT_VENV=.venv-swift3 MIXSPEC_SWIFT_VERSION=3.12.6 bash scripts/swift_env.sh)
 VENV3 = Path(os.environ.get("MIXSPEC_SWIFT3_VENV") or ROOT / ".venv-swift3")
 VENVS = {4: VENV, 3: VENV3}
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (VENV / "bin" / "swift").exists(),
-                       reason=f"no ms-swift venv at {VENV} (bash scripts/swift_env.sh)"),
-]
+pytestmark = MARKS
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -53,17 +52,6 @@ from mixspec.resolve import plan_spec  # noqa: E402
 from mixspec.targets import TargetOptions, render  # noqa: E402
 from mixspec.targets import swift as swift_target  # noqa: E402
 
-sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
-import make_tiny_vlm  # noqa: E402
-
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-    "MODELSCOPE_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
-    "MAX_PIXELS": str(112 * 112), "PYTHONWARNINGS": "ignore",
-}
-# environment, not Plan: no network check of the model, no tensorboard, no worker processes
-EXTRA_ARGS = ["--check_model", "false", "--report_to", "none", "--dataloader_num_workers", "0"]
 RESULTS: list[dict] = []
 
 
@@ -71,15 +59,7 @@ RESULTS: list[dict] = []
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("swift-e2e")
     model = make_tiny_vlm.make_tiny_qwen25vl(root / "qwen25vl")
-    rows = []
-    for i, (color, word) in enumerate([((200, 30, 30), "red"), ((30, 200, 30), "green"),
-                                        ((30, 30, 200), "blue"), ((200, 200, 30), "yellow")]):
-        image = make_tiny_vlm.make_image(root / f"img{i}.png", size=(56 + 28 * (i % 2), 56), color=color)
-        rows.append({"messages": [{"role": "user", "content": "<image>What colour is the background?"},
-                                  {"role": "assistant", "content": f"The background is {word}."}],
-                     "images": [str(image)]})
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data = make_tiny_vlm.colour_rows(root, sizes=((56, 56), (84, 56), (56, 56), (84, 56)))
     # transformers < 5 (ms-swift 3.x) reads rope_scaling, not 5.x's rope_parameters
     model4 = root / "qwen25vl-for-transformers4"
     shutil.copytree(model, model4)
@@ -181,12 +161,12 @@ def _compile(tiny, case: str, version: int):
 
 
 def _env(version: int) -> dict:
-    return {**ENV, "PATH": f"{VENVS[version] / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    return swift_env(VENVS[version], MAX_PIXELS=str(112 * 112))
 
 
 def _run(folder: Path, version: int = 4) -> tuple[str, float]:
     start = time.monotonic()
-    proc = subprocess.run(["bash", str(folder / "compiled" / "train.sh"), *EXTRA_ARGS], cwd=folder,
+    proc = subprocess.run(["bash", str(folder / "compiled" / "train.sh"), *RUN_ARGS], cwd=folder,
                           env=_env(version), capture_output=True, text=True, timeout=900)
     took = time.monotonic() - start
     log = proc.stdout + proc.stderr
@@ -334,7 +314,7 @@ def test_plugin_stops_when_the_installed_model_differs(tiny):
     plan = plan_spec(load_spec(spec))
     files = render(plan, "swift", TargetOptions(model_override=str(tiny["model"])))
     write_files(root / "compiled", files)
-    proc = subprocess.run(["bash", str(root / "compiled" / "train.sh"), *EXTRA_ARGS], cwd=root, env=_env(4),
+    proc = subprocess.run(["bash", str(root / "compiled" / "train.sh"), *RUN_ARGS], cwd=root, env=_env(4),
                           capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
@@ -380,7 +360,6 @@ print(json.dumps(out))
 # (swift's templates hard-code them: Qwen <|image_pad|> 151655, Gemma 3 <start_of_image> 255999)
 import tiny_families  # noqa: E402
 
-DUMP_PLUGIN = Path(__file__).resolve().parent / "swift_dump_plugin.py"
 
 FAMILY_BASE = BASE.replace("max_steps: 3", "max_steps: 2")
 FAMILY_CASES = {
@@ -417,16 +396,7 @@ def _family_cases():
 @pytest.fixture(scope="module")
 def family_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("swift-family-data")
-    rows = []
-    for i, (color, word) in enumerate([((200, 30, 30), "red"), ((30, 200, 30), "green"),
-                                        ((30, 30, 200), "blue"), ((200, 200, 30), "yellow")]):
-        image = make_tiny_vlm.make_image(root / f"img{i}.png", size=(56, 56), color=color)
-        rows.append({"messages": [{"role": "user", "content": "<image>What colour is the background?"},
-                                  {"role": "assistant", "content": f"The background is {word}."}],
-                     "images": [str(image)]})
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return data
+    return make_tiny_vlm.colour_rows(root, sizes=((56, 56),) * 4)
 
 
 @pytest.fixture(scope="module")
@@ -440,7 +410,7 @@ def family_models(tmp_path_factory):
             if tiny_families.family_info(family)["needs_torchvision"]:
                 # its processor needs torchvision: build it with swift's python, which has it
                 proc = subprocess.run([str(VENV / "bin" / "python"), str(ROOT / "tests" / "fixtures" / "tiny_families.py"),
-                                       family, str(root / family), "--real-ids"], env=ENV, capture_output=True,
+                                       family, str(root / family), "--real-ids"], env=_env(4), capture_output=True,
                                       text=True, timeout=300)
                 assert proc.returncode == 0, proc.stderr[-3000:]
                 built[family] = root / family
@@ -478,7 +448,7 @@ def test_swift_trains_exactly_the_plan_on_each_family(family_models, family_data
 
     plugins = ([str(tmp_path / "compiled" / swift_target.PLUGIN_FILE)] if want == "plugin" else []) + [str(DUMP_PLUGIN)]
     start = time.monotonic()
-    proc = subprocess.run(["bash", str(tmp_path / "compiled" / "train.sh"), *EXTRA_ARGS,
+    proc = subprocess.run(["bash", str(tmp_path / "compiled" / "train.sh"), *RUN_ARGS,
                            "--external_plugins", *plugins, "--callbacks", "mixspec_test_dump"],
                           cwd=tmp_path, env=_env(4), capture_output=True, text=True, timeout=900)
     took = time.monotonic() - start
