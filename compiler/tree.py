@@ -440,7 +440,14 @@ def build_tree(source: ModelSource, trust_remote_code: bool = False) -> ModuleTr
             raise ModelSourceError(
                 f"model {source.ref!r}: transformers could not build {model_cls.__name__} from its config: {_short(exc)}"
             ) from None
-    return tree_from_model(model, model_type)
+    try:
+        return tree_from_model(model, model_type)
+    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise ModelSourceError(
+            f"model {source.ref!r}: mixspec could not record the module tree of {model_cls.__name__}: "
+            f"{_short(exc)}\n  hint: this family's modules hold something mixspec does not read; "
+            "report it with the model's config.json"
+        ) from None
 
 
 def _model_class(config, trust_remote_code: bool):
@@ -481,6 +488,12 @@ def norm_kind(module) -> str:
     return ""
 
 
+def _int(value) -> int:
+    """A module's size attribute as a plain int: modelling code may hold one as a tensor or a
+    numpy integer, which the tree's JSON cannot store."""
+    return int(value)
+
+
 def tree_from_model(model, model_type: str = "") -> ModuleTree:
     """Record the module tree of an instantiated model (any device)."""
     import torch
@@ -503,6 +516,9 @@ def tree_from_model(model, model_type: str = "") -> ModuleTree:
         kind, fin, fout, kernel, groups = "", 0, 0, (), 1
         if isinstance(mod, nn.Linear):
             kind, fin, fout = LINEAR, mod.in_features, mod.out_features
+            weight = params.get("weight")
+            if weight is not None and len(weight) == 2:  # the shape is the truth, whatever the
+                fout, fin = weight                       # attributes hold (a tensor, once)
         elif Conv1D and isinstance(mod, Conv1D):
             kind = CONV1D_GPT2
             fin, fout = tuple(mod.weight.shape)
@@ -511,8 +527,8 @@ def tree_from_model(model, model_type: str = "") -> ModuleTree:
         elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             kind, fin, fout = CONV, mod.in_channels, mod.out_channels
             kernel, groups = tuple(mod.kernel_size), mod.groups
-        modules.append(ModuleInfo(name, type(mod).__name__, kind, fin, fout, kernel, groups, params,
-                                  norm_kind(mod)))
+        modules.append(ModuleInfo(name, type(mod).__name__, kind, _int(fin), _int(fout),
+                                  tuple(_int(k) for k in kernel), _int(groups), params, norm_kind(mod)))
 
     def module_name(target) -> str:
         if target is None:

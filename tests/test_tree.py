@@ -74,6 +74,30 @@ def test_meta_tree_equals_tree_of_the_real_model(tmp_path, family):
     assert (meta.input_embedding, meta.output_embedding) == (real.input_embedding, real.output_embedding)
 
 
+def test_sizes_held_as_tensors_are_recorded_as_ints():
+    """Modelling code may build a Linear with tensor sizes (transformers 5.24's Inkling vision
+    tower did): the tree records the weight's shape as plain ints and stays JSON."""
+    import torch
+    from torch import nn
+
+    from mixspec.tree import tree_from_model
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(3, 5)
+            self.proj.in_features, self.proj.out_features = torch.tensor(3), torch.tensor(5)
+            self.conv = nn.Conv2d(2, 4, 3, groups=2)
+            self.conv.groups = torch.tensor(2)
+
+    tree = tree_from_model(Odd())
+    proj, conv = tree.by_name["proj"], tree.by_name["conv"]
+    assert (proj.in_features, proj.out_features) == (3, 5)
+    assert conv.groups == 2 and conv.kernel == (3, 3)
+    assert all(type(v) is int for v in (proj.in_features, proj.out_features, conv.groups, *conv.kernel))
+    json.dumps(tree.to_json())
+
+
 def test_tree_json_round_trip():
     from mixspec.tree import ModuleTree
 
