@@ -15,9 +15,13 @@ from mixspec.names import shallowest
 from mixspec.tree import ModuleTree
 
 # attribute names (the last segment of a module or parameter name) that mark each role
-VISION_NAMES = ("visual", "vision_tower", "vision_model", "vision_encoder", "image_encoder", "vpm")
+VISION_NAMES = ("visual", "vision_tower", "vision_model", "vision_encoder", "image_encoder", "vpm",
+                "image_tower", "video_tower")
 ALIGNER_NAMES = ("merger", "deepstack_merger_list", "multi_modal_projector", "connector",
-                 "mm_projector", "aligner", "vision_resampler", "image_newline", "resampler", "mlp1")
+                 "mm_projector", "aligner", "vision_resampler", "image_newline", "resampler", "mlp1",
+                 "projector", "patch_merger", "vision_projection", "visual_projection", "vision_adapter",
+                 "image_to_text_projection", "language_projection", "qformer", "query_tokens",
+                 "perceiver_resampler", "resampler_model", "visual_embeddings_table")
 LANGUAGE_NAMES = ("language_model", "text_model", "llm")
 AUDIO_NAMES = ("audio_tower", "audio_model", "audio_encoder")
 
@@ -67,10 +71,19 @@ def find_roles(tree: ModuleTree) -> Roles:
     if not language and tree.is_causal_lm_only and tree.base_model_prefix in module_names:
         language = (tree.base_model_prefix,)
     if not language and "." in tree.input_embedding:
-        # no attribute names the LLM (Qwen2-VL before transformers 4.52: visual.*, model.*):
-        # the LLM is the module that owns the input embeddings, minus the roles nested in it
-        owner = tree.input_embedding.rsplit(".", 1)[0]
-        if owner in module_names and not any(owner == v or owner.startswith(v + ".") for v in vision):
+        # no attribute names the LLM (Qwen2-VL before transformers 4.52: visual.*, model.*;
+        # BLIP: text_decoder.bert.embeddings.word_embeddings): the LLM is the outermost module
+        # above the input embeddings that holds no vision, audio or aligner module; failing
+        # that (one ``model`` holding them all), the embeddings' owner, minus the roles in it
+        others = (*vision, *by_attr(AUDIO_NAMES), *by_attr(ALIGNER_NAMES, include_params=True))
+        parts = tree.input_embedding.split(".")
+        owners = [".".join(parts[:depth]) for depth in range(1, len(parts))]
+        clean = [o for o in owners if o in module_names
+                 and not any(x == o or x.startswith(o + ".") or o.startswith(x + ".") for x in others)]
+        owner = owners[-1]
+        if clean:
+            language = (clean[0],)
+        elif owner in module_names and not any(owner == v or owner.startswith(v + ".") for v in vision):
             language = (owner,)
     # an aligner is a projector between vision and the LLM: never one nested in a module named
     # as the LLM (a fallback LLM prefix such as ``model`` may hold the projector: keep it)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tinymodels import build_model, families, tiny_config
+from tinymodels import build_model, families, tiny_config, write_config_dir
 
 LLAVA_LIKE = {"vision": ("model.vision_tower",), "aligner": ("model.multi_modal_projector",),
               "language": ("model.language_model",),
@@ -194,3 +194,47 @@ def test_unknown_multimodal_family_is_guessed_and_warned(family_trees):
     [warning] = [w for w in plan.warnings_problems if w.path == "model"]
     assert "my_new_vlm" in warning.message and "vision=model.vision_tower" in warning.message
     assert warning.location.line == 2
+
+
+# Families mixspec has not verified (roles guessed, with a warning), as transformers builds them
+# from its own default config: what their modelling code names the vision tower, the bridge to
+# the LLM, and the LLM (read from each family's modeling_*.py).
+GUESSED_ROLES = {
+    # BLIP-2: the Q-Former, its learned queries and the projection bridge ViT and OPT
+    "blip-2": {"vision": ("vision_model",), "aligner": ("language_projection", "qformer", "query_tokens"),
+               "language": ("language_model",)},
+    # BLIP: no LLM attribute; the text decoder is the LLM (not its embeddings module, as the
+    # embedding owner's rule once found)
+    "blip": {"vision": ("vision_model",), "language": ("text_decoder",)},
+    "kosmos-2": {"vision": ("vision_model",), "aligner": ("image_to_text_projection",),
+                 "language": ("text_model",)},
+    "video_llava": {"vision": ("model.image_tower", "model.video_tower"),
+                    "aligner": ("model.multi_modal_projector",), "language": ("model.language_model",)},
+    "paddleocr_vl": {"vision": ("model.visual",), "aligner": ("model.projector",),
+                     "language": ("model.language_model",)},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(GUESSED_ROLES))
+def test_roles_guessed_for_unverified_families(model_type, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from mixspec.registry import find_roles
+    from mixspec.sources import find_model
+    from mixspec.tree import build_tree
+
+    config = AutoConfig.for_model(model_type).to_dict()
+    config["architectures"] = [MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type]]
+    tree = build_tree(find_model(str(write_config_dir(config, tmp_path / model_type))))
+    roles = find_roles(tree)
+    assert roles.guessed
+    for role, prefixes in GUESSED_ROLES[model_type].items():
+        assert roles.prefixes.get(role) == prefixes, (role, roles.prefixes)
+    if "aligner" not in GUESSED_ROLES[model_type]:
+        assert "aligner" not in roles.prefixes, roles.prefixes
