@@ -19,19 +19,11 @@ pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
 
 from mixspec.errors import MixspecError  # noqa: E402
+from test_speed import MIXED  # noqa: E402  (the design's mixed case)
 
 SPECS = {
     # the design's mixed case where the family has the roles; else LoRA on the LLM alone
-    "mixed": """\
-version: 1
-model: {model}
-components:
-  vision: {{train: full, lr: 2.0e-6}}
-  aligner: {{train: full, lr: 1.0e-5}}
-  language:
-    train: lora
-    lr: 1.0e-4
-    lora: {{rank: 8, alpha: 16, dropout: 0.05, targets: all-linear}}
+    "mixed": MIXED + """\
 training: {{precision: bf16, micro_batch_size: 1, gradient_accumulation: 4}}
 distributed: {{gpus_per_node: 2, zero_stage: 2}}
 data: {{train: data/train.jsonl}}
