@@ -379,6 +379,52 @@ def check_buildable(source: ModelSource, trust_remote_code: bool = False) -> Non
         )
     if not config.get("model_type"):
         raise ModelSourceError(f"model {source.ref!r}: config.json has no model_type")
+    _check_sizes(source)
+
+
+# A config's block and expert counts: building the model makes modules in proportion to them,
+# and a config.json with num_hidden_layers: 10000000 would keep the meta-device build busy
+# for hours. The largest published models have ~10x less than these limits.
+MAX_BLOCKS = 1024
+MAX_EXPERTS = 4096
+MAX_BLOCKS_X_EXPERTS = 1 << 18
+BLOCK_KEYS = frozenset({"num_hidden_layers", "num_layers", "n_layer", "n_layers", "depth", "encoder_layers",
+                        "decoder_layers", "num_encoder_layers", "num_decoder_layers", "vision_layers"})
+EXPERT_KEYS = frozenset({"num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts"})
+
+
+def _check_sizes(source: ModelSource) -> None:
+    """Refuse, before building, a config whose block or expert counts are beyond any real model."""
+    found: list[tuple[str, int, int]] = []  # (dotted key, value, limit)
+
+    def walk(node, path: str, depth: int) -> None:
+        if depth > 8 or not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(value, dict):
+                walk(value, where, depth + 1)
+            elif isinstance(value, int) and not isinstance(value, bool):
+                if key in BLOCK_KEYS:
+                    found.append((where, value, MAX_BLOCKS))
+                elif key in EXPERT_KEYS:
+                    found.append((where, value, MAX_EXPERTS))
+
+    walk(source.config, "", 0)
+    for where, value, limit in found:
+        if value > limit:
+            raise ModelSourceError(
+                f"model {source.ref!r}: config.json {where} is {value:,}, more than {limit:,}: mixspec builds "
+                "the model's module tree from its config and refuses sizes beyond any published model\n"
+                f"  hint: check {where} in {source.path}/config.json")
+    blocks = max((v for w, v, lim in found if lim == MAX_BLOCKS), default=1)
+    experts = max((v for w, v, lim in found if lim == MAX_EXPERTS), default=1)
+    if blocks * experts > MAX_BLOCKS_X_EXPERTS:
+        raise ModelSourceError(
+            f"model {source.ref!r}: config.json has {blocks:,} blocks x {experts:,} experts, more than "
+            f"{MAX_BLOCKS_X_EXPERTS:,} expert modules: mixspec builds the model's module tree from its config "
+            "and refuses sizes beyond any published model\n"
+            f"  hint: check the layer and expert counts in {source.path}/config.json")
 
 
 def _short(exc: BaseException, limit: int = 400) -> str:

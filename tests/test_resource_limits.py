@@ -312,3 +312,37 @@ def test_cli_bombs_exit_1_without_traceback(run_cli, tmp_path, make):
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith(str(spec))
+
+
+# -- config.json bombs: a model whose config asks for millions of blocks -------------------
+
+@pytest.mark.parametrize("edit, key", [
+    ({"num_hidden_layers": 10_000_000}, "num_hidden_layers is 10,000,000"),
+    ({"vision_config": {"depth": 5_000}}, "vision_config.depth is 5,000"),
+    ({"num_experts": 100_000}, "num_experts is 100,000"),
+    ({"num_hidden_layers": 1000, "num_experts": 4000}, "1,000 blocks x 4,000 experts"),
+])
+def test_config_with_absurd_block_counts_is_refused_before_building(run_cli, tmp_path, monkeypatch, edit, key):
+    """Building the tree makes modules in proportion to the config's block and expert counts:
+    past any published model's, mixspec refuses at the spec's model line without building."""
+    import json
+
+    from mixspec.sources import find_model
+
+    monkeypatch.setenv("MIXSPEC_CACHE_DIR", str(tmp_path / "cache"))
+    config = dict(find_model("Qwen/Qwen2.5-VL-7B-Instruct").config)
+    for name, value in edit.items():
+        config[name] = {**config[name], **value} if isinstance(value, dict) else value
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"version: 1\nmodel: {model}\ncomponents:\n  language: {{train: full, lr: 1.0e-5}}\n",
+                    encoding="utf-8")
+    start = _cpu()
+    result = run_cli("plan", str(spec))
+    assert _cpu() - start < LIMIT_S
+    assert result.exit_code == 1, result.stdout
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"{spec}:2:8: error: model:"), result.stderr
+    assert key in result.stderr and "config.json" in result.stderr
