@@ -1,10 +1,12 @@
 """The generated programs as real files (mixspec/programs/): each imports and lints as it
-stands in the package; a generated file is that program with its marked blocks filled, byte
-for byte (the golden files hold only the blocks); it runs where mixspec cannot be imported;
-a program whose markers are missing, duplicated or malformed stops the renderer.
+stands in the package (Python: ruff; shell: bash -n, shellcheck where installed); a generated
+file is that program with its marked blocks filled and its default blocks kept or replaced,
+byte for byte (the golden files hold only the generated blocks); it runs where mixspec cannot
+be imported; a program whose markers are missing, duplicated, malformed or wrongly nested
+stops the renderer, and so does a target that fills the blocks wrongly.
 
 Oracles: the program files themselves (read from disk, substituted here by a splice written
-for this test, not mixspec's), ruff, and a Python process in which importing mixspec fails.
+for this test, not mixspec's), ruff, bash, and a Python process in which importing mixspec fails.
 """
 
 from __future__ import annotations
