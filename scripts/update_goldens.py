@@ -3,8 +3,9 @@
 
 Cases: every spec in examples/ and in tests/targets/specs/hf/, compiled for each target
 into tests/targets/<target>/<spec stem>/ (the files the target writes, or refusal.txt
-holding the refusal). A generated program (train.py, launch.sh) is kept as NAME.data: the
-blocks the target filled in (header, Plan), not the program, which is mixspec/programs/ itself
+holding the refusal). A generated program (train.py, launch.sh, sbatch.sh; swift's train.sh
+and mixspec_plugin.py through tests/test_target_swift.py) is kept as NAME.data: the blocks the
+target generated (header, Plan, ...), not the program, which is mixspec/programs/ itself
 (tests/test_programs.py proves program + blocks == the generated file, byte for byte).
 Golden files are reviewed like code: run this after a change that alters output, read the
 diff, commit it with the change.

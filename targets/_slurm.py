@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import re
 
+from mixspec import programs
 from mixspec.plan import Plan
 from mixspec.targets import TargetOptions
-from mixspec.targets._common import generated_header, sh_word
+from mixspec.targets._common import generated_header, sh_assignments
 
 SBATCH_FILE = "sbatch.sh"
 LAUNCHERS = ("auto", "slurm", "none")
@@ -64,7 +65,8 @@ def job_name(plan: Plan) -> str:
 
 
 def render_sbatch_sh(plan: Plan, options: TargetOptions, target: str, launcher: str) -> str:
-    """sbatch.sh for ``target`` ("hf" or "swift"), running ``launcher`` (a file next to it) on each node."""
+    """sbatch.sh for ``target`` ("hf" or "swift"), running ``launcher`` (a file next to it) on each
+    node: mixspec.programs' sbatch with its blocks filled."""
     dist = plan.distributed
     nodes, gpus = dist.nodes, dist.gpus_per_node
     directives = [
@@ -87,51 +89,11 @@ def render_sbatch_sh(plan: Plan, options: TargetOptions, target: str, launcher: 
         f"which starts that node's {gpus} GPU process(es).",
         "Submit from the directory the spec's relative paths (data, output_dir) are relative to:",
         f"    sbatch DIR/{SBATCH_FILE} [{'train.py' if target == 'hf' else 'swift sft'} options]",
-        "sbatch options on the command line override the #SBATCH lines: sbatch --time=4:00:00 DIR/sbatch.sh",
-        "Environment (srun passes it to every node):",
-        "  MASTER_PORT   rendezvous port on node 0 (default 29500)",
-        "  MIXSPEC_DIR   the directory holding this file, if scontrol cannot tell (Slurm runs a copy)",
-        *(["  LAUNCHER      torchrun (default), deepspeed (one launcher per node, no ssh) or accelerate",
-           "  GPUS_PER_NODE processes per node (default: the plan's)"] if target == "hf" else []),
-        "Set by this script on each node: NNODES, NODE_RANK ($SLURM_NODEID), MASTER_ADDR (the first",
-        "host of the allocation), MASTER_PORT.",
     ])
-    lines = ["#!/usr/bin/env bash", *(f"#SBATCH {d}" for d in directives), header.rstrip("\n"), "set -euo pipefail", ""]
-    lines += [
-        "# Slurm runs a copy of this script from its spool directory: find the original's directory",
-        'if [[ -n "${MIXSPEC_DIR:-}" ]]; then',
-        '    HERE="$MIXSPEC_DIR"',
-        f'elif [[ -f "$(dirname "${{BASH_SOURCE[0]}}")/{launcher}" ]]; then',
-        '    HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
-        "else",
-        '    : "${SLURM_JOB_ID:?not inside a Slurm job: submit this script with sbatch}"',
-        "    script=\"$(scontrol show job \"$SLURM_JOB_ID\" | sed -n 's/^ *Command=\\([^ ]*\\).*$/\\1/p' | awk 'NR == 1')\"",
-        '    HERE="$(dirname "$script")"',
-        "fi",
-        f'if [[ ! -f "$HERE/{launcher}" ]]; then',
-        f"    echo \"sbatch.sh: no {launcher} in '$HERE': set MIXSPEC_DIR to the directory mixspec wrote\" >&2",
-        "    exit 1",
-        "fi",
-        "",
-        'NNODES="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:?not inside a Slurm job: submit this script with sbatch}}"',
-    ]
-    if target == "swift":  # train.sh exports the planned NNODES itself
-        lines += [
-            f"if [[ \"$NNODES\" != {sh_word(str(nodes))} ]]; then",
-            f"    echo \"sbatch.sh: the job has $NNODES nodes, the plan {nodes}: set distributed.nodes and compile again\" >&2",
-            "    exit 1",
-            "fi",
-        ]
-    lines += [
-        "MASTER_ADDR=\"$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | awk 'NR == 1')\"",
-        'MASTER_PORT="${MASTER_PORT:-29500}"',
-        "export NNODES MASTER_ADDR MASTER_PORT",
-        "# srun (Slurm >= 22.05) does not take --cpus-per-task from the job: pass it on",
-        'if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"; fi',
-        'echo "mixspec: $NNODES node(s), master $MASTER_ADDR:$MASTER_PORT" >&2',
-        "",
-        "# one task per node; a node that fails stops the others (no hang)",
-        'srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \\',
-        f"    bash -c 'export NODE_RANK=\"$SLURM_NODEID\"; exec bash \"$0\" \"$@\"' \"$HERE/{launcher}\" \"$@\"",
-    ]
-    return "\n".join(lines) + "\n"
+    return programs.render("sbatch", {
+        "header": "".join(f"#SBATCH {d}\n" for d in directives) + header,
+        # launch.sh's own environment (LAUNCHER, GPUS_PER_NODE), documented in the program
+        "launch_sh_env": programs.KEEP if target == "hf" else "",
+        # swift's train.sh exports the planned NNODES itself: the job must have as many nodes
+        "plan": sh_assignments({"NODE_SCRIPT": launcher, "REQUIRED_NNODES": nodes if target == "swift" else ""}),
+    })

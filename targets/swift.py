@@ -28,7 +28,7 @@ from mixspec.names import is_under
 from mixspec.plan import ComponentPlan, Plan
 from mixspec.targets import Target, TargetOptions
 from mixspec.targets._common import (comment_line, compact_names, exact_regex, generated_header, json_text,
-                                     py_assignments, sh_word)
+                                     py_assignments, sh_assignments, sh_word)
 from mixspec.targets._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
 from mixspec.targets.deepspeed import deepspeed_config
 
@@ -787,18 +787,46 @@ def _summary_lines(plan: Plan) -> list[str]:
 
 def _train_sh(plan: Plan, options: TargetOptions, d: Decision, ds_name: Optional[str],
               ds_generated: bool, use_plugin: bool) -> str:
+    """train.sh: mixspec.programs' swift_train with its blocks filled.
+
+    ms-swift 4.6 loads config, tokenizer, processor and model with trust_remote_code=True
+    (swift/model/register.py: ModelLoader.default_trust_remote_code) and has no flag to turn it
+    off, so the program's ``model_code_check`` block looks for code in the model directory
+    before swift starts (Python files anywhere in it, or ``auto_map`` in one of its JSON
+    configs), in the compiled model or the last ``--model`` passed to train.sh (swift reads the
+    last one too). It is kept unless the spec allows the model's own code."""
     sw = SWIFT_MODELS.get(plan.model_type)
+    approximate = d.plugin and not use_plugin
+    # HERE: the directory of train.sh, for the files it passes to swift from next to it
+    env = ['HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"'] if use_plugin or ds_generated else []
+    exports = _env_lines(plan)
+    if exports:
+        env += ["", *exports]
+    model = dict(_model_flags(plan, options, sw))["model"]
+    filled = {
+        "header": _train_sh_header(plan, options, d, use_plugin, approximate),
+        "env": "".join(line + "\n" for line in env),
+        "command": _swift_sft(plan, options, d, sw, ds_name, ds_generated, use_plugin, approximate),
+    }
+    if plan.trust_remote_code:  # no check: the spec allows the model's own code
+        filled["model_code_check"] = (
+            "# The spec allows the model repo's own code (trust_remote_code: true), and ms-swift\n"
+            "# loads models with trust_remote_code=True: no check for code in the model directory.\n")
+    else:
+        filled["model_code_check"] = programs.KEEP
+        filled["plan"] = sh_assignments({"MODEL": model})
+    return programs.render("swift_train", filled)
+
+
+def _train_sh_header(plan: Plan, options: TargetOptions, d: Decision, use_plugin: bool, approximate: bool) -> str:
     v = options.swift_version
-    tuner_flag = "tuner_type" if v >= 4 else "train_type"
-    out = ["#!/usr/bin/env bash"]
-    out += generated_header(plan, "swift", extra=[
+    out = generated_header(plan, "swift", extra=[
         f"For ms-swift {v}.x (`swift sft`)" + (", compiled with --swift-version 3." if v == 3 else "."),
         "Do not edit: change the spec and compile again.",
     ]).splitlines()
     out.append("#")
     out += ["# " + comment_line(line) for line in _summary_lines(plan)]
     out.append("#")
-    approximate = d.plugin and not use_plugin
     if use_plugin:
         uses = "tuner and optimizer" if d.tuner == "plugin" else "optimizer"
         out.append(f"# {PLUGIN_FILE} (--external_plugins) registers the {uses} {PLUGIN_NAME!r}: "
@@ -818,19 +846,13 @@ def _train_sh(plan: Plan, options: TargetOptions, d: Decision, ds_name: Optional
     else:
         for note in d.notes:
             out.append("# " + comment_line(note))
-    out += [
-        "# Data and output paths are used as the spec gives them, relative to the directory you run",
-        "# this script from. Extra arguments are passed on last, so they override: bash train.sh --max_steps 10",
-        "set -euo pipefail",
-    ]
-    if use_plugin or ds_generated:
-        out.append('HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"')
-    env = _env_lines(plan)
-    if env:
-        out.append("")
-        out += env
-    out.append("")
-    out += _remote_code_lines(plan, dict(_model_flags(plan, options, sw))["model"])
+    return "".join(line + "\n" for line in out)
+
+
+def _swift_sft(plan: Plan, options: TargetOptions, d: Decision, sw: Optional[SwiftModel], ds_name: Optional[str],
+               ds_generated: bool, use_plugin: bool, approximate: bool) -> str:
+    """The `swift sft` command: one flag a line, extra arguments last."""
+    tuner_flag = "tuner_type" if options.swift_version >= 4 else "train_type"
     args: list[str] = []
     for flag, value in _model_flags(plan, options, sw):
         args.append(f"--{flag} {sh_quote(value)}")
@@ -858,42 +880,7 @@ def _train_sh(plan: Plan, options: TargetOptions, d: Decision, ds_name: Optional
     for flag, value in _data_flags(plan):
         args.append(f"--{flag} {sh_quote(value)}")
     args.append('"$@"')
-    out.append("")
-    out.append("swift sft \\")
-    out += [f"    {a} \\" for a in args[:-1]]
-    out.append(f"    {args[-1]}")
-    return "\n".join(out) + "\n"
-
-
-def _remote_code_lines(plan: Plan, model: str) -> list[str]:
-    """ms-swift 4.6 loads config, tokenizer, processor and model with trust_remote_code=True
-    (swift/model/register.py: ModelLoader.default_trust_remote_code) and has no flag to turn it
-    off, so train.sh looks for code in the model directory itself before swift starts: Python
-    files anywhere in it, or ``auto_map`` in one of its JSON configs. The model is the compiled
-    one, or the last ``--model`` passed to train.sh (swift reads the last one too)."""
-    if plan.trust_remote_code:
-        return ["# The spec allows the model repo's own code (trust_remote_code: true), and ms-swift",
-                "# loads models with trust_remote_code=True: no check for code in the model directory."]
-    return [
-        "# ms-swift loads a model with trust_remote_code=True and has no switch to turn that off. The spec",
-        "# does not allow the model's own code, so a model directory holding code (*.py files, \"auto_map\"",
-        "# in a JSON config) stops here, before swift starts. A hub id is downloaded by swift: not checked.",
-        f"MODEL={sh_quote(model)}",
-        'prev=""',
-        'for arg in "$@"; do',
-        '    if [[ "$prev" == "--model" ]]; then MODEL="$arg"; fi',
-        '    if [[ "$arg" == --model=* ]]; then MODEL="${arg#--model=}"; fi',
-        '    prev="$arg"',
-        "done",
-        'if [[ -d "$MODEL" ]]; then',
-        "    code=\"$(find \"$MODEL\" -name '*.py' -print 2>/dev/null; grep -l '\"auto_map\"' \"$MODEL\"/*.json 2>/dev/null || true)\"",
-        '    if [[ -n "$code" ]]; then',
-        '        printf \'mixspec: the model directory %s holds code that ms-swift would run (it loads models with trust_remote_code=True):\\n%s\\n\' "$MODEL" "$code" >&2',
-        "        printf 'The spec does not set trust_remote_code: true. Remove the code, or allow it in the spec and compile again.\\n' >&2",
-        "        exit 1",
-        "    fi",
-        "fi",
-    ]
+    return "".join(line + "\n" for line in ["swift sft \\", *(f"    {a} \\" for a in args[:-1]), f"    {args[-1]}"])
 
 
 def _lora_comps(plan: Plan) -> list[ComponentPlan]:

@@ -1,10 +1,12 @@
 """The generated programs as real files (mixspec/programs/): each imports and lints as it
-stands in the package; a generated file is that program with its marked blocks filled, byte
-for byte (the golden files hold only the blocks); it runs where mixspec cannot be imported;
-a program whose markers are missing, duplicated or malformed stops the renderer.
+stands in the package (Python: ruff; shell: bash -n, shellcheck where installed); a generated
+file is that program with its marked blocks filled and its default blocks kept or replaced,
+byte for byte (the golden files hold only the generated blocks); it runs where mixspec cannot
+be imported; a program whose markers are missing, duplicated, malformed or wrongly nested
+stops the renderer, and so does a target that fills the blocks wrongly.
 
 Oracles: the program files themselves (read from disk, substituted here by a splice written
-for this test, not mixspec's), ruff, and a Python process in which importing mixspec fails.
+for this test, not mixspec's), ruff, bash, and a Python process in which importing mixspec fails.
 """
 
 from __future__ import annotations
@@ -32,15 +34,20 @@ from mixspec.targets import TargetOptions, render
 
 PROGRAM_DIR = ROOT / "compiler" / "programs"
 # generated file -> the package program it is rendered from
-OUTPUT_OF = {"train.py": "hf_train", "launch.sh": "hf_launch", "mixspec_plugin.py": "swift_plugin"}
+OUTPUT_OF = {"train.py": "hf_train", "launch.sh": "hf_launch", "mixspec_plugin.py": "swift_plugin",
+             "train.sh": "swift_train", "sbatch.sh": "sbatch"}
 PYTHON_PROGRAMS = [p for p, f in programs.PROGRAMS.items() if f.endswith(".py")]
+SHELL_PROGRAMS = [p for p, f in programs.PROGRAMS.items() if f.endswith(".sh")]
 SWIFT_VENV = Path(os.environ.get("MIXSPEC_SWIFT_VENV") or ROOT / ".venv-swift")
 
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
 
 
 # -- an independent splice: program + blocks -> file -------------------------------------------
-_BEGIN = re.compile(r"# --- mixspec: (\w+) \(generated\) ---\n")
+# A (generated) block's lines come from the golden data part. A (default) block is the program's
+# own text: kept as it is (the data part then holds only the generated blocks inside it), or
+# replaced whole (the data part holds it as a generated block of the same name).
+_BEGIN = re.compile(r"# --- mixspec: (\w+) \((generated|default)\) ---\n")
 
 
 def split_blocks(text: str) -> dict[str, str]:
@@ -49,6 +56,7 @@ def split_blocks(text: str) -> dict[str, str]:
     for line in text.splitlines(keepends=True):
         begin = _BEGIN.fullmatch(line)
         if begin:
+            assert name is None and begin.group(2) == "generated", line  # a data part is flat
             name = begin.group(1)
             out[name] = ""
         elif name and line == f"# --- end mixspec: {name} ---\n":
@@ -59,19 +67,24 @@ def split_blocks(text: str) -> dict[str, str]:
 
 
 def splice(program: str, blocks: dict[str, str]) -> str:
-    """The program with the lines inside each marked block replaced by blocks[name]."""
-    out, inside = [], None
+    """The program with the lines inside each generated block replaced by blocks[name], and each
+    default block kept, or replaced when blocks has it."""
+    out, skip_to = [], None
     for line in program.splitlines(keepends=True):
-        if inside is None:
+        if skip_to is not None:  # inside a block being replaced: drop its lines up to its end
+            if line == skip_to:
+                out.append(line)
+                skip_to = None
+            continue
+        begin = _BEGIN.fullmatch(line)
+        if begin and (begin.group(2) == "generated" or begin.group(1) in blocks):
+            name = begin.group(1)
+            out.append(f"# --- mixspec: {name} (generated) ---\n")
+            out.append(blocks.pop(name))
+            skip_to = f"# --- end mixspec: {name} ---\n"
+        else:
             out.append(line)
-            begin = _BEGIN.fullmatch(line)
-            if begin:
-                inside = begin.group(1)
-                out.append(blocks.pop(inside))
-        elif line == f"# --- end mixspec: {inside} ---\n":
-            out.append(line)
-            inside = None
-    assert inside is None and not blocks, (inside, sorted(blocks))
+    assert skip_to is None and not blocks, (skip_to, sorted(blocks))
     return "".join(out)
 
 
@@ -95,20 +108,42 @@ def test_generated_file_is_the_package_program_with_the_golden_blocks(monkeypatc
         files = render(plan, target, TargetOptions(**options))
     except UnsupportedError:  # a refused case has no program
         return
-    found = 0
+    folder = ROOT / "tests" / "targets" / target / name
+    if not folder.exists() and name.endswith("--no-plugin"):  # the plugin case's files (test_target_swift's golden test)
+        folder = folder.with_name(name.removesuffix("--no-plugin"))
+    found = []
     for out_name, program in OUTPUT_OF.items():
         if out_name not in files:
             continue
-        found += 1
-        data = (ROOT / "tests" / "targets" / target / name / (out_name + ".data")).read_text(encoding="utf-8")
+        found.append(out_name)
+        data = (folder / (out_name + ".data")).read_text(encoding="utf-8")
         blocks = split_blocks(data)
-        assert sorted(blocks) == ["header", "plan"]
         program_file = (PROGRAM_DIR / programs.PROGRAMS[program]).read_text(encoding="utf-8")
+        generated = re.findall(r"^# --- mixspec: (\w+) \(generated\) ---$", program_file, re.M)
+        defaults = re.findall(r"^# --- mixspec: (\w+) \(default\) ---$", program_file, re.M)
+        # the golden holds every generated block (bar the helpers), and a default block only when replaced
+        assert set(generated) - {"helpers"} - set(blocks) <= _inside_replaced(program_file, blocks), out_name
+        assert set(blocks) - set(generated) <= set(defaults), out_name
         if programs.BEGIN.format("helpers") in program_file:
             blocks["helpers"] = programs.helpers_source()
         assert files[out_name] == splice(program_file, blocks), f"{case}/{out_name}"
-    if target == "hf":
-        assert found == 2  # every hf case that compiles writes train.py and launch.sh
+    # every case that compiles writes its target's programs
+    assert {"hf": {"train.py", "launch.sh"}, "swift": {"train.sh"}}[target] <= set(found)
+    assert ("sbatch.sh" in found) == ("sbatch.sh" in files)
+
+
+def _inside_replaced(program: str, blocks: dict[str, str]) -> set[str]:
+    """The generated blocks inside a default block that ``blocks`` replaces (they go with it)."""
+    out, inside = set(), None
+    for line in program.splitlines():
+        begin = re.fullmatch(r"# --- mixspec: (\w+) \((generated|default)\) ---", line)
+        if begin and begin.group(2) == "default" and begin.group(1) in blocks:
+            inside = begin.group(1)
+        elif begin and inside:
+            out.add(begin.group(1))
+        elif inside and line == f"# --- end mixspec: {inside} ---":
+            inside = None
+    return out
 
 
 def test_inlined_helpers_are_mixspec_names_source():
@@ -368,21 +403,52 @@ def test_swift_plugin_registers_with_the_real_ms_swift_without_mixspec(tiny_hf_c
 
 
 # -- the renderer fails loudly on a program whose markers do not fit ----------------------------
-def _filled(program: str) -> dict[str, str]:
-    """Blocks a target would fill, with the program's own placeholder values."""
+def _filled(program: str) -> dict:
+    """Blocks a target would fill, with the program's own placeholder values (default blocks kept)."""
     text = programs.program_text(program)
-    return {"header": "# a header\n", "plan": programs.block_text(text, "plan", program)}
+    return {name: programs.KEEP if block.default else
+            "# a header\n" if name == "header" else programs.block_text(text, name, program)
+            for name, block in programs.blocks(text, program).items() if name != programs.HELPERS}
+
+
+def _bash_n(path: Path) -> None:
+    """bash -n (syntax), and shellcheck where it is installed."""
+    result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    if shutil.which("shellcheck"):
+        result = subprocess.run(["shellcheck", "--shell=bash", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("program", list(programs.PROGRAMS))
 def test_placeholder_blocks_render_to_a_valid_program(program, tmp_path):
     text = programs.render(program, _filled(program))
+    if program in SHELL_PROGRAMS:  # placeholders and default blocks kept: the program itself, but for the header
+        original = programs.program_text(program)
+        assert text == original.replace(programs.block_text(original, "header"), "# a header\n", 1)
     if program in PYTHON_PROGRAMS:
         compile(text, program, "exec")
         assert programs.block_text(text, "helpers") == programs.helpers_source()
     else:
         (tmp_path / "p.sh").write_text(text, encoding="utf-8")
-        assert subprocess.run(["bash", "-n", str(tmp_path / "p.sh")]).returncode == 0
+        _bash_n(tmp_path / "p.sh")
+        # and with each default block replaced (the blocks inside it go with it)
+        found = programs.blocks(programs.program_text(program))
+        for name in [n for n, block in found.items() if block.default]:
+            filled = {k: v for k, v in _filled(program).items() if found[k].parent != name}
+            text = programs.render(program, {**filled, name: "# replaced\n"})
+            assert programs.block_text(text, name) == "# replaced\n" and not programs.blocks(text)[name].default
+            assert not {n for n, block in found.items() if block.parent == name} & set(programs.blocks(text))
+            (tmp_path / "r.sh").write_text(text, encoding="utf-8")
+            _bash_n(tmp_path / "r.sh")
+
+
+@pytest.mark.parametrize("program", SHELL_PROGRAMS)
+def test_shell_programs_are_valid_bash_as_they_stand(program):
+    _bash_n(PROGRAM_DIR / programs.PROGRAMS[program])
+    # and the check bites: an unclosed if
+    bad = (PROGRAM_DIR / programs.PROGRAMS[program]).read_text(encoding="utf-8") + "if true; then\n"
+    assert subprocess.run(["bash", "-n"], input=bad, text=True, capture_output=True).returncode == 2
 
 
 def _mutations(text: str) -> dict[str, tuple[str, str]]:
@@ -438,3 +504,92 @@ def test_a_target_that_fills_too_little_or_too_much_stops_the_renderer():
     for marker in (programs.END.format("header"), programs.BEGIN.format("plan")):
         with pytest.raises(programs.ProgramError, match="holds a line that is a block marker"):
             programs.render("hf_train", {**filled, "header": f"# a\n{marker}\n# b\n"})
+
+
+# -- default blocks: the program's own text, kept or replaced whole ---------------------------
+_WITH_DEFAULT = """\
+#!/usr/bin/env bash
+# --- mixspec: header (generated) ---
+# placeholder header
+# --- end mixspec: header ---
+# --- mixspec: check (default) ---
+# the program's own check
+# --- mixspec: plan (generated) ---
+MODEL=placeholder
+# --- end mixspec: plan ---
+test -n "$MODEL"
+# --- end mixspec: check ---
+echo done
+"""
+
+
+def test_a_default_block_is_kept_or_replaced_whole():
+    header = "# the header\n"
+    kept = programs.fill(_WITH_DEFAULT, {"header": header, "check": programs.KEEP, "plan": "MODEL=m\n"}, shell=True)
+    assert kept == _WITH_DEFAULT.replace("# placeholder header\n", header).replace("MODEL=placeholder", "MODEL=m")
+    # the golden keeps the generated blocks, the kept default block's text is the program's
+    assert programs.data_part(kept) == (programs.BEGIN.format("header") + "\n" + header + programs.END.format("header")
+                                        + "\n" + programs.BEGIN.format("plan") + "\nMODEL=m\n"
+                                        + programs.END.format("plan") + "\n")
+    replaced = programs.fill(_WITH_DEFAULT, {"header": header, "check": "# no check\n"}, shell=True)
+    assert replaced == ("#!/usr/bin/env bash\n" + programs.BEGIN.format("header") + "\n" + header
+                        + programs.END.format("header") + "\n" + programs.BEGIN.format("check") + "\n# no check\n"
+                        + programs.END.format("check") + "\necho done\n")
+    assert programs.data_part(replaced) == replaced.split("\n", 1)[1].removesuffix("echo done\n")
+    # both round-trip through this test's own splice
+    for text in (kept, replaced):
+        assert splice(_WITH_DEFAULT, split_blocks(programs.data_part(text))) == text
+
+
+@pytest.mark.parametrize("filled,message", [
+    ({"header": "#\n", "plan": "MODEL=m\n"}, "blocks not filled: check"),  # a default block is filled too: KEEP
+    ({"header": "#\n", "check": programs.KEEP}, "blocks not filled: plan"),  # a kept one's blocks are filled
+    ({"header": "#\n", "check": "#\n", "plan": "MODEL=m\n"}, "block 'plan' is filled, but the default block 'check'"),
+    ({"header": programs.KEEP, "check": "#\n"}, "block 'header' is generated"),
+    ({"header": "#\n", "check": programs.KEEP, "plan": "NAME=m\n"}, "the generated plan block assigns"),
+    ({"header": "#\n", "check": f"{programs.BEGIN.format('plan')}\n{programs.END.format('plan')}\n"},
+     "holds a line that is a block marker"),
+])
+def test_a_default_block_filled_wrongly_stops_the_renderer(filled, message):
+    with pytest.raises(programs.ProgramError) as info:
+        programs.fill(_WITH_DEFAULT, filled, "p.sh", shell=True)
+    assert message in str(info.value) and "p.sh" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ("# --- mixspec: plan (generated) ---", "# --- mixspec: plan (default) ---", "block 'plan' begins inside block 'check'"),
+    ("# --- mixspec: check (default) ---", "# --- mixspec: check (generated) ---", "block 'plan' begins inside block 'check'"),
+    ("# --- end mixspec: header ---\n", "", "block 'check' begins inside block 'header'"),
+    ("# --- end mixspec: plan ---\n", "", "block 'plan' has no end marker"),
+    ("# --- mixspec: plan (generated) ---\n", "", "the end of block 'plan' without its begin marker"),
+    ("(default)", "(defualt)", "malformed block marker"),
+])
+def test_a_default_block_whose_markers_do_not_fit_stops_the_renderer(old, new, message):
+    bad = _WITH_DEFAULT.replace(old, new, 1)
+    assert bad != _WITH_DEFAULT
+    with pytest.raises(programs.ProgramError) as info:
+        programs.blocks(bad, "p.sh")
+    assert message in str(info.value) and "p.sh:" in str(info.value), str(info.value)
+
+
+def test_train_sh_without_the_model_code_check_is_the_program_with_its_blocks(tmp_path):
+    """A spec that allows the model's own code: train.sh's model_code_check block is replaced,
+    and the output is still the package program with the data part spliced in."""
+    from tinymodels import tiny_config, write_config_dir
+
+    model = write_config_dir(tiny_config("qwen2_5_vl"), tmp_path / "model")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"version: 1\nmodel: {model}\ntrust_remote_code: true\n"
+                    "components:\n  language: {train: lora, lr: 1.0e-4, lora: {rank: 8, targets: all-linear}}\n"
+                    "data: {train: data.jsonl}\n",
+                    encoding="utf-8")
+    text = render(plan_spec(load_spec(spec)), "swift", TargetOptions())["train.sh"]
+    data = goldens.golden_form({"train.sh": text})["train.sh.data"]
+    blocks = split_blocks(data)
+    assert sorted(blocks) == ["command", "env", "header", "model_code_check"]  # no MODEL: no check to run
+    assert "no check for code in the model directory" in blocks["model_code_check"]
+    program = (PROGRAM_DIR / "swift_train.sh").read_text(encoding="utf-8")
+    assert text == splice(program, blocks)
+    assert "find \"$MODEL\"" in program and "find \"$MODEL\"" not in text
+    (tmp_path / "train.sh").write_text(text, encoding="utf-8")
+    _bash_n(tmp_path / "train.sh")

@@ -141,7 +141,7 @@ def test_hf_train_py_builds_the_plans_training_arguments(plan, tmp_path):
 def test_swift_flags_parse_to_the_plans_training_arguments(plan, tmp_path):
     train_sh = render(plan, "swift", TargetOptions())["train.sh"]
     command = train_sh[train_sh.index("swift sft \\\n"):].replace("\\\n", " ")
-    words = shlex.split(command)[2:]
+    words = shlex.split(command, comments=True)[2:]
     args = _parse(words + ["--output_dir", str(tmp_path / "run")])
     _check(args, plan, warmup_ratio=words[words.index("--warmup_ratio") + 1])
 

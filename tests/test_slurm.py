@@ -67,7 +67,7 @@ def test_cli_writes_the_directives(tmp_path):
                                       "--slurm-account", "proj_42"])
     assert result.exit_code == 0, result.output
     text = (tmp_path / "out" / "sbatch.sh").read_text()
-    assert text.startswith("#!/usr/bin/env bash\n#SBATCH ")
+    assert text.startswith("#!/usr/bin/env bash\n")
     assert directives(text) == [
         "#SBATCH --job-name=mixspec-my-run", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
         "#SBATCH --gpus-per-node=4", "#SBATCH --partition=gpu,gpu-long", "#SBATCH --time=2-00:00:00",
@@ -193,6 +193,15 @@ def test_swift_sbatch_refuses_another_node_count(tmp_path):
     result, calls = submit(tmp_path, compile_files(tmp_path, "swift", nodes=2), sbatch_args=["--nodes=3"])
     assert result.returncode == 1 and calls == []
     assert "the job has 3 nodes, the plan 2" in result.stderr
+
+
+def test_hf_sbatch_runs_on_as_many_nodes_as_the_job_has(tmp_path):
+    """Only swift's train.sh, which exports the planned NNODES itself, needs the plan's node
+    count; launch.sh takes NNODES from sbatch.sh, so a 3-node job of a 2-node hf plan runs on 3."""
+    result, calls = submit(tmp_path, compile_files(tmp_path, "hf", nodes=2), sbatch_args=["--nodes=3"])
+    assert result.returncode == 0, result.stderr
+    assert [(c["env"]["NNODES"], c["env"]["NODE_RANK"]) for c in calls] == [("3", "0"), ("3", "1"), ("3", "2")]
+    assert [c["argv"][:4] for c in calls] == [["--nnodes", "3", "--node_rank", str(n)] for n in range(3)]
 
 
 def test_sbatch_without_its_directory_says_how_to_fix(tmp_path):

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, goldens
+from mixspec import programs
 from mixspec.errors import APPROXIMATE_HINT, UnsupportedError
 from mixspec.loader import load_spec
 from mixspec.resolve import plan_spec
@@ -69,9 +70,9 @@ def decide_text(tmp_path, text: str, **options) -> swift_target.Decision:
 
 def flags_of(train_sh: str) -> dict[str, str]:
     """--flag value pairs of the swift sft command, as the shell splits it (the last one wins,
-    as in argparse)."""
+    as in argparse); the command ends where a comment (the block's end marker) begins."""
     command = train_sh[train_sh.index("swift sft \\\n"):].replace("\\\n", " ")
-    words = shlex.split(command)[2:]
+    words = shlex.split(command, comments=True)[2:]
     out = {}
     for flag, value in zip(words[::2], words[1::2]):
         assert flag.startswith("--"), (flag, value)
@@ -373,8 +374,10 @@ def test_any_path_reaches_swift_as_itself(tmp_path, data, out):
     body = [line for line in sh.splitlines() if line and not line.startswith("#")]
     start = body.index("swift sft \\")
     assert body[0] == "set -euo pipefail"
-    assert body[1:start] == [line for line in swift_target._remote_code_lines(plan, plan.model)
-                             if not line.startswith("#")]  # the model-code check, nothing else
+    # the model-code check as the package program has it (its MODEL line the compiled model), nothing else
+    check = programs.block_text(programs.program_text("swift_train"), "model_code_check")
+    assert body[1:start] == [f"MODEL={shlex.quote(plan.model)}" if line.startswith("MODEL=") else line
+                             for line in check.splitlines() if line and not line.startswith("#")]
     assert all(line.startswith("    --") or line == '    "$@"' for line in body[start + 1:])
 
 
@@ -690,7 +693,7 @@ def test_golden(monkeypatch, case, rel, options):
     folder = GOLDEN / case
     if options.get("plugin") is False and "refusal.txt" not in files:
         # a Plan the flags say exactly: --no-plugin gives the same files, nothing to keep twice
-        assert files == _render_case(rel, {k: v for k, v in options.items() if k != "plugin"})
+        assert files == goldens.golden_form(_render_case(rel, {k: v for k, v in options.items() if k != "plugin"}))
         assert not folder.exists()
         return
     if UPDATE:

@@ -1,9 +1,10 @@
 """The programs mixspec generates, kept as real files of this package.
 
-``hf_train.py`` is the hf target's ``train.py``, ``hf_launch.sh`` its ``launch.sh`` and
-``swift_plugin.py`` the swift target's ``mixspec_plugin.py``. They are complete programs: the
-tests import the Python ones and ruff lints them as they are (``bash -n`` the shell one).
-What differs from one Plan to the next stands in marked blocks::
+``hf_train.py`` is the hf target's ``train.py``, ``hf_launch.sh`` its ``launch.sh``,
+``swift_plugin.py`` the swift target's ``mixspec_plugin.py``, ``swift_train.sh`` its
+``train.sh``, and ``sbatch.sh`` the Slurm batch script of both (``sbatch.sh``). They are
+complete programs: the tests import the Python ones and ruff lints them as they are
+(``bash -n`` the shell ones). What differs from one Plan to the next stands in marked blocks::
 
     # --- mixspec: plan (generated) ---
     PLAN = {...}                      placeholder values: the file imports as it is
@@ -11,10 +12,16 @@ What differs from one Plan to the next stands in marked blocks::
 
 A target renders a program (``render``) by replacing the lines between each block's two
 marker lines (which stay, so a reader of the output sees what was generated) with text it
-computes: the ``header`` comment, the ``plan`` as Python literals, and the ``helpers``
-block. In the package the helpers block imports the helpers from ``mixspec.names`` (so this
-copy runs); in the output it holds their source (``helpers_source``), so a generated file
-is self-contained and needs nothing of mixspec.
+computes: the ``header`` comment, the ``plan`` as Python literals or shell assignments, and
+the ``helpers`` block. In the package the helpers block imports the helpers from
+``mixspec.names`` (so this copy runs); in the output it holds their source
+(``helpers_source``), so a generated file is self-contained and needs nothing of mixspec.
+
+A block marked ``(default)`` instead of ``(generated)`` is the program's own text, which a
+target either keeps (it fills the block with ``KEEP``) or replaces whole (the output then marks
+it ``(generated)``). It may hold generated blocks, one level deep: those are filled when it is
+kept, and go with it when it is replaced. train.sh's check for model code is one: kept unless
+the spec allows the model's own code.
 
 Every block the program has must be filled, each exactly once, and a plan block must assign
 the same names as the program's placeholder. Anything else is a bug in a program or in a
@@ -27,15 +34,18 @@ import ast
 import inspect
 import re
 from importlib import resources
+from typing import NamedTuple
 
 from mixspec import names
 
 #: the programs of this package: name -> file name
-PROGRAMS = {"hf_train": "hf_train.py", "hf_launch": "hf_launch.sh", "swift_plugin": "swift_plugin.py"}
+PROGRAMS = {"hf_train": "hf_train.py", "hf_launch": "hf_launch.sh", "swift_plugin": "swift_plugin.py",
+            "swift_train": "swift_train.sh", "sbatch": "sbatch.sh"}
 
 BEGIN = "# --- mixspec: {} (generated) ---"
+BEGIN_DEFAULT = "# --- mixspec: {} (default) ---"
 END = "# --- end mixspec: {} ---"
-_BEGIN = re.compile(r"# --- mixspec: ([a-z_]+) \(generated\) ---")
+_BEGIN = re.compile(r"# --- mixspec: ([a-z_]+) \((generated|default)\) ---")
 _END = re.compile(r"# --- end mixspec: ([a-z_]+) ---")
 # anything that looks like a marker must be one, exactly (a typo would silently leave a block)
 _LOOKS_LIKE_MARKER = re.compile(r"\s*#\s*---\s*(end\s+)?mixspec\b")
@@ -47,8 +57,27 @@ _INLINED = (names.natural_key, names.ranges, names.compact_names, names.expand_n
             names.fingerprint)
 
 
+class _Keep:
+    def __repr__(self) -> str:
+        return "programs.KEEP"
+
+
+#: what a target fills a default block with to keep the program's own text
+KEEP = _Keep()
+
+
 class ProgramError(RuntimeError):
     """A program's marked blocks do not fit what a target fills in (a bug, not user input)."""
+
+
+class Block(NamedTuple):
+    """Where a marked block stands: the line indexes of its begin and end markers, whether it
+    is a default block, and the default block it sits in (None at the top level)."""
+
+    start: int
+    end: int
+    default: bool = False
+    parent: str | None = None
 
 
 def program_text(name: str) -> str:
@@ -71,56 +100,65 @@ def helpers_import() -> str:
     return f"from mixspec.names import {', '.join(imported)}  # noqa: F401\n"
 
 
-def blocks(text: str, program: str = "program") -> dict[str, tuple[int, int]]:
-    """Each marked block of a program: name -> (line index of its begin marker, of its end
-    marker). Raises ProgramError on a duplicated, unclosed, nested or malformed marker."""
-    out: dict[str, tuple[int, int]] = {}
-    open_name, open_at = None, -1
+def blocks(text: str, program: str = "program") -> dict[str, Block]:
+    """Each marked block of a program, in file order: name -> Block. Raises ProgramError on a
+    duplicated, unclosed or malformed marker, or a block inside a generated block (or a
+    default block inside another)."""
+    out: dict[str, Block] = {}
+    stack: list[tuple[str, int, bool]] = []  # open blocks: (name, line index, default)
     for i, line in enumerate(text.split("\n")):
         begin, end = _BEGIN.fullmatch(line), _END.fullmatch(line)
         if not begin and not end:
             if _LOOKS_LIKE_MARKER.match(line):
                 raise ProgramError(f"{program}:{i + 1}: a malformed block marker: {line.strip()!r} "
-                                   f"(write {BEGIN.format('NAME')!r} ... {END.format('NAME')!r})")
+                                   f"(write {BEGIN.format('NAME')!r} or {BEGIN_DEFAULT.format('NAME')!r}"
+                                   f" ... {END.format('NAME')!r})")
             continue
         if begin:
-            name = begin.group(1)
-            if open_name is not None:
-                raise ProgramError(f"{program}:{i + 1}: block {name!r} begins inside block {open_name!r}")
-            if name in out:
-                raise ProgramError(f"{program}:{i + 1}: block {name!r} appears twice "
-                                   f"(first at line {out[name][0] + 1})")
-            open_name, open_at = name, i
+            name, default = begin.group(1), begin.group(2) == "default"
+            if stack and (default or not stack[-1][2]):
+                raise ProgramError(f"{program}:{i + 1}: block {name!r} begins inside block {stack[-1][0]!r}"
+                                   + (" (only a generated block may sit in a default block)" if stack[-1][2] else ""))
+            seen = {n for n, _, _ in stack} | set(out)
+            if name in seen:
+                first = out[name].start if name in out else next(at for n, at, _ in stack if n == name)
+                raise ProgramError(f"{program}:{i + 1}: block {name!r} appears twice (first at line {first + 1})")
+            stack.append((name, i, default))
             continue
         name = end.group(1)
-        if open_name != name:
+        if stack and stack[-1][0] != name and name in {n for n, _, _ in stack}:
+            raise ProgramError(f"{program}:{stack[-1][1] + 1}: block {stack[-1][0]!r} has no end marker "
+                               f"{END.format(stack[-1][0])!r} (block {name!r}, which holds it, ends at line {i + 1})")
+        if not stack or stack[-1][0] != name:
             raise ProgramError(f"{program}:{i + 1}: the end of block {name!r} without its begin marker"
-                               + (f" (block {open_name!r} is open)" if open_name else ""))
-        out[name] = (open_at, i)
-        open_name = None
-    if open_name is not None:
-        raise ProgramError(f"{program}:{open_at + 1}: block {open_name!r} has no end marker "
-                           f"{END.format(open_name)!r}")
-    return out
+                               + (f" (block {stack[-1][0]!r} is open)" if stack else ""))
+        _, start, default = stack.pop()
+        out[name] = Block(start, i, default, stack[-1][0] if stack else None)
+    if stack:
+        name, start, _ = stack[-1]
+        raise ProgramError(f"{program}:{start + 1}: block {name!r} has no end marker {END.format(name)!r}")
+    return dict(sorted(out.items(), key=lambda kv: kv[1].start))
 
 
 def block_text(text: str, name: str, program: str = "program") -> str:
-    """The lines inside one block (markers excluded), each ending in a newline."""
+    """The lines inside one block (markers excluded, nested blocks' included), each ending in a
+    newline."""
     where = blocks(text, program)
     if name not in where:
         raise ProgramError(f"{program}: has no block {name!r}")
-    start, end = where[name]
+    start, end = where[name][:2]
     return "".join(line + "\n" for line in text.split("\n")[start + 1:end])
 
 
 def data_part(text: str, program: str = "program") -> str:
-    """What a generated file adds to its program: every block but the helpers (the same
-    source in every output), markers included, in file order. The golden files hold this."""
+    """What a generated file adds to its program: every generated block but the helpers (the
+    same source in every output), markers included, in file order; a kept default block is the
+    program's text, so only the generated blocks inside it count. The golden files hold this."""
     lines = text.split("\n")
     out = []
-    for name, (start, end) in sorted(blocks(text, program).items(), key=lambda kv: kv[1]):
-        if name != HELPERS:
-            out += lines[start:end + 1]
+    for name, block in blocks(text, program).items():
+        if name != HELPERS and not block.default:
+            out += lines[block.start:block.end + 1]
     return "".join(line + "\n" for line in out)
 
 
@@ -139,14 +177,15 @@ def _assigned(source: str, where: str, shell: bool) -> list[str]:
             if isinstance(t, ast.Name)]
 
 
-def render(program: str, filled: dict[str, str]) -> str:
+def render(program: str, filled: dict) -> str:
     """The program ``program`` (a name in PROGRAMS) with each block's lines replaced by
-    ``filled[block]`` (a missing final newline is added); ``helpers`` is filled here."""
+    ``filled[block]`` (a missing final newline is added; a default block: text, or ``KEEP``);
+    ``helpers`` is filled here."""
     text = program_text(program)
     return fill(text, filled, f"mixspec/programs/{PROGRAMS[program]}", shell=PROGRAMS[program].endswith(".sh"))
 
 
-def fill(text: str, filled: dict[str, str], where: str = "program", shell: bool = False) -> str:
+def fill(text: str, filled: dict, where: str = "program", shell: bool = False) -> str:
     """``render`` for a program's text (``where`` names it in errors; ``shell``: a shell
     program, whose plan block is ``NAME=word`` lines)."""
     found = blocks(text, where)
@@ -158,12 +197,22 @@ def fill(text: str, filled: dict[str, str], where: str = "program", shell: bool 
             raise ProgramError(f"{where}: the {HELPERS!r} block must be exactly {helpers_import()!r}, "
                                "the helpers that helpers_source() inlines")
         filled[HELPERS] = helpers_source()
-    missing, unknown = sorted(set(found) - set(filled)), sorted(set(filled) - set(found))
+    for name, value in filled.items():
+        if value is KEEP and name in found and not found[name].default:
+            raise ProgramError(f"{where}: block {name!r} is generated: it has no text of the program's to keep")
+    replaced = {name for name, block in found.items() if block.default and filled.get(name, KEEP) is not KEEP}
+    gone = {name for name, block in found.items() if block.parent in replaced}  # they go with their block
+    if gone & set(filled):
+        name = sorted(gone & set(filled))[0]
+        raise ProgramError(f"{where}: block {name!r} is filled, but the default block {found[name].parent!r} "
+                           "that holds it is replaced")
+    wanted = set(found) - gone
+    missing, unknown = sorted(wanted - set(filled)), sorted(set(filled) - set(found))
     if missing or unknown:
         raise ProgramError(f"{where}: " + "; ".join(
             part for part in (f"blocks not filled: {', '.join(missing)}" if missing else "",
                               f"no block for: {', '.join(unknown)}" if unknown else "") if part))
-    if "plan" in found:
+    if "plan" in wanted:
         want = _assigned(block_text(text, "plan", where), f"{where} (plan block)", shell)
         got = _assigned(filled["plan"], f"{where}: the generated plan block", shell)
         if got != want:
@@ -171,17 +220,21 @@ def fill(text: str, filled: dict[str, str], where: str = "program", shell: bool 
     lines = text.split("\n")
     out: list[str] = []
     pos = 0
-    for name, (start, end) in sorted(found.items(), key=lambda kv: kv[1]):
+    for name, block in found.items():
+        if name in gone or filled[name] is KEEP:
+            continue
         body = filled[name]
         if body and not body.endswith("\n"):
             body += "\n"
-        out += lines[pos:start + 1]
+        out += lines[pos:block.start]
+        out.append(BEGIN.format(name))  # a replaced default block is generated text now
         out += body.split("\n")[:-1]
-        pos = end
+        pos = block.end
     out += lines[pos:]
     result = "\n".join(out)
+    expect = [(name, found[name].default and name not in replaced) for name in found if name not in gone]
     try:
-        same = list(blocks(result, where)) == sorted(found, key=lambda n: found[n])
+        same = [(name, block.default) for name, block in blocks(result, where).items()] == expect
     except ProgramError:
         same = False
     if not same:
