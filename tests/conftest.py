@@ -11,6 +11,24 @@ from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# the design's seed case: the ViT and the aligner trained fully at their own LRs, the LLM with
+# LoRA on every linear layer
+SEED_COMPONENTS = """\
+components:
+  vision: {train: full, lr: 2.0e-6}
+  aligner: {train: full, lr: 1.0e-5}
+  language:
+    train: lora
+    lr: 1.0e-4
+    lora: {rank: 16, alpha: 32, dropout: 0.05, targets: all-linear}
+"""
+
+
+def seed_spec(model: str = "Qwen/Qwen2.5-VL-7B-Instruct", more: str = "") -> str:
+    """The seed case as a spec on ``model``, followed by ``more`` (further components, or the
+    training/distributed/data sections)."""
+    return f"version: 1\nmodel: {model}\n{SEED_COMPONENTS}{more}"
+
 
 def _load_goldens():
     spec = importlib.util.spec_from_file_location("update_goldens", ROOT / "scripts" / "update_goldens.py")

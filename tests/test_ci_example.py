@@ -17,23 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import ROOT
+from conftest import ROOT, seed_spec
 
 WORKFLOW = ROOT / "examples" / "ci" / "mixspec.yml"
 
-SEED = r"""
-version: 1
-model: Qwen/Qwen2.5-VL-7B-Instruct
-components:
-  vision: {train: full, lr: 2.0e-6}
-  aligner: {train: full, lr: 1.0e-5}
-  language:
-    train: lora
-    lr: 1.0e-4
-    lora: {rank: 16, alpha: 32, dropout: 0.05, targets: all-linear}
+SEED = seed_spec(more="""\
 distributed: {nodes: 1, gpus_per_node: 8, zero_stage: 2}
-"""
+""")
 
 # the same training, written another way
 SEED_REWRITTEN = r"""

@@ -11,20 +11,12 @@ import subprocess
 import textwrap
 
 import pytest
+from conftest import seed_spec
 
-SEED = r"""
-version: 1
-model: Qwen/Qwen2.5-VL-7B-Instruct
-components:
-  vision: {train: full, lr: 2.0e-6}
-  aligner: {train: full, lr: 1.0e-5}
-  language:
-    train: lora
-    lr: 1.0e-4
-    lora: {rank: 16, alpha: 32, dropout: 0.05, targets: all-linear}
+SEED = seed_spec(more="""\
 training: {precision: bf16, max_length: 4096}
 distributed: {nodes: 1, gpus_per_node: 8, zero_stage: 2}
-"""
+""")
 
 # the seed case, written differently: block style, other key order, defaults spelled out,
 # the aligner by pattern instead of role, the ViT split in two components at the same LR,

@@ -19,15 +19,15 @@ pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
 
 from mixspec.errors import MixspecError  # noqa: E402
-from test_speed import MIXED  # noqa: E402  (the design's mixed case)
+from conftest import seed_spec  # noqa: E402
 
 SPECS = {
     # the design's mixed case where the family has the roles; else LoRA on the LLM alone
-    "mixed": MIXED + """\
-training: {{precision: bf16, micro_batch_size: 1, gradient_accumulation: 4}}
-distributed: {{gpus_per_node: 2, zero_stage: 2}}
-data: {{train: data/train.jsonl}}
-""",
+    "mixed": seed_spec("{model}", more="""\
+training: {precision: bf16, micro_batch_size: 1, gradient_accumulation: 4}
+distributed: {gpus_per_node: 2, zero_stage: 2}
+data: {train: data/train.jsonl}
+"""),
     "lora": """\
 version: 1
 model: {model}
@@ -35,10 +35,10 @@ components:
   language:
     train: lora
     lr: 1.0e-4
-    lora: {{rank: 8, alpha: 16, targets: all-linear}}
-training: {{precision: bf16}}
-distributed: {{zero_stage: 3}}
-data: {{train: data/train.jsonl}}
+    lora: {rank: 8, alpha: 16, targets: all-linear}
+training: {precision: bf16}
+distributed: {zero_stage: 3}
+data: {train: data/train.jsonl}
 """,
 }
 
@@ -64,7 +64,7 @@ def test_every_image_text_family_plans_or_refuses_with_a_located_error(tmp_path,
         (model_dir / "config.json").write_text(json.dumps(config), encoding="utf-8")
         for name, text in SPECS.items():
             spec = tmp_path / f"{model_type}-{name}.yaml"
-            spec.write_text(text.format(model=model_dir), encoding="utf-8")
+            spec.write_text(text.replace("{model}", str(model_dir)), encoding="utf-8")
             try:
                 plan = plan_spec(spec)
                 estimate_memory(plan)

@@ -11,22 +11,13 @@ import sys
 import textwrap
 
 import pytest
-
+from conftest import seed_spec
 from tinymodels import build_model, default_config, tiny_config, write_config_dir
 
-SEED_SPEC = r"""
-version: 1
-model: Qwen/Qwen2.5-VL-7B-Instruct
-components:
-  vision: {train: full, lr: 2.0e-6}
-  aligner: {train: full, lr: 1.0e-5}
-  language:
-    train: lora
-    lr: 1.0e-4
-    lora: {rank: 16, alpha: 32, dropout: 0.05, targets: all-linear}
+SEED_SPEC = seed_spec(more="""\
 training: {precision: bf16}
 distributed: {nodes: 1, gpus_per_node: 8, zero_stage: 2}
-"""
+""")
 
 PATTERN_SPEC = SEED_SPEC.replace("training:", r"""  late_vit_blocks:
     modules: ['model\.visual\.blocks\.(2[4-9]|3[01])']

@@ -14,31 +14,20 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT
+from conftest import ROOT, seed_spec
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-SPEC = r"""
-version: 1
-model: Qwen/Qwen2.5-VL-7B-Instruct
-components:
-  vision: {train: full, lr: 2.0e-6}
-  aligner: {train: full, lr: 1.0e-5}
-  language:
-    train: lora
-    lr: 1.0e-4
-    lora: {rank: 16, alpha: 32, dropout: 0.05, targets: all-linear}
-  late_vit_blocks:
+SPEC = seed_spec(more=r"""  late_vit_blocks:
     modules: ['model\.visual\.blocks\.(2[4-9]|3[01])']
     train: full
     lr: 5.0e-6
   embeddings: {train: freeze}
 training: {precision: bf16, weight_decay: 0.01}
 distributed: {nodes: 1, gpus_per_node: 8, zero_stage: 3, offload: optimizer, gpu_memory_gb: 2}
-"""
+""")
 
 COMPONENTS = ["vision", "aligner", "language", "late_vit_blocks", "embeddings"]
 

@@ -17,21 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import seed_spec
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "Qwen/Qwen2.5-VL-72B-Instruct"
 HEAVY = ("torch", "transformers", "peft", "accelerate")
 
-MIXED = """\
-version: 1
-model: {model}
-components:
-  vision: {{train: full, lr: 2.0e-6}}
-  aligner: {{train: full, lr: 1.0e-5}}
-  language:
-    train: lora
-    lr: 1.0e-4
-    lora: {{rank: 16, alpha: 32, dropout: 0.05, targets: all-linear}}
-"""
 
 
 def imported_modules(stderr: str) -> set[str]:
@@ -64,7 +55,7 @@ def warm(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("speed")
     spec = work / "mixed.yaml"
-    spec.write_text(MIXED.format(model=MODEL), encoding="utf-8")
+    spec.write_text(seed_spec(MODEL), encoding="utf-8")
     tree = get_tree(find_model(MODEL))  # the session cache (conftest), usually already warm
     return {"spec": spec, "cache": cache_dir(), "work": work, "tree": tree}
 
@@ -114,7 +105,7 @@ def test_cold_plan_does_import_torch(tmp_path):
 
     model = write_config_dir(tiny_config("qwen2_5_vl"), tmp_path / "tiny")
     spec = tmp_path / "spec.yaml"
-    spec.write_text(MIXED.format(model=model).split("  language:")[0], encoding="utf-8")
+    spec.write_text(seed_spec(model).split("  language:")[0], encoding="utf-8")
     out = run_mixspec(["plan", str(spec)], tmp_path / "empty-cache", tmp_path, importtime=True)
     assert out.returncode == 0, out.stderr[-2000:]
     tops = {m.split(".")[0] for m in imported_modules(out.stderr)}
@@ -157,7 +148,7 @@ def test_validate_many_specs_reads_each_tree_once(warm, tmp_path, run_cli, monke
     specs = []
     for i in range(30):
         path = tmp_path / f"spec-{i:02d}.yaml"
-        path.write_text(MIXED.format(model=MODEL).replace("rank: 16", f"rank: {i + 1}"), encoding="utf-8")
+        path.write_text(seed_spec(MODEL).replace("rank: 16", f"rank: {i + 1}"), encoding="utf-8")
         specs.append(str(path))
     reads = []
     real = tree_mod.ModuleTree.from_json
@@ -176,7 +167,7 @@ def test_validate_200_specs_in_one_call(warm, tmp_path):
     specs = []
     for i in range(200):
         path = tmp_path / f"spec-{i:03d}.yaml"
-        path.write_text(MIXED.format(model=MODEL).replace("rank: 16", f"rank: {i % 64 + 1}"),
+        path.write_text(seed_spec(MODEL).replace("rank: 16", f"rank: {i % 64 + 1}"),
                         encoding="utf-8")
         specs.append(str(path))
     start = _child_cpu()
@@ -368,7 +359,7 @@ def test_cold_plan_beats_by_hand_and_counts_agree(tmp_path):
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     spec = tmp_path / "mixed.yaml"
-    spec.write_text(MIXED.format(model=MODEL), encoding="utf-8")
+    spec.write_text(seed_spec(MODEL), encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     by_hand, hand = _cpu_of([sys.executable, str(ROOT / "benchmarks" / "by_hand.py"),
                                 str(ROOT / "compiler" / "catalog" / MODEL)], env, tmp_path)
