@@ -476,6 +476,11 @@ class BaseReader:
         training[key] = value
         self.out.origins[f"training.{key}"] = origin
 
+    def read(self, training: dict, key: str, cfg_key: str, kind: str, default, default_text: str) -> None:
+        """training[key] = the config's ``cfg_key`` (of ``kind``), or ``default``; its origin the
+        key's line, or ``default_text`` (the default that decided)."""
+        self.put(training, key, self.cfg.get(cfg_key, kind, default), self.src(cfg_key, default_text))
+
     def adam_settings(self, training: dict) -> None:
         """AdamW betas and epsilon the config sets (the spec's defaults, torch's 0.9 / 0.999 /
         1e-8, are these backends' defaults too)."""

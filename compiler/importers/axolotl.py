@@ -530,13 +530,12 @@ class _Reader(BaseReader):
         def put(key, value, origin):
             self.put(t, key, value, origin)
 
-        put("epochs", cfg.get("num_epochs", "float", 1.0), self.src("num_epochs", f"{DEFAULT}: 1.0"))
+        self.read(t, "epochs", "num_epochs", "float", 1.0, f"{DEFAULT}: 1.0")
         max_steps = cfg.get("max_steps", "int", None, allow_none=True)
         if max_steps and max_steps > 0:
             put("max_steps", max_steps, cfg.loc("max_steps"))
-        put("micro_batch_size", cfg.get("micro_batch_size", "int", 1), self.src("micro_batch_size", f"{DEFAULT}: 1"))
-        put("gradient_accumulation", cfg.get("gradient_accumulation_steps", "int", 1),
-            self.src("gradient_accumulation_steps", f"{DEFAULT}: 1"))
+        self.read(t, "micro_batch_size", "micro_batch_size", "int", 1, f"{DEFAULT}: 1")
+        self.read(t, "gradient_accumulation", "gradient_accumulation_steps", "int", 1, f"{DEFAULT}: 1")
         bf16 = cfg.raw("bf16", None)
         fp16 = cfg.get("fp16", "bool", None, allow_none=True)
         if bf16 in (True, "auto", "full"):
@@ -549,8 +548,8 @@ class _Reader(BaseReader):
         put("gradient_checkpointing", bool(gc), self.src("gradient_checkpointing", f"{DEFAULT}: false"))
         if gc in ("offload", "offload_disk"):
             cfg.unmodelled("gradient_checkpointing", f"{gc}: activations offloaded; the spec plans them on the GPU")
-        put("max_length", cfg.get("sequence_len", "int", 512), self.src("sequence_len", f"{DEFAULT}: 512"))
-        put("weight_decay", cfg.get("weight_decay", "float", 0.0), self.src("weight_decay", f"{DEFAULT}: 0.0"))
+        self.read(t, "max_length", "sequence_len", "int", 512, f"{DEFAULT}: 512")
+        self.read(t, "weight_decay", "weight_decay", "float", 0.0, f"{DEFAULT}: 0.0")
         warmup = cfg.get("warmup_ratio", "float", None, allow_none=True)
         if warmup is not None and 0 <= warmup <= 1:
             put("warmup_ratio", warmup, cfg.loc("warmup_ratio"))
@@ -562,7 +561,7 @@ class _Reader(BaseReader):
         else:
             cfg.error("lr_scheduler", f"lr_scheduler: {sched} cannot be expressed",
                       "a spec's lr_scheduler is one of " + ", ".join(_SCHEDULERS))
-        put("max_grad_norm", cfg.get("max_grad_norm", "float", 1.0), self.src("max_grad_norm", "transformers default: 1.0"))
+        self.read(t, "max_grad_norm", "max_grad_norm", "float", 1.0, "transformers default: 1.0")
         seed = cfg.get("seed", "int", None, allow_none=True)
         if seed is not None:
             put("seed", seed, cfg.loc("seed"))

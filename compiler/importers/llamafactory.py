@@ -540,14 +540,12 @@ class _Reader(BaseReader):
         def put(key, value, origin):
             self.put(t, key, value, origin)
 
-        put("epochs", cfg.get("num_train_epochs", "float", 3.0), self.src("num_train_epochs", f"{HF_DEFAULT}: 3.0"))
+        self.read(t, "epochs", "num_train_epochs", "float", 3.0, f"{HF_DEFAULT}: 3.0")
         max_steps = cfg.get("max_steps", "int", -1)
         if max_steps and max_steps > 0:
             put("max_steps", max_steps, cfg.loc("max_steps"))
-        put("micro_batch_size", cfg.get("per_device_train_batch_size", "int", 8),
-            self.src("per_device_train_batch_size", f"{HF_DEFAULT}: 8"))
-        put("gradient_accumulation", cfg.get("gradient_accumulation_steps", "int", 1),
-            self.src("gradient_accumulation_steps", f"{HF_DEFAULT}: 1"))
+        self.read(t, "micro_batch_size", "per_device_train_batch_size", "int", 8, f"{HF_DEFAULT}: 8")
+        self.read(t, "gradient_accumulation", "gradient_accumulation_steps", "int", 1, f"{HF_DEFAULT}: 1")
         bf16, fp16 = cfg.get("bf16", "bool", False), cfg.get("fp16", "bool", False)
         cfg.get("pure_bf16", "bool", False)
         if bf16:
@@ -563,8 +561,8 @@ class _Reader(BaseReader):
                        "set bf16: true (the spec says precision: bf16, which is what the weights get)")
         put("gradient_checkpointing", not cfg.get("disable_gradient_checkpointing", "bool", False),
             self.src("disable_gradient_checkpointing", f"{DEFAULT}: gradient checkpointing on"))
-        put("max_length", cfg.get("cutoff_len", "int", 2048), self.src("cutoff_len", f"{DEFAULT}: cutoff_len 2048"))
-        put("weight_decay", cfg.get("weight_decay", "float", 0.0), self.src("weight_decay", f"{HF_DEFAULT}: 0.0"))
+        self.read(t, "max_length", "cutoff_len", "int", 2048, f"{DEFAULT}: cutoff_len 2048")
+        self.read(t, "weight_decay", "weight_decay", "float", 0.0, f"{HF_DEFAULT}: 0.0")
         warmup = cfg.get("warmup_ratio", "float", 0.0)
         if 0 <= warmup <= 1:
             put("warmup_ratio", warmup, self.src("warmup_ratio", f"{HF_DEFAULT}: 0.0"))
@@ -574,8 +572,8 @@ class _Reader(BaseReader):
         else:
             cfg.error("lr_scheduler_type", f"lr_scheduler_type: {sched} cannot be expressed",
                       "a spec's lr_scheduler is one of " + ", ".join(_SCHEDULERS))
-        put("max_grad_norm", cfg.get("max_grad_norm", "float", 1.0), self.src("max_grad_norm", f"{HF_DEFAULT}: 1.0"))
-        put("seed", cfg.get("seed", "int", 42), self.src("seed", f"{HF_DEFAULT}: 42"))
+        self.read(t, "max_grad_norm", "max_grad_norm", "float", 1.0, f"{HF_DEFAULT}: 1.0")
+        self.read(t, "seed", "seed", "int", 42, f"{HF_DEFAULT}: 42")
         for key in ("logging_steps", "save_steps"):
             value = cfg.get(key, "float", 500)
             if math.isfinite(value) and value >= 1:
