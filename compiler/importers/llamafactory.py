@@ -531,7 +531,6 @@ class _Reader(BaseReader):
                        "or swift to avoid the copy")
         return wrapped
 
-    # -- weight decay after planning -------------------------------------------------------
     # -- training, distributed, data -----------------------------------------------------
     def training(self) -> dict:
         cfg = self.cfg
