@@ -29,6 +29,25 @@ class ModelSource:
     def model_type(self) -> str:
         return str(self.config.get("model_type", ""))
 
+    def refuse_quantized(self) -> None:
+        """A pre-quantized checkpoint (AWQ, GPTQ, bitsandbytes, FP8, ...) holds other tensors
+        than the model class built from its config (packed qweight/qzeros/scales, 4-bit
+        storage): the Plan's names, counts and memory would not be the run's, and no part of
+        it can be trained fully. Refused, never planned as if unquantized."""
+        text = self.config.get("text_config")
+        quant = self.config.get("quantization_config") or (
+            text.get("quantization_config") if isinstance(text, dict) else None)
+        if not quant:
+            return
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+        bits = (quant.get("bits") or quant.get("w_bit")) if isinstance(quant, dict) else None
+        raise ModelSourceError(
+            f"model {self.ref!r}: config.json has a quantization_config (quant_method {method!r}"
+            + (f", {bits} bits" if bits else "") + "): a pre-quantized checkpoint holds other tensors than "
+            "the model mixspec plans (packed weights, scales), so the Plan's names, counts and memory would "
+            "not be the run's, and its quantized layers cannot be trained fully\n"
+            "  hint: point model at the unquantized (bf16/fp16) checkpoint of this model")
+
 
 def catalog_root() -> Path:
     """The catalog's directory (a plain package directory: its configs are package data)."""

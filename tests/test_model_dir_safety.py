@@ -301,3 +301,40 @@ def test_cli_says_what_was_expected(run_cli, tmp_path):
     assert "Traceback" not in result.stderr
     assert f"{spec}:2:8: error: model: model " in result.stderr
     assert "is a directory, expected a config.json file" in result.stderr
+
+
+@pytest.mark.parametrize("where, quant, shown", [
+    ("top", {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}, "'awq', 4 bits"),
+    ("top", {"quant_method": "gptq", "bits": 8, "desc_act": False}, "'gptq', 8 bits"),
+    ("top", {"quant_method": "bitsandbytes", "load_in_4bit": True}, "'bitsandbytes'"),
+    ("text_config", {"quant_method": "fp8", "weight_block_size": [128, 128]}, "'fp8'"),
+])
+def test_pre_quantized_checkpoint_is_refused_not_planned_as_bf16(tmp_path, run_cli, where, quant, shown):
+    """A pre-quantized checkpoint holds packed weights and scales, not the tensors of the class
+    its config builds: plan, compile and import refuse it at the model line."""
+    plain = find_model("Qwen/Qwen2-VL-2B-Instruct").config
+    config = json.loads(json.dumps(plain))
+    if where == "top":
+        config["quantization_config"] = quant
+    else:  # a nested text config (transformers 5 layout) holding it
+        config["text_config"] = {**config.get("text_config", {}), "quantization_config": quant}
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"version: 1\nmodel: {model}\ncomponents:\n"
+                    "  language: {train: lora, lr: 1.0e-4, lora: {rank: 8, alpha: 16, targets: all-linear}}\n",
+                    encoding="utf-8")
+    for args in (["plan", str(spec)], ["compile", str(spec), "--target", "hf"]):
+        result = run_cli(*args)
+        assert result.exit_code == 1, result.stdout
+        assert result.stderr.startswith(f"{spec}:2:8: error: model:"), result.stderr
+        assert f"quantization_config (quant_method {shown}" in result.stderr
+        assert "unquantized" in result.stderr and "Traceback" not in result.stderr
+    script = tmp_path / "train.sh"
+    script.write_text(f"swift sft --model {model} --tuner_type lora --dataset d.jsonl\n", encoding="utf-8")
+    result = run_cli("import", "--from", "swift", str(script))
+    assert result.exit_code == 1 and f"{script}:1:19: error: --model:" in result.stderr, result.stderr
+    # the same config without quantization_config plans
+    (model / "config.json").write_text(json.dumps(plain), encoding="utf-8")
+    assert run_cli("plan", str(spec)).exit_code == 0
