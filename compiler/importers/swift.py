@@ -1265,6 +1265,12 @@ def _env_num(r: _Reader, name: str, default: int) -> int:
     return int(value)
 
 
+# flags mixspec does not model that change what the spec's plan says
+_UNMODELLED_NOTES = dict.fromkeys(
+    ("quant_bits", "quant_method"),
+    "a quantized base model (QLoRA): mixspec plans 16-bit base weights, so its memory estimate is not this run's")
+
+
 def _env_and_unmodelled(r: _Reader) -> None:
     if "CUDA_VISIBLE_DEVICES" in r.env and "NPROC_PER_NODE" not in r.env:
         value, where, _ = r.env["CUDA_VISIBLE_DEVICES"]
@@ -1280,6 +1286,7 @@ def _env_and_unmodelled(r: _Reader) -> None:
     for name, flag in r.flags.items():
         if name in _MODELLED:
             continue
-        note = "does not change which parameters train or their LR" if name in _HARMLESS else ""
+        note = ("does not change which parameters train or their LR" if name in _HARMLESS
+                else _UNMODELLED_NOTES.get(name, ""))
         shown = " ".join([flag.spelled] + [w.text for w in flag.values])
         r.imp.unmodelled.append(Unmodelled(flag.where, shown, note))
