@@ -244,12 +244,11 @@ def tree(
                                            help="Allow configs with auto_map (runs the repo's code)."),
 ) -> None:
     """Print a model's module tree with parameter counts and roles."""
+    from mixspec.api import module_tree
     from mixspec.errors import ModelSourceError
-    from mixspec.sources import find_model
-    from mixspec.tree import get_tree
 
     try:
-        the_tree = get_tree(find_model(model), trust_remote_code=trust_remote_code)
+        the_tree = module_tree(model, trust_remote_code=trust_remote_code)
     except ModelSourceError as exc:
         raise _fail(exc) from None
     from mixspec.present import print_tree

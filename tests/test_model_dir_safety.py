@@ -331,6 +331,8 @@ def test_pre_quantized_checkpoint_is_refused_not_planned_as_bf16(tmp_path, run_c
         assert result.stderr.startswith(f"{spec}:2:8: error: model:"), result.stderr
         assert f"quantization_config (quant_method {shown}" in result.stderr
         assert "unquantized" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("tree", str(model))
+    assert result.exit_code == 1 and "quantization_config" in result.stderr and "Traceback" not in result.stderr
     script = tmp_path / "train.sh"
     script.write_text(f"swift sft --model {model} --tuner_type lora --dataset d.jsonl\n", encoding="utf-8")
     result = run_cli("import", "--from", "swift", str(script))
