@@ -144,9 +144,7 @@ def module_tree(model: str, trust_remote_code: bool = False) -> "ModuleTree":
     from mixspec.sources import find_model
     from mixspec.tree import get_tree
 
-    source = find_model(model)
-    source.refuse_quantized()
-    return get_tree(source, trust_remote_code=trust_remote_code)
+    return get_tree(find_model(model), trust_remote_code=trust_remote_code)
 
 
 def import_config(source: str | Path, backend: str, text: str | None = None):

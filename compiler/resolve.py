@@ -63,7 +63,6 @@ def _tree_and_source(loaded: LoadedSpec, use_cache: bool):
                 "pass --trust-remote-code to mixspec (e.g. mixspec --trust-remote-code plan SPEC) "
                 "or set MIXSPEC_TRUST_REMOTE_CODE=1, if you trust that code",
             )])
-        source.refuse_quantized()
         tree = get_tree(source, trust_remote_code=spec.trust_remote_code, use_cache=use_cache)
     except ModelSourceError as exc:
         raise SpecError([Problem(loaded.value_loc("model"), "model", str(exc))]) from None

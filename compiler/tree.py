@@ -351,7 +351,9 @@ def store_tree(config: dict, tree: ModuleTree, trust_remote_code: bool = False, 
 
 
 def get_tree(source: ModelSource, trust_remote_code: bool = False, use_cache: bool = True) -> ModuleTree:
-    """The module tree for a model source: from the cache, or built (and then cached)."""
+    """The module tree for a model source: from the cache, or built (and then cached). A
+    pre-quantized checkpoint is refused first (ModelSource.refuse_quantized), whoever asks."""
+    source.refuse_quantized()
     if use_cache:
         config = copy.deepcopy(source.config)  # the key is taken from the config as read
         # a remote-code build runs the repo's own modelling files: they are part of the key
@@ -395,7 +397,8 @@ EXPERT_KEYS = frozenset({"num_experts", "n_routed_experts", "num_local_experts",
 
 def _check_sizes(source: ModelSource) -> None:
     """Refuse, before building, a config whose block or expert counts are beyond any real model."""
-    found: list[tuple[str, int, int]] = []  # (dotted key, value, limit)
+    blocks: list[tuple[str, int]] = []  # (dotted key, value)
+    experts: list[tuple[str, int]] = []
 
     def walk(node, path: str, depth: int) -> None:
         if depth > 8 or not isinstance(node, dict):
@@ -406,22 +409,22 @@ def _check_sizes(source: ModelSource) -> None:
                 walk(value, where, depth + 1)
             elif isinstance(value, int) and not isinstance(value, bool):
                 if key in BLOCK_KEYS:
-                    found.append((where, value, MAX_BLOCKS))
+                    blocks.append((where, value))
                 elif key in EXPERT_KEYS:
-                    found.append((where, value, MAX_EXPERTS))
+                    experts.append((where, value))
 
     walk(source.config, "", 0)
-    for where, value, limit in found:
+    for where, value, limit in [(w, v, MAX_BLOCKS) for w, v in blocks] + [(w, v, MAX_EXPERTS) for w, v in experts]:
         if value > limit:
             raise ModelSourceError(
                 f"model {source.ref!r}: config.json {where} is {value:,}, more than {limit:,}: mixspec builds "
                 "the model's module tree from its config and refuses sizes beyond any published model\n"
                 f"  hint: check {where} in {source.path}/config.json")
-    blocks = max((v for w, v, lim in found if lim == MAX_BLOCKS), default=1)
-    experts = max((v for w, v, lim in found if lim == MAX_EXPERTS), default=1)
-    if blocks * experts > MAX_BLOCKS_X_EXPERTS:
+    most_blocks = max((v for _, v in blocks), default=1)
+    most_experts = max((v for _, v in experts), default=1)
+    if most_blocks * most_experts > MAX_BLOCKS_X_EXPERTS:
         raise ModelSourceError(
-            f"model {source.ref!r}: config.json has {blocks:,} blocks x {experts:,} experts, more than "
+            f"model {source.ref!r}: config.json has {most_blocks:,} blocks x {most_experts:,} experts, more than "
             f"{MAX_BLOCKS_X_EXPERTS:,} expert modules: mixspec builds the model's module tree from its config "
             "and refuses sizes beyond any published model\n"
             f"  hint: check the layer and expert counts in {source.path}/config.json")
@@ -534,12 +537,6 @@ def norm_kind(module) -> str:
     return ""
 
 
-def _int(value) -> int:
-    """A module's size attribute as a plain int: modelling code may hold one as a tensor or a
-    numpy integer, which the tree's JSON cannot store."""
-    return int(value)
-
-
 def tree_from_model(model, model_type: str = "") -> ModuleTree:
     """Record the module tree of an instantiated model (any device)."""
     import torch
@@ -573,8 +570,9 @@ def tree_from_model(model, model_type: str = "") -> ModuleTree:
         elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             kind, fin, fout = CONV, mod.in_channels, mod.out_channels
             kernel, groups = tuple(mod.kernel_size), mod.groups
-        modules.append(ModuleInfo(name, type(mod).__name__, kind, _int(fin), _int(fout),
-                                  tuple(_int(k) for k in kernel), _int(groups), params, norm_kind(mod)))
+        # plain ints: modelling code may hold a size as a tensor or a numpy integer (JSON cannot)
+        modules.append(ModuleInfo(name, type(mod).__name__, kind, int(fin), int(fout),
+                                  tuple(int(k) for k in kernel), int(groups), params, norm_kind(mod)))
 
     def module_name(target) -> str:
         if target is None:

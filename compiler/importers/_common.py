@@ -153,7 +153,6 @@ def load_tree(cfg: Config, key: str, model: str):
 
     try:
         source = find_model(model)
-        source.refuse_quantized()
         return get_tree(source), source.config
     except ModelSourceError as exc:
         cfg.error(key, str(exc), "mixspec import reads the model's config.json the way `mixspec plan` does "

@@ -406,7 +406,6 @@ def _read(r: _Reader) -> None:
     model_word = r._value("model")
     try:
         source = find_model(model_ref, base_dir=base_dir)
-        source.refuse_quantized()
         tree = get_tree(source)
     except ModelSourceError as exc:
         raise _Fail(Problem(r.loc(model_word), "--model", str(exc))) from None
