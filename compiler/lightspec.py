@@ -67,6 +67,7 @@ RULES: dict[str, dict[str, tuple]] = {
         "zero_stage": ("stage?", None, {}),
         "offload": ("enum:none|optimizer|all", "none", {}),
         "gpu_memory_gb": ("float?", None, {"gt": 0}),
+        "fsdp": ("enum:full_shard|shard_grad_op?", None, {}),
     },
     "FreezeComponent": {
         "train": ("enum:freeze", REQUIRED, {}),

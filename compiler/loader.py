@@ -186,6 +186,9 @@ def _check_distributed(data: dict, located: Located, diags: Diagnostics) -> None
     if not isinstance(dist, dict):
         return
     stage, offload = dist.get("zero_stage"), dist.get("offload", "none")
+    if dist.get("fsdp") is not None:
+        _check_fsdp(dist, located, diags)
+        return
     if offload in ("optimizer", "all") and (stage is None or stage == 0):
         diags.error(located.value_loc(("distributed", "offload")), "distributed.offload",
                     f"offload {offload!r} needs DeepSpeed ZeRO stage 1-3",
@@ -194,6 +197,21 @@ def _check_distributed(data: dict, located: Located, diags: Diagnostics) -> None
         diags.error(located.value_loc(("distributed", "offload")), "distributed.offload",
                     f"offload 'all' (parameters too) needs ZeRO stage 3 (got zero_stage {stage})",
                     "set zero_stage: 3, or offload: optimizer")
+
+
+def _check_fsdp(dist: dict, located: Located, diags: Diagnostics) -> None:
+    """FSDP2 replaces DeepSpeed, and offloads all or nothing (parameters, gradients and
+    optimizer states together): DeepSpeed's optimizer-only offload has no FSDP form."""
+    if dist.get("zero_stage") is not None:
+        diags.error(located.loc(("distributed", "zero_stage")), "distributed.zero_stage",
+                    "zero_stage and fsdp both set: a run shards with DeepSpeed ZeRO or with FSDP2, not both",
+                    "remove zero_stage (FSDP2 full_shard is like ZeRO-3, shard_grad_op like ZeRO-2), or remove fsdp")
+    if dist.get("offload") == "optimizer":
+        diags.error(located.value_loc(("distributed", "offload")), "distributed.offload",
+                    "offload 'optimizer' is DeepSpeed's: FSDP2 offloads parameters, gradients and optimizer "
+                    "states together or nothing",
+                    "use offload: all (everything to CPU) or none with fsdp; for optimizer-only offload use "
+                    "zero_stage instead of fsdp")
 
 
 def _check_regex(pattern: str, path: tuple, located: Located, diags: Diagnostics) -> None:

@@ -66,6 +66,7 @@ class DistributedSettings:
     zero_stage: Optional[int]
     offload: str
     gpu_memory_gb: Optional[float]
+    fsdp: Optional[str]  # FSDP2 sharding (full_shard | shard_grad_op); never with zero_stage
 
     @property
     def world_size(self) -> int:
@@ -76,8 +77,16 @@ class DistributedSettings:
         """Whether the run uses DeepSpeed (a ZeRO stage is set)."""
         return self.zero_stage is not None
 
+    @property
+    def engine(self) -> str:
+        """What shards the run: "ddp", "deepspeed" or "fsdp"."""
+        return "fsdp" if self.fsdp else "deepspeed" if self.deepspeed else "ddp"
+
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["fsdp"] is None:  # plans without FSDP keep the keys they always had
+            del out["fsdp"]
+        return out
 
 
 @dataclass(frozen=True)

@@ -154,13 +154,24 @@ class Distributed(_Strict):
     nodes: int = Field(1, ge=1, description="Number of nodes.")
     gpus_per_node: int = Field(1, ge=1, description="GPUs per node.")
     zero_stage: Optional[Literal[0, 1, 2, 3]] = Field(
-        None, description="DeepSpeed ZeRO stage 0-3; omit for plain data parallel without DeepSpeed."
+        None, description="DeepSpeed ZeRO stage 0-3; omit for plain data parallel without DeepSpeed. Not with fsdp."
     )
     offload: Literal["none", "optimizer", "all"] = Field(
         "none",
-        description="DeepSpeed CPU offload: none, optimizer (ZeRO >= 1), all = optimizer + parameters (ZeRO 3).",
+        description=(
+            "CPU offload: none, optimizer (DeepSpeed ZeRO >= 1), all = optimizer + parameters (ZeRO 3; "
+            "with fsdp: parameters, gradients and optimizer states together, FSDP's only offload)."
+        ),
     )
     gpu_memory_gb: Optional[float] = Field(None, gt=0, description="Memory of one GPU in GB, to warn when the estimate exceeds it.")
+    fsdp: Optional[Literal["full_shard", "shard_grad_op"]] = Field(
+        None,
+        description=(
+            "PyTorch FSDP2 instead of DeepSpeed: full_shard shards weights, gradients and optimizer states and "
+            "reshards each block after its forward (like ZeRO-3); shard_grad_op keeps the weights gathered "
+            "from forward to backward (like ZeRO-2). Not with zero_stage."
+        ),
+    )
 
 
 class Spec(_Strict):

@@ -83,10 +83,21 @@ def deepspeed_config_text(plan: Plan) -> str:
     return json_text(deepspeed_config(plan))
 
 
+def fsdp_unsupported(plan: Plan, target: str, why: str, hint: str) -> list[Unsupported]:
+    """A target that cannot run the Plan's FSDP2 sharding refuses it (never DeepSpeed or DDP instead)."""
+    fsdp = plan.distributed.fsdp
+    if not fsdp:
+        return []
+    return [Unsupported("fsdp-unsupported", None, f"distributed.fsdp: {fsdp} ({target})", why, hint)]
+
+
 def distributed_unsupported(plan: Plan, require_zero: bool) -> list[Unsupported]:
-    """Offload and ZeRO combinations DeepSpeed cannot run."""
+    """Offload and ZeRO combinations DeepSpeed cannot run (an FSDP2 plan: none; the spec
+    loader already refused zero_stage or optimizer offload next to fsdp)."""
     stage, offload = plan.distributed.zero_stage, plan.distributed.offload
     out = []
+    if plan.distributed.fsdp:
+        return out
     if stage is None:
         if require_zero:
             out.append(Unsupported("no-zero-stage", None, "a spec without distributed.zero_stage",
@@ -113,7 +124,11 @@ class DeepSpeedTarget(Target):
     description = "DeepSpeed JSON (ds_config.json) for the Hugging Face Trainer / accelerate"
 
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
-        return distributed_unsupported(plan, require_zero=True)
+        refused = fsdp_unsupported(
+            plan, "deepspeed", "this target writes a DeepSpeed JSON; FSDP2 is PyTorch's own sharding, set up by "
+            "the Trainer/accelerate", "compile for hf (its train.py runs FSDP2), or use zero_stage instead of fsdp "
+            "(full_shard is like ZeRO-3, shard_grad_op like ZeRO-2)")
+        return refused or distributed_unsupported(plan, require_zero=True)
 
     def files(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
         return {"ds_config.json": deepspeed_config_text(plan)}

@@ -32,7 +32,7 @@ from mixspec.targets._common import (
     sh_assignments,
 )
 from mixspec.targets._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
-from mixspec.targets.deepspeed import deepspeed_config_text, distributed_unsupported
+from mixspec.targets.deepspeed import deepspeed_config_text, distributed_unsupported, fsdp_unsupported
 
 _SAFE_LABEL = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
 
@@ -190,6 +190,7 @@ class HfTarget(Target):
         out = lora_unsupported(plan)
         out += feed_unsupported(plan)
         out += distributed_unsupported(plan, require_zero=False)
+        out += fsdp_unsupported(plan, "hf", "train.py does not run FSDP2 yet", "use zero_stage")
         ratio = plan.training.warmup_ratio
         if ratio >= 1:
             out.append(Unsupported(

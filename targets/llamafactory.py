@@ -35,7 +35,7 @@ from mixspec.plan import ComponentPlan, Plan
 from mixspec.resolve import covering
 from mixspec.targets import Target, TargetOptions
 from mixspec.targets._common import comment_line, yaml_value as _yaml_value
-from mixspec.targets.deepspeed import deepspeed_config_text
+from mixspec.targets.deepspeed import deepspeed_config_text, fsdp_unsupported
 
 LLAMAFACTORY_VERSION = "0.9.5"
 
@@ -666,6 +666,10 @@ class LlamaFactoryTarget(Target):
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
         """Hard limits, then the deviations: each has its comment in the YAML, so each is
         approximable (Target.render decides)."""
+        refused = fsdp_unsupported(plan, "llamafactory", "mixspec does not yet write LLaMA-Factory's accelerate FSDP2 config",
+                                   "compile for hf (its train.py runs FSDP2), or use zero_stage with llamafactory")
+        if refused:
+            return refused
         analysis = self.analyse(plan, options)
         return analysis.hard + [replace(d, approximable=True) for d in analysis.deviations]
 

@@ -30,7 +30,7 @@ from mixspec.targets import Target, TargetOptions
 from mixspec.targets._common import (comment_line, compact_names, exact_regex, generated_header, json_text,
                                      py_assignments, sh_assignments, sh_word)
 from mixspec.targets._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
-from mixspec.targets.deepspeed import deepspeed_config
+from mixspec.targets.deepspeed import deepspeed_config, fsdp_unsupported
 
 PLUGIN_FILE = "mixspec_plugin.py"
 DEEPSPEED_FILE = "deepspeed.json"
@@ -657,6 +657,10 @@ class SwiftTarget(Target):
 
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
         """What stops an exact compile: hard limits, plus the plugin's reasons under --no-plugin."""
+        refused = fsdp_unsupported(plan, "swift", "mixspec does not yet write ms-swift's FSDP2 JSON (--fsdp)",
+                                   "compile for hf (its train.py runs FSDP2), or use zero_stage with swift")
+        if refused:
+            return refused
         d = decide(plan, options)
         _deepspeed(plan, d)
         if options.plugin:

@@ -45,11 +45,11 @@ def base_plan():
         totals=Totals(base_params=1_000_000, added_params=20_000, trainable_params=120_000))
 
 
-def with_hardware(plan, precision, nodes, gpn, stage, offload, gpu_memory_gb=None):
+def with_hardware(plan, precision, nodes, gpn, stage, offload, gpu_memory_gb=None, fsdp=None):
     return dataclasses.replace(
         plan, training=dataclasses.replace(plan.training, precision=precision),
         distributed=DistributedSettings(nodes=nodes, gpus_per_node=gpn, zero_stage=stage, offload=offload,
-                                        gpu_memory_gb=gpu_memory_gb))
+                                        gpu_memory_gb=gpu_memory_gb, fsdp=fsdp))
 
 
 CASES = [

@@ -93,7 +93,10 @@ def test_plan_json_keeps_the_spec_keys_in_order_and_adds_the_decided_ones():
     assert list(data["training"])[:len(spec_keys)] == spec_keys
     assert list(data["training"])[len(spec_keys):] == ["trained_dtype", "frozen_dtype"]
     assert data["training"]["frozen_dtype"] == "bf16" and data["training"]["trained_dtype"] == "fp32"
-    assert list(data["distributed"]) == list(Distributed.model_fields)
+    # fsdp (the last key) is shown only when set, so plans without it keep their JSON
+    assert list(data["distributed"]) == [k for k in Distributed.model_fields if k != "fsdp"]
+    fsdp = plan_spec(load_spec_text(SPEC + "distributed: {fsdp: full_shard}\n", "spec.yaml"))
+    assert list(json.loads(fsdp.to_json_text())["distributed"]) == list(Distributed.model_fields)
     assert list(data["data"]) == list(Data.model_fields)
     assert (data["data"]["train"], data["data"]["eval"]) == ("data/train.jsonl", None)
 

@@ -76,3 +76,17 @@ def test_name_helpers_are_inlined_from_the_package(plan):
     for text in (train_py, plugin):
         assert helpers.rstrip("\n") in text
         assert text.count("def expand_names(") == 1 and "def _ranges(" not in text and "def expand(" not in text
+
+
+FSDP_SPEC = MIXED.replace("zero_stage: 3, offload: optimizer", "fsdp: full_shard")
+
+
+@pytest.mark.parametrize("target", ["deepspeed", "swift", "llamafactory"])
+def test_fsdp_plan_is_refused_where_the_target_cannot_run_it(target):
+    """Never DDP or DeepSpeed in place of the planned FSDP2: a refusal naming distributed.fsdp."""
+    plan = plan_spec(load_spec_text(FSDP_SPEC, "spec.yaml"))
+    assert plan.distributed.fsdp == "full_shard" and plan.distributed.engine == "fsdp"
+    with pytest.raises(UnsupportedError) as info:
+        render(plan, target, TargetOptions(approximate=True))
+    assert [i.code for i in info.value.items] == ["fsdp-unsupported"]
+    assert "distributed.fsdp: full_shard" in str(info.value)
