@@ -144,6 +144,8 @@ class Plan:
     trust_remote_code: bool = False  # the spec allows the model repo's own code (targets that load it)
     # block kinds, vocab, vision patching: what the activation estimate reads (mixspec.activations)
     structure: dict = field(repr=False, default_factory=dict, compare=False)
+    # FSDP2 wrap units: the blocks of every tower, by class (mixspec.units.wrap_units)
+    units: tuple = field(repr=False, default=(), compare=False)
 
     def component(self, name: str) -> ComponentPlan:
         return next(c for c in self.components if c.name == name)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from mixspec import patterns
 from mixspec.activations import model_structure
+from mixspec.units import wrap_units
 from mixspec.decay import adapter_no_decay, no_decay_reason, torch_layernorm_modules
 from mixspec.errors import Diagnostics, Location, ModelSourceError, Problem, SpecError, quoted
 from mixspec.loader import LoadedSpec
@@ -474,6 +475,7 @@ class _Resolver:
             warnings_problems=tuple(self.diags.warnings) + tuple(self.loaded.warnings),
             trust_remote_code=bool(spec.trust_remote_code),
             structure=model_structure(tree, self.roles.prefixes),
+            units=wrap_units(tree, self.roles.prefixes),
         )
 
 

@@ -28,11 +28,13 @@ from mixspec.targets._common import (
     compact_names,
     exact_regex,
     generated_header,
+    json_text,
     py_assignments,
     sh_assignments,
 )
 from mixspec.targets._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
-from mixspec.targets.deepspeed import deepspeed_config_text, distributed_unsupported, fsdp_unsupported
+from mixspec.targets.deepspeed import deepspeed_config_text, distributed_unsupported
+from mixspec.targets.fsdp import FSDP_FILE, describe as describe_fsdp, trainer_fsdp_config, unit_prefixes
 
 _SAFE_LABEL = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
 
@@ -190,7 +192,11 @@ class HfTarget(Target):
         out = lora_unsupported(plan)
         out += feed_unsupported(plan)
         out += distributed_unsupported(plan, require_zero=False)
-        out += fsdp_unsupported(plan, "hf", "train.py does not run FSDP2 yet", "use zero_stage")
+        if plan.distributed.fsdp and not plan.units:
+            out.append(Unsupported(
+                "fsdp-no-units", None, f"distributed.fsdp: {plan.distributed.fsdp}",
+                "no tower of this model has a stack of blocks to shard as FSDP units",
+                "use zero_stage instead of fsdp"))
         ratio = plan.training.warmup_ratio
         if ratio >= 1:
             out.append(Unsupported(
@@ -207,6 +213,8 @@ class HfTarget(Target):
         out = {"train.py": render_train_py(plan, options), "launch.sh": render_launch_sh(plan)}
         if plan.distributed.deepspeed:
             out["ds_config.json"] = deepspeed_config_text(plan)
+        if plan.distributed.fsdp:
+            out[FSDP_FILE] = json_text(trainer_fsdp_config(plan))
         if wants_sbatch(plan, options):
             out[SBATCH_FILE] = render_sbatch_sh(plan, options, "hf", "launch.sh")
         config = model_config_text(plan)
@@ -269,8 +277,17 @@ def render_train_py(plan: Plan, options: TargetOptions) -> str:
         "OUTPUT_DIR": plan.output_dir or "output",
         "DISTRIBUTED": plan.distributed.to_json(),
         "DEEPSPEED_CONFIG": "ds_config.json" if plan.distributed.deepspeed else None,
+        "FSDP_CONFIG": FSDP_FILE if plan.distributed.fsdp else None,
+        "FSDP_UNITS": fsdp_units(plan),
     })
     return programs.render("hf_train", {"header": header, "plan": data})
+
+
+def fsdp_units(plan: Plan) -> dict | None:
+    """The block modules train.py checks are FSDP units after preparation (compact names)."""
+    if not plan.distributed.fsdp:
+        return None
+    return compact_names([f"{prefix}.{i}" for prefix, indices in unit_prefixes(plan).items() for i in indices])
 
 
 def render_launch_sh(plan: Plan) -> str:
@@ -281,6 +298,8 @@ def render_launch_sh(plan: Plan) -> str:
     setup = ", no DeepSpeed"
     if dist.deepspeed:
         setup = f", DeepSpeed ZeRO-{dist.zero_stage}" + (f", offload {dist.offload}" if dist.offload != "none" else "")
+    elif dist.fsdp:
+        setup = ", " + describe_fsdp(plan)
     header = generated_header(plan, "hf", extra=["", f"Planned for {nodes} node(s) x {gpus} GPU(s){setup}."])
     data = sh_assignments({"PLANNED_NNODES": nodes, "PLANNED_GPUS_PER_NODE": gpus})
     return programs.render("hf_launch", {"header": header, "plan": data})

@@ -183,10 +183,12 @@ def test_hf_train_program_imports_and_its_placeholder_plan_has_the_generated_sha
     text = render(plan_spec(load_spec(Path("examples/qwen25vl-7b-mixed.yaml"))), "hf", TargetOptions())["train.py"]
     generated = {}
     exec(compile(programs.block_text(text, "plan"), "plan", "exec"), {}, generated)
-    assert list(generated) == ["PLAN", "TRAINING", "DATA", "OUTPUT_DIR", "DISTRIBUTED", "DEEPSPEED_CONFIG"]
+    assert list(generated) == ["PLAN", "TRAINING", "DATA", "OUTPUT_DIR", "DISTRIBUTED", "DEEPSPEED_CONFIG",
+                               "FSDP_CONFIG", "FSDP_UNITS"]
     for name in ("PLAN", "TRAINING", "DISTRIBUTED"):
         assert list(getattr(module, name)) == list(generated[name]), name
     assert module.PLAN["components"] == [] and module.DATA is None and module.DEEPSPEED_CONFIG is None
+    assert module.FSDP_CONFIG is None and module.FSDP_UNITS is None
 
 
 def test_swift_plugin_program_imports_and_registers(monkeypatch):

@@ -1,0 +1,123 @@
+"""FSDP2 (distributed.fsdp) in the compiler and the hf target, without running it.
+
+- wrap units: the blocks mixspec finds in its tree are exactly the modules transformers
+  itself marks as layers (GradientCheckpointingLayer), in every tiny family, vision and
+  language towers alike;
+- the hf target's fsdp_config.json, read by transformers' own TrainingArguments, gives the
+  FSDP plugin the planned units, strategy and offload; train.py's arguments switch the
+  Trainer's gradient checkpointing off for FSDP's own (the Trainer refuses both).
+
+The run itself (2 processes on CPU, gloo) is tests/e2e/test_fsdp_e2e.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from mixspec.loader import load_spec_text  # noqa: E402
+from mixspec.resolve import plan_spec  # noqa: E402
+from mixspec.targets import TargetOptions, render  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+import tinymodels  # noqa: E402
+
+SPEC = """version: 1
+model: {model}
+components:
+  language: {{train: lora, lr: 1.0e-4}}
+training: {{gradient_checkpointing: {gc}}}
+data: {{train: data/train.jsonl}}
+distributed: {{gpus_per_node: 4, fsdp: {fsdp}, offload: {offload}}}
+"""
+
+
+def _plan(model, fsdp="full_shard", offload="none", gc="true"):
+    return plan_spec(load_spec_text(SPEC.format(model=model, fsdp=fsdp, offload=offload, gc=gc), "spec.yaml"))
+
+
+def _layer_modules(config: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """(name -> class of every module transformers marks as a layer, the oracle; name -> class
+    of every entry of a ModuleList)."""
+    from transformers import CONFIG_MAPPING
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    cfg = CONFIG_MAPPING[config["model_type"]].from_dict(dict(config))
+    cls = getattr(transformers, config["architectures"][0])
+    with torch.device("meta"):
+        model = cls._from_config(cfg)
+    marked = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)}
+    listed = {f"{n}.{i}": type(c).__name__ for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)
+              for i, c in enumerate(m)}
+    return marked, listed
+
+
+@pytest.mark.parametrize("family", tinymodels.families())
+def test_units_are_the_layers_transformers_marks(family, tmp_path):
+    config = tinymodels.tiny_config(family)
+    model_dir = tinymodels.write_config_dir(config, tmp_path / family)
+    plan = _plan(model_dir)
+    planned = {f"{u['prefix']}.{i}": u["class"] for u in plan.units for i in u["indices"]}
+    marked, listed = _layer_modules(config)
+    # every layer transformers marks is a unit; a unit it does not mark (Mllama's vision
+    # layers are plain modules) is still an entry of one of the model's ModuleLists
+    assert {n: c for n, c in planned.items() if n in marked} == marked
+    assert all(listed.get(n) == c for n, c in planned.items()), planned
+    roles = {u["role"] for u in plan.units}
+    assert "language" in roles and (("vision" in roles) == ("vision" in plan.roles))
+
+
+def test_hf_fsdp_config_is_what_the_trainer_builds_its_plugin_from(tmp_path):
+    from transformers import TrainingArguments
+
+    plan = _plan("Qwen/Qwen2.5-VL-7B-Instruct", offload="all")
+    files = render(plan, "hf", TargetOptions())
+    config = json.loads(files["fsdp_config.json"])
+    assert config["version"] == 2
+    # the classes of the blocks of both towers, by the model's own names
+    assert config["transformer_layer_cls_to_wrap"] == ["Qwen2_5_VLVisionBlock", "Qwen2_5_VLDecoderLayer"]
+    assert "ds_config.json" not in files
+    args = TrainingArguments(output_dir=str(tmp_path), fsdp=True, fsdp_config=dict(config), use_cpu=True)
+    plugin = args.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is True
+    assert plugin["transformer_cls_names_to_wrap"] == "Qwen2_5_VLVisionBlock,Qwen2_5_VLDecoderLayer"
+    assert plugin["cpu_offload"] is True and plugin["activation_checkpointing"] is True
+    assert plugin["state_dict_type"] == "FULL_STATE_DICT"
+    launch = files["launch.sh"]
+    assert "FSDP2 full_shard" in launch and "offload all" in launch
+
+
+def test_shard_grad_op_keeps_weights_gathered_and_checkpointing_follows_the_spec():
+    plan = _plan("Qwen/Qwen2.5-VL-7B-Instruct", fsdp="shard_grad_op", gc="false")
+    config = json.loads(render(plan, "hf", TargetOptions())["fsdp_config.json"])
+    assert config["reshard_after_forward"] is False
+    assert config["activation_checkpointing"] is False and config["cpu_offload"] is False
+
+
+def _import_train(path: Path):
+    spec = importlib.util.spec_from_file_location("train_fsdp_args", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_py_turns_the_trainers_checkpointing_off_for_fsdps_own(tmp_path):
+    from mixspec.output import write_files
+
+    plan = _plan("llava-hf/llava-1.5-7b-hf")
+    write_files(tmp_path, render(plan, "hf", TargetOptions()), force=True)
+    module = _import_train(tmp_path / "train.py")
+    assert module.FSDP_CONFIG == "fsdp_config.json"
+    assert module.expand_names(module.FSDP_UNITS) == {f"{u['prefix']}.{i}" for u in plan.units for i in u["indices"]}
+    args = module.training_arguments(module.parse_args(["--output-dir", str(tmp_path / "o")]))
+    assert args.fsdp and args.fsdp_plugin_args["activation_checkpointing"] is True
+    assert not getattr(args, "activation_checkpointing", getattr(args, "gradient_checkpointing", None))
+    assert module.engine_text(module.parse_args([])).startswith("engine: FSDP2")
