@@ -13,10 +13,12 @@ ms-swift's JSON carry the same values). The decisions:
   backward, like ZeRO-3), false for shard_grad_op (gathered until backward, like ZeRO-2).
 - ``cpu_offload``: offload all (FSDP moves parameters, gradients and optimizer states to
   CPU together; there is no optimizer-only offload).
-- ``activation_checkpointing``: training.gradient_checkpointing, as FSDP's own checkpointing
-  of the same blocks (the Trainer refuses it together with its gradient_checkpointing, and
-  the latter costs a second all-gather of each block in backward), so train.py turns the
-  Trainer's switch off.
+- ``activation_checkpointing``: false; training.gradient_checkpointing stays the Trainer's
+  switch (the Trainer refuses both on). transformers 5 checkpoints each layer's ``forward``,
+  inside FSDP2's hooks, so the recompute in backward reuses the gathered block (no second
+  all-gather) and is the same checkpointing the DDP and DeepSpeed runs have. FSDP's own
+  (torch's checkpoint_wrapper around each unit) failed on Gemma 3 here: the recomputed
+  attention got a mask of another length (tests/e2e/test_fsdp_e2e.py runs Gemma 3).
 - one original dtype per unit: FSDP2 asserts that the *trainable* parameters of a unit share
   one dtype. train.py keeps every trained parameter (full or LoRA) in fp32 and frozen ones in
   the training precision, so every unit qualifies without splitting LoRA modules into units
@@ -43,7 +45,7 @@ def trainer_fsdp_config(plan: Plan) -> dict:
         "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
         "transformer_layer_cls_to_wrap": wrap_classes(plan.units),
         "cpu_offload": dist.offload == "all",
-        "activation_checkpointing": bool(plan.training.gradient_checkpointing),
+        "activation_checkpointing": False,
         "state_dict_type": "FULL_STATE_DICT",
         # accelerate's rank-0 loading moves the model to meta and back; train.py loads on
         # every rank (the plan's checks run on the loaded model before sharding)

@@ -4,8 +4,8 @@
   itself marks as layers (GradientCheckpointingLayer), in every tiny family, vision and
   language towers alike;
 - the hf target's fsdp_config.json, read by transformers' own TrainingArguments, gives the
-  FSDP plugin the planned units, strategy and offload; train.py's arguments switch the
-  Trainer's gradient checkpointing off for FSDP's own (the Trainer refuses both).
+  FSDP plugin the planned units, strategy and offload; gradient checkpointing is the
+  Trainer's switch (transformers' per-layer checkpointing), never together with FSDP's.
 
 The run itself (2 processes on CPU, gloo) is tests/e2e/test_fsdp_e2e.py.
 """
@@ -89,17 +89,16 @@ def test_hf_fsdp_config_is_what_the_trainer_builds_its_plugin_from(tmp_path):
     plugin = args.fsdp_plugin_args
     assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is True
     assert plugin["transformer_cls_names_to_wrap"] == "Qwen2_5_VLVisionBlock,Qwen2_5_VLDecoderLayer"
-    assert plugin["cpu_offload"] is True and plugin["activation_checkpointing"] is True
+    assert plugin["cpu_offload"] is True and plugin["activation_checkpointing"] is False
     assert plugin["state_dict_type"] == "FULL_STATE_DICT"
     launch = files["launch.sh"]
     assert "FSDP2 full_shard" in launch and "offload all" in launch
 
 
-def test_shard_grad_op_keeps_weights_gathered_and_checkpointing_follows_the_spec():
+def test_shard_grad_op_keeps_weights_gathered():
     plan = _plan("Qwen/Qwen2.5-VL-7B-Instruct", fsdp="shard_grad_op", gc="false")
     config = json.loads(render(plan, "hf", TargetOptions())["fsdp_config.json"])
-    assert config["reshard_after_forward"] is False
-    assert config["activation_checkpointing"] is False and config["cpu_offload"] is False
+    assert config["reshard_after_forward"] is False and config["cpu_offload"] is False
 
 
 def _import_train(path: Path):
@@ -109,7 +108,7 @@ def _import_train(path: Path):
     return module
 
 
-def test_train_py_turns_the_trainers_checkpointing_off_for_fsdps_own(tmp_path):
+def test_train_py_checkpoints_with_the_trainers_switch_never_both(tmp_path):
     from mixspec.output import write_files
 
     plan = _plan("llava-hf/llava-1.5-7b-hf")
@@ -118,6 +117,12 @@ def test_train_py_turns_the_trainers_checkpointing_off_for_fsdps_own(tmp_path):
     assert module.FSDP_CONFIG == "fsdp_config.json"
     assert module.expand_names(module.FSDP_UNITS) == {f"{u['prefix']}.{i}" for u in plan.units for i in u["indices"]}
     args = module.training_arguments(module.parse_args(["--output-dir", str(tmp_path / "o")]))
-    assert args.fsdp and args.fsdp_plugin_args["activation_checkpointing"] is True
-    assert not getattr(args, "activation_checkpointing", getattr(args, "gradient_checkpointing", None))
+    switch = "activation_checkpointing" if hasattr(args, "activation_checkpointing") else "gradient_checkpointing"
+    # transformers' own per-layer checkpointing (the spec's default on), FSDP's off: the Trainer refuses both
+    assert args.fsdp and args.fsdp_plugin_args["activation_checkpointing"] is False and getattr(args, switch) is True
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps({**json.loads((tmp_path / "fsdp_config.json").read_text()),
+                                  "activation_checkpointing": True}))
+    args = module.training_arguments(module.parse_args(["--output-dir", str(tmp_path / "o"), "--fsdp-config", str(edited)]))
+    assert args.fsdp_plugin_args["activation_checkpointing"] is True and getattr(args, switch) is False
     assert module.engine_text(module.parse_args([])).startswith("engine: FSDP2")

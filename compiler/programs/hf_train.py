@@ -1285,10 +1285,9 @@ def training_arguments(args):
     )
     fsdp = fsdp_config_dict(args)
     if fsdp:
-        # gradient checkpointing is FSDP's own (activation_checkpointing in the config, the
-        # same blocks): the Trainer refuses both switches on
-        kw.update(fsdp=True, fsdp_config=fsdp, gradient_checkpointing=False, gradient_checkpointing_kwargs=None,
-                  ddp_find_unused_parameters=None, use_cpu=no_accelerator())
+        kw.update(fsdp=True, fsdp_config=fsdp, ddp_find_unused_parameters=None)
+        if fsdp.get("activation_checkpointing"):  # FSDP's own (a hand-edited config): the Trainer refuses both
+            kw.update(gradient_checkpointing=False, gradient_checkpointing_kwargs=None)
     import dataclasses
 
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
