@@ -160,8 +160,9 @@ def fit(
     write: Path = typer.Option(None, "--write", help="Write a copy of the spec with the best settings here."),
     show_all: bool = typer.Option(False, "--all", help="List every option tried."),
     as_json: bool = typer.Option(False, "--json", help="Print the options as JSON."),
+    no_fsdp: bool = typer.Option(False, "--no-fsdp", help="Search DeepSpeed/DDP only (for targets that cannot run FSDP2: swift, llamafactory, deepspeed)."),
 ) -> None:
-    """Find ZeRO stage, offload, checkpointing and micro-batch x accumulation that fit the GPUs.
+    """Find ZeRO stage or FSDP2, offload, checkpointing and micro-batch x accumulation that fit the GPUs.
 
     Exit 0 when some option fits (the spec as written or another), 1 when none does."""
     try:
@@ -174,7 +175,7 @@ def fit(
     if not gb or gb <= 0:
         _stderr("error: give --gpu-memory GB (or distributed.gpu_memory_gb in the spec)")
         raise typer.Exit(2)
-    result = fit_plan(the_plan, gb)
+    result = fit_plan(the_plan, gb, fsdp=not no_fsdp)
     if as_json:
         typer.echo(json.dumps({"gpu_memory_gb": gb, "best": None if result.best is None else {
             "settings": _option_json(result.best), "peak_bytes": round(result.best.estimate.peak_bytes)},
@@ -194,7 +195,7 @@ def fit(
 
 
 def _option_json(option) -> dict:
-    return {"zero_stage": option.zero_stage, "offload": option.offload,
+    return {"zero_stage": option.zero_stage, "fsdp": option.fsdp, "offload": option.offload,
             "gradient_checkpointing": option.gradient_checkpointing,
             "micro_batch_size": option.micro_batch_size, "gradient_accumulation": option.gradient_accumulation}
 

@@ -262,7 +262,7 @@ def memory_terms(est: Estimate) -> dict[str, object]:
 
 def _memory_changes(old_est: Estimate, new_est: Estimate) -> list[Change]:
     out = []
-    if (old_est.world_size, old_est.zero_stage, old_est.offload) != (new_est.world_size, new_est.zero_stage, new_est.offload):
+    if (old_est.world_size, old_est.engine, old_est.offload) != (new_est.world_size, new_est.engine, new_est.offload):
         out.append(Change("memory", "layout", _layout(old_est), _layout(new_est)))
     a, b = memory_terms(old_est), memory_terms(new_est)
     for key in list(a) + [k for k in b if k not in a]:
@@ -272,7 +272,7 @@ def _memory_changes(old_est: Estimate, new_est: Estimate) -> list[Change]:
 
 
 def _layout(est: Estimate) -> str:
-    stage = "no DeepSpeed" if est.zero_stage is None else f"ZeRO-{est.zero_stage}"
+    stage = "no DeepSpeed" if est.zero_stage is None and not est.fsdp else est.engine
     return f"{est.world_size} GPU(s), {stage}, offload {est.offload}"
 
 

@@ -13,6 +13,15 @@ With N = nodes x gpus_per_node data-parallel ranks, ZeRO stage 1 divides optimiz
 states by N, stage 2 also gradients, stage 3 also the weights (frozen ones included).
 Offload "optimizer" moves optimizer states to CPU memory, "all" (ZeRO-3) also weights.
 
+FSDP2 (``distributed.fsdp``) holds weights as the hf target's DDP run does (frozen in the
+training precision, trained ones fp32: the rows "no DeepSpeed") and shards all three by N,
+frozen weights included, for both strategies; what differs is what is gathered while the
+model runs (``fsdp_gathered_bytes``): full_shard (like ZeRO-3) the running block, the next
+one (prefetched) and what accelerate never reshards (root and tail units: every parameter
+outside the blocks); shard_grad_op (like ZeRO-2) every block from its forward to its
+backward, i.e. all weights. Offload "all" moves weights, gradients and optimizer states to
+CPU memory together (FSDP has no optimizer-only offload).
+
 Activations (mixspec.activations, checked op by op against the bytes autograd saves on
 real-width blocks: benchmarks/activation_check.py) are added per GPU for one micro-batch of
 ``training.max_length`` tokens and ``data.images_per_sample`` images of ``data.max_pixels``
@@ -49,6 +58,7 @@ class Estimate:
     zero3_live_bytes: float = 0.0
     overhead_bytes: float = 0.0
     assumptions: dict = field(default_factory=dict)
+    fsdp: str | None = None  # FSDP2 strategy; zero3_live_bytes then holds FSDP's gathered weights
 
     @property
     def total_bytes(self) -> float:
@@ -86,7 +96,15 @@ class Estimate:
             "peak_gib": round(self.peak_bytes / GIB, 2),
             "assumptions": self.assumptions,
             "cpu_offload_bytes_per_node": round(self.cpu_bytes_per_node),
+            **({"fsdp": self.fsdp} if self.fsdp else {}),
         }
+
+    @property
+    def engine(self) -> str:
+        """How the run shards, in words."""
+        if self.fsdp:
+            return f"FSDP2 {self.fsdp}"
+        return "no DeepSpeed (DDP)" if self.zero_stage is None else f"ZeRO-{self.zero_stage}"
 
 
 def bytes_per_param(precision: str, deepspeed: bool) -> dict:
@@ -109,7 +127,11 @@ def estimate(plan: Plan, overrides: dict | None = None) -> Estimate:
     nodes, gpn = dist.nodes, dist.gpus_per_node
     n = nodes * gpn
     stage = o.get("zero_stage", dist.zero_stage)
+    # an override of the ZeRO stage alone means DeepSpeed (or DDP), not the spec's FSDP
+    fsdp = o.get("fsdp", None if "zero_stage" in o else dist.fsdp)
     offload = o.get("offload", dist.offload)
+    if fsdp:
+        return _fsdp_estimate(plan, o, fsdp, offload)
     precision = training.precision
     rates = bytes_per_param(precision, deepspeed=stage is not None)
     full = sum(c.trainable_params for c in plan.components if c.mode == "full")
@@ -139,6 +161,44 @@ def estimate(plan: Plan, overrides: dict | None = None) -> Estimate:
     live = zero3_live_bytes(plan, 4 if precision == "fp32" else 2) if s >= 3 else 0.0
     return Estimate(n, stage, offload, weights, grads, optim, cpu_per_gpu * gpn,
                     dist.gpu_memory_gb, acts, transient, live, OVERHEAD_BYTES, assumptions)
+
+
+def _model_states(plan: Plan, rates: dict) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer states) bytes of the whole model, unsharded."""
+    full = sum(c.trainable_params for c in plan.components if c.mode == "full")
+    counts = {"frozen": plan.totals.base_params - full, "full": full, "lora": plan.totals.added_params}
+    return tuple(sum(counts[k] * rates[k][i] for k in counts) for i in range(3))
+
+
+def _fsdp_estimate(plan: Plan, o: dict, fsdp: str, offload: str) -> Estimate:
+    """FSDP2: every model state sharded over the ranks, the gathered weights on top."""
+    dist, precision = plan.distributed, plan.training.precision
+    n = dist.nodes * dist.gpus_per_node
+    weights, grads, optim = (x / n for x in _model_states(plan, bytes_per_param(precision, deepspeed=False)))
+    cpu_per_gpu = 0.0
+    if offload == "all":
+        cpu_per_gpu, weights, grads, optim = weights + grads + optim, 0.0, 0.0, 0.0
+    acts, transient, assumptions = activation_terms(plan, o)
+    live = fsdp_gathered_bytes(plan, 4 if precision == "fp32" else 2, fsdp)
+    return Estimate(n, None, offload, weights, grads, optim, cpu_per_gpu * dist.gpus_per_node,
+                    dist.gpu_memory_gb, acts, transient, live, OVERHEAD_BYTES, assumptions, fsdp)
+
+
+def fsdp_gathered_bytes(plan: Plan, p: int, fsdp: str) -> float:
+    """Weights FSDP2 holds gathered (in the compute precision, p bytes) while the model runs.
+    full_shard: two of the largest block (the running one and the prefetched next) plus the
+    parameters outside the blocks that accelerate does not reshard after forward (its root and
+    tail units: aligner, patch embedding, norms, lm_head); the input embedding has a unit of its
+    own, gathered only at the ends of forward and backward (with the lm_head when tied).
+    shard_grad_op: every block stays gathered from forward to backward: all weights."""
+    if fsdp == "shard_grad_op" or not plan.units:
+        return float(p * plan.totals.all_params)
+    largest = max(u["params"] for u in plan.units)
+    in_blocks = sum(u["params"] * len(u["indices"]) for u in plan.units)
+    st = plan.structure or {}
+    embedding = 0 if plan.tied else st.get("vocab", 0) * st.get("hidden", 0)
+    outside = max(0, plan.totals.base_params - in_blocks - embedding)
+    return float(p * (2 * largest + outside))
 
 
 def _trained_sets(plan: Plan):

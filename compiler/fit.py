@@ -2,11 +2,14 @@
 slowdown, keeping the global batch (nodes x GPUs x micro-batch x accumulation).
 
 Searched: DeepSpeed ZeRO stage (none, 1, 2, 3), CPU offload (none, optimizer, all with ZeRO-3),
-gradient checkpointing (off, on), micro-batch (every divisor of the samples per GPU per step,
-accumulation making up the rest). Preference, from the least slowdown: no offload (it moves
-the optimizer step, or every parameter, over PCIe), then no gradient checkpointing (it redoes
-each forward, about a third more compute), then not ZeRO-3 (it gathers every parameter twice a
-step), then the larger micro-batch, then the lower ZeRO stage.
+and, where the target runs it (``fsdp=True``: the hf target), FSDP2 shard_grad_op and
+full_shard with offload none or all; gradient checkpointing (off, on), micro-batch (every
+divisor of the samples per GPU per step, accumulation making up the rest). Preference, from
+the least slowdown: no offload (it moves the optimizer step, or every parameter, over PCIe),
+then no gradient checkpointing (it redoes each forward, about a third more compute), then not
+ZeRO-3 or full_shard (they gather every parameter twice a step), then the larger micro-batch,
+then the lower ZeRO stage (shard_grad_op counts as 2, full_shard as 3), DeepSpeed before FSDP2
+at equal cost.
 """
 
 from __future__ import annotations
@@ -28,14 +31,18 @@ class Option:
     gradient_accumulation: int
     estimate: Estimate
     fits: bool
+    fsdp: str | None = None  # FSDP2 strategy (zero_stage is then None)
 
     @property
     def preference(self) -> tuple:
-        return (_OFFLOAD_RANK[self.offload], self.gradient_checkpointing, self.zero_stage == 3,
-                -self.micro_batch_size, -1 if self.zero_stage is None else self.zero_stage)
+        stage = {"shard_grad_op": 2, "full_shard": 3}.get(self.fsdp, self.zero_stage)
+        return (_OFFLOAD_RANK[self.offload], self.gradient_checkpointing, stage == 3,
+                -self.micro_batch_size, -1 if stage is None else stage, self.fsdp is not None)
 
     def describe(self) -> str:
         stage = "no DeepSpeed" if self.zero_stage is None else f"ZeRO-{self.zero_stage}"
+        if self.fsdp:
+            stage = f"FSDP2 {self.fsdp}"
         return (f"{stage}, offload {self.offload}, checkpointing {'on' if self.gradient_checkpointing else 'off'}, "
                 f"micro-batch {self.micro_batch_size} x accumulation {self.gradient_accumulation}")
 
@@ -43,7 +50,9 @@ class Option:
         """The spec lines that select this option."""
         training = (f"training: {{micro_batch_size: {self.micro_batch_size}, gradient_accumulation: "
                     f"{self.gradient_accumulation}, gradient_checkpointing: {str(self.gradient_checkpointing).lower()}}}")
-        if self.zero_stage is None:
+        if self.fsdp:
+            distributed = f"distributed: {{fsdp: {self.fsdp}, offload: {self.offload}}}   # and no zero_stage"
+        elif self.zero_stage is None:
             distributed = "distributed: {zero_stage: null, offload: none}   # remove zero_stage: plain DDP"
         else:
             distributed = f"distributed: {{zero_stage: {self.zero_stage}, offload: {self.offload}}}"
@@ -65,27 +74,38 @@ class FitResult:
         return min(self.options, key=lambda o: o.estimate.peak_bytes)
 
 
-def fit(plan: Plan, gpu_memory_gb: float) -> FitResult:
-    """Every option's estimate, by preference; the best is the first that fits."""
+def _layouts(fsdp: bool):
+    """(zero_stage, fsdp strategy, offload) of every sharding layout searched."""
+    for stage in (None, 1, 2, 3):
+        offloads = ("none",) if stage is None else ("none", "optimizer") + (("all",) if stage == 3 else ())
+        for offload in offloads:
+            yield stage, None, offload
+    if fsdp:
+        for strategy in ("shard_grad_op", "full_shard"):
+            for offload in ("none", "all"):
+                yield None, strategy, offload
+
+
+def fit(plan: Plan, gpu_memory_gb: float, fsdp: bool = True) -> FitResult:
+    """Every option's estimate, by preference; the best is the first that fits. ``fsdp``:
+    search FSDP2 too (for a target that runs it)."""
     training, dist = plan.training, plan.distributed
     micro, accum = training.micro_batch_size, training.gradient_accumulation
     per_gpu = micro * accum
     limit = gpu_memory_gb * 1e9
     options = []
-    for stage in (None, 1, 2, 3):
-        offloads = ("none",) if stage is None else ("none", "optimizer") + (("all",) if stage == 3 else ())
-        for offload in offloads:
-            for checkpointing in (False, True):
-                for mb in (d for d in range(per_gpu, 0, -1) if per_gpu % d == 0):
-                    est = estimate(plan, {"zero_stage": stage, "offload": offload,
-                                          "gradient_checkpointing": checkpointing, "micro_batch_size": mb})
-                    options.append(Option(stage, offload, checkpointing, mb, per_gpu // mb, est,
-                                          est.peak_bytes <= limit))
+    for stage, strategy, offload in _layouts(fsdp):
+        for checkpointing in (False, True):
+            for mb in (d for d in range(per_gpu, 0, -1) if per_gpu % d == 0):
+                est = estimate(plan, {"zero_stage": stage, "fsdp": strategy, "offload": offload,
+                                      "gradient_checkpointing": checkpointing, "micro_batch_size": mb})
+                options.append(Option(stage, offload, checkpointing, mb, per_gpu // mb, est,
+                                      est.peak_bytes <= limit, strategy))
     options.sort(key=lambda o: o.preference)
     current_est = estimate(plan)
     current = Option(dist.zero_stage, dist.offload,
                      bool(training.gradient_checkpointing), micro, accum, current_est,
-                     current_est.peak_bytes <= limit)
+                     current_est.peak_bytes <= limit, dist.fsdp)
     return FitResult(gpu_memory_gb, current, tuple(options))
 
 
@@ -137,10 +157,15 @@ def write_fitted_spec(spec_path, option: Option, out_path) -> str:
                     gradient_checkpointing=option.gradient_checkpointing)
     dist = data.get("distributed") or {}
     data["distributed"] = dist
-    if option.zero_stage is None:
+    if option.fsdp:
         dist.pop("zero_stage", None)
+        dist.update(fsdp=option.fsdp, offload=option.offload)
+    elif option.zero_stage is None:
+        dist.pop("zero_stage", None)
+        dist.pop("fsdp", None)
         dist["offload"] = "none"
     else:
+        dist.pop("fsdp", None)
         dist.update(zero_stage=option.zero_stage, offload=option.offload)
     text = (f"# written by mixspec fit from {spec_path}: {option.describe()}\n"
             + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))

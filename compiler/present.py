@@ -83,7 +83,7 @@ _TERM_LABELS = {
 
 def print_memory(console, plan: Plan, est: Estimate) -> None:
     """Model states, activations, transient, ZeRO-3 live parameters, overhead: the peak per GPU."""
-    stage = "no DeepSpeed (DDP)" if est.zero_stage is None else f"ZeRO-{est.zero_stage}"
+    stage = est.engine
     precision = plan.training.precision
     console.print(
         f"memory per GPU ({est.world_size} GPU{'s' if est.world_size > 1 else ''}, {stage}, offload {est.offload}, "
@@ -99,7 +99,8 @@ def print_memory(console, plan: Plan, est: Estimate) -> None:
         if largest:
             console.print(f"  transient {est.transient_bytes / GIB:.2f} GiB (the largest: {_TERM_LABELS.get(largest, largest)})")
         if est.zero3_live_bytes:
-            console.print(f"  ZeRO-3 gathered parameters {est.zero3_live_bytes / GIB:.2f} GiB")
+            what = "FSDP2" if est.fsdp else "ZeRO-3"
+            console.print(f"  {what} gathered parameters {est.zero3_live_bytes / GIB:.2f} GiB")
         console.print(f"  overhead {est.overhead_bytes / GIB:.2f} GiB (CUDA context, NCCL, allocator: a stated constant)")
         console.print(f"  [bold]peak {est.peak_bytes / GIB:.2f} GiB[/bold] per GPU")
         vision = (f", {a['vision_tokens_per_image']} vision tokens per image ({a['vision_tokens_how']}) x "

@@ -530,7 +530,7 @@ mem.appendChild(el("svg:text", {x: 0, y: y, "font-weight": "bold"},
   ("peak" in per ? "peak per GPU: " + gib(per.peak) + " (model states " + gib(per.total) + ")" : "total per GPU: " + gib(per.total))));
 mem.setAttribute("viewBox", "0 0 " + MW + " " + (y + 6));
 mem.setAttribute("style", "max-width:" + MW + "px");
-const stage = est.zero_stage === null ? "no DeepSpeed (DDP)" : "ZeRO-" + est.zero_stage;
+const stage = est.fsdp ? "FSDP2 " + est.fsdp : est.zero_stage === null ? "no DeepSpeed (DDP)" : "ZeRO-" + est.zero_stage;
 document.getElementById("memnote").textContent = est.world_size + " GPU(s), " + stage + ", offload " + est.offload +
   ", " + D.precision + (notes.length ? "; " + notes.join("; ") : "");
 

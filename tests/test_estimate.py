@@ -125,3 +125,30 @@ def test_seed_case_memory(run_cli):
     assert est["per_gpu_bytes"]["gradients"] == 2 * 716_920_320 // 8
     assert est["per_gpu_bytes"]["optimizer_states"] == 12 * 716_920_320 // 8
     assert est["per_gpu_bytes"]["activations"] == sum(est["activation_terms"].values()) > 0
+
+
+def test_fsdp_shards_every_model_state_like_zero3_and_gathers_per_strategy():
+    """full_shard and shard_grad_op hold the same shards (weights, gradients, optimizer states
+    of the DDP layout / N, frozen weights included); shard_grad_op gathers every weight from
+    forward to backward, full_shard two blocks plus what is outside the blocks."""
+    import dataclasses
+
+    from mixspec.loader import load_spec_text
+    from mixspec.resolve import plan_spec
+
+    plan = plan_spec(load_spec_text("version: 1\nmodel: Qwen/Qwen2.5-VL-7B-Instruct\ncomponents:\n"
+                                    "  vision: {train: full, lr: 1.0e-5}\n  language: {train: lora, lr: 1.0e-4}\n"
+                                    "distributed: {gpus_per_node: 8, fsdp: full_shard}\n", "spec.yaml"))
+    ddp = estimate(plan, {"zero_stage": None})
+    full, grad_op = estimate(plan), estimate(plan, {"fsdp": "shard_grad_op"})
+    for est in (full, grad_op):
+        assert est.weights_bytes == ddp.weights_bytes / 8 and est.gradients_bytes == ddp.gradients_bytes / 8
+        assert est.optimizer_bytes == ddp.optimizer_bytes / 8
+    largest = max(u["params"] for u in plan.units)
+    assert grad_op.zero3_live_bytes == 2 * plan.totals.all_params
+    assert 2 * 2 * largest < full.zero3_live_bytes < grad_op.zero3_live_bytes
+    offloaded = estimate(plan, {"offload": "all"})
+    assert offloaded.total_bytes == 0 and offloaded.cpu_bytes_per_node == full.total_bytes * 8
+    assert full.to_json()["fsdp"] == "full_shard" and "fsdp" not in ddp.to_json()
+    single = dataclasses.replace(plan, distributed=dataclasses.replace(plan.distributed, gpus_per_node=1))
+    assert estimate(single).weights_bytes == ddp.weights_bytes

@@ -74,3 +74,25 @@ def test_plan_with_gpu_memory_gives_the_fit_advice(run_cli, tmp_path):
     assert r.exit_code == 0
     best = fit(plan_spec(load_spec(spec)), 24).best
     assert f"exceeds gpu_memory_gb (24 GB): it fits with {best.describe()}" in " ".join(r.stdout.split())
+
+
+def test_fsdp_layouts_are_searched_for_targets_that_run_them_and_written_back(run_cli, tmp_path):
+    plan = plan_spec(load_spec(SEED))
+    both, zero_only = fit(plan, 40), fit(plan, 40, fsdp=False)
+    strategies = {(o.fsdp, o.offload) for o in both.options if o.fsdp}
+    assert strategies == {(s, off) for s in ("shard_grad_op", "full_shard") for off in ("none", "all")}
+    assert all(o.zero_stage is None for o in both.options if o.fsdp)
+    assert not any(o.fsdp for o in zero_only.options)
+    assert [o.preference for o in both.options] == sorted(o.preference for o in both.options)
+    # the estimate of an FSDP2 option is the estimate of the spec that says it
+    option = next(o for o in both.options if o.fsdp == "full_shard" and o.offload == "none")
+    spec = tmp_path / "seed.yaml"
+    shutil.copy(SEED, spec)
+    from mixspec.fit import write_fitted_spec
+
+    write_fitted_spec(spec, option, tmp_path / "fsdp.yaml")
+    again = plan_spec(load_spec(tmp_path / "fsdp.yaml"))
+    assert (again.distributed.fsdp, again.distributed.zero_stage) == ("full_shard", None)
+    assert abs(estimate(again).peak_bytes - option.estimate.peak_bytes) < 1
+    r = run_cli("fit", str(spec), "--gpu-memory", "40", "--json", "--no-fsdp")
+    assert not any(o["fsdp"] for o in json.loads(r.stdout)["options"])
