@@ -666,8 +666,11 @@ class LlamaFactoryTarget(Target):
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
         """Hard limits, then the deviations: each has its comment in the YAML, so each is
         approximable (Target.render decides)."""
-        refused = fsdp_unsupported(plan, "llamafactory", "mixspec does not yet write LLaMA-Factory's accelerate FSDP2 config",
-                                   "compile for hf (its train.py runs FSDP2), or use zero_stage with llamafactory")
+        refused = fsdp_unsupported(
+            plan, "llamafactory", "LLaMA-Factory takes FSDP from an accelerate config (accelerate launch), with no "
+            "hook where mixspec could check the sharded model and its optimizer groups after preparation; mixspec "
+            "writes no FSDP2 config it cannot check",
+            "compile for hf (its train.py runs FSDP2 and checks it), or use zero_stage with llamafactory")
         if refused:
             return refused
         analysis = self.analyse(plan, options)

@@ -657,8 +657,12 @@ class SwiftTarget(Target):
 
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
         """What stops an exact compile: hard limits, plus the plugin's reasons under --no-plugin."""
-        refused = fsdp_unsupported(plan, "swift", "mixspec does not yet write ms-swift's FSDP2 JSON (--fsdp)",
-                                   "compile for hf (its train.py runs FSDP2), or use zero_stage with swift")
+        refused = fsdp_unsupported(
+            plan, "swift", "ms-swift runs FSDP2 (--fsdp JSON), but mixspec's plugin checks the optimizer's groups "
+            "before accelerate shards the model and swaps the optimizer's parameters, never after, and its save hook "
+            "reads parameters that are DTensor shards by then; mixspec emits no run it cannot check",
+            "compile for hf (its train.py runs FSDP2 and checks the sharded model and optimizer), or use zero_stage "
+            "with swift")
         if refused:
             return refused
         d = decide(plan, options)
