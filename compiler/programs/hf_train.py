@@ -499,10 +499,10 @@ def fsdp_setup(trainer):
     if state.distributed_type == DistributedType.FSDP:
         return
     if os.environ.get(FSDP_ON_CPU) != "1" or not no_accelerator() or state.distributed_type != DistributedType.MULTI_CPU:
-        fail(PlanMismatch("FSDP2", [
-            f"the plan shards with FSDP2 but accelerate set up {state.distributed_type} "
-            f"({state.num_processes} process(es)): launch with torchrun/accelerate on GPUs (bash launch.sh); "
-            f"on a machine without GPUs only tests may set {FSDP_ON_CPU}=1 with 2 or more processes"]))
+        fail(f"error: the plan shards with FSDP2 but accelerate set up {state.distributed_type} "
+             f"({state.num_processes} process(es)); never DDP in its place\n  hint: launch on GPUs with "
+             f"torchrun or accelerate (bash launch.sh); on a machine without GPUs only tests may set "
+             f"{FSDP_ON_CPU}=1, with 2 or more processes")
     plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)

@@ -255,6 +255,16 @@ def test_one_process_same_global_batch_gives_the_same_weights(llava_run):
         torch.testing.assert_close(two_w[name], one_w[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_one_process_on_cpu_refuses_rather_than_run_ddp(llava_run):
+    """Where accelerate does not set up FSDP (here: one process, no GPU), train.py stops."""
+    proc = subprocess.run([sys.executable, llava_run["out"] / "train.py", "--data", llava_run["data"],
+                           "--output-dir", llava_run["workdir"] / "run-refused", "--max-steps", "1"],
+                          cwd=llava_run["workdir"], env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "the plan shards with FSDP2 but accelerate set up DistributedType.NO" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (llava_run["workdir"] / "run-refused" / "final").exists()
+
+
 def test_gathered_checkpoint_merges(llava_run):
     import importlib.util
 
