@@ -21,12 +21,9 @@ from mixspec.errors import MixspecError
 from mixspec.estimate import GIB, Estimate
 from mixspec.names import natural_key
 from mixspec.plan import ComponentPlan, Plan
-from mixspec.report import settings_dict
 
 UNASSIGNED = "unassigned"
 LORA_KEYS = ("rank", "alpha", "dropout", "rslora", "dora", "targets_spec", "layers")
-# settings that the per-parameter view already holds (a default the components override)
-_REPRESENTED = {("training", "weight_decay")}
 
 
 class DiffError(MixspecError):
@@ -73,30 +70,9 @@ class PlanDiff:
 
 
 def training_view(plan: Plan) -> dict:
-    """What the training does, independent of how the spec names and groups it."""
-    wds = plan.trainable_weight_decays()
-    lora = {}
-    for comp in plan.components:
-        if comp.lora:
-            lo = comp.lora
-            for target in lo.targets:
-                lora[target] = (lo.rank, lo.alpha, lo.dropout, lo.rslora, lo.dora)
-    return {
-        "model": (plan.model, plan.architecture, plan.totals.base_params),
-        "trained": {n: (lr, wds[n]) for n, lr in plan.trainable_lrs().items()},
-        "lora": dict(sorted(lora.items())),
-        "settings": _settings(plan),
-    }
-
-
-def _settings(plan: Plan) -> dict:
-    out = {}
-    for section in ("training", "distributed", "data"):
-        for key, value in sorted(settings_dict(getattr(plan, section)).items()):
-            if (section, key) not in _REPRESENTED:
-                out[f"{section}.{key}"] = value
-    out["output_dir"] = plan.output_dir
-    return out
+    """What the training does, independent of how the spec names and groups it (the Plan's
+    training view: its fingerprint is the hash of it)."""
+    return plan.training_view()
 
 
 def _owner(plan: Plan) -> dict[str, str]:
@@ -136,7 +112,7 @@ def diff_plans(old: Plan, old_est: Estimate, new: Plan, new_est: Estimate) -> Pl
         changes += _memory_changes(old_est, new_est)
         changes += _setting_changes(old, new)
         if not changes:  # the view differs in a way no section names: say so, never hide it
-            changes.append(Change("trained", "parameters", old.fingerprint(), new.fingerprint()))
+            changes.append(Change("trained", "parameters", old.optimizer_fingerprint(), new.optimizer_fingerprint()))
     elif set(old_comps) != set(new_comps):
         notes.append("the specs group the model into different components "
                      f"({', '.join(old_comps) or 'none'} vs {', '.join(new_comps) or 'none'}) "
@@ -277,7 +253,7 @@ def _layout(est: Estimate) -> str:
 
 
 def _setting_changes(old: Plan, new: Plan) -> list[Change]:
-    a, b = _settings(old), _settings(new)
+    a, b = old.training_view()["settings"], new.training_view()["settings"]
     return [Change("setting", k, a.get(k), b.get(k))
             for k in list(a) + [k for k in b if k not in a] if a.get(k) != b.get(k)]
 

@@ -7,6 +7,7 @@ settings. Targets read nothing else: not the spec, not the tree.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Optional
@@ -15,6 +16,9 @@ from mixspec import __version__
 from mixspec.errors import Location, Problem
 from mixspec.names import fingerprint as names_fingerprint
 from mixspec.settings import DataSettings, DistributedSettings, TrainingSettings
+
+# a setting the training view holds per trained parameter instead (their weight decays)
+_IN_TRAINED = {("training", "weight_decay")}
 
 PLAN_FORMAT = 2
 
@@ -163,10 +167,43 @@ class Plan:
             out.update(comp.weight_decays())
         return dict(sorted(out.items()))
 
-    def fingerprint(self) -> str:
+    def optimizer_fingerprint(self) -> str:
         """A short hash of the sorted trainable names, their learning rates and weight decays
-        (``NAME=LR wd=WD`` lines; train.py and the swift plugin recompute it from their optimizer)."""
+        (``NAME=LR wd=WD`` lines): what train.py and the swift plugin recompute from the
+        optimizer they built. It stays the same when only LoRA or run settings change."""
         return names_fingerprint(self.trainable_lrs(), self.trainable_weight_decays())
+
+    def training_view(self) -> dict:
+        """What the training does, independent of how the spec names and groups it: the model,
+        every trained parameter with its LR and weight decay, every LoRA module's settings, and
+        the training/distributed/data settings (``mixspec diff`` compares these)."""
+        wds = self.trainable_weight_decays()
+        lora = {}
+        for comp in self.components:
+            if comp.lora:
+                lo = comp.lora
+                for target in lo.targets:
+                    lora[target] = (lo.rank, lo.alpha, lo.dropout, lo.rslora, lo.dora)
+        settings = {}
+        for section in ("training", "distributed", "data"):
+            value = getattr(self, section)
+            values = value.to_json() if hasattr(value, "to_json") else dict(value or {})
+            for key, item in sorted(values.items()):
+                if (section, key) not in _IN_TRAINED:
+                    settings[f"{section}.{key}"] = item
+        settings["output_dir"] = self.output_dir
+        return {
+            "model": (self.model, self.architecture, self.totals.base_params),
+            "trained": {n: (lr, wds[n]) for n, lr in self.trainable_lrs().items()},
+            "lora": dict(sorted(lora.items())),
+            "settings": settings,
+        }
+
+    def fingerprint(self) -> str:
+        """The plan fingerprint: a short hash of the training view, so it changes whenever
+        the training does (a LoRA rank, a dropout, a batch size, not only names and LRs)."""
+        text = json.dumps(self.training_view(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_json(self) -> dict:
         return {
@@ -185,6 +222,7 @@ class Plan:
                            "modules": list(self.unassigned_modules)},
             "tied": dict(sorted(self.tied.items())),
             "fingerprint": self.fingerprint(),
+            "optimizer_fingerprint": self.optimizer_fingerprint(),
             "training": self.training.to_json(),
             "distributed": self.distributed.to_json(),
             "data": self.data.to_json() if self.data else None,

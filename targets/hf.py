@@ -97,7 +97,8 @@ def plan_data(plan: Plan, model_ref: str) -> dict:
     return {
         "spec": plan.spec_path,
         "mixspec_version": __version__,
-        "fingerprint": plan.fingerprint(),
+        "plan_fingerprint": plan.fingerprint(),
+        "optimizer_fingerprint": plan.optimizer_fingerprint(),
         "model": model_ref,
         "architecture": plan.architecture,
         "model_type": plan.model_type,

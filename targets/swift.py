@@ -920,6 +920,7 @@ def _plugin_py(plan: Plan, options: TargetOptions, d: Decision) -> str:
     data = py_assignments({
         "SWIFT_VERSION": options.swift_version,
         "PLAN_FINGERPRINT": plan.fingerprint(),
+        "OPTIMIZER_FINGERPRINT": plan.optimizer_fingerprint(),
         "PLAN_MODEL": plan.model,
         "PLAN_VERSIONS": dict(sorted(plan.versions.items())),
         "FULL_PARAMS_FILE": FULL_PARAMS_FILE,

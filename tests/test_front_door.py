@@ -74,3 +74,26 @@ def test_out_of_range_values_say_what_the_value_is(run_cli, tmp_path):
     result = run_cli("validate", spec)
     assert result.exit_code == 1
     assert "components.language.lora.rank: must be >= 1 (got 0)\n  hint: the LoRA rank is" in result.stderr
+
+
+def test_the_plan_fingerprint_changes_whenever_the_training_does(run_cli, tmp_path):
+    from conftest import seed_spec
+
+    from mixspec.loader import load_spec
+    from mixspec.resolve import plan_spec
+
+    base = seed_spec("Qwen/Qwen2-VL-2B-Instruct", "training: {micro_batch_size: 1}\n")
+    changed = (base.replace("rank: 16", "rank: 32").replace("dropout: 0.05", "dropout: 0.1")
+               .replace("micro_batch_size: 1", "micro_batch_size: 2"))
+    old, new = _write(tmp_path / "old.yaml", base), _write(tmp_path / "new.yaml", changed)
+    a, b = plan_spec(load_spec(old)), plan_spec(load_spec(new))
+    # the same parameters at the same LRs (the narrower optimizer fingerprint, which train.py
+    # recomputes from its optimizer, keeps its meaning) ...
+    assert a.optimizer_fingerprint() == b.optimizer_fingerprint()
+    # ... but another training: the plan fingerprint differs, and diff shows both
+    assert a.fingerprint() != b.fingerprint()
+    result = run_cli("diff", old, new)
+    assert result.exit_code == 3  # different training
+    assert f"3 change(s) in the training (fingerprint {a.fingerprint()} -> {b.fingerprint()})" in result.stdout
+    same = run_cli("diff", old, _write(tmp_path / "same.yaml", base + "# a comment\n"))
+    assert same.exit_code == 0 and f"same training (plan fingerprint {a.fingerprint()})" in same.stdout

@@ -249,7 +249,7 @@ def _essence(plan) -> tuple:
                 t.gradient_checkpointing, t.max_length, t.warmup_ratio, t.lr_scheduler, t.max_grad_norm, t.seed)
     d = plan.distributed
     return (frozenset(comps), plan.totals, training, (d.zero_stage, d.offload), plan.output_dir or "output",
-            plan.data.train if plan.data else None, plan.fingerprint())
+            plan.data.train if plan.data else None, plan.optimizer_fingerprint())
 
 
 def _round_trip(plan, tmp_path: Path, monkeypatch):

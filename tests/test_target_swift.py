@@ -854,7 +854,8 @@ def test_plugin_trains_exactly_the_plan_with_real_peft(tiny_plugin, monkeypatch,
     assert got["model.visual.merger.mlp.0.bias"][1] == 0.0
     assert got["model.visual.merger.ln_q.weight"][1] == 0.0  # an RMSNorm transformers' rule decays
     report = json.loads((tmp_path / "run" / "mixspec_check.json").read_text())
-    assert report["fingerprint"] == report["plan_fingerprint"] == plan.fingerprint()
+    assert report["fingerprint"] == report["optimizer_fingerprint"] == plan.optimizer_fingerprint()
+    assert report["plan_fingerprint"] == plan.fingerprint()
     assert report["weight_decay_by_param"] == plan.trainable_weight_decays()
 
     # a checkpoint: the adapter plus the fully trained parameters, under their model names

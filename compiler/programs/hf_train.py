@@ -20,7 +20,7 @@ Options override the Plan's defaults: --model (path or hub id), --data, --eval-d
 Self-check. Before the first step the script compares the loaded model with the Plan:
 every parameter name and the total count (so another model, another transformers version or
 a model with one layer more is caught), then the set of trainable parameters, their count and
-each one's optimizer learning rate and weight decay (the Plan's fingerprint). Any difference
+each one's optimizer learning rate and weight decay (the Plan's optimizer fingerprint). Any difference
 stops the run with exit status 1 and a readable diff.
 
 Data: a .jsonl file, one conversation per line (a hub dataset id with the same columns works too):
@@ -79,7 +79,8 @@ from mixspec.names import INDEX, compact_names, expand_names, fingerprint, names
 PLAN = {
     "spec": "",
     "mixspec_version": "",
-    "fingerprint": "",
+    "plan_fingerprint": "",
+    "optimizer_fingerprint": "",
     "model": "",
     "architecture": "",
     "model_type": "",
@@ -375,7 +376,7 @@ def param_groups(model):
 
 def lr_problems(groups, model):
     """Each trainable parameter in exactly one group, at its planned LR and weight decay; the
-    Plan's fingerprint (names, LRs and weight decays)."""
+    Plan's optimizer fingerprint (names, LRs and weight decays)."""
     group_of = {}
     problems = []
     for g in groups:
@@ -406,9 +407,9 @@ def lr_problems(groups, model):
     if group_of:
         problems.append(f"{len(group_of)} optimizer parameters are not parameters of the model")
     got = fingerprint({n: lr for n, (lr, _) in actual.items()}, {n: wd for n, (_, wd) in actual.items()})
-    if not problems and got != PLAN["fingerprint"]:
+    if not problems and got != PLAN["optimizer_fingerprint"]:
         problems.append(f"names, learning rates and weight decays hash to {got}, "
-                        f"the plan's fingerprint is {PLAN['fingerprint']}")
+                        f"the plan's optimizer fingerprint is {PLAN['optimizer_fingerprint']}")
     return problems
 
 
@@ -1196,7 +1197,7 @@ def setup_model(model_ref, meta=False, dtype=torch.float32):
 
 def run_check(args):
     """--check: the setup and the self-check on the model built from its config; 0 or 1."""
-    say(f"mixspec self-check: {PLAN['architecture']} from {args.model} (plan fingerprint {PLAN['fingerprint']})")
+    say(f"mixspec self-check: {PLAN['architecture']} from {args.model} (plan fingerprint {PLAN['plan_fingerprint']})")
     try:
         model, rows = setup_model(args.model, meta=True)
     except PlanMismatch as exc:
