@@ -157,7 +157,10 @@ def plan(
 @app.command(cls=_Command)
 def fit(
     spec: Path = typer.Argument(..., metavar="SPEC", help="Spec file."),
-    gpu_memory: float = typer.Option(None, "--gpu-memory", help="Memory of one GPU in GB (default: distributed.gpu_memory_gb)."),
+    gpu_memory: str = typer.Option(
+        None, "--gpu-memory", metavar="SIZE",
+        help="Memory of one GPU: 80GiB, 80GB or 80 (GB = 10^9 bytes); default distributed.gpu_memory_gb. "
+             "Vendors' '80 GB' cards hold about 80 GiB (nvidia-smi: 81,559 MiB on an H100): write 80GiB."),
     write: Path = typer.Option(None, "--write", help="Write a copy of the spec with the best settings here."),
     show_all: bool = typer.Option(False, "--all", help="List every option tried."),
     as_json: bool = typer.Option(False, "--json", help="Print the options as JSON."),
@@ -169,9 +172,13 @@ def fit(
         _, the_plan = _load_and_plan(spec)
     except MixspecError as exc:
         raise _fail(exc) from None
-    from mixspec.fit import fit as fit_plan, render_fit, write_fitted_spec
+    from mixspec.fit import fit as fit_plan, parse_gpu_memory, render_fit, write_fitted_spec
 
-    gb = gpu_memory or the_plan.distributed.gpu_memory_gb
+    try:
+        gb = parse_gpu_memory(gpu_memory) if gpu_memory is not None else the_plan.distributed.gpu_memory_gb
+    except ValueError as exc:
+        _stderr(f"error: {exc}")
+        raise typer.Exit(2) from None
     if not gb or gb <= 0:
         _stderr("error: give --gpu-memory GB (or distributed.gpu_memory_gb in the spec)")
         raise typer.Exit(2)

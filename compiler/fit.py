@@ -93,7 +93,7 @@ def render_fit(result: FitResult, show: int = 12) -> list[str]:
     """The advice as lines of text."""
     gb = result.gpu_memory_gb
     cur = result.current
-    lines = [f"GPU memory {gb:g} GB ({gb * 1e9 / GIB:.2f} GiB); now: {cur.describe()}: peak "
+    lines = [f"GPU memory {gb:.4g} GB = {gb * 1e9 / GIB:.2f} GiB; now: {cur.describe()}: peak "
              f"{cur.estimate.peak_bytes / GIB:.2f} GiB ({'fits' if cur.fits else 'does not fit'})"]
     best = result.best
     if best is None:
@@ -107,14 +107,33 @@ def render_fit(result: FitResult, show: int = 12) -> list[str]:
             lines.append("spec lines to change:")
             lines += [f"  {line}" for line in best.spec_lines()]
     fitting = [o for o in result.options if o.fits]
-    listed = result.options if show >= len(result.options) else fitting[:show]
-    lines.append(f"{len(fitting)} of {len(result.options)} options fit; "
-                 + ("all, by preference (peak per GPU):" if listed is result.options
-                    else "those that fit, by preference (peak per GPU; --all lists every option):"))
+    if show >= len(result.options):
+        listed, what = list(result.options), "all, by preference (peak per GPU):"
+    elif fitting:
+        listed, what = fitting[:show], "those that fit, by preference (peak per GPU; --all lists every option):"
+    else:  # nothing fits: the nearest misses say how far off the run is
+        listed = sorted(result.options, key=lambda o: o.estimate.peak_bytes)[:show]
+        what = "the smallest peaks (per GPU; --all lists every option):"
+    lines.append(f"{len(fitting)} of {len(result.options)} options fit; {what}")
     for option in listed:
         mark = "fits" if option.fits else "--"
         lines.append(f"  {mark:<4} {option.estimate.peak_bytes / GIB:>8.2f} GiB  {option.describe()}")
+    hidden = (len(fitting) if fitting else len(result.options)) - len(listed)
+    if hidden > 0:
+        lines.append(f"  ... and {hidden} more{' that fit' if fitting else ''} (--all lists every option)")
     return lines
+
+
+def parse_gpu_memory(text: str) -> float:
+    """``--gpu-memory``: a number of GB (10^9 bytes), or with its unit: ``80GB``, ``80GiB``.
+    Returns GB; raises ValueError with what to write."""
+    import re
+
+    found = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(gb|gib|g)?\s*", text, re.IGNORECASE)
+    if not found or float(found.group(1)) <= 0:
+        raise ValueError(f"--gpu-memory {text!r}: give the memory of one GPU, e.g. 80GiB, 80GB or 80 (GB)")
+    value = float(found.group(1))
+    return value * GIB / 1e9 if (found.group(2) or "").lower() == "gib" else value
 
 
 def write_fitted_spec(spec_path, option: Option, out_path) -> str:

@@ -97,3 +97,41 @@ def test_the_plan_fingerprint_changes_whenever_the_training_does(run_cli, tmp_pa
     assert f"3 change(s) in the training (fingerprint {a.fingerprint()} -> {b.fingerprint()})" in result.stdout
     same = run_cli("diff", old, _write(tmp_path / "same.yaml", base + "# a comment\n"))
     assert same.exit_code == 0 and f"same training (plan fingerprint {a.fingerprint()})" in same.stdout
+
+
+def test_fit_when_nothing_fits_lists_the_nearest_misses_and_counts_the_rest(run_cli):
+    from mixspec.estimate import GIB
+
+    result = run_cli("fit", "examples/qwen25vl-7b-mixed.yaml", "--gpu-memory", "8", "--json")
+    options = json.loads(result.stdout)["options"]
+    assert result.exit_code == 1 and not any(o["fits"] for o in options)
+    text = run_cli("fit", "examples/qwen25vl-7b-mixed.yaml", "--gpu-memory", "8").stdout.splitlines()
+    head = next(i for i, line in enumerate(text) if line.startswith(f"0 of {len(options)} options fit"))
+    shown = [line for line in text[head + 1:] if line.startswith("  --")]
+    assert len(shown) == 12
+    smallest = sorted(o["peak_bytes"] for o in options)[:12]
+    assert [float(line.split()[1]) for line in shown] == [round(b / GIB, 2) for b in smallest]
+    assert text[-1] == f"  ... and {len(options) - 12} more (--all lists every option)"
+
+
+def test_fit_lists_twelve_that_fit_and_says_how_many_more(run_cli):
+    options = json.loads(run_cli("fit", "examples/qwen25vl-7b-mixed.yaml", "--gpu-memory", "80", "--json").stdout)
+    fitting = sum(o["fits"] for o in options["options"])
+    assert 12 < fitting < len(options["options"])
+    text = run_cli("fit", "examples/qwen25vl-7b-mixed.yaml", "--gpu-memory", "80").stdout.splitlines()
+    assert text[-1] == f"  ... and {fitting - 12} more that fit (--all lists every option)"
+
+
+@pytest.mark.parametrize("given,gb", [("80", 80.0), ("80GB", 80.0), ("80 gib", 80 * 2**30 / 1e9), ("79.5GiB", 79.5 * 2**30 / 1e9)])
+def test_gpu_memory_takes_both_units_and_shows_both(run_cli, given, gb):
+    result = run_cli("fit", "examples/qwen25vl-7b-mixed.yaml", "--gpu-memory", given, "--json")
+    assert json.loads(result.stdout)["gpu_memory_gb"] == pytest.approx(gb)
+    first = run_cli("fit", "examples/qwen25vl-7b-mixed.yaml", "--gpu-memory", given).stdout.splitlines()[0]
+    assert first.startswith(f"GPU memory {gb:.4g} GB = {gb * 1e9 / 2**30:.2f} GiB; ")
+
+
+@pytest.mark.parametrize("given", ["80x", "-8", "0", "GiB"])
+def test_gpu_memory_that_is_not_a_size_is_a_usage_error(run_cli, given):
+    result = run_cli("fit", "examples/qwen25vl-7b-mixed.yaml", "--gpu-memory", given)
+    assert result.exit_code == 2
+    assert "e.g. 80GiB, 80GB or 80 (GB)" in result.stderr
