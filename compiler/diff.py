@@ -227,6 +227,12 @@ def _total_changes(old: Plan, new: Plan) -> list[Change]:
     return out
 
 
+# the estimate's JSON term names as a reader says them ("total" is the model states alone:
+# weights + gradients + optimizer states; the peak adds activations and the rest)
+_MEMORY_WORDS = {"total": "model states (weights + gradients + optimizer)", "optimizer_states": "optimizer states",
+                 "cpu_offload_per_node": "CPU offload per node"}
+
+
 def memory_terms(est: Estimate) -> dict[str, object]:
     """The estimate's per-GPU terms as its JSON names them (numbers in bytes; a term the
     estimate leaves out is a string, e.g. ``"excluded"``), plus CPU offload per node."""
@@ -341,7 +347,7 @@ def _describe(c: Change) -> str:
         delta = ""
         if isinstance(c.old, (int, float)) and isinstance(c.new, (int, float)):
             delta = f" ({(c.new - c.old) / GIB:+.2f} GiB)"
-        return f"memory per GPU, {c.subject}: {_gib(c.old)} -> {_gib(c.new)}{delta}"
+        return f"memory per GPU, {_MEMORY_WORDS.get(c.subject, c.subject)}: {_gib(c.old)} -> {_gib(c.new)}{delta}"
     label = {"mode": "mode", "lr": "lr", "weight_decay": "weight decay", "lora": "LoRA",
              "trainable": "trainable params", "base_params": "base params", "total": "total",
              "setting": "setting", "model": "model", "trained": "trained parameters"}[k]
@@ -394,7 +400,7 @@ def _cells(c: Change) -> tuple[str, str, str]:
         delta = ""
         if isinstance(c.old, (int, float)) and isinstance(c.new, (int, float)):
             delta = f" ({(c.new - c.old) / GIB:+.2f} GiB)"
-        return (c.subject.replace("_", " "), _gib(c.old), _gib(c.new) + delta)
+        return (_MEMORY_WORDS.get(c.subject, c.subject.replace("_", " ")), _gib(c.old), _gib(c.new) + delta)
     label = {"mode": "mode", "lr": "lr", "weight_decay": "weight decay", "lora": "LoRA",
              "trainable": "trainable params", "base_params": "base params", "total": "total",
              "setting": "", "model": "", "trained": "trained parameters"}[k]

@@ -135,3 +135,28 @@ def test_gpu_memory_that_is_not_a_size_is_a_usage_error(run_cli, given):
     result = run_cli("fit", "examples/qwen25vl-7b-mixed.yaml", "--gpu-memory", given)
     assert result.exit_code == 2
     assert "e.g. 80GiB, 80GB or 80 (GB)" in result.stderr
+
+
+def test_diff_names_model_states_as_such_beside_the_peak(run_cli, tmp_path):
+    from conftest import seed_spec
+
+    old = _write(tmp_path / "old.yaml", seed_spec())
+    new = _write(tmp_path / "new.yaml", seed_spec().replace("rank: 16", "rank: 32"))
+    for fmt in ("text", "markdown"):
+        out = run_cli("diff", old, new, "--format", fmt).stdout
+        assert "model states (weights + gradients + optimizer)" in out and "peak" in out
+        assert "memory per GPU, total" not in out and "| total |" not in out
+
+
+def test_every_target_refusal_names_the_spec_file(run_cli, tmp_path):
+    # a refusal of the spec as a whole (no key of its own) reads FILE: error: like the others
+    spec = _write(tmp_path / "spec.yaml", """\
+        version: 1
+        model: Qwen/Qwen2-VL-2B-Instruct
+        components:
+          language: {train: lora, lr: 1.0e-4}
+        """)
+    for target in ("deepspeed", "swift", "llamafactory"):
+        result = run_cli("compile", spec, "-t", target, "-o", str(tmp_path / target))
+        assert result.exit_code == 1
+        assert result.stderr.startswith(f"{spec}: error: target {target} cannot express"), result.stderr
