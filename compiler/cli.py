@@ -41,6 +41,12 @@ class _Command(TyperCommand):
                 pieces.append(_argument_label(param) if param.required else f"[{_argument_label(param)}]")
         return pieces
 
+    def get_short_help_str(self, limit: int = 45) -> str:
+        """The help's first sentence whole (click cuts it at ~45 characters with "..."): the
+        command list wraps it instead."""
+        text = " ".join((self.short_help or self.help or "").split("\n\n")[0].split())
+        return text.split(". ")[0].rstrip(".")
+
     def format_options(self, ctx, formatter) -> None:
         args, opts = [], []
         for param in self.get_params(ctx):
@@ -101,7 +107,8 @@ def _root(
 
 @app.command(cls=_Command)
 def validate(
-    specs: List[Path] = typer.Argument(..., metavar="SPEC", help="Spec files (.yaml, .yml, .json)."),
+    specs: List[Path] = typer.Argument(..., metavar="SPEC", help="Spec files (.yaml, .yml, .json), or "
+                                       "directories: the spec files directly inside each."),
     format: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text or json."),
     as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
     model_check: bool = typer.Option(
@@ -422,7 +429,8 @@ def import_config(
             _stderr(f"error: -o {out} is a directory; give the spec file's path, e.g. -o {out / 'spec.yaml'}")
             raise typer.Exit(1)
         try:
-            written = write_files(out.parent if str(out.parent) else Path("."), {out.name: yaml_text}, force=force)
+            written = write_files(out.parent if str(out.parent) else Path("."), {out.name: yaml_text}, force=force,
+                                  elsewhere="give another file with -o")
         except MixspecError as exc:
             raise _fail(exc) from None
         for line in written:

@@ -98,11 +98,28 @@ def run_plan(specs: list[Path], as_json: bool = False, show_modules: bool = Fals
     return 1 if failed else 0
 
 
+SPEC_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def expand_spec_dirs(paths: list[Path]) -> list[Path]:
+    """Each directory replaced by the spec files directly inside it (``*.yaml``, ``*.yml``,
+    ``*.json``, sorted; not its subfolders, which may hold other YAML: CI workflows, ...). A
+    directory with none stays as it is, so the loader says what is wrong with it."""
+    out: list[Path] = []
+    for path in paths:
+        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SPEC_SUFFIXES) \
+            if path.is_dir() else []
+        out += found or [path]
+    return out
+
+
 def run_validate(specs: list[Path], as_json: bool = False, model_check: bool = True) -> int:
-    """`mixspec validate`: every spec checked, problems on stderr (or one JSON report); exit code."""
+    """`mixspec validate`: every spec checked, problems on stderr (or one JSON report); exit code.
+    A directory stands for the spec files in it."""
     from mixspec.errors import Location, Problem
     from mixspec.loader import load_spec
 
+    specs = expand_spec_dirs(specs)
     results = []
     ok = True
     for path in specs:

@@ -160,3 +160,45 @@ def test_every_target_refusal_names_the_spec_file(run_cli, tmp_path):
         result = run_cli("compile", spec, "-t", target, "-o", str(tmp_path / target))
         assert result.exit_code == 1
         assert result.stderr.startswith(f"{spec}: error: target {target} cannot express"), result.stderr
+
+
+def test_help_lists_each_command_without_cutting_its_description(run_cli):
+    from mixspec.cli import app
+    from typer.main import get_command
+
+    result = run_cli("--help")
+    commands = result.stdout.split("\nCommands:\n", 1)[1]
+    assert result.exit_code == 0 and "..." not in commands
+    for name, command in get_command(app).commands.items():
+        first = " ".join(command.help.split("\n\n")[0].split()).split(". ")[0].rstrip(".")
+        import re
+
+        entry = re.search(rf"\n  {name} +(.*?)(?=\n  \S|\n*$)", "\n" + commands + "\n", re.S).group(1)
+        listed = " ".join(entry.split())
+        assert listed.startswith(first[:30]) and len(listed) >= len(first) - 1, (name, listed)
+
+
+def test_validate_takes_a_directory_of_specs(run_cli, tmp_path):
+    result = run_cli("validate", "examples", "--no-model")
+    specs = sorted(p.name for p in Path("examples").iterdir() if p.suffix in (".yaml", ".yml", ".json"))
+    assert result.exit_code == 0
+    assert [line.split(": ")[0] for line in result.output.splitlines()] == [f"examples/{s}" for s in specs]
+    (tmp_path / "bad.yaml").write_text("version: 2\n", encoding="utf-8")
+    (tmp_path / "notes.txt").write_text("not a spec\n", encoding="utf-8")
+    bad = run_cli("validate", str(tmp_path), "--no-model")
+    assert bad.exit_code == 1 and f"{tmp_path / 'bad.yaml'}:1:10: error: version" in bad.stderr
+    assert "notes.txt" not in bad.stderr + bad.stdout
+
+
+def test_import_refusing_to_overwrite_a_spec_file_speaks_of_the_file(run_cli, tmp_path):
+    config = _write(tmp_path / "train.yaml", """\
+        model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct
+        stage: sft
+        finetuning_type: lora
+        """)
+    out = tmp_path / "spec.yaml"
+    out.write_text("# mine\n", encoding="utf-8")
+    result = run_cli("import", "--from", "llamafactory", config, "-o", str(out))
+    assert result.exit_code == 1
+    assert "hint: pass --force to overwrite, or give another file with -o" in result.stderr
+    assert "--out directory" not in result.stderr and out.read_text() == "# mine\n"
