@@ -47,6 +47,10 @@ from mixspec.tree import EMBEDDING, LORA_KINDS, ModuleTree
 RULES = {4: "ms-swift 4.x (rules of 4.6.0)", 3: "ms-swift 3.x (rules of 3.12.6)"}
 DEFAULT = {4: "ms-swift 4.x default", 3: "ms-swift 3.x default"}
 
+# the training commands read here (`swift pt` parses SftArguments' subclass, same options)
+_COMMANDS = {("swift", "sft"), ("swift", "pt"), ("swift", "rlhf")}
+_MEGATRON = ("Megatron-SWIFT trains with Megatron-Core (tensor / pipeline / expert parallel shards, "
+             "Megatron's module names and optimizer): mixspec import does not read it")
 # swift's names for its tuner types that mixspec can say (others are refused)
 _TUNERS = ("full", "lora", "lora_llm")
 _GROUP_LABEL = {"vit": "ViT", "aligner": "aligner", "llm": "LLM", "other": "outside ViT/aligner/LLM",
@@ -123,6 +127,8 @@ class _Reader:
         self.flags: dict[str, Flag] = {}
         self.env: dict[str, tuple[str, Location, bool]] = {}  # name -> (value, where, exported)
         self.version = 4
+        self.command = "sft"
+        self.rlhf_type = ""
 
     def loc(self, word: Word) -> Location:
         return Location(self.path, word.line, word.col)
@@ -137,6 +143,7 @@ class _Reader:
     def find_command(self) -> Optional[list[Word]]:
         shell_vars: dict[str, str] = {}
         found = []
+        seen: list[list[Word]] = []  # other swift / megatron commands
         try:
             commands = split_commands(self.text)
         except UnterminatedQuote as exc:
@@ -167,7 +174,11 @@ class _Reader:
                     if m.group(1) in _ENV_MODELLED and m.group(1) not in self.env:
                         self.env[m.group(1)] = (m.group(2), self.loc(w), False)
                 continue
-            if len(rest) >= 2 and Path(rest[0].text).name == "swift" and rest[1].text == "sft":
+            launcher = Path(rest[0].text).name if len(rest) >= 2 else ""
+            if launcher in ("swift", "megatron") and (launcher, rest[1].text) not in _COMMANDS:
+                seen.append(rest)
+                continue
+            if (launcher, rest[1].text if len(rest) >= 2 else "") in _COMMANDS:
                 cmd_env = {}
                 for w in assigns:
                     w = expand(w, shell_vars)
@@ -175,19 +186,33 @@ class _Reader:
                     cmd_env[m.group(1)] = (m.group(2), self.loc(w), True)
                 found.append((rest, cmd_env, dict(shell_vars)))
         if not found:
-            self.problem(Location(self.path, 1, 1), "", "no `swift sft` command found",
-                         "give a shell script or a command line that runs `swift sft ...`")
+            self._no_command(seen)
             return None
         if len(found) > 1:
             lines = ", ".join(str(cmd[0][0].line) for cmd in found)
-            self.problem(self.loc(found[1][0][0]), "", f"{len(found)} `swift sft` commands (lines {lines}); "
+            self.problem(self.loc(found[1][0][0]), "", f"{len(found)} `{'/'.join(sorted({'swift ' + c[0][1].text for c in found}))}` commands (lines {lines}); "
                          "mixspec import reads one", "cut the one to import into its own file, or pipe it: "
                          "sed -n 'A,Bp' FILE | mixspec import --from swift -")
             return None
         words, cmd_env, shell_vars = found[0]
+        self.command = words[1].text
         self.env.update(cmd_env)
         self.vars = shell_vars
         return words
+
+    def _no_command(self, seen: list[list[Word]]) -> None:
+        if not seen:
+            self.problem(Location(self.path, 1, 1), "", "no `swift sft` command found (nor `swift pt` / `swift rlhf`)",
+                         "give a shell script or a command line that runs `swift sft ...`")
+            return
+        words = seen[0]
+        what = f"{Path(words[0].text).name} {words[1].text}"
+        why = (_MEGATRON if words[0].text.endswith("megatron") else
+               "which trains nothing (mixspec import reads `swift sft`, `swift pt` and `swift rlhf`)")
+        self.problem(self.loc(words[0]), "", f"this is `{what}`" + (": " if "megatron" in what else ", ") + why,
+                     "import the `swift sft` run it belongs to" if not words[0].text.endswith("megatron") else
+                     "to audit what trains, import the same flags as a `swift sft` command line (Megatron's "
+                     "--tuner_type defaults to full, swift sft's to lora)")
 
     def parse_flags(self, words: list[Word]) -> None:
         current: Optional[Flag] = None
@@ -287,6 +312,116 @@ class _Reader:
         return f"{DEFAULT[self.version]} (--{name})"
 
 
+# -- flag names: ms-swift's parser stops on any option it does not define ---------------------
+# names of earlier ms-swift versions: ReleaseNote3.0.md ("... is renamed to ...") for 2.x -> 3.x,
+# Command-line-parameters.md of 4.0 ("In ms-swift 3.x, the parameter name is train_type")
+_RENAMED = {  # old name -> (its version, the name in 3.x, the name in 4.x)
+    "sft_type": ("2.x", "train_type", "tuner_type"), "model_id_or_path": ("2.x", "model", "model"),
+    "template_type": ("2.x", "template", "template"), "quantization_bit": ("2.x", "quant_bits", "quant_bits"),
+    "check_model_is_latest": ("2.x", "check_model", "check_model"),
+    "batch_size": ("2.x", "per_device_train_batch_size", "per_device_train_batch_size"),
+    "eval_batch_size": ("2.x", "per_device_eval_batch_size", "per_device_eval_batch_size"),
+    "use_flash_attn": ("2.x", "attn_impl", "attn_impl"),
+    "bnb_4bit_comp_dtype": ("2.x", "bnb_4bit_compute_dtype", "bnb_4bit_compute_dtype"),
+    "dtype": ("2.x", "torch_dtype", "torch_dtype"), "add_output_dir_suffix": ("2.x", "add_version", "add_version"),
+    "lora_target_modules": ("2.x", "target_modules", "target_modules"),
+    "train_type": ("3.x", "train_type", "tuner_type"),
+}
+
+
+def _check_flag_names(r: _Reader) -> bool:
+    """Every flag must be one the command's ms-swift parser defines (argparse also takes a
+    unique prefix, and ``--no_X`` for a boolean X that defaults to true): a located problem
+    for each other one, with did-you-mean or the name it was renamed to. False if any."""
+    from ._swift_keys import RLHF_3, RLHF_4, SFT_3, SFT_4
+
+    version = 3 if "train_type" in r.flags and "tuner_type" not in r.flags else 4
+    known = {(3, False): SFT_3, (4, False): SFT_4, (3, True): RLHF_3, (4, True): RLHF_4}[
+        (version, r.command == "rlhf")]
+    lenient = "ignore_args_error" in r.flags and r.get_bool("ignore_args_error", False)
+    ok = True
+    for name, flag in list(r.flags.items()):
+        if name.startswith("no_") and name in known and name[3:] in known:  # store_false of a true default
+            if flag.values:
+                r.problem(r.loc(flag.values[0]), flag.spelled, "takes no value: argparse leaves "
+                          f"{flag.values[0].text!r} over and ms-swift stops (remaining_argv)",
+                          f"write {flag.spelled} alone, or --{name[3:]} false")
+                ok = False
+                continue
+            flag.values = [Word("false", flag.where.line, flag.where.col)]
+            _rename_flag(r, name, name[3:])
+            continue
+        if name in known:
+            continue
+        longer = sorted(k for k in known if k.startswith(name))
+        if len(longer) == 1 and longer[0] not in r.flags:  # argparse's allow_abbrev
+            r.effect("flag-abbreviated", flag.where, f"{flag.spelled} is not a swift option, but argparse reads "
+                     f"it as the only one it begins: --{longer[0]}", f"write --{longer[0]}")
+            _rename_flag(r, name, longer[0])
+        elif lenient:
+            r.effect("flag-ignored", flag.where, f"{flag.spelled}: ms-swift has no such option; with "
+                     "--ignore_args_error it warns (remaining_argv) and goes on without it", f"remove {flag.spelled}")
+            del r.flags[name]
+        else:
+            r.problem(flag.where, flag.spelled, *_unknown_flag_text(name, known, version, longer))
+            ok = False
+    return ok
+
+
+def _unknown_flag_text(name: str, known, version: int, longer: list) -> tuple[str, str]:
+    stop = f"ms-swift {version}.x has no such option and stops on it (ValueError: remaining_argv)"
+    if name in _RENAMED:
+        old, new3, new4 = _RENAMED[name]
+        if name == new3:  # 3.x's own name, given beside --tuner_type
+            return (f"this is the ms-swift 3.x name of --tuner_type: {stop}",
+                    "keep --tuner_type (ms-swift 4.x), or only --train_type (3.x)")
+        if new3 == new4:
+            return f"this is the ms-swift {old} name of --{new4}: {stop}", f"write --{new4}"
+        return (f"this is the ms-swift {old} name of --{new4} (--{new3} in 3.x): {stop}",
+                f"write --{new4} (ms-swift 4.x) or --{new3} (3.x)")
+    if len(longer) > 1:
+        return (f"an ambiguous abbreviation of {', '.join('--' + k for k in longer[:4])}"
+                + (" and more" if len(longer) > 4 else "") + ": argparse stops", "write the option in full")
+    from ._swift_keys import RLHF_4
+
+    if name in RLHF_4:
+        return stop, f"--{name} is a `swift rlhf` option: this command is `swift sft`/`swift pt`"
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    return stop, (f"did you mean --{close[0]}?" if close else "remove it, or check it against ms-swift's "
+                  "Command-line-parameters.md")
+
+
+def _rename_flag(r: _Reader, old: str, new: str) -> None:
+    flag = r.flags.pop(old)
+    flag.name = new
+    r.flags[new] = flag
+
+
+def _rlhf(r: _Reader, tuner: str) -> None:
+    """`swift rlhf`: the policy model's trainable set and LRs come from the same tuner, freeze
+    and LR flags as `swift sft` (RLHFArguments extends SftArguments); what the Plan leaves out
+    is said. Reward-model and PPO training add a value head (a new Linear) the tree lacks."""
+    kind = r.get_str("rlhf_type", "dpo")
+    where = r.flags["rlhf_type"].where if "rlhf_type" in r.flags else Location(r.path, *_first_pos(r))
+    if kind in ("rm", "ppo"):
+        raise _Fail(Problem(where, "--rlhf_type", f"--rlhf_type {kind} trains a new value head "
+                            "(a Linear from the hidden size to 1) the model has not got; mixspec plans the model's "
+                            "own modules", "import the dpo/kto/cpo/orpo/simpo/grpo/gkd runs only"))
+    extra = []
+    if kind in ("dpo", "kto", "grpo") and tuner == "full":
+        extra.append("a frozen reference copy of the model (full tuner; for grpo unless --beta 0), not in the "
+                     "memory estimate")
+    if kind in ("gkd",) or "teacher_model" in r.flags:
+        extra.append("the frozen teacher model, not in the memory estimate")
+    if kind == "grpo":
+        extra.append("generation (rollouts) and its KV cache or vLLM engine")
+    r.effect("rlhf", where, f"swift rlhf --rlhf_type {kind}: the trainable parameters and their LRs are imported "
+             "(same tuner, freeze and LR flags as swift sft) and planned as supervised training; not in the Plan: "
+             f"the {kind} loss" + "".join(f"; {e}" for e in extra),
+             "read the Plan for what trains; budget memory for the rest yourself")
+    r.rlhf_type = kind
+
+
 # -- swift's rules over the module tree -------------------------------------------------------
 def _norm_digits(name: str) -> str:
     return re.sub(r"\d+\.", "{}.", name)
@@ -376,10 +511,8 @@ def _read(r: _Reader) -> None:
         return
     r.parse_flags(words)
     flags = r.flags
-    if "train_type" in flags and "tuner_type" in flags:
-        raise _Fail(Problem(flags["train_type"].where, "--train_type",
-                            "both --train_type (ms-swift 3.x) and --tuner_type (4.x) are given",
-                            "keep the one of your ms-swift version"))
+    if not _check_flag_names(r):
+        return
     r.version = 3 if "train_type" in flags else 4
     r.imp.rules = RULES[r.version]
     tuner_flag = "train_type" if r.version == 3 else "tuner_type"
@@ -388,6 +521,8 @@ def _read(r: _Reader) -> None:
         raise _Fail(Problem(flags[tuner_flag].where, f"--{tuner_flag}",
                             f"tuner {tuner!r}: mixspec expresses full, lora and lora_llm training only",
                             "a spec has train: full / lora / freeze per component"))
+    if r.command == "rlhf":
+        _rlhf(r, tuner)
     if tuner == "lora_llm" and r.version == 3:
         raise _Fail(Problem(flags[tuner_flag].where, "--train_type",
                             "ms-swift 3.x has no lora_llm tuner (it came with 4.0: --tuner_type lora_llm)",
@@ -1149,7 +1284,10 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
     t["micro_batch_size"] = bs
     o["training.micro_batch_size"] = r.origin("per_device_train_batch_size")
     ga = r.get_num("gradient_accumulation_steps", None, int)
-    if ga is None:
+    if ga is None and r.rlhf_type == "grpo":  # RLHFArguments._set_default
+        ga = 1
+        o["training.gradient_accumulation"] = "ms-swift default for --rlhf_type grpo"
+    elif ga is None:
         ga = max(1, math.ceil(16 / bs / (world_nodes * world_gpus)))
         o["training.gradient_accumulation"] = (f"{DEFAULT[r.version]}: ceil(16 / batch {bs} / "
                                                f"{world_nodes * world_gpus} GPUs)")
