@@ -436,3 +436,70 @@ def test_cli_imports_writes_the_spec_and_refuses_with_locations(run_cli, tmp_pat
     assert refused.exit_code == 1 and "Traceback" not in refused.stderr
     assert f"{bad}:2:1: error: freeze_vison_tower:" in refused.stderr
     assert not (tmp_path / "no.yaml").exists()
+
+
+# -- new tokens: patch_tokenizer sets resize_vocab, _setup_lora_tuning adds the embeddings ------------
+LLAMA = "meta-llama/Llama-3.1-8B"
+LLAMA_EMBED = 128_256 * 4_096  # vocab_size x hidden_size of the published config
+
+
+def test_new_special_tokens_under_lora_train_both_embeddings_as_copies():
+    """LLaMA-Factory #6285's shape: add_special_tokens under LoRA on Llama-3-8B trains
+    embed_tokens and lm_head (additional_target) beside the adapters: 1.05 B more."""
+    imp = lf(head(LLAMA, "finetuning_type: lora\nlora_target: all\nadd_special_tokens: <think>,</think>\n"))
+    assert imp.ok, [p.render() for p in imp.problems]
+    plan = plan_spec(imp.spec)
+    full = {c.name: c.trainable_params for c in plan.components if c.mode == "full"}
+    assert sum(full.values()) == 2 * LLAMA_EMBED == 1_050_673_152
+    assert set(plan.trainable_lrs()) >= {"model.embed_tokens.weight", "lm_head.weight"}
+    e = effect(imp, "resize-vocab")
+    assert str(e.where) == "train.yaml:6:1" and "trains embed_tokens and lm_head in full as additional_target" \
+        in e.message
+    assert "1,050,673,152 parameters held twice" in effect(imp, "additional-target-copy").message
+    assert "add_special_tokens" not in {u.key for u in imp.unmodelled}
+
+
+@pytest.mark.parametrize("method,says", [
+    ("finetuning_type: freeze\nadd_tokens: foo\n", "freeze tuning does not train model.embed_tokens or lm_head"),
+    ("finetuning_type: full\nresize_vocab: true\n", "full training trains them with the rest"),
+    ("finetuning_type: lora\nadd_special_tokens: <a>\nadditional_target: embed_tokens\n",
+     "additional_target is given, so LLaMA-Factory does not add the embeddings"),
+])
+def test_new_tokens_under_each_finetuning_type(method, says):
+    imp = lf(head(LLAMA, method))
+    assert imp.ok and says in effect(imp, "resize-vocab").message
+    plan = plan_spec(imp.spec)
+    if "additional_target" in method:  # only the user's target is copied
+        assert "lm_head.weight" not in plan.trainable_lrs() and "model.embed_tokens.weight" in plan.trainable_lrs()
+
+
+def test_new_tokens_on_a_tied_model_are_refused_at_the_key():
+    imp = lf(head("Qwen/Qwen2.5-VL-3B-Instruct", "finetuning_type: lora\nadd_special_tokens: <a>\n"))
+    assert not imp.ok and imp.problems[0].render().startswith("train.yaml:5:21: error: add_special_tokens: ")
+    assert "tied" in imp.problems[0].message
+
+
+# -- freeze_extra_modules: a substring of parameter names ------------------------------------------
+def test_freeze_extra_modules_proj_also_trains_every_proj_of_the_llm(tmp_path):
+    """'proj' (Idefics3's connector.modality_projection.proj, meant: the projector) also trains
+    every *_proj of the LLM; counted here by LLaMA-Factory's own test over the real model's
+    named_parameters (adapter.py: any(module in name))."""
+    import torch
+    import transformers
+
+    config = transformers.Idefics3Config()
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    imp = lf(f"model_name_or_path: {tmp_path}\nstage: sft\ndo_train: true\nfinetuning_type: freeze\n"
+             "freeze_trainable_layers: 0\nfreeze_extra_modules: proj\ndataset: demo\nbf16: true\n")
+    assert imp.ok, [p.render() for p in imp.problems]
+    with torch.device("meta"):
+        model = transformers.Idefics3ForConditionalGeneration(config)
+    # idefics3 is not in LLaMA-Factory 0.9.5's composite-model registry (visual.py): no part is
+    # forbidden, the vision tower's *_proj train too
+    want = {n: p.numel() for n, p in model.named_parameters() if "proj" in n}
+    plan = plan_spec(imp.spec)
+    assert plan.totals.trainable_params == sum(want.values()) > 6_000_000_000
+    e = effect(imp, "freeze-extra-substring")
+    exact = sum(v for n, v in want.items() if ".proj." in n)
+    assert str(e.where) == "train.yaml:6:1"
+    assert f"also trains {sum(want.values()) - exact:,} parameters" in e.message and "q_proj" in e.message

@@ -60,7 +60,6 @@ _NOT_EXPRESSIBLE = {
     "adapter_name_or_path": (None, "training resumes or merges existing adapters whose targets are in their "
                                    "own adapter_config.json"),
     "pure_bf16": (False, "pure bf16 keeps the trained parameters in bf16; mixspec plans them in fp32"),
-    "resize_vocab": (False, "a resized vocabulary changes the embedding shapes (and LoRA then trains them)"),
     "mixture_of_depths": (None, "mixture-of-depths converts the model"),
     "use_kt": (False, "KTransformers replaces the MoE experts"),
     "use_mca": (False, "Megatron-Core training is another engine"),
@@ -150,6 +149,7 @@ class _Reader(BaseReader):
         self.config = config
         self.comp = COMPOSITE_MODELS.get(tree.model_type)
         self.check_option_scope()
+        self.resize_effects()
         if ftype == "full":
             self.full()
         elif ftype == "freeze":
@@ -340,6 +340,7 @@ class _Reader(BaseReader):
                        f"{human(self.model.numel(outside))} parameters outside the language model: {show(mods)}",
                        "freeze the vision tower (freeze_vision_tower: true), or train these parts on purpose "
                        "with a mixspec spec")
+        self.extra_substring_effects(extras, trained)
         groups = {"layers": ("trainable_layers", f"freeze tuning: {layer_text}"
                              + ("" if modules == ["all"] else f", modules {', '.join(modules)}"),
                              self.src("freeze_trainable_layers", f"{DEFAULT}: freeze_trainable_layers 2")),
@@ -353,6 +354,23 @@ class _Reader(BaseReader):
                 label, group, source = groups[why]
                 self.part_source[label] = source
                 self.parts.append(Part(label, group, "full", self.lr, self.model.with_tied(names_)))
+
+    def extra_substring_effects(self, extras: list[str], trained: dict[str, str]) -> None:
+        """freeze_extra_modules names match as substrings of parameter names (adapter.py: ``any(
+        trainable_layer in name ...)``): 'proj' (meant: the projector) also trains every *_proj."""
+        for module in extras:
+            loose = sorted((p for p, why in trained.items() if why == "extra" and module in p
+                            and f".{module}." not in f".{p}"), key=natural_key)
+            if not loose:
+                continue
+            mods = sorted({p.rsplit(".", 1)[0] for p in loose}, key=natural_key)
+            leaves = sorted({m.rsplit(".", 1)[-1] for m in mods})
+            self.cfg.effect("freeze_extra_modules", "freeze-extra-substring",
+                            f"freeze_extra_modules {module!r}: LLaMA-Factory trains every parameter whose name "
+                            f"contains it, so it also trains {human(self.model.numel(loose))} parameters of "
+                            f"{len(mods)} modules named {', '.join(leaves[:6])}{' ...' if len(leaves) > 6 else ''} "
+                            f"({show(mods, 3)}), not only the module called {module!r}",
+                            "train that module alone with a mixspec spec (a pattern component), or accept these")
 
     # -- LoRA ------------------------------------------------------------------------
     def find_all_linear_modules(self) -> list[str]:
@@ -417,10 +435,15 @@ class _Reader(BaseReader):
         where = self.src("lora_target", f"{DEFAULT}: lora_target all")
         self.part_source["lora"] = where
         group = "LoRA (lora_target: " + ("all" if all_targets else ", ".join(targets)) + ")"
-        saved = self.additional_target(chosen)
+        resize = self.resize_key()
+        if resize and not cfg.has("additional_target"):  # model/adapter.py: the embeddings join
+            saved = self.additional_target(chosen, self.embedding_leaves(), resize)
+        else:
+            saved = self.additional_target(chosen)
         self.parts.append(Part("lora", group, "lora", self.lr, set(chosen), lora=settings))
         if saved:
-            self.part_source["additional_target"] = cfg.loc("additional_target")
+            self.part_source["additional_target"] = cfg.loc(resize if resize and not cfg.has("additional_target")
+                                                            else "additional_target")
             params = {p for m in saved for p in self.model.params_under(m)}
             self.parts.append(Part("additional_target", "additional_target (PEFT modules_to_save copies)", "full",
                                    self.lr, self.model.with_tied(params)))
@@ -490,9 +513,50 @@ class _Reader(BaseReader):
                        f"additional_target: {leaf} trains it as a PEFT modules_to_save copy (its weights held "
                        "twice), or use finetuning_type: full")
 
-    def additional_target(self, chosen: set[str]) -> list[str]:
+    # -- new tokens (model/patcher.py patch_tokenizer, model/adapter.py _setup_lora_tuning) ------
+    def resize_key(self) -> Optional[str]:
+        """The key that makes LLaMA-Factory resize the vocabulary: resize_vocab, or new tokens
+        (add_tokens / add_special_tokens / new_special_tokens_config: patch_tokenizer sets
+        resize_vocab once one of them is new to the tokenizer)."""
         cfg = self.cfg
-        names = split_names(cfg.get("additional_target", "list_str", None, allow_none=True))
+        for key in ("resize_vocab", "new_special_tokens_config", "add_special_tokens", "add_tokens"):
+            if cfg.has(key) and cfg.data[key] not in (None, False, "", []):
+                cfg.used.add(key)
+                return key
+        return None
+
+    def embedding_leaves(self) -> list[str]:
+        """The last names of get_input_embeddings() and get_output_embeddings(): what
+        _setup_lora_tuning puts in additional_target when the vocabulary is resized."""
+        tree = self.model.tree
+        return sorted({m.rsplit(".", 1)[-1] for m in (tree.input_embedding, tree.output_embedding) if m})
+
+    def resize_effects(self) -> None:
+        key = self.resize_key()
+        if key is None:
+            return
+        cfg, tree = self.cfg, self.model.tree
+        tokens = (f"{key}: new tokens make LLaMA-Factory set resize_vocab (model/patcher.py); "
+                  if key != "resize_vocab" else "resize_vocab: ")
+        rows = ("the embedding matrices grow to len(tokenizer) rounded up to 64 where the tokens do not fit "
+                "their spare rows; those rows are not in this Plan's counts")
+        how = {"lora": "under LoRA, LLaMA-Factory trains " + " and ".join(self.embedding_leaves())
+                       + " in full as additional_target (PEFT modules_to_save copies; planned below)"
+                       if not cfg.has("additional_target") else "additional_target is given, so LLaMA-Factory "
+                       "does not add the embeddings: the new tokens' rows stay at their initial values",
+               "freeze": "freeze tuning does not train " + " or ".join(
+                   m for m in (tree.input_embedding, tree.output_embedding) if m) + ": the new tokens' rows stay "
+                   "at their initial values",
+               "full": "full training trains them with the rest"}[self.ftype]
+        cfg.effect(key, "resize-vocab", tokens + how + "; " + rows + " (if every token is already in the "
+                   "tokenizer, nothing is resized and nothing is added)",
+                   "keep it if the tokens are new; with freeze tuning add the embeddings to freeze_extra_modules"
+                   if self.ftype == "freeze" else "keep it if the tokens are new")
+
+    def additional_target(self, chosen: set[str], names=None, key: str = "additional_target") -> list[str]:
+        cfg = self.cfg
+        if names is None:
+            names = split_names(cfg.get("additional_target", "list_str", None, allow_none=True))
         if not names:
             return []
         all_modules = self.model.modules
@@ -501,18 +565,18 @@ class _Reader(BaseReader):
         for t in names:
             hits = [m for m in wrapped if m.endswith(t)]
             if not hits:
-                cfg.effect("additional_target", "additional-target-matches-nothing",
+                cfg.effect(key, "additional-target-matches-nothing",
                            f"additional_target {t!r} matches no module; PEFT skips it without a word",
                            "module names: mixspec tree MODEL")
                 continue
             loose = [m for m in hits if not (m == t or m.endswith("." + t))]
             if loose:
-                cfg.effect("additional_target", "additional-target-suffix",
+                cfg.effect(key, "additional-target-suffix",
                            f"PEFT matches modules_to_save names as plain suffixes: {t!r} also wraps "
                            f"{show(loose, 3)}", "give the full leaf name")
         overlap = [m for m in wrapped if m in chosen or any(c.startswith(m + ".") for c in chosen)]
         if overlap:
-            cfg.error("additional_target", f"additional_target wraps modules that also get LoRA: {show(overlap)}",
+            cfg.error(key, f"additional_target wraps modules that also get LoRA: {show(overlap)}",
                       "a module is either a LoRA target or a modules_to_save copy; remove one")
             return []
         if wrapped:
@@ -520,10 +584,11 @@ class _Reader(BaseReader):
             n = self.model.numel(params)
             for module, param, partner in tied_copies(self.model.tree, wrapped):
                 message, hint = tied_copy_text(module, param, partner, self.model.tree.param_numel[param],
-                                               "additional_target")
-                cfg.error("additional_target", message, hint)
+                                               "additional_target" if key == "additional_target" else
+                                               f"{key} (additional_target {', '.join(names)})")
+                cfg.error(key, message, hint)
                 return []
-            cfg.effect("additional_target", "additional-target-copy",
+            cfg.effect(key, "additional-target-copy",
                        f"PEFT modules_to_save keeps each of {show(wrapped, 3)} frozen and trains a copy beside it: "
                        f"{human(n)} parameters held twice (+{gib(2 * n)} of weights in bf16 on every GPU beyond "
                        "what the spec's plan counts), saved under ...modules_to_save.default... names",
