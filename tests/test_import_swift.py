@@ -211,6 +211,7 @@ def test_values_from_shell_variables():
     bad = imp("    --tuner_type lora --learning_rate $UNSET\n")
     assert [p.render() for p in bad.problems] == [
         "train.sh:4:39: error: --learning_rate: its value '$UNSET' depends on $UNSET, which this file does not set"
+        " (mixspec needs it: it can change what trains, an LR or the memory)"
         "\n  hint: set the variable in the file, or write the value itself"]
 
 
@@ -564,3 +565,49 @@ def test_swift_rlhf_imports_the_trainable_set():
         e = effect(got, "rlhf")
         assert f"the {kind} loss" in e.message and ("frozen reference copy" in e.message) == ref
         assert got.spec["training"]["gradient_accumulation"] == (1 if kind == "grpo" else 16)
+
+
+# -- values the shell computes ---------------------------------------------------------------------------
+EXPR_SH = """\
+nproc_per_node=2
+CUDA_VISIBLE_DEVICES=0,1 \\
+NPROC_PER_NODE=$nproc_per_node \\
+swift sft --model Qwen/Qwen2.5-7B-Instruct --dataset d --per_device_train_batch_size 2 \\
+    --gradient_accumulation_steps $(expr 16 / $nproc_per_node) \\
+    --save_steps "$(( (100 + 4) * nproc_per_node ))" \\
+    --learning_rate 1e-4
+"""
+
+
+def test_integer_arithmetic_the_script_fixes_is_evaluated():
+    """ms-swift's examples compute accumulation with $(expr 16 / $nproc_per_node): integer
+    arithmetic over the script's own variables is exact (checked against bash itself)."""
+    import shutil
+    import subprocess
+
+    got = read("swift", EXPR_SH, "t.sh")
+    assert got.ok, [p.render() for p in got.problems]
+    assert (got.spec["training"]["gradient_accumulation"], got.spec["training"]["save_steps"]) == (8, 208)
+    assert str(got.origins["training.gradient_accumulation"]) == "t.sh:5:5 --gradient_accumulation_steps"
+    if shutil.which("bash"):
+        echo = EXPR_SH.replace("swift sft", "echo").replace("CUDA_VISIBLE_DEVICES=0,1 \\\n", "")
+        words = subprocess.run(["bash", "-c", echo], capture_output=True, text=True).stdout.split()
+        assert words[words.index("--gradient_accumulation_steps") + 1] == "8"
+        assert words[words.index("--save_steps") + 1] == "208"
+
+
+def test_a_value_mixspec_cannot_compute_is_unknown_where_it_changes_no_training():
+    text = EXPR_SH.replace("$(expr 16 / $nproc_per_node)", "$(expr 16 / $(nproc))")
+    got = read("swift", text, "t.sh")
+    assert got.ok, [p.render() for p in got.problems]
+    # swift's own default stands in, said as unknown
+    assert got.spec["training"]["gradient_accumulation"] == 4
+    assert str(got.origins["training.gradient_accumulation"]).startswith(
+        "t.sh:5:35 --gradient_accumulation_steps: unknown ($(expr 16 / $(nproc))), default used")
+    u = {u.key: u.note for u in got.unmodelled}["--gradient_accumulation_steps $(expr 16 / $(nproc))"]
+    assert u.startswith("unknown:") and "not what trains, the LRs or the memory per GPU" in u
+    # an LR computed by the shell changes the training: a located error
+    bad = read("swift", text.replace("--learning_rate 1e-4", "--learning_rate $(cat lr.txt)"), "t.sh")
+    assert bad.problems[0].render().startswith(
+        "t.sh:7:21: error: --learning_rate: its value '$(cat lr.txt)' depends on $(cat lr.txt), a command "
+        "mixspec does not run")

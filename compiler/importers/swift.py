@@ -47,6 +47,13 @@ from mixspec.tree import EMBEDDING, LORA_KINDS, ModuleTree
 RULES = {4: "ms-swift 4.x (rules of 4.6.0)", 3: "ms-swift 3.x (rules of 3.12.6)"}
 DEFAULT = {4: "ms-swift 4.x default", 3: "ms-swift 3.x default"}
 
+# flags whose value may stay unknown (computed by the shell): what each changes instead
+_SHELL_UNKNOWN = {
+    "gradient_accumulation_steps": "it sets the global batch", "num_train_epochs": "it sets the run's length",
+    "max_steps": "it sets the run's length", "save_steps": "checkpoints", "logging_steps": "logging",
+    "seed": "the random seed", "output_dir": "where checkpoints go", "dataset": "the data",
+    "val_dataset": "the evaluation data",
+}
 # the training commands read here (`swift pt` parses SftArguments' subclass, same options)
 _COMMANDS = {("swift", "sft"), ("swift", "pt"), ("swift", "rlhf")}
 _MEGATRON = ("Megatron-SWIFT trains with Megatron-Core (tensor / pipeline / expert parallel shards, "
@@ -128,6 +135,7 @@ class _Reader:
         self.env: dict[str, tuple[str, Location, bool]] = {}  # name -> (value, where, exported)
         self.version = 4
         self.command = "sft"
+        self.unknown: dict[str, Word] = {}  # flags whose value the shell computes (see unknown_value)
         self.rlhf_type = ""
 
     def loc(self, word: Word) -> Location:
@@ -249,16 +257,32 @@ class _Reader:
         if not flag.values:
             return Word("", flag.where.line, flag.where.col)
         word = flag.values[0]
+        if word.unresolved and name in _SHELL_UNKNOWN:
+            self.unknown_value(name, word)
+            return None
         if word.unresolved:
             raise _Fail(Problem(self.loc(word), f"--{name}",
                                 f"its value {word.raw or word.text!r} depends on {', '.join(word.unresolved)}, "
-                                "which this file does not set",
+                                + ("a command mixspec does not run" if any(u.startswith("$(") for u in word.unresolved)
+                                   else "which this file does not set") + " (mixspec needs it: it can change what trains, an LR or "
+                                "the memory)",
                                 "set the variable in the file, or write the value itself"))
         if len(flag.values) > 1:
             raise _Fail(Problem(self.loc(flag.values[1]), f"--{name}",
                                 f"takes one value, got {len(flag.values)}: {' '.join(v.text for v in flag.values)}",
                                 "quote a value with spaces; give list values only to list flags"))
         return word
+
+    def unknown_value(self, name: str, word: Word) -> None:
+        """A value the shell computes and mixspec cannot (``$(nproc)``, an unset variable) on a
+        flag that changes neither what trains nor an LR nor the memory per GPU: listed as
+        unknown, the default stands in the spec."""
+        if name not in self.unknown:
+            self.unknown[name] = word
+            self.imp.unmodelled.append(Unmodelled(
+                self.loc(word), f"--{name} {word.raw or word.text}",
+                f"unknown: the value depends on {', '.join(word.unresolved)}, which mixspec does not evaluate; the "
+                f"spec keeps the default ({_SHELL_UNKNOWN[name]}, not what trains, the LRs or the memory per GPU)"))
 
     def get_str(self, name: str, default=None):
         w = self._value(name)
@@ -299,6 +323,9 @@ class _Reader:
         if flag is None:
             return None
         for w in flag.values:
+            if w.unresolved and name in _SHELL_UNKNOWN:
+                self.unknown_value(name, w)
+                return None
             if w.unresolved:
                 raise _Fail(Problem(self.loc(w), f"--{name}",
                                     f"value {w.raw or w.text!r} depends on {', '.join(w.unresolved)}, which this "
@@ -306,6 +333,8 @@ class _Reader:
         return list(flag.values)
 
     def origin(self, name: str) -> str:
+        if name in self.unknown:
+            return f"{self.loc(self.unknown[name])} --{name}: unknown ({self.unknown[name].raw}), default used"
         flag = self.flags.get(name)
         if flag is not None:
             return f"{flag.where} {flag.spelled}"
@@ -1291,6 +1320,9 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
         ga = max(1, math.ceil(16 / bs / (world_nodes * world_gpus)))
         o["training.gradient_accumulation"] = (f"{DEFAULT[r.version]}: ceil(16 / batch {bs} / "
                                                f"{world_nodes * world_gpus} GPUs)")
+        if "gradient_accumulation_steps" in r.unknown:
+            o["training.gradient_accumulation"] = r.origin("gradient_accumulation_steps") + \
+                f" ({o['training.gradient_accumulation']})"
     else:
         o["training.gradient_accumulation"] = r.origin("gradient_accumulation_steps")
     t["gradient_accumulation"] = ga
