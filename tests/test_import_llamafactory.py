@@ -503,3 +503,60 @@ def test_freeze_extra_modules_proj_also_trains_every_proj_of_the_llm(tmp_path):
     exact = sum(v for n, v in want.items() if ".proj." in n)
     assert str(e.where) == "train.yaml:6:1"
     assert f"also trains {sum(want.values()) - exact:,} parameters" in e.message and "q_proj" in e.message
+
+
+# -- command lines: `llamafactory-cli train --key value ...` (the web UI's preview) -------------------
+PREVIEW = """\
+```bash
+llamafactory-cli train \\
+    --stage sft \\
+    --do_train True \\
+    --model_name_or_path Qwen/Qwen2.5-VL-7B-Instruct \\
+    --finetuning_type full \\
+    --freeze_vision_tower False \\
+    --freeze_multi_modal_projector False \\
+    --learning_rate 5e-06 \\
+    --dataset mllm_demo \\
+    --bf16 True \\
+    --plot_loss
+```
+"""
+
+
+def test_a_command_line_is_read_as_the_yaml_it_stands_for():
+    """The preview's --key value pairs give the same import as the YAML file with those keys."""
+    got = lf(PREVIEW, "cmd.sh")
+    assert got.ok, [p.render() for p in got.problems]
+    yaml_text = "".join(f"{k}: {v}\n" for k, v in (
+        ("stage", "sft"), ("do_train", "true"), ("model_name_or_path", QWEN_VL), ("finetuning_type", "full"),
+        ("freeze_vision_tower", "false"), ("freeze_multi_modal_projector", "false"), ("learning_rate", "5.0e-6"),
+        ("dataset", "mllm_demo"), ("bf16", "true"), ("plot_loss", "true")))
+    want = lf(yaml_text)
+    assert got.spec == want.spec
+    assert plan_spec(got.spec).trainable_lrs() == plan_spec(want.spec).trainable_lrs()
+    assert str(got.origins["model"]) == "cmd.sh:5:5"
+    assert [u.key for u in got.unmodelled] == ["plot_loss"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("--lora_rannk 4", "cmd.sh:12:17: error: lora_rannk: LLaMA-Factory 0.9.5 does not know this key"),
+    ("--lora_target q_proj v_proj", "cmd.sh:12:38: error: lora_target: 'v_proj': one value per --key"),
+    ("--output_dir $OUT", "cmd.sh:12:30: error: output_dir: '$OUT' depends on $OUT"),
+])
+def test_command_line_problems_are_located(extra, message):
+    got = lf(PREVIEW.replace("--plot_loss", "--plot_loss " + extra), "cmd.sh")
+    assert not got.ok and got.problems[0].render().startswith(message), got.problems[0].render()
+
+
+def test_a_command_line_with_a_yaml_file_and_overrides(tmp_path, monkeypatch):
+    """hparams/parser.py read_args: the file, then OmegaConf.from_cli key=value overrides."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lora.yaml").write_text(head(LLAMA, "finetuning_type: lora\nlora_target: all\n"))
+    got = lf("FORCE_TORCHRUN=1 llamafactory-cli train lora.yaml lora_rank=16 learning_rate=2e-5\n", "run.sh")
+    assert got.ok, [p.render() for p in got.problems]
+    lora = plan_spec(got.spec).component("language")
+    assert (lora.lora.rank, lora.lr) == (16, 2e-5)
+    assert str(got.origins["model"]) == "lora.yaml:1:1"
+    missing = lf("llamafactory-cli train nowhere.yaml\n", "run.sh")
+    assert missing.problems[0].render().startswith(
+        "run.sh:1:24: error: this command trains from the file nowhere.yaml, which is not here")

@@ -32,7 +32,7 @@ _ROLE_ORDER = ("vision", "aligner", "language", "embeddings", "lm_head", "audio"
 class Config:
     """A backend config as plain data, every key located; typed reads record problems."""
 
-    def __init__(self, imported: Imported, path: str, text: str):
+    def __init__(self, imported: Imported, path: str, text: str, located=None):
         from mixspec.yamlloc import load_located_text
 
         self.out = imported
@@ -40,6 +40,9 @@ class Config:
         self.data: dict = {}
         self.located = None
         self.used: set[str] = set()
+        if located is not None:  # already read (a command line's --key value pairs)
+            self.located, self.data = located, located.data
+            return
         try:
             located = load_located_text(text, path)
         except SpecError as exc:
@@ -585,10 +588,11 @@ class BaseReader:
                 self.cfg.unmodelled(key, note_for(key))
 
 
-def read_config(backend: str, rules: str, reader, text: str, path: str) -> Imported:
-    """Parse ``text`` and run ``reader(cfg, imported).run()`` when it is a mapping."""
+def read_config(backend: str, rules: str, reader, text: str, path: str, located=None) -> Imported:
+    """Parse ``text`` (or take ``located``, its keys already read) and run
+    ``reader(cfg, imported).run()`` when it is a mapping."""
     out = Imported(backend=backend, rules=rules, spec={})
-    cfg = Config(out, path, text)
+    cfg = Config(out, path, text, located)
     if cfg.ok:
         reader(cfg, out).run()
     return out

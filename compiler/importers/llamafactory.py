@@ -18,7 +18,7 @@ import os
 import re
 from typing import Optional
 
-from mixspec.errors import Location, Problem
+from mixspec.errors import Location, Problem, SpecError
 from mixspec.names import natural_key
 from mixspec.targets.llamafactory import (COMPOSITE_MODELS, LLAMAFACTORY_VERSION, _FLAG, _PART_LABEL, _PARTS,
                                           _forbidden, _full_trainable, _modules_to_save, _peft_list_match)
@@ -82,8 +82,103 @@ _NO_EFFECT_NOTE = {
 
 
 def read(text: str, path: str) -> Imported:
-    """What the LLaMA-Factory train.yaml ``text`` (read from ``path``) trains, as a spec."""
-    return read_config("llamafactory", RULES, _Reader, text, path)
+    """What the LLaMA-Factory train.yaml ``text`` (read from ``path``) trains, as a spec; a
+    ``llamafactory-cli train --key value ...`` command line (what the web UI previews) is read
+    as the YAML it stands for."""
+    command = _command_line(text, path)
+    if isinstance(command, Problem):
+        out = Imported(backend="llamafactory", rules=RULES, spec={})
+        out.problems.append(command)
+        return out
+    return read_config("llamafactory", RULES, _Reader, text, path, command)
+
+
+def _command_line(text: str, path: str):
+    """The --key value pairs of a ``llamafactory-cli train`` command in ``text`` as located data
+    (HfArgumentParser's reading: a bare --flag is true, values typed as YAML reads them), a
+    located Problem, or None when ``text`` holds no such command (a YAML file)."""
+
+    from mixspec.yamlloc import Located
+
+    from .shell import UnterminatedQuote, expand, split_commands
+
+    # the web UI's preview comes in a ```bash fence; blank those lines, keeping line numbers
+    text = "\n".join("" if line.lstrip().startswith("```") else line for line in text.splitlines())
+    if not re.search(r"(llamafactory-cli|\blmf)\s+train\b", text):
+        return None
+    try:
+        commands = split_commands(text)
+    except UnterminatedQuote as exc:
+        return Problem(Location(path, exc.line, exc.col), "", f"this {exc.quote} quote is never closed")
+    words = next((c[i:] for c in commands for i in range(len(c) - 1)
+                  if os.path.basename(c[i].text) in ("llamafactory-cli", "lmf") and c[i + 1].text == "train"), None)
+    if words is None:
+        return None
+    where = lambda w: Location(path, w.line, w.col)  # noqa: E731
+    if len(words) > 2 and not words[2].text.startswith("--"):
+        return _file_with_overrides(words[2:], path)
+    data, key_locs, value_locs = {}, {}, {}
+    key = None
+    for w in words[2:]:
+        w = expand(w, {})
+        if w.unresolved:
+            return Problem(where(w), key or "", f"{w.raw or w.text!r} depends on {', '.join(w.unresolved)}, "
+                           "which this command line does not set", "write the value itself")
+        if w.text.startswith("--") and len(w.text) > 2:
+            key, eq, value = w.text[2:].partition("=")
+            key = key.replace("-", "_")
+            data[key], key_locs[(key,)] = True, where(w)  # a bare --flag: true
+            if eq:
+                data[key], value_locs[(key,)] = _typed(value), where(w)
+            continue
+        if key is None or (key,) in value_locs:
+            return Problem(where(w), key or "", f"{w.text!r}: one value per --key (LLaMA-Factory's parser "
+                           "stops on the rest: \"Some specified arguments are not used\")",
+                           "quote a value with spaces; join lists with commas")
+        data[key], value_locs[(key,)] = _typed(w.text), where(w)
+    return Located(path, data, value_locs, key_locs)
+
+
+def _file_with_overrides(words, path: str):
+    """``llamafactory-cli train FILE.yaml key=value ...`` (hparams/parser.py read_args: the
+    file, then OmegaConf.from_cli overrides): the file's keys where they are written, each
+    override at its word on the command line."""
+    from mixspec.yamlloc import Located, load_located_text
+
+    name = words[0].text
+    bases = [os.getcwd()] + ([] if path.startswith("<") else [os.path.dirname(os.path.abspath(path))])
+    found = next((os.path.join(b, name) for b in bases if os.path.isfile(os.path.join(b, name))), None)
+    if found is None or not name.endswith((".yaml", ".yml")):
+        return Problem(Location(path, words[0].line, words[0].col), "", f"this command trains from the file {name}, "
+                       "which is not here" if found is None else f"{name}: mixspec imports a YAML config",
+                       f"import that file: mixspec import --from llamafactory {name}")
+    try:
+        with open(found, encoding="utf-8") as fh:
+            located = load_located_text(fh.read(1 << 20), name)
+    except (OSError, SpecError) as exc:
+        problems = getattr(exc, "problems", None)
+        return problems[0] if problems else Problem(Location(path, words[0].line, words[0].col), "", str(exc))
+    data = dict(located.data) if isinstance(located.data, dict) else {}
+    key_locs, value_locs = dict(located.key_locs), dict(located.value_locs)
+    for w in words[1:]:
+        key, eq, value = w.text.partition("=")
+        if not eq or not key:
+            return Problem(Location(path, w.line, w.col), "", f"{w.text!r}: an override is key=value",
+                           "write key=value (OmegaConf.from_cli)")
+        data[key] = _typed(value)
+        key_locs[(key,)] = value_locs[(key,)] = Location(path, w.line, w.col)
+    return Located(name, data, value_locs, key_locs)
+
+
+def _typed(value: str):
+    """A command-line value as the config file would hold it (True, 8, 5e-05 ...)."""
+    import yaml
+
+    try:
+        typed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    return typed if isinstance(typed, (bool, int, float)) else value
 
 
 class _Reader(BaseReader):
