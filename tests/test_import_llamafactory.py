@@ -560,3 +560,39 @@ def test_a_command_line_with_a_yaml_file_and_overrides(tmp_path, monkeypatch):
     missing = lf("llamafactory-cli train nowhere.yaml\n", "run.sh")
     assert missing.problems[0].render().startswith(
         "run.sh:1:24: error: this command trains from the file nowhere.yaml, which is not here")
+
+
+# -- use_llama_pro: every stride-th block of an expanded checkpoint ------------------------------------
+def _llama_pro_blocks(num_layers: int, k: int) -> list[int]:
+    """LLaMA Pro's own layout (scripts/llama_pro.py): after every num_layers/k original blocks
+    a copy is inserted; these are the copies' indices in the expanded model."""
+    split = (num_layers - k) // k  # original blocks per group in the expanded model of num_layers blocks
+    return [(split + 1) * g + split for g in range(k)]
+
+
+@pytest.mark.parametrize("method,mode", [
+    ("finetuning_type: freeze\nuse_llama_pro: true\nfreeze_trainable_layers: 8\n", "full"),
+    ("finetuning_type: lora\nuse_llama_pro: true\nfreeze_trainable_layers: 8\nlora_target: all\n", "lora"),
+])
+def test_use_llama_pro_trains_the_expanded_blocks(method, mode):
+    """Llama-3.1-8B's 32 blocks read as a 24-block model expanded by 8 (num_expand 8): the
+    blocks trained are the 8 llama_pro.py inserted."""
+    imp = lf(head(LLAMA, method))
+    assert imp.ok, [p.render() for p in imp.problems]
+    plan = plan_spec(imp.spec)
+    blocks = sorted({int(n.split(".")[2]) for n in plan.trainable_lrs()})
+    assert blocks == _llama_pro_blocks(32, 8) == [3, 7, 11, 15, 19, 23, 27, 31]
+    assert {c.mode for c in plan.components if c.trainable_params} == {mode}
+    assert "blocks 3, 7, 11, 15, 19, 23, 27, 31 of 32" in effect(imp, "llama-pro-blocks").message
+    assert "flag-no-effect" not in codes(imp)
+
+
+@pytest.mark.parametrize("method,message", [
+    ("finetuning_type: freeze\nuse_llama_pro: true\nfreeze_trainable_layers: 5\n",
+     "train.yaml:6:26: error: freeze_trainable_layers: LLaMA-Factory raises: `num_layers` 32 should be divisible"),
+    ("finetuning_type: full\nuse_llama_pro: true\n",
+     "train.yaml:5:16: error: use_llama_pro: LLaMA-Factory raises: `use_llama_pro` is only valid for Freeze or LoRA"),
+])
+def test_use_llama_pro_refusals_are_llamafactorys(method, message):
+    imp = lf(head(LLAMA, method))
+    assert not imp.ok and imp.problems[0].render().startswith(message)

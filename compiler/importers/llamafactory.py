@@ -56,7 +56,6 @@ _NOT_EXPRESSIBLE = {
     "use_badam": (False, "BAdam trains one block at a time; mixspec plans every trainable parameter at once"),
     "use_adam_mini": (False, "Adam-mini changes the optimizer states; mixspec plans plain AdamW"),
     "use_muon": (False, "Muon changes the optimizer; mixspec plans plain AdamW"),
-    "use_llama_pro": (False, "LLaMA Pro expands the model with new blocks; the spec's model has only its own"),
     "adapter_name_or_path": (None, "training resumes or merges existing adapters whose targets are in their "
                                    "own adapter_config.json"),
     "pure_bf16": (False, "pure bf16 keeps the trained parameters in bf16; mixspec plans them in fp32"),
@@ -299,6 +298,9 @@ class _Reader(BaseReader):
                                f"composite-model registry (model/model_utils/visual.py): {key} does nothing "
                                "(full trains every parameter, lora_target goes to PEFT unfiltered)",
                                f"remove {key}; select parts with lora_target (LoRA) or freeze tuning instead")
+        if ftype == "full" and self.llama_pro:
+            cfg.error("use_llama_pro", "LLaMA-Factory raises: `use_llama_pro` is only valid for Freeze or LoRA "
+                      "training", "use finetuning_type: freeze or lora")
         for key in _LORA_ONLY:
             if ftype != "lora" and cfg.has(key) and cfg.data[key] not in (None, False):
                 cfg.error(key, f"LLaMA-Factory refuses {key} with finetuning_type: {ftype} "
@@ -312,7 +314,7 @@ class _Reader(BaseReader):
                     cfg.used.add(key)
         if ftype != "freeze":
             for key in _FREEZE_KEYS:
-                if cfg.has(key):
+                if cfg.has(key) and not (key == "freeze_trainable_layers" and self.llama_pro):
                     cfg.effect(key, "flag-no-effect", f"{key} applies only to finetuning_type: freeze; "
                                                       f"with {ftype} it does nothing",
                                f"remove {key}, or use finetuning_type: freeze")
@@ -382,10 +384,11 @@ class _Reader(BaseReader):
             cfg.error("finetuning_type", "LLaMA-Factory raises \"Current model does not support freeze tuning\": "
                                          "the config has no num_hidden_layers", "use finetuning_type: full or lora")
             return
-        if n_train > 0:
-            ids = range(max(0, num_layers - n_train), num_layers)
-        else:
-            ids = range(min(-n_train, num_layers))
+        ids = self.llama_pro_layers(num_layers, "freeze_trainable_layers")
+        if ids is False:
+            return
+        if ids is None:
+            ids = range(max(0, num_layers - n_train), num_layers) if n_train > 0 else range(min(-n_train, num_layers))
         names = self.canonical_params()
         hidden, non_hidden = set(), set()
         for name in names:
@@ -422,8 +425,10 @@ class _Reader(BaseReader):
                 trained[name] = "extra"
             elif any(t in name for t in projector):
                 trained[name] = "projector"
-        layer_text = (f"the last {n_train}" if n_train > 0 else f"the first {-n_train}") + \
-            f" of {num_layers} layers (indices {ids.start}-{ids.stop - 1})"
+        layer_text = (f"one in {ids.step} of {num_layers} layers (use_llama_pro: indices "
+                      f"{', '.join(map(str, ids))})" if self.llama_pro else
+                      (f"the last {n_train}" if n_train > 0 else f"the first {-n_train}")
+                      + f" of {num_layers} layers (indices {ids.start}-{ids.stop - 1})")
         # the layer keys are substrings '.<i>.': they hit every stack numbered like the LLM's
         outside = sorted({p for p, why in trained.items() if why == "layers" and self.model.role_of(p) not in
                           ("language", None)}, key=natural_key)
@@ -449,6 +454,34 @@ class _Reader(BaseReader):
                 label, group, source = groups[why]
                 self.part_source[label] = source
                 self.parts.append(Part(label, group, "full", self.lr, self.model.with_tied(names_)))
+
+    @property
+    def llama_pro(self) -> bool:
+        return bool(self.cfg.get("use_llama_pro", "bool", False))
+
+    def llama_pro_layers(self, num_layers: int, why_key: str):
+        """use_llama_pro: the trained block indices, every stride-th (adapter.py
+        _setup_freeze_tuning / misc.py find_expanded_modules: stride = num_layers //
+        freeze_trainable_layers, ids stride-1, 2*stride-1, ...); None without it, False after
+        a located problem (LLaMA-Factory raises)."""
+        cfg = self.cfg
+        if not self.llama_pro:
+            return None
+        k = cfg.get("freeze_trainable_layers", "int", 2)
+        if k == 0 or num_layers % k != 0:
+            cfg.error("freeze_trainable_layers" if cfg.has("freeze_trainable_layers") else "use_llama_pro",
+                      f"LLaMA-Factory raises: `num_layers` {num_layers} should be divisible by "
+                      f"`num_layer_trainable` {k} (use_llama_pro)",
+                      "freeze_trainable_layers: the number of blocks the checkpoint was expanded by (num_expand)")
+            return False
+        stride = num_layers // k
+        ids = range(stride - 1, num_layers + stride - 1, stride)
+        cfg.effect("use_llama_pro", "llama-pro-blocks",
+                   f"use_llama_pro trains blocks {', '.join(map(str, ids))} of {num_layers} (one in {stride}, "
+                   f"freeze_trainable_layers {k}): the blocks LLaMA-Factory's scripts/llama_pro.py added if this "
+                   f"checkpoint was expanded with num_expand {k}; on any other checkpoint they are original blocks",
+                   "train on the checkpoint llama_pro.py wrote, with freeze_trainable_layers = its num_expand")
+        return ids
 
     def extra_substring_effects(self, extras: list[str], trained: dict[str, str]) -> None:
         """freeze_extra_modules names match as substrings of parameter names (adapter.py: ``any(
@@ -502,6 +535,20 @@ class _Reader(BaseReader):
         all_targets = len(targets) == 1 and targets[0] == "all"
         if all_targets:
             targets = self.find_all_linear_modules()
+        if self.llama_pro:  # misc.py find_expanded_modules: full names in the stride-th blocks
+            num_layers = (self.config or {}).get("num_hidden_layers")
+            if not isinstance(num_layers, int) or not num_layers:
+                cfg.error("use_llama_pro", "LLaMA-Factory raises \"Model was not supported.\": use_llama_pro under "
+                          "LoRA reads num_hidden_layers from the top of the config, which this model has not",
+                          "use finetuning_type: freeze (it reads text_config), or remove use_llama_pro")
+                return
+            ids = self.llama_pro_layers(num_layers, "freeze_trainable_layers")
+            if ids is False:
+                return
+            layers = [f".{i}." for i in ids]
+            named, targets = targets, [m for m in modules if any(t in m for t in targets) and any(x in m for x in layers)]
+        else:
+            named = targets
         if self.comp is not None:
             blocked = _forbidden(self.comp, self.flags) + tuple(self.comp.lora_conflict)
             kept = [m for m in modules if any(t in m for t in targets) and not any(b in m for b in blocked)]
@@ -524,12 +571,13 @@ class _Reader(BaseReader):
                          if blocked else ""),
                       "check lora_target and the freeze_* flags against `mixspec tree MODEL`")
             return
-        if not all_targets:
-            self.lora_target_effects(targets, chosen, blocked)
+        if not all_targets and not self.llama_pro:
+            self.lora_target_effects(named, chosen, blocked)
         self.lora_flag_effects(chosen, all_targets)
         where = self.src("lora_target", f"{DEFAULT}: lora_target all")
         self.part_source["lora"] = where
-        group = "LoRA (lora_target: " + ("all" if all_targets else ", ".join(targets)) + ")"
+        group = "LoRA (lora_target: " + ("all" if all_targets else ", ".join(named)) + ")" + (
+            " in the use_llama_pro blocks" if self.llama_pro else "")
         resize = self.resize_key()
         if resize and not cfg.has("additional_target"):  # model/adapter.py: the embeddings join
             saved = self.additional_target(chosen, self.embedding_leaves(), resize)
