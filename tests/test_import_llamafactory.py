@@ -596,3 +596,16 @@ def test_use_llama_pro_trains_the_expanded_blocks(method, mode):
 def test_use_llama_pro_refusals_are_llamafactorys(method, message):
     imp = lf(head(LLAMA, method))
     assert not imp.ok and imp.problems[0].render().startswith(message)
+
+
+@pytest.mark.parametrize("key,value,message,hint", [
+    ("new_special_tokens", "<think>", "new_special_tokens was renamed add_special_tokens in LLaMA-Factory 0.9.3",
+     "write add_special_tokens: with the same tokens"),
+    ("new_normal_tokens", "foo", "new_normal_tokens was renamed add_tokens", "write add_tokens:"),
+    ("image_resolution", "512", "image_resolution was replaced by image_max_pixels", "(512 -> 262144)"),
+    ("image_dir", "data", "image_dir was renamed media_dir", "write media_dir:"),
+])
+def test_renamed_keys_name_their_successor(key, value, message, hint):
+    imp = lf(head(LLAMA, f"finetuning_type: lora\n{key}: {value}\n"))
+    text = imp.problems[0].render()
+    assert not imp.ok and text.startswith(f"train.yaml:5:1: error: {key}: {message}") and hint in text

@@ -44,6 +44,16 @@ _REMOVED = {
                            "freeze_language_model: true (with finetuning_type: full)"),
     "visual_inputs": ("removed in LLaMA-Factory 0.9.0 (multimodal input is automatic): 0.9.5 refuses the key",
                       "remove it"),
+    # renamed (hparams/*.py history: 0.9.3 commit b07628d, 0.9.2 commit 8f401e3)
+    "new_special_tokens": ("renamed add_special_tokens in LLaMA-Factory 0.9.3: 0.9.5 refuses the old name",
+                           "write add_special_tokens: with the same tokens"),
+    "new_normal_tokens": ("renamed add_tokens in LLaMA-Factory 0.9.3: 0.9.5 refuses the old name",
+                          "write add_tokens: with the same tokens"),
+    "image_dir": ("renamed media_dir in LLaMA-Factory 0.9.2: 0.9.5 refuses the old name", "write media_dir:"),
+    "image_resolution": ("replaced by image_max_pixels in LLaMA-Factory 0.9.2 (a pixel count, not a side): "
+                         "0.9.5 refuses the old key", "write image_max_pixels: the side squared (512 -> 262144)"),
+    "video_resolution": ("replaced by video_max_pixels in LLaMA-Factory 0.9.2 (a pixel count, not a side): "
+                         "0.9.5 refuses the old key", "write video_max_pixels: the side squared (256 -> 65536)"),
 }
 
 # settings that change what trains, the learning rates or the memory, and that the spec
