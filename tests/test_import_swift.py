@@ -611,3 +611,24 @@ def test_a_value_mixspec_cannot_compute_is_unknown_where_it_changes_no_training(
     assert bad.problems[0].render().startswith(
         "t.sh:7:21: error: --learning_rate: its value '$(cat lr.txt)' depends on $(cat lr.txt), a command "
         "mixspec does not run")
+
+
+# -- a DeepSpeed JSON: read where swift finds it; not here: listed, planned without ZeRO --------------
+def test_deepspeed_json_is_read_or_listed_the_same_way_as_llamafactory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {
+        "stage": 3, "offload_optimizer": {"device": "cpu"}}}))
+    script = tmp_path / "train.sh"
+    for name, want in (("ds.json", {"zero_stage": 3, "offload": "optimizer"}), ("missing.json", {})):
+        text = f"swift sft --model Qwen/Qwen2.5-7B-Instruct --dataset d --deepspeed {name}\n"
+        got = read("swift", text, str(script))
+        assert got.ok, [p.render() for p in got.problems]
+        assert {k: v for k, v in got.spec["distributed"].items() if k in ("zero_stage", "offload")} == want
+        lf_got = read("llamafactory", f"model_name_or_path: Qwen/Qwen2.5-7B-Instruct\nstage: sft\ndo_train: true\n"
+                      f"dataset: d\nbf16: true\ndeepspeed: {name}\n", str(tmp_path / "train.yaml"))
+        assert lf_got.ok, [p.render() for p in lf_got.problems]
+        assert {k: v for k, v in lf_got.spec.get("distributed", {}).items() if k in ("zero_stage", "offload")} == want
+        if not want:
+            notes = [u.note for u in got.unmodelled if "missing.json" in u.key]
+            lf_notes = [u.note for u in lf_got.unmodelled if u.key == "deepspeed"]
+            assert notes == lf_notes and "memory plan is without ZeRO sharding" in notes[0]

@@ -40,6 +40,7 @@ from typing import Optional
 
 from mixspec.errors import Location, ModelSourceError, Problem, SpecError, quoted
 from mixspec.importers import Effect, Imported, Unmodelled, tied_copies, tied_copy_text
+from mixspec.importers._common import DEEPSPEED_NOT_HERE, find_file, read_json, zero_settings
 from mixspec.importers.shell import ASSIGNMENT, UnterminatedQuote, Word, expand, split_commands
 from mixspec.names import is_under, natural_key
 from mixspec.tree import EMBEDDING, LORA_KINDS, ModuleTree
@@ -1397,27 +1398,45 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
     ds_flag = r.flags.get("deepspeed")
     ds_name = None
     if ds_flag is not None and ds_flag.values and ds_flag.values[0].unresolved:
-        # a path built from the script's variables (e.g. "$HERE/deepspeed.json"): a JSON file
+        # a path built from variables the script does not set (e.g. "$HERE/deepspeed.json")
         r.imp.unmodelled.append(Unmodelled(ds_flag.where, f"--deepspeed {ds_flag.values[0].raw}",
-                                           "a DeepSpeed JSON file: the spec leaves zero_stage out; set it by hand"))
+                                           DEEPSPEED_NOT_HERE))
     else:
         ds_name = r.get_str("deepspeed")
     if ds_name is not None:
-        if ds_name in _DS_BUILTIN:
-            stage, offload = _DS_BUILTIN[ds_name]
-            d["zero_stage"] = stage
-            o["distributed.zero_stage"] = r.origin("deepspeed")
-            if offload != "none":
-                d["offload"] = offload
-                o["distributed.offload"] = r.origin("deepspeed")
-        else:
-            r.imp.unmodelled.append(Unmodelled(r.flags["deepspeed"].where, f"--deepspeed {ds_name}",
-                                               "a DeepSpeed JSON file: the spec leaves zero_stage out; set it by hand"))
+        d.update(_deepspeed(r, ds_name))
     spec["distributed"] = d
     out = r.get_str("output_dir")
     if out is not None:
         spec["output_dir"] = out
         o["output_dir"] = r.origin("output_dir")
+
+
+def _deepspeed(r: _Reader, name: str) -> dict:
+    """zero_stage / offload of --deepspeed: one of swift's bundled names (zero2, zero3_offload,
+    ...) or a JSON file, read where swift would find it (the working directory, then the
+    script's); a file that is not here is listed, the spec planned without ZeRO."""
+    o = r.imp.origins
+    if name in _DS_BUILTIN:
+        stage, offload = _DS_BUILTIN[name]
+        got = {"zero_stage": stage, "offload": offload}
+    else:
+        bases = [Path.cwd()] + ([] if r.path.startswith("<") else [Path(r.path).resolve().parent])
+        found = find_file(str(b / name) for b in bases)
+        ds = read_json(found) if found else None
+        if ds is None:
+            r.imp.unmodelled.append(Unmodelled(r.flags["deepspeed"].where, f"--deepspeed {name}", DEEPSPEED_NOT_HERE))
+            return {}
+        got = ds if isinstance(ds, str) else zero_settings(ds)
+        if isinstance(got, str):
+            raise _Fail(Problem(r.flags["deepspeed"].where, "--deepspeed", f"cannot read the DeepSpeed config "
+                                f"{name}: {got}", "give a readable DeepSpeed JSON file"))
+    o["distributed.zero_stage"] = r.origin("deepspeed")
+    if got["offload"] == "none":
+        del got["offload"]
+    else:
+        o["distributed.offload"] = r.origin("deepspeed")
+    return got
 
 
 def _env_num(r: _Reader, name: str, default: int) -> int:
