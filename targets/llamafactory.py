@@ -735,6 +735,8 @@ class LlamaFactoryTarget(Target):
         y.key("media_dir", ".")
         y.key("template", a.template)
         y.key("cutoff_len", t.max_length)
+        if plan.data and "vision" in plan.roles:  # the image size the memory plan assumes, as LLaMA-Factory's cap
+            y.key("image_max_pixels", plan.data.max_pixels)
 
         y.section("output")
         y.key("output_dir", plan.output_dir or "output")

@@ -342,6 +342,95 @@ class _Reader:
         return f"{DEFAULT[self.version]} (--{name})"
 
 
+# -- a train.sh mixspec compiled with its plugin (--tuner_type mixspec) -------------------------
+PLUGIN = "mixspec"  # targets/swift.py PLUGIN_NAME: the tuner and optimizer mixspec_plugin.py registers
+
+
+def _plugin_data(r: _Reader) -> tuple[dict, Path]:
+    """The Plan blocks of the --external_plugins file (literals, read with ast: never run)."""
+    import ast
+
+    flag = r.flags.get("external_plugins")
+    if flag is None or not flag.values:
+        raise _Fail(Problem(r.flags["tuner_type" if r.version >= 4 else "train_type"].where, "--external_plugins",
+                            f"tuner {PLUGIN!r} is registered by mixspec_plugin.py, and no --external_plugins "
+                            "names it", "import the train.sh mixspec wrote, beside its mixspec_plugin.py"))
+    word = flag.values[0]
+    name = Path((word.raw or word.text).strip("\"'")).name  # "$HERE/mixspec_plugin.py": the script's directory
+    bases = ([] if r.path.startswith("<") else [Path(r.path).resolve().parent]) + [Path.cwd()]
+    found = find_file(str(b / name) for b in bases)
+    if found is None:
+        raise _Fail(Problem(r.loc(word), "--external_plugins", f"{name} is not beside the script: it holds what "
+                            "this run trains", "import the train.sh in the directory mixspec compiled it to"))
+    values = {}
+    try:
+        for node in ast.parse(Path(found).read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                    and node.targets[0].id in ("SWIFT_VERSION", "PLAN_FINGERPRINT", "PLAN_MODEL", "LORA", "COMPONENTS"):
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise _Fail(Problem(r.loc(word), "--external_plugins", f"cannot read the Plan in {name}: {exc}")) from None
+    if "COMPONENTS" not in values:
+        raise _Fail(Problem(r.loc(word), "--external_plugins", f"{name} is not a mixspec plugin (no COMPONENTS)",
+                            "give the mixspec_plugin.py that mixspec compile wrote"))
+    return values, Path(found)
+
+
+def _from_plugin(r: _Reader, tuner: str) -> None:
+    """What a mixspec-compiled train.sh trains: the plugin's COMPONENTS (each parameter's
+    component, mode, LR and weight decay) and LORA (one adapter's settings), as a spec of
+    exact pattern components; the plugin's own fingerprint checks the result."""
+    from mixspec.names import expand_names
+    from mixspec.resolve import covering
+    from mixspec.targets._common import exact_regex
+
+    data, where = _plugin_data(r)
+    tree = r.tree
+    all_names = list(tree.param_shapes)
+    alias_of = defaultdict(list)
+    for alias, canon in tree.tied.items():
+        alias_of[canon].append(alias)
+    truth, components = _Truth(), {}
+    lora = data.get("LORA") or {}
+    truth.lora_settings = {"rank": lora.get("r"), "alpha": lora.get("lora_alpha"), "dropout": lora.get("lora_dropout"),
+                           "rslora": lora.get("use_rslora"), "dora": lora.get("use_dora")}
+    for c in data["COMPONENTS"]:
+        names = sorted(expand_names(c["params"]), key=natural_key)
+        name = _free_name(components, c["name"] + ("_part" if c["name"] in r.roles.prefixes else ""))
+        comp = {"train": c["mode"], "lr": c["lr"], "weight_decay": c["weight_decay"]}
+        if c["mode"] == "lora":
+            mods = sorted({n.split(".lora_A.")[0] for n in names if ".lora_A." in n}, key=natural_key)
+            comp["modules"] = _patterns(mods, exact_regex)
+            comp["lora"] = {k: truth.lora_settings[k] for k in ("rank", "alpha", "dropout")}
+            comp["lora"].update({k: True for k in ("rslora", "dora") if truth.lora_settings[k]})
+            comp["lora"]["targets"] = "all-linear"
+            comp["_targets"] = mods
+            truth.lora.update((m, (c["lr"], "all")) for m in mods)
+        else:
+            params = set(names) | {a for n in names for a in alias_of.get(n, ())}
+            comp["modules"] = _patterns(covering(params, all_names), exact_regex)
+            truth.full.update((n, (c["lr"], "all")) for n in names if n not in tree.tied)
+        components[name] = comp
+        r.imp.groups[name] = f"mixspec plugin: component {c['name']}"
+        r.imp.origins[f"components.{name}"] = f"{where.name} COMPONENTS {c['name']}"
+    r.imp.spec = {"version": 1, "model": r.source.path if r.source.kind == "local" else r.source.ref,
+                  "components": components}
+    r.imp.origins["model"] = r.origin("model")
+    _training(r, r.imp.spec, tuner)
+    _env_and_unmodelled(r)
+    r.imp.unmodelled = [u for u in r.imp.unmodelled if not u.key.startswith(("--external_plugins", "--optimizer"))]
+    r.imp.unmodelled.sort(key=lambda u: (u.where.line, u.where.col))
+    if not r.imp.ok:
+        return
+    r.imp.plan = _verify(r, truth)
+    if r.imp.plan is not None and r.imp.plan.fingerprint() != data.get("PLAN_FINGERPRINT"):
+        r.imp.problems.append(Problem(r.flags["external_plugins"].where, "--external_plugins", (
+            f"the Plan read from {where.name} does not give its own fingerprint {data.get('PLAN_FINGERPRINT')} "
+            f"(got {r.imp.plan.fingerprint()}): the plugin was edited, or compiled for another model"),
+            "compile the spec again"))
+        r.imp.plan = None
+
+
 # -- flag names: ms-swift's parser stops on any option it does not define ---------------------
 # names of earlier ms-swift versions: ReleaseNote3.0.md ("... is renamed to ...") for 2.x -> 3.x,
 # Command-line-parameters.md of 4.0 ("In ms-swift 3.x, the parameter name is train_type")
@@ -547,7 +636,7 @@ def _read(r: _Reader) -> None:
     r.imp.rules = RULES[r.version]
     tuner_flag = "train_type" if r.version == 3 else "tuner_type"
     tuner = r.get_str(tuner_flag, "lora")
-    if tuner not in _TUNERS:
+    if tuner not in _TUNERS and tuner != PLUGIN:
         raise _Fail(Problem(flags[tuner_flag].where, f"--{tuner_flag}",
                             f"tuner {tuner!r}: mixspec expresses full, lora and lora_llm training only",
                             "a spec has train: full / lora / freeze per component"))
@@ -592,6 +681,10 @@ def _read(r: _Reader) -> None:
                  f"--model_type {mt} is not the ms-swift model type mixspec knows for this {tree.model_type} "
                  f"config ({sw.model_type}); its module layout is read as {sw.model_type}'s",
                  f"use --model_type {sw.model_type}")
+    if tuner == PLUGIN:  # a train.sh mixspec compiled: its plugin holds the Plan
+        r.tree, r.sw, r.roles, r.source = tree, sw, roles, source
+        _from_plugin(r, tuner)
+        return
 
     truth = _Truth()
     lr_default = 1e-5 if tuner == "full" else 1e-4
