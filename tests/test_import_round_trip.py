@@ -32,7 +32,10 @@ CASES = [
     # import plans them in place, and the target writes the copies under --approximate
     ("tests/fixtures/import/lf_llama3_lora_tokens.yaml", "llamafactory", ["--approximate"], None),
     ("tests/fixtures/import/lf_llama3_freeze.yaml", "llamafactory", [], None),  # freeze tuning
+    ("tests/fixtures/import/axolotl_qwen25_lora.yml", "axolotl", [], None),  # lora_target_linear -> a regex
+    ("tests/fixtures/import/axolotl_llama_unfrozen.yml", "axolotl", [], None),  # unfrozen_parameters
 ]
+WRITTEN = {"swift": "train.sh", "llamafactory": "train.yaml", "axolotl": "config.yml"}
 
 
 @pytest.mark.parametrize("config,backend,options,refused", CASES, ids=[Path(c[0]).name for c in CASES])
@@ -45,7 +48,7 @@ def test_import_compile_import_trains_the_same(run_cli, tmp_path, config, backen
         assert compiled.exit_code == 1 and refused in compiled.stderr, compiled.stderr
         return
     assert compiled.exit_code == 0, compiled.stderr
-    written = out / ("train.sh" if backend == "swift" else "train.yaml")
+    written = out / WRITTEN[backend]
     second = run_cli("import", "--from", backend, str(written), "-o", str(again))
     assert second.exit_code == 0, second.stderr
     diff = run_cli("diff", str(spec), str(again))
