@@ -609,3 +609,8 @@ def test_renamed_keys_name_their_successor(key, value, message, hint):
     imp = lf(head(LLAMA, f"finetuning_type: lora\n{key}: {value}\n"))
     text = imp.problems[0].render()
     assert not imp.ok and text.startswith(f"train.yaml:5:1: error: {key}: {message}") and hint in text
+
+
+def test_a_yaml_that_mentions_the_command_is_still_a_yaml():
+    imp = lf(head(LLAMA, "finetuning_type: lora\nrun_name: llamafactory-cli train\n"))
+    assert imp.ok and imp.spec["model"] == LLAMA

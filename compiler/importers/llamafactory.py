@@ -113,7 +113,7 @@ def _command_line(text: str, path: str):
 
     # the web UI's preview comes in a ```bash fence; blank those lines, keeping line numbers
     text = "\n".join("" if line.lstrip().startswith("```") else line for line in text.splitlines())
-    if not re.search(r"(llamafactory-cli|\blmf)\s+train\b", text):
+    if not re.search(r"(llamafactory-cli|\blmf)\s+train\b", text) or _is_mapping(text):
         return None
     try:
         commands = split_commands(text)
@@ -146,6 +146,16 @@ def _command_line(text: str, path: str):
                            "quote a value with spaces; join lists with commas")
         data[key], value_locs[(key,)] = _typed(w.text), where(w)
     return Located(path, data, value_locs, key_locs)
+
+
+def _is_mapping(text: str) -> bool:
+    """A YAML config (that merely mentions the command somewhere), not a command line."""
+    import yaml
+
+    try:
+        return isinstance(yaml.safe_load(text), dict)
+    except yaml.YAMLError:
+        return False
 
 
 def _file_with_overrides(words, path: str):
