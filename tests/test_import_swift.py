@@ -632,3 +632,14 @@ def test_deepspeed_json_is_read_or_listed_the_same_way_as_llamafactory(tmp_path,
             notes = [u.note for u in got.unmodelled if "missing.json" in u.key]
             lf_notes = [u.note for u in lf_got.unmodelled if u.key == "deepspeed"]
             assert notes == lf_notes and "memory plan is without ZeRO sharding" in notes[0]
+
+
+@pytest.mark.parametrize("head,flag,want", [
+    ("MAX_PIXELS=602112 \\\n", "", 602112),
+    ("", "--max_pixels 401408", 401408),  # every multimodal template rescales to it
+    ("MAX_PIXELS=602112 \\\n", "--max_pixels 1003520", 602112),  # the smaller cap holds
+    ("MAX_PIXELS=1003520 \\\n", "--max_pixels 602112", 602112),
+])
+def test_image_cap_from_the_env_and_the_flag(head, flag, want):
+    got = imp(f"    --tuner_type lora {flag}\n", head=head)
+    assert got.ok and got.spec["data"]["max_pixels"] == want

@@ -75,7 +75,7 @@ _MODELLED = {
     "optim", "lorap_lr_ratio", "use_galore", "torch_dtype", "bf16", "fp16", "per_device_train_batch_size",
     "gradient_accumulation_steps", "max_length", "deepspeed", "num_train_epochs", "max_steps", "weight_decay",
     "warmup_ratio", "gradient_checkpointing", "lr_scheduler_type", "max_grad_norm", "seed", "logging_steps",
-    "save_steps", "dataset", "val_dataset", "output_dir", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "save_steps", "dataset", "val_dataset", "output_dir", "adam_beta1", "adam_beta2", "adam_epsilon", "max_pixels",
 }
 # flags that never change which parameters train or at which LR (listed, with this note)
 _HARMLESS = {
@@ -83,7 +83,7 @@ _HARMLESS = {
     "save_only_model", "split_dataset_ratio", "add_version", "system", "model_author", "model_name",
     "per_device_eval_batch_size", "logging_first_step", "dataloader_persistent_workers", "load_from_cache_file",
     "dataset_num_proc", "streaming", "eval_strategy", "save_strategy", "attn_impl", "padding_free", "packing",
-    "vit_gradient_checkpointing", "use_liger_kernel", "external_plugins", "callbacks", "max_pixels",
+    "vit_gradient_checkpointing", "use_liger_kernel", "external_plugins", "callbacks",
     "loss_scale", "truncation_strategy", "metric_for_best_model", "greater_is_better", "ddp_timeout",
     "create_checkpoint_symlink", "logging_dir", "run_name", "overwrite_output_dir", "model_kwargs",
 }
@@ -1481,6 +1481,15 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
         if value.isdigit() and int(value) > 0:
             data["max_pixels"] = int(value)
             o["data.max_pixels"] = f"{where} MAX_PIXELS"
+    # --max_pixels (TemplateArguments): every multimodal template rescales images to it first,
+    # so with MAX_PIXELS (the Qwen-VL processors' own cap) the smaller one holds
+    cap = r.get_num("max_pixels", None, int)
+    if cap is not None and data:
+        if cap < 1:
+            raise _Fail(Problem(r.flags["max_pixels"].where, "--max_pixels", f"must be >= 1 (got {cap})"))
+        if cap < data.get("max_pixels", cap + 1):
+            data["max_pixels"] = cap
+            o["data.max_pixels"] = r.origin("max_pixels")
     if data:
         spec["data"] = data
     # distributed
