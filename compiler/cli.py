@@ -283,7 +283,7 @@ def models() -> None:
 @app.command(cls=_Command)
 def compile(
     spec: Path = typer.Argument(..., metavar="SPEC", help="Spec file."),
-    target: str = typer.Option(..., "--target", "-t", help="swift, hf, deepspeed or llamafactory."),
+    target: str = typer.Option(..., "--target", "-t", help="swift, hf, deepspeed, llamafactory or axolotl."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: print to stdout)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing files in the output directory."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be written; write nothing."),

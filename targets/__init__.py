@@ -72,7 +72,7 @@ def available_targets() -> dict[str, type[Target]]:
 
     out: dict[str, type[Target]] = {}
     for name, module in (("hf", "hf"), ("deepspeed", "deepspeed"), ("swift", "swift"),
-                         ("llamafactory", "llamafactory")):
+                         ("llamafactory", "llamafactory"), ("axolotl", "axolotl")):
         try:
             mod = importlib.import_module(f"mixspec.targets.{module}")
         except ModuleNotFoundError as exc:

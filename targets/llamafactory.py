@@ -22,9 +22,11 @@ never runs LLaMA-Factory: its install needs about 6.6 GB and its own torch build
 from __future__ import annotations
 
 import itertools
+import re
 import json
 import posixpath
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Iterable, Optional
 
 from mixspec import __version__
@@ -188,6 +190,52 @@ def _full_trainable(names: Iterable[str], comp: Optional[_Composite], flags) -> 
     return {n for n in names if not any(k in n for k in keys)}
 
 
+def _freeze_trainable(names: Iterable[str], ids, modules: Iterable[str], extras: Iterable[str],
+                      comp: Optional[_Composite], flags) -> set[str]:
+    """adapter.py _setup_freeze_tuning: a name containing '.<i>.<module>' for a trainable layer
+    i ('all': any module), an extra module name or (freeze_multi_modal_projector: false) a
+    projector key, as substrings, and no key of a frozen part."""
+    keys = [f".{i:d}.{m if m != 'all' else ''}" for m in modules for i in ids] + list(extras)
+    if comp is not None and not flags[1]:
+        keys += list(comp.projector)
+    forbidden = _forbidden(comp, flags)
+    return {n for n in names if any(k in n for k in keys) and not any(f in n for f in forbidden)}
+
+
+def _hidden_modules(names: Iterable[str]) -> tuple[set[str], set[str]]:
+    """_setup_freeze_tuning's module names: inside a layer ('.0.'/'.1.' followed by the name),
+    and outside any numbered layer (the parameter's module's last name)."""
+    hidden, non_hidden = set(), set()
+    for name in names:
+        if ".0." in name:
+            hidden.add(name.split(".0.")[-1].split(".")[0])
+        elif ".1." in name:
+            hidden.add(name.split(".1.")[-1].split(".")[0])
+        if re.search(r"\.\d+\.", name) is None and "." in name:
+            non_hidden.add(name.split(".")[-2])
+    return hidden, non_hidden
+
+
+def _num_layers(plan: Plan) -> Optional[int]:
+    """The layer count _setup_freeze_tuning reads: text_config's, else the config's
+    num_hidden_layers / num_layers / n_layer (None without a readable config)."""
+    from mixspec.errors import ModelSourceError
+    from mixspec.sources import read_config
+
+    if not plan.model_path:
+        return None
+    try:
+        config = read_config(Path(plan.model_path) / "config.json", plan.model)
+    except ModelSourceError:
+        return None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
+    for source in (text, config):
+        for key in ("num_hidden_layers", "num_layers", "n_layer"):
+            if source and isinstance(source.get(key), int) and source[key]:
+                return source[key]
+    return None
+
+
 def _peft_list_match(modules: Iterable[str], targets: Iterable[str]) -> set[str]:
     """PEFT with target_modules as a list: the exact name, or a dot-bounded suffix."""
     wanted = set(targets)
@@ -230,6 +278,7 @@ class _Analysis:
     lora_targets: list[str] = field(default_factory=list)
     additional_target: list[str] = field(default_factory=list)
     template: Optional[str] = None
+    freeze: dict = field(default_factory=dict)  # finetuning_type freeze: its freeze_* keys
 
     def note(self, key: str, text: str) -> None:
         self.comments.setdefault(key, []).append(text)
@@ -491,7 +540,7 @@ class _Analyser:
                 break
         _, flags, got = best
         self.out.flags = flags if self.comp else None
-        if got == self.trained:
+        if got == self.trained or self.freeze_tuning():
             return
         self.explain_full_mismatch()
         extra = got - self.trained
@@ -502,6 +551,33 @@ class _Analyser:
         if lost:
             self.out.note("finetuning_type", f"approximate: freezes {_show(covering(lost, self.names))}, "
                                              "which the Plan trains")
+
+    def freeze_tuning(self) -> bool:
+        """finetuning_type: freeze where it trains exactly the Plan's parameters: the last (or
+        first) n layers, all their modules or some, plus extra modules by name; the same rule
+        the importer applies (_freeze_trainable)."""
+        num_layers = _num_layers(self.plan)
+        if not num_layers:
+            return False
+        canonical = [n for n in self.names if n not in self.plan.tied]  # named_parameters(): a tied pair once
+        hidden, non_hidden = _hidden_modules(canonical)
+        trained = {n for n in canonical if n in self.trained}
+        outside = {n.split(".")[-2] for n in trained if re.search(r"\.\d+\.", n) is None and "." in n}
+        extras = sorted(outside & non_hidden)
+        inside = sorted({m for m in hidden if any(f".{m}" in n for n in trained)})
+        for flags in (_FLAG_COMBOS if self.comp else [(True, True, False)]):
+            for n in range(1, num_layers + 1):
+                for ids, n_train in ((range(num_layers - n, num_layers), n), (range(n), -n)):
+                    for modules in (["all"], inside):
+                        if modules and _freeze_trainable(canonical, ids, modules, extras, self.comp,
+                                                         flags) == trained:
+                            self.out.finetuning_type = "freeze"
+                            self.out.flags = flags if self.comp else None
+                            self.out.freeze = {"freeze_trainable_layers": n_train,
+                                               "freeze_trainable_modules": ",".join(modules),
+                                               "freeze_extra_modules": ",".join(extras)}
+                            return True
+        return False
 
     def _part_members(self) -> dict[str, set[str]]:
         members = {}
@@ -713,6 +789,9 @@ class LlamaFactoryTarget(Target):
         if a.flags is not None:
             for part, frozen in zip(_PARTS, a.flags):
                 y.key(_FLAG[part], frozen)
+        for key, value in a.freeze.items():
+            if value != "":
+                y.key(key, value)
         if a.finetuning_type == "lora":
             lo = a.lora
             alpha = int(lo["alpha"]) if float(lo["alpha"]).is_integer() else lo["alpha"]
@@ -735,6 +814,8 @@ class LlamaFactoryTarget(Target):
         y.key("media_dir", ".")
         y.key("template", a.template)
         y.key("cutoff_len", t.max_length)
+        if plan.data and "vision" in plan.roles:  # the image size the memory plan assumes, as LLaMA-Factory's cap
+            y.key("image_max_pixels", plan.data.max_pixels)
 
         y.section("output")
         y.key("output_dir", plan.output_dir or "output")

@@ -749,6 +749,8 @@ def _data_flags(plan: Plan) -> list:
 def _env_lines(plan: Plan) -> list[str]:
     nodes, gpus = plan.distributed.nodes, plan.distributed.gpus_per_node
     lines = []
+    if plan.data and "vision" in plan.roles:  # swift's image cap (qwen_vl_utils): the size the memory plan assumes
+        lines.append(f"export MAX_PIXELS={sh_quote(plan.data.max_pixels)}")
     if gpus > 1 or nodes > 1:
         lines.append(f"export NPROC_PER_NODE={sh_quote(gpus)}")
     if nodes > 1:

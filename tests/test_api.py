@@ -100,7 +100,7 @@ def test_unknown_target():
     plan = mixspec.plan_spec(SEED)
     with pytest.raises(ValueError, match="unknown target 'swfit'; did you mean 'swift'"):
         mixspec.render(plan, "swfit")
-    assert mixspec.target_names() == ["deepspeed", "hf", "llamafactory", "swift"]
+    assert mixspec.target_names() == ["axolotl", "deepspeed", "hf", "llamafactory", "swift"]
 
 
 def test_module_tree():

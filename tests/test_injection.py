@@ -34,7 +34,7 @@ from mixspec.loader import load_spec, load_spec_text
 from mixspec.resolve import plan_spec
 from mixspec.sources import find_model
 
-TARGETS = ("hf", "deepspeed", "swift", "llamafactory")
+TARGETS = ("hf", "deepspeed", "swift", "llamafactory", "axolotl")
 BENIGN = "BENIGNVALUE"
 HAS_BASH = shutil.which("bash") is not None
 

@@ -372,6 +372,9 @@ def test_any_path_reaches_swift_as_itself(tmp_path, data, out):
     flags = flags_of(sh)
     assert flags["dataset"] == data and flags["output_dir"] == out
     body = [line for line in sh.splitlines() if line and not line.startswith("#")]
+    # the image cap the memory plan assumes (a vision model with data): one export, an integer
+    assert f"export MAX_PIXELS={plan.data.max_pixels}" in body
+    body.remove(f"export MAX_PIXELS={plan.data.max_pixels}")
     start = body.index("swift sft \\")
     assert body[0] == "set -euo pipefail"
     # the model-code check as the package program has it (its MODEL line the compiled model), nothing else

@@ -32,7 +32,7 @@ _ROLE_ORDER = ("vision", "aligner", "language", "embeddings", "lm_head", "audio"
 class Config:
     """A backend config as plain data, every key located; typed reads record problems."""
 
-    def __init__(self, imported: Imported, path: str, text: str):
+    def __init__(self, imported: Imported, path: str, text: str, located=None):
         from mixspec.yamlloc import load_located_text
 
         self.out = imported
@@ -40,6 +40,9 @@ class Config:
         self.data: dict = {}
         self.located = None
         self.used: set[str] = set()
+        if located is not None:  # already read (a command line's --key value pairs)
+            self.located, self.data = located, located.data
+            return
         try:
             located = load_located_text(text, path)
         except SpecError as exc:
@@ -458,6 +461,41 @@ def file_candidates(cfg: Config, value: str) -> list[str]:
     return [os.path.join(base, os.path.expanduser(value)) for base in bases]
 
 
+DEEPSPEED_NOT_HERE = ("the DeepSpeed JSON is not here (looked from the working directory and the config's "
+                      "directory): the spec leaves zero_stage out, so its memory plan is without ZeRO sharding; "
+                      "import where the backend runs, or set distributed.zero_stage by hand")
+
+
+def find_file(candidates) -> Optional[str]:
+    return next((c for c in candidates if os.path.isfile(c)), None)
+
+
+def read_json(path: str):
+    """The JSON object in ``path`` (the first MiB), or the reason it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.loads(fh.read(1 << 20))
+    except (OSError, ValueError) as exc:
+        return str(exc)
+
+
+def zero_settings(ds) -> "dict | str":
+    """zero_stage and offload of a DeepSpeed config (a mapping), or what is wrong with it."""
+    if not isinstance(ds, dict):
+        return "expected the path of a DeepSpeed JSON file (a JSON object)"
+    zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        return f"the DeepSpeed config has zero_optimization.stage {stage!r}"
+
+    def offloaded(key):
+        node = zero.get(key)
+        return isinstance(node, dict) and node.get("device") in ("cpu", "nvme")
+    return {"zero_stage": stage,
+            "offload": "all" if offloaded("offload_param") else "optimizer" if offloaded("offload_optimizer")
+            else "none"}
+
+
 class BaseReader:
     """A backend reader's shared steps; subclasses read their own keys."""
 
@@ -492,7 +530,8 @@ class BaseReader:
     def deepspeed(self, by_name) -> dict:
         """zero_stage and offload from the config's ``deepspeed`` (a JSON file or an inline
         mapping). ``by_name(path)`` reads a file that is not here by the backend's own file
-        names (its bundled configs), or returns None."""
+        names (its bundled configs), or returns None. A file that is not here changes only the
+        memory: listed as not modelled, the spec planned without ZeRO."""
         cfg, o = self.cfg, self.out.origins
         o["distributed.gpus_per_node"] = (f"not in the config ({self.launcher} decides); the spec plans "
                                           "1 node x 1 GPU: set distributed in it")
@@ -502,42 +541,25 @@ class BaseReader:
         where = cfg.loc("deepspeed")
         ds = value if isinstance(value, dict) else None
         if isinstance(value, str):
-            for candidate in file_candidates(cfg, value):
-                if os.path.isfile(candidate):
-                    try:
-                        with open(candidate, encoding="utf-8") as fh:
-                            ds = json.loads(fh.read(1 << 20))
-                    except (OSError, ValueError) as exc:
-                        cfg.error("deepspeed", f"cannot read the DeepSpeed config {value}: {exc}",
-                                  "give a readable JSON file")
-                        return {}
-                    break
-            if ds is None:
+            found = find_file(file_candidates(cfg, value))
+            if found is None:
                 known = by_name(value)
                 if known is not None:
                     for k in known:
                         o[f"distributed.{k}"] = f"{where}: {value} is not here; read by its name"
                     return known
-                cfg.error("deepspeed", f"cannot find the DeepSpeed config {value} (looked from the working "
-                                       "directory and from the config's directory)",
-                          f"run mixspec import where {self.launcher} runs, or fix the path")
+                cfg.unmodelled("deepspeed", DEEPSPEED_NOT_HERE)
                 return {}
-        if not isinstance(ds, dict):
-            cfg.error("deepspeed", "expected the path of a DeepSpeed JSON file", "deepspeed: path/to/ds_config.json")
+            ds = read_json(found)
+            if isinstance(ds, str):
+                cfg.error("deepspeed", f"cannot read the DeepSpeed config {value}: {ds}", "give a readable JSON file")
+                return {}
+        got = zero_settings(ds)
+        if isinstance(got, str):
+            cfg.error("deepspeed", got, "deepspeed: path/to/ds_config.json with zero_optimization.stage 0-3")
             return {}
-        zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
-        stage = zero.get("stage", 0)
-        if stage not in (0, 1, 2, 3):
-            cfg.error("deepspeed", f"the DeepSpeed config has zero_optimization.stage {stage!r}", "use 0-3")
-            return {}
-
-        def offloaded(key):
-            node = zero.get(key)
-            return isinstance(node, dict) and node.get("device") in ("cpu", "nvme")
         o["distributed.zero_stage"] = o["distributed.offload"] = where
-        return {"zero_stage": stage,
-                "offload": "all" if offloaded("offload_param") else "optimizer" if offloaded("offload_optimizer")
-                else "none"}
+        return got
 
     def assemble(self, model_key: str, model: str, sections: dict, where_key: str, nothing_hint: str):
         """The spec from ``self.parts`` and the other ``sections`` (training, distributed, data,
@@ -585,10 +607,11 @@ class BaseReader:
                 self.cfg.unmodelled(key, note_for(key))
 
 
-def read_config(backend: str, rules: str, reader, text: str, path: str) -> Imported:
-    """Parse ``text`` and run ``reader(cfg, imported).run()`` when it is a mapping."""
+def read_config(backend: str, rules: str, reader, text: str, path: str, located=None) -> Imported:
+    """Parse ``text`` (or take ``located``, its keys already read) and run
+    ``reader(cfg, imported).run()`` when it is a mapping."""
     out = Imported(backend=backend, rules=rules, spec={})
-    cfg = Config(out, path, text)
+    cfg = Config(out, path, text, located)
     if cfg.ok:
         reader(cfg, out).run()
     return out
