@@ -92,3 +92,29 @@ def test_plan_and_fit_name_the_targets_policy(tmp_path):
     assert fit["policy"]["target"] == "swift"
     bad = run("plan", str(spec), "--target", "nope")
     assert bad.returncode == 2 and "unknown target 'nope'" in bad.stderr
+
+
+def test_the_aligner_term_matches_the_merger_as_train_py_runs_it():
+    """Qwen2.5-VL's merger (RMSNorm, Linear, GELU, Linear), fully trained in fp32 under CPU bf16
+    autocast as train.py holds it: saved bytes against the estimate's aligner term."""
+    import dataclasses
+
+    torch = pytest.importorskip("torch")
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPatchMerger
+
+    import activation_check
+    from mixspec.estimate import _aligner_bytes
+    from mixspec.policy import ExecutionPolicy
+
+    hidden, out, merge, tokens = 64, 96, 4, 256
+    merger = Qwen2_5_VLPatchMerger(dim=out, context_dim=hidden, spatial_merge_size=2).float()
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16, requires_grad=True)
+    exclude = {p.untyped_storage().data_ptr() for p in merger.parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        measured, _ = activation_check.saved_bytes(lambda: merger(x), exclude | {x.untyped_storage().data_ptr()})
+    names = {n: f"m.{n}" for n, _ in merger.named_parameters()}
+    st = {"aligner_norms": [["m.ln_q", "norm", hidden, "Qwen2_5_VLRMSNorm"]],
+          "aligner_linears": [["m.mlp.0", hidden * merge, hidden * merge], ["m.mlp.2", hidden * merge, out]]}
+    policy = dataclasses.replace(ExecutionPolicy("hf", "ddp", "bf16", True, "bf16", "fp32", "fp32"), device="cpu")
+    estimated = _aligner_bytes(st, set(names.values()), {}, 2, tokens / merge, merge, policy, True)
+    assert abs(estimated / measured - 1) <= 0.05, (estimated, measured)
