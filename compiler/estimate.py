@@ -226,6 +226,9 @@ def activation_terms(plan: Plan, overrides: dict | None = None, policy=None):
     roles = plan.roles
     embeddings = roles.get("embeddings", ())
     grad_in = grad_in or _under(embeddings, full) or _under(embeddings, lora)
+    # transformers' checkpointing calls enable_input_require_grads: a gradient flows from the
+    # embeddings, so frozen blocks below the first trained one keep their input too
+    grad_in = grad_in or (checkpointing and policy.checkpoint_frozen_blocks)
     lang_kinds = [BlockKind.from_json(k) for k in st["language"]]
     kept, recompute, grad_out = _stack_bytes(lang_kinds, full, lora, p, grad_in, checkpointing, tokens, policy)
     if kept:

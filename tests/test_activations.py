@@ -170,3 +170,33 @@ def test_model_structure_is_computed_once_per_tree_and_roles(monkeypatch):
     no_vision = {k: v for k, v in roles.items() if k != "vision"}
     assert activations.model_structure(tree, no_vision) == real(tree, no_vision) and len(calls) == 2
     assert activations.model_structure(tree, no_vision)["vision"] == []
+
+
+@pytest.mark.parametrize("policy_name", activation_check.POLICIES)
+def test_a_whole_checkpointed_model_keeps_each_blocks_input(tmp_path, policy_name):
+    """A tiny Qwen2.5-VL (4 LLM layers) prepared by the generated train.py, LoRA on layers 2-3,
+    checkpointing as the Trainer turns it on for train.py (non-reentrant; transformers then
+    makes the embeddings' output require a gradient): the whole text forward with labels,
+    counted, against the Plan's activation terms."""
+    import dataclasses
+
+    from mixspec.estimate import activation_terms
+
+    config = _shrink(activation_check.base_config("Qwen/Qwen2.5-VL-7B-Instruct"))
+    config.get("text_config", config)["num_hidden_layers"] = 4
+    config["num_hidden_layers"] = 4
+    late = ("{modules: ['model\\.language_model\\.layers\\.[23]'], train: lora, lr: 1.0e-4, "
+            "lora: {rank: 8, alpha: 16, targets: all-linear}}")
+    model, plan, policy = activation_check.prepare(config, {"late": late}, policy_name.endswith("deepspeed"), tmp_path)
+    seq = plan.training.max_length
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 500, (1, seq))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=policy.autocast):
+        measured, loss = activation_check.saved_bytes(
+            lambda: model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss, params)
+    acts, _, _ = activation_terms(plan, {"gradient_checkpointing": True}, dataclasses.replace(policy, device="cpu"))
+    estimated = sum(acts.values())
+    assert 0.95 <= estimated / measured <= 1.05, (acts, measured)
+    assert torch.isfinite(loss)
