@@ -229,11 +229,15 @@ def block_bytes_per_token(kind: BlockKind, training: Training, p: int, grad_in: 
             heads = max(1, q // 128)
             if len(members) == 1:  # fused qkv: v stays a view that pins the whole fused output;
                 v = q + k + v      # the output projection reads a reshaped copy (counted with it)
-            else:  # separate q/k/v: the output projection reads the attention output itself
+            elif attention != "eager":  # separate q/k/v: the output projection reads sdpa's saved output
                 attn_out_widths.add(q)
-            terms["attention"] += p * (q + k + v + q) + 4 * heads
-            if attention == "eager":
-                terms["attention"] += p * heads * seq
+            if attention == "eager" and len(members) > 1:
+                # transformers' eager attention: q, k and v repeated to every query head, the fp32
+                # softmax output and its p-byte cast (heads x sequence per token each); nothing
+                # keeps the output unless the output projection trains
+                terms["attention"] += p * 3 * q + (4 + p) * heads * seq
+            else:
+                terms["attention"] += p * (q + k + v + q) + 4 * heads
     # the down projection reads the MLP's product, counted with the MLP
     downs = {d.name for (parent, group) in groups if group == "mlp_in"
              for d in [_down_of(by_name, parent)] if d is not None}

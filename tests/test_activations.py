@@ -200,3 +200,27 @@ def test_a_whole_checkpointed_model_keeps_each_blocks_input(tmp_path, policy_nam
     estimated = sum(acts.values())
     assert 0.95 <= estimated / measured <= 1.05, (acts, measured)
     assert torch.isfinite(loss)
+
+
+def test_eager_attention_keeps_the_fp32_probabilities():
+    """A Qwen2 decoder layer (GQA, head_dim 128) with eager attention, frozen with a gradient
+    through: saved bytes against the estimate's eager terms (the sequence-squared one)."""
+    from mixspec.activations import Training, block_bytes_per_token, block_kinds
+
+    config = transformers.Qwen2Config(hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    config._attn_implementation = "eager"
+    model = transformers.Qwen2ForCausalLM(config).to(torch.bfloat16).train().requires_grad_(False)
+    seq = 256
+    x = torch.randn(1, seq, 512, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.arange(seq)[None]
+    cos, sin = model.model.rotary_emb(x, pos)
+    exclude = {t.untyped_storage().data_ptr() for t in (cos, sin)}
+    exclude |= {p.untyped_storage().data_ptr() for p in model.parameters()}
+    measured, _ = activation_check.saved_bytes(
+        lambda: model.model.layers[0](x, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin)),
+        exclude)
+    tree = tree_from_model(model, "qwen2")
+    kind = block_kinds(tree, find_roles(tree).prefixes["language"])[0]
+    estimated = sum(block_bytes_per_token(kind, Training(frozenset(), {}), 2, True, "eager", seq).values()) * seq
+    assert 0.95 <= estimated / measured <= 1.05, (estimated, measured)
