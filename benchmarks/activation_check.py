@@ -93,6 +93,8 @@ def reduced_config(config: dict) -> dict:
     cfg = copy.deepcopy(config)
     text = cfg.get("text_config", cfg)
     text.update(num_hidden_layers=2, vocab_size=512)
+    if (text.get("pad_token_id") or 0) >= 512:
+        text["pad_token_id"] = 0
     text.pop("layer_types", None)
     if "cross_attention_layers" in text:
         text["cross_attention_layers"] = []

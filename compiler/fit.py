@@ -97,6 +97,8 @@ def render_fit(result: FitResult, show: int = 12) -> list[str]:
     cur = result.current
     lines = [f"GPU memory {gb:g} GB ({gb * 1e9 / GIB:.2f} GiB); now: {cur.describe()}: peak "
              f"{cur.estimate.peak_bytes / GIB:.2f} GiB ({'fits' if cur.fits else 'does not fit'})"]
+    if cur.estimate.policy is not None:  # each option's own policy: DeepSpeed or not changes the dtypes
+        lines.append(f"memory {cur.estimate.policy.describe()}")
     best = result.best
     if best is None:
         small = result.smallest
