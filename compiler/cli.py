@@ -122,6 +122,17 @@ def validate(
     raise typer.Exit(run_validate(specs, as_json=as_json or format == OutputFormat.json, model_check=model_check))
 
 
+_TARGET_HELP = "Estimate memory as this target runs the spec (hf, deepspeed, swift, llamafactory; default hf)."
+
+
+def _check_memory_target(target: Optional[str]) -> None:
+    from mixspec.policy import TARGETS
+
+    if target is not None and target not in TARGETS:
+        _stderr(f"error: unknown target {target!r} for the memory estimate\n  targets: {', '.join(TARGETS)}")
+        raise typer.Exit(2)
+
+
 def _load_and_plan(spec: Path):
     from mixspec.api import load_spec, plan_spec
 
@@ -141,8 +152,10 @@ def plan(
     format: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text or json."),
     show_modules: bool = typer.Option(False, "--modules", help="List the modules each component covers."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report to this file."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help=_TARGET_HELP),
 ) -> None:
     """Show which modules each part covers, exact trainable parameters, LRs and memory per GPU."""
+    _check_memory_target(target)
     if html is not None:
         if len(specs) != 1:
             _stderr("error: --html writes the report of one spec; give exactly one")
@@ -156,7 +169,7 @@ def plan(
         _stderr(f"wrote {html}")
     from mixspec.fast import run_plan
 
-    code = run_plan(specs, as_json=as_json or format == OutputFormat.json, show_modules=show_modules)
+    code = run_plan(specs, as_json=as_json or format == OutputFormat.json, show_modules=show_modules, target=target)
     if code:
         raise typer.Exit(code)
 
@@ -171,10 +184,12 @@ def fit(
     write: Path = typer.Option(None, "--write", help="Write a copy of the spec with the best settings here."),
     show_all: bool = typer.Option(False, "--all", help="List every option tried."),
     as_json: bool = typer.Option(False, "--json", help="Print the options as JSON."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help=_TARGET_HELP),
 ) -> None:
     """Find ZeRO stage, offload, checkpointing and micro-batch x accumulation that fit the GPUs.
 
     Exit 0 when some option fits (the spec as written or another), 1 when none does."""
+    _check_memory_target(target)
     try:
         _, the_plan = _load_and_plan(spec)
     except MixspecError as exc:
@@ -189,9 +204,10 @@ def fit(
     if not gb or gb <= 0:
         _stderr("error: give --gpu-memory GB (or distributed.gpu_memory_gb in the spec)")
         raise typer.Exit(2)
-    result = fit_plan(the_plan, gb)
+    result = fit_plan(the_plan, gb, target)
     if as_json:
-        typer.echo(json.dumps({"gpu_memory_gb": gb, "best": None if result.best is None else {
+        policy = result.current.estimate.policy
+        typer.echo(json.dumps({"gpu_memory_gb": gb, "policy": policy.to_json(), "best": None if result.best is None else {
             "settings": _option_json(result.best), "peak_bytes": round(result.best.estimate.peak_bytes)},
             "options": [dict(_option_json(o), peak_bytes=round(o.estimate.peak_bytes), fits=o.fits)
                         for o in result.options]}, indent=2))

@@ -67,8 +67,9 @@ def _stdout(text: str) -> None:
     sys.stdout.write(text + "\n")
 
 
-def run_plan(specs: list[Path], as_json: bool = False, show_modules: bool = False) -> int:
-    """`mixspec plan`: each spec's table (or one JSON Plan, a list for several); exit code."""
+def run_plan(specs: list[Path], as_json: bool = False, show_modules: bool = False, target: str | None = None) -> int:
+    """`mixspec plan`: each spec's table (or one JSON Plan, a list for several), memory as
+    ``target`` runs it (default hf); exit code."""
     from mixspec.api import estimate_memory, plan_spec
     from mixspec.loader import load_spec
 
@@ -81,7 +82,7 @@ def run_plan(specs: list[Path], as_json: bool = False, show_modules: bool = Fals
             _stderr(str(exc))
             failed = True
             continue
-        est = estimate_memory(the_plan)
+        est = estimate_memory(the_plan, target)
         if as_json:
             data = the_plan.to_json()
             data["estimate"] = est.to_json()

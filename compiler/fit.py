@@ -65,8 +65,9 @@ class FitResult:
         return min(self.options, key=lambda o: o.estimate.peak_bytes)
 
 
-def fit(plan: Plan, gpu_memory_gb: float) -> FitResult:
-    """Every option's estimate, by preference; the best is the first that fits."""
+def fit(plan: Plan, gpu_memory_gb: float, target: str | None = None) -> FitResult:
+    """Every option's estimate as ``target`` runs it (mixspec.policy; default hf), by
+    preference; the best is the first that fits."""
     training, dist = plan.training, plan.distributed
     micro, accum = training.micro_batch_size, training.gradient_accumulation
     per_gpu = micro * accum
@@ -78,11 +79,12 @@ def fit(plan: Plan, gpu_memory_gb: float) -> FitResult:
             for checkpointing in (False, True):
                 for mb in (d for d in range(per_gpu, 0, -1) if per_gpu % d == 0):
                     est = estimate(plan, {"zero_stage": stage, "offload": offload,
-                                          "gradient_checkpointing": checkpointing, "micro_batch_size": mb})
+                                          "gradient_checkpointing": checkpointing, "micro_batch_size": mb},
+                                   target)
                     options.append(Option(stage, offload, checkpointing, mb, per_gpu // mb, est,
                                           est.peak_bytes <= limit))
     options.sort(key=lambda o: o.preference)
-    current_est = estimate(plan)
+    current_est = estimate(plan, target=target)
     current = Option(dist.zero_stage, dist.offload,
                      bool(training.gradient_checkpointing), micro, accum, current_est,
                      current_est.peak_bytes <= limit)
@@ -95,6 +97,8 @@ def render_fit(result: FitResult, show: int = 12) -> list[str]:
     cur = result.current
     lines = [f"GPU memory {gb:.4g} GB = {gb * 1e9 / GIB:.2f} GiB; now: {cur.describe()}: peak "
              f"{cur.estimate.peak_bytes / GIB:.2f} GiB ({'fits' if cur.fits else 'does not fit'})"]
+    if cur.estimate.policy is not None:  # each option's own policy: DeepSpeed or not changes the dtypes
+        lines.append(f"memory {cur.estimate.policy.describe()}")
     best = result.best
     if best is None:
         small = result.smallest

@@ -91,6 +91,8 @@ def print_memory(console, plan: Plan, est: Estimate) -> None:
         f"{est.gradients_bytes / GIB:.2f} GiB + optimizer {est.optimizer_bytes / GIB:.2f} GiB = "
         f"model states {est.total_bytes / GIB:.2f} GiB"
     )
+    if est.policy is not None:
+        console.print(f"  {est.policy.describe()}", markup=False)
     a = est.assumptions
     if est.activations or est.transient:
         acts = " + ".join(f"{_TERM_LABELS.get(k, k)} {v / GIB:.2f}" for k, v in est.activations.items())
@@ -113,7 +115,7 @@ def print_memory(console, plan: Plan, est: Estimate) -> None:
     if est.gpu_memory_gb and est.peak_bytes > est.gpu_memory_gb * 1e9:
         from mixspec.fit import fit
 
-        best = fit(plan, est.gpu_memory_gb).best
+        best = fit(plan, est.gpu_memory_gb, est.policy.target if est.policy is not None else None).best
         advice = (f"it fits with {best.describe()} (peak {best.estimate.peak_bytes / GIB:.2f} GiB; "
                   f"mixspec fit SPEC shows the spec lines)" if best else "no setting mixspec fit searches makes it fit")
         console.print(f"[yellow]warning[/yellow]: the estimated peak ({est.peak_bytes / GIB:.2f} GiB) exceeds "
