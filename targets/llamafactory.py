@@ -202,7 +202,7 @@ def _freeze_trainable(names: Iterable[str], ids, modules: Iterable[str], extras:
     return {n for n in names if any(k in n for k in keys) and not any(f in n for f in forbidden)}
 
 
-def _hidden_modules(names: Iterable[str]) -> tuple[set[str], set[str]]:
+def hidden_modules(names: Iterable[str]) -> tuple[set[str], set[str]]:
     """_setup_freeze_tuning's module names: inside a layer ('.0.'/'.1.' followed by the name),
     and outside any numbered layer (the parameter's module's last name)."""
     hidden, non_hidden = set(), set()
@@ -560,7 +560,7 @@ class _Analyser:
         if not num_layers:
             return False
         canonical = [n for n in self.names if n not in self.plan.tied]  # named_parameters(): a tied pair once
-        hidden, non_hidden = _hidden_modules(canonical)
+        hidden, non_hidden = hidden_modules(canonical)
         trained = {n for n in canonical if n in self.trained}
         outside = {n.split(".")[-2] for n in trained if re.search(r"\.\d+\.", n) is None and "." in n}
         extras = sorted(outside & non_hidden)

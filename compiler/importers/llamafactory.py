@@ -410,14 +410,9 @@ class _Reader(BaseReader):
         if ids is None:
             ids = range(max(0, num_layers - n_train), num_layers) if n_train > 0 else range(min(-n_train, num_layers))
         names = self.canonical_params()
-        hidden, non_hidden = set(), set()
-        for name in names:
-            if ".0." in name:
-                hidden.add(name.split(".0.")[-1].split(".")[0])
-            elif ".1." in name:
-                hidden.add(name.split(".1.")[-1].split(".")[0])
-            if re.search(r"\.\d+\.", name) is None and "." in name:
-                non_hidden.add(name.split(".")[-2])
+        from mixspec.targets.llamafactory import hidden_modules  # LLaMA-Factory's rule, once
+
+        hidden, non_hidden = hidden_modules(names)
         trainable_layers: list[str] = []
         for module in modules:
             if module != "all" and module not in hidden:
