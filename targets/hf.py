@@ -190,6 +190,10 @@ class HfTarget(Target):
         out = lora_unsupported(plan)
         out += feed_unsupported(plan)
         out += distributed_unsupported(plan, require_zero=False)
+        from mixspec.targets._quant import quant_refusals
+
+        out += quant_refusals(plan, self.name, "train.py does not load quantized bases yet",
+                              "train.py builds torch AdamW only (yet)")
         ratio = plan.training.warmup_ratio
         if ratio >= 1:
             out.append(Unsupported(

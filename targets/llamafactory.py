@@ -666,8 +666,16 @@ class LlamaFactoryTarget(Target):
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
         """Hard limits, then the deviations: each has its comment in the YAML, so each is
         approximable (Target.render decides)."""
+        from mixspec.targets._quant import quant_refusals
+
         analysis = self.analyse(plan, options)
-        return analysis.hard + [replace(d, approximable=True) for d in analysis.deviations]
+        refused = quant_refusals(
+            plan, self.name,
+            "LLaMA-Factory's quantization_bit builds a BitsAndBytesConfig without llm_int8_skip_modules "
+            "(model/model_utils/quantization.py), so transformers quantizes every Linear but the output "
+            "embedding",
+            "mixspec has not checked LLaMA-Factory's optim names against the Plan's groups")
+        return analysis.hard + refused + [replace(d, approximable=True) for d in analysis.deviations]
 
     def warnings(self, plan: Plan, options: TargetOptions) -> list[str]:
         """With --approximate: each component whose LR changes, and by which factor."""

@@ -657,11 +657,19 @@ class SwiftTarget(Target):
 
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
         """What stops an exact compile: hard limits, plus the plugin's reasons under --no-plugin."""
+        from mixspec.targets._quant import quant_refusals
+
         d = decide(plan, options)
         _deepspeed(plan, d)
+        refused = quant_refusals(
+            plan, self.name,
+            "ms-swift's --quant_method bnb builds a BitsAndBytesConfig without llm_int8_skip_modules "
+            "(swift/llm/argument/base_args/quant_args.py), so transformers quantizes every Linear but the "
+            "output embedding",
+            "mixspec builds swift's optimizer itself (plugin or multimodal groups) as 32-bit AdamW")
         if options.plugin:
-            return list(d.hard)
-        return list(d.hard) + list(d.plugin_reasons)
+            return list(d.hard) + refused
+        return list(d.hard) + list(d.plugin_reasons) + refused
 
     def files(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
         d = decide(plan, options)
