@@ -8,9 +8,6 @@ import re
 from mixspec.errors import Unsupported
 from mixspec.plan import Plan
 
-# the spec's optimizer -> the bitsandbytes class train.py builds over the Plan's groups
-BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw": "PagedAdamW"}
-
 
 def quantization_data(plan: Plan) -> dict | None:
     """What train.py needs to load the base quantized: the BitsAndBytesConfig values (the skip
