@@ -132,17 +132,10 @@ def test_what_cannot_be_planned_is_located(backend, text, where, words):
     assert any(str(p.location) == where and words in p.render() for p in errors), [p.render() for p in errors]
 
 
-def test_a_fully_trained_module_the_backend_quantizes_is_refused(tiny):
-    # LLaMA-Factory: LoRA on the LLM, projector trained fully, base quantized without a skip list
-    text = textwrap.dedent(f"""\
-        model_name_or_path: {tiny[1]}
-        quantization_bit: 4
-        stage: sft
-        do_train: true
-        finetuning_type: lora
-        freeze_multi_modal_projector: false
-        learning_rate: 1.0e-4
-        """)
-    imported = read("llamafactory", text, "train.yaml")
+def test_a_fully_trained_module_the_backend_quantizes_is_refused():
+    # axolotl: QLoRA on the LLM with the aligner in modules_to_save (trained fully), while the
+    # base is quantized without a skip list: the aligner's Linear weights would be 4-bit
+    imported = axolotl("Qwen/Qwen2.5-VL-7B-Instruct", "lora_modules_to_save: [merger]\n")
     assert not imported.ok
-    assert any("trains fully" in p.message and "model.visual.merger" in p.message for p in imported.problems)
+    problem = next(p for p in imported.problems if "trains fully" in p.message)
+    assert "model.visual.merger.mlp.0" in problem.message and str(problem.location) == "qlora.yml:2:1"
