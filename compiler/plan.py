@@ -173,6 +173,9 @@ class Plan:
     # bitsandbytes: every Linear the Plan does not quantize, as the fewest module names (full
     # names: what a BitsAndBytesConfig's llm_int8_skip_modules must hold); () when nothing is
     quant_skip_modules: tuple[str, ...] = ()
+    # the Plan quantizes exactly what transformers does with no skip list (what ms-swift and
+    # LLaMA-Factory load with): their quantization flags are then exact
+    quant_is_default: bool = False
 
     @property
     def quantized(self) -> bool:

@@ -24,6 +24,7 @@ Bytes (bitsandbytes 0.50, measured on CPU by tests/test_quantize.py):
 from __future__ import annotations
 
 import math
+import re
 
 from mixspec.tree import CONV1D_GPT2, LINEAR, ModuleTree
 
@@ -107,3 +108,28 @@ def optimizer_fixed_bytes(optimizer: str, sizes) -> int:
     if optimizer in OPTIMIZERS_8BIT and any(n >= MIN_8BIT_SIZE for n in sizes):
         return OPTIM_QMAP_BYTES
     return 0
+
+
+def default_skip(tree: ModuleTree) -> tuple[str, ...]:
+    """What transformers skips when a BitsAndBytesConfig has no llm_int8_skip_modules
+    (quantizers/base.py get_keys_to_not_convert): tied weights' modules, the module of the
+    last parameter, the output embedding. ms-swift, LLaMA-Factory and axolotl pass no skip list."""
+    params = [n for n in tree.param_shapes if n not in tree.tied]
+    last = params[-1].rsplit(".", 1)[0] if params else ""
+    tied = {n.rsplit(".", 1)[0] for pair in tree.tied.items() for n in pair}
+    return tuple(sorted(({tree.output_embedding, last} | tied) - {""}))
+
+
+def bnb_replaced(tree: ModuleTree, skip: tuple[str, ...] | None = None) -> set[str]:
+    """The modules transformers replaces by bitsandbytes ones for a skip list (None: its default
+    list), by its own matching rule (quantizers_utils.should_convert_module: each entry a regex
+    from the start of the name up to a dot boundary, or a plain suffix)."""
+    keys = default_skip(tree) if skip is None else skip
+    out = set()
+    for m in tree.modules:
+        if not m.name or not replaced_by_bnb(m):
+            continue
+        if any(re.match(rf"(?:{key})(?:(?<=\.)|(?=\.|$))", m.name) or m.name.endswith(key) for key in keys):
+            continue
+        out.add(m.name)
+    return out

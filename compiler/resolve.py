@@ -24,7 +24,7 @@ from mixspec.errors import Diagnostics, Location, ModelSourceError, Problem, Spe
 from mixspec.loader import LoadedSpec
 from mixspec.names import natural_key, ranges, shallowest
 from mixspec.plan import ComponentPlan, LoraPlan, Plan, QuantPlan, Totals
-from mixspec.quantize import quantizable_modules, skip_modules
+from mixspec.quantize import bnb_replaced, quantizable_modules, skip_modules
 from mixspec.registry import Roles, find_roles
 from mixspec.settings import settings_from_spec
 from mixspec.tree import CONV, CONV1D_GPT2, EMBEDDING, LINEAR, LORA_KINDS, ModuleTree
@@ -510,11 +510,16 @@ class _Resolver:
             trust_remote_code=bool(spec.trust_remote_code),
             structure=model_structure(tree, self.roles.prefixes),
             quant_skip_modules=_quant_skip(tree, components),
+            quant_is_default=_quantized(components) == bnb_replaced(tree) if _quantized(components) else False,
         )
 
 
+def _quantized(components) -> set[str]:
+    return {m for c in components if c.quantize for m in c.quantize.modules}
+
+
 def _quant_skip(tree: ModuleTree, components) -> tuple[str, ...]:
-    quantized = {m for c in components if c.quantize for m in c.quantize.modules}
+    quantized = _quantized(components)
     return skip_modules(tree, quantized) if quantized else ()
 
 

@@ -26,9 +26,28 @@ def quantization_data(plan: Plan) -> dict | None:
     }
 
 
-def quant_refusals(plan: Plan, target: str, why_quant: str, why_optim: str) -> list[Unsupported]:
+# the spec's optimizer -> transformers' optim name for it (bitsandbytes AdamW, 8 bit and/or paged)
+HF_OPTIM_NAMES = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
+                  "paged_adamw": "paged_adamw_32bit"}
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def backend_quantizes_exactly(plan: Plan) -> bool:
+    """A backend whose BitsAndBytesConfig has no skip list (ms-swift, LLaMA-Factory) quantizes
+    exactly the Plan's modules."""
+    return plan.quantized and plan.quant_is_default
+
+
+def quant_refusals(plan: Plan, target: str, why_quant: str, why_optim: str,
+                   quantize_ok: bool = False, optimizer_ok: bool = False) -> list[Unsupported]:
     """A target that cannot quantize exactly the Plan's modules, or build its optimizer."""
     out = []
+    if quantize_ok and optimizer_ok:
+        return out
+    if quantize_ok:
+        return [u for u in quant_refusals(plan, target, why_quant, why_optim) if u.code != "quantize-modules"]
+    if optimizer_ok:
+        return [u for u in quant_refusals(plan, target, why_quant, why_optim) if u.code != "optimizer-8bit"]
     kept = plan.quant_skip_modules
     if kept:
         why_quant += (f"; this Plan keeps {', '.join(kept[:4])}" + (f" and {len(kept) - 4} more" if len(kept) > 4 else "")
@@ -46,3 +65,13 @@ def quant_refusals(plan: Plan, target: str, why_quant: str, why_optim: str) -> l
             "optimizer-8bit", None, f"training.optimizer {plan.training.optimizer}", why_optim,
             "compile for the hf target (bitsandbytes optimizer over the Plan's groups), or use optimizer: adamw"))
     return out
+
+
+def kbit_warnings(plan: Plan, backend: str) -> list[str]:
+    """The Plan's memory estimate is the hf target's run: PEFT's k-bit preparation holds every
+    non-quantized parameter in fp32; another backend may keep them in the training precision."""
+    if not plan.quantized or plan.training.precision == "fp32":
+        return []
+    return [f"the memory estimate assumes PEFT's prepare_model_for_kbit_training (every non-quantized parameter "
+            f"in fp32, as the hf target's train.py does); mixspec has not measured what {backend} keeps in fp32, "
+            "so its weights may take less than estimated"]

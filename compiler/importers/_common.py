@@ -638,33 +638,15 @@ class BackendQuantization:
     skip: Optional[tuple[str, ...]] = None
 
 
-def backend_quantized(tree, skip: Optional[tuple[str, ...]]) -> set[str]:
-    """The modules transformers replaces by bitsandbytes ones for a skip list (None: its default
-    list), by its own matching rule (integrations/bitsandbytes.py, should_convert_module)."""
-    from mixspec.quantize import replaced_by_bnb
-
-    if skip is None:
-        params = [n for n in tree.param_shapes if n not in tree.tied]
-        last = params[-1].rsplit(".", 1)[0] if params else ""
-        tied = {n.rsplit(".", 1)[0] for pair in tree.tied.items() for n in pair}
-        skip = tuple({tree.output_embedding, last} | tied - {""})
-    out = set()
-    for m in tree.modules:
-        if not m.name or not replaced_by_bnb(m):
-            continue
-        if any(re.match(rf"(?:{key})(?:(?<=\.)|(?=\.|$))", m.name) or m.name.endswith(key) for key in skip):
-            continue
-        out.add(m.name)
-    return out
-
-
 def quantize_imported(imported: Imported, tree, plan, quant: BackendQuantization, replan):
     """Give the imported spec's components the backend's quantization: each frozen or LoRA
     component holds its share of the modules the backend quantizes, a frozen component claims
     the unassigned ones; a fully trained module the backend quantizes, or a Plan that does not
     quantize exactly the backend's modules, is a located problem. ``replan()`` plans the spec
     again (or records its problems and returns None). Returns the Plan or None."""
-    wanted = backend_quantized(tree, quant.skip)
+    from mixspec.quantize import bnb_replaced
+
+    wanted = bnb_replaced(tree, quant.skip)
     if not wanted:
         return plan
     options = {} if quant.method == "int8" else {"quantize_options": {"double_quant": quant.double_quant}}
