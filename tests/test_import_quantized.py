@@ -139,3 +139,10 @@ def test_a_fully_trained_module_the_backend_quantizes_is_refused():
     assert not imported.ok
     problem = next(p for p in imported.problems if "trains fully" in p.message)
     assert "model.visual.merger.mlp.0" in problem.message and str(problem.location) == "qlora.yml:2:1"
+
+
+def test_an_empty_deepspeed_key_is_no_deepspeed():
+    # every axolotl example leaves `deepspeed:` empty (null): axolotl then runs without DeepSpeed
+    imported = axolotl("Qwen/Qwen2.5-VL-7B-Instruct", "deepspeed:\nfsdp:\n")
+    assert imported.ok, [p.render() for p in imported.problems]
+    assert imported.plan.distributed.zero_stage is None

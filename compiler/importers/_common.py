@@ -496,7 +496,7 @@ class BaseReader:
         cfg, o = self.cfg, self.out.origins
         o["distributed.gpus_per_node"] = (f"not in the config ({self.launcher} decides); the spec plans "
                                           "1 node x 1 GPU: set distributed in it")
-        if not cfg.has("deepspeed"):
+        if not cfg.has("deepspeed") or cfg.raw("deepspeed") is None:  # `deepspeed:` left empty: none
             return {}
         value = cfg.raw("deepspeed")
         where = cfg.loc("deepspeed")
