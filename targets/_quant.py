@@ -39,7 +39,7 @@ def backend_quantizes_exactly(plan: Plan) -> bool:
 
 
 def quant_refusals(plan: Plan, target: str, why_quant: str, why_optim: str,
-                   quantize_ok: bool = False, optimizer_ok: bool = False) -> list[Unsupported]:
+                   quantize_ok: bool = False, optimizer_ok: bool = False, show_kept: bool = True) -> list[Unsupported]:
     """A target that cannot quantize exactly the Plan's modules, or build its optimizer."""
     out = []
     if quantize_ok and optimizer_ok:
@@ -49,7 +49,7 @@ def quant_refusals(plan: Plan, target: str, why_quant: str, why_optim: str,
     if optimizer_ok:
         return [u for u in quant_refusals(plan, target, why_quant, why_optim) if u.code != "optimizer-8bit"]
     kept = plan.quant_skip_modules
-    if kept:
+    if kept and show_kept:  # the difference from a backend that quantizes every Linear but lm_head
         why_quant += (f"; this Plan keeps {', '.join(kept[:4])}" + (f" and {len(kept) - 4} more" if len(kept) > 4 else "")
                       + " unquantized")
     for comp in plan.components:

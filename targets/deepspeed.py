@@ -119,7 +119,7 @@ class DeepSpeedTarget(Target):
             plan, self.name,
             "a DeepSpeed JSON alone does not load the model: whoever loads it decides what bitsandbytes quantizes",
             "the DeepSpeed JSON carries no optimizer block (it would drop the per-component groups), so the "
-            "optimizer is the training script's")
+            "optimizer is the training script's", show_kept=False)
 
     def files(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
         return {"ds_config.json": deepspeed_config_text(plan)}

@@ -192,3 +192,11 @@ def test_counts_are_unchanged_by_quantization(tiny_qwen):
     assert quantized.totals == plain.totals
     assert [c.trainable_params for c in quantized.components] == [c.trainable_params for c in plain.components]
     assert quantized.fingerprint() == plain.fingerprint()
+
+
+def test_fit_searches_no_deepspeed_for_a_quantized_plan(tiny_qwen):
+    from mixspec.fit import fit
+
+    _, _, tree = tiny_qwen
+    result = fit(plan_for(tree), 0.001)  # nothing fits: every option is listed
+    assert result.options and {o.zero_stage for o in result.options} == {None}
