@@ -82,24 +82,26 @@ def weight_tensors(model):
         qs = getattr(p, "quant_state", None)
         if qs is not None:
             out += [qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code, qs.offset] if qs.nested else [])
+        out.append(getattr(p, "SCB", None))  # int8: one fp32 scale a row
     return out
 
 
-def quantized_modules(model, module):
+def quantized_modules(model, module, method):
     """Base-model names of the modules bitsandbytes holds (inside PEFT's LoRA wrappers too)."""
-    return {module.plan_name(n).removesuffix(".base_layer") for n, m in model.named_modules()
-            if isinstance(m, bnb.nn.Linear4bit)}
+    kind = bnb.nn.Linear8bitLt if method == "int8" else bnb.nn.Linear4bit
+    return {module.plan_name(n).removesuffix(".base_layer") for n, m in model.named_modules() if isinstance(m, kind)}
 
 
-@pytest.mark.parametrize("family", ["gemma3", "llava"])
-def test_qlora_two_steps_as_planned(models, tmp_path, family):
-    plan, out = compile_spec(tmp_path, SPEC.format(model=models[family], out=tmp_path / "run"))
+@pytest.mark.parametrize("family,method", [("gemma3", "nf4"), ("llava", "nf4"), ("llava", "int8")])
+def test_qlora_two_steps_as_planned(models, tmp_path, family, method):
+    plan, out = compile_spec(tmp_path, SPEC.format(model=models[family], out=tmp_path / "run").replace(
+        "quantize: nf4", f"quantize: {method}"))
     write_jsonl(tmp_path / "data.jsonl", image_rows(tmp_path))
     module = import_train(out / "train.py", f"train_qlora_{family}")
     trainer = module.build_trainer(module.parse_args(["--data", str(tmp_path / "data.jsonl")]))
     model = trainer.model
     planned = set(plan.component("language").quantize.modules)
-    assert quantized_modules(model, module) == planned and planned
+    assert quantized_modules(model, module, method) == planned and planned
 
     before = snapshot(model)
     trainer.train()
@@ -148,8 +150,8 @@ def test_qlora_two_steps_as_planned(models, tmp_path, family):
     for what, want, got in (("weights", est.weights_bytes, weights), ("gradients", est_grads, grads),
                             ("optimizer", est_optim, optim)):
         assert abs(want - got) <= 0.02 * got, (family, what, want, got)
-    print(f"{family}: max |update| / LR after 2 steps: " + ", ".join(f"{c} {r:.4f}" for c, r in sorted(moved.items())))
-    print(f"{family}: weights {weights} (est {est.weights_bytes:.0f}), gradients {grads} "
+    print(f"{family} {method}: max |update| / LR after 2 steps: " + ", ".join(f"{c} {r:.4f}" for c, r in sorted(moved.items())))
+    print(f"{family} {method}: weights {weights} (est {est.weights_bytes:.0f}), gradients {grads} "
           f"(est {est_grads:.0f}), optimizer {optim} (est {est_optim:.0f})")
 
 
