@@ -83,6 +83,9 @@ def weight_tensors(model):
         if qs is not None:
             out += [qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code, qs.offset] if qs.nested else [])
         out.append(getattr(p, "SCB", None))  # int8: one fp32 scale a row
+    for m in model.modules():  # after a forward, Linear8bitLt keeps the row scales in its state
+        if isinstance(m, bnb.nn.Linear8bitLt):
+            out.append(m.state.SCB)
     return out
 
 
