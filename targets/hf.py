@@ -271,6 +271,8 @@ def _summary_lines(plan: Plan) -> list[str]:
             extra = (f" rank {comp.lora.rank}, alpha {comp.lora.alpha:g}, dropout {comp.lora.dropout:g}"
                      f"{', rslora' if comp.lora.rslora else ''}{', dora' if comp.lora.dora else ''},"
                      f" {len(comp.lora.targets)} modules")
+        if comp.quantize:
+            extra += f"; base {comp.quantize.method} ({len(comp.quantize.modules)} Linear)"
         rows.append(f"  {_label(comp.name):<20} {comp.mode:<6} {lr:<12} {comp.trainable_params:>15,} trainable{extra}")
     if plan.unassigned_base_params:
         rows.append(f"  {'(unassigned)':<20} {'freeze':<6} {'':<12} {plan.unassigned_base_params:>15,} frozen")

@@ -117,3 +117,12 @@ def test_deepspeed_target_refuses_both():
     plan = plan_of(SEED + "distributed: {zero_stage: 2}\n")
     text = refusal(plan, "deepspeed")
     assert "quantize: nf4 on component 'language'" in text and "training.optimizer adamw_8bit" in text
+
+
+def test_diff_names_a_change_of_base_weights_and_optimizer(run_cli, tmp_path):
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text(SEED.replace(", quantize: nf4", "").replace("optimizer: adamw_8bit", "optimizer: adamw"))
+    new.write_text(SEED)
+    result = run_cli("diff", str(old), str(new))
+    assert "base weights language: not quantized -> nf4 (196 Linear, double_quant true, compute bf16)" in result.stdout
+    assert "setting training.optimizer: adamw -> adamw_8bit" in result.stdout
