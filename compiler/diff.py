@@ -177,11 +177,22 @@ def _component_changes(old_comps: dict, new_comps: dict) -> list[Change]:
                 if ta - tb:
                     out.append(Change("lora_targets", f"{name} -", len(ta), len(tb),
                                       _compact(sorted(ta - tb, key=natural_key))))
+        if _quant_text(a) != _quant_text(b):
+            out.append(Change("quantize", name, _quant_text(a), _quant_text(b)))
         if a.base_params != b.base_params:
             out.append(Change("base_params", name, a.base_params, b.base_params))
         if a.trainable_params != b.trainable_params:
             out.append(Change("trainable", name, a.trainable_params, b.trainable_params))
     return out
+
+
+def _quant_text(comp: ComponentPlan) -> str:
+    """How a component's base weights are held: "16-bit", or the method and module count."""
+    q = comp.quantize
+    if q is None:
+        return "not quantized"
+    options = "" if q.method == "int8" else f", double_quant {str(q.double_quant).lower()}, compute {q.compute_dtype}"
+    return f"{q.method} ({len(q.modules)} Linear{options})"
 
 
 def _summary(comp: ComponentPlan) -> dict:
@@ -341,6 +352,8 @@ def _describe(c: Change) -> str:
         name, sign = c.subject.rsplit(" ", 1)
         verb = "gains" if sign == "+" else "loses"
         return f"{name}: LoRA {verb} targets ({c.old} -> {c.new} modules): " + _list(c.detail)
+    if k == "quantize":
+        return f"base weights {c.subject}: {c.old} -> {c.new}"
     if k == "memory":
         if c.subject == "layout":
             return f"memory layout: {c.old} -> {c.new}"
@@ -350,7 +363,7 @@ def _describe(c: Change) -> str:
         return f"memory per GPU, {_MEMORY_WORDS.get(c.subject, c.subject)}: {_gib(c.old)} -> {_gib(c.new)}{delta}"
     label = {"mode": "mode", "lr": "lr", "weight_decay": "weight decay", "lora": "LoRA",
              "trainable": "trainable params", "base_params": "base params", "total": "total",
-             "setting": "setting", "model": "model", "trained": "trained parameters"}[k]
+             "setting": "setting", "model": "model", "trained": "trained parameters", "quantize": "base weights"}[k]
     return f"{label} {c.subject}: {_num(c.old)} -> {_num(c.new)}{_delta(c.old, c.new)}"
 
 
@@ -394,6 +407,8 @@ def _cells(c: Change) -> tuple[str, str, str]:
         name, sign = c.subject.rsplit(" ", 1)
         verb = "gains" if sign == "+" else "loses"
         return (f"`{name}` LoRA targets ({verb} {_list(c.detail)})", f"{c.old} modules", f"{c.new} modules")
+    if k == "quantize":
+        return (f"base weights `{c.subject}`", c.old, c.new)
     if k == "memory":
         if c.subject == "layout":
             return ("layout", str(c.old), str(c.new))
@@ -403,7 +418,7 @@ def _cells(c: Change) -> tuple[str, str, str]:
         return (_MEMORY_WORDS.get(c.subject, c.subject.replace("_", " ")), _gib(c.old), _gib(c.new) + delta)
     label = {"mode": "mode", "lr": "lr", "weight_decay": "weight decay", "lora": "LoRA",
              "trainable": "trainable params", "base_params": "base params", "total": "total",
-             "setting": "", "model": "", "trained": "trained parameters"}[k]
+             "setting": "", "model": "", "trained": "trained parameters", "quantize": "base weights"}[k]
     subject = c.subject.replace("_params", "") if k == "total" else c.subject
     what = f"{label} `{subject}`" if label else f"`{subject}`"
     return (what, _num(c.old), _num(c.new) + _delta(c.old, c.new))
@@ -411,7 +426,7 @@ def _cells(c: Change) -> tuple[str, str, str]:
 
 _SECTIONS = (
     ("Components", ("component_added", "component_removed", "mode", "lr", "weight_decay", "lora",
-                    "lora_targets", "model", "trained")),
+                    "lora_targets", "quantize", "model", "trained")),
     ("Modules that moved between components", ("moved",)),
     ("Parameters", ("base_params", "trainable", "total")),
     ("Memory per GPU", ("memory",)),

@@ -22,6 +22,7 @@ gradient checkpointing), ZeRO-3's gathered parameters and a stated framework ove
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from mixspec.names import is_under
@@ -142,9 +143,65 @@ def estimate(plan: Plan, overrides: dict | None = None, target: str | None = Non
         weights = 0.0
     policy = execution_policy(plan, target, deepspeed=stage is not None)
     acts, transient, assumptions = activation_terms(plan, o, policy)
+    if plan.quantized or training.optimizer != "adamw":
+        if stage is None:
+            weights, grads, optim = quantized_model_states(plan)
+        assumptions["model_states"] = model_states_notes(plan, deepspeed=stage is not None)
     live = zero3_live_bytes(plan, 4 if precision == "fp32" else 2) if s >= 3 else 0.0
     return Estimate(n, stage, offload, weights, grads, optim, cpu_per_gpu * gpn,
                     dist.gpu_memory_gb, acts, transient, live, OVERHEAD_BYTES, assumptions, policy)
+
+
+def trained_sizes(plan: Plan) -> list[int]:
+    """Elements of every trained tensor (fully trained base parameters, LoRA adapter tensors)."""
+    sizes = []
+    for comp in plan.components:
+        if comp.mode == "full":
+            sizes += [math.prod(plan.param_shapes[p]) for p in comp.params]
+        elif comp.mode == "lora" and comp.lora:
+            sizes += list(comp.lora.param_sizes)
+    return sizes
+
+
+def quantized_model_states(plan: Plan) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer states) in bytes without DeepSpeed, for a quantized base
+    or a bitsandbytes optimizer: quantized Linear weights at bitsandbytes' bytes
+    (mixspec.quantize); with a quantized base PEFT's prepare_model_for_kbit_training holds every
+    other parameter in fp32; trained tensors fp32 with an fp32 gradient; AdamW's moments as the
+    optimizer keeps them, tensor by tensor."""
+    from mixspec.quantize import optimizer_fixed_bytes, optimizer_state_bytes, quantized_weight_bytes
+
+    training = plan.training
+    sizes = trained_sizes(plan)
+    full = sum(c.trainable_params for c in plan.components if c.mode == "full")
+    quantized = held = 0
+    for comp in plan.components:
+        if comp.quantize:
+            q = comp.quantize
+            quantized += q.params
+            held += sum(quantized_weight_bytes(q.method, q.double_quant, o, i) for o, i in q.shapes)
+    frozen = plan.totals.base_params - full - quantized
+    frozen_bytes = 4 if plan.quantized or training.precision == "fp32" else 2
+    weights = held + frozen * frozen_bytes + 4 * sum(sizes)
+    optim = sum(optimizer_state_bytes(training.optimizer, n) for n in sizes)
+    optim += optimizer_fixed_bytes(training.optimizer, sizes)
+    return float(weights), float(4 * sum(sizes)), float(optim)
+
+
+def model_states_notes(plan: Plan, deepspeed: bool) -> dict:
+    """What the model-state estimate assumed about quantization and the optimizer."""
+    from mixspec.quantize import PAGED_OPTIMIZERS
+
+    notes = {"optimizer": plan.training.optimizer}
+    q = plan.quant_config()
+    if q:
+        notes["quantized"] = f"{q.method}, {sum(c.quantize.params for c in plan.components if c.quantize):,} weights"
+        notes["kbit_preparation"] = "PEFT prepare_model_for_kbit_training: every other parameter held in fp32"
+    if plan.training.optimizer in PAGED_OPTIMIZERS:
+        notes["paged"] = "optimizer states in paged (unified) memory: counted on the GPU, can spill to CPU"
+    if deepspeed:
+        notes["deepspeed"] = "not modelled: quantized bases and bitsandbytes optimizers are estimated without DeepSpeed"
+    return notes
 
 
 def _trained_sets(plan: Plan):

@@ -73,7 +73,9 @@ def fit(plan: Plan, gpu_memory_gb: float, target: str | None = None) -> FitResul
     per_gpu = micro * accum
     limit = gpu_memory_gb * 1e9
     options = []
-    for stage in (None, 1, 2, 3):
+    # a quantized base or a bitsandbytes optimizer is planned (and compiled) without DeepSpeed only
+    bnb = plan.quantized or training.optimizer != "adamw"
+    for stage in (None,) if bnb else (None, 1, 2, 3):
         offloads = ("none",) if stage is None else ("none", "optimizer") + (("all",) if stage == 3 else ())
         for offload in offloads:
             for checkpointing in (False, True):

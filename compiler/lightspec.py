@@ -43,7 +43,7 @@ RULES: dict[str, dict[str, tuple]] = {
         "precision": ("enum:bf16|fp16|fp32", "bf16", {}),
         "gradient_checkpointing": ("bool", True, {}),
         "max_length": ("int", 2048, {"ge": 1}),
-        "optimizer": ("enum:adamw", "adamw", {}),
+        "optimizer": ("enum:adamw|adamw_8bit|paged_adamw_8bit|paged_adamw", "adamw", {}),
         "weight_decay": ("float", 0.0, {"ge": 0}),
         "warmup_ratio": ("float", 0.0, {"ge": 0, "le": 1}),
         "lr_scheduler": ("enum:cosine|linear|constant|constant_with_warmup", "cosine", {}),
@@ -71,6 +71,8 @@ RULES: dict[str, dict[str, tuple]] = {
     "FreezeComponent": {
         "train": ("enum:freeze", REQUIRED, {}),
         "modules": ("modules?", None, {"min_length": 1}),
+        "quantize": ("enum:nf4|fp4|int8?", None, {}),
+        "quantize_options": ("QuantizeOptions?", None, {}),
     },
     "FullComponent": {
         "train": ("enum:full", REQUIRED, {}),
@@ -83,7 +85,13 @@ RULES: dict[str, dict[str, tuple]] = {
         "lr": ("float", REQUIRED, {"gt": 0}),
         "modules": ("modules?", None, {"min_length": 1}),
         "lora": ("LoraOptions", None, {}),
+        "quantize": ("enum:nf4|fp4|int8?", None, {}),
+        "quantize_options": ("QuantizeOptions?", None, {}),
         "weight_decay": ("float?", None, {"ge": 0}),
+    },
+    "QuantizeOptions": {
+        "double_quant": ("bool", True, {}),
+        "compute_dtype": ("enum:bf16|fp16|fp32?", None, {}),
     },
     "LoraOptions": {
         "rank": ("int", 8, {"ge": 1, "le": 4096}),

@@ -132,6 +132,7 @@ def _check_components(data: dict, located: Located, diags: Diagnostics) -> None:
             for i, pattern in enumerate(modules):
                 if isinstance(pattern, str):
                     regexes.append((pattern, base + ("modules", i)))
+        _check_quantize(comp, base, located, diags)
         lora = comp.get("lora")
         if isinstance(lora, dict):
             targets = lora.get("targets")
@@ -153,6 +154,21 @@ def _check_components(data: dict, located: Located, diags: Diagnostics) -> None:
         return
     for pattern, path in regexes:
         _check_regex(pattern, path, located, diags)
+
+
+def _check_quantize(comp: dict, base: tuple, located: Located, diags: Diagnostics) -> None:
+    """quantize_options say how nf4/fp4 weights are held: without a 4-bit quantize they mean nothing."""
+    options, method = comp.get("quantize_options"), comp.get("quantize")
+    if options is None or comp.get("train") == "full":  # full: pydantic's error says it
+        return
+    where = located.loc(base + ("quantize_options",))
+    if method is None:
+        diags.error(where, _dotted(base + ("quantize_options",)), "quantize_options without quantize",
+                    "add quantize: nf4 (or fp4, int8), or remove quantize_options")
+    elif method == "int8" and isinstance(options, dict) and options:
+        diags.error(where, _dotted(base + ("quantize_options",)),
+                    f"quantize_options ({', '.join(map(str, options))}) apply to nf4 and fp4 only, not int8",
+                    "remove quantize_options, or use quantize: nf4")
 
 
 def _check_keys_without_mode(comp: dict, base: tuple, located: Located, diags: Diagnostics) -> None:
@@ -326,6 +342,9 @@ def _problem_from_pydantic(err: dict, located: Located) -> Problem:
             hint = "a frozen component has no learning rate; remove lr or set train: full or lora"
         if key == "lora" and parent is not None and parent.__name__ != "LoraComponent":
             hint = "LoRA options belong to components with train: lora"
+        if key in ("quantize", "quantize_options") and parent is not None and parent.__name__ == "FullComponent":
+            message = "a fully trained component cannot be quantized (its weights are trained in place)"
+            hint = "train it with lora over the quantized weights (QLoRA), freeze it, or drop quantize"
         return Problem(located.loc(loc), dotted, message, hint)
     if kind == "missing":
         key = loc[-1]
@@ -354,6 +373,11 @@ def _problem_from_pydantic(err: dict, located: Located) -> Problem:
         hint = _RANGE_HINTS.get(str(loc[-1]) if loc else "", "")
     elif kind == "literal_error":
         message = f"must be {err['ctx']['expected']}{got}"
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, re.findall(r"'([^']*)'", str(err["ctx"]["expected"])), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else ""
+            if loc and loc[-1] == "quantize":  # 'int4' is nearer int8 as text, nf4 in meaning
+                hint = "4 bit: nf4 (QLoRA's usual) or fp4; 8 bit: int8"
     elif kind in _TYPE_WORDS:
         message = f"must be {_TYPE_WORDS[kind]}{got}"
         if isinstance(value, bool):

@@ -36,6 +36,8 @@ class LoraPlan:
     added_params: int
     targets_spec: object  # what the spec said: "all-linear", a list of leaf names, or a regex
     layers: Optional[tuple[int, ...]]
+    # elements of each adapter tensor, in param_names' order (what 8-bit optimizer states depend on)
+    param_sizes: tuple[int, ...] = field(default=(), compare=False)
 
     @property
     def scaling(self) -> float:
@@ -51,6 +53,28 @@ class LoraPlan:
             "target_modules": list(self.targets),
             "target_kinds": sorted(set(self.target_kinds)),
         }
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """A component's base Linear weights held by bitsandbytes (the spec's ``quantize``)."""
+
+    method: str  # nf4 | fp4 | int8
+    double_quant: bool  # nf4/fp4: the absmax constants quantized too
+    compute_dtype: str  # nf4/fp4: bf16 | fp16 | fp32
+    modules: tuple[str, ...]  # full names of the Linear modules bitsandbytes replaces
+    shapes: tuple[tuple[int, int], ...]  # (out_features, in_features) of each, same order
+
+    @property
+    def params(self) -> int:
+        """Weight elements held quantized (still counted as the component's frozen parameters)."""
+        return sum(o * i for o, i in self.shapes)
+
+    def to_json(self) -> dict:
+        out = {"method": self.method, "modules": list(self.modules), "quantized_params": self.params}
+        if self.method != "int8":
+            out.update(double_quant=self.double_quant, compute_dtype=self.compute_dtype)
+        return out
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,7 @@ class ComponentPlan:
     # trained parameters exempt from weight decay (mixspec.decay's rule), and their count
     no_decay: tuple[str, ...] = ()
     no_decay_params: int = 0
+    quantize: Optional[QuantPlan] = None
 
     @property
     def trainable_names(self) -> tuple[str, ...]:
@@ -106,6 +131,7 @@ class ComponentPlan:
             "no_decay": {"tensors": len(self.no_decay), "params": self.no_decay_params,
                          "names": list(self.no_decay)},
             "param_names": list(self.params),
+            **({"quantize": self.quantize.to_json()} if self.quantize else {}),
         }
 
 
@@ -148,6 +174,21 @@ class Plan:
     trust_remote_code: bool = False  # the spec allows the model repo's own code (targets that load it)
     # block kinds, vocab, vision patching: what the activation estimate reads (mixspec.activations)
     structure: dict = field(repr=False, default_factory=dict, compare=False)
+    # bitsandbytes: every Linear the Plan does not quantize, as the fewest module names (full
+    # names: what a BitsAndBytesConfig's llm_int8_skip_modules must hold); () when nothing is
+    quant_skip_modules: tuple[str, ...] = ()
+    # the Plan quantizes exactly what transformers does with no skip list (what ms-swift and
+    # LLaMA-Factory load with): their quantization flags are then exact
+    quant_is_default: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        """Some component holds its base weights quantized (bitsandbytes)."""
+        return any(c.quantize for c in self.components)
+
+    def quant_config(self) -> Optional[QuantPlan]:
+        """The one bitsandbytes setting of the run (resolve makes every quantized component agree)."""
+        return next((c.quantize for c in self.components if c.quantize), None)
 
     def component(self, name: str) -> ComponentPlan:
         return next(c for c in self.components if c.name == name)
@@ -228,6 +269,7 @@ class Plan:
             "data": self.data.to_json() if self.data else None,
             "output_dir": self.output_dir,
             "warnings": [p.to_json() for p in self.warnings_problems],
+            **({"quantization_skip_modules": list(self.quant_skip_modules)} if self.quantized else {}),
         }
 
     def to_json_text(self) -> str:

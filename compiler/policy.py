@@ -14,8 +14,12 @@ gradient_checkpointing_kwargs (transformers' default: non-reentrant in 5.x); LLa
 uses use_reentrant_gc (default True) and checkpoints only the blocks that hold a trainable
 parameter (get_custom_gradient_checkpointing_func): a frozen block runs without it.
 
-Extension points, for runs other issues add: ``frozen_dtype`` (a quantized base: "nf4",
-"int8"; the 16-bit compute dtype stays ``compute``), ``adapter_dtype`` and ``trained_dtype``
+A quantized base (the spec's quantize, hf target without DeepSpeed): ``frozen_dtype`` is the
+bitsandbytes method ("nf4", "fp4", "int8"; the compute dtype stays ``compute``) and
+``kbit_prepared`` says PEFT's prepare_model_for_kbit_training holds every other base parameter in
+fp32; the model-state bytes come from mixspec.estimate.quantized_model_states.
+
+Extension points, for runs other issues add: ``adapter_dtype`` and ``trained_dtype``
 (where a backend holds them), ``module_cast`` (an engine that casts the whole module, as
 DeepSpeed does; FSDP2's MixedPrecisionPolicy casts parameters for compute the same way) and
 ``master_dtype`` (where fp32 master weights live).
@@ -49,6 +53,9 @@ class ExecutionPolicy:
     # runs it in fp32), and CPU dropout keeps its mask in the input's dtype (CUDA: 1-byte bool)
     device: str = "cuda"
     attention: str = "sdpa"
+    # a quantized base (frozen_dtype nf4/fp4/int8): PEFT's prepare_model_for_kbit_training holds
+    # every parameter bitsandbytes does not quantize in fp32 (mixspec.estimate.quantized_model_states)
+    kbit_prepared: bool = False
 
     @property
     def activation_bytes(self) -> int:
@@ -77,6 +84,9 @@ class ExecutionPolicy:
         else:
             how = (f"{self.compute} autocast, LoRA weights {self.adapter_dtype}, trained weights {self.trained_dtype}, "
                    f"frozen {self.frozen_dtype}")
+            if self.kbit_prepared:
+                how += " (bitsandbytes; every other base parameter fp32: PEFT's k-bit preparation)"
+
         ckpt = "reentrant" if self.checkpoint_reentrant else "non-reentrant"
         if not self.checkpoint_frozen_blocks:
             ckpt += ", trainable blocks only"
@@ -105,5 +115,7 @@ def execution_policy(plan, target: str | None = None, deepspeed: bool | None = N
         return ExecutionPolicy(target, "deepspeed", compute, False, compute, compute, compute, module_cast=compute,
                                master_dtype="fp32", checkpoint_reentrant=reentrant,
                                checkpoint_frozen_blocks=frozen_blocks)
-    return ExecutionPolicy(target, "ddp", compute, True, compute, "fp32", plan.training.trained_dtype,
-                           checkpoint_reentrant=reentrant, checkpoint_frozen_blocks=frozen_blocks)
+    q = plan.quant_config()
+    return ExecutionPolicy(target, "ddp", compute, True, q.method if q else compute, "fp32",
+                           plan.training.trained_dtype, checkpoint_reentrant=reentrant,
+                           checkpoint_frozen_blocks=frozen_blocks, kbit_prepared=q is not None)

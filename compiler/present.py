@@ -49,6 +49,8 @@ def print_plan(plan: Plan, est: Estimate, show_modules: bool = False, groups: di
             mode = (f"lora r{lo.rank} a{lo.alpha:g}" + (f" d{lo.dropout:g}" if lo.dropout else "")
                     + (" rslora" if lo.rslora else "") + (" dora" if lo.dora else "")
                     + f" ({len(lo.targets)} modules)")
+        if comp.quantize:  # the base weights bitsandbytes holds, under the training mode
+            mode += f"\n{comp.quantize.method} base ({len(comp.quantize.modules)} Linear)"
         covers = ", ".join(comp.modules) if show_modules or len(comp.modules) <= 3 else (
             ", ".join(comp.modules[:2]) + f", ... ({len(comp.modules)} modules)")
         if not comp.modules:
@@ -94,6 +96,8 @@ def print_memory(console, plan: Plan, est: Estimate) -> None:
     if est.policy is not None:
         console.print(f"  {est.policy.describe()}", markup=False)
     a = est.assumptions
+    if a.get("model_states"):  # quantized base or a bitsandbytes optimizer: what was assumed
+        console.print("  model states: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in a["model_states"].items()))
     if est.activations or est.transient:
         acts = " + ".join(f"{_TERM_LABELS.get(k, k)} {v / GIB:.2f}" for k, v in est.activations.items())
         largest = max(est.transient, key=est.transient.get) if est.transient else None

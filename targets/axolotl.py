@@ -14,7 +14,8 @@ source: compiler/importers/axolotl.py), is the Plan:
 Refused: more than one learning rate (axolotl's ``lr_groups`` take only parameters that decay,
 ``embedding_lr`` only embeddings), a fully trained part beside LoRA (a PEFT modules_to_save
 copy), parameters held in fp32 while trained where axolotl updates them in bf16/fp16 (full
-training without DeepSpeed), weight decay where axolotl's rule differs from the Plan's.
+training without DeepSpeed), weight decay where axolotl's rule differs from the Plan's, a
+quantized base and bitsandbytes optimizers (not checked against axolotl's own code).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mixspec.names import compact_names, expand_names, natural_key
 from mixspec.plan import Plan
 from mixspec.targets import Target, TargetOptions
 from mixspec.targets._common import exact_regex, generated_header, yaml_value
+from mixspec.targets._quant import quant_refusals
 from mixspec.targets.deepspeed import deepspeed_config_text
 from mixspec.targets.llamafactory import _out_dir
 
@@ -77,6 +79,10 @@ def _unsupported(plan: Plan) -> list[Unsupported]:
                 "master weights without DeepSpeed); the Plan keeps fp32 masters for them",
                 f"set distributed.zero_stage (DeepSpeed keeps fp32 masters), precision: fp32, or {_HINT}"))
     out += _decay(plan, trainable)
+    out += quant_refusals(
+        plan, "axolotl",
+        "mixspec has not checked which modules axolotl's adapter: qlora / load_in_4bit leaves unquantized",
+        "mixspec has not checked axolotl's bitsandbytes optimizers against the Plan's parameter groups")
     return out
 
 

@@ -113,7 +113,13 @@ class DeepSpeedTarget(Target):
     description = "DeepSpeed JSON (ds_config.json) for the Hugging Face Trainer / accelerate"
 
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
-        return distributed_unsupported(plan, require_zero=True)
+        from mixspec.targets._quant import quant_refusals
+
+        return distributed_unsupported(plan, require_zero=True) + quant_refusals(
+            plan, self.name,
+            "a DeepSpeed JSON alone does not load the model: whoever loads it decides what bitsandbytes quantizes",
+            "the DeepSpeed JSON carries no optimizer block (it would drop the per-component groups), so the "
+            "optimizer is the training script's", show_kept=False)
 
     def files(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
         return {"ds_config.json": deepspeed_config_text(plan)}

@@ -37,6 +37,7 @@ from mixspec.plan import ComponentPlan, Plan
 from mixspec.resolve import covering
 from mixspec.targets import Target, TargetOptions
 from mixspec.targets._common import comment_line, yaml_value as _yaml_value
+from mixspec.targets._quant import HF_OPTIM_NAMES, backend_quantizes_exactly, kbit_warnings
 from mixspec.targets.deepspeed import deepspeed_config_text
 
 LLAMAFACTORY_VERSION = "0.9.5"
@@ -742,13 +743,33 @@ class LlamaFactoryTarget(Target):
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
         """Hard limits, then the deviations: each has its comment in the YAML, so each is
         approximable (Target.render decides)."""
+        from mixspec.targets._quant import quant_refusals
+
         analysis = self.analyse(plan, options)
-        return analysis.hard + [replace(d, approximable=True) for d in analysis.deviations]
+        refused = quant_refusals(
+            plan, self.name,
+            "LLaMA-Factory's quantization_bit builds a BitsAndBytesConfig without llm_int8_skip_modules "
+            "(model/model_utils/quantization.py), so transformers quantizes every Linear but the output "
+            "embedding",
+            "mixspec has not checked LLaMA-Factory's optim names against the Plan's groups",
+            quantize_ok=backend_quantizes_exactly(plan) and _lf_quantization_exact(plan),
+            optimizer_ok=True)  # its Trainer builds transformers' optim (bitsandbytes AdamW) over its groups
+        q = plan.quant_config()
+        if q is not None and backend_quantizes_exactly(plan) and not _lf_quantization_exact(plan):
+            refused.append(Unsupported(
+                "quantize-compute-dtype", None, f"quantize_options.compute_dtype {q.compute_dtype} with "
+                f"training.precision {plan.training.precision}",
+                "LLaMA-Factory computes 4-bit layers in the model's compute dtype", "leave compute_dtype unset"))
+        if plan.quantized and analysis.finetuning_type != "lora":
+            refused.append(Unsupported(
+                "quantize-needs-lora", None, f"a quantized base with finetuning_type {analysis.finetuning_type}",
+                "LLaMA-Factory allows quantization_bit with finetuning_type lora only", "compile for the hf target"))
+        return analysis.hard + refused + [replace(d, approximable=True) for d in analysis.deviations]
 
     def warnings(self, plan: Plan, options: TargetOptions) -> list[str]:
         """With --approximate: each component whose LR changes, and by which factor."""
         if not options.approximate:
-            return []
+            return kbit_warnings(plan, "LLaMA-Factory")
         chosen = self.analyse(plan, options).learning_rate
         return [f"--approximate: component {c.name!r} trains at learning rate {_num(chosen)} instead of "
                 f"{_num(c.lr)}: {chosen / c.lr:.3g}x"
@@ -781,6 +802,13 @@ class LlamaFactoryTarget(Target):
 
         y.section("model")
         y.key("model_name_or_path", options.model_override or plan.model)
+        q = plan.quant_config()
+        if q is not None:  # unsupported() let it through: no skip list gives exactly the Plan's modules
+            y.key("quantization_bit", 8 if q.method == "int8" else 4)
+            y.key("quantization_method", "bitsandbytes")
+            if q.method != "int8":
+                y.key("quantization_type", q.method)
+                y.key("double_quantization", q.double_quant)
 
         y.section("method")
         y.key("stage", "sft")
@@ -834,7 +862,7 @@ class LlamaFactoryTarget(Target):
         y.key("warmup_ratio", float(t.warmup_ratio))
         y.key("weight_decay", float(a.weight_decay), notes)
         y.key("max_grad_norm", float(t.max_grad_norm))
-        y.key("optim", "adamw_torch")
+        y.key("optim", HF_OPTIM_NAMES[t.optimizer])
         y.key("adam_beta1", float(t.adam_beta1))
         y.key("adam_beta2", float(t.adam_beta2))
         y.key("adam_epsilon", float(t.adam_epsilon))
@@ -885,3 +913,9 @@ class LlamaFactoryTarget(Target):
 
 
 TARGET = LlamaFactoryTarget
+
+
+def _lf_quantization_exact(plan: Plan) -> bool:
+    """LLaMA-Factory's 4-bit compute dtype is the model's (the training precision)."""
+    q = plan.quant_config()
+    return q is None or q.method == "int8" or q.compute_dtype == plan.training.precision

@@ -29,6 +29,7 @@ from mixspec.plan import ComponentPlan, Plan
 from mixspec.targets import Target, TargetOptions
 from mixspec.targets._common import (comment_line, compact_names, exact_regex, generated_header, json_text,
                                      py_assignments, sh_assignments, sh_word)
+from mixspec.targets._quant import TORCH_DTYPES, backend_quantizes_exactly, kbit_warnings
 from mixspec.targets._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
 from mixspec.targets.deepspeed import deepspeed_config
 
@@ -655,13 +656,25 @@ class SwiftTarget(Target):
     name = "swift"
     description = "ms-swift 4.x (or 3.x): train.sh with `swift sft`, plus a plugin where flags cannot be exact"
 
+    def warnings(self, plan: Plan, options: TargetOptions) -> list[str]:
+        return kbit_warnings(plan, "ms-swift")
+
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
         """What stops an exact compile: hard limits, plus the plugin's reasons under --no-plugin."""
+        from mixspec.targets._quant import quant_refusals
+
         d = decide(plan, options)
         _deepspeed(plan, d)
+        refused = quant_refusals(
+            plan, self.name,
+            "ms-swift's --quant_method bnb builds a BitsAndBytesConfig without llm_int8_skip_modules "
+            "(swift/llm/argument/base_args/quant_args.py), so transformers quantizes every Linear but the "
+            "output embedding",
+            "mixspec builds swift's optimizer itself (plugin or multimodal groups) as 32-bit AdamW",
+            quantize_ok=backend_quantizes_exactly(plan))
         if options.plugin:
-            return list(d.hard)
-        return list(d.hard) + list(d.plugin_reasons)
+            return list(d.hard) + refused
+        return list(d.hard) + list(d.plugin_reasons) + refused
 
     def files(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
         d = decide(plan, options)
@@ -700,6 +713,12 @@ def _training_flags(plan: Plan, d: Decision, sw: Optional[SwiftModel]) -> list:
     t = plan.training
     dtype, bf16, fp16 = _PRECISION[t.precision]
     flags: list = [("torch_dtype", dtype), ("bf16", bf16), ("fp16", fp16)]
+    q = plan.quant_config()
+    if q is not None:  # exact only when swift's skip-less BitsAndBytesConfig gives the Plan's modules
+        flags += [("quant_method", "bnb"), ("quant_bits", 8 if q.method == "int8" else 4)]
+        if q.method != "int8":
+            flags += [("bnb_4bit_quant_type", q.method), ("bnb_4bit_use_double_quant", q.double_quant),
+                      ("bnb_4bit_compute_dtype", TORCH_DTYPES[q.compute_dtype])]
     if t.max_steps:
         flags.append(("max_steps", t.max_steps))
     else:

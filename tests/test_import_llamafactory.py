@@ -188,7 +188,7 @@ def test_weight_decay_rule_and_missing_precision_and_do_train():
      "did you mean 'freeze_vision_tower'"),
     ("model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct\ntrain_mm_proj_only: true\n", "train.yaml:2:1",
      "freeze_multi_modal_projector: false"),
-    ("model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct\nquantization_bit: 4\n", "train.yaml:2:19", "QLoRA"),
+    ("model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct\nquantization_bit: 3\n", "train.yaml:2:19", "bitsandbytes quantizes to 4 bit"),
     ("model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct\nlearning_rate: fast\n", "train.yaml:2:16", "a number"),
     ("model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct\nlora_target: mlp\n", "train.yaml:2:14",
      "LoRA cannot wrap Qwen2MLP"),

@@ -199,10 +199,10 @@ def test_unmodelled_flags_are_listed_never_dropped():
     assert keys["--neftune_noise_alpha 5"] == ""
     assert "does not change" in keys["--eval_steps 50"]
     assert '"$@"' in keys
-    # a QLoRA base: listed with what it changes
+    # a QLoRA base is read now (tests/test_import_quantized.py), not listed
     got = imp("    --tuner_type lora --quant_bits 4 --quant_method bnb\n")
-    keys = {u.key: u.note for u in got.unmodelled}
-    assert "QLoRA" in keys["--quant_bits 4"] and "QLoRA" in keys["--quant_method bnb"]
+    assert not any("quant" in u.key for u in got.unmodelled)
+    assert got.plan.quant_config().method == "nf4"
 
 
 def test_values_from_shell_variables():

@@ -535,7 +535,7 @@ class BaseReader:
         cfg, o = self.cfg, self.out.origins
         o["distributed.gpus_per_node"] = (f"not in the config ({self.launcher} decides); the spec plans "
                                           "1 node x 1 GPU: set distributed in it")
-        if not cfg.has("deepspeed"):
+        if not cfg.has("deepspeed") or cfg.raw("deepspeed") is None:  # `deepspeed:` left empty: none
             return {}
         value = cfg.raw("deepspeed")
         where = cfg.loc("deepspeed")
@@ -580,7 +580,12 @@ class BaseReader:
         self.out.groups.update(groups)
         self.out.origins["model"] = cfg.loc(model_key)
         self.out.origins.update(origins)
-        return plan_imported(self.out, self.model, self.parts, where)
+        plan = plan_imported(self.out, self.model, self.parts, where)
+        quant = getattr(self, "quantization", None)
+        if plan is not None and quant is not None:
+            plan = quantize_imported(self.out, self.model.tree, plan, quant,
+                                     lambda: plan_imported(self.out, self.model, self.parts, quant.where))
+        return plan
 
     def decay_effects(self, plan, who: str) -> None:
         """The backend decides which parameters decay by transformers' rule (torch LayerNorm
@@ -615,3 +620,91 @@ def read_config(backend: str, rules: str, reader, text: str, path: str, located=
     if cfg.ok:
         reader(cfg, out).run()
     return out
+
+
+# transformers' TrainingArguments.optim names (axolotl's optimizer, LLaMA-Factory's optim,
+# ms-swift's --optim) -> the spec's training.optimizer, where the optimizer is the same one:
+# transformers builds bitsandbytes' AdamW with optim_bits 8 for "8bit" names and is_paged for
+# "paged" ones (trainer_optimizer.py _get_bitsandbytes_optimizer), as train.py does
+HF_OPTIMIZERS = {
+    "adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "adamw_apex_fused": "adamw",
+    "adamw_bnb_8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
+    "paged_adamw_32bit": "paged_adamw",
+}
+_OPTIMIZER_WHY = {
+    "adamw_torch_8bit": "torchao's 8-bit AdamW quantizes its states its own way; mixspec plans bitsandbytes' "
+                        "(use adamw_bnb_8bit for 8-bit states mixspec can plan)",
+    "adamw_torch_4bit": "torchao's 4-bit AdamW states; mixspec plans 32-bit or bitsandbytes 8-bit states",
+}
+
+
+def spec_optimizer(name: str) -> tuple[Optional[str], str]:
+    """(the spec's training.optimizer for a transformers optim name, or None; why not)."""
+    if name in HF_OPTIMIZERS:
+        return HF_OPTIMIZERS[name], ""
+    return None, _OPTIMIZER_WHY.get(name, "mixspec plans AdamW: torch's, or bitsandbytes' 8-bit / paged")
+
+
+OPTIMIZER_HINT = "use adamw_torch, adamw_bnb_8bit, paged_adamw_8bit or paged_adamw_32bit"
+
+
+
+@dataclass(frozen=True)
+class BackendQuantization:
+    """How a backend loads its base with bitsandbytes: the method and options, where the
+    config says so, and the module names its BitsAndBytesConfig skips (None: transformers'
+    default, i.e. the output embedding, tied weights and the module of the last parameter)."""
+
+    method: str  # nf4 | fp4 | int8
+    double_quant: bool
+    where: Location
+    skip: Optional[tuple[str, ...]] = None
+
+
+def quantize_imported(imported: Imported, tree, plan, quant: BackendQuantization, replan):
+    """Give the imported spec's components the backend's quantization: each frozen or LoRA
+    component holds its share of the modules the backend quantizes, a frozen component claims
+    the unassigned ones; a fully trained module the backend quantizes, or a Plan that does not
+    quantize exactly the backend's modules, is a located problem. ``replan()`` plans the spec
+    again (or records its problems and returns None). Returns the Plan or None."""
+    from mixspec.quantize import bnb_replaced
+
+    wanted = bnb_replaced(tree, quant.skip)
+    if not wanted:
+        return plan
+    options = {} if quant.method == "int8" else {"quantize_options": {"double_quant": quant.double_quant}}
+    full = sorted(m for c in plan.components if c.mode == "full" for m in wanted
+                  if any(p.startswith(m + ".") for p in c.params))
+    if full:
+        imported.problems.append(Problem(
+            quant.where, "", f"the backend quantizes {len(full)} module(s) this config trains fully "
+            f"({show(full, 3)}): bitsandbytes weights cannot be trained",
+            "freeze them or train them with LoRA, or skip them from quantization"))
+        imported.plan = None
+        return None
+    spec = imported.spec
+    for c in plan.components:
+        if any(p.rsplit(".", 1)[0] in wanted for p in c.params):
+            spec["components"][c.name].update(quantize=quant.method, **options)
+            imported.origins[f"components.{c.name}.quantize"] = quant.where
+    held = [m for m in plan.unassigned_modules
+            if any(w == m or w.startswith(m + ".") or m.startswith(w + ".") for w in wanted)]
+    if held:
+        spec["components"]["quantized_base"] = {"train": "freeze", "modules": [re.escape(m) for m in held],
+                                                "quantize": quant.method, **options}
+        imported.origins["components.quantized_base"] = quant.where
+    imported.plan = None
+    plan = replan()
+    if plan is None:
+        return None
+    planned = {m for c in plan.components if c.quantize for m in c.quantize.modules}
+    if planned != wanted:
+        more, fewer = sorted(wanted - planned), sorted(planned - wanted)
+        imported.problems.append(Problem(
+            quant.where, "", "the spec language cannot quantize exactly the backend's modules: "
+            + "; ".join(x for x in (f"the backend also quantizes {show(more, 3)}" if more else "",
+                                    f"the spec would also quantize {show(fewer, 3)}" if fewer else "") if x),
+            "report this config to mixspec"))
+        imported.plan = None
+        return None
+    return plan

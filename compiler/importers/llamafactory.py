@@ -25,8 +25,8 @@ from mixspec.targets.llamafactory import (COMPOSITE_MODELS, LLAMAFACTORY_VERSION
 from mixspec.tree import LORA_KINDS
 
 from . import Imported, tied_copies, tied_copy_text
-from ._common import (BaseReader, Config, Model, Part, gib, human, load_tree,
-                      read_config, show, split_names)
+from ._common import (BackendQuantization, BaseReader, Config, Model, Part, gib, human, load_tree,
+                      read_config, show, spec_optimizer, split_names, OPTIMIZER_HINT)
 from ._llamafactory_keys import LLAMAFACTORY_KEYS, TRAINING_ARGUMENTS_KEYS
 
 RULES = (f"LLaMA-Factory {LLAMAFACTORY_VERSION}: its selection rules re-implemented from its source "
@@ -59,7 +59,6 @@ _REMOVED = {
 # settings that change what trains, the learning rates or the memory, and that the spec
 # language cannot say: set to anything but their default, the import stops with a reason
 _NOT_EXPRESSIBLE = {
-    "quantization_bit": (None, "a quantized base model (QLoRA); mixspec specs and plans are for unquantized weights"),
     "loraplus_lr_ratio": (None, "LoRA+ gives lora_B its own learning rate; a spec component has one lr"),
     "use_galore": (False, "GaLore projects full-parameter gradients; mixspec plans plain AdamW"),
     "use_apollo": (False, "APOLLO changes the optimizer; mixspec plans plain AdamW"),
@@ -79,7 +78,6 @@ _NOT_EXPRESSIBLE = {
 _LORA_ONLY = ("use_rslora", "use_dora", "loraplus_lr_ratio", "pissa_init")  # LLaMA-Factory raises outside LoRA
 _LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "additional_target", "create_new_adapter")
 _FREEZE_KEYS = ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules")
-_ADAMW = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_apex_fused")
 _SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 _STAGES = ("sft", "pt")
 # keys that do not change what trains, the learning rates or the memory per GPU
@@ -249,6 +247,7 @@ class _Reader(BaseReader):
                       "mixspec specs train parts fully or with LoRA: use full, freeze or lora")
             return
         self.ftype = ftype
+        self.quantization = self.read_quantization()
         self.flags = tuple(cfg.get(_FLAG[part], "bool", default) for part, default in
                            zip(_PARTS, (True, True, False)))
 
@@ -305,6 +304,31 @@ class _Reader(BaseReader):
         if not hasattr(self, "_part_source"):
             self._part_source = {}
         return self._part_source
+
+    def read_quantization(self):
+        """LLaMA-Factory's on-the-fly BitsAndBytesConfig (model/model_utils/quantization.py
+        configure_quantization): quantization_bit 4 is quantization_type (nf4) with
+        double_quantization (true), 8 is LLM.int8; no skip list (transformers' default)."""
+        cfg = self.cfg
+        bits = cfg.get("quantization_bit", "int", None, allow_none=True)
+        for key in ("quantization_method", "quantization_type", "double_quantization"):
+            cfg.used.add(key)
+        if bits is None:
+            return None
+        cfg.used.add("quantization_bit")
+        method = cfg.get("quantization_method", "str", "bitsandbytes")
+        if method not in ("bitsandbytes", "bnb"):
+            cfg.error("quantization_method", f"quantization_method: {method} cannot be expressed: mixspec plans "
+                      "bitsandbytes quantization only", "use quantization_method: bitsandbytes")
+            return None
+        kind = cfg.get("quantization_type", "str", "nf4")
+        if bits not in (4, 8) or (bits == 4 and kind not in ("nf4", "fp4")):
+            cfg.error("quantization_bit", f"quantization_bit {bits} ({kind}): bitsandbytes quantizes to 4 bit "
+                      "(nf4, fp4) or 8 bit", "use quantization_bit: 4 or 8")
+            return None
+        return BackendQuantization(method=kind if bits == 4 else "int8",
+                                   double_quant=cfg.get("double_quantization", "bool", True),
+                                   where=cfg.loc("quantization_bit"))
 
     # -- option scope: keys that do nothing under this finetuning_type or model ------------
     def check_option_scope(self) -> None:
@@ -803,11 +827,11 @@ class _Reader(BaseReader):
             else:
                 cfg.unmodelled(key, "a fraction of the run (or not a count): the spec counts steps")
         optim = cfg.get("optim", "str", "adamw_torch")
-        if optim in _ADAMW:
-            put("optimizer", "adamw", self.src("optim", f"{HF_DEFAULT}: adamw"))
+        chosen, why = spec_optimizer(optim)
+        if chosen:
+            put("optimizer", chosen, self.src("optim", f"{HF_DEFAULT}: adamw"))
         else:
-            cfg.error("optim", f"optim: {optim} cannot be expressed: mixspec plans AdamW (its memory and states)",
-                      "use optim: adamw_torch")
+            cfg.error("optim", f"optim: {optim} cannot be expressed: {why}", OPTIMIZER_HINT)
         self.adam_settings(t)
         if cfg.get("warmup_steps", "float", 0):
             cfg.unmodelled("warmup_steps", "the spec has warmup_ratio only")

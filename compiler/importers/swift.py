@@ -40,7 +40,16 @@ from typing import Optional
 
 from mixspec.errors import Location, ModelSourceError, Problem, SpecError, quoted
 from mixspec.importers import Effect, Imported, Unmodelled, tied_copies, tied_copy_text
-from mixspec.importers._common import DEEPSPEED_NOT_HERE, find_file, read_json, zero_settings
+from mixspec.importers._common import (
+    DEEPSPEED_NOT_HERE,
+    OPTIMIZER_HINT,
+    BackendQuantization,
+    find_file,
+    quantize_imported,
+    read_json,
+    spec_optimizer,
+    zero_settings,
+)
 from mixspec.importers.shell import ASSIGNMENT, UnterminatedQuote, Word, expand, split_commands
 from mixspec.names import is_under, natural_key
 from mixspec.tree import EMBEDDING, LORA_KINDS, ModuleTree
@@ -68,6 +77,7 @@ _LR_FLAG = {"vit": "--vit_lr", "aligner": "--aligner_lr", "llm": "--learning_rat
 
 # flags that say what trains, how, and with which settings: read here
 _MODELLED = {
+    "quant_method", "quant_bits", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype",
     "model", "model_type", "tuner_type", "train_type", "freeze_llm", "freeze_vit", "freeze_aligner",
     "freeze_parameters", "freeze_parameters_regex", "freeze_parameters_ratio", "trainable_parameters",
     "trainable_parameters_regex", "target_modules", "target_regex", "modules_to_save", "lora_rank", "lora_alpha",
@@ -94,7 +104,6 @@ _DS_BUILTIN = {"zero0": (0, "none"), "zero1": (1, "none"), "zero2": (2, "none"),
 _DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16",
            "float32": "fp32", "fp32": "fp32", "float": "fp32"}
 _SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-_OPTIMS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
 _TRUE = {"true", "1", "yes", "y", "t", "on"}
 _FALSE = {"false", "0", "no", "n", "f", "off"}
 _LORA_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules",
@@ -705,9 +714,9 @@ def _read(r: _Reader) -> None:
         raise _Fail(Problem(flags["optimizer"].where, "--optimizer",
                             f"optimizer plugin {optimizer!r}: mixspec expresses AdamW with per-part LRs only"))
     optim = r.get_str("optim", "adamw_torch")
-    if optim not in _OPTIMS:
-        raise _Fail(Problem(flags["optim"].where, "--optim", f"{optim!r}: mixspec expresses AdamW only",
-                            "use adamw_torch"))
+    r.optimizer, why = spec_optimizer(optim)  # swift's optimizers build transformers' optim class
+    if r.optimizer is None:
+        raise _Fail(Problem(flags["optim"].where, "--optim", f"{optim!r}: {why}", OPTIMIZER_HINT))
     lr_mode = "single"
     if vit_lr is not None or aligner_lr is not None:
         if optimizer is None or optimizer == "multimodal":
@@ -796,6 +805,9 @@ def _read(r: _Reader) -> None:
     if not r.imp.ok:
         return
     plan = _verify(r, truth)
+    quant = _quantization(r)
+    if plan is not None and quant is not None:
+        plan = quantize_imported(r.imp, r.tree, plan, quant, lambda: _verify(r, truth))
     r.imp.plan = plan
     if plan is not None:
         _weight_decay_effect(r, plan)
@@ -1465,6 +1477,9 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
                                      ("adam_epsilon", "adam_epsilon", 1e-8, float)):
         t[key] = r.get_num(flag, default, kind)
         o[f"training.{key}"] = r.origin(flag)
+    if getattr(r, "optimizer", "adamw") not in (None, "adamw"):
+        t["optimizer"] = r.optimizer
+        o["training.optimizer"] = r.origin("optim")
     spec["training"] = t
     # data
     data = {}
@@ -1556,9 +1571,27 @@ def _env_num(r: _Reader, name: str, default: int) -> int:
 
 
 # flags mixspec does not model that change what the spec's plan says
-_UNMODELLED_NOTES = dict.fromkeys(
-    ("quant_bits", "quant_method"),
-    "a quantized base model (QLoRA): mixspec plans 16-bit base weights, so its memory estimate is not this run's")
+_UNMODELLED_NOTES: dict[str, str] = {}
+
+
+def _quantization(r: _Reader):
+    """swift's BitsAndBytesConfig (swift/llm/argument/base_args/quant_args.py): --quant_method bnb
+    with --quant_bits 4 (--bnb_4bit_quant_type nf4, --bnb_4bit_use_double_quant true) or 8; no skip
+    list, so transformers' default (output embedding, tied weights, the last module)."""
+    method = r.get_str("quant_method")
+    if method is None:
+        return None
+    flag = r.flags["quant_method"]
+    if method != "bnb":
+        raise _Fail(Problem(flag.where, "--quant_method", f"{method!r}: mixspec plans bitsandbytes quantization only",
+                            "use --quant_method bnb"))
+    bits = r.get_num("quant_bits", None, int)
+    kind = r.get_str("bnb_4bit_quant_type", "nf4")
+    if bits not in (4, 8) or kind not in ("nf4", "fp4"):
+        raise _Fail(Problem((r.flags.get("quant_bits") or flag).where, "--quant_bits",
+                            f"bnb quantizes to 4 bit (nf4, fp4) or 8 bit (got {bits}, {kind})", "use --quant_bits 4 or 8"))
+    return BackendQuantization(method=kind if bits == 4 else "int8",
+                               double_quant=r.get_bool("bnb_4bit_use_double_quant", True), where=flag.where)
 
 
 def _env_and_unmodelled(r: _Reader) -> None:

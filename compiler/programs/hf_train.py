@@ -20,8 +20,10 @@ Options override the Plan's defaults: --model (path or hub id), --data, --eval-d
 Self-check. Before the first step the script compares the loaded model with the Plan:
 every parameter name and the total count (so another model, another transformers version or
 a model with one layer more is caught), then the set of trainable parameters, their count and
-each one's optimizer learning rate and weight decay (the Plan's optimizer fingerprint). Any difference
-stops the run with exit status 1 and a readable diff.
+each one's optimizer learning rate and weight decay (the Plan's optimizer fingerprint). With a quantized
+base (the spec's quantize), the modules bitsandbytes holds must be exactly the planned ones, per
+component (--check prints them, planned and found). Any difference stops the run with exit
+status 1 and a readable diff.
 
 Data: a .jsonl file, one conversation per line (a hub dataset id with the same columns works too):
     {"messages": [{"role": "system", "content": "You are a helpful assistant."},
@@ -47,7 +49,8 @@ Saving. Each checkpoint (and OUTPUT_DIR/final at the end) holds the LoRA adapter
 (adapter_model.safetensors, adapter_config.json), the fully trained parameters
 (trained_params.safetensors, base-model names), the processor/tokenizer and mixspec_plan.json.
 load_trained(CHECKPOINT) rebuilds the trained model exactly; --merge writes it as a plain
-Hugging Face model directory.
+Hugging Face model directory. A quantized (QLoRA) run merges into the dequantized base weights,
+the ones the adapter was trained against, and writes an unquantized model.
 
 Monitoring. At each logging step the log gets, per component, grad_norm/NAME (gradient norm
 before clipping) and update_ratio/NAME (|weight change| / |weight| of that step).
@@ -150,6 +153,9 @@ def plan_name(name):
 
 
 def numel(param):
+    quant_state = getattr(param, "quant_state", None)  # bitsandbytes 4-bit: two values a byte
+    if quant_state is not None:
+        return math.prod(quant_state.shape)
     return int(getattr(param, "ds_numel", 0) or param.numel())  # ZeRO-3 partitions report ds_numel
 
 
@@ -233,14 +239,20 @@ def model_class():
     return cls
 
 
-def load_model(model_ref, meta=False, dtype=torch.float32):
-    """The planned model class, from a local dir or hub id; on the meta device (no weights) if meta."""
+def load_model(model_ref, meta=False, dtype=torch.float32, quantize=True):
+    """The planned model class, from a local dir or hub id; on the meta device (no weights) if
+    meta; with the Plan's quantized modules held by bitsandbytes unless quantize is False."""
     cls = model_class()
+    quant = PLAN.get("quantization") if quantize else None
     try:
         if meta:
             config = transformers.AutoConfig.from_pretrained(config_source(model_ref))
             with torch.device("meta"):
-                return cls._from_config(config)
+                model = cls._from_config(config)
+            return quantize_meta(model) if quant else model
+        if quant:
+            return cls.from_pretrained(model_ref, dtype=dtype, quantization_config=bnb_config(),
+                                       device_map=quantized_device_map())
         # frozen weights in the training dtype; setup_model upcasts the trained ones to fp32
         return cls.from_pretrained(model_ref, dtype=dtype)
     except (OSError, ValueError) as exc:  # missing files, no network, a config of another model
@@ -270,6 +282,76 @@ def check_structure(model):
     if total != PLAN["base_params"]:
         problems.append(f"the model has {total:,} parameters, the plan was made for {PLAN['base_params']:,}")
     return problems
+
+
+# -- quantized base (bitsandbytes) -------------------------------------------------------
+# PLAN["quantization"] (present only when a component has quantize): the BitsAndBytesConfig
+# values and, per component, the full names of the Linear modules planned quantized. The skip
+# list holds escaped full names of everything else transformers would replace (a short name
+# like "vision_tower" does not skip model.vision_tower's children).
+BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw": "PagedAdamW"}
+QUANTIZED_CLASSES = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' modules (PEFT's LoRA wrappers come later)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def bnb_config():
+    q = PLAN["quantization"]
+    if q["method"] == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(q["skip_modules"]))
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=q["method"], bnb_4bit_use_double_quant=q["double_quant"],
+        bnb_4bit_compute_dtype=DTYPES[q["compute_dtype"]], llm_int8_skip_modules=list(q["skip_modules"]))
+
+
+def quantized_device_map():
+    """bitsandbytes loads onto one device: this process's GPU (torchrun's LOCAL_RANK), or the CPU."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"": "cpu"}
+
+
+def quantize_meta(model):
+    """--check: the replacement from_pretrained makes, done by transformers on the meta model
+    with the same skip list (plus the model class's own fp32 modules, as from_pretrained adds)."""
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    skip = list(PLAN["quantization"]["skip_modules"]) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=bnb_config())
+
+
+def quantized_report(model):
+    """(problems, rows): per component, the modules planned quantized against those bitsandbytes
+    holds in the loaded model; a quantized module in no component is a problem too."""
+    found = {n for n, m in model.named_modules() if type(m).__name__ in QUANTIZED_CLASSES}
+    problems, rows, planned_all = [], [], set()
+    for name, modules in (PLAN.get("quantization") or {}).get("components", {}).items():
+        planned = set(modules)
+        planned_all |= planned
+        got = found & planned
+        rows.append((name, len(planned), len(got)))
+        if got != planned:
+            problems += describe_name_diff(got, planned, f"component {name}: quantized modules")
+    if found - planned_all:
+        problems += describe_name_diff(found - planned_all, set(), "quantized modules outside the planned ones")
+    return problems, rows
+
+
+def print_quantized(rows):
+    q = PLAN["quantization"]
+    say(f"{'component':<20} {'quantized':<10} {'planned':>15} {'found':>15}")
+    for name, planned, got in rows:
+        say(f"{name:<20} {q['method']:<10} {planned:>15,} {got:>15,}")
+
+
+def prepare_kbit(model):
+    """PEFT's k-bit preparation: every non-quantized parameter to fp32 (mixspec's estimate counts
+    it), input gradients for gradient checkpointing through frozen quantized layers."""
+    from peft import prepare_model_for_kbit_training
+
+    checkpointing = TRAINING["gradient_checkpointing"]
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None)
 
 
 def apply_plan(model):
@@ -421,7 +503,8 @@ def deepspeed_config_dict(path):
 
 
 def make_optimizer(groups, args):
-    """AdamW over the planned groups (DeepSpeedCPUAdam when ZeRO offloads the optimizer)."""
+    """AdamW over the planned groups (DeepSpeedCPUAdam when ZeRO offloads the optimizer; the
+    bitsandbytes class when the Plan's optimizer is 8-bit or paged)."""
     kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     ds = args.deepspeed if isinstance(args.deepspeed, dict) else deepspeed_config_dict(args.deepspeed)
     offload = ((ds or {}).get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
@@ -429,6 +512,11 @@ def make_optimizer(groups, args):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    name = BNB_OPTIMIZERS.get(TRAINING["optimizer"])
+    if name is not None:  # bitsandbytes: 8-bit blockwise and/or paged states, the same groups
+        import bitsandbytes
+
+        return getattr(bitsandbytes.optim, name)(groups, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
 
 
@@ -643,6 +731,10 @@ def load_trained_parts(model, path):
 def load_trained(checkpoint, model_ref=None, dtype=torch.float32):
     """Base model + trained parameters + LoRA adapter of a checkpoint: the trained model."""
     model = load_model(model_ref or PLAN["model"])
+    if PLAN.get("quantization"):
+        # the adapter was trained against the quantized weights: merge into them, dequantized
+        # (as PEFT's merge on a bitsandbytes base does), not into the original 16-bit checkpoint
+        model = model.dequantize()
     problems = check_structure(model)
     if problems:
         fail(PlanMismatch("model structure", problems))
@@ -1179,6 +1271,13 @@ def setup_model(model_ref, meta=False, dtype=torch.float32):
     problems = check_structure(model)
     if problems:
         raise PlanMismatch("model structure", problems)
+    quant_rows = None
+    if PLAN.get("quantization"):
+        problems, quant_rows = quantized_report(model)
+        if problems:
+            raise PlanMismatch("quantized modules", problems)
+        if not meta:
+            model = prepare_kbit(model)
     model = apply_plan(model)
     if not meta and dtype != torch.float32:
         # fp32 master weights for what is trained: mixed precision autocasts, and
@@ -1192,6 +1291,8 @@ def setup_model(model_ref, meta=False, dtype=torch.float32):
     problems = lr_problems(param_groups(model), model)
     if problems:
         raise PlanMismatch("optimizer learning rates and weight decays", problems)
+    if quant_rows is not None:
+        print_quantized(quant_rows)
     return model, rows
 
 
@@ -1208,7 +1309,8 @@ def run_check(args):
     print_counts(rows, total)
     say(f"planned trainable parameters: {PLAN['trainable_params']:,}")
     say(f"actual trainable parameters:  {total:,}")
-    say("self-check passed: trainable parameters, counts and learning rates equal the plan")
+    say("self-check passed: trainable parameters, counts and learning rates equal the plan"
+        + (" (and the quantized modules)" if PLAN.get("quantization") else ""))
     return 0
 
 
