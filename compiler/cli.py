@@ -72,7 +72,8 @@ def _stderr(text: str) -> None:
 
 
 def _fail(exc: MixspecError) -> typer.Exit:
-    _stderr(str(exc))
+    render = getattr(exc, "render", None)  # an error with no spec line: "error: ..." and its hint
+    _stderr(render() if callable(render) else str(exc))
     return typer.Exit(exc.exit_code)
 
 

@@ -65,7 +65,7 @@ def _tree_and_source(loaded: LoadedSpec, use_cache: bool):
             )])
         tree = get_tree(source, trust_remote_code=spec.trust_remote_code, use_cache=use_cache)
     except ModelSourceError as exc:
-        raise SpecError([Problem(loaded.value_loc("model"), "model", str(exc))]) from None
+        raise SpecError([Problem(loaded.value_loc("model"), "model", exc.message, exc.hint)]) from None
     return tree, source
 
 

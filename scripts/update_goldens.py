@@ -8,7 +8,12 @@ and mixspec_plugin.py through tests/test_target_swift.py) is kept as NAME.data: 
 target generated (header, Plan, ...), not the program, which is mixspec/programs/ itself
 (tests/test_programs.py proves program + blocks == the generated file, byte for byte).
 Golden files are reviewed like code: run this after a change that alters output, read the
-diff, commit it with the change.
+diff, commit it with the change. A golden file holds a placeholder where a generated file
+records the installed transformers/torch/PEFT versions (the generated file keeps the real
+ones): a new release of a library changes no golden file by its version alone. Whatever else
+a release changes is shown as drift, with the packages whose installed version differs from
+tests/constraints.txt named (``version_drift``): read the diff before moving a pin or
+updating a golden.
 
     python scripts/update_goldens.py            rewrite the golden files
     python scripts/update_goldens.py --check    exit 1 and list the drift, write nothing
@@ -19,7 +24,9 @@ tests/test_target_hf.py fails on drift with the same comparison.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -29,19 +36,74 @@ SPEC_DIRS = (ROOT / "examples", ROOT / "tests" / "targets" / "specs" / "hf")
 SUFFIXES = (".yaml", ".yml", ".json")
 REFUSAL = "refusal.txt"
 DATA_SUFFIX = ".data"  # a generated program's golden form: its generated blocks
+CONSTRAINTS = ROOT / "tests" / "constraints.txt"
+
+#: where a generated file records a library's version: train.py's PLAN
+#: ('transformers_version': '5.25.0'), the swift plugin's PLAN_VERSIONS ('torch': '2.13.0+cpu')
+_RECORDED_VERSION = re.compile(r"""(['"](?:transformers|torch|peft)(?:_version)?['"]\s*:\s*)(['"])[^'"\n]*\2""")
+VERSION_PLACEHOLDER = "<installed>"
+
+
+def normalise_versions(text: str) -> str:
+    """``text`` with every recorded library version replaced by a placeholder (mixspec's own
+    version is kept: it changes only with a commit of this repository)."""
+    return _RECORDED_VERSION.sub(lambda m: m.group(1) + m.group(2) + VERSION_PLACEHOLDER + m.group(2), text)
+
+
+def _pins(path: Path = CONSTRAINTS) -> dict[str, str]:
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            out[re.sub(r"[-_.]+", "-", name).lower()] = version.strip()
+    return out
+
+
+def _installed(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def version_drift(path: Path = CONSTRAINTS) -> list[str]:
+    """``name installed X, pinned Y`` for every pinned package whose installed release
+    differs from its pin in tests/constraints.txt (a local label such as +cpu is ignored)."""
+    out = []
+    for name, pinned in sorted(_pins(path).items()):
+        have = _installed(name)
+        if have is None:
+            out.append(f"{name} not installed, pinned {pinned}")
+        elif have.split("+", 1)[0] != pinned.split("+", 1)[0]:
+            out.append(f"{name} installed {have}, pinned {pinned}")
+    return out
+
+
+def drift_hint() -> str:
+    """What to do about a golden drift: name the drifted dependencies where there are any
+    (a new release may have changed behaviour; a golden update would hide that), else the
+    update command."""
+    drifted = version_drift()
+    if not drifted:
+        return "run python scripts/update_goldens.py and review the diff"
+    return ("the installed packages differ from the pinned ones (tests/constraints.txt): "
+            + "; ".join(drifted) + ". This drift may be a behaviour change of the new release: read "
+            "the diff before updating a golden or moving a pin (README, \"Moving the test pins\")")
 
 
 def golden_form(files: dict[str, str]) -> dict[str, str]:
     """The files as golden files hold them: a generated program (a .py or .sh file with
-    mixspec's block markers) as NAME.data, its data part; every other file as it is."""
+    mixspec's block markers) as NAME.data, its data part with the recorded library versions as
+    a placeholder (``normalise_versions``); every other file as it is."""
     from mixspec import programs
 
     out = {}
     for name, text in files.items():
         if name.endswith((".py", ".sh")) and programs.blocks(text, name):
-            out[name + DATA_SUFFIX] = programs.data_part(text, name)
+            out[name + DATA_SUFFIX] = normalise_versions(programs.data_part(text, name))
         else:
-            out[name] = text
+            out[name] = text  # a copied model config keeps the version that wrote it
     return out
 
 
@@ -151,6 +213,8 @@ def main(argv: list[str]) -> int:
         problems = drift()
         for line in problems:
             print(line)
+        if problems and version_drift():
+            print(drift_hint())
         return 1 if problems else 0
     for line in update():
         print(line)

@@ -83,3 +83,25 @@ def tree_cache_dir(tmp_path_factory):
         os.environ.pop("MIXSPEC_CACHE_DIR", None)
     else:
         os.environ["MIXSPEC_CACHE_DIR"] = old
+
+
+# -- the pinned test dependencies ----------------------------------------------------------------
+# The suite is proven with the versions in tests/constraints.txt. Where the installed ones
+# differ (a new release), the session header says so and every failing test's report names
+# them: a failure may then be a behaviour change of that release, not of mixspec.
+
+def pytest_report_header(config):
+    drifted = goldens.version_drift()
+    if not drifted:
+        return "dependencies: as pinned in tests/constraints.txt"
+    return "dependencies differ from tests/constraints.txt: " + "; ".join(drifted)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        drifted = goldens.version_drift()
+        if drifted:
+            report.sections.append(("dependency drift", goldens.drift_hint()))

@@ -67,7 +67,9 @@ def test_spec_errors_are_exceptions_with_located_problems(tmp_path):
         mixspec.load_spec(yaml.safe_load(text), name="notebook-cell")
     [q] = from_dict.value.problems
     assert (q.path, q.message, q.hint) == (p.path, p.message, p.hint)
-    assert str(from_dict.value) == "notebook-cell: error: components.language.lr: must be > 0 (got 0)"
+    assert str(from_dict.value) == ("notebook-cell: error: components.language.lr: must be > 0 (got 0)\n"
+                                    f"  hint: {p.hint}")
+    assert p.hint.startswith("a learning rate is a positive number")
 
 
 def test_dict_that_is_not_plain_data():

@@ -126,7 +126,9 @@ def test_generated_file_is_the_package_program_with_the_golden_blocks(monkeypatc
         assert set(blocks) - set(generated) <= set(defaults), out_name
         if programs.BEGIN.format("helpers") in program_file:
             blocks["helpers"] = programs.helpers_source()
-        assert files[out_name] == splice(program_file, blocks), f"{case}/{out_name}"
+        # the golden data part holds a placeholder for the recorded library versions
+        assert goldens.normalise_versions(files[out_name]) == splice(program_file, blocks), \
+            f"{case}/{out_name}: {goldens.drift_hint()}"
     # every case that compiles writes its target's programs
     assert {"hf": {"train.py", "launch.sh"}, "swift": {"train.sh"}}[target] <= set(found)
     assert ("sbatch.sh" in found) == ("sbatch.sh" in files)

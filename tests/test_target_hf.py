@@ -115,10 +115,9 @@ def test_golden(case, target):
     if UPDATE:
         goldens.update()
     have = goldens.read_golden(target, case)
-    assert sorted(have) == sorted(want), f"{target}/{case}: run python scripts/update_goldens.py and review the diff"
+    assert sorted(have) == sorted(want), f"{target}/{case}: {goldens.drift_hint()}"
     for name in want:
-        assert have[name] == want[name], (f"{target}/{case}/{name} drifted from the golden file: "
-                                          "run python scripts/update_goldens.py and review the diff")
+        assert have[name] == want[name], f"{target}/{case}/{name} drifted from the golden file: {goldens.drift_hint()}"
 
 
 def test_no_stale_golden_folders_and_output_is_byte_identical_across_hash_seeds():

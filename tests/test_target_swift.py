@@ -703,7 +703,8 @@ def test_golden(monkeypatch, case, rel, options):
         for name, text in files.items():
             (folder / name).write_text(text, encoding="utf-8")
     expected = {p.name: p.read_text(encoding="utf-8") for p in sorted(folder.iterdir())} if folder.exists() else {}
-    assert files == expected, f"golden files of {case} differ (MIXSPEC_UPDATE_GOLDEN=1 rewrites them)"
+    assert files == expected, (f"golden files of {case} differ: {goldens.drift_hint()} "
+                               "(MIXSPEC_UPDATE_GOLDEN=1 rewrites the swift goldens)")
 
 
 def test_golden_folders_all_belong_to_a_case():

@@ -155,8 +155,8 @@ def load_tree(cfg: Config, key: str, model: str):
         source = find_model(model)
         return get_tree(source), source.config
     except ModelSourceError as exc:
-        cfg.error(key, str(exc), "mixspec import reads the model's config.json the way `mixspec plan` does "
-                                 "(catalog, local directory, Hugging Face or ModelScope cache)")
+        cfg.error(key, exc.message, exc.hint or "mixspec import reads the model's config.json the way "
+                                 "`mixspec plan` does (catalog, local directory, Hugging Face or ModelScope cache)")
         return None, None
 
 

@@ -408,7 +408,7 @@ def _read(r: _Reader) -> None:
         source = find_model(model_ref, base_dir=base_dir)
         tree = get_tree(source)
     except ModelSourceError as exc:
-        raise _Fail(Problem(r.loc(model_word), "--model", str(exc))) from None
+        raise _Fail(Problem(r.loc(model_word), "--model", exc.message, exc.hint)) from None
     from mixspec.registry import find_roles
     from mixspec.targets.swift import SWIFT_MODELS
 
