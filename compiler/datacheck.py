@@ -90,7 +90,8 @@ def run_check(spec_path: Path, workers: int | None = None, model: str | None = N
     plan = plan_spec(loaded)
     files = data_paths(loaded, plan)
     setup = {"model": processor_dir(loaded, plan, model), "model_type": plan.model_type,
-             "multimodal": is_multimodal(plan), "max_length": plan.training.max_length}
+             "multimodal": is_multimodal(plan), "max_length": plan.training.max_length,
+             "pixel_limits": {k: getattr(plan.data, k) for k in ("max_pixels", "min_pixels") if getattr(plan.data, k)}}
     setup["mixspec_version"] = __version__
     for _, path in files:
         missing = hf_train.missing_data_file(path)

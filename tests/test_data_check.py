@@ -273,3 +273,44 @@ def test_train_py_checks_every_row_before_the_model_loads(family, tmp_path):
     assert "cannot load" in res.stderr  # it went on to the model: this directory has no weights
     res = _train_py(train_py, "--model", weightless, "--max-bad-rows", len(bad) - 1, cache_dir=cache)
     assert res.returncode == 1 and "stopped before loading the model" in res.stderr
+
+
+def test_pixel_limits_reach_an_image_processor_that_has_them(tmp_path):
+    """data.max_pixels / min_pixels: an image processor whose class takes them (Qwen2-VL's) is
+    reloaded with them, and then sizes images as that class built with them does (the oracle);
+    one that has no such limit (CLIP's fixed size) is left as it is."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as Qwen
+
+    from mixspec.programs import hf_train
+
+    shape = dict(patch_size=14, temporal_patch_size=2, merge_size=2)
+    Qwen(min_pixels=56 * 56, max_pixels=112 * 112, **shape).save_pretrained(tmp_path / "qwen")
+    processor = SimpleNamespace(image_processor=Qwen.from_pretrained(tmp_path / "qwen"))
+    image = Image.new("RGB", (640, 480), (10, 200, 30))
+    before = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
+    limits = {"max_pixels": 224 * 224, "min_pixels": 28 * 28}
+    assert hf_train.apply_pixel_limits(processor, str(tmp_path / "qwen"), limits) == ["max_pixels", "min_pixels"]
+    got = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
+    want = Qwen(**limits, **shape)(images=[image], return_tensors="pt")["image_grid_thw"]
+    assert got.tolist() == want.tolist() != before.tolist()
+    CLIPImageProcessorPil().save_pretrained(tmp_path / "clip")
+    clip = SimpleNamespace(image_processor=CLIPImageProcessorPil.from_pretrained(tmp_path / "clip"))
+    assert hf_train.apply_pixel_limits(clip, str(tmp_path / "clip"), limits) == []
+
+
+def test_compiled_train_py_carries_the_data_settings(tmp_path):
+    from mixspec.api import load_spec, plan_spec, render
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("version: 1\nmodel: Qwen/Qwen2.5-VL-7B-Instruct\ncomponents:\n  aligner: {train: full, lr: 1.0e-5}\n"
+                    "data: {train: [a.jsonl, b.jsonl], max_pixels: 200704, min_pixels: 3136}\n", encoding="utf-8")
+    text = render(plan_spec(load_spec(spec)), "hf")["train.py"]
+    namespace = {}
+    exec(compile(text.split("# --- mixspec: plan (generated) ---")[1].split("# --- end mixspec: plan ---")[0],
+                 "plan", "exec"), namespace)
+    assert namespace["DATA"]["train"] == ["a.jsonl", "b.jsonl"]
+    assert (namespace["DATA"]["max_pixels"], namespace["DATA"]["min_pixels"]) == (200704, 3136)

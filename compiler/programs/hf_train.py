@@ -15,7 +15,7 @@ Run
                                            complete Hugging Face model directory
 
 Options override the Plan's defaults: --model (path or hub id), --data, --eval-data,
---output-dir, --max-steps, --precision, --deepspeed, --report-to, --resume (python train.py --help).
+--max-bad-rows, --data-workers, --output-dir, --max-steps, --precision, --deepspeed, --report-to, --resume (python train.py --help).
 
 Self-check. Before the first step the script compares the loaded model with the Plan:
 every parameter name and the total count (so another model, another transformers version or
@@ -39,7 +39,12 @@ Data: a .jsonl file, one conversation per line (a hub dataset id with the same c
   processor's own batch of its rows, right-padded). Loss is computed on the assistant turns
   only (their text and the template's end-of-turn tokens). Prefix-LM families (PaliGemma) take
   one user and one assistant message: prompt and answer (the processor's suffix). Rows longer
-  than training.max_length tokens are cut; a cut through an image is an error naming the row.
+  than training.max_length tokens lose their end; a cut inside or before an image's tokens, or
+  one that keeps no answer token, refuses the row.
+  Before the model loads, every row of --data / --eval-data (one or more files) goes through
+  the same code in worker processes (--data-workers N): the run stops naming every bad row
+  (file:line: why), or --max-bad-rows N skips at most N of them, each printed. The result is
+  cached (~/.cache/mixspec/data-check) for the same files, images, processor and max_length.
   python train.py --preview-data N --preview-out DIR writes the first N rows as training sees
   them (DIR/row{i}.safetensors, DIR/preview.txt with the labelled text decoded) and exits.
 
@@ -140,6 +145,8 @@ IMAGE_MARKER = "<image>"
 # prefix-LM families: the prompt is attended both ways (token_type_ids 0), the answer causally (1)
 PREFIX_LM_TYPES = ("paligemma",)
 HERE = os.path.dirname(os.path.abspath(__file__))
+# data.max_pixels / data.min_pixels: the limits of image processors that resize to a pixel budget
+DATA_PIXELS = {k: (DATA or {}).get(k) for k in ("max_pixels", "min_pixels") if (DATA or {}).get(k)}
 
 
 # -- names ------------------------------------------------------------------------------
@@ -1152,12 +1159,25 @@ class Collator:
         return batch
 
 
-def load_processing(model_ref, multimodal=None, quiet=False):
+def apply_pixel_limits(processor, model_ref, limits):
+    """data.max_pixels / data.min_pixels into an image processor that resizes to a pixel budget
+    (one whose class takes these arguments, e.g. Qwen2-VL's), reloaded with them; others (a fixed
+    size, tiles) keep their own. The names applied."""
+    image_processor = getattr(processor, "image_processor", None)
+    known = set(getattr(getattr(image_processor, "valid_kwargs", None), "__annotations__", {}))
+    kw = {k: v for k, v in (limits or {}).items() if v and (k in known or hasattr(image_processor, k))}
+    if image_processor is not None and kw:
+        processor.image_processor = type(image_processor).from_pretrained(model_ref, **kw)
+    return sorted(kw)
+
+
+def load_processing(model_ref, multimodal=None, quiet=False, pixel_limits=None):
     """(tokenizer, processor or None, why the processor could not be loaded)."""
     multimodal = PLAN["multimodal"] if multimodal is None else multimodal
     if multimodal:
         try:
             processor = transformers.AutoProcessor.from_pretrained(model_ref)
+            apply_pixel_limits(processor, model_ref, DATA_PIXELS if pixel_limits is None else pixel_limits)
             if hasattr(processor, "image_processor"):
                 tokenizer = processor.tokenizer
                 if tokenizer.pad_token_id is None:
@@ -1177,14 +1197,17 @@ def load_processing(model_ref, multimodal=None, quiet=False):
 
 
 def data_setup(model_ref):
-    """What reading rows depends on besides the rows: the processor's files, the family, max_length."""
+    """What reading rows depends on besides the rows: the processor's files and pixel limits,
+    the family, max_length."""
     return {"model": model_ref, "model_type": PLAN["model_type"], "multimodal": PLAN["multimodal"],
-            "max_length": TRAINING["max_length"], "mixspec_version": PLAN["mixspec_version"]}
+            "max_length": TRAINING["max_length"], "mixspec_version": PLAN["mixspec_version"],
+            "pixel_limits": DATA_PIXELS}
 
 
 def make_encoder(model_ref, setup=None, quiet=False):
     setup = setup or data_setup(model_ref)
-    tokenizer, processor, why = load_processing(setup["model"], setup["multimodal"], quiet=quiet)
+    tokenizer, processor, why = load_processing(setup["model"], setup["multimodal"], quiet=quiet,
+                                                pixel_limits=setup.get("pixel_limits") or {})
     return ConversationEncoder(tokenizer, processor, setup["max_length"], setup["multimodal"], why,
                                model_type=setup["model_type"])
 
