@@ -541,6 +541,9 @@ def data_check(
     else:
         for line in render_text(report):
             typer.echo(line)
+    if not report.get("cached") and report.get("seconds"):
+        _stderr(f"checked {report['rows']:,} rows in {report['seconds']:.1f} s "
+                f"({report['rows'] / report['seconds']:,.0f} rows/s, {report['workers']} worker(s))")
     if report["refused"]:
         raise typer.Exit(1)
 

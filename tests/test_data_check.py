@@ -314,3 +314,21 @@ def test_compiled_train_py_carries_the_data_settings(tmp_path):
                  "plan", "exec"), namespace)
     assert namespace["DATA"]["train"] == ["a.jsonl", "b.jsonl"]
     assert (namespace["DATA"]["max_pixels"], namespace["DATA"]["min_pixels"]) == (200704, 3136)
+
+
+def test_reading_files_locates_what_is_no_row(tmp_path):
+    """Without a model: a hub id is no missing file; a .json list's bad item is refused by index;
+    blank lines keep the file's own line numbers."""
+    from mixspec.programs import hf_train
+
+    assert hf_train.missing_data_file("HuggingFaceM4/ChartQA") is None
+    assert "no such file" in str(hf_train.missing_data_file(str(tmp_path / "gone.jsonl")))
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps([row("a", "b"), 3, row("c", "d")]), encoding="utf-8")
+    rows, refused = hf_train.scan_rows(str(array))
+    assert [r["_index"] for r in rows] == [0, 2]
+    assert [(r["index"], hf_train.refusal_where(r)) for r in refused] == [(1, f"{array}[1]")]
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text("\n\n" + json.dumps(row("a", "b")) + "\n[1]\n", encoding="utf-8")
+    rows, refused = hf_train.scan_rows(str(lines))
+    assert [r["_line"] for r in rows] == [3] and [(r["line"], r["reason"][:14]) for r in refused] == [(4, "a row must be ")]

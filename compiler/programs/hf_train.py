@@ -691,7 +691,8 @@ def data_files(value):
 
 def missing_data_file(path):
     """The error for a data file that is not there (None when it is, or when it is a hub id)."""
-    if os.path.exists(path) or not (path.endswith(DATA_SUFFIXES) or os.sep in path or path.startswith(".")):
+    looks_like_file = path.endswith(DATA_SUFFIXES) or path.startswith(("/", "./", "../", "~"))
+    if os.path.exists(path) or not looks_like_file:  # else a hub dataset id (ORG/NAME)
         return None
     return DataError(f"error: data file {path}: no such file (cwd {os.getcwd()})\n"
                      "  hint: pass --data FILE (and --eval-data FILE) or fix data.train / data.eval in the spec")
@@ -742,9 +743,13 @@ def scan_rows(path):
     if missing is not None:
         raise missing
     if not path.endswith(DATA_SUFFIXES):
-        import datasets
+        try:
+            import datasets
 
-        ds = datasets.load_dataset(path, split="train")
+            ds = datasets.load_dataset(path, split="train")
+        except Exception as exc:  # no network, no such dataset, no datasets package
+            raise DataError(f"error: data {path}: not a .jsonl/.json file here, and cannot be loaded as a dataset: "
+                            f"{type(exc).__name__}: " + " ".join(str(exc).split())[:300]) from None
         return [dict(row, _where=f"{path}[{i}]", _file=path, _line=None, _index=i, _base=os.getcwd())
                 for i, row in enumerate(ds)], []
     base = os.path.dirname(os.path.abspath(path))
@@ -961,7 +966,20 @@ class ConversationEncoder:
         return text(messages[0]), text(messages[1])
 
     def encode_row(self, row, index=0):
-        """{'text', 'suffix', 'images', 'inputs' (this row alone, as one micro-batch), 'labels', 'where'}."""
+        """{'text', 'suffix', 'images', 'inputs' (this row alone, as one micro-batch), 'labels', 'where',
+        'length', 'answer_tokens', 'image_tokens' (before the max_length cut)}."""
+        inner = getattr(self.processor, "image_processor", None)
+        if inner is None:
+            return self._encode_row(row, index)
+        # a row's images go through the image processor once: locating its assistant turns
+        # processes the conversation again up to each turn, with the same images
+        self.processor.image_processor = _OneRowImages(inner)
+        try:
+            return self._encode_row(row, index)
+        finally:
+            self.processor.image_processor = inner
+
+    def _encode_row(self, row, index):
         where = row.get("_where", f"row {index}")
         messages, images = conversation(row, self.multimodal)
         if images and self.processor is None:
@@ -1003,9 +1021,11 @@ class ConversationEncoder:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self.render(messages[:i]) if i else ""
             prompt = self.render(messages[:i], add_generation_prompt=True)
-            upto = self.render(messages[: i + 1])
+            upto = full if i == len(messages) - 1 else self.render(messages[: i + 1])
+            # the earlier turns + generation prompt a prefix of this turn, and this turn of the
+            # whole: earlier turns render the same once later turns follow
+            before = prompt if upto.startswith(prompt) else self.render(messages[:i]) if i else ""
             if not (full.startswith(upto) and upto.startswith(before)):
                 raise RowError(where, "the chat template renders earlier turns differently once later "
                                 "turns follow, so assistant turns cannot be located")
@@ -1076,6 +1096,35 @@ class ConversationEncoder:
                            "or shorten the row)")
         out = {k: (v[:, : self.max_length] if token_aligned(v, inputs["input_ids"]) else v) for k, v in inputs.items()}
         return out, labels[: self.max_length]
+
+
+class _OneRowImages:
+    """An image processor that answers a call repeated with the very same images (the same
+    objects, sizes and arguments) from its last result, as a fresh shallow copy (processors pop
+    keys from it); it lives for one row, so an id() reused by another row's image never hits."""
+
+    def __init__(self, inner):
+        self._inner, self._key, self._value = inner, None, None
+
+    def __call__(self, *args, **kwargs):
+        import copy
+
+        key = (_images_key(args), _images_key(sorted(kwargs.items(), key=lambda kv: kv[0])))
+        if key != self._key or self._value is None:
+            self._key, self._value = None, self._inner(*args, **kwargs)
+            self._key = key
+        return copy.copy(self._value)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _images_key(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_images_key(v) for v in value)
+    if hasattr(value, "size") and hasattr(value, "mode"):  # a PIL image: this object, as it is now
+        return ("image", id(value), value.size, value.mode)
+    return repr(value)
 
 
 def image_token_ids(tokenizer, processor):
@@ -1443,6 +1492,17 @@ def save_cached_check(key, report):
         say(f"warning: data check not cached ({exc})")
 
 
+def _cache_writable():
+    """Whether rank 0 can leave its result where the other ranks look (else they check themselves)."""
+    folder = data_check_cache_dir()
+    while not os.path.isdir(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return False
+        folder = parent
+    return os.access(folder, os.W_OK)
+
+
 def row_id(row):
     return (row.get("_file"), row.get("_line"), row.get("_index"))
 
@@ -1475,7 +1535,7 @@ def check_data(files, setup, workers=None, progress=True, cache=True, wait=False
     rows = {}
     for split, _, part, _ in scanned:
         rows.setdefault(split, []).extend(part)
-    while wait and key is not None and load_cached_check(key) is None:
+    while wait and key is not None and load_cached_check(key) is None and _cache_writable():
         import time
 
         time.sleep(1.0)
