@@ -544,6 +544,41 @@ def diff(
     raise typer.Exit(0 if result.equal else 3)
 
 
+data_app = typer.Typer(help="Check training data the way train.py reads it.", no_args_is_help=True,
+                       add_completion=False, rich_markup_mode=None)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check", cls=_Command)
+def data_check(
+    spec: Path = typer.Argument(..., metavar="SPEC", help="Spec file (its data.train, data.eval, model, max_length)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON (every refused row)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                          help="Worker processes (default: one per core, at most 8, one per 200 rows)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A local directory with the model's processor/tokenizer files."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Check every row even when a cached result matches."),
+) -> None:
+    """Run every row of data.train and data.eval through train.py's own row code (the model's
+    processor and chat template, max_length): refused rows with file:line and why, token lengths,
+    truncation, images. Exit 0 when every row is accepted, 1 when any is refused."""
+    from mixspec.datacheck import render_text, run_check
+
+    try:
+        report = run_check(spec, workers=workers, model=model, cache=not no_cache)
+    except MixspecError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        for line in render_text(report):
+            typer.echo(line)
+    if not report.get("cached") and report.get("seconds"):
+        _stderr(f"checked {report['rows']:,} rows in {report['seconds']:.1f} s "
+                f"({report['rows'] / report['seconds']:,.0f} rows/s, {report['workers']} worker(s))")
+    if report["refused"]:
+        raise typer.Exit(1)
+
+
 @app.command(cls=_Command)
 def schema() -> None:
     """Print the JSON Schema of the spec language."""

@@ -22,7 +22,8 @@ from mixspec.spec_names import COMPONENT_NAME_PATTERN
 
 # field -> (kind, default, bounds); default REQUIRED = must be given. Kinds: int, float, bool,
 # str, enum:<a|b> (strings), stage (ZeRO stage ints), modules (non-empty list of non-empty
-# strings), targets, layers, lora (the LoraOptions mapping); "?" suffix: null allowed
+# strings), files (a non-empty string or a list like modules), targets, layers, lora (the
+# LoraOptions mapping); "?" suffix: null allowed
 REQUIRED = object()
 RULES: dict[str, dict[str, tuple]] = {
     "Spec": {
@@ -56,9 +57,10 @@ RULES: dict[str, dict[str, tuple]] = {
         "adam_epsilon": ("float", 1e-8, {"gt": 0}),
     },
     "Data": {
-        "train": ("str", REQUIRED, {"min_length": 1}),
-        "eval": ("str?", None, {"min_length": 1}),
+        "train": ("files", REQUIRED, {}),
+        "eval": ("files?", None, {}),
         "max_pixels": ("int", 1003520, {"ge": 1}),
+        "min_pixels": ("int?", None, {"ge": 1}),
         "images_per_sample": ("int", 1, {"ge": 0}),
     },
     "Distributed": {
@@ -238,6 +240,8 @@ def _value(kind: str, value: object, bounds: dict):
         return value
     if kind == "modules":
         return _strings(value)
+    if kind == "files":  # one file (or dataset id) or a non-empty list of them
+        return value if type(value) is str and value else _strings(value)
     if kind == "targets":
         if type(value) is str and value:
             return value

@@ -160,16 +160,31 @@ class Training(_Strict):
 
 
 class Data(_Strict):
-    """Training data. Paths are checked for form, not existence."""
+    """Training data. Paths are checked for form, not existence (`mixspec data check` reads them)."""
 
-    train: str = Field(min_length=1, description="Training data: a .jsonl file (messages + images) or a dataset id.")
-    eval: Optional[str] = Field(None, min_length=1, description="Optional evaluation data.")
+    train: Union[str, list[str]] = Field(
+        description="Training data: a .jsonl file (messages + images), a dataset id, or a list of them (mixed, "
+                    "each checked and reported on its own).")
+    eval: Optional[Union[str, list[str]]] = Field(None, description="Optional evaluation data: a file, a dataset id "
+                                                                    "or a list of them.")
     max_pixels: int = Field(
         1003520, ge=1,
-        description="Memory estimate: pixels per image for encoders that take any size (Qwen2-VL family: "
-                    "patches = pixels / 14^2, 4 merged into one LLM token); 1003520 = 1280 LLM tokens.")
+        description="Pixels per image for encoders that take any size, and the processor's limit in every target "
+                    "(train.py's image processor, ms-swift MAX_PIXELS, LLaMA-Factory image_max_pixels) (Qwen2-VL "
+                    "family: patches = pixels / 14^2, 4 merged into one LLM token); 1003520 = 1280 LLM tokens.")
+    min_pixels: Optional[int] = Field(
+        None, ge=1, description="Smallest pixels per image, for processors that have this limit (Qwen2-VL family; "
+                                "ms-swift MIN_PIXELS, LLaMA-Factory image_min_pixels); null: the processor's own.")
     images_per_sample: int = Field(
         1, ge=0, description="Memory estimate: images (or tiles/crops) per sample that go through the vision tower.")
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _files(cls, value):
+        names = [value] if isinstance(value, str) else value
+        if value is not None and (not names or any(not n for n in names)):
+            raise ValueError("must be a non-empty path or dataset id, or a non-empty list of them")
+        return value
 
 
 class Distributed(_Strict):

@@ -711,6 +711,22 @@ def _is_local_path(path: str) -> bool:
             or path in (".", ".."))
 
 
+def _files(value) -> list[str]:
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def dataset_names(plan: Plan, split: str, prefix: str) -> list[str]:
+    """dataset_info.json names of a split's files: the prefix alone for one file, prefix_1, prefix_2, ... for several."""
+    files = _files(getattr(plan.data, split))
+    return [prefix] if len(files) == 1 else [f"{prefix}_{i}" for i in range(1, len(files) + 1)]
+
+
+def multimodal_plan(plan: Plan) -> bool:
+    return "vision" in plan.roles
+
+
 def _dataset_entry(path: str, out_dir: str, multimodal: bool) -> dict:
     entry: dict = {}
     if _is_local_path(path):
@@ -785,9 +801,10 @@ class LlamaFactoryTarget(Target):
             ds_name = f"ds_z{dist.zero_stage}_config.json"
             files[ds_name] = deepspeed_config_text(plan)
         multimodal = "vision" in plan.roles or "audio" in plan.roles
-        info = {DATASET_TRAIN: _dataset_entry(plan.data.train, out_dir, multimodal)}
-        if plan.data.eval:
-            info[DATASET_EVAL] = _dataset_entry(plan.data.eval, out_dir, multimodal)
+        info = {}
+        for split, prefix in (("train", DATASET_TRAIN), ("eval", DATASET_EVAL)):
+            for name, path in zip(dataset_names(plan, split, prefix), _files(getattr(plan.data, split)), strict=True):
+                info[name] = _dataset_entry(path, out_dir, multimodal)
         files["dataset_info.json"] = json.dumps(info, indent=2) + "\n"
         files["train.yaml"] = self._yaml(plan, options, a, out_dir, ds_name)
         return files
@@ -835,15 +852,17 @@ class LlamaFactoryTarget(Target):
             y.key("deepspeed", posixpath.join(out_dir, ds_name))
 
         y.section("dataset")
-        y.key("dataset", DATASET_TRAIN)
+        y.key("dataset", ",".join(dataset_names(plan, "train", DATASET_TRAIN)))  # several: LLaMA-Factory mixes them
         if plan.data.eval:
-            y.key("eval_dataset", DATASET_EVAL)
+            y.key("eval_dataset", ",".join(dataset_names(plan, "eval", DATASET_EVAL)))
         y.key("dataset_dir", out_dir)
         y.key("media_dir", ".")
         y.key("template", a.template)
         y.key("cutoff_len", t.max_length)
-        if plan.data and "vision" in plan.roles:  # the image size the memory plan assumes, as LLaMA-Factory's cap
+        if multimodal_plan(plan):  # else LLaMA-Factory resizes to its own 768 x 768 limit
             y.key("image_max_pixels", plan.data.max_pixels)
+            if plan.data.min_pixels is not None:
+                y.key("image_min_pixels", plan.data.min_pixels)
 
         y.section("output")
         y.key("output_dir", plan.output_dir or "output")

@@ -765,11 +765,21 @@ def _data_flags(plan: Plan) -> list:
     return flags
 
 
+def _pixel_env_lines(plan: Plan) -> list[str]:
+    """data.max_pixels / data.min_pixels as ms-swift reads them (MAX_PIXELS / MIN_PIXELS, read by
+    the templates of families that resize to a pixel budget): without them swift uses its own
+    default (12,845,056 pixels for Qwen2-VL), not the images the Plan was estimated for."""
+    if plan.data is None or not any(r in plan.roles for r in ("vision",)):
+        return []
+    lines = [f"export MAX_PIXELS={sh_quote(plan.data.max_pixels)}"]
+    if plan.data.min_pixels is not None:
+        lines.append(f"export MIN_PIXELS={sh_quote(plan.data.min_pixels)}")
+    return lines
+
+
 def _env_lines(plan: Plan) -> list[str]:
     nodes, gpus = plan.distributed.nodes, plan.distributed.gpus_per_node
-    lines = []
-    if plan.data and "vision" in plan.roles:  # swift's image cap (qwen_vl_utils): the size the memory plan assumes
-        lines.append(f"export MAX_PIXELS={sh_quote(plan.data.max_pixels)}")
+    lines = _pixel_env_lines(plan)
     if gpus > 1 or nodes > 1:
         lines.append(f"export NPROC_PER_NODE={sh_quote(gpus)}")
     if nodes > 1:
@@ -899,7 +909,8 @@ def _swift_sft(plan: Plan, options: TargetOptions, d: Decision, sw: Optional[Swi
     elif ds_generated:
         args.append(f'--deepspeed "$HERE/{DEEPSPEED_FILE}"')
     for flag, value in _data_flags(plan):
-        args.append(f"--{flag} {sh_quote(value)}")
+        words = value if isinstance(value, list) else [value]  # --dataset a.jsonl b.jsonl: swift mixes them
+        args.append(f"--{flag} " + " ".join(sh_quote(w) for w in words))
     args.append('"$@"')
     return "".join(line + "\n" for line in ["swift sft \\", *(f"    {a} \\" for a in args[:-1]), f"    {args[-1]}"])
 

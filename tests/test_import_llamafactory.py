@@ -614,3 +614,24 @@ def test_renamed_keys_name_their_successor(key, value, message, hint):
 def test_a_yaml_that_mentions_the_command_is_still_a_yaml():
     imp = lf(head(LLAMA, "finetuning_type: lora\nrun_name: llamafactory-cli train\n"))
     assert imp.ok and imp.spec["model"] == LLAMA
+
+
+def test_every_dataset_and_the_image_pixel_limits_are_imported(tmp_path):
+    """dataset: a,b (mixed by LLaMA-Factory) becomes data.train [a, b]; image_max_pixels and
+    image_min_pixels become data.max_pixels and data.min_pixels."""
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"a": {"file_name": "a.jsonl"}, "b": {"file_name": "b.jsonl"}}))
+    got = lf(f"""\
+        model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct
+        stage: sft
+        do_train: true
+        finetuning_type: lora
+        lora_target: all
+        dataset: a,b
+        dataset_dir: {tmp_path}
+        image_max_pixels: 200704
+        image_min_pixels: 3136
+        learning_rate: 1.0e-4
+        """)
+    assert got.ok, [p.render() for p in got.problems]
+    assert got.spec["data"]["train"] == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    assert (got.spec["data"]["max_pixels"], got.spec["data"]["min_pixels"]) == (200704, 3136)

@@ -643,3 +643,19 @@ def test_deepspeed_json_is_read_or_listed_the_same_way_as_llamafactory(tmp_path,
 def test_image_cap_from_the_env_and_the_flag(head, flag, want):
     got = imp(f"    --tuner_type lora {flag}\n", head=head)
     assert got.ok and got.spec["data"]["max_pixels"] == want
+
+
+def test_every_dataset_and_the_pixel_limits_are_imported_and_compile_back():
+    """--dataset a b (swift mixes them) becomes data.train [a, b]; MAX_PIXELS / MIN_PIXELS become
+    data.max_pixels / min_pixels, and the compiled train.sh passes all of them to swift again."""
+    text = ("MAX_PIXELS=200704 MIN_PIXELS=3136 swift sft \\\n    --model Qwen/Qwen2.5-VL-7B-Instruct \\\n"
+            "    --dataset a.jsonl b.jsonl \\\n    --tuner_type lora --learning_rate 1e-4\n")
+    got = read("swift", text, "train.sh")
+    assert got.ok, [p.render() for p in got.problems]
+    assert got.spec["data"]["train"] == ["a.jsonl", "b.jsonl"]
+    assert (got.spec["data"]["max_pixels"], got.spec["data"]["min_pixels"]) == (200704, 3136)
+    from mixspec.targets import render
+
+    sh = render(got.plan, "swift", TargetOptions())["train.sh"]
+    assert "--dataset a.jsonl b.jsonl" in sh
+    assert "export MAX_PIXELS=200704" in sh and "export MIN_PIXELS=3136" in sh

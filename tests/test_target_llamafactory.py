@@ -624,3 +624,17 @@ def test_freeze_tuning_trains_exactly_the_plan(case):
     imported = read("llamafactory", files["train.yaml"], "train.yaml")
     assert imported.ok, [p.render() for p in imported.problems]
     assert plan_dict(imported.spec).trainable_lrs() == plan_of(text).trainable_lrs()
+
+
+def test_data_lists_and_pixel_limits_reach_llamafactory():
+    """Several files: one dataset_info entry each, mixed by a comma list; data.max_pixels and
+    data.min_pixels as image_max_pixels / image_min_pixels (else LLaMA-Factory resizes to 768 x 768)."""
+    tail = "data: {train: [a.jsonl, b.jsonl], eval: c.jsonl, max_pixels: 200704, min_pixels: 3136}\n"
+    cfg, files = compile_yaml(spec(QWEN_VL, "language: {train: lora, lr: 1.0e-4}", tail=tail))
+    info = json.loads(files["dataset_info.json"])
+    assert cfg["dataset"] == "mixspec_train_1,mixspec_train_2" and cfg["eval_dataset"] == "mixspec_eval"
+    assert {n: e["file_name"] for n, e in info.items()} == {
+        "mixspec_train_1": "a.jsonl", "mixspec_train_2": "b.jsonl", "mixspec_eval": "c.jsonl"}
+    assert (cfg["image_max_pixels"], cfg["image_min_pixels"]) == (200704, 3136)
+    text_only, _ = compile_yaml(spec(QWEN_TEXT, "language: {train: lora, lr: 1.0e-4}"))
+    assert "image_max_pixels" not in text_only

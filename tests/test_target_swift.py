@@ -306,7 +306,7 @@ def test_plugin_expand_names_inverts_compact_names(tmp_path, monkeypatch):
 FAKE_SWIFT = """\
 #!{python}
 import json, os, sys
-keys = ["NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"]
+keys = ["NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "MAX_PIXELS", "MIN_PIXELS"]
 with open(os.environ["FAKE_SWIFT_OUT"], "w") as fh:
     json.dump({{"argv": sys.argv[1:], "env": {{k: os.environ.get(k) for k in keys}}}}, fh)
 """
@@ -379,8 +379,10 @@ def test_any_path_reaches_swift_as_itself(tmp_path, data, out):
     assert body[0] == "set -euo pipefail"
     # the model-code check as the package program has it (its MODEL line the compiled model), nothing else
     check = programs.block_text(programs.program_text("swift_train"), "model_code_check")
-    assert body[1:start] == [f"MODEL={shlex.quote(plan.model)}" if line.startswith("MODEL=") else line
-                             for line in check.splitlines() if line and not line.startswith("#")]
+    exports = [line for line in body[1:start] if line.startswith("export ")]
+    assert exports == ([f"export MAX_PIXELS={plan.data.max_pixels}"] if "vision" in plan.roles else [])
+    assert body[1 + len(exports):start] == [f"MODEL={shlex.quote(plan.model)}" if line.startswith("MODEL=") else line
+                                            for line in check.splitlines() if line and not line.startswith("#")]
     assert all(line.startswith("    --") or line == '    "$@"' for line in body[start + 1:])
 
 
@@ -1002,3 +1004,17 @@ def test_approximate_full_path_keeps_its_lr_flags_and_other_reasons(tmp_path, mo
                         dataclasses.replace(sw, proven=sw.proven - {"multimodal_lr"}))
     with pytest.raises(UnsupportedError):
         compile_text(tmp_path, _in(FULL_ONE_LR_PER_GROUP, "bf16"), plugin=False, approximate=True)
+
+
+def test_data_lists_and_pixel_limits_reach_swift(tmp_path):
+    """swift gets every file of data.train (--dataset a b: it mixes them) and data.max_pixels /
+    min_pixels in its environment (MAX_PIXELS / MIN_PIXELS), or it uses its own 12,845,056."""
+    text = SEED.replace("data: {train: data/train.jsonl}",
+                        "data: {train: [data/a b.jsonl, data/b.jsonl], max_pixels: 200704, min_pixels: 3136}")
+    assert text != SEED
+    proc, data = run_train_sh(tmp_path, compile_text(tmp_path, text))
+    assert proc.returncode == 0, proc.stderr
+    argv = data["argv"]
+    at = argv.index("--dataset")
+    assert argv[at + 1:at + 3] == ["data/a b.jsonl", "data/b.jsonl"] and argv[at + 3].startswith("--")
+    assert (data["env"]["MAX_PIXELS"], data["env"]["MIN_PIXELS"]) == ("200704", "3136")

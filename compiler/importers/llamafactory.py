@@ -856,15 +856,17 @@ class _Reader(BaseReader):
             names = [n for n in names if n]
             if not names:
                 continue
-            out[spec_key] = self.dataset_path(names[0], dataset_dir)
+            paths = [self.dataset_path(name, dataset_dir) for name in names]
+            out[spec_key] = paths[0] if len(paths) == 1 else paths  # several: mixed, as LLaMA-Factory mixes them
             o[f"data.{spec_key}"] = cfg.loc(key)
-            if len(names) > 1:
-                cfg.unmodelled(key, f"a spec names one {spec_key} dataset: {', '.join(names[1:])} not carried over")
         for key in ("media_dir", "dataset_dir"):
             cfg.used.add(key)
         if "train" in out:
             out["max_pixels"] = cfg.get("image_max_pixels", "int", 768 * 768)
             o["data.max_pixels"] = self.src("image_max_pixels", f"{DEFAULT}: image_max_pixels 589824 (768 x 768)")
+            if cfg.has("image_min_pixels"):
+                out["min_pixels"] = cfg.get("image_min_pixels", "int", 32 * 32)
+                o["data.min_pixels"] = cfg.loc("image_min_pixels")
         return out
 
     def dataset_path(self, name: str, dataset_dir: str) -> str:

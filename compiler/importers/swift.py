@@ -1485,17 +1485,15 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
     data = {}
     for key, flag in (("train", "dataset"), ("eval", "val_dataset")):
         words = r.get_list(flag)
-        if words:
-            data[key] = words[0].text
+        if words:  # several: swift mixes them, and so does a spec's list
+            data[key] = words[0].text if len(words) == 1 else [w.text for w in words]
             o[f"data.{key}"] = r.origin(flag)
-            for w in words[1:]:
-                r.imp.unmodelled.append(Unmodelled(r.loc(w), f"--{flag} {w.text}",
-                                                   f"a spec's data.{key} names one dataset: the spec keeps the first"))
-    if "MAX_PIXELS" in r.env and data:
-        value, where, _ = r.env["MAX_PIXELS"]
-        if value.isdigit() and int(value) > 0:
-            data["max_pixels"] = int(value)
-            o["data.max_pixels"] = f"{where} MAX_PIXELS"
+    for name, key in (("MAX_PIXELS", "max_pixels"), ("MIN_PIXELS", "min_pixels")):
+        if name in r.env and data:
+            value, where, _ = r.env[name]
+            if value.isdigit() and int(value) > 0:
+                data[key] = int(value)
+                o[f"data.{key}"] = f"{where} {name}"
     # --max_pixels (TemplateArguments): every multimodal template rescales images to it first,
     # so with MAX_PIXELS (the Qwen-VL processors' own cap) the smaller one holds
     cap = r.get_num("max_pixels", None, int)
