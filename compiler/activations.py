@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from mixspec.names import is_under
 
@@ -72,17 +73,39 @@ class BlockKind:
     hidden: int
     activation: str = ""  # class name of the MLP's activation module ("" when it is a function)
     gates: tuple[str, ...] = ()  # the block's own parameters (scalar gates on the residual stream)
+    # transformers checkpoints the block (its class is a GradientCheckpointingLayer); Mllama's
+    # vision layers are not, and keep everything under gradient checkpointing too
+    checkpointed: bool = True
 
     def to_json(self) -> dict:
         return {"prefix": self.prefix, "indices": list(self.indices), "hidden": self.hidden,
                 "linears": [[l.name, l.in_features, l.out_features] for l in self.linears],
-                "norms": [list(n) for n in self.norms], "activation": self.activation, "gates": list(self.gates)}
+                "norms": [list(n) for n in self.norms], "activation": self.activation, "gates": list(self.gates),
+                "checkpointed": self.checkpointed}
 
     @staticmethod
     def from_json(data: dict) -> "BlockKind":
         return BlockKind(data["prefix"], tuple(data["indices"]), tuple(Linear(*l) for l in data["linears"]),
                          tuple(tuple(n) for n in data["norms"]), data["hidden"], data.get("activation", ""),
-                         tuple(data.get("gates", ())))
+                         tuple(data.get("gates", ())), data.get("checkpointed", True))
+
+
+def _checkpointed(class_name: str, model_type: str = "") -> bool:
+    """Whether transformers checkpoints a block of this class: it derives from
+    GradientCheckpointingLayer. Read from the model type's modeling source (no import: a warm
+    plan does not load torch); a class defined elsewhere (LLaVA's CLIP layers) is assumed so."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("transformers")
+    if not model_type or spec is None or not spec.submodule_search_locations:
+        return True
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / model_type / f"modeling_{model_type}.py"
+    try:
+        source = path.read_text(encoding="utf-8")
+    except OSError:
+        return True
+    match = re.search(rf"^class {re.escape(class_name)}\(([^)]*)\)", source, re.MULTILINE)
+    return match is None or "GradientCheckpointingLayer" in match.group(1)
 
 
 def block_kinds(tree, prefixes, exclude=()) -> tuple[BlockKind, ...]:
@@ -138,9 +161,12 @@ def block_kinds(tree, prefixes, exclude=()) -> tuple[BlockKind, ...]:
             gates = tuple(sorted(n for n, shape in (params_of.get(f"{stack}.{index}") or {}).items()))
             key = (tuple(linears), tuple(norms), acts[0] if acts else "", gates)
             kinds.setdefault(key, []).append(index)
+        by_name = tree.by_name
         for (linears, norms, act, gates), indices in kinds.items():
             hidden = max((n[2] for n in norms), default=0) or max((l.in_features for l in linears), default=0)
-            out.append(BlockKind(stack, tuple(indices), linears, norms, hidden, act, gates))
+            block = by_name.get(f"{stack}.{indices[0]}")
+            out.append(BlockKind(stack, tuple(indices), linears, norms, hidden, act, gates,
+                                 _checkpointed(block.type, getattr(tree, "model_type", "")) if block is not None else True))
     order = {stack: i for i, stack in enumerate(stacks)}
     return tuple(sorted(out, key=lambda k: (order[k.prefix], k.indices[0])))
 
@@ -162,12 +188,17 @@ class Training:
 
 
 def block_bytes_per_token(kind: BlockKind, training: Training, p: int, grad_in: bool,
-                          attention: str = "sdpa", seq: int = 0) -> dict:
+                          attention: str = "sdpa", seq: int = 0, policy=None) -> dict:
     """Bytes saved for backward per token in one block, by term. Empty when no gradient
-    passes through the block (nothing trainable in it, nothing trainable before it)."""
+    passes through the block (nothing trainable in it, nothing trainable before it).
+    ``policy`` (mixspec.policy.ExecutionPolicy; None: everything in p bytes, no autocast)
+    adds what autocast's casts keep: a copy of the input per LoRA adapter held in fp32, a
+    copy per reader of a trained norm's fp32 output, fp32 LayerNorms under CUDA autocast."""
     trains = bool(training.full or training.lora)
     if not (grad_in or trains):
         return {}
+    adapter_copies = bool(policy and policy.adapter_copies)
+    fp32_out = _fp32_norm_outputs(kind, training, policy)
     terms = {"norms": 0.0, "linear_inputs": 0.0, "lora": 0.0, "attention": 0.0, "mlp": 0.0}
     by_name = {l.name: l for l in kind.linears}
     q_width = next((l.out_features for l in kind.linears if _leaf(l.name) == "q_proj"), 0)
@@ -180,8 +211,8 @@ def block_bytes_per_token(kind: BlockKind, training: Training, p: int, grad_in: 
             width, rows = q_width, max(1, q_width // max(dim, 1))
         elif _leaf(rel) in _K_NORMS and k_width:
             width, rows = k_width, max(1, k_width // max(dim, 1))
-        if norm == "layernorm":  # its input, and mean + rstd (fp32 on GPUs)
-            terms["norms"] += p * width + 8 * rows
+        if norm == "layernorm":  # its input, and mean + rstd (fp32 on GPUs); CUDA autocast: an fp32 input copy
+            terms["norms"] += (4 if _layernorm_fp32(policy) else p) * width + 8 * rows
         else:  # transformers' RMSNorms upcast: fp32 input and rstd; the weighted product for the weight's
             # gradient in p bytes (Gemma's (1 + w) product stays fp32)
             kept = (4 if "Gemma" in cls else p) * width if trains else 0
@@ -198,28 +229,39 @@ def block_bytes_per_token(kind: BlockKind, training: Training, p: int, grad_in: 
             heads = max(1, q // 128)
             if len(members) == 1:  # fused qkv: v stays a view that pins the whole fused output;
                 v = q + k + v      # the output projection reads a reshaped copy (counted with it)
-            else:  # separate q/k/v: the output projection reads the attention output itself
+            elif attention != "eager":  # separate q/k/v: the output projection reads sdpa's saved output
                 attn_out_widths.add(q)
-            terms["attention"] += p * (q + k + v + q) + 4 * heads
-            if attention == "eager":
-                terms["attention"] += p * heads * seq
+            if attention == "eager" and len(members) > 1:
+                # transformers' eager attention: q, k and v repeated to every query head, the fp32
+                # softmax output and its p-byte cast (heads x sequence per token each); nothing
+                # keeps the output unless the output projection trains
+                terms["attention"] += p * 3 * q + (4 + p) * heads * seq
+            else:
+                terms["attention"] += p * (q + k + v + q) + 4 * heads
     # the down projection reads the MLP's product, counted with the MLP
     downs = {d.name for (parent, group) in groups if group == "mlp_in"
              for d in [_down_of(by_name, parent)] if d is not None}
     for (parent, group), members in groups.items():
         inputs_saved = False
+        # a trained norm's fp32 output: every Linear reading it keeps its own cast copy
+        per_reader = group in ("attn_in", "mlp_in") and fp32_out
         for lin in members:
             full = f"{lin.name}.weight" in training.full
             lora = training.lora.get(lin.name)
             reads_attn_output = _leaf(lin.name) in _ATTN_OUT and lin.in_features in attn_out_widths
-            if full or (lora and lora[1] == 0):
-                if not inputs_saved and not reads_attn_output and lin.name not in downs:
+            shares_input = full or (lora and lora[1] == 0 and not adapter_copies and not per_reader)
+            if shares_input:
+                if per_reader:
+                    terms["linear_inputs"] += p * lin.in_features
+                elif not inputs_saved and not reads_attn_output and lin.name not in downs:
                     terms["linear_inputs"] += p * lin.in_features
                 inputs_saved = True
             if lora:
                 rank, dropout = lora
-                if dropout > 0:
-                    terms["lora"] += p * lin.in_features + lin.in_features  # dropped-out copy + mask
+                if dropout > 0:  # dropped-out copy + mask
+                    terms["lora"] += (p + _mask_bytes(policy, p)) * lin.in_features
+                elif adapter_copies or per_reader:  # its own copy, cast from its fp32 input
+                    terms["lora"] += p * lin.in_features
                 terms["lora"] += p * rank
         if group == "mlp_in":
             gate = next((l for l in members if _leaf(l.name) in ("gate_proj", "w1")), None)
@@ -228,14 +270,14 @@ def block_bytes_per_token(kind: BlockKind, training: Training, p: int, grad_in: 
             down = _down_of(by_name, parent)
             if fused is not None:
                 inter = fused.out_features // 2
-                terms["mlp"] += 3 * p * inter + (p * inter if _trains(down, training) else 0)
+                terms["mlp"] += 3 * p * inter + (p * inter if _trains(down, training, policy) else 0)
             elif gate is not None and up is not None:
                 inter = gate.out_features
-                terms["mlp"] += 3 * p * inter + (p * inter if _trains(down, training) else 0)
+                terms["mlp"] += 3 * p * inter + (p * inter if _trains(down, training, policy) else 0)
             else:
                 inter = members[0].out_features  # fc1 -> activation -> fc2
                 kept = 2 if any(a in kind.activation for a in _TWO_TENSOR_ACTIVATIONS) else 1
-                terms["mlp"] += kept * p * inter + (p * inter if _trains(down, training) else 0)
+                terms["mlp"] += kept * p * inter + (p * inter if _trains(down, training, policy) else 0)
     for gate in kind.gates:  # gate.tanh() * branch keeps the branch for the gate's gradient
         if gate in training.full:
             terms["gates"] = terms.get("gates", 0.0) + p * kind.hidden
@@ -262,8 +304,61 @@ def _down_of(by_name: dict, parent: str):
     return None
 
 
-def _trains(lin, training: Training) -> bool:
-    return lin is not None and (f"{lin.name}.weight" in training.full or lin.name in training.lora)
+def _trains(lin, training: Training, policy=None) -> bool:
+    """Whether `lin` keeps the tensor it reads: its weight trains, or a LoRA adapter reads
+    it (not a cast copy of its own)."""
+    if lin is None:
+        return False
+    if f"{lin.name}.weight" in training.full:
+        return True
+    # an adapter with dropout, or held in fp32 under autocast, keeps its own copy (counted with it)
+    lora = training.lora.get(lin.name)
+    return bool(lora) and lora[1] == 0 and not (policy is not None and policy.adapter_copies)
+
+
+def block_fixed_bytes(kind: BlockKind, training: Training, policy) -> float:
+    """Bytes a block keeps whatever the length: under autocast, the compute-dtype copy of
+    every fp32 weight it trains (autocast casts it once per forward; the matmul keeps it for
+    the input's gradient): fully trained Linears (in x out) and LoRA adapters (r x (in + out))."""
+    if not (policy and policy.autocast):
+        return 0.0
+    p = policy.activation_bytes
+    total = 0.0
+    for lin in kind.linears:
+        if policy.trained_copies and f"{lin.name}.weight" in training.full:
+            total += p * lin.in_features * lin.out_features
+        lora = training.lora.get(lin.name)
+        if lora and policy.adapter_copies:
+            total += p * lora[0] * (lin.in_features + lin.out_features)
+    return total
+
+
+def _layernorm_fp32(policy) -> bool:
+    return bool(policy and policy.autocast and policy.device == "cuda")
+
+
+def _mask_bytes(policy, p: int) -> int:
+    """Bytes per element of a dropout mask: a bool on CUDA; on the CPU the dropout input's
+    dtype (fp32 for an adapter's cast input under autocast)."""
+    if policy is None or policy.device == "cuda":
+        return 1
+    return 4 if policy.adapter_copies else p
+
+
+def _fp32_norm_outputs(kind: BlockKind, training: Training, policy) -> bool:
+    """Whether the block's pre-norms hand fp32 to the Linears after them: under autocast a
+    trained fp32 RMSNorm multiplies by its fp32 weight (Gemma's casts back to the input's
+    dtype), and CUDA autocast runs LayerNorm in fp32."""
+    if not (policy and policy.autocast):
+        return False
+    for rel, norm, _, cls in kind.norms:
+        if _leaf(rel) in _Q_NORMS + _K_NORMS:
+            continue
+        if norm == "layernorm" and _layernorm_fp32(policy):
+            return True
+        if norm != "layernorm" and "Gemma" not in cls and policy.trained_copies and f"{rel}.weight" in training.full:
+            return True
+    return False
 
 
 def block_index_training(kind: BlockKind, index: int, full_params: set, lora: dict) -> Training:
@@ -310,7 +405,7 @@ def model_structure(tree, roles: dict) -> dict:
 
 
 def _model_structure(tree, roles: dict) -> dict:
-    out: dict = {"hidden": 0, "vocab": 0, "language": [], "vision": [], "aligner_linears": [],
+    out: dict = {"hidden": 0, "vocab": 0, "language": [], "vision": [], "aligner_linears": [], "aligner_norms": [],
                  "vision_position_embeddings": 0, "patch_kernel": 0, "vision_hidden": 0, "final_norm": ""}
     head = tree.by_name.get(tree.output_embedding)
     if head is not None:
@@ -324,6 +419,9 @@ def _model_structure(tree, roles: dict) -> dict:
         in_aligner = is_under(m.name, aligner)
         if in_aligner and m.kind == "linear":
             out["aligner_linears"].append([m.name, m.in_features, m.out_features])
+        elif in_aligner and m.norm:
+            dim = next(iter(m.params.values()), (0,))
+            out["aligner_norms"].append([m.name, m.norm, int(dim[0]) if dim else 0, m.type])
         elif in_vision and not in_aligner:
             if m.kind == "embedding" and "position" in _leaf(m.name) and not out["vision_position_embeddings"]:
                 out["vision_position_embeddings"] = m.in_features

@@ -81,11 +81,12 @@ def plan_spec(spec: SpecSource, use_cache: bool = True) -> "Plan":
     return resolve_plan(load_spec(spec), use_cache=use_cache)
 
 
-def estimate_memory(plan: "Plan") -> "Estimate":
-    """Memory per GPU of a Plan (weights, gradients, optimizer states; no activations)."""
+def estimate_memory(plan: "Plan", target: str | None = None) -> "Estimate":
+    """Memory per GPU of a Plan (model states, activations, peak) as ``target`` runs it
+    (hf, deepspeed, swift, llamafactory; default hf: mixspec.policy)."""
     from mixspec.estimate import estimate
 
-    return estimate(plan)
+    return estimate(plan, target=target)
 
 
 def target_names() -> list[str]:

@@ -41,6 +41,12 @@ class _Command(TyperCommand):
                 pieces.append(_argument_label(param) if param.required else f"[{_argument_label(param)}]")
         return pieces
 
+    def get_short_help_str(self, limit: int = 45) -> str:
+        """The help's first sentence whole (click cuts it at ~45 characters with "..."): the
+        command list wraps it instead."""
+        text = " ".join((self.short_help or self.help or "").split("\n\n")[0].split())
+        return text.split(". ")[0].rstrip(".")
+
     def format_options(self, ctx, formatter) -> None:
         args, opts = [], []
         for param in self.get_params(ctx):
@@ -72,7 +78,8 @@ def _stderr(text: str) -> None:
 
 
 def _fail(exc: MixspecError) -> typer.Exit:
-    _stderr(str(exc))
+    render = getattr(exc, "render", None)  # an error with no spec line: "error: ..." and its hint
+    _stderr(render() if callable(render) else str(exc))
     return typer.Exit(exc.exit_code)
 
 
@@ -100,7 +107,8 @@ def _root(
 
 @app.command(cls=_Command)
 def validate(
-    specs: List[Path] = typer.Argument(..., metavar="SPEC", help="Spec files (.yaml, .yml, .json)."),
+    specs: List[Path] = typer.Argument(..., metavar="SPEC", help="Spec files (.yaml, .yml, .json), or "
+                                       "directories: the spec files directly inside each."),
     format: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text or json."),
     as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
     model_check: bool = typer.Option(
@@ -112,6 +120,17 @@ def validate(
     from mixspec.fast import run_validate
 
     raise typer.Exit(run_validate(specs, as_json=as_json or format == OutputFormat.json, model_check=model_check))
+
+
+_TARGET_HELP = "Estimate memory as this target runs the spec (hf, deepspeed, swift, llamafactory; default hf)."
+
+
+def _check_memory_target(target: Optional[str]) -> None:
+    from mixspec.policy import TARGETS
+
+    if target is not None and target not in TARGETS:
+        _stderr(f"error: unknown target {target!r} for the memory estimate\n  targets: {', '.join(TARGETS)}")
+        raise typer.Exit(2)
 
 
 def _load_and_plan(spec: Path):
@@ -133,8 +152,10 @@ def plan(
     format: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text or json."),
     show_modules: bool = typer.Option(False, "--modules", help="List the modules each component covers."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report to this file."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help=_TARGET_HELP),
 ) -> None:
     """Show which modules each part covers, exact trainable parameters, LRs and memory per GPU."""
+    _check_memory_target(target)
     if html is not None:
         if len(specs) != 1:
             _stderr("error: --html writes the report of one spec; give exactly one")
@@ -148,7 +169,7 @@ def plan(
         _stderr(f"wrote {html}")
     from mixspec.fast import run_plan
 
-    code = run_plan(specs, as_json=as_json or format == OutputFormat.json, show_modules=show_modules)
+    code = run_plan(specs, as_json=as_json or format == OutputFormat.json, show_modules=show_modules, target=target)
     if code:
         raise typer.Exit(code)
 
@@ -156,28 +177,38 @@ def plan(
 @app.command(cls=_Command)
 def fit(
     spec: Path = typer.Argument(..., metavar="SPEC", help="Spec file."),
-    gpu_memory: float = typer.Option(None, "--gpu-memory", help="Memory of one GPU in GB (default: distributed.gpu_memory_gb)."),
+    gpu_memory: str = typer.Option(
+        None, "--gpu-memory", metavar="SIZE",
+        help="Memory of one GPU: 80GiB, 80GB or 80 (GB = 10^9 bytes); default distributed.gpu_memory_gb. "
+             "Vendors' '80 GB' cards hold about 80 GiB (nvidia-smi: 81,559 MiB on an H100): write 80GiB."),
     write: Path = typer.Option(None, "--write", help="Write a copy of the spec with the best settings here."),
     show_all: bool = typer.Option(False, "--all", help="List every option tried."),
     as_json: bool = typer.Option(False, "--json", help="Print the options as JSON."),
-    no_fsdp: bool = typer.Option(False, "--no-fsdp", help="Search DeepSpeed/DDP only (for targets that cannot run FSDP2: swift, llamafactory, deepspeed)."),
+    no_fsdp: bool = typer.Option(False, "--no-fsdp", help="Search DeepSpeed/DDP only (FSDP2 is searched for the hf target alone)."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help=_TARGET_HELP),
 ) -> None:
     """Find ZeRO stage or FSDP2, offload, checkpointing and micro-batch x accumulation that fit the GPUs.
 
     Exit 0 when some option fits (the spec as written or another), 1 when none does."""
+    _check_memory_target(target)
     try:
         _, the_plan = _load_and_plan(spec)
     except MixspecError as exc:
         raise _fail(exc) from None
-    from mixspec.fit import fit as fit_plan, render_fit, write_fitted_spec
+    from mixspec.fit import fit as fit_plan, parse_gpu_memory, render_fit, write_fitted_spec
 
-    gb = gpu_memory or the_plan.distributed.gpu_memory_gb
+    try:
+        gb = parse_gpu_memory(gpu_memory) if gpu_memory is not None else the_plan.distributed.gpu_memory_gb
+    except ValueError as exc:
+        _stderr(f"error: {exc}")
+        raise typer.Exit(2) from None
     if not gb or gb <= 0:
         _stderr("error: give --gpu-memory GB (or distributed.gpu_memory_gb in the spec)")
         raise typer.Exit(2)
-    result = fit_plan(the_plan, gb, fsdp=not no_fsdp)
+    result = fit_plan(the_plan, gb, target, fsdp=not no_fsdp)
     if as_json:
-        typer.echo(json.dumps({"gpu_memory_gb": gb, "best": None if result.best is None else {
+        policy = result.current.estimate.policy
+        typer.echo(json.dumps({"gpu_memory_gb": gb, "policy": policy.to_json(), "best": None if result.best is None else {
             "settings": _option_json(result.best), "peak_bytes": round(result.best.estimate.peak_bytes)},
             "options": [dict(_option_json(o), peak_bytes=round(o.estimate.peak_bytes), fits=o.fits)
                         for o in result.options]}, indent=2))
@@ -269,7 +300,7 @@ def models() -> None:
 @app.command(cls=_Command)
 def compile(
     spec: Path = typer.Argument(..., metavar="SPEC", help="Spec file."),
-    target: str = typer.Option(..., "--target", "-t", help="swift, hf, deepspeed or llamafactory."),
+    target: str = typer.Option(..., "--target", "-t", help="swift, hf, deepspeed, llamafactory or axolotl."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: print to stdout)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing files in the output directory."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be written; write nothing."),
@@ -415,7 +446,8 @@ def import_config(
             _stderr(f"error: -o {out} is a directory; give the spec file's path, e.g. -o {out / 'spec.yaml'}")
             raise typer.Exit(1)
         try:
-            written = write_files(out.parent if str(out.parent) else Path("."), {out.name: yaml_text}, force=force)
+            written = write_files(out.parent if str(out.parent) else Path("."), {out.name: yaml_text}, force=force,
+                                  elsewhere="give another file with -o")
         except MixspecError as exc:
             raise _fail(exc) from None
         for line in written:
@@ -511,6 +543,41 @@ def diff(
     result = plan_diff.diff_plans(old_plan, estimate(old_plan), new_plan, estimate(new_plan))
     typer.echo(plan_diff.render(result, format.value), nl=False)
     raise typer.Exit(0 if result.equal else 3)
+
+
+data_app = typer.Typer(help="Check training data the way train.py reads it.", no_args_is_help=True,
+                       add_completion=False, rich_markup_mode=None)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check", cls=_Command)
+def data_check(
+    spec: Path = typer.Argument(..., metavar="SPEC", help="Spec file (its data.train, data.eval, model, max_length)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON (every refused row)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                          help="Worker processes (default: one per core, at most 8, one per 200 rows)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A local directory with the model's processor/tokenizer files."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Check every row even when a cached result matches."),
+) -> None:
+    """Run every row of data.train and data.eval through train.py's own row code (the model's
+    processor and chat template, max_length): refused rows with file:line and why, token lengths,
+    truncation, images. Exit 0 when every row is accepted, 1 when any is refused."""
+    from mixspec.datacheck import render_text, run_check
+
+    try:
+        report = run_check(spec, workers=workers, model=model, cache=not no_cache)
+    except MixspecError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        for line in render_text(report):
+            typer.echo(line)
+    if not report.get("cached") and report.get("seconds"):
+        _stderr(f"checked {report['rows']:,} rows in {report['seconds']:.1f} s "
+                f"({report['rows'] / report['seconds']:,.0f} rows/s, {report['workers']} worker(s))")
+    if report["refused"]:
+        raise typer.Exit(1)
 
 
 @app.command(cls=_Command)

@@ -21,12 +21,9 @@ from mixspec.errors import MixspecError
 from mixspec.estimate import GIB, Estimate
 from mixspec.names import natural_key
 from mixspec.plan import ComponentPlan, Plan
-from mixspec.report import settings_dict
 
 UNASSIGNED = "unassigned"
 LORA_KEYS = ("rank", "alpha", "dropout", "rslora", "dora", "targets_spec", "layers")
-# settings that the per-parameter view already holds (a default the components override)
-_REPRESENTED = {("training", "weight_decay")}
 
 
 class DiffError(MixspecError):
@@ -73,30 +70,9 @@ class PlanDiff:
 
 
 def training_view(plan: Plan) -> dict:
-    """What the training does, independent of how the spec names and groups it."""
-    wds = plan.trainable_weight_decays()
-    lora = {}
-    for comp in plan.components:
-        if comp.lora:
-            lo = comp.lora
-            for target in lo.targets:
-                lora[target] = (lo.rank, lo.alpha, lo.dropout, lo.rslora, lo.dora)
-    return {
-        "model": (plan.model, plan.architecture, plan.totals.base_params),
-        "trained": {n: (lr, wds[n]) for n, lr in plan.trainable_lrs().items()},
-        "lora": dict(sorted(lora.items())),
-        "settings": _settings(plan),
-    }
-
-
-def _settings(plan: Plan) -> dict:
-    out = {}
-    for section in ("training", "distributed", "data"):
-        for key, value in sorted(settings_dict(getattr(plan, section)).items()):
-            if (section, key) not in _REPRESENTED:
-                out[f"{section}.{key}"] = value
-    out["output_dir"] = plan.output_dir
-    return out
+    """What the training does, independent of how the spec names and groups it (the Plan's
+    training view: its fingerprint is the hash of it)."""
+    return plan.training_view()
 
 
 def _owner(plan: Plan) -> dict[str, str]:
@@ -136,7 +112,7 @@ def diff_plans(old: Plan, old_est: Estimate, new: Plan, new_est: Estimate) -> Pl
         changes += _memory_changes(old_est, new_est)
         changes += _setting_changes(old, new)
         if not changes:  # the view differs in a way no section names: say so, never hide it
-            changes.append(Change("trained", "parameters", old.fingerprint(), new.fingerprint()))
+            changes.append(Change("trained", "parameters", old.optimizer_fingerprint(), new.optimizer_fingerprint()))
     elif set(old_comps) != set(new_comps):
         notes.append("the specs group the model into different components "
                      f"({', '.join(old_comps) or 'none'} vs {', '.join(new_comps) or 'none'}) "
@@ -201,11 +177,22 @@ def _component_changes(old_comps: dict, new_comps: dict) -> list[Change]:
                 if ta - tb:
                     out.append(Change("lora_targets", f"{name} -", len(ta), len(tb),
                                       _compact(sorted(ta - tb, key=natural_key))))
+        if _quant_text(a) != _quant_text(b):
+            out.append(Change("quantize", name, _quant_text(a), _quant_text(b)))
         if a.base_params != b.base_params:
             out.append(Change("base_params", name, a.base_params, b.base_params))
         if a.trainable_params != b.trainable_params:
             out.append(Change("trainable", name, a.trainable_params, b.trainable_params))
     return out
+
+
+def _quant_text(comp: ComponentPlan) -> str:
+    """How a component's base weights are held: "16-bit", or the method and module count."""
+    q = comp.quantize
+    if q is None:
+        return "not quantized"
+    options = "" if q.method == "int8" else f", double_quant {str(q.double_quant).lower()}, compute {q.compute_dtype}"
+    return f"{q.method} ({len(q.modules)} Linear{options})"
 
 
 def _summary(comp: ComponentPlan) -> dict:
@@ -251,6 +238,12 @@ def _total_changes(old: Plan, new: Plan) -> list[Change]:
     return out
 
 
+# the estimate's JSON term names as a reader says them ("total" is the model states alone:
+# weights + gradients + optimizer states; the peak adds activations and the rest)
+_MEMORY_WORDS = {"total": "model states (weights + gradients + optimizer)", "optimizer_states": "optimizer states",
+                 "cpu_offload_per_node": "CPU offload per node"}
+
+
 def memory_terms(est: Estimate) -> dict[str, object]:
     """The estimate's per-GPU terms as its JSON names them (numbers in bytes; a term the
     estimate leaves out is a string, e.g. ``"excluded"``), plus CPU offload per node."""
@@ -277,7 +270,7 @@ def _layout(est: Estimate) -> str:
 
 
 def _setting_changes(old: Plan, new: Plan) -> list[Change]:
-    a, b = _settings(old), _settings(new)
+    a, b = old.training_view()["settings"], new.training_view()["settings"]
     return [Change("setting", k, a.get(k), b.get(k))
             for k in list(a) + [k for k in b if k not in a] if a.get(k) != b.get(k)]
 
@@ -359,16 +352,18 @@ def _describe(c: Change) -> str:
         name, sign = c.subject.rsplit(" ", 1)
         verb = "gains" if sign == "+" else "loses"
         return f"{name}: LoRA {verb} targets ({c.old} -> {c.new} modules): " + _list(c.detail)
+    if k == "quantize":
+        return f"base weights {c.subject}: {c.old} -> {c.new}"
     if k == "memory":
         if c.subject == "layout":
             return f"memory layout: {c.old} -> {c.new}"
         delta = ""
         if isinstance(c.old, (int, float)) and isinstance(c.new, (int, float)):
             delta = f" ({(c.new - c.old) / GIB:+.2f} GiB)"
-        return f"memory per GPU, {c.subject}: {_gib(c.old)} -> {_gib(c.new)}{delta}"
+        return f"memory per GPU, {_MEMORY_WORDS.get(c.subject, c.subject)}: {_gib(c.old)} -> {_gib(c.new)}{delta}"
     label = {"mode": "mode", "lr": "lr", "weight_decay": "weight decay", "lora": "LoRA",
              "trainable": "trainable params", "base_params": "base params", "total": "total",
-             "setting": "setting", "model": "model", "trained": "trained parameters"}[k]
+             "setting": "setting", "model": "model", "trained": "trained parameters", "quantize": "base weights"}[k]
     return f"{label} {c.subject}: {_num(c.old)} -> {_num(c.new)}{_delta(c.old, c.new)}"
 
 
@@ -412,16 +407,18 @@ def _cells(c: Change) -> tuple[str, str, str]:
         name, sign = c.subject.rsplit(" ", 1)
         verb = "gains" if sign == "+" else "loses"
         return (f"`{name}` LoRA targets ({verb} {_list(c.detail)})", f"{c.old} modules", f"{c.new} modules")
+    if k == "quantize":
+        return (f"base weights `{c.subject}`", c.old, c.new)
     if k == "memory":
         if c.subject == "layout":
             return ("layout", str(c.old), str(c.new))
         delta = ""
         if isinstance(c.old, (int, float)) and isinstance(c.new, (int, float)):
             delta = f" ({(c.new - c.old) / GIB:+.2f} GiB)"
-        return (c.subject.replace("_", " "), _gib(c.old), _gib(c.new) + delta)
+        return (_MEMORY_WORDS.get(c.subject, c.subject.replace("_", " ")), _gib(c.old), _gib(c.new) + delta)
     label = {"mode": "mode", "lr": "lr", "weight_decay": "weight decay", "lora": "LoRA",
              "trainable": "trainable params", "base_params": "base params", "total": "total",
-             "setting": "", "model": "", "trained": "trained parameters"}[k]
+             "setting": "", "model": "", "trained": "trained parameters", "quantize": "base weights"}[k]
     subject = c.subject.replace("_params", "") if k == "total" else c.subject
     what = f"{label} `{subject}`" if label else f"`{subject}`"
     return (what, _num(c.old), _num(c.new) + _delta(c.old, c.new))
@@ -429,7 +426,7 @@ def _cells(c: Change) -> tuple[str, str, str]:
 
 _SECTIONS = (
     ("Components", ("component_added", "component_removed", "mode", "lr", "weight_decay", "lora",
-                    "lora_targets", "model", "trained")),
+                    "lora_targets", "quantize", "model", "trained")),
     ("Modules that moved between components", ("moved",)),
     ("Parameters", ("base_params", "trainable", "total")),
     ("Memory per GPU", ("memory",)),

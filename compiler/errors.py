@@ -84,7 +84,20 @@ class SpecError(MixspecError):
 
 
 class ModelSourceError(MixspecError):
-    """A model reference that cannot be resolved to a config, or may not be built safely."""
+    """A model reference that cannot be resolved to a config, or may not be built safely.
+    ``hint`` says how to fix it (shown under the message, as a spec problem's hint is)."""
+
+    def __init__(self, message: str, hint: str = ""):
+        if not hint and "\n  hint: " in message:  # the hint written into the message
+            message, hint = message.split("\n  hint: ", 1)
+        message = message.rstrip(".\n") if hint else message
+        super().__init__(message + (f"\n  hint: {hint}" if hint else ""))
+        self.message = message
+        self.hint = hint
+
+    def render(self) -> str:
+        """``error: MESSAGE`` and its hint, for a command that has no spec line to point at."""
+        return f"error: {self.message}" + (f"\n  hint: {self.hint}" if self.hint else "")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ gradient checkpointing), ZeRO-3's gathered parameters and a stated framework ove
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from mixspec.names import is_under
@@ -59,6 +60,7 @@ class Estimate:
     overhead_bytes: float = 0.0
     assumptions: dict = field(default_factory=dict)
     fsdp: str | None = None  # FSDP2 strategy; zero3_live_bytes then holds FSDP's gathered weights
+    policy: object = None  # mixspec.policy.ExecutionPolicy: how the target runs it
 
     @property
     def total_bytes(self) -> float:
@@ -95,6 +97,7 @@ class Estimate:
             "per_gpu_gib": round(self.total_bytes / GIB, 2),
             "peak_gib": round(self.peak_bytes / GIB, 2),
             "assumptions": self.assumptions,
+            "policy": self.policy.to_json() if self.policy is not None else None,
             "cpu_offload_bytes_per_node": round(self.cpu_bytes_per_node),
             **({"fsdp": self.fsdp} if self.fsdp else {}),
         }
@@ -119,9 +122,12 @@ def bytes_per_param(precision: str, deepspeed: bool) -> dict:
     return {"frozen": (frozen, 0, 0), "full": (4, 4, 8), "lora": (4, 4, 8)}
 
 
-def estimate(plan: Plan, overrides: dict | None = None) -> Estimate:
-    """Memory per GPU for the Plan on the spec's hardware. ``overrides`` replaces settings
-    (zero_stage, offload, gradient_checkpointing, micro_batch_size) for what-if searches."""
+def estimate(plan: Plan, overrides: dict | None = None, target: str | None = None) -> Estimate:
+    """Memory per GPU for the Plan on the spec's hardware, as ``target`` runs it (default hf:
+    the generated train.py; mixspec.policy). ``overrides`` replaces settings (zero_stage,
+    offload, gradient_checkpointing, micro_batch_size) for what-if searches."""
+    from mixspec.policy import execution_policy
+
     o = overrides or {}
     dist, training = plan.distributed, plan.training
     nodes, gpn = dist.nodes, dist.gpus_per_node
@@ -131,7 +137,7 @@ def estimate(plan: Plan, overrides: dict | None = None) -> Estimate:
     fsdp = o.get("fsdp", None if "zero_stage" in o else dist.fsdp)
     offload = o.get("offload", dist.offload)
     if fsdp:
-        return _fsdp_estimate(plan, o, fsdp, offload)
+        return _fsdp_estimate(plan, o, fsdp, offload, execution_policy(plan, target, deepspeed=False, fsdp=fsdp))
     precision = training.precision
     rates = bytes_per_param(precision, deepspeed=stage is not None)
     full = sum(c.trainable_params for c in plan.components if c.mode == "full")
@@ -157,10 +163,67 @@ def estimate(plan: Plan, overrides: dict | None = None) -> Estimate:
     if offload == "all" and s >= 3:
         cpu_per_gpu += weights
         weights = 0.0
-    acts, transient, assumptions = activation_terms(plan, o)
+    policy = execution_policy(plan, target, deepspeed=stage is not None)
+    acts, transient, assumptions = activation_terms(plan, o, policy)
+    if plan.quantized or training.optimizer != "adamw":
+        if stage is None:
+            weights, grads, optim = quantized_model_states(plan)
+        assumptions["model_states"] = model_states_notes(plan, deepspeed=stage is not None)
     live = zero3_live_bytes(plan, 4 if precision == "fp32" else 2) if s >= 3 else 0.0
     return Estimate(n, stage, offload, weights, grads, optim, cpu_per_gpu * gpn,
-                    dist.gpu_memory_gb, acts, transient, live, OVERHEAD_BYTES, assumptions)
+                    dist.gpu_memory_gb, acts, transient, live, OVERHEAD_BYTES, assumptions, policy=policy)
+
+
+def trained_sizes(plan: Plan) -> list[int]:
+    """Elements of every trained tensor (fully trained base parameters, LoRA adapter tensors)."""
+    sizes = []
+    for comp in plan.components:
+        if comp.mode == "full":
+            sizes += [math.prod(plan.param_shapes[p]) for p in comp.params]
+        elif comp.mode == "lora" and comp.lora:
+            sizes += list(comp.lora.param_sizes)
+    return sizes
+
+
+def quantized_model_states(plan: Plan) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer states) in bytes without DeepSpeed, for a quantized base
+    or a bitsandbytes optimizer: quantized Linear weights at bitsandbytes' bytes
+    (mixspec.quantize); with a quantized base PEFT's prepare_model_for_kbit_training holds every
+    other parameter in fp32; trained tensors fp32 with an fp32 gradient; AdamW's moments as the
+    optimizer keeps them, tensor by tensor."""
+    from mixspec.quantize import optimizer_fixed_bytes, optimizer_state_bytes, quantized_weight_bytes
+
+    training = plan.training
+    sizes = trained_sizes(plan)
+    full = sum(c.trainable_params for c in plan.components if c.mode == "full")
+    quantized = held = 0
+    for comp in plan.components:
+        if comp.quantize:
+            q = comp.quantize
+            quantized += q.params
+            held += sum(quantized_weight_bytes(q.method, q.double_quant, o, i) for o, i in q.shapes)
+    frozen = plan.totals.base_params - full - quantized
+    frozen_bytes = 4 if plan.quantized or training.precision == "fp32" else 2
+    weights = held + frozen * frozen_bytes + 4 * sum(sizes)
+    optim = sum(optimizer_state_bytes(training.optimizer, n) for n in sizes)
+    optim += optimizer_fixed_bytes(training.optimizer, sizes)
+    return float(weights), float(4 * sum(sizes)), float(optim)
+
+
+def model_states_notes(plan: Plan, deepspeed: bool) -> dict:
+    """What the model-state estimate assumed about quantization and the optimizer."""
+    from mixspec.quantize import PAGED_OPTIMIZERS
+
+    notes = {"optimizer": plan.training.optimizer}
+    q = plan.quant_config()
+    if q:
+        notes["quantized"] = f"{q.method}, {sum(c.quantize.params for c in plan.components if c.quantize):,} weights"
+        notes["kbit_preparation"] = "PEFT prepare_model_for_kbit_training: every other parameter held in fp32"
+    if plan.training.optimizer in PAGED_OPTIMIZERS:
+        notes["paged"] = "optimizer states in paged (unified) memory: counted on the GPU, can spill to CPU"
+    if deepspeed:
+        notes["deepspeed"] = "not modelled: quantized bases and bitsandbytes optimizers are estimated without DeepSpeed"
+    return notes
 
 
 def _model_states(plan: Plan, rates: dict) -> tuple[float, float, float]:
@@ -170,7 +233,7 @@ def _model_states(plan: Plan, rates: dict) -> tuple[float, float, float]:
     return tuple(sum(counts[k] * rates[k][i] for k in counts) for i in range(3))
 
 
-def _fsdp_estimate(plan: Plan, o: dict, fsdp: str, offload: str) -> Estimate:
+def _fsdp_estimate(plan: Plan, o: dict, fsdp: str, offload: str, policy) -> Estimate:
     """FSDP2: every model state sharded over the ranks, the gathered weights on top."""
     dist, precision = plan.distributed, plan.training.precision
     n = dist.nodes * dist.gpus_per_node
@@ -178,10 +241,10 @@ def _fsdp_estimate(plan: Plan, o: dict, fsdp: str, offload: str) -> Estimate:
     cpu_per_gpu = 0.0
     if offload == "all":
         cpu_per_gpu, weights, grads, optim = weights + grads + optim, 0.0, 0.0, 0.0
-    acts, transient, assumptions = activation_terms(plan, o)
+    acts, transient, assumptions = activation_terms(plan, o, policy)
     live = fsdp_gathered_bytes(plan, 4 if precision == "fp32" else 2, fsdp)
     return Estimate(n, None, offload, weights, grads, optim, cpu_per_gpu * dist.gpus_per_node,
-                    dist.gpu_memory_gb, acts, transient, live, OVERHEAD_BYTES, assumptions, fsdp)
+                    dist.gpu_memory_gb, acts, transient, live, OVERHEAD_BYTES, assumptions, fsdp=fsdp, policy=policy)
 
 
 def fsdp_gathered_bytes(plan: Plan, p: int, fsdp: str) -> float:
@@ -213,96 +276,134 @@ def _trained_sets(plan: Plan):
     return full, lora
 
 
-def _stack_bytes(kinds, full, lora, p, grad_in, checkpointing, tokens):
+def _stack_bytes(kinds, full, lora, p, grad_in, checkpointing, tokens, policy):
     """(bytes kept by a stack of blocks, bytes of one block recomputed, grad flows out) for `tokens`."""
-    from mixspec.activations import block_bytes_per_token, block_index_training, sorted_indices
+    from mixspec.activations import block_bytes_per_token, block_fixed_bytes, block_index_training, sorted_indices
 
     kept = recompute = 0.0
     for index, kind in sorted_indices(kinds):
         training = block_index_training(kind, index, full, lora)
-        per_token = sum(block_bytes_per_token(kind, training, p, grad_in).values())
+        per_token = sum(block_bytes_per_token(kind, training, p, grad_in, policy=policy).values())
         if per_token:
-            if checkpointing:
+            whole = per_token * tokens + block_fixed_bytes(kind, training, policy)
+            trains = bool(training.full or training.lora)
+            # LLaMA-Factory checkpoints only blocks that hold a trainable parameter
+            if checkpointing and kind.checkpointed and (trains or policy.checkpoint_frozen_blocks):
                 kept += p * kind.hidden * tokens  # each block keeps its input
-                recompute = max(recompute, per_token * tokens)
+                recompute = max(recompute, whole)
             else:
-                kept += per_token * tokens
+                kept += whole
         grad_in = grad_in or bool(training.full or training.lora)
     return kept, recompute, grad_in
 
 
-def activation_terms(plan: Plan, overrides: dict | None = None):
-    """(activation term -> bytes, transient term -> bytes, assumptions) per GPU."""
+def _aligner_bytes(st, full, lora, p, merged, merge, policy, trains_weights) -> float:
+    """The aligner (a norm, Linear, activation, Linear chain): the norms' saved inputs (over the
+    vision tokens before merging), each Linear's input, the activation's input, and under
+    autocast a compute-dtype copy of each trained fp32 weight."""
+    aligner = st.get("aligner_linears", [])
+    total = 0.0
+    for name, norm, dim, cls in st.get("aligner_norms", []):
+        per = dim * merge  # its dim per vision token, `merge` tokens per merged one
+        trains = f"{name}.weight" in full
+        if norm == "layernorm":
+            total += ((4 if policy.autocast and policy.device == "cuda" else p) * per + 8 * merge) * merged
+        else:
+            total += (4 * per + 4 * merge + ((4 if "Gemma" in cls else p) * per if trains else 0)) * merged
+    total += sum(p * fin for _, fin, _ in aligner) * merged + p * aligner[0][2] * merged
+    if policy.trained_copies and trains_weights:
+        total += sum(p * fin * fout for name, fin, fout in aligner if f"{name}.weight" in full)
+    return total
+
+
+def activation_terms(plan: Plan, overrides: dict | None = None, policy=None):
+    """(activation term -> bytes, transient term -> bytes, assumptions) per GPU, for the run
+    ``policy`` describes (default: the hf target's for the Plan and ``overrides``)."""
     from mixspec.activations import BlockKind, loss_bytes_per_token
+    from mixspec.policy import execution_policy
 
     o = overrides or {}
+    if policy is None:
+        policy = execution_policy(plan, deepspeed=o.get("zero_stage", plan.distributed.zero_stage) is not None)
     st = plan.structure or {}
-    training, data = plan.training, plan.data
+    training = plan.training
     if not st or not st.get("language"):
         return {}, {}, {"activations": "not estimated: no decoder stack found in the tree"}
-    p = 4 if training.precision == "fp32" else 2
+    p = policy.activation_bytes
     micro = o.get("micro_batch_size", training.micro_batch_size)
     seq = training.max_length
     checkpointing = o.get("gradient_checkpointing", training.gradient_checkpointing)
     tokens = micro * seq
     full, lora = _trained_sets(plan)
-    anything = bool(full or lora)
     acts, transient = {}, {}
     assumptions = {"tokens_per_gpu": tokens, "micro_batch_size": micro, "max_length": seq,
                    "attention": "sdpa/flash (no sequence-squared term)", "gradient_checkpointing": checkpointing,
-                   "activation_bytes": p}
-
-    def under(prefixes, names):
-        return any(is_under(n, prefixes) for n in names)
-
+                   "activation_bytes": p, "policy": policy.describe()}
+    grad_in = _vision_terms(plan, st, full, lora, p, micro, checkpointing, policy, acts, transient, assumptions)
     roles = plan.roles
-    grad_in = False
-    vision_kinds = [BlockKind.from_json(k) for k in st.get("vision", ())]
-    if vision_kinds:
-        # no data section: the spec's defaults for these keys (mixspec.spec.Data)
-        images = data.images_per_sample if data is not None else default("Data", "images_per_sample")
-        max_pixels = data.max_pixels if data is not None else default("Data", "max_pixels")
-        if st.get("vision_position_embeddings"):
-            per_image = st["vision_position_embeddings"]
-            how = "fixed by the encoder's position embeddings"
-        elif st.get("patch_kernel"):
-            per_image = max(1, max_pixels // (st["patch_kernel"] ** 2))
-            how = f"data.max_pixels {max_pixels} / {st['patch_kernel']}^2"
-        else:
-            per_image, how = 0, "unknown"
-        vision_tokens = per_image * images * micro
-        assumptions.update(vision_tokens_per_image=per_image, vision_tokens_how=how, images_per_sample=images)
-        vision_prefixes = roles.get("vision", ())
-        below = under(vision_prefixes, full) and not under(tuple(k.prefix for k in vision_kinds), full)
-        kept, recompute, grad_out = _stack_bytes(vision_kinds, full, lora, p, below, checkpointing, vision_tokens)
-        if kept:
-            acts["vision_blocks"] = kept
-        if recompute:
-            transient["vision_block_recompute"] = recompute
-        aligner = st.get("aligner_linears", [])
-        aligner_trains = under(roles.get("aligner", ()), full) or under(roles.get("aligner", ()), lora)
-        if aligner and (grad_out or aligner_trains) and vision_tokens:
-            merge = max(1, aligner[0][1] // max(1, st.get("vision_hidden") or aligner[0][1]))
-            merged = vision_tokens / merge
-            acts["aligner"] = sum(p * fin for _, fin, _ in aligner) * merged + p * aligner[0][2] * merged
-        grad_in = grad_out or aligner_trains
     embeddings = roles.get("embeddings", ())
-    grad_in = grad_in or under(embeddings, full) or under(embeddings, lora)
+    grad_in = grad_in or _under(embeddings, full) or _under(embeddings, lora)
+    # transformers' checkpointing calls enable_input_require_grads: a gradient flows from the
+    # embeddings, so frozen blocks below the first trained one keep their input too
+    grad_in = grad_in or (checkpointing and policy.checkpoint_frozen_blocks)
     lang_kinds = [BlockKind.from_json(k) for k in st["language"]]
-    kept, recompute, grad_out = _stack_bytes(lang_kinds, full, lora, p, grad_in, checkpointing, tokens)
+    kept, recompute, grad_out = _stack_bytes(lang_kinds, full, lora, p, grad_in, checkpointing, tokens, policy)
     if kept:
         acts["llm_blocks"] = kept
     if recompute:
         transient["llm_block_recompute"] = recompute
-    if anything and st.get("vocab"):
+    if (full or lora) and st.get("vocab"):
         hidden = st["hidden"]
-        head_trains = under(roles.get("lm_head", ()), full)
+        head_trains = _under(roles.get("lm_head", ()), full)
         if grad_out or head_trains:
             acts["final_norm"] = (4 * hidden + 4) * tokens
         loss = loss_bytes_per_token(st["vocab"], hidden, p, head_trains)
         acts["loss"] = loss["saved"] * tokens
         transient["logits_gradient"] = loss["transient"] * tokens
     return acts, transient, assumptions
+
+
+def _under(prefixes, names) -> bool:
+    return any(is_under(n, prefixes) for n in names)
+
+
+def _vision_terms(plan, st, full, lora, p, micro, checkpointing, policy, acts, transient, assumptions) -> bool:
+    """The vision tower's blocks and the aligner into ``acts``/``transient``; whether a
+    gradient flows out of them into the LLM."""
+    from mixspec.activations import BlockKind
+
+    vision_kinds = [BlockKind.from_json(k) for k in st.get("vision", ())]
+    if not vision_kinds:
+        return False
+    data, roles = plan.data, plan.roles
+    # no data section: the spec's defaults for these keys (mixspec.spec.Data)
+    images = data.images_per_sample if data is not None else default("Data", "images_per_sample")
+    max_pixels = data.max_pixels if data is not None else default("Data", "max_pixels")
+    if st.get("vision_position_embeddings"):
+        per_image = st["vision_position_embeddings"]
+        how = "fixed by the encoder's position embeddings"
+    elif st.get("patch_kernel"):
+        per_image = max(1, max_pixels // (st["patch_kernel"] ** 2))
+        how = f"data.max_pixels {max_pixels} / {st['patch_kernel']}^2"
+    else:
+        per_image, how = 0, "unknown"
+    vision_tokens = per_image * images * micro
+    assumptions.update(vision_tokens_per_image=per_image, vision_tokens_how=how, images_per_sample=images)
+    below = _under(roles.get("vision", ()), full) and not _under(tuple(k.prefix for k in vision_kinds), full)
+    kept, recompute, grad_out = _stack_bytes(vision_kinds, full, lora, p, below, checkpointing, vision_tokens,
+                                             policy)
+    if kept:
+        acts["vision_blocks"] = kept
+    if recompute:
+        transient["vision_block_recompute"] = recompute
+    aligner = st.get("aligner_linears", [])
+    aligner_roles = roles.get("aligner", ())
+    aligner_trains = _under(aligner_roles, full) or _under(aligner_roles, lora)
+    if aligner and (grad_out or aligner_trains) and vision_tokens:
+        merge = max(1, aligner[0][1] // max(1, st.get("vision_hidden") or aligner[0][1]))
+        acts["aligner"] = _aligner_bytes(st, full, lora, p, vision_tokens / merge, merge, policy,
+                                         _under(aligner_roles, full))
+    return grad_out or aligner_trains
 
 
 def zero3_live_bytes(plan: Plan, p: int) -> float:

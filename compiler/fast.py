@@ -67,8 +67,9 @@ def _stdout(text: str) -> None:
     sys.stdout.write(text + "\n")
 
 
-def run_plan(specs: list[Path], as_json: bool = False, show_modules: bool = False) -> int:
-    """`mixspec plan`: each spec's table (or one JSON Plan, a list for several); exit code."""
+def run_plan(specs: list[Path], as_json: bool = False, show_modules: bool = False, target: str | None = None) -> int:
+    """`mixspec plan`: each spec's table (or one JSON Plan, a list for several), memory as
+    ``target`` runs it (default hf); exit code."""
     from mixspec.api import estimate_memory, plan_spec
     from mixspec.loader import load_spec
 
@@ -81,7 +82,7 @@ def run_plan(specs: list[Path], as_json: bool = False, show_modules: bool = Fals
             _stderr(str(exc))
             failed = True
             continue
-        est = estimate_memory(the_plan)
+        est = estimate_memory(the_plan, target)
         if as_json:
             data = the_plan.to_json()
             data["estimate"] = est.to_json()
@@ -98,11 +99,28 @@ def run_plan(specs: list[Path], as_json: bool = False, show_modules: bool = Fals
     return 1 if failed else 0
 
 
+SPEC_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def expand_spec_dirs(paths: list[Path]) -> list[Path]:
+    """Each directory replaced by the spec files directly inside it (``*.yaml``, ``*.yml``,
+    ``*.json``, sorted; not its subfolders, which may hold other YAML: CI workflows, ...). A
+    directory with none stays as it is, so the loader says what is wrong with it."""
+    out: list[Path] = []
+    for path in paths:
+        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SPEC_SUFFIXES) \
+            if path.is_dir() else []
+        out += found or [path]
+    return out
+
+
 def run_validate(specs: list[Path], as_json: bool = False, model_check: bool = True) -> int:
-    """`mixspec validate`: every spec checked, problems on stderr (or one JSON report); exit code."""
+    """`mixspec validate`: every spec checked, problems on stderr (or one JSON report); exit code.
+    A directory stands for the spec files in it."""
     from mixspec.errors import Location, Problem
     from mixspec.loader import load_spec
 
+    specs = expand_spec_dirs(specs)
     results = []
     ok = True
     for path in specs:

@@ -74,35 +74,38 @@ class FitResult:
         return min(self.options, key=lambda o: o.estimate.peak_bytes)
 
 
-def _layouts(fsdp: bool):
-    """(zero_stage, fsdp strategy, offload) of every sharding layout searched."""
-    for stage in (None, 1, 2, 3):
+def _layouts(fsdp: bool, bnb: bool):
+    """(zero_stage, fsdp strategy, offload) of every sharding layout searched; a quantized base
+    or a bitsandbytes optimizer is planned (and compiled) without DeepSpeed or FSDP2 only."""
+    for stage in (None,) if bnb else (None, 1, 2, 3):
         offloads = ("none",) if stage is None else ("none", "optimizer") + (("all",) if stage == 3 else ())
         for offload in offloads:
             yield stage, None, offload
-    if fsdp:
+    if fsdp and not bnb:
         for strategy in ("shard_grad_op", "full_shard"):
             for offload in ("none", "all"):
                 yield None, strategy, offload
 
 
-def fit(plan: Plan, gpu_memory_gb: float, fsdp: bool = True) -> FitResult:
-    """Every option's estimate, by preference; the best is the first that fits. ``fsdp``:
-    search FSDP2 too (for a target that runs it)."""
+def fit(plan: Plan, gpu_memory_gb: float, target: str | None = None, fsdp: bool = True) -> FitResult:
+    """Every option's estimate as ``target`` runs it (mixspec.policy; default hf), by
+    preference; the best is the first that fits. ``fsdp``: search FSDP2 too (only the hf
+    target runs it)."""
     training, dist = plan.training, plan.distributed
     micro, accum = training.micro_batch_size, training.gradient_accumulation
     per_gpu = micro * accum
     limit = gpu_memory_gb * 1e9
     options = []
-    for stage, strategy, offload in _layouts(fsdp):
+    bnb = plan.quantized or training.optimizer != "adamw"
+    for stage, strategy, offload in _layouts(fsdp and target in (None, "hf"), bnb):
         for checkpointing in (False, True):
             for mb in (d for d in range(per_gpu, 0, -1) if per_gpu % d == 0):
                 est = estimate(plan, {"zero_stage": stage, "fsdp": strategy, "offload": offload,
-                                      "gradient_checkpointing": checkpointing, "micro_batch_size": mb})
+                                      "gradient_checkpointing": checkpointing, "micro_batch_size": mb}, target)
                 options.append(Option(stage, offload, checkpointing, mb, per_gpu // mb, est,
                                       est.peak_bytes <= limit, strategy))
     options.sort(key=lambda o: o.preference)
-    current_est = estimate(plan)
+    current_est = estimate(plan, target=target)
     current = Option(dist.zero_stage, dist.offload,
                      bool(training.gradient_checkpointing), micro, accum, current_est,
                      current_est.peak_bytes <= limit, dist.fsdp)
@@ -113,8 +116,10 @@ def render_fit(result: FitResult, show: int = 12) -> list[str]:
     """The advice as lines of text."""
     gb = result.gpu_memory_gb
     cur = result.current
-    lines = [f"GPU memory {gb:g} GB ({gb * 1e9 / GIB:.2f} GiB); now: {cur.describe()}: peak "
+    lines = [f"GPU memory {gb:.4g} GB = {gb * 1e9 / GIB:.2f} GiB; now: {cur.describe()}: peak "
              f"{cur.estimate.peak_bytes / GIB:.2f} GiB ({'fits' if cur.fits else 'does not fit'})"]
+    if cur.estimate.policy is not None:  # each option's own policy: DeepSpeed or not changes the dtypes
+        lines.append(f"memory {cur.estimate.policy.describe()}")
     best = result.best
     if best is None:
         small = result.smallest
@@ -127,14 +132,33 @@ def render_fit(result: FitResult, show: int = 12) -> list[str]:
             lines.append("spec lines to change:")
             lines += [f"  {line}" for line in best.spec_lines()]
     fitting = [o for o in result.options if o.fits]
-    listed = result.options if show >= len(result.options) else fitting[:show]
-    lines.append(f"{len(fitting)} of {len(result.options)} options fit; "
-                 + ("all, by preference (peak per GPU):" if listed is result.options
-                    else "those that fit, by preference (peak per GPU; --all lists every option):"))
+    if show >= len(result.options):
+        listed, what = list(result.options), "all, by preference (peak per GPU):"
+    elif fitting:
+        listed, what = fitting[:show], "those that fit, by preference (peak per GPU; --all lists every option):"
+    else:  # nothing fits: the nearest misses say how far off the run is
+        listed = sorted(result.options, key=lambda o: o.estimate.peak_bytes)[:show]
+        what = "the smallest peaks (per GPU; --all lists every option):"
+    lines.append(f"{len(fitting)} of {len(result.options)} options fit; {what}")
     for option in listed:
         mark = "fits" if option.fits else "--"
         lines.append(f"  {mark:<4} {option.estimate.peak_bytes / GIB:>8.2f} GiB  {option.describe()}")
+    hidden = (len(fitting) if fitting else len(result.options)) - len(listed)
+    if hidden > 0:
+        lines.append(f"  ... and {hidden} more{' that fit' if fitting else ''} (--all lists every option)")
     return lines
+
+
+def parse_gpu_memory(text: str) -> float:
+    """``--gpu-memory``: a number of GB (10^9 bytes), or with its unit: ``80GB``, ``80GiB``.
+    Returns GB; raises ValueError with what to write."""
+    import re
+
+    found = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(gb|gib|g)?\s*", text, re.IGNORECASE)
+    if not found or float(found.group(1)) <= 0:
+        raise ValueError(f"--gpu-memory {text!r}: give the memory of one GPU, e.g. 80GiB, 80GB or 80 (GB)")
+    value = float(found.group(1))
+    return value * GIB / 1e9 if (found.group(2) or "").lower() == "gib" else value
 
 
 def write_fitted_spec(spec_path, option: Option, out_path) -> str:

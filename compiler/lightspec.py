@@ -22,7 +22,8 @@ from mixspec.spec_names import COMPONENT_NAME_PATTERN
 
 # field -> (kind, default, bounds); default REQUIRED = must be given. Kinds: int, float, bool,
 # str, enum:<a|b> (strings), stage (ZeRO stage ints), modules (non-empty list of non-empty
-# strings), targets, layers, lora (the LoraOptions mapping); "?" suffix: null allowed
+# strings), files (a non-empty string or a list like modules), targets, layers, lora (the
+# LoraOptions mapping); "?" suffix: null allowed
 REQUIRED = object()
 RULES: dict[str, dict[str, tuple]] = {
     "Spec": {
@@ -43,7 +44,7 @@ RULES: dict[str, dict[str, tuple]] = {
         "precision": ("enum:bf16|fp16|fp32", "bf16", {}),
         "gradient_checkpointing": ("bool", True, {}),
         "max_length": ("int", 2048, {"ge": 1}),
-        "optimizer": ("enum:adamw", "adamw", {}),
+        "optimizer": ("enum:adamw|adamw_8bit|paged_adamw_8bit|paged_adamw", "adamw", {}),
         "weight_decay": ("float", 0.0, {"ge": 0}),
         "warmup_ratio": ("float", 0.0, {"ge": 0, "le": 1}),
         "lr_scheduler": ("enum:cosine|linear|constant|constant_with_warmup", "cosine", {}),
@@ -56,9 +57,10 @@ RULES: dict[str, dict[str, tuple]] = {
         "adam_epsilon": ("float", 1e-8, {"gt": 0}),
     },
     "Data": {
-        "train": ("str", REQUIRED, {"min_length": 1}),
-        "eval": ("str?", None, {"min_length": 1}),
+        "train": ("files", REQUIRED, {}),
+        "eval": ("files?", None, {}),
         "max_pixels": ("int", 1003520, {"ge": 1}),
+        "min_pixels": ("int?", None, {"ge": 1}),
         "images_per_sample": ("int", 1, {"ge": 0}),
     },
     "Distributed": {
@@ -72,6 +74,8 @@ RULES: dict[str, dict[str, tuple]] = {
     "FreezeComponent": {
         "train": ("enum:freeze", REQUIRED, {}),
         "modules": ("modules?", None, {"min_length": 1}),
+        "quantize": ("enum:nf4|fp4|int8?", None, {}),
+        "quantize_options": ("QuantizeOptions?", None, {}),
     },
     "FullComponent": {
         "train": ("enum:full", REQUIRED, {}),
@@ -84,7 +88,13 @@ RULES: dict[str, dict[str, tuple]] = {
         "lr": ("float", REQUIRED, {"gt": 0}),
         "modules": ("modules?", None, {"min_length": 1}),
         "lora": ("LoraOptions", None, {}),
+        "quantize": ("enum:nf4|fp4|int8?", None, {}),
+        "quantize_options": ("QuantizeOptions?", None, {}),
         "weight_decay": ("float?", None, {"ge": 0}),
+    },
+    "QuantizeOptions": {
+        "double_quant": ("bool", True, {}),
+        "compute_dtype": ("enum:bf16|fp16|fp32?", None, {}),
     },
     "LoraOptions": {
         "rank": ("int", 8, {"ge": 1, "le": 4096}),
@@ -231,6 +241,8 @@ def _value(kind: str, value: object, bounds: dict):
         return value
     if kind == "modules":
         return _strings(value)
+    if kind == "files":  # one file (or dataset id) or a non-empty list of them
+        return value if type(value) is str and value else _strings(value)
     if kind == "targets":
         if type(value) is str and value:
             return value

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from mixspec import patterns
 from mixspec.errors import Diagnostics, Location, Problem, SpecError, quoted
-from mixspec.spec_names import ROLES
+from mixspec.spec_names import ROLE_SYNONYMS, ROLES
 from mixspec.yamlloc import Located, load_located, load_located_text
 
 if TYPE_CHECKING:
@@ -56,7 +56,8 @@ def _validate(located: Located, path: str, light: bool = False) -> LoadedSpec:
     if not isinstance(data, dict):
         got = "an empty file" if data is None else f"a {_type_name(data)}"
         diags.error(located.loc(()), "", f"a spec must be a mapping of keys, got {got}",
-                    "start from an example: mixspec validate examples/*.yaml")
+                    "a spec is a mapping, at least: version: 1, model: <catalog id or model dir> and "
+                    "components: {language: {train: lora, lr: 1.0e-4}} (mixspec models lists the ids)")
         raise SpecError(diags.problems)
     spec = None
     if light:  # the same values as pydantic's, or None: then pydantic checks and words the problems
@@ -122,8 +123,8 @@ def _check_components(data: dict, located: Located, diags: Diagnostics) -> None:
                 f"rename the component (e.g. '{name}_part') to select by pattern",
             )
         if name not in ROLES and name != "unassigned" and modules is None:
-            close = difflib.get_close_matches(name, ROLES, n=1)
-            hint = (f"did you mean the role '{close[0]}'?" if close else
+            close = difflib.get_close_matches(name, ROLES, n=1) or [ROLE_SYNONYMS.get(name.lower())]
+            hint = (f"did you mean the role '{close[0]}'?" if close[0] else
                     f"add modules: [regex, ...] or use a role name ({', '.join(ROLES)})")
             diags.error(located.loc(base), f"components.{name}",
                         f"'{name}' is not a role name, so it must select modules with `modules:`", hint)
@@ -131,6 +132,7 @@ def _check_components(data: dict, located: Located, diags: Diagnostics) -> None:
             for i, pattern in enumerate(modules):
                 if isinstance(pattern, str):
                     regexes.append((pattern, base + ("modules", i)))
+        _check_quantize(comp, base, located, diags)
         lora = comp.get("lora")
         if isinstance(lora, dict):
             targets = lora.get("targets")
@@ -152,6 +154,21 @@ def _check_components(data: dict, located: Located, diags: Diagnostics) -> None:
         return
     for pattern, path in regexes:
         _check_regex(pattern, path, located, diags)
+
+
+def _check_quantize(comp: dict, base: tuple, located: Located, diags: Diagnostics) -> None:
+    """quantize_options say how nf4/fp4 weights are held: without a 4-bit quantize they mean nothing."""
+    options, method = comp.get("quantize_options"), comp.get("quantize")
+    if options is None or comp.get("train") == "full":  # full: pydantic's error says it
+        return
+    where = located.loc(base + ("quantize_options",))
+    if method is None:
+        diags.error(where, _dotted(base + ("quantize_options",)), "quantize_options without quantize",
+                    "add quantize: nf4 (or fp4, int8), or remove quantize_options")
+    elif method == "int8" and isinstance(options, dict) and options:
+        diags.error(where, _dotted(base + ("quantize_options",)),
+                    f"quantize_options ({', '.join(map(str, options))}) apply to nf4 and fp4 only, not int8",
+                    "remove quantize_options, or use quantize: nf4")
 
 
 def _check_keys_without_mode(comp: dict, base: tuple, located: Located, diags: Diagnostics) -> None:
@@ -302,6 +319,19 @@ _MISSING_HINTS = {
     "train": "a data section needs train: path/to/train.jsonl",
 }
 
+# what a value out of range is, for the keys a newcomer gets wrong (by the key's own name)
+_RANGE_HINTS = {
+    "rank": "the LoRA rank is the adapter's inner dimension, a whole number >= 1 (8, 16, 32 or 64 are usual)",
+    "alpha": "LoRA alpha scales the adapter (alpha / rank); twice the rank is usual, e.g. alpha: 32 for rank 16",
+    "dropout": "a probability in [0, 1): 0.0 (off) to 0.1 are usual",
+    "lr": "a learning rate is a positive number, e.g. 1.0e-5 for a full ViT, 1.0e-4 for LoRA",
+    "weight_decay": "0.0 (off) to 0.1 are usual",
+    "micro_batch_size": "samples per GPU per step, a whole number >= 1",
+    "gradient_accumulation": "micro-batches summed per optimizer step, a whole number >= 1",
+    "epochs": "passes over the data, a number > 0",
+    "max_length": "tokens per sample after the chat template, e.g. 4096",
+}
+
 _TYPE_WORDS = {
     "int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
     "string_type": "a string", "dict_type": "a mapping", "list_type": "a list",
@@ -330,6 +360,9 @@ def _problem_from_pydantic(err: dict, located: Located) -> Problem:
             hint = "a frozen component has no learning rate; remove lr or set train: full or lora"
         if key == "lora" and parent is not None and parent.__name__ != "LoraComponent":
             hint = "LoRA options belong to components with train: lora"
+        if key in ("quantize", "quantize_options") and parent is not None and parent.__name__ == "FullComponent":
+            message = "a fully trained component cannot be quantized (its weights are trained in place)"
+            hint = "train it with lora over the quantized weights (QLoRA), freeze it, or drop quantize"
         return Problem(located.loc(loc), dotted, message, hint)
     if kind == "missing":
         key = loc[-1]
@@ -355,8 +388,14 @@ def _problem_from_pydantic(err: dict, located: Located) -> Problem:
               "less_than_equal": "<="}[kind]
         limit = next(iter(err.get("ctx", {}).values()), "")
         message = f"must be {op} {_bound(limit)}{got}"
+        hint = _RANGE_HINTS.get(str(loc[-1]) if loc else "", "")
     elif kind == "literal_error":
         message = f"must be {err['ctx']['expected']}{got}"
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, re.findall(r"'([^']*)'", str(err["ctx"]["expected"])), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else ""
+            if loc and loc[-1] == "quantize":  # 'int4' is nearer int8 as text, nf4 in meaning
+                hint = "4 bit: nf4 (QLoRA's usual) or fp4; 8 bit: int8"
     elif kind in _TYPE_WORDS:
         message = f"must be {_TYPE_WORDS[kind]}{got}"
         if isinstance(value, bool):

@@ -16,6 +16,7 @@ class OutputError(MixspecError):
 
 
 def write_files(out_dir: Path, files: dict[str, str], force: bool = False,
+                elsewhere: str = "choose another --out directory",
                 dry_run: bool = False) -> list[str]:
     """Write every file or none: all checks happen before the first write. Returns a report.
 
@@ -37,13 +38,13 @@ def write_files(out_dir: Path, files: dict[str, str], force: bool = False,
         dest = out_dir / rel
         if dest.is_dir():
             raise OutputError(f"error: {dest} is a directory; mixspec writes a file of that name there"
-                              "\n  hint: move it away, or choose another --out directory")
+                              f"\n  hint: move it away, or {elsewhere}")
         if os.path.lexists(dest) and not force:  # lexists: a dangling symlink is there too
             clashes.append(str(dest))
         plans.append((dest, files[name]))
     if clashes:
         raise OutputError("error: would overwrite existing files: " + ", ".join(clashes)
-                          + "\n  hint: pass --force to overwrite, or choose another --out directory")
+                          + f"\n  hint: pass --force to overwrite, or {elsewhere}")
     if dry_run:
         return [f"would {'overwrite' if os.path.lexists(dest) else 'write'} {dest} ({len(text.encode())} bytes)"
                 for dest, text in plans]

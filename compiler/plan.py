@@ -7,6 +7,7 @@ settings. Targets read nothing else: not the spec, not the tree.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Optional
@@ -15,6 +16,9 @@ from mixspec import __version__
 from mixspec.errors import Location, Problem
 from mixspec.names import fingerprint as names_fingerprint
 from mixspec.settings import DataSettings, DistributedSettings, TrainingSettings
+
+# a setting the training view holds per trained parameter instead (their weight decays)
+_IN_TRAINED = {("training", "weight_decay")}
 
 PLAN_FORMAT = 2
 
@@ -32,6 +36,8 @@ class LoraPlan:
     added_params: int
     targets_spec: object  # what the spec said: "all-linear", a list of leaf names, or a regex
     layers: Optional[tuple[int, ...]]
+    # elements of each adapter tensor, in param_names' order (what 8-bit optimizer states depend on)
+    param_sizes: tuple[int, ...] = field(default=(), compare=False)
 
     @property
     def scaling(self) -> float:
@@ -47,6 +53,28 @@ class LoraPlan:
             "target_modules": list(self.targets),
             "target_kinds": sorted(set(self.target_kinds)),
         }
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """A component's base Linear weights held by bitsandbytes (the spec's ``quantize``)."""
+
+    method: str  # nf4 | fp4 | int8
+    double_quant: bool  # nf4/fp4: the absmax constants quantized too
+    compute_dtype: str  # nf4/fp4: bf16 | fp16 | fp32
+    modules: tuple[str, ...]  # full names of the Linear modules bitsandbytes replaces
+    shapes: tuple[tuple[int, int], ...]  # (out_features, in_features) of each, same order
+
+    @property
+    def params(self) -> int:
+        """Weight elements held quantized (still counted as the component's frozen parameters)."""
+        return sum(o * i for o, i in self.shapes)
+
+    def to_json(self) -> dict:
+        out = {"method": self.method, "modules": list(self.modules), "quantized_params": self.params}
+        if self.method != "int8":
+            out.update(double_quant=self.double_quant, compute_dtype=self.compute_dtype)
+        return out
 
 
 @dataclass(frozen=True)
@@ -67,6 +95,7 @@ class ComponentPlan:
     # trained parameters exempt from weight decay (mixspec.decay's rule), and their count
     no_decay: tuple[str, ...] = ()
     no_decay_params: int = 0
+    quantize: Optional[QuantPlan] = None
 
     @property
     def trainable_names(self) -> tuple[str, ...]:
@@ -102,6 +131,7 @@ class ComponentPlan:
             "no_decay": {"tensors": len(self.no_decay), "params": self.no_decay_params,
                          "names": list(self.no_decay)},
             "param_names": list(self.params),
+            **({"quantize": self.quantize.to_json()} if self.quantize else {}),
         }
 
 
@@ -146,6 +176,21 @@ class Plan:
     structure: dict = field(repr=False, default_factory=dict, compare=False)
     # FSDP2 wrap units: the blocks of every tower, by class (mixspec.units.wrap_units)
     units: tuple = field(repr=False, default=(), compare=False)
+    # bitsandbytes: every Linear the Plan does not quantize, as the fewest module names (full
+    # names: what a BitsAndBytesConfig's llm_int8_skip_modules must hold); () when nothing is
+    quant_skip_modules: tuple[str, ...] = ()
+    # the Plan quantizes exactly what transformers does with no skip list (what ms-swift and
+    # LLaMA-Factory load with): their quantization flags are then exact
+    quant_is_default: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        """Some component holds its base weights quantized (bitsandbytes)."""
+        return any(c.quantize for c in self.components)
+
+    def quant_config(self) -> Optional[QuantPlan]:
+        """The one bitsandbytes setting of the run (resolve makes every quantized component agree)."""
+        return next((c.quantize for c in self.components if c.quantize), None)
 
     def component(self, name: str) -> ComponentPlan:
         return next(c for c in self.components if c.name == name)
@@ -165,10 +210,43 @@ class Plan:
             out.update(comp.weight_decays())
         return dict(sorted(out.items()))
 
-    def fingerprint(self) -> str:
+    def optimizer_fingerprint(self) -> str:
         """A short hash of the sorted trainable names, their learning rates and weight decays
-        (``NAME=LR wd=WD`` lines; train.py and the swift plugin recompute it from their optimizer)."""
+        (``NAME=LR wd=WD`` lines): what train.py and the swift plugin recompute from the
+        optimizer they built. It stays the same when only LoRA or run settings change."""
         return names_fingerprint(self.trainable_lrs(), self.trainable_weight_decays())
+
+    def training_view(self) -> dict:
+        """What the training does, independent of how the spec names and groups it: the model,
+        every trained parameter with its LR and weight decay, every LoRA module's settings, and
+        the training/distributed/data settings (``mixspec diff`` compares these)."""
+        wds = self.trainable_weight_decays()
+        lora = {}
+        for comp in self.components:
+            if comp.lora:
+                lo = comp.lora
+                for target in lo.targets:
+                    lora[target] = (lo.rank, lo.alpha, lo.dropout, lo.rslora, lo.dora)
+        settings = {}
+        for section in ("training", "distributed", "data"):
+            value = getattr(self, section)
+            values = value.to_json() if hasattr(value, "to_json") else dict(value or {})
+            for key, item in sorted(values.items()):
+                if (section, key) not in _IN_TRAINED:
+                    settings[f"{section}.{key}"] = item
+        settings["output_dir"] = self.output_dir
+        return {
+            "model": (self.model, self.architecture, self.totals.base_params),
+            "trained": {n: (lr, wds[n]) for n, lr in self.trainable_lrs().items()},
+            "lora": dict(sorted(lora.items())),
+            "settings": settings,
+        }
+
+    def fingerprint(self) -> str:
+        """The plan fingerprint: a short hash of the training view, so it changes whenever
+        the training does (a LoRA rank, a dropout, a batch size, not only names and LRs)."""
+        text = json.dumps(self.training_view(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_json(self) -> dict:
         return {
@@ -187,11 +265,13 @@ class Plan:
                            "modules": list(self.unassigned_modules)},
             "tied": dict(sorted(self.tied.items())),
             "fingerprint": self.fingerprint(),
+            "optimizer_fingerprint": self.optimizer_fingerprint(),
             "training": self.training.to_json(),
             "distributed": self.distributed.to_json(),
             "data": self.data.to_json() if self.data else None,
             "output_dir": self.output_dir,
             "warnings": [p.to_json() for p in self.warnings_problems],
+            **({"quantization_skip_modules": list(self.quant_skip_modules)} if self.quantized else {}),
         }
 
     def to_json_text(self) -> str:

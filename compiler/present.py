@@ -49,6 +49,8 @@ def print_plan(plan: Plan, est: Estimate, show_modules: bool = False, groups: di
             mode = (f"lora r{lo.rank} a{lo.alpha:g}" + (f" d{lo.dropout:g}" if lo.dropout else "")
                     + (" rslora" if lo.rslora else "") + (" dora" if lo.dora else "")
                     + f" ({len(lo.targets)} modules)")
+        if comp.quantize:  # the base weights bitsandbytes holds, under the training mode
+            mode += f"\n{comp.quantize.method} base ({len(comp.quantize.modules)} Linear)"
         covers = ", ".join(comp.modules) if show_modules or len(comp.modules) <= 3 else (
             ", ".join(comp.modules[:2]) + f", ... ({len(comp.modules)} modules)")
         if not comp.modules:
@@ -91,7 +93,11 @@ def print_memory(console, plan: Plan, est: Estimate) -> None:
         f"{est.gradients_bytes / GIB:.2f} GiB + optimizer {est.optimizer_bytes / GIB:.2f} GiB = "
         f"model states {est.total_bytes / GIB:.2f} GiB"
     )
+    if est.policy is not None:
+        console.print(f"  {est.policy.describe()}", markup=False)
     a = est.assumptions
+    if a.get("model_states"):  # quantized base or a bitsandbytes optimizer: what was assumed
+        console.print("  model states: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in a["model_states"].items()))
     if est.activations or est.transient:
         acts = " + ".join(f"{_TERM_LABELS.get(k, k)} {v / GIB:.2f}" for k, v in est.activations.items())
         largest = max(est.transient, key=est.transient.get) if est.transient else None
@@ -114,7 +120,7 @@ def print_memory(console, plan: Plan, est: Estimate) -> None:
     if est.gpu_memory_gb and est.peak_bytes > est.gpu_memory_gb * 1e9:
         from mixspec.fit import fit
 
-        best = fit(plan, est.gpu_memory_gb).best
+        best = fit(plan, est.gpu_memory_gb, est.policy.target if est.policy is not None else None).best
         advice = (f"it fits with {best.describe()} (peak {best.estimate.peak_bytes / GIB:.2f} GiB; "
                   f"mixspec fit SPEC shows the spec lines)" if best else "no setting mixspec fit searches makes it fit")
         console.print(f"[yellow]warning[/yellow]: the estimated peak ({est.peak_bytes / GIB:.2f} GiB) exceeds "

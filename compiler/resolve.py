@@ -24,7 +24,8 @@ from mixspec.decay import adapter_no_decay, no_decay_reason, torch_layernorm_mod
 from mixspec.errors import Diagnostics, Location, ModelSourceError, Problem, SpecError, quoted
 from mixspec.loader import LoadedSpec
 from mixspec.names import natural_key, ranges, shallowest
-from mixspec.plan import ComponentPlan, LoraPlan, Plan, Totals
+from mixspec.plan import ComponentPlan, LoraPlan, Plan, QuantPlan, Totals
+from mixspec.quantize import bnb_replaced, quantizable_modules, skip_modules
 from mixspec.registry import Roles, find_roles
 from mixspec.settings import settings_from_spec
 from mixspec.tree import CONV, CONV1D_GPT2, EMBEDDING, LINEAR, LORA_KINDS, ModuleTree
@@ -66,7 +67,7 @@ def _tree_and_source(loaded: LoadedSpec, use_cache: bool):
             )])
         tree = get_tree(source, trust_remote_code=spec.trust_remote_code, use_cache=use_cache)
     except ModelSourceError as exc:
-        raise SpecError([Problem(loaded.value_loc("model"), "model", str(exc))]) from None
+        raise SpecError([Problem(loaded.value_loc("model"), "model", exc.message, exc.hint)]) from None
     return tree, source
 
 
@@ -310,32 +311,64 @@ class _Resolver:
             return None
         chosen = sorted({m.name: m for m in chosen}.values(), key=lambda m: m.name)
         r = opts.rank
-        names: list[str] = []
-        added = 0
+        sizes: dict[str, int] = {}
         for m in chosen:
             if m.kind in (LINEAR, CONV1D_GPT2):
-                added += r * (m.in_features + m.out_features)
-                names += [f"{m.name}.lora_A.default.weight", f"{m.name}.lora_B.default.weight"]
+                sizes[f"{m.name}.lora_A.default.weight"] = r * m.in_features
+                sizes[f"{m.name}.lora_B.default.weight"] = r * m.out_features
                 if opts.dora:
-                    added += m.out_features
-                    names.append(f"{m.name}.lora_magnitude_vector.default.weight")
+                    sizes[f"{m.name}.lora_magnitude_vector.default.weight"] = m.out_features
             elif m.kind == EMBEDDING:
-                added += r * (m.in_features + m.out_features)
-                names += [f"{m.name}.lora_embedding_A.default", f"{m.name}.lora_embedding_B.default"]
+                sizes[f"{m.name}.lora_embedding_A.default"] = r * m.in_features
+                sizes[f"{m.name}.lora_embedding_B.default"] = r * m.out_features
             elif m.kind == CONV:
                 k = 1
                 for d in m.kernel:
                     k *= d
-                added += r * m.in_features * k + m.out_features * r
-                names += [f"{m.name}.lora_A.default.weight", f"{m.name}.lora_B.default.weight"]
+                sizes[f"{m.name}.lora_A.default.weight"] = r * m.in_features * k
+                sizes[f"{m.name}.lora_B.default.weight"] = m.out_features * r
+        names = sorted(sizes)
+        added = sum(sizes.values())
         return LoraPlan(
             rank=r, alpha=float(opts.alpha), dropout=float(opts.dropout), rslora=opts.rslora,
             dora=opts.dora, targets=tuple(m.name for m in chosen),
-            target_kinds=tuple(m.kind for m in chosen), param_names=tuple(sorted(names)),
-            added_params=added,
+            target_kinds=tuple(m.kind for m in chosen), param_names=tuple(names),
+            added_params=added, param_sizes=tuple(sizes[n] for n in names),
             targets_spec=list(targets_spec) if isinstance(targets_spec, list) else targets_spec,
             layers=layers,
         )
+
+    def quant_plan(self, cname: str, comp, claimed: set[str]) -> QuantPlan | None:
+        """The Linear modules bitsandbytes holds quantized for a component with ``quantize``."""
+        if getattr(comp, "quantize", None) is None or not claimed:
+            return None
+        modules = quantizable_modules(self.tree, claimed)
+        if not modules:
+            self.diags.error(
+                self.loaded.value_loc("components", cname, "quantize"), f"components.{cname}.quantize",
+                f"component {cname!r} has no Linear module bitsandbytes can quantize (the output "
+                "embedding and tied weights stay 16-bit, and only plain nn.Linear is replaced)",
+                "remove quantize from this component")
+            return None
+        opts = comp.quantize_options
+        return QuantPlan(
+            method=comp.quantize, double_quant=opts.double_quant if opts else True,
+            compute_dtype=(opts.compute_dtype if opts and opts.compute_dtype else self.spec.training.precision),
+            modules=tuple(m.name for m in modules),
+            shapes=tuple((m.out_features, m.in_features) for m in modules))
+
+    def _check_one_quant_config(self, components) -> None:
+        """transformers loads a model with one BitsAndBytesConfig: one method and options for all."""
+        quantized = [c for c in components if c.quantize]
+        first = quantized[0] if quantized else None
+        for c in quantized[1:]:
+            a, b = first.quantize, c.quantize
+            if (a.method, a.double_quant, a.compute_dtype) != (b.method, b.double_quant, b.compute_dtype):
+                self.diags.error(
+                    self.loc("components", c.name, "quantize"), f"components.{c.name}.quantize",
+                    f"{c.name!r} is quantized {_quant_words(b)} and {first.name!r} {_quant_words(a)}: "
+                    "bitsandbytes loads a model with one quantization config",
+                    f"give {c.name!r} the same quantize and quantize_options as {first.name!r}")
 
     def _no_decay(self, mode: str, params: list[str], lora: LoraPlan | None) -> tuple[tuple[str, ...], int]:
         """The trained parameters exempt from weight decay (mixspec.decay), and their count."""
@@ -430,6 +463,7 @@ class _Resolver:
                 lora = self.lora_plan(cname, comp, claimed)
                 trainable = lora.added_params if lora else 0
             wd = getattr(comp, "weight_decay", None)
+            quant = self.quant_plan(cname, comp, claimed)
             no_decay, no_decay_params = self._no_decay(comp.train, canon_claimed, lora)
             components.append(ComponentPlan(
                 name=cname, mode=comp.train, lr=getattr(comp, "lr", None),
@@ -440,10 +474,11 @@ class _Resolver:
                 origin=self.loc("components", cname),
                 modules=covering(claimed, self.param_names),
                 params=tuple(canon_claimed), base_params=base, trainable_params=trainable, lora=lora,
-                no_decay=no_decay, no_decay_params=no_decay_params,
+                no_decay=no_decay, no_decay_params=no_decay_params, quantize=quant,
             ))
             if lora:
                 self._warn_lora_on_tied(cname, lora)
+        self._check_one_quant_config(components)
         self.diags.raise_if_errors()
         if not any(c.trainable_params for c in components):
             # compile refuses such a plan; say so before anyone gets that far
@@ -476,7 +511,24 @@ class _Resolver:
             trust_remote_code=bool(spec.trust_remote_code),
             structure=model_structure(tree, self.roles.prefixes),
             units=wrap_units(tree, self.roles.prefixes),
+            quant_skip_modules=_quant_skip(tree, components),
+            quant_is_default=_quantized(components) == bnb_replaced(tree) if _quantized(components) else False,
         )
+
+
+def _quantized(components) -> set[str]:
+    return {m for c in components if c.quantize for m in c.quantize.modules}
+
+
+def _quant_skip(tree: ModuleTree, components) -> tuple[str, ...]:
+    quantized = _quantized(components)
+    return skip_modules(tree, quantized) if quantized else ()
+
+
+def _quant_words(q: QuantPlan) -> str:
+    if q.method == "int8":
+        return "int8"
+    return f"{q.method} (double_quant {str(q.double_quant).lower()}, compute_dtype {q.compute_dtype})"
 
 
 def _yaml_number(value: float) -> str:

@@ -16,7 +16,7 @@ the decided ones after them.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Union
 
 TRAINED_DTYPE = "fp32"
 
@@ -93,9 +93,10 @@ class DistributedSettings:
 class DataSettings:
     """Training data (spec ``data``); paths as written, checked for form only."""
 
-    train: str
-    eval: Optional[str]
+    train: Union[str, list]  # a file or dataset id, or a list of them
+    eval: Union[str, list, None]
     max_pixels: int
+    min_pixels: Optional[int]
     images_per_sample: int
 
     def to_json(self) -> dict:

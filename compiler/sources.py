@@ -127,7 +127,10 @@ def read_config(config_path: Path, ref: str) -> dict:
             if config_path.is_symlink():
                 raise ModelSourceError(f"model {ref!r}: {config_path} is a symlink to nothing (or to itself), "
                                        "expected a config.json file")
-            raise ModelSourceError(f"model {ref!r}: no config.json in {config_path.parent}")
+            raise ModelSourceError(f"model {ref!r}: no config.json in {config_path.parent}",
+                                   "give a model directory that holds the checkpoint's config.json (no weights "
+                                   "needed), a catalog id (mixspec models) or a Hugging Face / ModelScope id "
+                                   "whose files are in the local cache")
         if config_path.stat().st_size > MAX_CONFIG_BYTES:
             raise ModelSourceError(f"model {ref!r}: {config_path} is larger than {MAX_CONFIG_BYTES} bytes; not a config")
         raw = config_path.read_bytes()

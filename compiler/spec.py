@@ -69,11 +69,30 @@ _MODULES_DESC = (
 )
 
 
+QUANT_METHODS = ("nf4", "fp4", "int8")
+_QUANTIZE_DESC = (
+    "Hold the component's base Linear weights quantized by bitsandbytes (QLoRA): nf4 or fp4 (4 bit, "
+    "blocks of 64), int8 (LLM.int8). Only for frozen and LoRA components; the output embedding "
+    "(lm_head) is never quantized. Default: not quantized."
+)
+
+
+class QuantizeOptions(_Strict):
+    """bitsandbytes settings of a quantized component."""
+
+    double_quant: bool = Field(
+        True, description="nf4/fp4: quantize the per-block absmax constants too (8 bit, blocks of 256).")
+    compute_dtype: Optional[Literal["bf16", "fp16", "fp32"]] = Field(
+        None, description="nf4/fp4: dtype of the dequantized weights in the matmul (default: training.precision).")
+
+
 class FreezeComponent(_Strict):
     """A component whose parameters are not trained."""
 
     train: Literal["freeze"] = Field(description="freeze: no parameter of the component is trained.")
     modules: Optional[list[str]] = Field(None, description=_MODULES_DESC, min_length=1)
+    quantize: Optional[Literal["nf4", "fp4", "int8"]] = Field(None, description=_QUANTIZE_DESC)
+    quantize_options: Optional[QuantizeOptions] = Field(None, description="Options of quantize (nf4/fp4 only).")
 
 
 class FullComponent(_Strict):
@@ -96,6 +115,8 @@ class LoraComponent(_Strict):
     lr: PositiveLR
     modules: Optional[list[str]] = Field(None, description=_MODULES_DESC, min_length=1)
     lora: LoraOptions = Field(default_factory=LoraOptions, description="LoRA options.")
+    quantize: Optional[Literal["nf4", "fp4", "int8"]] = Field(None, description=_QUANTIZE_DESC)
+    quantize_options: Optional[QuantizeOptions] = Field(None, description="Options of quantize (nf4/fp4 only).")
     weight_decay: Optional[float] = Field(
         None, ge=0, description="Weight decay of this component (default: training.weight_decay)."
     )
@@ -118,7 +139,10 @@ class Training(_Strict):
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Training precision.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass.")
     max_length: int = Field(2048, ge=1, description="Maximum tokens per sample.")
-    optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (AdamW).")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw"] = Field(
+        "adamw",
+        description="AdamW: adamw (torch, 32-bit states), adamw_8bit (bitsandbytes, 8-bit blockwise states), "
+                    "paged_adamw_8bit / paged_adamw (bitsandbytes, states in paged memory that can spill to CPU).")
     weight_decay: float = Field(0.0, ge=0, description="Default weight decay (not applied to biases and norms).")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Fraction of steps for linear warm-up.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
@@ -136,16 +160,31 @@ class Training(_Strict):
 
 
 class Data(_Strict):
-    """Training data. Paths are checked for form, not existence."""
+    """Training data. Paths are checked for form, not existence (`mixspec data check` reads them)."""
 
-    train: str = Field(min_length=1, description="Training data: a .jsonl file (messages + images) or a dataset id.")
-    eval: Optional[str] = Field(None, min_length=1, description="Optional evaluation data.")
+    train: Union[str, list[str]] = Field(
+        description="Training data: a .jsonl file (messages + images), a dataset id, or a list of them (mixed, "
+                    "each checked and reported on its own).")
+    eval: Optional[Union[str, list[str]]] = Field(None, description="Optional evaluation data: a file, a dataset id "
+                                                                    "or a list of them.")
     max_pixels: int = Field(
         1003520, ge=1,
-        description="Memory estimate: pixels per image for encoders that take any size (Qwen2-VL family: "
-                    "patches = pixels / 14^2, 4 merged into one LLM token); 1003520 = 1280 LLM tokens.")
+        description="Pixels per image for encoders that take any size, and the processor's limit in every target "
+                    "(train.py's image processor, ms-swift MAX_PIXELS, LLaMA-Factory image_max_pixels) (Qwen2-VL "
+                    "family: patches = pixels / 14^2, 4 merged into one LLM token); 1003520 = 1280 LLM tokens.")
+    min_pixels: Optional[int] = Field(
+        None, ge=1, description="Smallest pixels per image, for processors that have this limit (Qwen2-VL family; "
+                                "ms-swift MIN_PIXELS, LLaMA-Factory image_min_pixels); null: the processor's own.")
     images_per_sample: int = Field(
         1, ge=0, description="Memory estimate: images (or tiles/crops) per sample that go through the vision tower.")
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _files(cls, value):
+        names = [value] if isinstance(value, str) else value
+        if value is not None and (not names or any(not n for n in names)):
+            raise ValueError("must be a non-empty path or dataset id, or a non-empty list of them")
+        return value
 
 
 class Distributed(_Strict):

@@ -456,9 +456,7 @@ def build_tree(source: ModelSource, trust_remote_code: bool = False) -> ModuleTr
     # them a deep copy, so source.config (and the cache key made from it) stays as read
     config_dict = copy.deepcopy(source.config)
     if trust_remote_code and "auto_map" in config_dict:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=True)
+        config = _remote_config(source)
     else:
         if model_type not in CONFIG_MAPPING:
             raise ModelSourceError(
@@ -497,6 +495,26 @@ def build_tree(source: ModelSource, trust_remote_code: bool = False) -> ModuleTr
             f"{_short(exc)}\n  hint: this family's modules hold something mixspec does not read; "
             "report it with the model's config.json"
         ) from None
+
+
+def _remote_config(source: ModelSource):
+    """The config class a model repo's own code defines (auto_map, trust_remote_code): its
+    files missing or broken are the user's to fix, never a traceback."""
+    from transformers import AutoConfig
+
+    auto_map = source.config.get("auto_map")
+    if not isinstance(auto_map, dict) or "AutoConfig" not in auto_map:
+        raise ModelSourceError(
+            f"model {source.ref!r}: config.json's auto_map names no AutoConfig, so the repo's code "
+            "cannot be loaded", f"add \"AutoConfig\": \"<module>.<ConfigClass>\" to auto_map in "
+            f"{source.path}/config.json, or drop auto_map to build the transformers-native class")
+    try:
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=True)
+    except Exception as exc:  # the repo's own code: a missing file, an import or syntax error
+        raise ModelSourceError(
+            f"model {source.ref!r}: the repo's code for auto_map {auto_map['AutoConfig']!r} could not be "
+            f"loaded: {_short(exc)}", f"put the .py files auto_map names next to {source.path}/config.json "
+            "(they come with the model repo)") from None
 
 
 def _model_class(config, trust_remote_code: bool):

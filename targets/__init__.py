@@ -7,9 +7,10 @@ A target is a small class: capability checks that collect what it cannot express
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from mixspec.errors import Unsupported, UnsupportedError
+from mixspec.errors import Location, Unsupported, UnsupportedError
 from mixspec.plan import Plan
 
 
@@ -53,8 +54,16 @@ class Target:
         problems = self.unsupported(plan, options)
         refused = [p for p in problems if not (options.approximate and p.approximable)]
         if refused:
-            raise UnsupportedError(self.name, refused)
+            raise UnsupportedError(self.name, [_located(p, plan) for p in refused])
         return self.files(plan, options)
+
+
+def _located(item: Unsupported, plan: Plan) -> Unsupported:
+    """A refusal of the spec as a whole (no key of its own) names the spec file, so every
+    refusal reads ``FILE[:LINE:COL]: error: ...`` whichever target made it."""
+    if item.origin is not None or not plan.spec_path:
+        return item
+    return dataclasses.replace(item, origin=Location(plan.spec_path))
 
 
 def available_targets() -> dict[str, type[Target]]:
@@ -63,7 +72,7 @@ def available_targets() -> dict[str, type[Target]]:
 
     out: dict[str, type[Target]] = {}
     for name, module in (("hf", "hf"), ("deepspeed", "deepspeed"), ("swift", "swift"),
-                         ("llamafactory", "llamafactory")):
+                         ("llamafactory", "llamafactory"), ("axolotl", "axolotl")):
         try:
             mod = importlib.import_module(f"mixspec.targets.{module}")
         except ModuleNotFoundError as exc:

@@ -124,11 +124,17 @@ class DeepSpeedTarget(Target):
     description = "DeepSpeed JSON (ds_config.json) for the Hugging Face Trainer / accelerate"
 
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
+        from mixspec.targets._quant import quant_refusals
+
         refused = fsdp_unsupported(
             plan, "deepspeed", "this target writes a DeepSpeed JSON; FSDP2 is PyTorch's own sharding, set up by "
             "the Trainer/accelerate", "compile for hf (its train.py runs FSDP2), or use zero_stage instead of fsdp "
             "(full_shard is like ZeRO-3, shard_grad_op like ZeRO-2)")
-        return refused or distributed_unsupported(plan, require_zero=True)
+        return (refused or distributed_unsupported(plan, require_zero=True)) + quant_refusals(
+            plan, self.name,
+            "a DeepSpeed JSON alone does not load the model: whoever loads it decides what bitsandbytes quantizes",
+            "the DeepSpeed JSON carries no optimizer block (it would drop the per-component groups), so the "
+            "optimizer is the training script's", show_kept=False)
 
     def files(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
         return {"ds_config.json": deepspeed_config_text(plan)}

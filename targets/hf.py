@@ -32,6 +32,7 @@ from mixspec.targets._common import (
     py_assignments,
     sh_assignments,
 )
+from mixspec.targets._quant import quantization_data
 from mixspec.targets._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
 from mixspec.targets.deepspeed import deepspeed_config_text, distributed_unsupported
 from mixspec.targets.fsdp import FSDP_FILE, describe as describe_fsdp, trainer_fsdp_config, unit_prefixes
@@ -99,12 +100,13 @@ def plan_data(plan: Plan, model_ref: str) -> dict:
     return {
         "spec": plan.spec_path,
         "mixspec_version": __version__,
-        "fingerprint": plan.fingerprint(),
+        "plan_fingerprint": plan.fingerprint(),
+        "optimizer_fingerprint": plan.optimizer_fingerprint(),
         "model": model_ref,
         "architecture": plan.architecture,
         "model_type": plan.model_type,
         "transformers_version": plan.versions.get("transformers", "unknown"),
-        "multimodal": any(r in plan.roles for r in ("vision", "audio")),
+        "multimodal": is_multimodal(plan),
         "roles": {r: list(p) for r, p in sorted(plan.roles.items())},
         "base_params": plan.totals.base_params,
         "base_names_sha256": names_sha256(base_names),
@@ -113,6 +115,7 @@ def plan_data(plan: Plan, model_ref: str) -> dict:
         "trainable_names_sha256": names_sha256(trainable),
         "components": components,
         "lora": lora_settings(plan),
+        **({"quantization": quantization_data(plan)} if plan.quantized else {}),
     }
 
 
@@ -148,6 +151,34 @@ def lora_unsupported(plan: Plan) -> list[Unsupported]:
         out.append(Unsupported(
             "lora-mixed-dora", comps[1].origin, "DoRA on some LoRA components but not on others",
             "PEFT's use_dora applies to a whole adapter", "use the same dora setting on every LoRA component"))
+    return out
+
+
+def quant_unsupported(plan: Plan) -> list[Unsupported]:
+    """Quantized bases and bitsandbytes optimizers under DeepSpeed or FSDP2: not what train.py runs."""
+    dist, out = plan.distributed, []
+    if dist.fsdp and (plan.quantized or plan.training.optimizer != "adamw"):
+        what = "quantize" if plan.quantized else f"training.optimizer {plan.training.optimizer}"
+        out.append(Unsupported(
+            "quantize-fsdp", None, f"{what} with distributed.fsdp: {dist.fsdp}",
+            "FSDP2 shards parameters as DTensors; bitsandbytes' packed weights (uint8 quant_storage) and its "
+            "optimizer's per-tensor states are not what train.py checks or mixspec estimates under FSDP2",
+            "drop distributed.fsdp (plain DDP), or drop quantize / use optimizer: adamw"))
+    if not dist.deepspeed:
+        return out
+    q = next((c for c in plan.components if c.quantize), None)
+    if q is not None:
+        why = ("ZeRO-3 partitions every parameter, and bitsandbytes' packed 4-bit/int8 weights with their "
+               "quantization state are not partitioned by it (transformers needs a quant_storage equal to the "
+               "weights' dtype and no k-bit fp32 upcast)" if dist.zero_stage == 3 else
+               "mixspec's memory estimate and self-check for quantized bases are proven without DeepSpeed only")
+        out.append(Unsupported("quantize-deepspeed", q.origin, f"quantize: {q.quantize.method} with DeepSpeed "
+                               f"ZeRO-{dist.zero_stage}", why, "drop distributed.zero_stage (plain DDP), or drop quantize"))
+    if plan.training.optimizer != "adamw":
+        out.append(Unsupported(
+            "optimizer-8bit-deepspeed", None, f"training.optimizer {plan.training.optimizer} with DeepSpeed",
+            "DeepSpeed keeps its own fp32 master copy and partitions the optimizer's parameters; a bitsandbytes "
+            "optimizer over them is not what mixspec estimates or checks", "use optimizer: adamw with DeepSpeed"))
     return out
 
 
@@ -197,6 +228,7 @@ class HfTarget(Target):
                 "fsdp-no-units", None, f"distributed.fsdp: {plan.distributed.fsdp}",
                 "no tower of this model has a stack of blocks to shard as FSDP units",
                 "use zero_stage instead of fsdp"))
+        out += quant_unsupported(plan)
         ratio = plan.training.warmup_ratio
         if ratio >= 1:
             out.append(Unsupported(
@@ -256,11 +288,18 @@ def _summary_lines(plan: Plan) -> list[str]:
             extra = (f" rank {comp.lora.rank}, alpha {comp.lora.alpha:g}, dropout {comp.lora.dropout:g}"
                      f"{', rslora' if comp.lora.rslora else ''}{', dora' if comp.lora.dora else ''},"
                      f" {len(comp.lora.targets)} modules")
+        if comp.quantize:
+            extra += f"; base {comp.quantize.method} ({len(comp.quantize.modules)} Linear)"
         rows.append(f"  {_label(comp.name):<20} {comp.mode:<6} {lr:<12} {comp.trainable_params:>15,} trainable{extra}")
     if plan.unassigned_base_params:
         rows.append(f"  {'(unassigned)':<20} {'freeze':<6} {'':<12} {plan.unassigned_base_params:>15,} frozen")
     rows.append(f"  total: {plan.totals.trainable_params:,} trainable of {plan.totals.all_params:,} parameters")
     return rows
+
+
+def is_multimodal(plan: Plan) -> bool:
+    """Whether train.py reads rows with its processor (a vision or audio tower) or its tokenizer."""
+    return any(r in plan.roles for r in ("vision", "audio"))
 
 
 def render_train_py(plan: Plan, options: TargetOptions) -> str:

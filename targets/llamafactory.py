@@ -22,9 +22,11 @@ never runs LLaMA-Factory: its install needs about 6.6 GB and its own torch build
 from __future__ import annotations
 
 import itertools
+import re
 import json
 import posixpath
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Iterable, Optional
 
 from mixspec import __version__
@@ -35,6 +37,7 @@ from mixspec.plan import ComponentPlan, Plan
 from mixspec.resolve import covering
 from mixspec.targets import Target, TargetOptions
 from mixspec.targets._common import comment_line, yaml_value as _yaml_value
+from mixspec.targets._quant import HF_OPTIM_NAMES, backend_quantizes_exactly, kbit_warnings
 from mixspec.targets.deepspeed import deepspeed_config_text, fsdp_unsupported
 
 LLAMAFACTORY_VERSION = "0.9.5"
@@ -188,6 +191,52 @@ def _full_trainable(names: Iterable[str], comp: Optional[_Composite], flags) -> 
     return {n for n in names if not any(k in n for k in keys)}
 
 
+def _freeze_trainable(names: Iterable[str], ids, modules: Iterable[str], extras: Iterable[str],
+                      comp: Optional[_Composite], flags) -> set[str]:
+    """adapter.py _setup_freeze_tuning: a name containing '.<i>.<module>' for a trainable layer
+    i ('all': any module), an extra module name or (freeze_multi_modal_projector: false) a
+    projector key, as substrings, and no key of a frozen part."""
+    keys = [f".{i:d}.{m if m != 'all' else ''}" for m in modules for i in ids] + list(extras)
+    if comp is not None and not flags[1]:
+        keys += list(comp.projector)
+    forbidden = _forbidden(comp, flags)
+    return {n for n in names if any(k in n for k in keys) and not any(f in n for f in forbidden)}
+
+
+def hidden_modules(names: Iterable[str]) -> tuple[set[str], set[str]]:
+    """_setup_freeze_tuning's module names: inside a layer ('.0.'/'.1.' followed by the name),
+    and outside any numbered layer (the parameter's module's last name)."""
+    hidden, non_hidden = set(), set()
+    for name in names:
+        if ".0." in name:
+            hidden.add(name.split(".0.")[-1].split(".")[0])
+        elif ".1." in name:
+            hidden.add(name.split(".1.")[-1].split(".")[0])
+        if re.search(r"\.\d+\.", name) is None and "." in name:
+            non_hidden.add(name.split(".")[-2])
+    return hidden, non_hidden
+
+
+def _num_layers(plan: Plan) -> Optional[int]:
+    """The layer count _setup_freeze_tuning reads: text_config's, else the config's
+    num_hidden_layers / num_layers / n_layer (None without a readable config)."""
+    from mixspec.errors import ModelSourceError
+    from mixspec.sources import read_config
+
+    if not plan.model_path:
+        return None
+    try:
+        config = read_config(Path(plan.model_path) / "config.json", plan.model)
+    except ModelSourceError:
+        return None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
+    for source in (text, config):
+        for key in ("num_hidden_layers", "num_layers", "n_layer"):
+            if source and isinstance(source.get(key), int) and source[key]:
+                return source[key]
+    return None
+
+
 def _peft_list_match(modules: Iterable[str], targets: Iterable[str]) -> set[str]:
     """PEFT with target_modules as a list: the exact name, or a dot-bounded suffix."""
     wanted = set(targets)
@@ -230,6 +279,7 @@ class _Analysis:
     lora_targets: list[str] = field(default_factory=list)
     additional_target: list[str] = field(default_factory=list)
     template: Optional[str] = None
+    freeze: dict = field(default_factory=dict)  # finetuning_type freeze: its freeze_* keys
 
     def note(self, key: str, text: str) -> None:
         self.comments.setdefault(key, []).append(text)
@@ -491,7 +541,7 @@ class _Analyser:
                 break
         _, flags, got = best
         self.out.flags = flags if self.comp else None
-        if got == self.trained:
+        if got == self.trained or self.freeze_tuning():
             return
         self.explain_full_mismatch()
         extra = got - self.trained
@@ -502,6 +552,33 @@ class _Analyser:
         if lost:
             self.out.note("finetuning_type", f"approximate: freezes {_show(covering(lost, self.names))}, "
                                              "which the Plan trains")
+
+    def freeze_tuning(self) -> bool:
+        """finetuning_type: freeze where it trains exactly the Plan's parameters: the last (or
+        first) n layers, all their modules or some, plus extra modules by name; the same rule
+        the importer applies (_freeze_trainable)."""
+        num_layers = _num_layers(self.plan)
+        if not num_layers:
+            return False
+        canonical = [n for n in self.names if n not in self.plan.tied]  # named_parameters(): a tied pair once
+        hidden, non_hidden = hidden_modules(canonical)
+        trained = {n for n in canonical if n in self.trained}
+        outside = {n.split(".")[-2] for n in trained if re.search(r"\.\d+\.", n) is None and "." in n}
+        extras = sorted(outside & non_hidden)
+        inside = sorted({m for m in hidden if any(f".{m}" in n for n in trained)})
+        for flags in (_FLAG_COMBOS if self.comp else [(True, True, False)]):
+            for n in range(1, num_layers + 1):
+                for ids, n_train in ((range(num_layers - n, num_layers), n), (range(n), -n)):
+                    for modules in (["all"], inside):
+                        if modules and _freeze_trainable(canonical, ids, modules, extras, self.comp,
+                                                         flags) == trained:
+                            self.out.finetuning_type = "freeze"
+                            self.out.flags = flags if self.comp else None
+                            self.out.freeze = {"freeze_trainable_layers": n_train,
+                                               "freeze_trainable_modules": ",".join(modules),
+                                               "freeze_extra_modules": ",".join(extras)}
+                            return True
+        return False
 
     def _part_members(self) -> dict[str, set[str]]:
         members = {}
@@ -634,6 +711,22 @@ def _is_local_path(path: str) -> bool:
             or path in (".", ".."))
 
 
+def _files(value) -> list[str]:
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def dataset_names(plan: Plan, split: str, prefix: str) -> list[str]:
+    """dataset_info.json names of a split's files: the prefix alone for one file, prefix_1, prefix_2, ... for several."""
+    files = _files(getattr(plan.data, split))
+    return [prefix] if len(files) == 1 else [f"{prefix}_{i}" for i in range(1, len(files) + 1)]
+
+
+def multimodal_plan(plan: Plan) -> bool:
+    return "vision" in plan.roles
+
+
 def _dataset_entry(path: str, out_dir: str, multimodal: bool) -> dict:
     entry: dict = {}
     if _is_local_path(path):
@@ -666,6 +759,8 @@ class LlamaFactoryTarget(Target):
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
         """Hard limits, then the deviations: each has its comment in the YAML, so each is
         approximable (Target.render decides)."""
+        from mixspec.targets._quant import quant_refusals
+
         refused = fsdp_unsupported(
             plan, "llamafactory", "LLaMA-Factory takes FSDP from an accelerate config (accelerate launch), with no "
             "hook where mixspec could check the sharded model and its optimizer groups after preparation; mixspec "
@@ -674,12 +769,30 @@ class LlamaFactoryTarget(Target):
         if refused:
             return refused
         analysis = self.analyse(plan, options)
-        return analysis.hard + [replace(d, approximable=True) for d in analysis.deviations]
+        refused = quant_refusals(
+            plan, self.name,
+            "LLaMA-Factory's quantization_bit builds a BitsAndBytesConfig without llm_int8_skip_modules "
+            "(model/model_utils/quantization.py), so transformers quantizes every Linear but the output "
+            "embedding",
+            "mixspec has not checked LLaMA-Factory's optim names against the Plan's groups",
+            quantize_ok=backend_quantizes_exactly(plan) and _lf_quantization_exact(plan),
+            optimizer_ok=True)  # its Trainer builds transformers' optim (bitsandbytes AdamW) over its groups
+        q = plan.quant_config()
+        if q is not None and backend_quantizes_exactly(plan) and not _lf_quantization_exact(plan):
+            refused.append(Unsupported(
+                "quantize-compute-dtype", None, f"quantize_options.compute_dtype {q.compute_dtype} with "
+                f"training.precision {plan.training.precision}",
+                "LLaMA-Factory computes 4-bit layers in the model's compute dtype", "leave compute_dtype unset"))
+        if plan.quantized and analysis.finetuning_type != "lora":
+            refused.append(Unsupported(
+                "quantize-needs-lora", None, f"a quantized base with finetuning_type {analysis.finetuning_type}",
+                "LLaMA-Factory allows quantization_bit with finetuning_type lora only", "compile for the hf target"))
+        return analysis.hard + refused + [replace(d, approximable=True) for d in analysis.deviations]
 
     def warnings(self, plan: Plan, options: TargetOptions) -> list[str]:
         """With --approximate: each component whose LR changes, and by which factor."""
         if not options.approximate:
-            return []
+            return kbit_warnings(plan, "LLaMA-Factory")
         chosen = self.analyse(plan, options).learning_rate
         return [f"--approximate: component {c.name!r} trains at learning rate {_num(chosen)} instead of "
                 f"{_num(c.lr)}: {chosen / c.lr:.3g}x"
@@ -695,9 +808,10 @@ class LlamaFactoryTarget(Target):
             ds_name = f"ds_z{dist.zero_stage}_config.json"
             files[ds_name] = deepspeed_config_text(plan)
         multimodal = "vision" in plan.roles or "audio" in plan.roles
-        info = {DATASET_TRAIN: _dataset_entry(plan.data.train, out_dir, multimodal)}
-        if plan.data.eval:
-            info[DATASET_EVAL] = _dataset_entry(plan.data.eval, out_dir, multimodal)
+        info = {}
+        for split, prefix in (("train", DATASET_TRAIN), ("eval", DATASET_EVAL)):
+            for name, path in zip(dataset_names(plan, split, prefix), _files(getattr(plan.data, split)), strict=True):
+                info[name] = _dataset_entry(path, out_dir, multimodal)
         files["dataset_info.json"] = json.dumps(info, indent=2) + "\n"
         files["train.yaml"] = self._yaml(plan, options, a, out_dir, ds_name)
         return files
@@ -712,6 +826,13 @@ class LlamaFactoryTarget(Target):
 
         y.section("model")
         y.key("model_name_or_path", options.model_override or plan.model)
+        q = plan.quant_config()
+        if q is not None:  # unsupported() let it through: no skip list gives exactly the Plan's modules
+            y.key("quantization_bit", 8 if q.method == "int8" else 4)
+            y.key("quantization_method", "bitsandbytes")
+            if q.method != "int8":
+                y.key("quantization_type", q.method)
+                y.key("double_quantization", q.double_quant)
 
         y.section("method")
         y.key("stage", "sft")
@@ -720,6 +841,9 @@ class LlamaFactoryTarget(Target):
         if a.flags is not None:
             for part, frozen in zip(_PARTS, a.flags):
                 y.key(_FLAG[part], frozen)
+        for key, value in a.freeze.items():
+            if value != "":
+                y.key(key, value)
         if a.finetuning_type == "lora":
             lo = a.lora
             alpha = int(lo["alpha"]) if float(lo["alpha"]).is_integer() else lo["alpha"]
@@ -735,13 +859,17 @@ class LlamaFactoryTarget(Target):
             y.key("deepspeed", posixpath.join(out_dir, ds_name))
 
         y.section("dataset")
-        y.key("dataset", DATASET_TRAIN)
+        y.key("dataset", ",".join(dataset_names(plan, "train", DATASET_TRAIN)))  # several: LLaMA-Factory mixes them
         if plan.data.eval:
-            y.key("eval_dataset", DATASET_EVAL)
+            y.key("eval_dataset", ",".join(dataset_names(plan, "eval", DATASET_EVAL)))
         y.key("dataset_dir", out_dir)
         y.key("media_dir", ".")
         y.key("template", a.template)
         y.key("cutoff_len", t.max_length)
+        if multimodal_plan(plan):  # else LLaMA-Factory resizes to its own 768 x 768 limit
+            y.key("image_max_pixels", plan.data.max_pixels)
+            if plan.data.min_pixels is not None:
+                y.key("image_min_pixels", plan.data.min_pixels)
 
         y.section("output")
         y.key("output_dir", plan.output_dir or "output")
@@ -760,7 +888,7 @@ class LlamaFactoryTarget(Target):
         y.key("warmup_ratio", float(t.warmup_ratio))
         y.key("weight_decay", float(a.weight_decay), notes)
         y.key("max_grad_norm", float(t.max_grad_norm))
-        y.key("optim", "adamw_torch")
+        y.key("optim", HF_OPTIM_NAMES[t.optimizer])
         y.key("adam_beta1", float(t.adam_beta1))
         y.key("adam_beta2", float(t.adam_beta2))
         y.key("adam_epsilon", float(t.adam_epsilon))
@@ -811,3 +939,9 @@ class LlamaFactoryTarget(Target):
 
 
 TARGET = LlamaFactoryTarget
+
+
+def _lf_quantization_exact(plan: Plan) -> bool:
+    """LLaMA-Factory's 4-bit compute dtype is the model's (the training precision)."""
+    q = plan.quant_config()
+    return q is None or q.method == "int8" or q.compute_dtype == plan.training.precision

@@ -29,6 +29,7 @@ from mixspec.plan import ComponentPlan, Plan
 from mixspec.targets import Target, TargetOptions
 from mixspec.targets._common import (comment_line, compact_names, exact_regex, generated_header, json_text,
                                      py_assignments, sh_assignments, sh_word)
+from mixspec.targets._quant import TORCH_DTYPES, backend_quantizes_exactly, kbit_warnings
 from mixspec.targets._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
 from mixspec.targets.deepspeed import deepspeed_config, fsdp_unsupported
 
@@ -655,8 +656,13 @@ class SwiftTarget(Target):
     name = "swift"
     description = "ms-swift 4.x (or 3.x): train.sh with `swift sft`, plus a plugin where flags cannot be exact"
 
+    def warnings(self, plan: Plan, options: TargetOptions) -> list[str]:
+        return kbit_warnings(plan, "ms-swift")
+
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
         """What stops an exact compile: hard limits, plus the plugin's reasons under --no-plugin."""
+        from mixspec.targets._quant import quant_refusals
+
         refused = fsdp_unsupported(
             plan, "swift", "ms-swift runs FSDP2 (--fsdp JSON), but mixspec's plugin checks the optimizer's groups "
             "before accelerate shards the model and swaps the optimizer's parameters, never after, and its save hook "
@@ -667,9 +673,16 @@ class SwiftTarget(Target):
             return refused
         d = decide(plan, options)
         _deepspeed(plan, d)
+        refused = quant_refusals(
+            plan, self.name,
+            "ms-swift's --quant_method bnb builds a BitsAndBytesConfig without llm_int8_skip_modules "
+            "(swift/llm/argument/base_args/quant_args.py), so transformers quantizes every Linear but the "
+            "output embedding",
+            "mixspec builds swift's optimizer itself (plugin or multimodal groups) as 32-bit AdamW",
+            quantize_ok=backend_quantizes_exactly(plan))
         if options.plugin:
-            return list(d.hard)
-        return list(d.hard) + list(d.plugin_reasons)
+            return list(d.hard) + refused
+        return list(d.hard) + list(d.plugin_reasons) + refused
 
     def files(self, plan: Plan, options: TargetOptions) -> dict[str, str]:
         d = decide(plan, options)
@@ -708,6 +721,12 @@ def _training_flags(plan: Plan, d: Decision, sw: Optional[SwiftModel]) -> list:
     t = plan.training
     dtype, bf16, fp16 = _PRECISION[t.precision]
     flags: list = [("torch_dtype", dtype), ("bf16", bf16), ("fp16", fp16)]
+    q = plan.quant_config()
+    if q is not None:  # exact only when swift's skip-less BitsAndBytesConfig gives the Plan's modules
+        flags += [("quant_method", "bnb"), ("quant_bits", 8 if q.method == "int8" else 4)]
+        if q.method != "int8":
+            flags += [("bnb_4bit_quant_type", q.method), ("bnb_4bit_use_double_quant", q.double_quant),
+                      ("bnb_4bit_compute_dtype", TORCH_DTYPES[q.compute_dtype])]
     if t.max_steps:
         flags.append(("max_steps", t.max_steps))
     else:
@@ -754,9 +773,21 @@ def _data_flags(plan: Plan) -> list:
     return flags
 
 
+def _pixel_env_lines(plan: Plan) -> list[str]:
+    """data.max_pixels / data.min_pixels as ms-swift reads them (MAX_PIXELS / MIN_PIXELS, read by
+    the templates of families that resize to a pixel budget): without them swift uses its own
+    default (12,845,056 pixels for Qwen2-VL), not the images the Plan was estimated for."""
+    if plan.data is None or not any(r in plan.roles for r in ("vision",)):
+        return []
+    lines = [f"export MAX_PIXELS={sh_quote(plan.data.max_pixels)}"]
+    if plan.data.min_pixels is not None:
+        lines.append(f"export MIN_PIXELS={sh_quote(plan.data.min_pixels)}")
+    return lines
+
+
 def _env_lines(plan: Plan) -> list[str]:
     nodes, gpus = plan.distributed.nodes, plan.distributed.gpus_per_node
-    lines = []
+    lines = _pixel_env_lines(plan)
     if gpus > 1 or nodes > 1:
         lines.append(f"export NPROC_PER_NODE={sh_quote(gpus)}")
     if nodes > 1:
@@ -886,7 +917,8 @@ def _swift_sft(plan: Plan, options: TargetOptions, d: Decision, sw: Optional[Swi
     elif ds_generated:
         args.append(f'--deepspeed "$HERE/{DEEPSPEED_FILE}"')
     for flag, value in _data_flags(plan):
-        args.append(f"--{flag} {sh_quote(value)}")
+        words = value if isinstance(value, list) else [value]  # --dataset a.jsonl b.jsonl: swift mixes them
+        args.append(f"--{flag} " + " ".join(sh_quote(w) for w in words))
     args.append('"$@"')
     return "".join(line + "\n" for line in ["swift sft \\", *(f"    {a} \\" for a in args[:-1]), f"    {args[-1]}"])
 
@@ -928,6 +960,7 @@ def _plugin_py(plan: Plan, options: TargetOptions, d: Decision) -> str:
     data = py_assignments({
         "SWIFT_VERSION": options.swift_version,
         "PLAN_FINGERPRINT": plan.fingerprint(),
+        "OPTIMIZER_FINGERPRINT": plan.optimizer_fingerprint(),
         "PLAN_MODEL": plan.model,
         "PLAN_VERSIONS": dict(sorted(plan.versions.items())),
         "FULL_PARAMS_FILE": FULL_PARAMS_FILE,

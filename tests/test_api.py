@@ -67,7 +67,9 @@ def test_spec_errors_are_exceptions_with_located_problems(tmp_path):
         mixspec.load_spec(yaml.safe_load(text), name="notebook-cell")
     [q] = from_dict.value.problems
     assert (q.path, q.message, q.hint) == (p.path, p.message, p.hint)
-    assert str(from_dict.value) == "notebook-cell: error: components.language.lr: must be > 0 (got 0)"
+    assert str(from_dict.value) == ("notebook-cell: error: components.language.lr: must be > 0 (got 0)\n"
+                                    f"  hint: {p.hint}")
+    assert p.hint.startswith("a learning rate is a positive number")
 
 
 def test_dict_that_is_not_plain_data():
@@ -98,7 +100,7 @@ def test_unknown_target():
     plan = mixspec.plan_spec(SEED)
     with pytest.raises(ValueError, match="unknown target 'swfit'; did you mean 'swift'"):
         mixspec.render(plan, "swfit")
-    assert mixspec.target_names() == ["deepspeed", "hf", "llamafactory", "swift"]
+    assert mixspec.target_names() == ["axolotl", "deepspeed", "hf", "llamafactory", "swift"]
 
 
 def test_module_tree():

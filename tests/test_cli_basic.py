@@ -68,7 +68,7 @@ def test_validate_json_format(run_cli):
             {"file": VALID_SPEC, "valid": True, "problems": []},
             {"file": INVALID_SPEC, "valid": False, "problems": [{
                 "file": INVALID_SPEC, "line": 7, "col": 9, "severity": "error",
-                "path": "components.vision.lr", "message": "must be > 0 (got 0)", "hint": "",
+                "path": "components.vision.lr", "message": "must be > 0 (got 0)", "hint": "a learning rate is a positive number, e.g. 1.0e-5 for a full ViT, 1.0e-4 for LoRA",
             }]},
         ],
     }

@@ -135,7 +135,7 @@ def test_lr_mode_lora_and_count_changes(run_cli, specs):
     assert "memory" in k and "moved" not in k and "component_added" not in k
     text = run_cli("diff", old, new).stdout
     assert "lr aligner: 1e-05 -> 3e-05" in text and "mode vision: full -> freeze" in text
-    assert "LoRA language.rank: 16 -> 8 (-8)" in text and "memory per GPU, total:" in text
+    assert "LoRA language.rank: 16 -> 8 (-8)" in text and "memory per GPU, model states (weights + gradients + optimizer):" in text
 
 
 def test_components_added_removed_and_modules_moved(run_cli, specs):

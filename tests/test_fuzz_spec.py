@@ -153,7 +153,7 @@ values = st.recursive(
     max_leaves=5,
 )
 
-TARGETS = ("hf", "deepspeed", "swift", "llamafactory")
+TARGETS = ("hf", "deepspeed", "swift", "llamafactory", "axolotl")
 
 MUTATIONS = ["replace", "replace", "plausible", "plausible", "plausible", "delete", "add_key", "rename",
              "wrap", "duplicate", "selector", "selector"]

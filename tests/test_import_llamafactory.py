@@ -188,7 +188,7 @@ def test_weight_decay_rule_and_missing_precision_and_do_train():
      "did you mean 'freeze_vision_tower'"),
     ("model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct\ntrain_mm_proj_only: true\n", "train.yaml:2:1",
      "freeze_multi_modal_projector: false"),
-    ("model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct\nquantization_bit: 4\n", "train.yaml:2:19", "QLoRA"),
+    ("model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct\nquantization_bit: 3\n", "train.yaml:2:19", "bitsandbytes quantizes to 4 bit"),
     ("model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct\nlearning_rate: fast\n", "train.yaml:2:16", "a number"),
     ("model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct\nlora_target: mlp\n", "train.yaml:2:14",
      "LoRA cannot wrap Qwen2MLP"),
@@ -249,7 +249,7 @@ def _essence(plan) -> tuple:
                 t.gradient_checkpointing, t.max_length, t.warmup_ratio, t.lr_scheduler, t.max_grad_norm, t.seed)
     d = plan.distributed
     return (frozenset(comps), plan.totals, training, (d.zero_stage, d.offload), plan.output_dir or "output",
-            plan.data.train if plan.data else None, plan.fingerprint())
+            plan.data.train if plan.data else None, plan.optimizer_fingerprint())
 
 
 def _round_trip(plan, tmp_path: Path, monkeypatch):
@@ -436,3 +436,202 @@ def test_cli_imports_writes_the_spec_and_refuses_with_locations(run_cli, tmp_pat
     assert refused.exit_code == 1 and "Traceback" not in refused.stderr
     assert f"{bad}:2:1: error: freeze_vison_tower:" in refused.stderr
     assert not (tmp_path / "no.yaml").exists()
+
+
+# -- new tokens: patch_tokenizer sets resize_vocab, _setup_lora_tuning adds the embeddings ------------
+LLAMA = "meta-llama/Llama-3.1-8B"
+LLAMA_EMBED = 128_256 * 4_096  # vocab_size x hidden_size of the published config
+
+
+def test_new_special_tokens_under_lora_train_both_embeddings_as_copies():
+    """LLaMA-Factory #6285's shape: add_special_tokens under LoRA on Llama-3-8B trains
+    embed_tokens and lm_head (additional_target) beside the adapters: 1.05 B more."""
+    imp = lf(head(LLAMA, "finetuning_type: lora\nlora_target: all\nadd_special_tokens: <think>,</think>\n"))
+    assert imp.ok, [p.render() for p in imp.problems]
+    plan = plan_spec(imp.spec)
+    full = {c.name: c.trainable_params for c in plan.components if c.mode == "full"}
+    assert sum(full.values()) == 2 * LLAMA_EMBED == 1_050_673_152
+    assert set(plan.trainable_lrs()) >= {"model.embed_tokens.weight", "lm_head.weight"}
+    e = effect(imp, "resize-vocab")
+    assert str(e.where) == "train.yaml:6:1" and "trains embed_tokens and lm_head in full as additional_target" \
+        in e.message
+    assert "1,050,673,152 parameters held twice" in effect(imp, "additional-target-copy").message
+    assert "add_special_tokens" not in {u.key for u in imp.unmodelled}
+
+
+@pytest.mark.parametrize("method,says", [
+    ("finetuning_type: freeze\nadd_tokens: foo\n", "freeze tuning does not train model.embed_tokens or lm_head"),
+    ("finetuning_type: full\nresize_vocab: true\n", "full training trains them with the rest"),
+    ("finetuning_type: lora\nadd_special_tokens: <a>\nadditional_target: embed_tokens\n",
+     "additional_target is given, so LLaMA-Factory does not add the embeddings"),
+])
+def test_new_tokens_under_each_finetuning_type(method, says):
+    imp = lf(head(LLAMA, method))
+    assert imp.ok and says in effect(imp, "resize-vocab").message
+    plan = plan_spec(imp.spec)
+    if "additional_target" in method:  # only the user's target is copied
+        assert "lm_head.weight" not in plan.trainable_lrs() and "model.embed_tokens.weight" in plan.trainable_lrs()
+
+
+def test_new_tokens_on_a_tied_model_are_refused_at_the_key():
+    imp = lf(head("Qwen/Qwen2.5-VL-3B-Instruct", "finetuning_type: lora\nadd_special_tokens: <a>\n"))
+    assert not imp.ok and imp.problems[0].render().startswith("train.yaml:5:21: error: add_special_tokens: ")
+    assert "tied" in imp.problems[0].message
+
+
+# -- freeze_extra_modules: a substring of parameter names ------------------------------------------
+def test_freeze_extra_modules_proj_also_trains_every_proj_of_the_llm(tmp_path):
+    """'proj' (Idefics3's connector.modality_projection.proj, meant: the projector) also trains
+    every *_proj of the LLM; counted here by LLaMA-Factory's own test over the real model's
+    named_parameters (adapter.py: any(module in name))."""
+    import torch
+    import transformers
+
+    config = transformers.Idefics3Config()
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    imp = lf(f"model_name_or_path: {tmp_path}\nstage: sft\ndo_train: true\nfinetuning_type: freeze\n"
+             "freeze_trainable_layers: 0\nfreeze_extra_modules: proj\ndataset: demo\nbf16: true\n")
+    assert imp.ok, [p.render() for p in imp.problems]
+    with torch.device("meta"):
+        model = transformers.Idefics3ForConditionalGeneration(config)
+    # idefics3 is not in LLaMA-Factory 0.9.5's composite-model registry (visual.py): no part is
+    # forbidden, the vision tower's *_proj train too
+    want = {n: p.numel() for n, p in model.named_parameters() if "proj" in n}
+    plan = plan_spec(imp.spec)
+    assert plan.totals.trainable_params == sum(want.values()) > 6_000_000_000
+    e = effect(imp, "freeze-extra-substring")
+    exact = sum(v for n, v in want.items() if ".proj." in n)
+    assert str(e.where) == "train.yaml:6:1"
+    assert f"also trains {sum(want.values()) - exact:,} parameters" in e.message and "q_proj" in e.message
+
+
+# -- command lines: `llamafactory-cli train --key value ...` (the web UI's preview) -------------------
+PREVIEW = """\
+```bash
+llamafactory-cli train \\
+    --stage sft \\
+    --do_train True \\
+    --model_name_or_path Qwen/Qwen2.5-VL-7B-Instruct \\
+    --finetuning_type full \\
+    --freeze_vision_tower False \\
+    --freeze_multi_modal_projector False \\
+    --learning_rate 5e-06 \\
+    --dataset mllm_demo \\
+    --bf16 True \\
+    --plot_loss
+```
+"""
+
+
+def test_a_command_line_is_read_as_the_yaml_it_stands_for():
+    """The preview's --key value pairs give the same import as the YAML file with those keys."""
+    got = lf(PREVIEW, "cmd.sh")
+    assert got.ok, [p.render() for p in got.problems]
+    yaml_text = "".join(f"{k}: {v}\n" for k, v in (
+        ("stage", "sft"), ("do_train", "true"), ("model_name_or_path", QWEN_VL), ("finetuning_type", "full"),
+        ("freeze_vision_tower", "false"), ("freeze_multi_modal_projector", "false"), ("learning_rate", "5.0e-6"),
+        ("dataset", "mllm_demo"), ("bf16", "true"), ("plot_loss", "true")))
+    want = lf(yaml_text)
+    assert got.spec == want.spec
+    assert plan_spec(got.spec).trainable_lrs() == plan_spec(want.spec).trainable_lrs()
+    assert str(got.origins["model"]) == "cmd.sh:5:5"
+    assert [u.key for u in got.unmodelled] == ["plot_loss"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("--lora_rannk 4", "cmd.sh:12:17: error: lora_rannk: LLaMA-Factory 0.9.5 does not know this key"),
+    ("--lora_target q_proj v_proj", "cmd.sh:12:38: error: lora_target: 'v_proj': one value per --key"),
+    ("--output_dir $OUT", "cmd.sh:12:30: error: output_dir: '$OUT' depends on $OUT"),
+])
+def test_command_line_problems_are_located(extra, message):
+    got = lf(PREVIEW.replace("--plot_loss", "--plot_loss " + extra), "cmd.sh")
+    assert not got.ok and got.problems[0].render().startswith(message), got.problems[0].render()
+
+
+def test_a_command_line_with_a_yaml_file_and_overrides(tmp_path, monkeypatch):
+    """hparams/parser.py read_args: the file, then OmegaConf.from_cli key=value overrides."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lora.yaml").write_text(head(LLAMA, "finetuning_type: lora\nlora_target: all\n"))
+    got = lf("FORCE_TORCHRUN=1 llamafactory-cli train lora.yaml lora_rank=16 learning_rate=2e-5\n", "run.sh")
+    assert got.ok, [p.render() for p in got.problems]
+    lora = plan_spec(got.spec).component("language")
+    assert (lora.lora.rank, lora.lr) == (16, 2e-5)
+    assert str(got.origins["model"]) == "lora.yaml:1:1"
+    missing = lf("llamafactory-cli train nowhere.yaml\n", "run.sh")
+    assert missing.problems[0].render().startswith(
+        "run.sh:1:24: error: this command trains from the file nowhere.yaml, which is not here")
+
+
+# -- use_llama_pro: every stride-th block of an expanded checkpoint ------------------------------------
+def _llama_pro_blocks(num_layers: int, k: int) -> list[int]:
+    """LLaMA Pro's own layout (scripts/llama_pro.py): after every num_layers/k original blocks
+    a copy is inserted; these are the copies' indices in the expanded model."""
+    split = (num_layers - k) // k  # original blocks per group in the expanded model of num_layers blocks
+    return [(split + 1) * g + split for g in range(k)]
+
+
+@pytest.mark.parametrize("method,mode", [
+    ("finetuning_type: freeze\nuse_llama_pro: true\nfreeze_trainable_layers: 8\n", "full"),
+    ("finetuning_type: lora\nuse_llama_pro: true\nfreeze_trainable_layers: 8\nlora_target: all\n", "lora"),
+])
+def test_use_llama_pro_trains_the_expanded_blocks(method, mode):
+    """Llama-3.1-8B's 32 blocks read as a 24-block model expanded by 8 (num_expand 8): the
+    blocks trained are the 8 llama_pro.py inserted."""
+    imp = lf(head(LLAMA, method))
+    assert imp.ok, [p.render() for p in imp.problems]
+    plan = plan_spec(imp.spec)
+    blocks = sorted({int(n.split(".")[2]) for n in plan.trainable_lrs()})
+    assert blocks == _llama_pro_blocks(32, 8) == [3, 7, 11, 15, 19, 23, 27, 31]
+    assert {c.mode for c in plan.components if c.trainable_params} == {mode}
+    assert "blocks 3, 7, 11, 15, 19, 23, 27, 31 of 32" in effect(imp, "llama-pro-blocks").message
+    assert "flag-no-effect" not in codes(imp)
+
+
+@pytest.mark.parametrize("method,message", [
+    ("finetuning_type: freeze\nuse_llama_pro: true\nfreeze_trainable_layers: 5\n",
+     "train.yaml:6:26: error: freeze_trainable_layers: LLaMA-Factory raises: `num_layers` 32 should be divisible"),
+    ("finetuning_type: full\nuse_llama_pro: true\n",
+     "train.yaml:5:16: error: use_llama_pro: LLaMA-Factory raises: `use_llama_pro` is only valid for Freeze or LoRA"),
+])
+def test_use_llama_pro_refusals_are_llamafactorys(method, message):
+    imp = lf(head(LLAMA, method))
+    assert not imp.ok and imp.problems[0].render().startswith(message)
+
+
+@pytest.mark.parametrize("key,value,message,hint", [
+    ("new_special_tokens", "<think>", "new_special_tokens was renamed add_special_tokens in LLaMA-Factory 0.9.3",
+     "write add_special_tokens: with the same tokens"),
+    ("new_normal_tokens", "foo", "new_normal_tokens was renamed add_tokens", "write add_tokens:"),
+    ("image_resolution", "512", "image_resolution was replaced by image_max_pixels", "(512 -> 262144)"),
+    ("image_dir", "data", "image_dir was renamed media_dir", "write media_dir:"),
+])
+def test_renamed_keys_name_their_successor(key, value, message, hint):
+    imp = lf(head(LLAMA, f"finetuning_type: lora\n{key}: {value}\n"))
+    text = imp.problems[0].render()
+    assert not imp.ok and text.startswith(f"train.yaml:5:1: error: {key}: {message}") and hint in text
+
+
+def test_a_yaml_that_mentions_the_command_is_still_a_yaml():
+    imp = lf(head(LLAMA, "finetuning_type: lora\nrun_name: llamafactory-cli train\n"))
+    assert imp.ok and imp.spec["model"] == LLAMA
+
+
+def test_every_dataset_and_the_image_pixel_limits_are_imported(tmp_path):
+    """dataset: a,b (mixed by LLaMA-Factory) becomes data.train [a, b]; image_max_pixels and
+    image_min_pixels become data.max_pixels and data.min_pixels."""
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"a": {"file_name": "a.jsonl"}, "b": {"file_name": "b.jsonl"}}))
+    got = lf(f"""\
+        model_name_or_path: Qwen/Qwen2.5-VL-7B-Instruct
+        stage: sft
+        do_train: true
+        finetuning_type: lora
+        lora_target: all
+        dataset: a,b
+        dataset_dir: {tmp_path}
+        image_max_pixels: 200704
+        image_min_pixels: 3136
+        learning_rate: 1.0e-4
+        """)
+    assert got.ok, [p.render() for p in got.problems]
+    assert got.spec["data"]["train"] == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    assert (got.spec["data"]["max_pixels"], got.spec["data"]["min_pixels"]) == (200704, 3136)

@@ -199,10 +199,10 @@ def test_unmodelled_flags_are_listed_never_dropped():
     assert keys["--neftune_noise_alpha 5"] == ""
     assert "does not change" in keys["--eval_steps 50"]
     assert '"$@"' in keys
-    # a QLoRA base: listed with what it changes
+    # a QLoRA base is read now (tests/test_import_quantized.py), not listed
     got = imp("    --tuner_type lora --quant_bits 4 --quant_method bnb\n")
-    keys = {u.key: u.note for u in got.unmodelled}
-    assert "QLoRA" in keys["--quant_bits 4"] and "QLoRA" in keys["--quant_method bnb"]
+    assert not any("quant" in u.key for u in got.unmodelled)
+    assert got.plan.quant_config().method == "nf4"
 
 
 def test_values_from_shell_variables():
@@ -211,6 +211,7 @@ def test_values_from_shell_variables():
     bad = imp("    --tuner_type lora --learning_rate $UNSET\n")
     assert [p.render() for p in bad.problems] == [
         "train.sh:4:39: error: --learning_rate: its value '$UNSET' depends on $UNSET, which this file does not set"
+        " (mixspec needs it: it can change what trains, an LR or the memory)"
         "\n  hint: set the variable in the file, or write the value itself"]
 
 
@@ -487,3 +488,174 @@ def test_fully_trained_parameters_in_half_precision_are_said(body, reported):
         # the swift target, given the imported spec, does not reuse swift's flags for it
         files = render(got.plan, "swift")
         assert "swift_plugin.py" in files or "plugin" in files["train.sh"]
+
+
+# -- flag names: ms-swift stops on an option its parser does not define ------------------------------
+@pytest.mark.parametrize("body,where,message,hint", [
+    ("--tuner_type full --freeze_vitt false", "1:77", "--freeze_vitt: ms-swift 4.x has no such option and stops "
+     "on it (ValueError: remaining_argv)", "did you mean --freeze_vit?"),
+    ("--lora_ranks 64", "1:59", "--lora_ranks: ms-swift 4.x has no such option", "did you mean --lora_rank?"),
+    ("--sft_type full", "1:59", "--sft_type: this is the ms-swift 2.x name of --tuner_type (--train_type in 3.x)",
+     "write --tuner_type (ms-swift 4.x) or --train_type (3.x)"),
+    ("--model_id_or_path Qwen/Qwen2.5-7B", "1:59", "--model_id_or_path: this is the ms-swift 2.x name of --model",
+     "write --model"),
+    ("--tuner_type full --train_type full", "1:77", "--train_type: this is the ms-swift 3.x name of --tuner_type",
+     "keep --tuner_type (ms-swift 4.x), or only --train_type (3.x)"),
+    ("--train_type full --freeze-vitt false", "1:77", "--freeze-vitt: ms-swift 3.x has no such option",
+     "did you mean --freeze_vit?"),
+    ("--lora_ 4", "1:59", "--lora_: an ambiguous abbreviation of --lora_alpha, --lora_bias", "write the option"),
+    ("--no_freeze_vit false", "1:75", "--no_freeze_vit: takes no value", "or --freeze_vit false"),
+])
+def test_an_option_swift_does_not_define_is_a_located_error(body, where, message, hint):
+    got = read("swift", f"swift sft --model {QWEN} --dataset d {body}\n", "t.sh")
+    assert not got.ok and got.plan is None
+    text = got.problems[0].render()
+    assert text.startswith(f"t.sh:{where}: error: {message}"), text
+    assert hint in text
+
+
+def test_every_unknown_flag_is_reported_at_once():
+    got = read("swift", f"swift sft --model {QWEN} --sft_type full\\\n  --freeze_vitt false --lora_ranks 8\n", "t.sh")
+    assert [(p.location.line, p.location.col, p.path) for p in got.problems] == [
+        (1, 47, "--sft_type"), (2, 3, "--freeze_vitt"), (2, 23, "--lora_ranks")]
+
+
+def test_what_argparse_reads_for_prefixes_no_flags_and_ignore_args_error():
+    # a unique prefix is the option it begins (allow_abbrev), said as an effect
+    got = read("swift", "swift sft --model Qwen/Qwen2.5-7B-Instruct --lora_r 16 --dataset d\n", "t.sh")
+    assert got.plan.components[0].lora.rank == 16
+    assert "argparse reads it as the only one it begins: --lora_rank" in effect(got, "flag-abbreviated").message
+    # --no_freeze_vit is store_false of --freeze_vit (default true): the ViT trains
+    got = read("swift", f"swift sft --model {QWEN} --tuner_type full --no_freeze_vit --dataset d\n", "t.sh")
+    assert comp(got.plan, "vision").mode == "full"
+    # --ignore_args_error true: swift warns and goes on without the option
+    got = read("swift", f"swift sft --model {QWEN} --tuner_type full --freeze_vitt false --ignore_args_error true "
+               "--dataset d\n", "t.sh")
+    assert got.ok and "vision" not in {c.name for c in got.plan.components}
+    assert "goes on without it" in effect(got, "flag-ignored").message
+
+
+@pytest.mark.parametrize("text,message", [
+    ("megatron sft --model Qwen/Qwen2.5-7B-Instruct --tuner_type full\n",
+     "t.sh:1:1: error: this is `megatron sft`: Megatron-SWIFT trains with Megatron-Core"),
+    ("export X=1\nswift export --model Qwen/Qwen2.5-7B-Instruct --adapters out\n",
+     "t.sh:2:1: error: this is `swift export`, which trains nothing"),
+    ("swift rlhf --rlhf_type rm --model Qwen/Qwen2.5-7B-Instruct --dataset d\n",
+     "t.sh:1:12: error: --rlhf_type: --rlhf_type rm trains a new value head"),
+    ("swift sft --model Qwen/Qwen2.5-7B-Instruct --rpo_alpha 0.1 --dataset d\n",  # a `swift rlhf` option
+     "t.sh:1:44: error: --rpo_alpha: ms-swift 4.x has no such option and stops on it (ValueError: "
+     "remaining_argv)\n  hint: --rpo_alpha is a `swift rlhf` option"),
+    ("swift rlhf --model Qwen/Qwen2.5-7B-Instruct --num_generation 4 --dataset d\n",
+     "t.sh:1:45: error: --num_generation: an ambiguous abbreviation of --num_generations, --num_generations_eval"),
+])
+def test_other_swift_commands_say_what_was_seen(text, message):
+    got = read("swift", text, "t.sh")
+    assert not got.ok and got.problems[0].render().startswith(message), got.problems[0].render()
+
+
+def test_swift_rlhf_imports_the_trainable_set():
+    """RLHFArguments extends SftArguments: same tuner/freeze/LR flags, so the same Plan as swift sft;
+    the rlhf-only options (--beta, --rpo_alpha) are accepted; grpo's own default accumulation 1."""
+    flags = f"--model {QWEN} --tuner_type full --freeze_vit false --vit_lr 2e-6 --learning_rate 1e-5 --dataset d"
+    sft = read("swift", f"swift sft {flags}\n", "t.sh")
+    for kind, ref in (("dpo", True), ("grpo", True), ("orpo", False)):
+        got = read("swift", f"swift rlhf --rlhf_type {kind} --beta 0.1 {flags}\n", "t.sh")
+        assert got.ok, [p.render() for p in got.problems]
+        assert got.plan.trainable_lrs() == sft.plan.trainable_lrs()
+        e = effect(got, "rlhf")
+        assert f"the {kind} loss" in e.message and ("frozen reference copy" in e.message) == ref
+        assert got.spec["training"]["gradient_accumulation"] == (1 if kind == "grpo" else 16)
+
+
+# -- values the shell computes ---------------------------------------------------------------------------
+EXPR_SH = """\
+nproc_per_node=2
+CUDA_VISIBLE_DEVICES=0,1 \\
+NPROC_PER_NODE=$nproc_per_node \\
+swift sft --model Qwen/Qwen2.5-7B-Instruct --dataset d --per_device_train_batch_size 2 \\
+    --gradient_accumulation_steps $(expr 16 / $nproc_per_node) \\
+    --save_steps "$(( (100 + 4) * nproc_per_node ))" \\
+    --learning_rate 1e-4
+"""
+
+
+def test_integer_arithmetic_the_script_fixes_is_evaluated():
+    """ms-swift's examples compute accumulation with $(expr 16 / $nproc_per_node): integer
+    arithmetic over the script's own variables is exact (checked against bash itself)."""
+    import shutil
+    import subprocess
+
+    got = read("swift", EXPR_SH, "t.sh")
+    assert got.ok, [p.render() for p in got.problems]
+    assert (got.spec["training"]["gradient_accumulation"], got.spec["training"]["save_steps"]) == (8, 208)
+    assert str(got.origins["training.gradient_accumulation"]) == "t.sh:5:5 --gradient_accumulation_steps"
+    if shutil.which("bash"):
+        echo = EXPR_SH.replace("swift sft", "echo").replace("CUDA_VISIBLE_DEVICES=0,1 \\\n", "")
+        words = subprocess.run(["bash", "-c", echo], capture_output=True, text=True).stdout.split()
+        assert words[words.index("--gradient_accumulation_steps") + 1] == "8"
+        assert words[words.index("--save_steps") + 1] == "208"
+
+
+def test_a_value_mixspec_cannot_compute_is_unknown_where_it_changes_no_training():
+    text = EXPR_SH.replace("$(expr 16 / $nproc_per_node)", "$(expr 16 / $(nproc))")
+    got = read("swift", text, "t.sh")
+    assert got.ok, [p.render() for p in got.problems]
+    # swift's own default stands in, said as unknown
+    assert got.spec["training"]["gradient_accumulation"] == 4
+    assert str(got.origins["training.gradient_accumulation"]).startswith(
+        "t.sh:5:35 --gradient_accumulation_steps: unknown ($(expr 16 / $(nproc))), default used")
+    u = {u.key: u.note for u in got.unmodelled}["--gradient_accumulation_steps $(expr 16 / $(nproc))"]
+    assert u.startswith("unknown:") and "not what trains, the LRs or the memory per GPU" in u
+    # an LR computed by the shell changes the training: a located error
+    bad = read("swift", text.replace("--learning_rate 1e-4", "--learning_rate $(cat lr.txt)"), "t.sh")
+    assert bad.problems[0].render().startswith(
+        "t.sh:7:21: error: --learning_rate: its value '$(cat lr.txt)' depends on $(cat lr.txt), a command "
+        "mixspec does not run")
+
+
+# -- a DeepSpeed JSON: read where swift finds it; not here: listed, planned without ZeRO --------------
+def test_deepspeed_json_is_read_or_listed_the_same_way_as_llamafactory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {
+        "stage": 3, "offload_optimizer": {"device": "cpu"}}}))
+    script = tmp_path / "train.sh"
+    for name, want in (("ds.json", {"zero_stage": 3, "offload": "optimizer"}), ("missing.json", {})):
+        text = f"swift sft --model Qwen/Qwen2.5-7B-Instruct --dataset d --deepspeed {name}\n"
+        got = read("swift", text, str(script))
+        assert got.ok, [p.render() for p in got.problems]
+        assert {k: v for k, v in got.spec["distributed"].items() if k in ("zero_stage", "offload")} == want
+        lf_got = read("llamafactory", f"model_name_or_path: Qwen/Qwen2.5-7B-Instruct\nstage: sft\ndo_train: true\n"
+                      f"dataset: d\nbf16: true\ndeepspeed: {name}\n", str(tmp_path / "train.yaml"))
+        assert lf_got.ok, [p.render() for p in lf_got.problems]
+        assert {k: v for k, v in lf_got.spec.get("distributed", {}).items() if k in ("zero_stage", "offload")} == want
+        if not want:
+            notes = [u.note for u in got.unmodelled if "missing.json" in u.key]
+            lf_notes = [u.note for u in lf_got.unmodelled if u.key == "deepspeed"]
+            assert notes == lf_notes and "memory plan is without ZeRO sharding" in notes[0]
+
+
+@pytest.mark.parametrize("head,flag,want", [
+    ("MAX_PIXELS=602112 \\\n", "", 602112),
+    ("", "--max_pixels 401408", 401408),  # every multimodal template rescales to it
+    ("MAX_PIXELS=602112 \\\n", "--max_pixels 1003520", 602112),  # the smaller cap holds
+    ("MAX_PIXELS=1003520 \\\n", "--max_pixels 602112", 602112),
+])
+def test_image_cap_from_the_env_and_the_flag(head, flag, want):
+    got = imp(f"    --tuner_type lora {flag}\n", head=head)
+    assert got.ok and got.spec["data"]["max_pixels"] == want
+
+
+def test_every_dataset_and_the_pixel_limits_are_imported_and_compile_back():
+    """--dataset a b (swift mixes them) becomes data.train [a, b]; MAX_PIXELS / MIN_PIXELS become
+    data.max_pixels / min_pixels, and the compiled train.sh passes all of them to swift again."""
+    text = ("MAX_PIXELS=200704 MIN_PIXELS=3136 swift sft \\\n    --model Qwen/Qwen2.5-VL-7B-Instruct \\\n"
+            "    --dataset a.jsonl b.jsonl \\\n    --tuner_type lora --learning_rate 1e-4\n")
+    got = read("swift", text, "train.sh")
+    assert got.ok, [p.render() for p in got.problems]
+    assert got.spec["data"]["train"] == ["a.jsonl", "b.jsonl"]
+    assert (got.spec["data"]["max_pixels"], got.spec["data"]["min_pixels"]) == (200704, 3136)
+    from mixspec.targets import render
+
+    sh = render(got.plan, "swift", TargetOptions())["train.sh"]
+    assert "--dataset a.jsonl b.jsonl" in sh
+    assert "export MAX_PIXELS=200704" in sh and "export MIN_PIXELS=3136" in sh

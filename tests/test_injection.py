@@ -34,7 +34,7 @@ from mixspec.loader import load_spec, load_spec_text
 from mixspec.resolve import plan_spec
 from mixspec.sources import find_model
 
-TARGETS = ("hf", "deepspeed", "swift", "llamafactory")
+TARGETS = ("hf", "deepspeed", "swift", "llamafactory", "axolotl")
 BENIGN = "BENIGNVALUE"
 HAS_BASH = shutil.which("bash") is not None
 
@@ -128,11 +128,23 @@ class Workspace:
         return read_fake_calls(log)
 
 
-def _mapper(workspace: "Workspace", value: str, benign_case: Path, case: Path):
-    """Benign text -> what the hostile compile must hold: the value, and the paths made from it."""
+def _plan_fingerprint(files: dict) -> str:
+    """The plan fingerprint the compiled files name (it hashes the spec's strings too)."""
+    import re
+
+    found = {m for text in files.values() for m in re.findall(r"[Pp]lan fingerprint ([0-9a-f]{16})", text)}
+    assert len(found) == 1, found
+    return found.pop()
+
+
+def _mapper(workspace: "Workspace", value: str, benign_case: Path, case: Path, fingerprints=("", "")):
+    """Benign text -> what the hostile compile must hold: the value, the paths made from it,
+    and the plan fingerprint (a hash of the training view, spec strings included)."""
     name = workspace.dir_name(value)
 
     def to_hostile(text: str) -> str:
+        if fingerprints[0]:
+            text = text.replace(fingerprints[0], fingerprints[1])
         return (text.replace(str(benign_case), str(case))
                 .replace(f"model {BENIGN}", f"model {name}").replace(f"out {BENIGN}", f"out {name}")
                 .replace(BENIGN, value))
@@ -243,7 +255,8 @@ def test_hostile_strings_stay_literals(workspace, shape, target):
         override = i % 2 == 1
         files, out, case = workspace.compile(value, shape, target, override, f"{shape}-{target}-{i}")
         reference, benign_out, benign_case = benign[override]
-        mapper = _mapper(workspace, value, benign_case, case)
+        mapper = _mapper(workspace, value, benign_case, case,
+                         (_plan_fingerprint(reference), _plan_fingerprint(files)))
         assert sorted(files) == sorted(reference)
         for name, text in files.items():
             if name.endswith(".py"):

@@ -88,7 +88,8 @@ def _kind(annotation) -> str:
         return {(1,): "version", (0, 1, 2, 3): "stage"}[args]
     if origin in (typing.Union, types.UnionType):
         return {frozenset({"enum:all-linear", "list[str]", "str"}): "targets",
-                frozenset({"str", "list[int]"}): "layers"}[frozenset(_kind(a) for a in args)]
+                frozenset({"str", "list[int]"}): "layers",
+                frozenset({"str", "list[str]"}): "files"}[frozenset(_kind(a) for a in args)]
     if origin is list:
         return f"list[{args[0].__name__}]"
     if origin is dict:

@@ -104,7 +104,7 @@ def test_auto_map_refusal_through_the_spec_is_located(tmp_path):
     problem = info.value.problems[0]
     assert (problem.location.line, problem.location.col, problem.path) == (2, 8, "model")
     assert "runs Python code from the model repo" in problem.message or "run Python code" in problem.message
-    assert "trust_remote_code: true" in problem.message  # says how to opt in
+    assert "trust_remote_code: true" in problem.hint  # says how to opt in
     _assert_nothing_ran(model, marker)
 
 

@@ -34,7 +34,7 @@ def test_unknown_target_is_a_usage_error_with_did_you_mean(run_cli):
     result = run_cli("compile", SEED, "-t", "swfit")
     assert result.exit_code == 2
     assert "unknown target 'swfit'; did you mean 'swift'?" in result.stderr
-    assert "targets: deepspeed, hf, llamafactory, swift" in result.stderr
+    assert "targets: axolotl, deepspeed, hf, llamafactory, swift" in result.stderr
     assert "cannot express" not in result.stderr
 
 

@@ -149,7 +149,8 @@ def test_train_py_embeds_the_plan_exactly(monkeypatch, case):
     assert text.isascii()
     values = literal_assignments(text)
     data = values["PLAN"]
-    assert data["fingerprint"] == plan.fingerprint()
+    assert data["plan_fingerprint"] == plan.fingerprint()
+    assert data["optimizer_fingerprint"] == plan.optimizer_fingerprint()
     assert data["trainable_params"] == plan.totals.trainable_params
     assert data["base_params"] == plan.totals.base_params
     canonical = {p for c in plan.components for p in c.params} | set(plan.unassigned_params)

@@ -24,6 +24,8 @@ import yaml
 
 from mixspec.errors import UnsupportedError
 from mixspec.loader import load_spec, load_spec_text
+from mixspec.api import plan_spec as plan_dict
+from mixspec.importers import read
 from mixspec.resolve import plan_spec
 from mixspec.targets import TargetOptions, available_targets, render
 from mixspec.targets._common import _yaml_str
@@ -216,10 +218,11 @@ REFUSED = {
     "full-beside-lora-same-lr": (
         spec(QWEN_TEXT, "language: {train: lora, lr: 1.0e-4}", "lm_head: {train: full, lr: 1.0e-4}"),
         [("full-with-lora", "spec.yaml:5:3", "component 'lm_head' trained fully beside LoRA")]),
-    # LLaMA-Factory's language keys also hold embed_tokens and lm_head
-    "llm-without-embeddings": (
-        spec(QWEN_VL, "language: {train: full, lr: 1.0e-5}"),
-        [("full-part-mismatch", "spec.yaml:4:3", "component 'language' (full) as part of LLaMA-Factory's language model")]),
+    # LLaMA-Factory's language keys also hold embed_tokens and lm_head, and freeze tuning takes
+    # the first or last layers only: a middle run of LLM layers is neither
+    "llm-middle-layers": (
+        spec(QWEN_VL, "mid: {modules: ['model\\.language_model\\.layers\\.(1[0-9])'], train: full, lr: 1.0e-5}"),
+        [("full-part-mismatch", "spec.yaml:4:3", "component 'mid' (full) as part of LLaMA-Factory's language model")]),
     # a pattern component that is only part of LLaMA-Factory's vision keys
     "late-vit-blocks": (
         spec(QWEN_VL, "late: {modules: ['model\\.visual\\.blocks\\.(2[4-9]|3[01])'], train: full, lr: 1.0e-5}"),
@@ -232,14 +235,12 @@ REFUSED = {
     "qwen3-aligner": (
         spec(QWEN3_VL, "aligner: {train: full, lr: 1.0e-5}"),
         [("full-part-mismatch", "spec.yaml:4:3", "component 'aligner' (full) as part of LLaMA-Factory's vision tower")]),
-    # outside the composite registry full trains everything: the frozen rest is named
-    "text-llm-only": (
-        spec(QWEN_TEXT, "language: {train: full, lr: 1.0e-5}"),
-        [("full-part-mismatch", "spec.yaml", "unassigned (frozen) parameters lm_head, model.embed_tokens")]),
-    "text-frozen-component": (
-        spec(QWEN_TEXT, "language: {train: full, lr: 1.0e-5}", "embeddings: {train: full, lr: 1.0e-5}",
-             "lm_head: {train: freeze}"),
-        [("full-part-mismatch", "spec.yaml:6:3", "frozen parameters of component 'lm_head': lm_head")]),
+    # outside the composite registry full trains everything, and freeze tuning takes the first
+    # or last layers only: the frozen rest is named
+    "text-middle-layers": (
+        spec(QWEN_TEXT, "mid: {modules: ['model\\.layers\\.(1[0-9])'], train: full, lr: 1.0e-5}"),
+        [("full-part-mismatch", "spec.yaml", "unassigned (frozen) parameters lm_head, model.embed_tokens, "
+          "model.layers.0, model.layers.1 and 17 more")]),
     # lora_conflict_keys: never LoRA on patch_embed for the Qwen-VL family
     "lora-on-patch-embed": (
         spec(QWEN_VL, "vision: {train: lora, lr: 1.0e-4, lora: {targets: [patch_embed.proj, qkv]}}"),
@@ -272,10 +273,10 @@ def test_refused(case):
 
 
 def test_refusal_reasons_name_llamafactory_facts():
-    items = {i.code: i for i in TARGET().unsupported(plan_of(REFUSED["llm-without-embeddings"][0]), TargetOptions())}
+    items = {i.code: i for i in TARGET().unsupported(plan_of(REFUSED["llm-middle-layers"][0]), TargetOptions())}
     why = items["full-part-mismatch"].why
     assert "language_model, lm_head" in why and "freeze_language_model" in why
-    assert "lm_head, model.language_model.embed_tokens (unassigned)" in why
+    assert "lm_head, model.language_model.embed_tokens, model.language_model.layers.0 and 18 more (unassigned)" in why
     items = {i.code: i for i in TARGET().unsupported(plan_of(REFUSED["qwen3-aligner"][0]), TargetOptions())}
     assert "visual.deepstack_merger_list" in items["full-part-mismatch"].why
     items = {i.code: i for i in TARGET().unsupported(plan_of(REFUSED["lora-on-patch-embed"][0]), TargetOptions())}
@@ -323,9 +324,10 @@ def test_approximate_still_refuses_what_has_no_approximation():
 
 
 def test_approximate_full_mismatch_names_what_changes():
-    cfg, files = compile_yaml(REFUSED["llm-without-embeddings"][0], approximate=True)
-    assert flags(cfg) == (True, True, False)
-    assert ("# approximate: also trains lm_head, model.language_model.embed_tokens, which the Plan freezes"
+    cfg, files = compile_yaml(REFUSED["llm-middle-layers"][0], approximate=True)
+    assert flags(cfg) == (True, True, True)  # the closest: the 10 layers frozen rather than 18 more trained
+    assert ("# approximate: freezes model.language_model.layers.10, model.language_model.layers.11, "
+            "model.language_model.layers.12, model.language_model.layers.13 and 6 more, which the Plan trains"
             in files["train.yaml"])
 
 
@@ -587,3 +589,52 @@ def test_any_string_reads_back_from_yaml_and_comments_stay_one_line():
         assert line.isascii() and "\n" not in line and "\r" not in line
 
     check()
+
+
+# -- freeze tuning: the first or last layers, their modules, extra modules by name ------------------
+FREEZE = {
+    # (spec, the freeze_* keys written)
+    "text-llm-only": (spec(QWEN_TEXT, "language: {train: full, lr: 1.0e-5}"),
+                      {"freeze_trainable_layers": 28, "freeze_trainable_modules": "all",
+                       "freeze_extra_modules": "norm"}),
+    "text-llm-and-embeddings": (
+        spec(QWEN_TEXT, "language: {train: full, lr: 1.0e-5}", "embeddings: {train: full, lr: 1.0e-5}",
+             "lm_head: {train: freeze}"),
+        {"freeze_trainable_layers": 28, "freeze_trainable_modules": "all",
+         "freeze_extra_modules": "embed_tokens,norm"}),
+    "text-last-four-layers": (
+        spec(QWEN_TEXT, "late: {modules: ['model\\.layers\\.(2[4-7])'], train: full, lr: 1.0e-5}"),
+        {"freeze_trainable_layers": 4, "freeze_trainable_modules": "all"}),
+    # the vision blocks numbered like the LLM's are kept out by freeze_vision_tower
+    "vl-llm-without-embeddings": (spec(QWEN_VL, "language: {train: full, lr: 1.0e-5}"),
+                                  {"freeze_trainable_layers": 28, "freeze_trainable_modules": "all",
+                                   "freeze_extra_modules": "norm", "freeze_vision_tower": True}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FREEZE))
+def test_freeze_tuning_trains_exactly_the_plan(case):
+    """The freeze_* keys written, and LLaMA-Factory's freeze-tuning rule (as mixspec import
+    --from llamafactory applies it, checked against measured counts) trains exactly the Plan."""
+    text, keys = FREEZE[case]
+    cfg, files = compile_yaml(text)
+    assert cfg["finetuning_type"] == "freeze"
+    assert {k: cfg.get(k) for k in keys} == keys
+    assert "freeze_extra_modules" in cfg or "freeze_extra_modules" not in keys
+    imported = read("llamafactory", files["train.yaml"], "train.yaml")
+    assert imported.ok, [p.render() for p in imported.problems]
+    assert plan_dict(imported.spec).trainable_lrs() == plan_of(text).trainable_lrs()
+
+
+def test_data_lists_and_pixel_limits_reach_llamafactory():
+    """Several files: one dataset_info entry each, mixed by a comma list; data.max_pixels and
+    data.min_pixels as image_max_pixels / image_min_pixels (else LLaMA-Factory resizes to 768 x 768)."""
+    tail = "data: {train: [a.jsonl, b.jsonl], eval: c.jsonl, max_pixels: 200704, min_pixels: 3136}\n"
+    cfg, files = compile_yaml(spec(QWEN_VL, "language: {train: lora, lr: 1.0e-4}", tail=tail))
+    info = json.loads(files["dataset_info.json"])
+    assert cfg["dataset"] == "mixspec_train_1,mixspec_train_2" and cfg["eval_dataset"] == "mixspec_eval"
+    assert {n: e["file_name"] for n, e in info.items()} == {
+        "mixspec_train_1": "a.jsonl", "mixspec_train_2": "b.jsonl", "mixspec_eval": "c.jsonl"}
+    assert (cfg["image_max_pixels"], cfg["image_min_pixels"]) == (200704, 3136)
+    text_only, _ = compile_yaml(spec(QWEN_TEXT, "language: {train: lora, lr: 1.0e-4}"))
+    assert "image_max_pixels" not in text_only

@@ -306,7 +306,7 @@ def test_plugin_expand_names_inverts_compact_names(tmp_path, monkeypatch):
 FAKE_SWIFT = """\
 #!{python}
 import json, os, sys
-keys = ["NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"]
+keys = ["NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "MAX_PIXELS", "MIN_PIXELS"]
 with open(os.environ["FAKE_SWIFT_OUT"], "w") as fh:
     json.dump({{"argv": sys.argv[1:], "env": {{k: os.environ.get(k) for k in keys}}}}, fh)
 """
@@ -372,12 +372,16 @@ def test_any_path_reaches_swift_as_itself(tmp_path, data, out):
     flags = flags_of(sh)
     assert flags["dataset"] == data and flags["output_dir"] == out
     body = [line for line in sh.splitlines() if line and not line.startswith("#")]
+    # the image cap the memory plan assumes (a vision model with data): one export, an integer
+    assert f"export MAX_PIXELS={plan.data.max_pixels}" in body
     start = body.index("swift sft \\")
     assert body[0] == "set -euo pipefail"
     # the model-code check as the package program has it (its MODEL line the compiled model), nothing else
     check = programs.block_text(programs.program_text("swift_train"), "model_code_check")
-    assert body[1:start] == [f"MODEL={shlex.quote(plan.model)}" if line.startswith("MODEL=") else line
-                             for line in check.splitlines() if line and not line.startswith("#")]
+    exports = [line for line in body[1:start] if line.startswith("export ")]
+    assert exports == ([f"export MAX_PIXELS={plan.data.max_pixels}"] if "vision" in plan.roles else [])
+    assert body[1 + len(exports):start] == [f"MODEL={shlex.quote(plan.model)}" if line.startswith("MODEL=") else line
+                                            for line in check.splitlines() if line and not line.startswith("#")]
     assert all(line.startswith("    --") or line == '    "$@"' for line in body[start + 1:])
 
 
@@ -397,8 +401,9 @@ def test_multi_node_env_lines(tmp_path):
     assert "export NNODES=3" in files["train.sh"]
     proc, data = run_train_sh(tmp_path, files, env={"NODE_RANK": "2", "MASTER_ADDR": "node0.example"})
     assert proc.returncode == 0, proc.stderr
-    assert data["env"] == {"NPROC_PER_NODE": "8", "NNODES": "3", "NODE_RANK": "2",
-                           "MASTER_ADDR": "node0.example", "MASTER_PORT": "29500"}
+    launcher = {k: v for k, v in data["env"].items() if not k.endswith("_PIXELS")}  # the image cap: its own test
+    assert launcher == {"NPROC_PER_NODE": "8", "NNODES": "3", "NODE_RANK": "2",
+                        "MASTER_ADDR": "node0.example", "MASTER_PORT": "29500"}
 
 
 def test_multi_node_needs_node_rank_and_master_addr(tmp_path):
@@ -412,7 +417,8 @@ def test_multi_node_needs_node_rank_and_master_addr(tmp_path):
 def test_single_gpu_sets_no_launcher_env(tmp_path):
     proc, data = run_train_sh(tmp_path, compile_text(tmp_path, SEED))
     assert proc.returncode == 0, proc.stderr
-    assert data["env"] == {k: None for k in data["env"]}
+    launcher = {k: v for k, v in data["env"].items() if not k.endswith("_PIXELS")}  # the image cap: its own test
+    assert launcher == {k: None for k in launcher}
 
 
 def test_one_node_many_gpus(tmp_path):
@@ -854,7 +860,8 @@ def test_plugin_trains_exactly_the_plan_with_real_peft(tiny_plugin, monkeypatch,
     assert got["model.visual.merger.mlp.0.bias"][1] == 0.0
     assert got["model.visual.merger.ln_q.weight"][1] == 0.0  # an RMSNorm transformers' rule decays
     report = json.loads((tmp_path / "run" / "mixspec_check.json").read_text())
-    assert report["fingerprint"] == report["plan_fingerprint"] == plan.fingerprint()
+    assert report["fingerprint"] == report["optimizer_fingerprint"] == plan.optimizer_fingerprint()
+    assert report["plan_fingerprint"] == plan.fingerprint()
     assert report["weight_decay_by_param"] == plan.trainable_weight_decays()
 
     # a checkpoint: the adapter plus the fully trained parameters, under their model names
@@ -998,3 +1005,17 @@ def test_approximate_full_path_keeps_its_lr_flags_and_other_reasons(tmp_path, mo
                         dataclasses.replace(sw, proven=sw.proven - {"multimodal_lr"}))
     with pytest.raises(UnsupportedError):
         compile_text(tmp_path, _in(FULL_ONE_LR_PER_GROUP, "bf16"), plugin=False, approximate=True)
+
+
+def test_data_lists_and_pixel_limits_reach_swift(tmp_path):
+    """swift gets every file of data.train (--dataset a b: it mixes them) and data.max_pixels /
+    min_pixels in its environment (MAX_PIXELS / MIN_PIXELS), or it uses its own 12,845,056."""
+    text = SEED.replace("data: {train: data/train.jsonl}",
+                        "data: {train: [data/a b.jsonl, data/b.jsonl], max_pixels: 200704, min_pixels: 3136}")
+    assert text != SEED
+    proc, data = run_train_sh(tmp_path, compile_text(tmp_path, text))
+    assert proc.returncode == 0, proc.stderr
+    argv = data["argv"]
+    at = argv.index("--dataset")
+    assert argv[at + 1:at + 3] == ["data/a b.jsonl", "data/b.jsonl"] and argv[at + 3].startswith("--")
+    assert (data["env"]["MAX_PIXELS"], data["env"]["MIN_PIXELS"]) == ("200704", "3136")

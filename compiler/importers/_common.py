@@ -32,7 +32,7 @@ _ROLE_ORDER = ("vision", "aligner", "language", "embeddings", "lm_head", "audio"
 class Config:
     """A backend config as plain data, every key located; typed reads record problems."""
 
-    def __init__(self, imported: Imported, path: str, text: str):
+    def __init__(self, imported: Imported, path: str, text: str, located=None):
         from mixspec.yamlloc import load_located_text
 
         self.out = imported
@@ -40,6 +40,9 @@ class Config:
         self.data: dict = {}
         self.located = None
         self.used: set[str] = set()
+        if located is not None:  # already read (a command line's --key value pairs)
+            self.located, self.data = located, located.data
+            return
         try:
             located = load_located_text(text, path)
         except SpecError as exc:
@@ -155,8 +158,8 @@ def load_tree(cfg: Config, key: str, model: str):
         source = find_model(model)
         return get_tree(source), source.config
     except ModelSourceError as exc:
-        cfg.error(key, str(exc), "mixspec import reads the model's config.json the way `mixspec plan` does "
-                                 "(catalog, local directory, Hugging Face or ModelScope cache)")
+        cfg.error(key, exc.message, exc.hint or "mixspec import reads the model's config.json the way "
+                                 "`mixspec plan` does (catalog, local directory, Hugging Face or ModelScope cache)")
         return None, None
 
 
@@ -458,6 +461,41 @@ def file_candidates(cfg: Config, value: str) -> list[str]:
     return [os.path.join(base, os.path.expanduser(value)) for base in bases]
 
 
+DEEPSPEED_NOT_HERE = ("the DeepSpeed JSON is not here (looked from the working directory and the config's "
+                      "directory): the spec leaves zero_stage out, so its memory plan is without ZeRO sharding; "
+                      "import where the backend runs, or set distributed.zero_stage by hand")
+
+
+def find_file(candidates) -> Optional[str]:
+    return next((c for c in candidates if os.path.isfile(c)), None)
+
+
+def read_json(path: str):
+    """The JSON object in ``path`` (the first MiB), or the reason it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.loads(fh.read(1 << 20))
+    except (OSError, ValueError) as exc:
+        return str(exc)
+
+
+def zero_settings(ds) -> "dict | str":
+    """zero_stage and offload of a DeepSpeed config (a mapping), or what is wrong with it."""
+    if not isinstance(ds, dict):
+        return "expected the path of a DeepSpeed JSON file (a JSON object)"
+    zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        return f"the DeepSpeed config has zero_optimization.stage {stage!r}"
+
+    def offloaded(key):
+        node = zero.get(key)
+        return isinstance(node, dict) and node.get("device") in ("cpu", "nvme")
+    return {"zero_stage": stage,
+            "offload": "all" if offloaded("offload_param") else "optimizer" if offloaded("offload_optimizer")
+            else "none"}
+
+
 class BaseReader:
     """A backend reader's shared steps; subclasses read their own keys."""
 
@@ -492,52 +530,36 @@ class BaseReader:
     def deepspeed(self, by_name) -> dict:
         """zero_stage and offload from the config's ``deepspeed`` (a JSON file or an inline
         mapping). ``by_name(path)`` reads a file that is not here by the backend's own file
-        names (its bundled configs), or returns None."""
+        names (its bundled configs), or returns None. A file that is not here changes only the
+        memory: listed as not modelled, the spec planned without ZeRO."""
         cfg, o = self.cfg, self.out.origins
         o["distributed.gpus_per_node"] = (f"not in the config ({self.launcher} decides); the spec plans "
                                           "1 node x 1 GPU: set distributed in it")
-        if not cfg.has("deepspeed"):
+        if not cfg.has("deepspeed") or cfg.raw("deepspeed") is None:  # `deepspeed:` left empty: none
             return {}
         value = cfg.raw("deepspeed")
         where = cfg.loc("deepspeed")
         ds = value if isinstance(value, dict) else None
         if isinstance(value, str):
-            for candidate in file_candidates(cfg, value):
-                if os.path.isfile(candidate):
-                    try:
-                        with open(candidate, encoding="utf-8") as fh:
-                            ds = json.loads(fh.read(1 << 20))
-                    except (OSError, ValueError) as exc:
-                        cfg.error("deepspeed", f"cannot read the DeepSpeed config {value}: {exc}",
-                                  "give a readable JSON file")
-                        return {}
-                    break
-            if ds is None:
+            found = find_file(file_candidates(cfg, value))
+            if found is None:
                 known = by_name(value)
                 if known is not None:
                     for k in known:
                         o[f"distributed.{k}"] = f"{where}: {value} is not here; read by its name"
                     return known
-                cfg.error("deepspeed", f"cannot find the DeepSpeed config {value} (looked from the working "
-                                       "directory and from the config's directory)",
-                          f"run mixspec import where {self.launcher} runs, or fix the path")
+                cfg.unmodelled("deepspeed", DEEPSPEED_NOT_HERE)
                 return {}
-        if not isinstance(ds, dict):
-            cfg.error("deepspeed", "expected the path of a DeepSpeed JSON file", "deepspeed: path/to/ds_config.json")
+            ds = read_json(found)
+            if isinstance(ds, str):
+                cfg.error("deepspeed", f"cannot read the DeepSpeed config {value}: {ds}", "give a readable JSON file")
+                return {}
+        got = zero_settings(ds)
+        if isinstance(got, str):
+            cfg.error("deepspeed", got, "deepspeed: path/to/ds_config.json with zero_optimization.stage 0-3")
             return {}
-        zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
-        stage = zero.get("stage", 0)
-        if stage not in (0, 1, 2, 3):
-            cfg.error("deepspeed", f"the DeepSpeed config has zero_optimization.stage {stage!r}", "use 0-3")
-            return {}
-
-        def offloaded(key):
-            node = zero.get(key)
-            return isinstance(node, dict) and node.get("device") in ("cpu", "nvme")
         o["distributed.zero_stage"] = o["distributed.offload"] = where
-        return {"zero_stage": stage,
-                "offload": "all" if offloaded("offload_param") else "optimizer" if offloaded("offload_optimizer")
-                else "none"}
+        return got
 
     def assemble(self, model_key: str, model: str, sections: dict, where_key: str, nothing_hint: str):
         """The spec from ``self.parts`` and the other ``sections`` (training, distributed, data,
@@ -558,7 +580,12 @@ class BaseReader:
         self.out.groups.update(groups)
         self.out.origins["model"] = cfg.loc(model_key)
         self.out.origins.update(origins)
-        return plan_imported(self.out, self.model, self.parts, where)
+        plan = plan_imported(self.out, self.model, self.parts, where)
+        quant = getattr(self, "quantization", None)
+        if plan is not None and quant is not None:
+            plan = quantize_imported(self.out, self.model.tree, plan, quant,
+                                     lambda: plan_imported(self.out, self.model, self.parts, quant.where))
+        return plan
 
     def decay_effects(self, plan, who: str) -> None:
         """The backend decides which parameters decay by transformers' rule (torch LayerNorm
@@ -585,10 +612,99 @@ class BaseReader:
                 self.cfg.unmodelled(key, note_for(key))
 
 
-def read_config(backend: str, rules: str, reader, text: str, path: str) -> Imported:
-    """Parse ``text`` and run ``reader(cfg, imported).run()`` when it is a mapping."""
+def read_config(backend: str, rules: str, reader, text: str, path: str, located=None) -> Imported:
+    """Parse ``text`` (or take ``located``, its keys already read) and run
+    ``reader(cfg, imported).run()`` when it is a mapping."""
     out = Imported(backend=backend, rules=rules, spec={})
-    cfg = Config(out, path, text)
+    cfg = Config(out, path, text, located)
     if cfg.ok:
         reader(cfg, out).run()
     return out
+
+
+# transformers' TrainingArguments.optim names (axolotl's optimizer, LLaMA-Factory's optim,
+# ms-swift's --optim) -> the spec's training.optimizer, where the optimizer is the same one:
+# transformers builds bitsandbytes' AdamW with optim_bits 8 for "8bit" names and is_paged for
+# "paged" ones (trainer_optimizer.py _get_bitsandbytes_optimizer), as train.py does
+HF_OPTIMIZERS = {
+    "adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "adamw_apex_fused": "adamw",
+    "adamw_bnb_8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
+    "paged_adamw_32bit": "paged_adamw",
+}
+_OPTIMIZER_WHY = {
+    "adamw_torch_8bit": "torchao's 8-bit AdamW quantizes its states its own way; mixspec plans bitsandbytes' "
+                        "(use adamw_bnb_8bit for 8-bit states mixspec can plan)",
+    "adamw_torch_4bit": "torchao's 4-bit AdamW states; mixspec plans 32-bit or bitsandbytes 8-bit states",
+}
+
+
+def spec_optimizer(name: str) -> tuple[Optional[str], str]:
+    """(the spec's training.optimizer for a transformers optim name, or None; why not)."""
+    if name in HF_OPTIMIZERS:
+        return HF_OPTIMIZERS[name], ""
+    return None, _OPTIMIZER_WHY.get(name, "mixspec plans AdamW: torch's, or bitsandbytes' 8-bit / paged")
+
+
+OPTIMIZER_HINT = "use adamw_torch, adamw_bnb_8bit, paged_adamw_8bit or paged_adamw_32bit"
+
+
+
+@dataclass(frozen=True)
+class BackendQuantization:
+    """How a backend loads its base with bitsandbytes: the method and options, where the
+    config says so, and the module names its BitsAndBytesConfig skips (None: transformers'
+    default, i.e. the output embedding, tied weights and the module of the last parameter)."""
+
+    method: str  # nf4 | fp4 | int8
+    double_quant: bool
+    where: Location
+    skip: Optional[tuple[str, ...]] = None
+
+
+def quantize_imported(imported: Imported, tree, plan, quant: BackendQuantization, replan):
+    """Give the imported spec's components the backend's quantization: each frozen or LoRA
+    component holds its share of the modules the backend quantizes, a frozen component claims
+    the unassigned ones; a fully trained module the backend quantizes, or a Plan that does not
+    quantize exactly the backend's modules, is a located problem. ``replan()`` plans the spec
+    again (or records its problems and returns None). Returns the Plan or None."""
+    from mixspec.quantize import bnb_replaced
+
+    wanted = bnb_replaced(tree, quant.skip)
+    if not wanted:
+        return plan
+    options = {} if quant.method == "int8" else {"quantize_options": {"double_quant": quant.double_quant}}
+    full = sorted(m for c in plan.components if c.mode == "full" for m in wanted
+                  if any(p.startswith(m + ".") for p in c.params))
+    if full:
+        imported.problems.append(Problem(
+            quant.where, "", f"the backend quantizes {len(full)} module(s) this config trains fully "
+            f"({show(full, 3)}): bitsandbytes weights cannot be trained",
+            "freeze them or train them with LoRA, or skip them from quantization"))
+        imported.plan = None
+        return None
+    spec = imported.spec
+    for c in plan.components:
+        if any(p.rsplit(".", 1)[0] in wanted for p in c.params):
+            spec["components"][c.name].update(quantize=quant.method, **options)
+            imported.origins[f"components.{c.name}.quantize"] = quant.where
+    held = [m for m in plan.unassigned_modules
+            if any(w == m or w.startswith(m + ".") or m.startswith(w + ".") for w in wanted)]
+    if held:
+        spec["components"]["quantized_base"] = {"train": "freeze", "modules": [re.escape(m) for m in held],
+                                                "quantize": quant.method, **options}
+        imported.origins["components.quantized_base"] = quant.where
+    imported.plan = None
+    plan = replan()
+    if plan is None:
+        return None
+    planned = {m for c in plan.components if c.quantize for m in c.quantize.modules}
+    if planned != wanted:
+        more, fewer = sorted(wanted - planned), sorted(planned - wanted)
+        imported.problems.append(Problem(
+            quant.where, "", "the spec language cannot quantize exactly the backend's modules: "
+            + "; ".join(x for x in (f"the backend also quantizes {show(more, 3)}" if more else "",
+                                    f"the spec would also quantize {show(fewer, 3)}" if fewer else "") if x),
+            "report this config to mixspec"))
+        imported.plan = None
+        return None
+    return plan

@@ -23,8 +23,8 @@ from mixspec.tree import EMBEDDING, LORA_KINDS
 
 from . import Imported, tied_copies, tied_copy_text
 from ._axolotl_keys import AXOLOTL_KEYS
-from ._common import (BaseReader, Config, Model, Part, gib, human, load_tree,
-                      read_config, show)
+from ._common import (OPTIMIZER_HINT, BackendQuantization, BaseReader, Config, Model, Part, gib, human, load_tree,
+                      read_config, show, spec_optimizer)
 
 AXOLOTL_VERSION = "0.19.0"
 RULES = (f"axolotl {AXOLOTL_VERSION}: derived from its source (axolotl/loaders/adapter.py "
@@ -35,13 +35,10 @@ RULES = (f"axolotl {AXOLOTL_VERSION}: derived from its source (axolotl/loaders/a
 
 DEFAULT = f"axolotl {AXOLOTL_VERSION} default"
 _PEFT = "base_model.model."
-_ADAMW = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_apex_fused")
 _SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
 # settings the spec language cannot say, when set
 _NOT_EXPRESSIBLE = {
-    "load_in_4bit": "a 4-bit quantized base model; mixspec plans unquantized weights",
-    "load_in_8bit": "an 8-bit quantized base model; mixspec plans unquantized weights",
     "loraplus_lr_ratio": "LoRA+ gives lora_B its own learning rate; a spec component has one lr",
     "lora_target_parameters": "LoRA on raw parameters (MoE experts); mixspec puts LoRA on modules",
     "lora_exclude_modules": "PEFT exclude_modules is not modelled by mixspec import",
@@ -106,12 +103,14 @@ class _Reader(BaseReader):
                                                  "add base_model: ORG/NAME or a local directory"))
             return
         adapter = cfg.get("adapter", "str", None, allow_none=True)
-        if adapter not in (None, "", "lora"):
-            cfg.error("adapter", f"adapter: {adapter} cannot be expressed"
-                      + (" (QLoRA: a 4-bit base model)" if adapter == "qlora" else ""),
-                      "mixspec specs train parts fully or with LoRA on unquantized weights: adapter: lora, or none")
+        if adapter not in (None, "", "lora", "qlora"):
+            cfg.error("adapter", f"adapter: {adapter} cannot be expressed",
+                      "mixspec specs train parts fully, with LoRA, or with LoRA over a quantized base: adapter: lora, qlora or none")
             return
-        self.adapter = adapter or None
+        self.quantization = self.read_quantization(adapter)
+        if any(p.severity == "error" for p in self.out.problems):
+            return
+        self.adapter = "lora" if adapter == "qlora" else adapter or None
         lr = cfg.get("learning_rate", "float")
         if lr is None:
             if not cfg.has("learning_rate"):
@@ -142,6 +141,38 @@ class _Reader(BaseReader):
             self.decay_effects(plan, "axolotl's optimizer")
             self.precision_effect(plan)
         self.finish_unmodelled()
+
+    def read_quantization(self, adapter):
+        """axolotl's BitsAndBytesConfig (loaders/model.py): adapter qlora with load_in_4bit is nf4
+        with double quantization, lora with load_in_8bit is LLM.int8, both without a skip list
+        (transformers' default: output embedding, tied weights, last module) unless
+        bnb_config_kwargs says otherwise."""
+        cfg = self.cfg
+        four, eight = cfg.get("load_in_4bit", "bool", False), cfg.get("load_in_8bit", "bool", False)
+        kwargs = cfg.raw("bnb_config_kwargs", None) or {}
+        if adapter == "qlora" and not four:
+            cfg.error("adapter", "adapter: qlora needs load_in_4bit: true (axolotl refuses it otherwise)",
+                      "add load_in_4bit: true")
+        elif four and adapter != "qlora":
+            cfg.error("load_in_4bit", "load_in_4bit without adapter: qlora: axolotl quantizes for QLoRA only",
+                      "set adapter: qlora")
+        elif eight and adapter != "lora":
+            cfg.error("load_in_8bit", "load_in_8bit needs adapter: lora (quantized weights are not trained)",
+                      "set adapter: lora, or remove load_in_8bit")
+        if not (four or eight) or any(p.severity == "error" for p in self.out.problems):
+            return None
+        if not isinstance(kwargs, dict) or set(kwargs) - {"bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
+                                                           "llm_int8_skip_modules"}:
+            cfg.error("bnb_config_kwargs", "bnb_config_kwargs: only bnb_4bit_quant_type, bnb_4bit_use_double_quant "
+                      "and llm_int8_skip_modules are modelled", "remove the others to import the rest")
+            return None
+        skip = kwargs.get("llm_int8_skip_modules")
+        key = "load_in_4bit" if four else "load_in_8bit"
+        cfg.used.update({key, "bnb_config_kwargs"} & set(cfg.data))
+        return BackendQuantization(
+            method=str(kwargs.get("bnb_4bit_quant_type", "nf4")) if four else "int8",
+            double_quant=bool(kwargs.get("bnb_4bit_use_double_quant", True)), where=cfg.loc(key),
+            skip=tuple(map(str, skip)) if isinstance(skip, list) else None)
 
     def precision_effect(self, plan) -> None:
         """axolotl loads the model in the training precision (cfg.torch_dtype: bf16 for bf16,
@@ -572,11 +603,11 @@ class _Reader(BaseReader):
             elif value is not None:
                 cfg.unmodelled(key, "a fraction of the run (or not a count): the spec counts steps")
         optim = cfg.get("optimizer", "str", "adamw_torch_fused", allow_none=True) or "adamw_torch_fused"
-        if optim in _ADAMW:
-            put("optimizer", "adamw", self.src("optimizer", f"{DEFAULT}: adamw_torch_fused"))
+        chosen, why = spec_optimizer(optim)
+        if chosen:
+            put("optimizer", chosen, self.src("optimizer", f"{DEFAULT}: adamw_torch_fused"))
         else:
-            cfg.error("optimizer", f"optimizer: {optim} cannot be expressed: mixspec plans AdamW (its memory and states)",
-                      "use optimizer: adamw_torch_fused")
+            cfg.error("optimizer", f"optimizer: {optim} cannot be expressed: {why}", OPTIMIZER_HINT)
         self.adam_settings(t)
         return t
 

@@ -18,15 +18,15 @@ import os
 import re
 from typing import Optional
 
-from mixspec.errors import Location, Problem
+from mixspec.errors import Location, Problem, SpecError
 from mixspec.names import natural_key
 from mixspec.targets.llamafactory import (COMPOSITE_MODELS, LLAMAFACTORY_VERSION, _FLAG, _PART_LABEL, _PARTS,
                                           _forbidden, _full_trainable, _modules_to_save, _peft_list_match)
 from mixspec.tree import LORA_KINDS
 
 from . import Imported, tied_copies, tied_copy_text
-from ._common import (BaseReader, Config, Model, Part, gib, human, load_tree,
-                      read_config, show, split_names)
+from ._common import (BackendQuantization, BaseReader, Config, Model, Part, gib, human, load_tree,
+                      read_config, show, spec_optimizer, split_names, OPTIMIZER_HINT)
 from ._llamafactory_keys import LLAMAFACTORY_KEYS, TRAINING_ARGUMENTS_KEYS
 
 RULES = (f"LLaMA-Factory {LLAMAFACTORY_VERSION}: its selection rules re-implemented from its source "
@@ -44,23 +44,30 @@ _REMOVED = {
                            "freeze_language_model: true (with finetuning_type: full)"),
     "visual_inputs": ("removed in LLaMA-Factory 0.9.0 (multimodal input is automatic): 0.9.5 refuses the key",
                       "remove it"),
+    # renamed (hparams/*.py history: 0.9.3 commit b07628d, 0.9.2 commit 8f401e3)
+    "new_special_tokens": ("renamed add_special_tokens in LLaMA-Factory 0.9.3: 0.9.5 refuses the old name",
+                           "write add_special_tokens: with the same tokens"),
+    "new_normal_tokens": ("renamed add_tokens in LLaMA-Factory 0.9.3: 0.9.5 refuses the old name",
+                          "write add_tokens: with the same tokens"),
+    "image_dir": ("renamed media_dir in LLaMA-Factory 0.9.2: 0.9.5 refuses the old name", "write media_dir:"),
+    "image_resolution": ("replaced by image_max_pixels in LLaMA-Factory 0.9.2 (a pixel count, not a side): "
+                         "0.9.5 refuses the old key", "write image_max_pixels: the side squared (512 -> 262144)"),
+    "video_resolution": ("replaced by video_max_pixels in LLaMA-Factory 0.9.2 (a pixel count, not a side): "
+                         "0.9.5 refuses the old key", "write video_max_pixels: the side squared (256 -> 65536)"),
 }
 
 # settings that change what trains, the learning rates or the memory, and that the spec
 # language cannot say: set to anything but their default, the import stops with a reason
 _NOT_EXPRESSIBLE = {
-    "quantization_bit": (None, "a quantized base model (QLoRA); mixspec specs and plans are for unquantized weights"),
     "loraplus_lr_ratio": (None, "LoRA+ gives lora_B its own learning rate; a spec component has one lr"),
     "use_galore": (False, "GaLore projects full-parameter gradients; mixspec plans plain AdamW"),
     "use_apollo": (False, "APOLLO changes the optimizer; mixspec plans plain AdamW"),
     "use_badam": (False, "BAdam trains one block at a time; mixspec plans every trainable parameter at once"),
     "use_adam_mini": (False, "Adam-mini changes the optimizer states; mixspec plans plain AdamW"),
     "use_muon": (False, "Muon changes the optimizer; mixspec plans plain AdamW"),
-    "use_llama_pro": (False, "LLaMA Pro expands the model with new blocks; the spec's model has only its own"),
     "adapter_name_or_path": (None, "training resumes or merges existing adapters whose targets are in their "
                                    "own adapter_config.json"),
     "pure_bf16": (False, "pure bf16 keeps the trained parameters in bf16; mixspec plans them in fp32"),
-    "resize_vocab": (False, "a resized vocabulary changes the embedding shapes (and LoRA then trains them)"),
     "mixture_of_depths": (None, "mixture-of-depths converts the model"),
     "use_kt": (False, "KTransformers replaces the MoE experts"),
     "use_mca": (False, "Megatron-Core training is another engine"),
@@ -71,7 +78,6 @@ _NOT_EXPRESSIBLE = {
 _LORA_ONLY = ("use_rslora", "use_dora", "loraplus_lr_ratio", "pissa_init")  # LLaMA-Factory raises outside LoRA
 _LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "additional_target", "create_new_adapter")
 _FREEZE_KEYS = ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules")
-_ADAMW = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_apex_fused")
 _SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 _STAGES = ("sft", "pt")
 # keys that do not change what trains, the learning rates or the memory per GPU
@@ -83,8 +89,113 @@ _NO_EFFECT_NOTE = {
 
 
 def read(text: str, path: str) -> Imported:
-    """What the LLaMA-Factory train.yaml ``text`` (read from ``path``) trains, as a spec."""
-    return read_config("llamafactory", RULES, _Reader, text, path)
+    """What the LLaMA-Factory train.yaml ``text`` (read from ``path``) trains, as a spec; a
+    ``llamafactory-cli train --key value ...`` command line (what the web UI previews) is read
+    as the YAML it stands for."""
+    command = _command_line(text, path)
+    if isinstance(command, Problem):
+        out = Imported(backend="llamafactory", rules=RULES, spec={})
+        out.problems.append(command)
+        return out
+    return read_config("llamafactory", RULES, _Reader, text, path, command)
+
+
+def _command_line(text: str, path: str):
+    """The --key value pairs of a ``llamafactory-cli train`` command in ``text`` as located data
+    (HfArgumentParser's reading: a bare --flag is true, values typed as YAML reads them), a
+    located Problem, or None when ``text`` holds no such command (a YAML file)."""
+
+    from mixspec.yamlloc import Located
+
+    from .shell import UnterminatedQuote, expand, split_commands
+
+    # the web UI's preview comes in a ```bash fence; blank those lines, keeping line numbers
+    text = "\n".join("" if line.lstrip().startswith("```") else line for line in text.splitlines())
+    if not re.search(r"(llamafactory-cli|\blmf)\s+train\b", text) or _is_mapping(text):
+        return None
+    try:
+        commands = split_commands(text)
+    except UnterminatedQuote as exc:
+        return Problem(Location(path, exc.line, exc.col), "", f"this {exc.quote} quote is never closed")
+    words = next((c[i:] for c in commands for i in range(len(c) - 1)
+                  if os.path.basename(c[i].text) in ("llamafactory-cli", "lmf") and c[i + 1].text == "train"), None)
+    if words is None:
+        return None
+    where = lambda w: Location(path, w.line, w.col)  # noqa: E731
+    if len(words) > 2 and not words[2].text.startswith("--"):
+        return _file_with_overrides(words[2:], path)
+    data, key_locs, value_locs = {}, {}, {}
+    key = None
+    for w in words[2:]:
+        w = expand(w, {})
+        if w.unresolved:
+            return Problem(where(w), key or "", f"{w.raw or w.text!r} depends on {', '.join(w.unresolved)}, "
+                           "which this command line does not set", "write the value itself")
+        if w.text.startswith("--") and len(w.text) > 2:
+            key, eq, value = w.text[2:].partition("=")
+            key = key.replace("-", "_")
+            data[key], key_locs[(key,)] = True, where(w)  # a bare --flag: true
+            if eq:
+                data[key], value_locs[(key,)] = _typed(value), where(w)
+            continue
+        if key is None or (key,) in value_locs:
+            return Problem(where(w), key or "", f"{w.text!r}: one value per --key (LLaMA-Factory's parser "
+                           "stops on the rest: \"Some specified arguments are not used\")",
+                           "quote a value with spaces; join lists with commas")
+        data[key], value_locs[(key,)] = _typed(w.text), where(w)
+    return Located(path, data, value_locs, key_locs)
+
+
+def _is_mapping(text: str) -> bool:
+    """A YAML config (that merely mentions the command somewhere), not a command line."""
+    import yaml
+
+    try:
+        return isinstance(yaml.safe_load(text), dict)
+    except yaml.YAMLError:
+        return False
+
+
+def _file_with_overrides(words, path: str):
+    """``llamafactory-cli train FILE.yaml key=value ...`` (hparams/parser.py read_args: the
+    file, then OmegaConf.from_cli overrides): the file's keys where they are written, each
+    override at its word on the command line."""
+    from mixspec.yamlloc import Located, load_located_text
+
+    name = words[0].text
+    bases = [os.getcwd()] + ([] if path.startswith("<") else [os.path.dirname(os.path.abspath(path))])
+    found = next((os.path.join(b, name) for b in bases if os.path.isfile(os.path.join(b, name))), None)
+    if found is None or not name.endswith((".yaml", ".yml")):
+        return Problem(Location(path, words[0].line, words[0].col), "", f"this command trains from the file {name}, "
+                       "which is not here" if found is None else f"{name}: mixspec imports a YAML config",
+                       f"import that file: mixspec import --from llamafactory {name}")
+    try:
+        with open(found, encoding="utf-8") as fh:
+            located = load_located_text(fh.read(1 << 20), name)
+    except (OSError, SpecError) as exc:
+        problems = getattr(exc, "problems", None)
+        return problems[0] if problems else Problem(Location(path, words[0].line, words[0].col), "", str(exc))
+    data = dict(located.data) if isinstance(located.data, dict) else {}
+    key_locs, value_locs = dict(located.key_locs), dict(located.value_locs)
+    for w in words[1:]:
+        key, eq, value = w.text.partition("=")
+        if not eq or not key:
+            return Problem(Location(path, w.line, w.col), "", f"{w.text!r}: an override is key=value",
+                           "write key=value (OmegaConf.from_cli)")
+        data[key] = _typed(value)
+        key_locs[(key,)] = value_locs[(key,)] = Location(path, w.line, w.col)
+    return Located(name, data, value_locs, key_locs)
+
+
+def _typed(value: str):
+    """A command-line value as the config file would hold it (True, 8, 5e-05 ...)."""
+    import yaml
+
+    try:
+        typed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    return typed if isinstance(typed, (bool, int, float)) else value
 
 
 class _Reader(BaseReader):
@@ -136,6 +247,7 @@ class _Reader(BaseReader):
                       "mixspec specs train parts fully or with LoRA: use full, freeze or lora")
             return
         self.ftype = ftype
+        self.quantization = self.read_quantization()
         self.flags = tuple(cfg.get(_FLAG[part], "bool", default) for part, default in
                            zip(_PARTS, (True, True, False)))
 
@@ -150,6 +262,7 @@ class _Reader(BaseReader):
         self.config = config
         self.comp = COMPOSITE_MODELS.get(tree.model_type)
         self.check_option_scope()
+        self.resize_effects()
         if ftype == "full":
             self.full()
         elif ftype == "freeze":
@@ -192,6 +305,31 @@ class _Reader(BaseReader):
             self._part_source = {}
         return self._part_source
 
+    def read_quantization(self):
+        """LLaMA-Factory's on-the-fly BitsAndBytesConfig (model/model_utils/quantization.py
+        configure_quantization): quantization_bit 4 is quantization_type (nf4) with
+        double_quantization (true), 8 is LLM.int8; no skip list (transformers' default)."""
+        cfg = self.cfg
+        bits = cfg.get("quantization_bit", "int", None, allow_none=True)
+        for key in ("quantization_method", "quantization_type", "double_quantization"):
+            cfg.used.add(key)
+        if bits is None:
+            return None
+        cfg.used.add("quantization_bit")
+        method = cfg.get("quantization_method", "str", "bitsandbytes")
+        if method not in ("bitsandbytes", "bnb"):
+            cfg.error("quantization_method", f"quantization_method: {method} cannot be expressed: mixspec plans "
+                      "bitsandbytes quantization only", "use quantization_method: bitsandbytes")
+            return None
+        kind = cfg.get("quantization_type", "str", "nf4")
+        if bits not in (4, 8) or (bits == 4 and kind not in ("nf4", "fp4")):
+            cfg.error("quantization_bit", f"quantization_bit {bits} ({kind}): bitsandbytes quantizes to 4 bit "
+                      "(nf4, fp4) or 8 bit", "use quantization_bit: 4 or 8")
+            return None
+        return BackendQuantization(method=kind if bits == 4 else "int8",
+                                   double_quant=cfg.get("double_quantization", "bool", True),
+                                   where=cfg.loc("quantization_bit"))
+
     # -- option scope: keys that do nothing under this finetuning_type or model ------------
     def check_option_scope(self) -> None:
         cfg, ftype = self.cfg, self.ftype
@@ -204,6 +342,9 @@ class _Reader(BaseReader):
                                f"composite-model registry (model/model_utils/visual.py): {key} does nothing "
                                "(full trains every parameter, lora_target goes to PEFT unfiltered)",
                                f"remove {key}; select parts with lora_target (LoRA) or freeze tuning instead")
+        if ftype == "full" and self.llama_pro:
+            cfg.error("use_llama_pro", "LLaMA-Factory raises: `use_llama_pro` is only valid for Freeze or LoRA "
+                      "training", "use finetuning_type: freeze or lora")
         for key in _LORA_ONLY:
             if ftype != "lora" and cfg.has(key) and cfg.data[key] not in (None, False):
                 cfg.error(key, f"LLaMA-Factory refuses {key} with finetuning_type: {ftype} "
@@ -217,7 +358,7 @@ class _Reader(BaseReader):
                     cfg.used.add(key)
         if ftype != "freeze":
             for key in _FREEZE_KEYS:
-                if cfg.has(key):
+                if cfg.has(key) and not (key == "freeze_trainable_layers" and self.llama_pro):
                     cfg.effect(key, "flag-no-effect", f"{key} applies only to finetuning_type: freeze; "
                                                       f"with {ftype} it does nothing",
                                f"remove {key}, or use finetuning_type: freeze")
@@ -287,19 +428,15 @@ class _Reader(BaseReader):
             cfg.error("finetuning_type", "LLaMA-Factory raises \"Current model does not support freeze tuning\": "
                                          "the config has no num_hidden_layers", "use finetuning_type: full or lora")
             return
-        if n_train > 0:
-            ids = range(max(0, num_layers - n_train), num_layers)
-        else:
-            ids = range(min(-n_train, num_layers))
+        ids = self.llama_pro_layers(num_layers, "freeze_trainable_layers")
+        if ids is False:
+            return
+        if ids is None:
+            ids = range(max(0, num_layers - n_train), num_layers) if n_train > 0 else range(min(-n_train, num_layers))
         names = self.canonical_params()
-        hidden, non_hidden = set(), set()
-        for name in names:
-            if ".0." in name:
-                hidden.add(name.split(".0.")[-1].split(".")[0])
-            elif ".1." in name:
-                hidden.add(name.split(".1.")[-1].split(".")[0])
-            if re.search(r"\.\d+\.", name) is None and "." in name:
-                non_hidden.add(name.split(".")[-2])
+        from mixspec.targets.llamafactory import hidden_modules  # LLaMA-Factory's rule, once
+
+        hidden, non_hidden = hidden_modules(names)
         trainable_layers: list[str] = []
         for module in modules:
             if module != "all" and module not in hidden:
@@ -327,8 +464,10 @@ class _Reader(BaseReader):
                 trained[name] = "extra"
             elif any(t in name for t in projector):
                 trained[name] = "projector"
-        layer_text = (f"the last {n_train}" if n_train > 0 else f"the first {-n_train}") + \
-            f" of {num_layers} layers (indices {ids.start}-{ids.stop - 1})"
+        layer_text = (f"one in {ids.step} of {num_layers} layers (use_llama_pro: indices "
+                      f"{', '.join(map(str, ids))})" if self.llama_pro else
+                      (f"the last {n_train}" if n_train > 0 else f"the first {-n_train}")
+                      + f" of {num_layers} layers (indices {ids.start}-{ids.stop - 1})")
         # the layer keys are substrings '.<i>.': they hit every stack numbered like the LLM's
         outside = sorted({p for p, why in trained.items() if why == "layers" and self.model.role_of(p) not in
                           ("language", None)}, key=natural_key)
@@ -340,6 +479,7 @@ class _Reader(BaseReader):
                        f"{human(self.model.numel(outside))} parameters outside the language model: {show(mods)}",
                        "freeze the vision tower (freeze_vision_tower: true), or train these parts on purpose "
                        "with a mixspec spec")
+        self.extra_substring_effects(extras, trained)
         groups = {"layers": ("trainable_layers", f"freeze tuning: {layer_text}"
                              + ("" if modules == ["all"] else f", modules {', '.join(modules)}"),
                              self.src("freeze_trainable_layers", f"{DEFAULT}: freeze_trainable_layers 2")),
@@ -353,6 +493,51 @@ class _Reader(BaseReader):
                 label, group, source = groups[why]
                 self.part_source[label] = source
                 self.parts.append(Part(label, group, "full", self.lr, self.model.with_tied(names_)))
+
+    @property
+    def llama_pro(self) -> bool:
+        return bool(self.cfg.get("use_llama_pro", "bool", False))
+
+    def llama_pro_layers(self, num_layers: int, why_key: str):
+        """use_llama_pro: the trained block indices, every stride-th (adapter.py
+        _setup_freeze_tuning / misc.py find_expanded_modules: stride = num_layers //
+        freeze_trainable_layers, ids stride-1, 2*stride-1, ...); None without it, False after
+        a located problem (LLaMA-Factory raises)."""
+        cfg = self.cfg
+        if not self.llama_pro:
+            return None
+        k = cfg.get("freeze_trainable_layers", "int", 2)
+        if k == 0 or num_layers % k != 0:
+            cfg.error("freeze_trainable_layers" if cfg.has("freeze_trainable_layers") else "use_llama_pro",
+                      f"LLaMA-Factory raises: `num_layers` {num_layers} should be divisible by "
+                      f"`num_layer_trainable` {k} (use_llama_pro)",
+                      "freeze_trainable_layers: the number of blocks the checkpoint was expanded by (num_expand)")
+            return False
+        stride = num_layers // k
+        ids = range(stride - 1, num_layers + stride - 1, stride)
+        cfg.effect("use_llama_pro", "llama-pro-blocks",
+                   f"use_llama_pro trains blocks {', '.join(map(str, ids))} of {num_layers} (one in {stride}, "
+                   f"freeze_trainable_layers {k}): the blocks LLaMA-Factory's scripts/llama_pro.py added if this "
+                   f"checkpoint was expanded with num_expand {k}; on any other checkpoint they are original blocks",
+                   "train on the checkpoint llama_pro.py wrote, with freeze_trainable_layers = its num_expand")
+        return ids
+
+    def extra_substring_effects(self, extras: list[str], trained: dict[str, str]) -> None:
+        """freeze_extra_modules names match as substrings of parameter names (adapter.py: ``any(
+        trainable_layer in name ...)``): 'proj' (meant: the projector) also trains every *_proj."""
+        for module in extras:
+            loose = sorted((p for p, why in trained.items() if why == "extra" and module in p
+                            and f".{module}." not in f".{p}"), key=natural_key)
+            if not loose:
+                continue
+            mods = sorted({p.rsplit(".", 1)[0] for p in loose}, key=natural_key)
+            leaves = sorted({m.rsplit(".", 1)[-1] for m in mods})
+            self.cfg.effect("freeze_extra_modules", "freeze-extra-substring",
+                            f"freeze_extra_modules {module!r}: LLaMA-Factory trains every parameter whose name "
+                            f"contains it, so it also trains {human(self.model.numel(loose))} parameters of "
+                            f"{len(mods)} modules named {', '.join(leaves[:6])}{' ...' if len(leaves) > 6 else ''} "
+                            f"({show(mods, 3)}), not only the module called {module!r}",
+                            "train that module alone with a mixspec spec (a pattern component), or accept these")
 
     # -- LoRA ------------------------------------------------------------------------
     def find_all_linear_modules(self) -> list[str]:
@@ -389,6 +574,20 @@ class _Reader(BaseReader):
         all_targets = len(targets) == 1 and targets[0] == "all"
         if all_targets:
             targets = self.find_all_linear_modules()
+        if self.llama_pro:  # misc.py find_expanded_modules: full names in the stride-th blocks
+            num_layers = (self.config or {}).get("num_hidden_layers")
+            if not isinstance(num_layers, int) or not num_layers:
+                cfg.error("use_llama_pro", "LLaMA-Factory raises \"Model was not supported.\": use_llama_pro under "
+                          "LoRA reads num_hidden_layers from the top of the config, which this model has not",
+                          "use finetuning_type: freeze (it reads text_config), or remove use_llama_pro")
+                return
+            ids = self.llama_pro_layers(num_layers, "freeze_trainable_layers")
+            if ids is False:
+                return
+            layers = [f".{i}." for i in ids]
+            named, targets = targets, [m for m in modules if any(t in m for t in targets) and any(x in m for x in layers)]
+        else:
+            named = targets
         if self.comp is not None:
             blocked = _forbidden(self.comp, self.flags) + tuple(self.comp.lora_conflict)
             kept = [m for m in modules if any(t in m for t in targets) and not any(b in m for b in blocked)]
@@ -411,16 +610,22 @@ class _Reader(BaseReader):
                          if blocked else ""),
                       "check lora_target and the freeze_* flags against `mixspec tree MODEL`")
             return
-        if not all_targets:
-            self.lora_target_effects(targets, chosen, blocked)
+        if not all_targets and not self.llama_pro:
+            self.lora_target_effects(named, chosen, blocked)
         self.lora_flag_effects(chosen, all_targets)
         where = self.src("lora_target", f"{DEFAULT}: lora_target all")
         self.part_source["lora"] = where
-        group = "LoRA (lora_target: " + ("all" if all_targets else ", ".join(targets)) + ")"
-        saved = self.additional_target(chosen)
+        group = "LoRA (lora_target: " + ("all" if all_targets else ", ".join(named)) + ")" + (
+            " in the use_llama_pro blocks" if self.llama_pro else "")
+        resize = self.resize_key()
+        if resize and not cfg.has("additional_target"):  # model/adapter.py: the embeddings join
+            saved = self.additional_target(chosen, self.embedding_leaves(), resize)
+        else:
+            saved = self.additional_target(chosen)
         self.parts.append(Part("lora", group, "lora", self.lr, set(chosen), lora=settings))
         if saved:
-            self.part_source["additional_target"] = cfg.loc("additional_target")
+            self.part_source["additional_target"] = cfg.loc(resize if resize and not cfg.has("additional_target")
+                                                            else "additional_target")
             params = {p for m in saved for p in self.model.params_under(m)}
             self.parts.append(Part("additional_target", "additional_target (PEFT modules_to_save copies)", "full",
                                    self.lr, self.model.with_tied(params)))
@@ -490,9 +695,50 @@ class _Reader(BaseReader):
                        f"additional_target: {leaf} trains it as a PEFT modules_to_save copy (its weights held "
                        "twice), or use finetuning_type: full")
 
-    def additional_target(self, chosen: set[str]) -> list[str]:
+    # -- new tokens (model/patcher.py patch_tokenizer, model/adapter.py _setup_lora_tuning) ------
+    def resize_key(self) -> Optional[str]:
+        """The key that makes LLaMA-Factory resize the vocabulary: resize_vocab, or new tokens
+        (add_tokens / add_special_tokens / new_special_tokens_config: patch_tokenizer sets
+        resize_vocab once one of them is new to the tokenizer)."""
         cfg = self.cfg
-        names = split_names(cfg.get("additional_target", "list_str", None, allow_none=True))
+        for key in ("resize_vocab", "new_special_tokens_config", "add_special_tokens", "add_tokens"):
+            if cfg.has(key) and cfg.data[key] not in (None, False, "", []):
+                cfg.used.add(key)
+                return key
+        return None
+
+    def embedding_leaves(self) -> list[str]:
+        """The last names of get_input_embeddings() and get_output_embeddings(): what
+        _setup_lora_tuning puts in additional_target when the vocabulary is resized."""
+        tree = self.model.tree
+        return sorted({m.rsplit(".", 1)[-1] for m in (tree.input_embedding, tree.output_embedding) if m})
+
+    def resize_effects(self) -> None:
+        key = self.resize_key()
+        if key is None:
+            return
+        cfg, tree = self.cfg, self.model.tree
+        tokens = (f"{key}: new tokens make LLaMA-Factory set resize_vocab (model/patcher.py); "
+                  if key != "resize_vocab" else "resize_vocab: ")
+        rows = ("the embedding matrices grow to len(tokenizer) rounded up to 64 where the tokens do not fit "
+                "their spare rows; those rows are not in this Plan's counts")
+        how = {"lora": "under LoRA, LLaMA-Factory trains " + " and ".join(self.embedding_leaves())
+                       + " in full as additional_target (PEFT modules_to_save copies; planned below)"
+                       if not cfg.has("additional_target") else "additional_target is given, so LLaMA-Factory "
+                       "does not add the embeddings: the new tokens' rows stay at their initial values",
+               "freeze": "freeze tuning does not train " + " or ".join(
+                   m for m in (tree.input_embedding, tree.output_embedding) if m) + ": the new tokens' rows stay "
+                   "at their initial values",
+               "full": "full training trains them with the rest"}[self.ftype]
+        cfg.effect(key, "resize-vocab", tokens + how + "; " + rows + " (if every token is already in the "
+                   "tokenizer, nothing is resized and nothing is added)",
+                   "keep it if the tokens are new; with freeze tuning add the embeddings to freeze_extra_modules"
+                   if self.ftype == "freeze" else "keep it if the tokens are new")
+
+    def additional_target(self, chosen: set[str], names=None, key: str = "additional_target") -> list[str]:
+        cfg = self.cfg
+        if names is None:
+            names = split_names(cfg.get("additional_target", "list_str", None, allow_none=True))
         if not names:
             return []
         all_modules = self.model.modules
@@ -501,18 +747,18 @@ class _Reader(BaseReader):
         for t in names:
             hits = [m for m in wrapped if m.endswith(t)]
             if not hits:
-                cfg.effect("additional_target", "additional-target-matches-nothing",
+                cfg.effect(key, "additional-target-matches-nothing",
                            f"additional_target {t!r} matches no module; PEFT skips it without a word",
                            "module names: mixspec tree MODEL")
                 continue
             loose = [m for m in hits if not (m == t or m.endswith("." + t))]
             if loose:
-                cfg.effect("additional_target", "additional-target-suffix",
+                cfg.effect(key, "additional-target-suffix",
                            f"PEFT matches modules_to_save names as plain suffixes: {t!r} also wraps "
                            f"{show(loose, 3)}", "give the full leaf name")
         overlap = [m for m in wrapped if m in chosen or any(c.startswith(m + ".") for c in chosen)]
         if overlap:
-            cfg.error("additional_target", f"additional_target wraps modules that also get LoRA: {show(overlap)}",
+            cfg.error(key, f"additional_target wraps modules that also get LoRA: {show(overlap)}",
                       "a module is either a LoRA target or a modules_to_save copy; remove one")
             return []
         if wrapped:
@@ -520,10 +766,11 @@ class _Reader(BaseReader):
             n = self.model.numel(params)
             for module, param, partner in tied_copies(self.model.tree, wrapped):
                 message, hint = tied_copy_text(module, param, partner, self.model.tree.param_numel[param],
-                                               "additional_target")
-                cfg.error("additional_target", message, hint)
+                                               "additional_target" if key == "additional_target" else
+                                               f"{key} (additional_target {', '.join(names)})")
+                cfg.error(key, message, hint)
                 return []
-            cfg.effect("additional_target", "additional-target-copy",
+            cfg.effect(key, "additional-target-copy",
                        f"PEFT modules_to_save keeps each of {show(wrapped, 3)} frozen and trains a copy beside it: "
                        f"{human(n)} parameters held twice (+{gib(2 * n)} of weights in bf16 on every GPU beyond "
                        "what the spec's plan counts), saved under ...modules_to_save.default... names",
@@ -580,11 +827,11 @@ class _Reader(BaseReader):
             else:
                 cfg.unmodelled(key, "a fraction of the run (or not a count): the spec counts steps")
         optim = cfg.get("optim", "str", "adamw_torch")
-        if optim in _ADAMW:
-            put("optimizer", "adamw", self.src("optim", f"{HF_DEFAULT}: adamw"))
+        chosen, why = spec_optimizer(optim)
+        if chosen:
+            put("optimizer", chosen, self.src("optim", f"{HF_DEFAULT}: adamw"))
         else:
-            cfg.error("optim", f"optim: {optim} cannot be expressed: mixspec plans AdamW (its memory and states)",
-                      "use optim: adamw_torch")
+            cfg.error("optim", f"optim: {optim} cannot be expressed: {why}", OPTIMIZER_HINT)
         self.adam_settings(t)
         if cfg.get("warmup_steps", "float", 0):
             cfg.unmodelled("warmup_steps", "the spec has warmup_ratio only")
@@ -609,15 +856,17 @@ class _Reader(BaseReader):
             names = [n for n in names if n]
             if not names:
                 continue
-            out[spec_key] = self.dataset_path(names[0], dataset_dir)
+            paths = [self.dataset_path(name, dataset_dir) for name in names]
+            out[spec_key] = paths[0] if len(paths) == 1 else paths  # several: mixed, as LLaMA-Factory mixes them
             o[f"data.{spec_key}"] = cfg.loc(key)
-            if len(names) > 1:
-                cfg.unmodelled(key, f"a spec names one {spec_key} dataset: {', '.join(names[1:])} not carried over")
         for key in ("media_dir", "dataset_dir"):
             cfg.used.add(key)
         if "train" in out:
             out["max_pixels"] = cfg.get("image_max_pixels", "int", 768 * 768)
             o["data.max_pixels"] = self.src("image_max_pixels", f"{DEFAULT}: image_max_pixels 589824 (768 x 768)")
+            if cfg.has("image_min_pixels"):
+                out["min_pixels"] = cfg.get("image_min_pixels", "int", 32 * 32)
+                o["data.min_pixels"] = cfg.loc("image_min_pixels")
         return out
 
     def dataset_path(self, name: str, dataset_dir: str) -> str:

@@ -84,6 +84,14 @@ def split_commands(text: str) -> list[list[Word]]:
                 pos_advance(text[i + 1])
                 i += 2
                 continue
+            elif ch == "$" and text.startswith("(", i + 1):
+                j = _closing_paren(text, i + 1)
+                cur.append("\0" + text[i + 1:j])
+                raw.append(text[i:j])
+                for c in text[i:j]:
+                    pos_advance(c)
+                i = j
+                continue
             else:
                 cur.append("\0" if ch == "$" else ch)  # "\0": an expansion, done by expand()
                 raw.append(ch)
@@ -116,6 +124,16 @@ def split_commands(text: str) -> list[list[Word]]:
             if i + 1 < n and text[i + 1] in "|&" and ch != ";":
                 pos_advance(ch)
                 i += 1
+        elif ch == "$" and text.startswith("(", i + 1):  # $(...) / $((...)): one word, expanded later
+            if start is None:
+                start = (line, col)
+            j = _closing_paren(text, i + 1)
+            cur.append("\0" + text[i + 1:j])
+            raw.append(text[i:j])
+            for c in text[i:j]:
+                pos_advance(c)
+            i = j
+            continue
         else:
             if start is None:
                 start = (line, col)
@@ -132,6 +150,75 @@ def split_commands(text: str) -> list[list[Word]]:
         raise UnterminatedQuote(quote, *quote_start)
     end_command()
     return commands
+
+
+def _closing_paren(text: str, i: int) -> int:
+    """The index just past the ``)`` that closes the ``(`` at ``i`` (the end of ``text`` if none)."""
+    depth, quote = 0, ""
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return len(text)
+
+
+def _substitution(inner: str, variables: dict[str, str]):
+    """The value of ``$(inner)`` where it is integer arithmetic the script itself fixes
+    (``$((16 / N))``, ``$(expr 16 / $N)``), else None: nothing is ever run."""
+    inner = inner.replace("\0", "$")
+    if inner.startswith("(") and inner.endswith(")"):  # $(( ... )): bare names are variables too
+        body = re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", r"\1", inner[1:-1])
+    else:
+        words = inner.split()
+        if len(words) != 4 or words[0] != "expr" or words[2] not in ("+", "-", "\\*", "*", "/", "%"):
+            return None
+        body = " ".join((words[1], words[2].lstrip("\\"), words[3]))
+    body = re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", r"\1", body)
+    names = {n: variables.get(n) for n in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", body)}
+    if any(v is None or not re.fullmatch(r"-?\d+", v.strip()) for v in names.values()):
+        return None
+    body = re.sub(r"[A-Za-z_][A-Za-z0-9_]*", lambda m: names[m.group(0)].strip(), body)
+    return _arith(body)
+
+
+def _arith(body: str):
+    """Integer + - * / % and parentheses, as the shell computes them (division truncates)."""
+    import ast
+
+    try:
+        tree = ast.parse(body.replace("/", "//").strip(), mode="eval").body
+    except SyntaxError:
+        return None
+
+    def ev(node):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = ev(node.operand)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod)):
+            a, b = ev(node.left), ev(node.right)
+            if isinstance(node.op, (ast.FloorDiv, ast.Mod)):
+                if b == 0:
+                    raise ZeroDivisionError
+                q = abs(a) // abs(b) * (1 if (a >= 0) == (b >= 0) else -1)
+                return q if isinstance(node.op, ast.FloorDiv) else a - q * b
+            return {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b}[type(node.op)]
+        raise ValueError
+
+    try:
+        return ev(tree)
+    except (ValueError, ZeroDivisionError, RecursionError):
+        return None
 
 
 class UnterminatedQuote(ValueError):
@@ -157,6 +244,16 @@ def expand(word: Word, variables: dict[str, str]) -> Word:
         if ch != "\0":
             out.append(ch)
             i += 1
+            continue
+        if marked.startswith("(", i + 1):  # $(...) from split_commands
+            j = _closing_paren(marked, i + 1)
+            value = _substitution(marked[i + 2:j - 1], variables)
+            if value is None:
+                missing.append("$" + marked[i + 1:j].replace("\0", "$"))
+                out.append("$" + marked[i + 1:j].replace("\0", "$"))
+            else:
+                out.append(str(value))
+            i = j
             continue
         m = _VAR.match("$" + marked[i + 1:].replace("\0", "$"))
         if not m:

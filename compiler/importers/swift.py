@@ -40,6 +40,16 @@ from typing import Optional
 
 from mixspec.errors import Location, ModelSourceError, Problem, SpecError, quoted
 from mixspec.importers import Effect, Imported, Unmodelled, tied_copies, tied_copy_text
+from mixspec.importers._common import (
+    DEEPSPEED_NOT_HERE,
+    OPTIMIZER_HINT,
+    BackendQuantization,
+    find_file,
+    quantize_imported,
+    read_json,
+    spec_optimizer,
+    zero_settings,
+)
 from mixspec.importers.shell import ASSIGNMENT, UnterminatedQuote, Word, expand, split_commands
 from mixspec.names import is_under, natural_key
 from mixspec.tree import EMBEDDING, LORA_KINDS, ModuleTree
@@ -47,6 +57,17 @@ from mixspec.tree import EMBEDDING, LORA_KINDS, ModuleTree
 RULES = {4: "ms-swift 4.x (rules of 4.6.0)", 3: "ms-swift 3.x (rules of 3.12.6)"}
 DEFAULT = {4: "ms-swift 4.x default", 3: "ms-swift 3.x default"}
 
+# flags whose value may stay unknown (computed by the shell): what each changes instead
+_SHELL_UNKNOWN = {
+    "gradient_accumulation_steps": "it sets the global batch", "num_train_epochs": "it sets the run's length",
+    "max_steps": "it sets the run's length", "save_steps": "checkpoints", "logging_steps": "logging",
+    "seed": "the random seed", "output_dir": "where checkpoints go", "dataset": "the data",
+    "val_dataset": "the evaluation data",
+}
+# the training commands read here (`swift pt` parses SftArguments' subclass, same options)
+_COMMANDS = {("swift", "sft"), ("swift", "pt"), ("swift", "rlhf")}
+_MEGATRON = ("Megatron-SWIFT trains with Megatron-Core (tensor / pipeline / expert parallel shards, "
+             "Megatron's module names and optimizer): mixspec import does not read it")
 # swift's names for its tuner types that mixspec can say (others are refused)
 _TUNERS = ("full", "lora", "lora_llm")
 _GROUP_LABEL = {"vit": "ViT", "aligner": "aligner", "llm": "LLM", "other": "outside ViT/aligner/LLM",
@@ -56,6 +77,7 @@ _LR_FLAG = {"vit": "--vit_lr", "aligner": "--aligner_lr", "llm": "--learning_rat
 
 # flags that say what trains, how, and with which settings: read here
 _MODELLED = {
+    "quant_method", "quant_bits", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype",
     "model", "model_type", "tuner_type", "train_type", "freeze_llm", "freeze_vit", "freeze_aligner",
     "freeze_parameters", "freeze_parameters_regex", "freeze_parameters_ratio", "trainable_parameters",
     "trainable_parameters_regex", "target_modules", "target_regex", "modules_to_save", "lora_rank", "lora_alpha",
@@ -63,7 +85,7 @@ _MODELLED = {
     "optim", "lorap_lr_ratio", "use_galore", "torch_dtype", "bf16", "fp16", "per_device_train_batch_size",
     "gradient_accumulation_steps", "max_length", "deepspeed", "num_train_epochs", "max_steps", "weight_decay",
     "warmup_ratio", "gradient_checkpointing", "lr_scheduler_type", "max_grad_norm", "seed", "logging_steps",
-    "save_steps", "dataset", "val_dataset", "output_dir", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "save_steps", "dataset", "val_dataset", "output_dir", "adam_beta1", "adam_beta2", "adam_epsilon", "max_pixels",
 }
 # flags that never change which parameters train or at which LR (listed, with this note)
 _HARMLESS = {
@@ -71,7 +93,7 @@ _HARMLESS = {
     "save_only_model", "split_dataset_ratio", "add_version", "system", "model_author", "model_name",
     "per_device_eval_batch_size", "logging_first_step", "dataloader_persistent_workers", "load_from_cache_file",
     "dataset_num_proc", "streaming", "eval_strategy", "save_strategy", "attn_impl", "padding_free", "packing",
-    "vit_gradient_checkpointing", "use_liger_kernel", "external_plugins", "callbacks", "max_pixels",
+    "vit_gradient_checkpointing", "use_liger_kernel", "external_plugins", "callbacks",
     "loss_scale", "truncation_strategy", "metric_for_best_model", "greater_is_better", "ddp_timeout",
     "create_checkpoint_symlink", "logging_dir", "run_name", "overwrite_output_dir", "model_kwargs",
 }
@@ -82,7 +104,6 @@ _DS_BUILTIN = {"zero0": (0, "none"), "zero1": (1, "none"), "zero2": (2, "none"),
 _DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16",
            "float32": "fp32", "fp32": "fp32", "float": "fp32"}
 _SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-_OPTIMS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
 _TRUE = {"true", "1", "yes", "y", "t", "on"}
 _FALSE = {"false", "0", "no", "n", "f", "off"}
 _LORA_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules",
@@ -123,6 +144,9 @@ class _Reader:
         self.flags: dict[str, Flag] = {}
         self.env: dict[str, tuple[str, Location, bool]] = {}  # name -> (value, where, exported)
         self.version = 4
+        self.command = "sft"
+        self.unknown: dict[str, Word] = {}  # flags whose value the shell computes (see unknown_value)
+        self.rlhf_type = ""
 
     def loc(self, word: Word) -> Location:
         return Location(self.path, word.line, word.col)
@@ -137,6 +161,7 @@ class _Reader:
     def find_command(self) -> Optional[list[Word]]:
         shell_vars: dict[str, str] = {}
         found = []
+        seen: list[list[Word]] = []  # other swift / megatron commands
         try:
             commands = split_commands(self.text)
         except UnterminatedQuote as exc:
@@ -167,7 +192,11 @@ class _Reader:
                     if m.group(1) in _ENV_MODELLED and m.group(1) not in self.env:
                         self.env[m.group(1)] = (m.group(2), self.loc(w), False)
                 continue
-            if len(rest) >= 2 and Path(rest[0].text).name == "swift" and rest[1].text == "sft":
+            launcher = Path(rest[0].text).name if len(rest) >= 2 else ""
+            if launcher in ("swift", "megatron") and (launcher, rest[1].text) not in _COMMANDS:
+                seen.append(rest)
+                continue
+            if (launcher, rest[1].text if len(rest) >= 2 else "") in _COMMANDS:
                 cmd_env = {}
                 for w in assigns:
                     w = expand(w, shell_vars)
@@ -175,19 +204,33 @@ class _Reader:
                     cmd_env[m.group(1)] = (m.group(2), self.loc(w), True)
                 found.append((rest, cmd_env, dict(shell_vars)))
         if not found:
-            self.problem(Location(self.path, 1, 1), "", "no `swift sft` command found",
-                         "give a shell script or a command line that runs `swift sft ...`")
+            self._no_command(seen)
             return None
         if len(found) > 1:
             lines = ", ".join(str(cmd[0][0].line) for cmd in found)
-            self.problem(self.loc(found[1][0][0]), "", f"{len(found)} `swift sft` commands (lines {lines}); "
+            self.problem(self.loc(found[1][0][0]), "", f"{len(found)} `{'/'.join(sorted({'swift ' + c[0][1].text for c in found}))}` commands (lines {lines}); "
                          "mixspec import reads one", "cut the one to import into its own file, or pipe it: "
                          "sed -n 'A,Bp' FILE | mixspec import --from swift -")
             return None
         words, cmd_env, shell_vars = found[0]
+        self.command = words[1].text
         self.env.update(cmd_env)
         self.vars = shell_vars
         return words
+
+    def _no_command(self, seen: list[list[Word]]) -> None:
+        if not seen:
+            self.problem(Location(self.path, 1, 1), "", "no `swift sft` command found (nor `swift pt` / `swift rlhf`)",
+                         "give a shell script or a command line that runs `swift sft ...`")
+            return
+        words = seen[0]
+        what = f"{Path(words[0].text).name} {words[1].text}"
+        why = (_MEGATRON if words[0].text.endswith("megatron") else
+               "which trains nothing (mixspec import reads `swift sft`, `swift pt` and `swift rlhf`)")
+        self.problem(self.loc(words[0]), "", f"this is `{what}`" + (": " if "megatron" in what else ", ") + why,
+                     "import the `swift sft` run it belongs to" if not words[0].text.endswith("megatron") else
+                     "to audit what trains, import the same flags as a `swift sft` command line (Megatron's "
+                     "--tuner_type defaults to full, swift sft's to lora)")
 
     def parse_flags(self, words: list[Word]) -> None:
         current: Optional[Flag] = None
@@ -224,16 +267,32 @@ class _Reader:
         if not flag.values:
             return Word("", flag.where.line, flag.where.col)
         word = flag.values[0]
+        if word.unresolved and name in _SHELL_UNKNOWN:
+            self.unknown_value(name, word)
+            return None
         if word.unresolved:
             raise _Fail(Problem(self.loc(word), f"--{name}",
                                 f"its value {word.raw or word.text!r} depends on {', '.join(word.unresolved)}, "
-                                "which this file does not set",
+                                + ("a command mixspec does not run" if any(u.startswith("$(") for u in word.unresolved)
+                                   else "which this file does not set") + " (mixspec needs it: it can change what trains, an LR or "
+                                "the memory)",
                                 "set the variable in the file, or write the value itself"))
         if len(flag.values) > 1:
             raise _Fail(Problem(self.loc(flag.values[1]), f"--{name}",
                                 f"takes one value, got {len(flag.values)}: {' '.join(v.text for v in flag.values)}",
                                 "quote a value with spaces; give list values only to list flags"))
         return word
+
+    def unknown_value(self, name: str, word: Word) -> None:
+        """A value the shell computes and mixspec cannot (``$(nproc)``, an unset variable) on a
+        flag that changes neither what trains nor an LR nor the memory per GPU: listed as
+        unknown, the default stands in the spec."""
+        if name not in self.unknown:
+            self.unknown[name] = word
+            self.imp.unmodelled.append(Unmodelled(
+                self.loc(word), f"--{name} {word.raw or word.text}",
+                f"unknown: the value depends on {', '.join(word.unresolved)}, which mixspec does not evaluate; the "
+                f"spec keeps the default ({_SHELL_UNKNOWN[name]}, not what trains, the LRs or the memory per GPU)"))
 
     def get_str(self, name: str, default=None):
         w = self._value(name)
@@ -274,6 +333,9 @@ class _Reader:
         if flag is None:
             return None
         for w in flag.values:
+            if w.unresolved and name in _SHELL_UNKNOWN:
+                self.unknown_value(name, w)
+                return None
             if w.unresolved:
                 raise _Fail(Problem(self.loc(w), f"--{name}",
                                     f"value {w.raw or w.text!r} depends on {', '.join(w.unresolved)}, which this "
@@ -281,10 +343,211 @@ class _Reader:
         return list(flag.values)
 
     def origin(self, name: str) -> str:
+        if name in self.unknown:
+            return f"{self.loc(self.unknown[name])} --{name}: unknown ({self.unknown[name].raw}), default used"
         flag = self.flags.get(name)
         if flag is not None:
             return f"{flag.where} {flag.spelled}"
         return f"{DEFAULT[self.version]} (--{name})"
+
+
+# -- a train.sh mixspec compiled with its plugin (--tuner_type mixspec) -------------------------
+PLUGIN = "mixspec"  # targets/swift.py PLUGIN_NAME: the tuner and optimizer mixspec_plugin.py registers
+
+
+def _plugin_data(r: _Reader) -> tuple[dict, Path]:
+    """The Plan blocks of the --external_plugins file (literals, read with ast: never run)."""
+    import ast
+
+    flag = r.flags.get("external_plugins")
+    if flag is None or not flag.values:
+        raise _Fail(Problem(r.flags["tuner_type" if r.version >= 4 else "train_type"].where, "--external_plugins",
+                            f"tuner {PLUGIN!r} is registered by mixspec_plugin.py, and no --external_plugins "
+                            "names it", "import the train.sh mixspec wrote, beside its mixspec_plugin.py"))
+    word = flag.values[0]
+    name = Path((word.raw or word.text).strip("\"'")).name  # "$HERE/mixspec_plugin.py": the script's directory
+    bases = ([] if r.path.startswith("<") else [Path(r.path).resolve().parent]) + [Path.cwd()]
+    found = find_file(str(b / name) for b in bases)
+    if found is None:
+        raise _Fail(Problem(r.loc(word), "--external_plugins", f"{name} is not beside the script: it holds what "
+                            "this run trains", "import the train.sh in the directory mixspec compiled it to"))
+    values = {}
+    try:
+        for node in ast.parse(Path(found).read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                    and node.targets[0].id in ("SWIFT_VERSION", "PLAN_FINGERPRINT", "PLAN_MODEL", "LORA", "COMPONENTS"):
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise _Fail(Problem(r.loc(word), "--external_plugins", f"cannot read the Plan in {name}: {exc}")) from None
+    if "COMPONENTS" not in values:
+        raise _Fail(Problem(r.loc(word), "--external_plugins", f"{name} is not a mixspec plugin (no COMPONENTS)",
+                            "give the mixspec_plugin.py that mixspec compile wrote"))
+    return values, Path(found)
+
+
+def _from_plugin(r: _Reader, tuner: str) -> None:
+    """What a mixspec-compiled train.sh trains: the plugin's COMPONENTS (each parameter's
+    component, mode, LR and weight decay) and LORA (one adapter's settings), as a spec of
+    exact pattern components; the plugin's own fingerprint checks the result."""
+    from mixspec.names import expand_names
+    from mixspec.resolve import covering
+    from mixspec.targets._common import exact_regex
+
+    data, where = _plugin_data(r)
+    tree = r.tree
+    all_names = list(tree.param_shapes)
+    alias_of = defaultdict(list)
+    for alias, canon in tree.tied.items():
+        alias_of[canon].append(alias)
+    truth, components = _Truth(), {}
+    lora = data.get("LORA") or {}
+    truth.lora_settings = {"rank": lora.get("r"), "alpha": lora.get("lora_alpha"), "dropout": lora.get("lora_dropout"),
+                           "rslora": lora.get("use_rslora"), "dora": lora.get("use_dora")}
+    for c in data["COMPONENTS"]:
+        names = sorted(expand_names(c["params"]), key=natural_key)
+        name = _free_name(components, c["name"] + ("_part" if c["name"] in r.roles.prefixes else ""))
+        comp = {"train": c["mode"], "lr": c["lr"], "weight_decay": c["weight_decay"]}
+        if c["mode"] == "lora":
+            mods = sorted({n.split(".lora_A.")[0] for n in names if ".lora_A." in n}, key=natural_key)
+            comp["modules"] = _patterns(mods, exact_regex)
+            comp["lora"] = {k: truth.lora_settings[k] for k in ("rank", "alpha", "dropout")}
+            comp["lora"].update({k: True for k in ("rslora", "dora") if truth.lora_settings[k]})
+            comp["lora"]["targets"] = "all-linear"
+            comp["_targets"] = mods
+            truth.lora.update((m, (c["lr"], "all")) for m in mods)
+        else:
+            params = set(names) | {a for n in names for a in alias_of.get(n, ())}
+            comp["modules"] = _patterns(covering(params, all_names), exact_regex)
+            truth.full.update((n, (c["lr"], "all")) for n in names if n not in tree.tied)
+        components[name] = comp
+        r.imp.groups[name] = f"mixspec plugin: component {c['name']}"
+        r.imp.origins[f"components.{name}"] = f"{where.name} COMPONENTS {c['name']}"
+    r.imp.spec = {"version": 1, "model": r.source.path if r.source.kind == "local" else r.source.ref,
+                  "components": components}
+    r.imp.origins["model"] = r.origin("model")
+    _training(r, r.imp.spec, tuner)
+    _env_and_unmodelled(r)
+    r.imp.unmodelled = [u for u in r.imp.unmodelled if not u.key.startswith(("--external_plugins", "--optimizer"))]
+    r.imp.unmodelled.sort(key=lambda u: (u.where.line, u.where.col))
+    if not r.imp.ok:
+        return
+    r.imp.plan = _verify(r, truth)
+    if r.imp.plan is not None and r.imp.plan.fingerprint() != data.get("PLAN_FINGERPRINT"):
+        r.imp.problems.append(Problem(r.flags["external_plugins"].where, "--external_plugins", (
+            f"the Plan read from {where.name} does not give its own fingerprint {data.get('PLAN_FINGERPRINT')} "
+            f"(got {r.imp.plan.fingerprint()}): the plugin was edited, or compiled for another model"),
+            "compile the spec again"))
+        r.imp.plan = None
+
+
+# -- flag names: ms-swift's parser stops on any option it does not define ---------------------
+# names of earlier ms-swift versions: ReleaseNote3.0.md ("... is renamed to ...") for 2.x -> 3.x,
+# Command-line-parameters.md of 4.0 ("In ms-swift 3.x, the parameter name is train_type")
+_RENAMED = {  # old name -> (its version, the name in 3.x, the name in 4.x)
+    "sft_type": ("2.x", "train_type", "tuner_type"), "model_id_or_path": ("2.x", "model", "model"),
+    "template_type": ("2.x", "template", "template"), "quantization_bit": ("2.x", "quant_bits", "quant_bits"),
+    "check_model_is_latest": ("2.x", "check_model", "check_model"),
+    "batch_size": ("2.x", "per_device_train_batch_size", "per_device_train_batch_size"),
+    "eval_batch_size": ("2.x", "per_device_eval_batch_size", "per_device_eval_batch_size"),
+    "use_flash_attn": ("2.x", "attn_impl", "attn_impl"),
+    "bnb_4bit_comp_dtype": ("2.x", "bnb_4bit_compute_dtype", "bnb_4bit_compute_dtype"),
+    "dtype": ("2.x", "torch_dtype", "torch_dtype"), "add_output_dir_suffix": ("2.x", "add_version", "add_version"),
+    "lora_target_modules": ("2.x", "target_modules", "target_modules"),
+    "train_type": ("3.x", "train_type", "tuner_type"),
+}
+
+
+def _check_flag_names(r: _Reader) -> bool:
+    """Every flag must be one the command's ms-swift parser defines (argparse also takes a
+    unique prefix, and ``--no_X`` for a boolean X that defaults to true): a located problem
+    for each other one, with did-you-mean or the name it was renamed to. False if any."""
+    from ._swift_keys import RLHF_3, RLHF_4, SFT_3, SFT_4
+
+    version = 3 if "train_type" in r.flags and "tuner_type" not in r.flags else 4
+    known = {(3, False): SFT_3, (4, False): SFT_4, (3, True): RLHF_3, (4, True): RLHF_4}[
+        (version, r.command == "rlhf")]
+    lenient = "ignore_args_error" in r.flags and r.get_bool("ignore_args_error", False)
+    ok = True
+    for name, flag in list(r.flags.items()):
+        if name.startswith("no_") and name in known and name[3:] in known:  # store_false of a true default
+            if flag.values:
+                r.problem(r.loc(flag.values[0]), flag.spelled, "takes no value: argparse leaves "
+                          f"{flag.values[0].text!r} over and ms-swift stops (remaining_argv)",
+                          f"write {flag.spelled} alone, or --{name[3:]} false")
+                ok = False
+                continue
+            flag.values = [Word("false", flag.where.line, flag.where.col)]
+            _rename_flag(r, name, name[3:])
+            continue
+        if name in known:
+            continue
+        longer = sorted(k for k in known if k.startswith(name))
+        if len(longer) == 1 and longer[0] not in r.flags:  # argparse's allow_abbrev
+            r.effect("flag-abbreviated", flag.where, f"{flag.spelled} is not a swift option, but argparse reads "
+                     f"it as the only one it begins: --{longer[0]}", f"write --{longer[0]}")
+            _rename_flag(r, name, longer[0])
+        elif lenient:
+            r.effect("flag-ignored", flag.where, f"{flag.spelled}: ms-swift has no such option; with "
+                     "--ignore_args_error it warns (remaining_argv) and goes on without it", f"remove {flag.spelled}")
+            del r.flags[name]
+        else:
+            r.problem(flag.where, flag.spelled, *_unknown_flag_text(name, known, version, longer))
+            ok = False
+    return ok
+
+
+def _unknown_flag_text(name: str, known, version: int, longer: list) -> tuple[str, str]:
+    stop = f"ms-swift {version}.x has no such option and stops on it (ValueError: remaining_argv)"
+    if name in _RENAMED:
+        old, new3, new4 = _RENAMED[name]
+        if name == new3:  # 3.x's own name, given beside --tuner_type
+            return (f"this is the ms-swift 3.x name of --tuner_type: {stop}",
+                    "keep --tuner_type (ms-swift 4.x), or only --train_type (3.x)")
+        if new3 == new4:
+            return f"this is the ms-swift {old} name of --{new4}: {stop}", f"write --{new4}"
+        return (f"this is the ms-swift {old} name of --{new4} (--{new3} in 3.x): {stop}",
+                f"write --{new4} (ms-swift 4.x) or --{new3} (3.x)")
+    if len(longer) > 1:
+        return (f"an ambiguous abbreviation of {', '.join('--' + k for k in longer[:4])}"
+                + (" and more" if len(longer) > 4 else "") + ": argparse stops", "write the option in full")
+    from ._swift_keys import RLHF_4
+
+    if name in RLHF_4:
+        return stop, f"--{name} is a `swift rlhf` option: this command is `swift sft`/`swift pt`"
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    return stop, (f"did you mean --{close[0]}?" if close else "remove it, or check it against ms-swift's "
+                  "Command-line-parameters.md")
+
+
+def _rename_flag(r: _Reader, old: str, new: str) -> None:
+    flag = r.flags.pop(old)
+    flag.name = new
+    r.flags[new] = flag
+
+
+def _rlhf(r: _Reader, tuner: str) -> None:
+    """`swift rlhf`: the policy model's trainable set and LRs come from the same tuner, freeze
+    and LR flags as `swift sft` (RLHFArguments extends SftArguments); what the Plan leaves out
+    is said. Reward-model and PPO training add a value head (a new Linear) the tree lacks."""
+    kind = r.get_str("rlhf_type", "dpo")
+    where = r.flags["rlhf_type"].where if "rlhf_type" in r.flags else Location(r.path, *_first_pos(r))
+    if kind in ("rm", "ppo"):
+        raise _Fail(Problem(where, "--rlhf_type", f"--rlhf_type {kind} trains a new value head "
+                            "(a Linear from the hidden size to 1) the model has not got; mixspec plans the model's "
+                            "own modules", "import the dpo/kto/cpo/orpo/simpo/grpo/gkd runs only"))
+    extra = []
+    if kind in ("dpo", "kto", "grpo") and tuner == "full":
+        extra.append("a frozen reference copy of the model (full tuner; for grpo unless --beta 0), not in the "
+                     "memory estimate")
+    if kind in ("gkd",) or "teacher_model" in r.flags:
+        extra.append("the frozen teacher model, not in the memory estimate")
+    if kind == "grpo":
+        extra.append("generation (rollouts) and its KV cache or vLLM engine")
+    r.effect("rlhf", where, f"swift rlhf --rlhf_type {kind}: the trainable parameters and their LRs are imported "
+             "(same tuner, freeze and LR flags as swift sft) and planned as supervised training; not in the Plan: "
+             f"the {kind} loss" + "".join(f"; {e}" for e in extra),
+             "read the Plan for what trains; budget memory for the rest yourself")
+    r.rlhf_type = kind
 
 
 # -- swift's rules over the module tree -------------------------------------------------------
@@ -376,18 +639,18 @@ def _read(r: _Reader) -> None:
         return
     r.parse_flags(words)
     flags = r.flags
-    if "train_type" in flags and "tuner_type" in flags:
-        raise _Fail(Problem(flags["train_type"].where, "--train_type",
-                            "both --train_type (ms-swift 3.x) and --tuner_type (4.x) are given",
-                            "keep the one of your ms-swift version"))
+    if not _check_flag_names(r):
+        return
     r.version = 3 if "train_type" in flags else 4
     r.imp.rules = RULES[r.version]
     tuner_flag = "train_type" if r.version == 3 else "tuner_type"
     tuner = r.get_str(tuner_flag, "lora")
-    if tuner not in _TUNERS:
+    if tuner not in _TUNERS and tuner != PLUGIN:
         raise _Fail(Problem(flags[tuner_flag].where, f"--{tuner_flag}",
                             f"tuner {tuner!r}: mixspec expresses full, lora and lora_llm training only",
                             "a spec has train: full / lora / freeze per component"))
+    if r.command == "rlhf":
+        _rlhf(r, tuner)
     if tuner == "lora_llm" and r.version == 3:
         raise _Fail(Problem(flags[tuner_flag].where, "--train_type",
                             "ms-swift 3.x has no lora_llm tuner (it came with 4.0: --tuner_type lora_llm)",
@@ -408,7 +671,7 @@ def _read(r: _Reader) -> None:
         source = find_model(model_ref, base_dir=base_dir)
         tree = get_tree(source)
     except ModelSourceError as exc:
-        raise _Fail(Problem(r.loc(model_word), "--model", str(exc))) from None
+        raise _Fail(Problem(r.loc(model_word), "--model", exc.message, exc.hint)) from None
     from mixspec.registry import find_roles
     from mixspec.targets.swift import SWIFT_MODELS
 
@@ -427,6 +690,10 @@ def _read(r: _Reader) -> None:
                  f"--model_type {mt} is not the ms-swift model type mixspec knows for this {tree.model_type} "
                  f"config ({sw.model_type}); its module layout is read as {sw.model_type}'s",
                  f"use --model_type {sw.model_type}")
+    if tuner == PLUGIN:  # a train.sh mixspec compiled: its plugin holds the Plan
+        r.tree, r.sw, r.roles, r.source = tree, sw, roles, source
+        _from_plugin(r, tuner)
+        return
 
     truth = _Truth()
     lr_default = 1e-5 if tuner == "full" else 1e-4
@@ -447,9 +714,9 @@ def _read(r: _Reader) -> None:
         raise _Fail(Problem(flags["optimizer"].where, "--optimizer",
                             f"optimizer plugin {optimizer!r}: mixspec expresses AdamW with per-part LRs only"))
     optim = r.get_str("optim", "adamw_torch")
-    if optim not in _OPTIMS:
-        raise _Fail(Problem(flags["optim"].where, "--optim", f"{optim!r}: mixspec expresses AdamW only",
-                            "use adamw_torch"))
+    r.optimizer, why = spec_optimizer(optim)  # swift's optimizers build transformers' optim class
+    if r.optimizer is None:
+        raise _Fail(Problem(flags["optim"].where, "--optim", f"{optim!r}: {why}", OPTIMIZER_HINT))
     lr_mode = "single"
     if vit_lr is not None or aligner_lr is not None:
         if optimizer is None or optimizer == "multimodal":
@@ -538,6 +805,9 @@ def _read(r: _Reader) -> None:
     if not r.imp.ok:
         return
     plan = _verify(r, truth)
+    quant = _quantization(r)
+    if plan is not None and quant is not None:
+        plan = quantize_imported(r.imp, r.tree, plan, quant, lambda: _verify(r, truth))
     r.imp.plan = plan
     if plan is not None:
         _weight_decay_effect(r, plan)
@@ -1149,10 +1419,16 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
     t["micro_batch_size"] = bs
     o["training.micro_batch_size"] = r.origin("per_device_train_batch_size")
     ga = r.get_num("gradient_accumulation_steps", None, int)
-    if ga is None:
+    if ga is None and r.rlhf_type == "grpo":  # RLHFArguments._set_default
+        ga = 1
+        o["training.gradient_accumulation"] = "ms-swift default for --rlhf_type grpo"
+    elif ga is None:
         ga = max(1, math.ceil(16 / bs / (world_nodes * world_gpus)))
         o["training.gradient_accumulation"] = (f"{DEFAULT[r.version]}: ceil(16 / batch {bs} / "
                                                f"{world_nodes * world_gpus} GPUs)")
+        if "gradient_accumulation_steps" in r.unknown:
+            o["training.gradient_accumulation"] = r.origin("gradient_accumulation_steps") + \
+                f" ({o['training.gradient_accumulation']})"
     else:
         o["training.gradient_accumulation"] = r.origin("gradient_accumulation_steps")
     t["gradient_accumulation"] = ga
@@ -1201,22 +1477,32 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
                                      ("adam_epsilon", "adam_epsilon", 1e-8, float)):
         t[key] = r.get_num(flag, default, kind)
         o[f"training.{key}"] = r.origin(flag)
+    if getattr(r, "optimizer", "adamw") not in (None, "adamw"):
+        t["optimizer"] = r.optimizer
+        o["training.optimizer"] = r.origin("optim")
     spec["training"] = t
     # data
     data = {}
     for key, flag in (("train", "dataset"), ("eval", "val_dataset")):
         words = r.get_list(flag)
-        if words:
-            data[key] = words[0].text
+        if words:  # several: swift mixes them, and so does a spec's list
+            data[key] = words[0].text if len(words) == 1 else [w.text for w in words]
             o[f"data.{key}"] = r.origin(flag)
-            for w in words[1:]:
-                r.imp.unmodelled.append(Unmodelled(r.loc(w), f"--{flag} {w.text}",
-                                                   f"a spec's data.{key} names one dataset: the spec keeps the first"))
-    if "MAX_PIXELS" in r.env and data:
-        value, where, _ = r.env["MAX_PIXELS"]
-        if value.isdigit() and int(value) > 0:
-            data["max_pixels"] = int(value)
-            o["data.max_pixels"] = f"{where} MAX_PIXELS"
+    for name, key in (("MAX_PIXELS", "max_pixels"), ("MIN_PIXELS", "min_pixels")):
+        if name in r.env and data:
+            value, where, _ = r.env[name]
+            if value.isdigit() and int(value) > 0:
+                data[key] = int(value)
+                o[f"data.{key}"] = f"{where} {name}"
+    # --max_pixels (TemplateArguments): every multimodal template rescales images to it first,
+    # so with MAX_PIXELS (the Qwen-VL processors' own cap) the smaller one holds
+    cap = r.get_num("max_pixels", None, int)
+    if cap is not None and data:
+        if cap < 1:
+            raise _Fail(Problem(r.flags["max_pixels"].where, "--max_pixels", f"must be >= 1 (got {cap})"))
+        if cap < data.get("max_pixels", cap + 1):
+            data["max_pixels"] = cap
+            o["data.max_pixels"] = r.origin("max_pixels")
     if data:
         spec["data"] = data
     # distributed
@@ -1227,27 +1513,45 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
     ds_flag = r.flags.get("deepspeed")
     ds_name = None
     if ds_flag is not None and ds_flag.values and ds_flag.values[0].unresolved:
-        # a path built from the script's variables (e.g. "$HERE/deepspeed.json"): a JSON file
+        # a path built from variables the script does not set (e.g. "$HERE/deepspeed.json")
         r.imp.unmodelled.append(Unmodelled(ds_flag.where, f"--deepspeed {ds_flag.values[0].raw}",
-                                           "a DeepSpeed JSON file: the spec leaves zero_stage out; set it by hand"))
+                                           DEEPSPEED_NOT_HERE))
     else:
         ds_name = r.get_str("deepspeed")
     if ds_name is not None:
-        if ds_name in _DS_BUILTIN:
-            stage, offload = _DS_BUILTIN[ds_name]
-            d["zero_stage"] = stage
-            o["distributed.zero_stage"] = r.origin("deepspeed")
-            if offload != "none":
-                d["offload"] = offload
-                o["distributed.offload"] = r.origin("deepspeed")
-        else:
-            r.imp.unmodelled.append(Unmodelled(r.flags["deepspeed"].where, f"--deepspeed {ds_name}",
-                                               "a DeepSpeed JSON file: the spec leaves zero_stage out; set it by hand"))
+        d.update(_deepspeed(r, ds_name))
     spec["distributed"] = d
     out = r.get_str("output_dir")
     if out is not None:
         spec["output_dir"] = out
         o["output_dir"] = r.origin("output_dir")
+
+
+def _deepspeed(r: _Reader, name: str) -> dict:
+    """zero_stage / offload of --deepspeed: one of swift's bundled names (zero2, zero3_offload,
+    ...) or a JSON file, read where swift would find it (the working directory, then the
+    script's); a file that is not here is listed, the spec planned without ZeRO."""
+    o = r.imp.origins
+    if name in _DS_BUILTIN:
+        stage, offload = _DS_BUILTIN[name]
+        got = {"zero_stage": stage, "offload": offload}
+    else:
+        bases = [Path.cwd()] + ([] if r.path.startswith("<") else [Path(r.path).resolve().parent])
+        found = find_file(str(b / name) for b in bases)
+        ds = read_json(found) if found else None
+        if ds is None:
+            r.imp.unmodelled.append(Unmodelled(r.flags["deepspeed"].where, f"--deepspeed {name}", DEEPSPEED_NOT_HERE))
+            return {}
+        got = ds if isinstance(ds, str) else zero_settings(ds)
+        if isinstance(got, str):
+            raise _Fail(Problem(r.flags["deepspeed"].where, "--deepspeed", f"cannot read the DeepSpeed config "
+                                f"{name}: {got}", "give a readable DeepSpeed JSON file"))
+    o["distributed.zero_stage"] = r.origin("deepspeed")
+    if got["offload"] == "none":
+        del got["offload"]
+    else:
+        o["distributed.offload"] = r.origin("deepspeed")
+    return got
 
 
 def _env_num(r: _Reader, name: str, default: int) -> int:
@@ -1265,9 +1569,27 @@ def _env_num(r: _Reader, name: str, default: int) -> int:
 
 
 # flags mixspec does not model that change what the spec's plan says
-_UNMODELLED_NOTES = dict.fromkeys(
-    ("quant_bits", "quant_method"),
-    "a quantized base model (QLoRA): mixspec plans 16-bit base weights, so its memory estimate is not this run's")
+_UNMODELLED_NOTES: dict[str, str] = {}
+
+
+def _quantization(r: _Reader):
+    """swift's BitsAndBytesConfig (swift/llm/argument/base_args/quant_args.py): --quant_method bnb
+    with --quant_bits 4 (--bnb_4bit_quant_type nf4, --bnb_4bit_use_double_quant true) or 8; no skip
+    list, so transformers' default (output embedding, tied weights, the last module)."""
+    method = r.get_str("quant_method")
+    if method is None:
+        return None
+    flag = r.flags["quant_method"]
+    if method != "bnb":
+        raise _Fail(Problem(flag.where, "--quant_method", f"{method!r}: mixspec plans bitsandbytes quantization only",
+                            "use --quant_method bnb"))
+    bits = r.get_num("quant_bits", None, int)
+    kind = r.get_str("bnb_4bit_quant_type", "nf4")
+    if bits not in (4, 8) or kind not in ("nf4", "fp4"):
+        raise _Fail(Problem((r.flags.get("quant_bits") or flag).where, "--quant_bits",
+                            f"bnb quantizes to 4 bit (nf4, fp4) or 8 bit (got {bits}, {kind})", "use --quant_bits 4 or 8"))
+    return BackendQuantization(method=kind if bits == 4 else "int8",
+                               double_quant=r.get_bool("bnb_4bit_use_double_quant", True), where=flag.where)
 
 
 def _env_and_unmodelled(r: _Reader) -> None:

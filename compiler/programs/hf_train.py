@@ -15,13 +15,15 @@ Run
                                            complete Hugging Face model directory
 
 Options override the Plan's defaults: --model (path or hub id), --data, --eval-data,
---output-dir, --max-steps, --precision, --deepspeed, --report-to, --resume (python train.py --help).
+--max-bad-rows, --data-workers, --output-dir, --max-steps, --precision, --deepspeed, --report-to, --resume (python train.py --help).
 
 Self-check. Before the first step the script compares the loaded model with the Plan:
 every parameter name and the total count (so another model, another transformers version or
 a model with one layer more is caught), then the set of trainable parameters, their count and
-each one's optimizer learning rate and weight decay (the Plan's fingerprint). Any difference
-stops the run with exit status 1 and a readable diff.
+each one's optimizer learning rate and weight decay (the Plan's optimizer fingerprint). With a quantized
+base (the spec's quantize), the modules bitsandbytes holds must be exactly the planned ones, per
+component (--check prints them, planned and found). Any difference stops the run with exit
+status 1 and a readable diff.
 
 Data: a .jsonl file, one conversation per line (a hub dataset id with the same columns works too):
     {"messages": [{"role": "system", "content": "You are a helpful assistant."},
@@ -39,7 +41,12 @@ Data: a .jsonl file, one conversation per line (a hub dataset id with the same c
   processor's own batch of its rows, right-padded). Loss is computed on the assistant turns
   only (their text and the template's end-of-turn tokens). Prefix-LM families (PaliGemma) take
   one user and one assistant message: prompt and answer (the processor's suffix). Rows longer
-  than training.max_length tokens are cut; a cut through an image is an error naming the row.
+  than training.max_length tokens lose their end; a cut inside or before an image's tokens, or
+  one that keeps no answer token, refuses the row.
+  Before the model loads, every row of --data / --eval-data (one or more files) goes through
+  the same code in worker processes (--data-workers N): the run stops naming every bad row
+  (file:line: why), or --max-bad-rows N skips at most N of them, each printed. The result is
+  cached (~/.cache/mixspec/data-check) for the same files, images, processor and max_length.
   python train.py --preview-data N --preview-out DIR writes the first N rows as training sees
   them (DIR/row{i}.safetensors, DIR/preview.txt with the labelled text decoded) and exits.
 
@@ -47,7 +54,8 @@ Saving. Each checkpoint (and OUTPUT_DIR/final at the end) holds the LoRA adapter
 (adapter_model.safetensors, adapter_config.json), the fully trained parameters
 (trained_params.safetensors, base-model names), the processor/tokenizer and mixspec_plan.json.
 load_trained(CHECKPOINT) rebuilds the trained model exactly; --merge writes it as a plain
-Hugging Face model directory.
+Hugging Face model directory. A quantized (QLoRA) run merges into the dequantized base weights,
+the ones the adapter was trained against, and writes an unquantized model.
 
 Monitoring. At each logging step the log gets, per component, grad_norm/NAME (gradient norm
 before clipping) and update_ratio/NAME (|weight change| / |weight| of that step).
@@ -80,7 +88,8 @@ from mixspec.names import INDEX, compact_names, expand_names, fingerprint, names
 PLAN = {
     "spec": "",
     "mixspec_version": "",
-    "fingerprint": "",
+    "plan_fingerprint": "",
+    "optimizer_fingerprint": "",
     "model": "",
     "architecture": "",
     "model_type": "",
@@ -146,6 +155,8 @@ IMAGE_MARKER = "<image>"
 # prefix-LM families: the prompt is attended both ways (token_type_ids 0), the answer causally (1)
 PREFIX_LM_TYPES = ("paligemma",)
 HERE = os.path.dirname(os.path.abspath(__file__))
+# data.max_pixels / data.min_pixels: the limits of image processors that resize to a pixel budget
+DATA_PIXELS = {k: (DATA or {}).get(k) for k in ("max_pixels", "min_pixels") if (DATA or {}).get(k)}
 
 
 # -- names ------------------------------------------------------------------------------
@@ -157,6 +168,9 @@ def plan_name(name):
 
 
 def numel(param):
+    quant_state = getattr(param, "quant_state", None)  # bitsandbytes 4-bit: two values a byte
+    if quant_state is not None:
+        return math.prod(quant_state.shape)
     return int(getattr(param, "ds_numel", 0) or param.numel())  # ZeRO-3 partitions report ds_numel
 
 
@@ -240,14 +254,20 @@ def model_class():
     return cls
 
 
-def load_model(model_ref, meta=False, dtype=torch.float32):
-    """The planned model class, from a local dir or hub id; on the meta device (no weights) if meta."""
+def load_model(model_ref, meta=False, dtype=torch.float32, quantize=True):
+    """The planned model class, from a local dir or hub id; on the meta device (no weights) if
+    meta; with the Plan's quantized modules held by bitsandbytes unless quantize is False."""
     cls = model_class()
+    quant = PLAN.get("quantization") if quantize else None
     try:
         if meta:
             config = transformers.AutoConfig.from_pretrained(config_source(model_ref))
             with torch.device("meta"):
-                return cls._from_config(config)
+                model = cls._from_config(config)
+            return quantize_meta(model) if quant else model
+        if quant:
+            return cls.from_pretrained(model_ref, dtype=dtype, quantization_config=bnb_config(),
+                                       device_map=quantized_device_map())
         # frozen weights in the training dtype; setup_model upcasts the trained ones to fp32
         return cls.from_pretrained(model_ref, dtype=dtype)
     except (OSError, ValueError) as exc:  # missing files, no network, a config of another model
@@ -277,6 +297,76 @@ def check_structure(model):
     if total != PLAN["base_params"]:
         problems.append(f"the model has {total:,} parameters, the plan was made for {PLAN['base_params']:,}")
     return problems
+
+
+# -- quantized base (bitsandbytes) -------------------------------------------------------
+# PLAN["quantization"] (present only when a component has quantize): the BitsAndBytesConfig
+# values and, per component, the full names of the Linear modules planned quantized. The skip
+# list holds escaped full names of everything else transformers would replace (a short name
+# like "vision_tower" does not skip model.vision_tower's children).
+BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw": "PagedAdamW"}
+QUANTIZED_CLASSES = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' modules (PEFT's LoRA wrappers come later)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def bnb_config():
+    q = PLAN["quantization"]
+    if q["method"] == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(q["skip_modules"]))
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=q["method"], bnb_4bit_use_double_quant=q["double_quant"],
+        bnb_4bit_compute_dtype=DTYPES[q["compute_dtype"]], llm_int8_skip_modules=list(q["skip_modules"]))
+
+
+def quantized_device_map():
+    """bitsandbytes loads onto one device: this process's GPU (torchrun's LOCAL_RANK), or the CPU."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"": "cpu"}
+
+
+def quantize_meta(model):
+    """--check: the replacement from_pretrained makes, done by transformers on the meta model
+    with the same skip list (plus the model class's own fp32 modules, as from_pretrained adds)."""
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    skip = list(PLAN["quantization"]["skip_modules"]) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=bnb_config())
+
+
+def quantized_report(model):
+    """(problems, rows): per component, the modules planned quantized against those bitsandbytes
+    holds in the loaded model; a quantized module in no component is a problem too."""
+    found = {n for n, m in model.named_modules() if type(m).__name__ in QUANTIZED_CLASSES}
+    problems, rows, planned_all = [], [], set()
+    for name, modules in (PLAN.get("quantization") or {}).get("components", {}).items():
+        planned = set(modules)
+        planned_all |= planned
+        got = found & planned
+        rows.append((name, len(planned), len(got)))
+        if got != planned:
+            problems += describe_name_diff(got, planned, f"component {name}: quantized modules")
+    if found - planned_all:
+        problems += describe_name_diff(found - planned_all, set(), "quantized modules outside the planned ones")
+    return problems, rows
+
+
+def print_quantized(rows):
+    q = PLAN["quantization"]
+    say(f"{'component':<20} {'quantized':<10} {'planned':>15} {'found':>15}")
+    for name, planned, got in rows:
+        say(f"{name:<20} {q['method']:<10} {planned:>15,} {got:>15,}")
+
+
+def prepare_kbit(model):
+    """PEFT's k-bit preparation: every non-quantized parameter to fp32 (mixspec's estimate counts
+    it), input gradients for gradient checkpointing through frozen quantized layers."""
+    from peft import prepare_model_for_kbit_training
+
+    checkpointing = TRAINING["gradient_checkpointing"]
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None)
 
 
 def apply_plan(model):
@@ -383,7 +473,7 @@ def param_groups(model):
 
 def lr_problems(groups, model):
     """Each trainable parameter in exactly one group, at its planned LR and weight decay; the
-    Plan's fingerprint (names, LRs and weight decays)."""
+    Plan's optimizer fingerprint (names, LRs and weight decays)."""
     group_of = {}
     problems = []
     for g in groups:
@@ -414,9 +504,9 @@ def lr_problems(groups, model):
     if group_of:
         problems.append(f"{len(group_of)} optimizer parameters are not parameters of the model")
     got = fingerprint({n: lr for n, (lr, _) in actual.items()}, {n: wd for n, (_, wd) in actual.items()})
-    if not problems and got != PLAN["fingerprint"]:
+    if not problems and got != PLAN["optimizer_fingerprint"]:
         problems.append(f"names, learning rates and weight decays hash to {got}, "
-                        f"the plan's fingerprint is {PLAN['fingerprint']}")
+                        f"the plan's optimizer fingerprint is {PLAN['optimizer_fingerprint']}")
     return problems
 
 
@@ -428,7 +518,8 @@ def deepspeed_config_dict(path):
 
 
 def make_optimizer(groups, args):
-    """AdamW over the planned groups (DeepSpeedCPUAdam when ZeRO offloads the optimizer)."""
+    """AdamW over the planned groups (DeepSpeedCPUAdam when ZeRO offloads the optimizer; the
+    bitsandbytes class when the Plan's optimizer is 8-bit or paged)."""
     kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     ds = args.deepspeed if isinstance(args.deepspeed, dict) else deepspeed_config_dict(args.deepspeed)
     offload = ((ds or {}).get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
@@ -436,6 +527,11 @@ def make_optimizer(groups, args):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    name = BNB_OPTIMIZERS.get(TRAINING["optimizer"])
+    if name is not None:  # bitsandbytes: 8-bit blockwise and/or paged states, the same groups
+        import bitsandbytes
+
+        return getattr(bitsandbytes.optim, name)(groups, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
 
 
@@ -773,6 +869,10 @@ def load_trained_parts(model, path):
 def load_trained(checkpoint, model_ref=None, dtype=torch.float32):
     """Base model + trained parameters + LoRA adapter of a checkpoint: the trained model."""
     model = load_model(model_ref or PLAN["model"])
+    if PLAN.get("quantization"):
+        # the adapter was trained against the quantized weights: merge into them, dequantized
+        # (as PEFT's merge on a bitsandbytes base does), not into the original 16-bit checkpoint
+        model = model.dequantize()
     problems = check_structure(model)
     if problems:
         fail(PlanMismatch("model structure", problems))
@@ -793,28 +893,133 @@ class DataError(Exception):
     pass
 
 
-def read_rows(path):
-    """Rows of a .jsonl/.json file, or of a hub dataset (train split) for anything else."""
-    if path.endswith((".jsonl", ".json")):
-        rows = []
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-        if path.endswith(".json") and text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from None
-        base = os.path.dirname(os.path.abspath(path))
-        return [dict(row, _where=f"{path}:{i + 1}", _base=base) for i, row in enumerate(rows)]
-    import datasets
+class RowError(DataError):
+    """One row training cannot take: where it is (file:line) and why."""
 
-    ds = datasets.load_dataset(path, split="train")
-    return [dict(row, _where=f"{path}[{i}]", _base=os.getcwd()) for i, row in enumerate(ds)]
+    def __init__(self, where, reason):
+        self.where, self.reason = where, reason
+        super().__init__(f"{where}: {reason}")
+
+
+# a row is one conversation with image paths: far below this; a longer line is refused unread
+MAX_ROW_BYTES = 16 * 1024 * 1024
+DATA_SUFFIXES = (".jsonl", ".json")
+
+
+def data_files(value):
+    """data.train / data.eval / --data as a list of files (a spec may give one or a list)."""
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def missing_data_file(path):
+    """The error for a data file that is not there (None when it is, or when it is a hub id)."""
+    looks_like_file = path.endswith(DATA_SUFFIXES) or path.startswith(("/", "./", "../", "~"))
+    if os.path.exists(path) or not looks_like_file:  # else a hub dataset id (ORG/NAME)
+        return None
+    return DataError(f"error: data file {path}: no such file (cwd {os.getcwd()})\n"
+                     "  hint: pass --data FILE (and --eval-data FILE) or fix data.train / data.eval in the spec")
+
+
+def _physical_lines(fh):
+    """(line number, bytes or None when longer than MAX_ROW_BYTES, byte length) of each line,
+    never holding more than MAX_ROW_BYTES + 1 bytes of one line in memory."""
+    lineno = 0
+    while True:
+        chunk = fh.readline(MAX_ROW_BYTES + 1)
+        if not chunk:
+            return
+        lineno += 1
+        if len(chunk) <= MAX_ROW_BYTES or chunk.endswith(b"\n"):
+            yield lineno, chunk, len(chunk)
+            continue
+        size = len(chunk)
+        while chunk and not chunk.endswith(b"\n"):  # skip the rest of an overlong line
+            chunk = fh.readline(1 << 20)
+            size += len(chunk)
+        yield lineno, None, size
+
+
+def _parse_line(raw, size):
+    """(row, None) or (None, why the line is no row)."""
+    if raw is None:
+        return None, f"line of {size:,} bytes, over the limit of {MAX_ROW_BYTES:,} (images go in as file paths)"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+    if not text.strip():
+        return None, None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON: {exc.msg} (column {exc.colno})"
+    if not isinstance(row, dict):
+        return None, f"a row must be a JSON object with \"messages\", got {type(row).__name__}"
+    return row, None
+
+
+def scan_rows(path):
+    """(rows, refused) of a .jsonl/.json file or hub dataset: every line that is no row is a
+    refusal {file, line, reason}; rows carry where they come from (_where, _file, _line, _base)."""
+    missing = missing_data_file(path)
+    if missing is not None:
+        raise missing
+    if not path.endswith(DATA_SUFFIXES):
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(path, split="train")
+        except Exception as exc:  # no network, no such dataset, no datasets package
+            raise DataError(f"error: data {path}: not a .jsonl/.json file here, and cannot be loaded as a dataset: "
+                            f"{type(exc).__name__}: " + " ".join(str(exc).split())[:300]) from None
+        return [dict(row, _where=f"{path}[{i}]", _file=path, _line=None, _index=i, _base=os.getcwd())
+                for i, row in enumerate(ds)], []
+    base = os.path.dirname(os.path.abspath(path))
+    rows, refused = [], []
+    with open(path, "rb") as fh:
+        if path.endswith(".json") and fh.read(64).lstrip().startswith(b"["):
+            return _scan_json_array(path, base)
+        fh.seek(0)
+        for lineno, raw, size in _physical_lines(fh):
+            row, why = _parse_line(raw, size)
+            if why is not None:
+                refused.append({"file": path, "line": lineno, "reason": why})
+            elif row is not None:
+                rows.append(dict(row, _where=f"{path}:{lineno}", _file=path, _line=lineno, _base=base))
+    return rows, refused
+
+
+def _scan_json_array(path, base):
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        items = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        line = getattr(exc, "lineno", None) or raw[: getattr(exc, "start", 0)].count(b"\n") + 1
+        return [], [{"file": path, "line": line, "reason": f"not a valid JSON array: {exc}"}]
+    rows, refused = [], []
+    for i, item in enumerate(items):
+        if isinstance(item, dict):
+            rows.append(dict(item, _where=f"{path}[{i}]", _file=path, _line=None, _index=i, _base=base))
+        else:
+            refused.append({"file": path, "line": None, "index": i,
+                            "reason": f"a row must be a JSON object with \"messages\", got {type(item).__name__}"})
+    return rows, refused
+
+
+def read_rows(path):
+    """Rows of a .jsonl/.json file, or of a hub dataset (train split); a line that is no row
+    stops here, naming it (data_check collects them all instead)."""
+    rows, refused = scan_rows(path)
+    if refused:
+        first = refused[0]
+        raise RowError(f"{first['file']}:{first['line']}", first["reason"])
+    return rows
+
+
+ROLES = ("system", "user", "assistant")
 
 
 def _parts(content, where):
@@ -831,64 +1036,83 @@ def _parts(content, where):
         out = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
-                raise DataError(f"{where}: content parts must be {{'type': 'text', 'text': ...}} or {{'type': 'image'}}")
+                raise RowError(where, "content parts must be {'type': 'text', 'text': ...} or {'type': 'image'}")
             out.append({"type": "image"} if part["type"] == "image" else {"type": "text", "text": str(part.get("text", ""))})
         return out
-    raise DataError(f"{where}: message content must be a string or a list of parts")
+    raise RowError(where, "message content must be a string or a list of parts")
+
+
+def _messages(row, where):
+    """The row's messages in the chat template's parts form; roles and answers checked."""
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RowError(where, "needs a non-empty \"messages\" list")
+    out = []
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ROLES:
+            got = f"role {role!r}" if isinstance(m, dict) else f"a {type(m).__name__}"
+            raise RowError(where, f"message {i + 1} has {got}; each message needs role system, user or assistant")
+        content = _parts(m.get("content", ""), where)
+        if role == "assistant" and not "".join(p.get("text", "") for p in content).strip():
+            raise RowError(where, f"message {i + 1} is an empty assistant answer: nothing to learn from")
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise RowError(where, "no assistant message to learn from")
+    return out
 
 
 def conversation(row, multimodal):
     """(messages in the chat template's form, images) of a row, validated."""
     where = row.get("_where", "row")
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: needs a non-empty \"messages\" list")
+    out = _messages(row, where)
     images = row.get("images") or []
     if isinstance(images, str):
         images = [images]
-    out = []
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise DataError(f"{where}: each message needs role system, user or assistant")
-        out.append({"role": m["role"], "content": _parts(m.get("content", ""), where)})
+    if not isinstance(images, list):
+        raise RowError(where, f"\"images\" must be a list of paths, got {type(images).__name__}")
     markers = sum(1 for m in out for p in m["content"] if p["type"] == "image")
     if images and markers == 0:
         first_user = next((m for m in out if m["role"] == "user"), None)
         if first_user is None:
-            raise DataError(f"{where}: images but no user message to put them in")
+            raise RowError(where, "images but no user message to put them in")
         first_user["content"] = [{"type": "image"} for _ in images] + first_user["content"]
         markers = len(images)
     if markers != len(images):
-        raise DataError(f"{where}: {markers} image markers but {len(images)} images")
-    if not any(m["role"] == "assistant" for m in out):
-        raise DataError(f"{where}: no assistant message to learn from")
+        raise RowError(where, f"{markers} image markers but {len(images)} images")
     if not multimodal:
         if images:
-            raise DataError(f"{where}: images, but the model has no vision tower")
+            raise RowError(where, "images, but the model has no vision tower")
         out = [{"role": m["role"], "content": "".join(p["text"] for p in m["content"])} for m in out]
     return out, images
 
 
 def _image_path(image, base, where):
     if not isinstance(image, str) or not image:
-        raise DataError(f"{where}: each image must be a path (a non-empty string)")
+        raise RowError(where, "each image must be a path (a non-empty string)")
     path = image if os.path.isabs(image) else os.path.join(base, image)
     if not os.path.isfile(path):
-        raise DataError(f"{where}: image not found: {path}")
+        raise RowError(where, f"image not found: {path}")
     return path
 
 
 def _open_image(image, base, where="row"):
+    """The image as RGB; beyond PIL's pixel limit (Image.MAX_IMAGE_PIXELS) it is refused from
+    its header, before anything is decoded (a decompression bomb never reaches memory)."""
+    import warnings
+
     from PIL import Image
 
     if hasattr(image, "convert"):  # a PIL image (hub datasets)
         return image.convert("RGB")
     path = _image_path(image, base, where)
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.convert("RGB")
     except Exception as exc:
-        raise DataError(f"{where}: cannot read image {path}: {type(exc).__name__}: {exc}") from None
+        raise RowError(where, f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
 
 
 class ConversationEncoder:
@@ -906,13 +1130,14 @@ class ConversationEncoder:
     the processor's suffix, their own training convention: token_type_ids 0 on the prompt
     (attended both ways), 1 on the answer (causal)."""
 
-    def __init__(self, tokenizer, processor, max_length, multimodal, processor_error=None):
+    def __init__(self, tokenizer, processor, max_length, multimodal, processor_error=None, model_type=None):
         self.tokenizer = tokenizer
         self.processor = processor
         self.max_length = max_length
         self.multimodal = multimodal
         self.processor_error = processor_error
-        self.prefix_lm = PLAN["model_type"] in PREFIX_LM_TYPES
+        self.model_type = model_type or PLAN["model_type"]
+        self.prefix_lm = self.model_type in PREFIX_LM_TYPES
         owner = processor if processor is not None and getattr(processor, "chat_template", None) else tokenizer
         if not self.prefix_lm and not getattr(owner, "chat_template", None):
             raise DataError("the model has no chat template (tokenizer_config.json / chat_template.jinja)")
@@ -947,7 +1172,7 @@ class ConversationEncoder:
         except DataError:
             raise
         except Exception as exc:  # the family's processor refuses the row(s): name them
-            raise DataError(f"{where}: {type(self.processor or self.tokenizer).__name__} cannot take this: "
+            raise RowError(where, f"{type(self.processor or self.tokenizer).__name__} cannot take this: "
                             f"{type(exc).__name__}: " + " ".join(str(exc).split())[:300]) from None
         return {k: v for k, v in out.items() if torch.is_tensor(v) and k != "labels"}
 
@@ -955,7 +1180,7 @@ class ConversationEncoder:
         """(prompt text with image markers, answer) of a single-turn row of a prefix-LM family."""
         roles = [m["role"] for m in messages]
         if roles != ["user", "assistant"]:
-            raise DataError(f"{where}: {PLAN['model_type']} is a prefix-LM (prompt, then answer): a row must be "
+            raise RowError(where, f"{self.model_type} is a prefix-LM (prompt, then answer): a row must be "
                             f"one user message and one assistant message, got {', '.join(roles)}")
         marker = getattr(self.processor, "image_token", IMAGE_MARKER)
 
@@ -965,11 +1190,24 @@ class ConversationEncoder:
         return text(messages[0]), text(messages[1])
 
     def encode_row(self, row, index=0):
-        """{'text', 'suffix', 'images', 'inputs' (this row alone, as one micro-batch), 'labels', 'where'}."""
+        """{'text', 'suffix', 'images', 'inputs' (this row alone, as one micro-batch), 'labels', 'where',
+        'length', 'answer_tokens', 'image_tokens' (before the max_length cut)}."""
+        inner = getattr(self.processor, "image_processor", None)
+        if inner is None:
+            return self._encode_row(row, index)
+        # a row's images go through the image processor once: locating its assistant turns
+        # processes the conversation again up to each turn, with the same images
+        self.processor.image_processor = _OneRowImages(inner)
+        try:
+            return self._encode_row(row, index)
+        finally:
+            self.processor.image_processor = inner
+
+    def _encode_row(self, row, index):
         where = row.get("_where", f"row {index}")
         messages, images = conversation(row, self.multimodal)
         if images and self.processor is None:
-            raise DataError(f"{where}: has images, but no image processor could be loaded for this model: "
+            raise RowError(where, f"has images, but no image processor could be loaded for this model: "
                             f"{self.processor_error}")
         pil = [_open_image(img, row.get("_base", "."), where) for img in images]
         if self.prefix_lm:
@@ -977,17 +1215,26 @@ class ConversationEncoder:
             inputs = self.process([prompt], [pil], suffixes=[answer], where=where)
             types = inputs.get("token_type_ids")
             if types is None:
-                raise DataError(f"{where}: the processor gave no token_type_ids for the answer")
+                raise RowError(where, "the processor gave no token_type_ids for the answer")
             labels = torch.where(types[0] == 1, inputs["input_ids"][0], torch.full_like(types[0], -100))
             text, suffix = prompt, answer
         else:
             text, suffix = self.render(messages), None
             inputs = self.process([text], [pil], where=where)
             labels = self.assistant_labels(messages, text, pil, inputs["input_ids"][0], where)
+        length, answer = int(inputs["input_ids"].shape[1]), int((labels != -100).sum())
+        image_tokens = self.count_image_tokens(inputs["input_ids"][0])
         inputs, labels = self.cut(inputs, labels, where)
         if bool((labels == -100).all()):
-            raise DataError(f"{where}: no assistant token within max_length {self.max_length}")
-        return {"text": text, "suffix": suffix, "images": pil, "inputs": inputs, "labels": labels, "where": where}
+            raise RowError(where, f"{length} tokens, none of them an answer token within max_length {self.max_length}")
+        # length, answer_tokens, image_tokens: before the cut (what the data check reports)
+        return {"text": text, "suffix": suffix, "images": pil, "inputs": inputs, "labels": labels, "where": where,
+                "length": length, "answer_tokens": answer, "image_tokens": image_tokens}
+
+    def count_image_tokens(self, ids):
+        """Tokens that stand for image content (the processor's image token, else every image-framing token)."""
+        wanted = [self.image_token_id] if self.image_token_id is not None else sorted(self.image_ids)
+        return int(torch.isin(ids, torch.tensor(wanted)).sum()) if wanted else 0
 
     def assistant_labels(self, messages, full, pil, ids, where):
         """Each assistant turn's tokens: from where the generation prompt ends (or, for templates
@@ -998,11 +1245,13 @@ class ConversationEncoder:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self.render(messages[:i]) if i else ""
             prompt = self.render(messages[:i], add_generation_prompt=True)
-            upto = self.render(messages[: i + 1])
+            upto = full if i == len(messages) - 1 else self.render(messages[: i + 1])
+            # the earlier turns + generation prompt a prefix of this turn, and this turn of the
+            # whole: earlier turns render the same once later turns follow
+            before = prompt if upto.startswith(prompt) else self.render(messages[:i]) if i else ""
             if not (full.startswith(upto) and upto.startswith(before)):
-                raise DataError(f"{where}: the chat template renders earlier turns differently once later "
+                raise RowError(where, "the chat template renders earlier turns differently once later "
                                 "turns follow, so assistant turns cannot be located")
             if upto.startswith(prompt):
                 start = len(prompt)
@@ -1011,11 +1260,11 @@ class ConversationEncoder:
                     blocks = self.generation_blocks(messages, full)
                 start = next((s for s, e in blocks if len(before) <= s < len(upto)), None) if blocks else None
                 if start is None:
-                    raise DataError(f"{where}: the chat template's generation prompt differs from how it renders "
+                    raise RowError(where, "the chat template's generation prompt differs from how it renders "
                                     "an assistant turn, and it marks no {% generation %} block, so the assistant "
                                     "tokens cannot be located")
             first = self.prefix_length(full[:start], pil, ids, where)
-            last = self.prefix_length(upto, pil, ids, where)
+            last = self.prefix_length(upto, pil, ids, where) if upto != full else int(ids.shape[0])
             labels[first:last] = ids[first:last]
         return labels
 
@@ -1041,7 +1290,7 @@ class ConversationEncoder:
             n_images = len(pil)
         got = self.process([text], [pil[:n_images]], where=where)["input_ids"][0]
         if got.shape[0] > ids.shape[0] or not torch.equal(got, ids[: got.shape[0]]):
-            raise DataError(f"{where}: the conversation up to an assistant turn does not tokenize as a prefix of "
+            raise RowError(where, "the conversation up to an assistant turn does not tokenize as a prefix of "
                             "the whole conversation (the chat template or tokenizer merges tokens across the "
                             "turn boundary), so its assistant tokens cannot be located exactly")
         return int(got.shape[0])
@@ -1051,16 +1300,55 @@ class ConversationEncoder:
         return [token] if isinstance(token, str) and token else [IMAGE_MARKER]
 
     def cut(self, inputs, labels, where):
-        """Rows longer than max_length lose their end (every token-aligned key); never an image."""
+        """Rows longer than max_length lose their end (every token-aligned key), never inside or
+        after an image's tokens and never every answer token: such a row is refused with the
+        max_length it would need."""
         length = int(inputs["input_ids"].shape[1])
         if length <= self.max_length:
             return inputs, labels
-        tail = inputs["input_ids"][0, self.max_length:]
-        if self.image_ids and bool(torch.isin(tail, torch.tensor(sorted(self.image_ids))).any()):
-            raise DataError(f"{where}: {length} tokens; cutting at max_length {self.max_length} would cut an image "
-                            "(raise training.max_length or shorten the row)")
+        ids = inputs["input_ids"][0]
+        image_end = 0
+        if self.image_ids:
+            at = torch.isin(ids, torch.tensor(sorted(self.image_ids))).nonzero()
+            image_end = int(at[-1]) + 1 if len(at) else 0
+        answer_at = (labels != -100).nonzero()
+        answer_end = int(answer_at[0]) + 1 if len(answer_at) else 0
+        if max(image_end, answer_end) > self.max_length:
+            what = "cut an image" if image_end > self.max_length else "leave no answer token"
+            raise RowError(where, f"{length} tokens; cutting at max_length {self.max_length} would {what} "
+                           f"(it needs max_length >= {max(image_end, answer_end)}; raise training.max_length "
+                           "or shorten the row)")
         out = {k: (v[:, : self.max_length] if token_aligned(v, inputs["input_ids"]) else v) for k, v in inputs.items()}
         return out, labels[: self.max_length]
+
+
+class _OneRowImages:
+    """An image processor that answers a call repeated with the very same images (the same
+    objects, sizes and arguments) from its last result, as a fresh shallow copy (processors pop
+    keys from it); it lives for one row, so an id() reused by another row's image never hits."""
+
+    def __init__(self, inner):
+        self._inner, self._key, self._value = inner, None, None
+
+    def __call__(self, *args, **kwargs):
+        import copy
+
+        key = (_images_key(args), _images_key(sorted(kwargs.items(), key=lambda kv: kv[0])))
+        if key != self._key or self._value is None:
+            self._key, self._value = None, self._inner(*args, **kwargs)
+            self._key = key
+        return copy.copy(self._value)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _images_key(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_images_key(v) for v in value)
+    if hasattr(value, "size") and hasattr(value, "mode"):  # a PIL image: this object, as it is now
+        return ("image", id(value), value.size, value.mode)
+    return repr(value)
 
 
 def image_token_ids(tokenizer, processor):
@@ -1135,7 +1423,7 @@ class Collator:
                 n = alone.shape[0]
                 row = batch["input_ids"][i]
                 if not torch.equal(row[:n], alone) or int(batch["attention_mask"][i].sum()) != n:
-                    raise DataError(f"{it['where']}: the processor tokenizes this row differently inside a batch "
+                    raise RowError(it["where"], "the processor tokenizes this row differently inside a batch "
                                     "than alone; use micro_batch_size 1")
         labels = torch.full(batch["input_ids"].shape, -100, dtype=torch.long)
         for i, it in enumerate(items):
@@ -1144,11 +1432,25 @@ class Collator:
         return batch
 
 
-def load_processing(model_ref):
+def apply_pixel_limits(processor, model_ref, limits):
+    """data.max_pixels / data.min_pixels into an image processor that resizes to a pixel budget
+    (one whose class takes these arguments, e.g. Qwen2-VL's), reloaded with them; others (a fixed
+    size, tiles) keep their own. The names applied."""
+    image_processor = getattr(processor, "image_processor", None)
+    known = set(getattr(getattr(image_processor, "valid_kwargs", None), "__annotations__", {}))
+    kw = {k: v for k, v in (limits or {}).items() if v and (k in known or hasattr(image_processor, k))}
+    if image_processor is not None and kw:
+        processor.image_processor = type(image_processor).from_pretrained(model_ref, **kw)
+    return sorted(kw)
+
+
+def load_processing(model_ref, multimodal=None, quiet=False, pixel_limits=None):
     """(tokenizer, processor or None, why the processor could not be loaded)."""
-    if PLAN["multimodal"]:
+    multimodal = PLAN["multimodal"] if multimodal is None else multimodal
+    if multimodal:
         try:
             processor = transformers.AutoProcessor.from_pretrained(model_ref)
+            apply_pixel_limits(processor, model_ref, DATA_PIXELS if pixel_limits is None else pixel_limits)
             if hasattr(processor, "image_processor"):
                 tokenizer = processor.tokenizer
                 if tokenizer.pad_token_id is None:
@@ -1157,7 +1459,8 @@ def load_processing(model_ref):
             reason = f"AutoProcessor gave {type(processor).__name__}"
         except Exception as exc:  # e.g. a video processor that needs torchvision
             reason = f"{type(exc).__name__}: " + " ".join(str(exc).split())[:160]
-        say(f"warning: no image processor ({reason}); text-only rows work, rows with images fail")
+        if not quiet:
+            say(f"warning: no image processor ({reason}); text-only rows work, rows with images fail")
     else:
         reason = None
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_ref)
@@ -1166,9 +1469,318 @@ def load_processing(model_ref):
     return tokenizer, None, reason
 
 
-def make_encoder(model_ref):
-    tokenizer, processor, why = load_processing(model_ref)
-    return ConversationEncoder(tokenizer, processor, TRAINING["max_length"], PLAN["multimodal"], why)
+def data_setup(model_ref):
+    """What reading rows depends on besides the rows: the processor's files and pixel limits,
+    the family, max_length."""
+    return {"model": model_ref, "model_type": PLAN["model_type"], "multimodal": PLAN["multimodal"],
+            "max_length": TRAINING["max_length"], "mixspec_version": PLAN["mixspec_version"],
+            "pixel_limits": DATA_PIXELS}
+
+
+def make_encoder(model_ref, setup=None, quiet=False):
+    setup = setup or data_setup(model_ref)
+    tokenizer, processor, why = load_processing(setup["model"], setup["multimodal"], quiet=quiet,
+                                                pixel_limits=setup.get("pixel_limits") or {})
+    return ConversationEncoder(tokenizer, processor, setup["max_length"], setup["multimodal"], why,
+                               model_type=setup["model_type"])
+
+
+# -- data check: every row through encode_row before step 1 (also `mixspec data check`) --
+DATA_CHECK_FORMAT = 1
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx", ".pkl")
+
+
+def check_row(encoder, row):
+    """(what training takes of the row, None) or (None, why it is refused): encode_row itself."""
+    try:
+        item = encoder.encode_row(row)
+    except RowError as exc:
+        return None, exc.reason
+    except DataError as exc:
+        return None, str(exc)
+    return {"length": item["length"], "answer_tokens": item["answer_tokens"],
+            "kept_answer_tokens": int((item["labels"] != -100).sum()), "image_tokens": item["image_tokens"],
+            "image_sizes": [list(img.size) for img in item["images"]]}, None
+
+
+_WORKER = {}
+
+
+def _check_worker_init(setup):
+    torch.set_num_threads(1)  # one process per core: torch's own threads would only compete
+    _WORKER["encoder"] = make_encoder(setup["model"], setup, quiet=True)
+
+
+def _check_chunk(rows):
+    return [check_row(_WORKER["encoder"], row) for row in rows]
+
+
+class Progress:
+    """rows/s and ETA on stderr, rewritten in place, when stderr is a terminal."""
+
+    def __init__(self, total, label="data check"):
+        import time
+
+        self.total, self.done, self.label = total, 0, label
+        self.start = self.last = time.monotonic()
+        self.tty = sys.stderr.isatty() and is_main_process()
+
+    def advance(self, n, final=False):
+        import time
+
+        self.done += n
+        now = time.monotonic()
+        if not self.tty or (now - self.last < 0.2 and not final):
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate else 0
+        sys.stderr.write(f"\r{self.label}: {self.done:,}/{self.total:,} rows  {rate:,.0f} rows/s  ETA {eta:,.0f} s   ")
+        if final:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def check_rows(rows, setup, workers=1, encoder=None, progress=True):
+    """check_row of every row, in order: in this process (workers 1) or in worker processes
+    that each load the processor once and take chunks of rows."""
+    bar = Progress(len(rows)) if progress else None
+    if workers <= 1 or len(rows) < 2:
+        encoder = encoder or make_encoder(setup["model"], setup, quiet=True)
+        out = []
+        for row in rows:
+            out.append(check_row(encoder, row))
+            if bar:
+                bar.advance(1)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        size = max(1, min(64, len(rows) // (workers * 8) or 1))
+        chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+        out = []
+        # spawn: a fork of a process that ran torch can deadlock in its thread pools
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_check_worker_init, initargs=(setup,)) as pool:
+            for chunk, results in zip(chunks, pool.map(_check_chunk, chunks), strict=True):
+                out.extend(results)
+                if bar:
+                    bar.advance(len(chunk))
+    if bar:
+        bar.advance(0, final=True)
+    return out
+
+
+def _percentiles(values):
+    if not values:
+        return {"min": None, "p50": None, "p95": None, "p99": None, "max": None}
+    values = sorted(values)
+
+    def at(q):  # nearest rank: a length some row really has
+        return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
+
+    return {"min": values[0], "p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": values[-1]}
+
+
+def _histogram(values, bins=12):
+    if not values:
+        return []
+    low, high = min(values), max(values)
+    width = max(1, math.ceil((high - low + 1) / bins))
+    counts = {}
+    for v in values:
+        counts[(v - low) // width] = counts.get((v - low) // width, 0) + 1
+    return [{"from": low + i * width, "to": low + (i + 1) * width - 1, "rows": counts.get(i, 0)}
+            for i in range(max(counts) + 1)]
+
+
+def reason_kind(reason):
+    """A refusal reason without its numbers, paths and quoted values: what groups refusals."""
+    text = re.sub(r"'[^']*'", "'...'", reason)  # repr()'d values; keys are written in double quotes
+    text = re.sub(r"(?<![\w.])(/|\./|\.\./)?[\w.-]+(/[\w.-]+)+", "PATH", text)
+    return re.sub(r"(?<![\w-])(0x[0-9a-f]+|\d[\d,]*)", "N", text)
+
+
+def data_report(parts, max_length):
+    """The check's report: parts is [(split, file, rows, refused lines, results)] ."""
+    refused, files, accepted = [], [], []
+    for split, path, rows, bad_lines, results in parts:
+        bad = list(bad_lines) + [dict({"file": path, "line": row.get("_line"), "reason": why},
+                                      **({"index": row["_index"]} if row.get("_index") is not None else {}))
+                                 for row, (_, why) in zip(rows, results, strict=True) if why is not None]
+        bad.sort(key=lambda r: (r["line"] or 0, r.get("index") or 0))
+        good = [stats for stats, _ in results if stats is not None]
+        refused += bad
+        accepted += good
+        files.append({"file": path, "split": split, "rows": len(rows) + len(bad_lines), "accepted": len(good),
+                      "refused": len(bad), "over_max_length": sum(s["length"] > max_length for s in good),
+                      # [line (or index), tokens] of each accepted row: the real length distribution
+                      "lengths": [[row.get("_line") or row.get("_index"), stats["length"]]
+                                  for row, (stats, _) in zip(rows, results, strict=True) if stats is not None]})
+    lengths = [s["length"] for s in accepted]
+    over = [s for s in accepted if s["length"] > max_length]
+    groups = {}
+    for r in refused:
+        groups[reason_kind(r["reason"])] = groups.get(reason_kind(r["reason"]), 0) + 1
+    return {
+        "format": DATA_CHECK_FORMAT, "rows": sum(f["rows"] for f in files), "accepted": len(accepted),
+        "refused": refused, "reasons": [{"reason": k, "count": n} for k, n in sorted(groups.items(), key=lambda kv: -kv[1])],
+        "max_length": max_length, "tokens": _percentiles(lengths), "histogram": _histogram(lengths),
+        "over_max_length": len(over),
+        "truncation": {"tokens_lost": sum(s["length"] - max_length for s in over),
+                       "answers_cut": sum(s["kept_answer_tokens"] < s["answer_tokens"] for s in over),
+                       "answer_tokens_lost": sum(s["answer_tokens"] - s["kept_answer_tokens"] for s in over)},
+        "images": _image_report(accepted), "files": files,
+    }
+
+
+def _image_report(accepted):
+    """Images per row, their sizes (pixels, smallest and largest) and tokens per image."""
+    with_images = [s for s in accepted if s["image_sizes"]]
+    sizes = [tuple(x) for s in with_images for x in s["image_sizes"]]
+    per_row = {}
+    for s in accepted:
+        per_row[str(len(s["image_sizes"]))] = per_row.get(str(len(s["image_sizes"])), 0) + 1
+    by_area = sorted(sizes, key=lambda wh: (wh[0] * wh[1], wh))
+    return {"rows_with_images": len(with_images), "images": len(sizes), "images_per_row": per_row,
+            "pixels": _percentiles([w * h for w, h in sizes]),
+            "smallest": list(by_area[0]) if by_area else None, "largest": list(by_area[-1]) if by_area else None,
+            "tokens_per_image": _percentiles([round(s["image_tokens"] / len(s["image_sizes"])) for s in with_images])}
+
+
+def data_check_cache_dir():
+    """mixspec's cache directory (MIXSPEC_CACHE_DIR, else $XDG_CACHE_HOME/mixspec, else ~/.cache/mixspec)."""
+    base = os.environ.get("MIXSPEC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mixspec")
+    return os.path.join(base, "data-check")
+
+
+def _hash_file(path, h):
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+
+
+def data_check_key(files, rows, setup):
+    """What a check's result depends on: the data files' contents, each image's path, size and
+    mtime, the processor's files (every file of the model directory but weights), max_length,
+    the family and mixspec's version. None (no cache) for a hub model id or dataset."""
+    model = setup["model"]
+    if not os.path.isdir(model) or not all(os.path.isfile(path) for _, path in files):
+        return None
+    h = hashlib.sha256(json.dumps([DATA_CHECK_FORMAT, {k: v for k, v in setup.items() if k != "model"}],
+                                  sort_keys=True).encode())
+    for split, path in files:
+        h.update(f"\0data {split} {path}\0".encode())
+        _hash_file(path, h)
+    for name in sorted(os.listdir(model)):
+        full = os.path.join(model, name)
+        if os.path.isfile(full) and not name.endswith(_WEIGHT_SUFFIXES):
+            h.update(f"\0model {name}\0".encode())
+            _hash_file(full, h)
+    for row in rows:
+        images = row.get("images") or []
+        for image in [images] if isinstance(images, str) else images if isinstance(images, list) else []:
+            path = os.path.join(row["_base"], image) if isinstance(image, str) else ""
+            try:
+                st = os.stat(path)
+                h.update(f"\0{path} {st.st_size} {st.st_mtime_ns}".encode())
+            except (OSError, ValueError):
+                h.update(f"\0{path} -".encode())
+    return h.hexdigest()[:40]
+
+
+def load_cached_check(key):
+    if key is None:
+        return None
+    try:
+        with open(os.path.join(data_check_cache_dir(), key + ".json"), encoding="utf-8") as fh:
+            report = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return report if report.get("key") == key else None
+
+
+def save_cached_check(key, report):
+    """Written whole or not at all (a temporary file renamed), so a reader never sees half."""
+    if key is None:
+        return
+    folder = data_check_cache_dir()
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{key}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(report, fh)
+        os.replace(tmp, os.path.join(folder, key + ".json"))
+    except OSError as exc:  # a read-only home: the check still stands, it is only not kept
+        say(f"warning: data check not cached ({exc})")
+
+
+def _cache_writable():
+    """Whether rank 0 can leave its result where the other ranks look (else they check themselves)."""
+    folder = data_check_cache_dir()
+    while not os.path.isdir(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return False
+        folder = parent
+    return os.access(folder, os.W_OK)
+
+
+def row_id(row):
+    return (row.get("_file"), row.get("_line"), row.get("_index"))
+
+
+def refusal_id(refusal):
+    return (refusal["file"], refusal.get("line"), refusal.get("index"))
+
+
+def refusal_where(refusal):
+    if refusal.get("line") is not None:
+        return f"{refusal['file']}:{refusal['line']}"
+    return f"{refusal['file']}[{refusal['index']}]" if refusal.get("index") is not None else refusal["file"]
+
+
+def auto_workers(rows, workers=None):
+    """Worker processes for a check: as asked, else one per core (at most 8) but one per 200
+    rows at most (a worker's start, importing torch and loading the processor, costs seconds)."""
+    if workers:
+        return workers
+    return max(1, min(8, os.cpu_count() or 1, len(rows) // 200))
+
+
+def check_data(files, setup, workers=None, progress=True, cache=True, wait=False):
+    """(report, rows per split) of every row of files [(split, path)] run through encode_row,
+    the code training runs; a cached report of the same files, processor and max_length is
+    used as it is. wait: another process (rank 0) checks; wait for its cached report."""
+    scanned = [(split, path, *scan_rows(path)) for split, path in files]
+    all_rows = [row for _, _, rows, _ in scanned for row in rows]
+    key = data_check_key(files, all_rows, setup) if cache else None
+    rows = {}
+    for split, _, part, _ in scanned:
+        rows.setdefault(split, []).extend(part)
+    while wait and key is not None and load_cached_check(key) is None and _cache_writable():
+        import time
+
+        time.sleep(1.0)
+    cached = load_cached_check(key)
+    if cached is not None:
+        return dict(cached, cached=True), rows
+    import time
+
+    start = time.monotonic()
+    encoder = make_encoder(setup["model"], setup, quiet=True)  # no chat template etc.: raises here, once
+    n = auto_workers(all_rows, workers)
+    results = check_rows(all_rows, setup, n, encoder=encoder, progress=progress)
+    parts, at = [], 0
+    for split, path, part, bad_lines in scanned:
+        parts.append((split, path, part, bad_lines, results[at:at + len(part)]))
+        at += len(part)
+    report = data_report(parts, setup["max_length"])
+    report["key"] = key
+    save_cached_check(key, report)
+    seconds = time.monotonic() - start
+    return dict(report, cached=False, seconds=round(seconds, 3), workers=n), rows
 
 
 def preview_data(args):
@@ -1180,7 +1792,7 @@ def preview_data(args):
     out_dir = args.preview_out or "preview"
     try:
         encoder = make_encoder(args.model)
-        rows = read_rows(args.data)[: args.preview_data]
+        rows = [row for path in data_files(args.data) for row in read_rows(path)][: args.preview_data]
         collate = Collator(encoder)
         os.makedirs(out_dir, exist_ok=True)
         lines = []
@@ -1211,8 +1823,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Fine-tune as planned by mixspec (see the header of this file).")
     p.add_argument("--check", action="store_true", help="setup and self-check only (config, no weights, no data); exit 0 or 1")
     p.add_argument("--model", default=PLAN["model"], help="model directory or hub id (default: the spec's)")
-    p.add_argument("--data", default=(DATA or {}).get("train"), help="training data (.jsonl) or hub dataset id")
-    p.add_argument("--eval-data", default=(DATA or {}).get("eval"), help="evaluation data, evaluated at each save")
+    p.add_argument("--data", nargs="+", default=data_files((DATA or {}).get("train")),
+                   help="training data: .jsonl files or a hub dataset id")
+    p.add_argument("--eval-data", nargs="+", default=data_files((DATA or {}).get("eval")),
+                   help="evaluation data, evaluated at each save")
+    p.add_argument("--max-bad-rows", type=int, metavar="N", default=0,
+                   help="skip at most N rows the data check refuses (each printed) instead of stopping")
+    p.add_argument("--data-workers", type=int, metavar="N", default=None,
+                   help="processes for the data check (default: one per core, at most 8, one per 200 rows)")
     p.add_argument("--output-dir", default=OUTPUT_DIR, help="checkpoints and the final model")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON (default: ds_config.json next to this file, if planned)")
@@ -1316,6 +1934,13 @@ def setup_model(model_ref, meta=False, dtype=torch.float32):
     problems = check_structure(model)
     if problems:
         raise PlanMismatch("model structure", problems)
+    quant_rows = None
+    if PLAN.get("quantization"):
+        problems, quant_rows = quantized_report(model)
+        if problems:
+            raise PlanMismatch("quantized modules", problems)
+        if not meta:
+            model = prepare_kbit(model)
     model = apply_plan(model)
     if not meta and dtype != torch.float32:
         # fp32 master weights for what is trained: mixed precision autocasts, and
@@ -1329,12 +1954,14 @@ def setup_model(model_ref, meta=False, dtype=torch.float32):
     problems = lr_problems(param_groups(model), model)
     if problems:
         raise PlanMismatch("optimizer learning rates and weight decays", problems)
+    if quant_rows is not None:
+        print_quantized(quant_rows)
     return model, rows
 
 
 def run_check(args):
     """--check: the setup and the self-check on the model built from its config; 0 or 1."""
-    say(f"mixspec self-check: {PLAN['architecture']} from {args.model} (plan fingerprint {PLAN['fingerprint']})")
+    say(f"mixspec self-check: {PLAN['architecture']} from {args.model} (plan fingerprint {PLAN['plan_fingerprint']})")
     try:
         model, rows = setup_model(args.model, meta=True)
     except PlanMismatch as exc:
@@ -1345,8 +1972,44 @@ def run_check(args):
     print_counts(rows, total)
     say(f"planned trainable parameters: {PLAN['trainable_params']:,}")
     say(f"actual trainable parameters:  {total:,}")
-    say("self-check passed: trainable parameters, counts and learning rates equal the plan")
+    say("self-check passed: trainable parameters, counts and learning rates equal the plan"
+        + (" (and the quantized modules)" if PLAN.get("quantization") else ""))
     return 0
+
+
+def preflight_data(args):
+    """(train rows, eval rows or None), after every row went through the data check (cached):
+    a missing file or a refused row stops here, before the model loads, naming every bad
+    row; --max-bad-rows N skips at most N of them, each printed."""
+    files = [("train", p) for p in data_files(args.data)] + [("eval", p) for p in data_files(args.eval_data)]
+    if not data_files(args.data):
+        fail(DataError("error: no training data\n  hint: set data.train in the spec or pass --data FILE"))
+    for _, path in files:
+        if missing_data_file(path) is not None:
+            fail(missing_data_file(path))
+    follower = int(os.environ.get("LOCAL_RANK", "0")) != 0  # rank 0 of the node checks, the others wait
+    try:
+        report, rows = check_data(files, data_setup(args.model), workers=args.data_workers,
+                                  progress=not follower, wait=follower)
+    except (DataError, OSError) as exc:
+        fail(exc)
+    refused = report["refused"]
+    say(f"data check: {report['rows']:,} rows, {report['accepted']:,} accepted, {len(refused):,} refused"
+        + (" (cached result of the same files, processor and max_length)" if report.get("cached") else ""))
+    if len(refused) > args.max_bad_rows:
+        fail(DataError("\n".join(f"{refusal_where(r)}: {r['reason']}" for r in refused)
+                       + f"\nerror: {len(refused):,} of {report['rows']:,} rows cannot be trained on; stopped before "
+                       "loading the model\n  hint: fix these rows, or pass --max-bad-rows N to skip at most N of them"))
+    for r in refused:
+        say(f"skipped {refusal_where(r)}: {r['reason']}")
+    if refused:
+        say(f"skipped {len(refused):,} of {report['rows']:,} rows (--max-bad-rows {args.max_bad_rows})")
+    bad = {refusal_id(r) for r in refused}
+    train = [row for row in rows.get("train", []) if row_id(row) not in bad]
+    evals = [row for row in rows.get("eval", []) if row_id(row) not in bad]
+    if not train:
+        fail(DataError("error: no training row left after the data check"))
+    return train, evals or None
 
 
 def build_trainer(args):
@@ -1355,18 +2018,15 @@ def build_trainer(args):
     say(engine_text(args))
     targs = training_arguments(args)  # before the model: ZeRO-3 partitions it while loading
     dtype = weights_dtype(args.precision or TRAINING["precision"], deepspeed_path(args))
+    train_rows, eval_rows = preflight_data(args)  # before the model: bad data costs no weights loaded
     try:
         model, rows = setup_model(args.model, dtype=dtype)
     except PlanMismatch as exc:
         fail(exc)
     total = sum(numel(p) for p in model.parameters() if p.requires_grad)
     print_counts(rows, total)
-    if not args.data:
-        fail(DataError("no training data: set data.train in the spec or pass --data"))
     try:
         encoder = make_encoder(args.model)
-        train_rows = read_rows(args.data)
-        eval_rows = read_rows(args.eval_data) if args.eval_data else None
         train_ds = ConversationDataset(train_rows, encoder)
         eval_ds = ConversationDataset(eval_rows, encoder) if eval_rows else None
     except (DataError, OSError) as exc:

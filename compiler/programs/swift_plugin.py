@@ -39,6 +39,7 @@ from mixspec.names import INDEX, compact_names, expand_names, fingerprint, names
 SWIFT_VERSION = 4
 
 PLAN_FINGERPRINT = ""
+OPTIMIZER_FINGERPRINT = ""
 
 PLAN_MODEL = ""
 
@@ -294,15 +295,16 @@ def check_optimizer(optimizer, model, output_dir=None):
             details += f"\n  {n}: weight decay {actual_wd[n]!r}, planned {expected_wd[n]!r}"
         raise _mismatch("the optimizer's parameters, learning rates and weight decays", details)
     got = fingerprint(actual, actual_wd)
-    if got != PLAN_FINGERPRINT:
+    if got != OPTIMIZER_FINGERPRINT:
         raise _mismatch("the fingerprint (names, learning rates, weight decays)",
-                        f"  got {got}, planned {PLAN_FINGERPRINT}")
+                        f"  got {got}, planned {OPTIMIZER_FINGERPRINT}")
     summary = "; ".join(f"lr {g['lr']!r} wd {g['weight_decay']!r}: {g['tensors']} tensors, {g['params']:,} params"
                         for g in groups)
-    _log(f"optimizer matches the Plan (fingerprint {got}): {summary}")
+    _log(f"optimizer matches the Plan (optimizer fingerprint {got}): {summary}")
     if output_dir and int(os.environ.get("RANK", "0")) == 0:
         os.makedirs(output_dir, exist_ok=True)
-        report = {"plan_fingerprint": PLAN_FINGERPRINT, "fingerprint": got, "groups": groups,
+        report = {"plan_fingerprint": PLAN_FINGERPRINT, "optimizer_fingerprint": OPTIMIZER_FINGERPRINT,
+                  "fingerprint": got, "groups": groups,
                   "lr_by_param": dict(sorted(actual.items())),
                   "weight_decay_by_param": dict(sorted(actual_wd.items())),
                   "dtype_by_param": dict(sorted(actual_dtype.items()))}

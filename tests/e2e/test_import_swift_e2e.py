@@ -218,3 +218,62 @@ def test_lora_target_rules_equal_swifts_own_functions():
             assert mine == want, (path, (fl, fv, fa, emb), sorted(set(mine) ^ set(want))[:6])
             checked += 1
     assert checked >= 40
+
+
+# -- flag names: ms-swift's own argument parser is the oracle -------------------------------------------
+_PARSE = r"""
+import json, sys
+from transformers import HfArgumentParser
+from swift.arguments import RLHFArguments, SftArguments
+from swift.utils.utils import _patch_get_type_hints
+out = []
+for command, argv in json.loads(sys.stdin.read()):
+    with _patch_get_type_hints():
+        parser = HfArgumentParser([RLHFArguments if command == "rlhf" else SftArguments])
+    try:
+        ns, rest = parser.parse_known_args(argv)
+        out.append({"rest": rest, "freeze_vit": ns.freeze_vit, "lora_rank": ns.lora_rank})
+    except SystemExit:  # argparse's own error (an ambiguous abbreviation)
+        out.append({"exit": True})
+print(json.dumps({"runs": out, "sft": sorted({o[2:].replace("-", "_") for a in HfArgumentParser(
+    [SftArguments])._actions for o in a.option_strings if o.startswith("--")})}))
+"""
+
+FLAG_CASES = [
+    ("sft", "--tuner_type full --freeze_vitt false --lora_ranks 64"),
+    ("sft", "--sft_type full --model_id_or_path x"),
+    ("sft", "--tuner_type full --train_type full"),
+    ("sft", "--lora_r 16 --no_freeze_vit"),
+    ("sft", "--lora_ 4"),
+    ("sft", "--rpo_alpha 0.1"),
+    ("rlhf", "--rpo_alpha 0.1 --beta 0.2 --lora-rank 4"),
+    ("rlhf", "--num_generation 4"),
+    ("sft", "--freeze-vit false --vit_lr 1e-5 --use_rslora true"),
+]
+
+
+def test_flag_names_as_swifts_parser_reads_them():
+    """What swift's HfArgumentParser leaves over (and then stops on) is exactly what the import
+    refuses; an abbreviation and --no_freeze_vit read as swift reads them; the stored option
+    list is the installed parser's."""
+    from mixspec.importers._swift_keys import SFT_4
+
+    model = "Qwen/Qwen2.5-VL-7B-Instruct"
+    argvs = [[c, ["--model", model, "--dataset", "d"] + body.split()] for c, body in FLAG_CASES]
+    proc = subprocess.run([str(VENV / "bin" / "python"), "-c", _PARSE], input=json.dumps(argvs), text=True,
+                          capture_output=True, env=swift_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    swift = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(swift["sft"]) == SFT_4
+    for (command, body), real in zip(FLAG_CASES, swift["runs"]):
+        got = read("swift", f"swift {command} --model {model} --dataset d {body}\n", "t.sh")
+        refused = {p.path for p in got.problems}
+        if real.get("exit"):
+            assert refused and all("ambiguous" in p.message for p in got.problems), body
+            continue
+        assert refused == {w for w in real["rest"] if w.startswith("--")}, body
+        if not refused:
+            assert got.ok
+            assert {c.lora.rank for c in got.plan.components if c.lora} == {real["lora_rank"]}
+            vision = [c for c in got.plan.components if c.name.startswith("vision") and c.trainable_params]
+            assert bool(vision) == (not real["freeze_vit"]), body

@@ -257,8 +257,9 @@ def test_swift_trains_exactly_the_plan(tiny, case, version):
         report = json.loads((run / "mixspec_check.json").read_text())
         assert report["lr_by_param"] == planned
         assert report["weight_decay_by_param"] == plan.trainable_weight_decays()
-        assert report["fingerprint"] == plan.fingerprint()
-        assert f"[mixspec] optimizer matches the Plan (fingerprint {plan.fingerprint()})" in log
+        assert report["fingerprint"] == report["optimizer_fingerprint"] == plan.optimizer_fingerprint()
+        assert report["plan_fingerprint"] == plan.fingerprint()
+        assert f"[mixspec] optimizer matches the Plan (optimizer fingerprint {plan.optimizer_fingerprint()})" in log
         assert "[mixspec] trainable parameters match the Plan" in log or want_tuner != "plugin"
 
     # 3. learning rates, from the weights: the first AdamW step moves each element by at most
@@ -478,7 +479,7 @@ def test_swift_trains_exactly_the_plan_on_each_family(family_models, family_data
     else:
         report = json.loads((run / "mixspec_check.json").read_text())
         assert report["lr_by_param"] == planned
-        assert report["fingerprint"] == plan.fingerprint()
+        assert report["fingerprint"] == plan.optimizer_fingerprint()
 
     # 3. every parameter, before and after: swift loaded the model dir's weights as they are,
     #    frozen ones come out bit-identical, trained ones moved by at most their LR at step 1
