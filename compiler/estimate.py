@@ -163,7 +163,7 @@ def estimate(plan: Plan, overrides: dict | None = None, target: str | None = Non
     if offload == "all" and s >= 3:
         cpu_per_gpu += weights
         weights = 0.0
-    policy = execution_policy(plan, target, deepspeed=stage is not None)
+    policy = execution_policy(plan, target, deepspeed=stage is not None, fsdp=False)
     acts, transient, assumptions = activation_terms(plan, o, policy)
     if plan.quantized or training.optimizer != "adamw":
         if stage is None:

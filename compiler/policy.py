@@ -100,10 +100,10 @@ class ExecutionPolicy:
 
 
 def execution_policy(plan, target: str | None = None, deepspeed: bool | None = None,
-                     fsdp: str | None = None) -> ExecutionPolicy:
+                     fsdp: str | bool | None = None) -> ExecutionPolicy:
     """The policy of ``target`` (default hf: the train.py the hf target writes) for the Plan's
     precision and its ``distributed`` block (a ZeRO stage means DeepSpeed, ``fsdp`` FSDP2;
-    ``deepspeed`` and ``fsdp`` override them, for fit's what-ifs)."""
+    ``deepspeed`` and ``fsdp`` (a strategy, or False: none) override them, for fit's what-ifs)."""
     target = target or "hf"
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r} (one of {', '.join(TARGETS)})")
@@ -112,7 +112,7 @@ def execution_policy(plan, target: str | None = None, deepspeed: bool | None = N
         deepspeed = plan.distributed.zero_stage is not None
     reentrant = target == "llamafactory"
     frozen_blocks = target != "llamafactory"
-    if fsdp is None and deepspeed is not True:
+    if fsdp is None and not deepspeed:
         fsdp = getattr(plan.distributed, "fsdp", None)
     if fsdp:
         return _fsdp_policy(target, compute, reentrant, frozen_blocks)

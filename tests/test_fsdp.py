@@ -126,3 +126,39 @@ def test_train_py_checkpoints_with_the_trainers_switch_never_both(tmp_path):
     args = module.training_arguments(module.parse_args(["--output-dir", str(tmp_path / "o"), "--fsdp-config", str(edited)]))
     assert args.fsdp_plugin_args["activation_checkpointing"] is True and getattr(args, switch) is False
     assert module.engine_text(module.parse_args([])).startswith("engine: FSDP2")
+
+
+def test_fsdp_policy_is_accelerates_mixed_precision():
+    """The execution policy of an FSDP2 run: every parameter gathered in the compute dtype (the
+    param_dtype of the MixedPrecisionPolicy accelerate builds for bf16), so LoRA and trained
+    weights compute in bf16 and no autocast copy of them is counted."""
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from mixspec.estimate import estimate
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_mixed_precision("bf16")
+    plan = _plan("Qwen/Qwen2.5-VL-7B-Instruct")
+    policy = estimate(plan).policy
+    assert plugin.mixed_precision_policy.param_dtype == torch.bfloat16
+    assert (policy.engine, policy.module_cast, policy.adapter_dtype) == ("fsdp2", "bf16", "bf16")
+    assert not policy.adapter_copies and "FSDP2 gathers every parameter in bf16" in policy.describe()
+    # the same spec without fsdp: the DDP run keeps fp32 LoRA weights and their autocast copies
+    ddp = estimate(plan, {"zero_stage": None}).policy
+    assert ddp.engine == "ddp" and ddp.adapter_copies
+
+
+def test_hf_refuses_a_quantized_base_or_8bit_optimizer_with_fsdp():
+    text = SPEC.format(model="Qwen/Qwen2.5-VL-7B-Instruct", fsdp="full_shard", offload="none", gc="true")
+    for extra, what in (("  language: {train: lora, lr: 1.0e-4, quantize: nf4}", "quantize with distributed.fsdp"),
+                        ("  language: {train: lora, lr: 1.0e-4}\n  # 8-bit", "training.optimizer adamw_8bit")):
+        spec = text.replace("  language: {train: lora, lr: 1.0e-4}", extra)
+        if "8-bit" in extra:
+            spec = spec.replace("training: {", "training: {optimizer: adamw_8bit, ")
+        plan = plan_spec(load_spec_text(spec, "spec.yaml"))
+        from mixspec.errors import MixspecError
+
+        with pytest.raises(MixspecError) as err:
+            render(plan, "hf", TargetOptions())
+        assert what in str(err.value) and "drop distributed.fsdp" in str(err.value)
