@@ -192,9 +192,10 @@ def fit(
     Exit 0 when some option fits (the spec as written or another), 1 when none does."""
     _check_memory_target(target)
     try:
-        _, the_plan = _load_and_plan(spec)
+        loaded, the_plan = _load_and_plan(spec)
     except MixspecError as exc:
         raise _fail(exc) from None
+    from mixspec.datacheck import data_estimate, data_estimate_text
     from mixspec.fit import fit as fit_plan, parse_gpu_memory, render_fit, write_fitted_spec
 
     try:
@@ -206,15 +207,24 @@ def fit(
         _stderr("error: give --gpu-memory GB (or distributed.gpu_memory_gb in the spec)")
         raise typer.Exit(2)
     result = fit_plan(the_plan, gb, target, fsdp=not no_fsdp)
+    # the best option (else the spec as written) at the data's longest micro-batch, when checked
+    chosen = result.best or result.current
+    at_data = data_estimate(loaded, the_plan, target, _option_overrides(chosen))
     if as_json:
         policy = result.current.estimate.policy
         typer.echo(json.dumps({"gpu_memory_gb": gb, "policy": policy.to_json(), "best": None if result.best is None else {
             "settings": _option_json(result.best), "peak_bytes": round(result.best.estimate.peak_bytes)},
             "options": [dict(_option_json(o), peak_bytes=round(o.estimate.peak_bytes), fits=o.fits)
-                        for o in result.options]}, indent=2))
+                        for o in result.options],
+            **({"at_data": {"settings": _option_json(chosen), "peak_bytes": round(at_data["estimate"].peak_bytes),
+                            "fits": at_data["estimate"].peak_bytes <= gb * 1e9, "longest": at_data["longest"],
+                            "rows": at_data["rows"]}} if at_data else {})}, indent=2))
     else:
         for line in render_fit(result, show=len(result.options) if show_all else 12):
             typer.echo(line)
+        if at_data is not None:
+            fits = "fits" if at_data["estimate"].peak_bytes <= gb * 1e9 else "does not fit"
+            typer.echo(f"{chosen.describe()} {data_estimate_text(at_data, chosen.estimate)}: {fits}")
     if write is not None and result.best is not None:
         try:
             write_fitted_spec(spec, result.best, write)
@@ -223,6 +233,12 @@ def fit(
         _stderr(f"wrote {write}")
     if result.best is None:
         raise typer.Exit(1)
+
+
+def _option_overrides(option) -> dict:
+    """estimate() overrides for one of fit's options."""
+    return {"zero_stage": option.zero_stage, "fsdp": option.fsdp, "offload": option.offload,
+            "gradient_checkpointing": option.gradient_checkpointing, "micro_batch_size": option.micro_batch_size}
 
 
 def _option_json(option) -> dict:

@@ -9,6 +9,7 @@ cached result is the one train.py finds before its step 1.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -101,7 +102,112 @@ def run_check(spec_path: Path, workers: int | None = None, model: str | None = N
         report, _ = hf_train.check_data(files, setup, workers=workers, cache=cache)
     except hf_train.DataError as exc:
         raise DataCheckError(str(exc) if str(exc).startswith("error") else f"error: {exc}") from None
+    record_check(loaded.path, files, report)
     return report
+
+
+# -- the data's real lengths for plan and fit ---------------------------------------------------
+def _index_path(spec_path) -> Path:
+    """Where `data check` records which cached report belongs to a spec (by its absolute path)."""
+    import hashlib
+
+    # hf_train.data_check_cache_dir's rule, here without importing the program (and torch):
+    # `plan` stays fast when no check ran (tests/test_data_check.py holds the two equal)
+    base = os.environ.get("MIXSPEC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mixspec")
+    digest = hashlib.sha256(str(Path(spec_path).resolve()).encode()).hexdigest()[:32]
+    return Path(base) / "data-check" / "by-spec" / f"{digest}.json"
+
+
+def _file_stats(files: list[tuple[str, str]]) -> list | None:
+    try:
+        return [[split, str(Path(path).resolve()), os.stat(path).st_size, os.stat(path).st_mtime_ns]
+                for split, path in files]
+    except OSError:
+        return None
+
+
+def record_check(spec_path, files: list[tuple[str, str]], report: dict) -> None:
+    """After a check: note its report (by key) for the spec and the data files as they are now,
+    so `plan` and `fit` find it with a stat of each file. Written whole or not at all."""
+    stats = _file_stats(files)
+    if stats is None or not report.get("key"):
+        return
+    index = _index_path(spec_path)
+    try:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"files": stats, "key": report["key"], "max_length": report["max_length"]}))
+        os.replace(tmp, index)
+    except OSError:  # a read-only cache: plan falls back to max_length, as without a check
+        pass
+
+
+def cached_report(loaded, plan) -> dict | None:
+    """The report of the last `mixspec data check` of this spec, if the data files are
+    unchanged since (size and mtime) and max_length is the same; else None. Never raises."""
+    if plan.data is None:
+        return None
+    try:
+        index = json.loads(_index_path(loaded.path).read_text())
+        files = data_paths(loaded, plan)
+    except (OSError, ValueError, MixspecError):
+        return None
+    if index.get("files") != _file_stats(files) or index.get("max_length") != plan.training.max_length:
+        return None
+    from .programs.hf_train import load_cached_check
+
+    return load_cached_check(index.get("key"))
+
+
+def data_peak(report: dict, plan) -> dict | None:
+    """The longest micro-batch the data can form, as estimate() overrides: train.py's collator
+    pads a micro-batch to its longest row (truncated to max_length), so at worst every row of
+    a micro-batch is as long as the longest accepted row; images per row at their most, each
+    at the largest image's pixels (the processor keeps them within min/max_pixels). With the
+    rows that set it."""
+    longest = []
+    for entry in report.get("files", []):
+        longest += [(tokens, entry["file"], where) for where, tokens in entry.get("lengths", [])]
+    if not longest:
+        return None
+    longest.sort(key=lambda t: -t[0])
+    tokens = min(longest[0][0], plan.training.max_length)
+    out = {"max_length": tokens}
+    images = report.get("images") or {}
+    per_row = [int(k) for k in images.get("images_per_row", {})]
+    if per_row and plan.data is not None and "vision" in plan.roles:
+        out["images_per_sample"] = max(per_row)
+        largest = images.get("largest")
+        if largest:
+            pixels = min(largest[0] * largest[1], plan.data.max_pixels)
+            out["max_pixels"] = max(pixels, plan.data.min_pixels or 0)
+    rows = [f"{file}:{where}" for length, file, where in longest if length >= longest[0][0]][:3]
+    return {"overrides": out, "rows": rows, "longest": longest[0][0], "rows_checked": len(longest)}
+
+
+def data_estimate(loaded, plan, target: str | None = None, overrides: dict | None = None) -> dict | None:
+    """The peak at the data's longest micro-batch (a cached `data check` of this spec), for
+    the spec's settings or ``overrides`` (fit's option): {"estimate", "longest", "rows",
+    "rows_checked", "overrides"}; None without a matching check."""
+    report = cached_report(loaded, plan)
+    peak = data_peak(report, plan) if report else None
+    if peak is None:
+        return None
+    from .estimate import estimate
+
+    return dict(peak, estimate=estimate(plan, {**(overrides or {}), **peak["overrides"]}, target))
+
+
+def data_estimate_text(info: dict, worst) -> str:
+    """One line: the peak at the data's longest micro-batch beside the max_length worst case."""
+    from .estimate import GIB
+
+    est = info["estimate"]
+    rows = ", ".join(info["rows"])
+    return (f"at the data's longest micro-batch (mixspec data check, {info['rows_checked']:,} rows; longest "
+            f"{info['longest']:,} tokens: {rows}): peak {est.peak_bytes / GIB:.2f} GiB "
+            f"({(worst.peak_bytes - est.peak_bytes) / GIB:.2f} GiB below the max_length worst case)")
 
 
 def render_text(report: dict, limit: int = TEXT_LIMIT) -> list[str]:

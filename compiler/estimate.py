@@ -125,7 +125,9 @@ def bytes_per_param(precision: str, deepspeed: bool) -> dict:
 def estimate(plan: Plan, overrides: dict | None = None, target: str | None = None) -> Estimate:
     """Memory per GPU for the Plan on the spec's hardware, as ``target`` runs it (default hf:
     the generated train.py; mixspec.policy). ``overrides`` replaces settings (zero_stage,
-    offload, gradient_checkpointing, micro_batch_size) for what-if searches."""
+    offload, gradient_checkpointing, micro_batch_size) for what-if searches, and the shape of
+    the longest micro-batch (max_length, images_per_sample, max_pixels: mixspec.datacheck's
+    data_peak)."""
     from mixspec.policy import execution_policy
 
     o = overrides or {}
@@ -331,7 +333,7 @@ def activation_terms(plan: Plan, overrides: dict | None = None, policy=None):
         return {}, {}, {"activations": "not estimated: no decoder stack found in the tree"}
     p = policy.activation_bytes
     micro = o.get("micro_batch_size", training.micro_batch_size)
-    seq = training.max_length
+    seq = o.get("max_length", training.max_length)
     checkpointing = o.get("gradient_checkpointing", training.gradient_checkpointing)
     tokens = micro * seq
     full, lora = _trained_sets(plan)
@@ -339,7 +341,7 @@ def activation_terms(plan: Plan, overrides: dict | None = None, policy=None):
     assumptions = {"tokens_per_gpu": tokens, "micro_batch_size": micro, "max_length": seq,
                    "attention": "sdpa/flash (no sequence-squared term)", "gradient_checkpointing": checkpointing,
                    "activation_bytes": p, "policy": policy.describe()}
-    grad_in = _vision_terms(plan, st, full, lora, p, micro, checkpointing, policy, acts, transient, assumptions)
+    grad_in = _vision_terms(plan, st, full, lora, p, micro, checkpointing, policy, acts, transient, assumptions, o)
     roles = plan.roles
     embeddings = roles.get("embeddings", ())
     grad_in = grad_in or _under(embeddings, full) or _under(embeddings, lora)
@@ -367,9 +369,11 @@ def _under(prefixes, names) -> bool:
     return any(is_under(n, prefixes) for n in names)
 
 
-def _vision_terms(plan, st, full, lora, p, micro, checkpointing, policy, acts, transient, assumptions) -> bool:
+def _vision_terms(plan, st, full, lora, p, micro, checkpointing, policy, acts, transient, assumptions,
+                  o: dict | None = None) -> bool:
     """The vision tower's blocks and the aligner into ``acts``/``transient``; whether a
-    gradient flows out of them into the LLM."""
+    gradient flows out of them into the LLM. ``o`` may replace images_per_sample and
+    max_pixels (the data's own, from a data check)."""
     from mixspec.activations import BlockKind
 
     vision_kinds = [BlockKind.from_json(k) for k in st.get("vision", ())]
@@ -377,14 +381,16 @@ def _vision_terms(plan, st, full, lora, p, micro, checkpointing, policy, acts, t
         return False
     data, roles = plan.data, plan.roles
     # no data section: the spec's defaults for these keys (mixspec.spec.Data)
-    images = data.images_per_sample if data is not None else default("Data", "images_per_sample")
-    max_pixels = data.max_pixels if data is not None else default("Data", "max_pixels")
+    o = o or {}
+    images = o.get("images_per_sample", data.images_per_sample if data is not None else default("Data", "images_per_sample"))
+    max_pixels = o.get("max_pixels", data.max_pixels if data is not None else default("Data", "max_pixels"))
     if st.get("vision_position_embeddings"):
         per_image = st["vision_position_embeddings"]
         how = "fixed by the encoder's position embeddings"
     elif st.get("patch_kernel"):
         per_image = max(1, max_pixels // (st["patch_kernel"] ** 2))
-        how = f"data.max_pixels {max_pixels} / {st['patch_kernel']}^2"
+        how = (f"the data's largest image, {max_pixels} pixels," if "max_pixels" in o else f"data.max_pixels {max_pixels}")
+        how += f" / {st['patch_kernel']}^2"
     else:
         per_image, how = 0, "unknown"
     vision_tokens = per_image * images * micro

@@ -77,26 +77,39 @@ def run_plan(specs: list[Path], as_json: bool = False, show_modules: bool = Fals
     plans = []
     for spec in specs:
         try:
-            the_plan = plan_spec(load_spec(spec, light=True))
+            loaded = load_spec(spec, light=True)
+            the_plan = plan_spec(loaded)
         except MixspecError as exc:
             _stderr(str(exc))
             failed = True
             continue
         est = estimate_memory(the_plan, target)
+        at_data = _data_estimate(loaded, the_plan, target)
         if as_json:
             data = the_plan.to_json()
             data["estimate"] = est.to_json()
+            if at_data is not None:  # a `mixspec data check` of these files: the real lengths
+                data["estimate_at_data"] = dict(at_data, estimate=at_data["estimate"].to_json())
             plans.append(data)
         else:
             from mixspec.present import print_plan
 
-            print_plan(the_plan, est, show_modules=show_modules)
+            print_plan(the_plan, est, show_modules=show_modules, at_data=at_data)
         for problem in the_plan.warnings_problems:
             _stderr(problem.render())
     if as_json and plans:
         # one spec prints its Plan object; several print a list of them
         _stdout(json.dumps(plans[0] if len(specs) == 1 else plans, indent=2))
     return 1 if failed else 0
+
+
+def _data_estimate(loaded, plan, target):
+    """The peak at the data's longest micro-batch when `mixspec data check` ran on these files."""
+    if plan.data is None:
+        return None
+    from mixspec.datacheck import data_estimate
+
+    return data_estimate(loaded, plan, target)
 
 
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")

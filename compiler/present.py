@@ -29,9 +29,11 @@ def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.2f}%" if whole else "-"
 
 
-def print_plan(plan: Plan, est: Estimate, show_modules: bool = False, groups: dict | None = None) -> None:
+def print_plan(plan: Plan, est: Estimate, show_modules: bool = False, groups: dict | None = None,
+               at_data: dict | None = None) -> None:
     """The plan table, totals and memory. ``groups``: component -> a backend's name for it
-    (mixspec import), shown under the component's name."""
+    (mixspec import), shown under the component's name; ``at_data``: the peak at the data's
+    longest micro-batch (mixspec.datacheck.data_estimate)."""
     from rich.table import Table
 
     console = _console()
@@ -74,6 +76,10 @@ def print_plan(plan: Plan, est: Estimate, show_modules: bool = False, groups: di
                   f"trainable {_n(t.trainable_params)} ({_pct(t.trainable_params, t.base_params + t.added_params)} of all)")
     _print_weight_decay(console, plan, show_modules)
     print_memory(console, plan, est)
+    if at_data is not None and est.activations:
+        from mixspec.datacheck import data_estimate_text
+
+        console.print("  " + data_estimate_text(at_data, est), markup=False, soft_wrap=True)
 
 
 _TERM_LABELS = {

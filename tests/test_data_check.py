@@ -332,3 +332,52 @@ def test_reading_files_locates_what_is_no_row(tmp_path):
     lines.write_text("\n\n" + json.dumps(row("a", "b")) + "\n[1]\n", encoding="utf-8")
     rows, refused = hf_train.scan_rows(str(lines))
     assert [r["_line"] for r in rows] == [3] and [(r["line"], r["reason"][:14]) for r in refused] == [(4, "a row must be ")]
+
+
+def test_plan_and_fit_give_the_peak_at_the_datas_longest_micro_batch(family, tmp_path):
+    """After `data check`, plan and fit estimate at the longest row the family's processor makes
+    (image tokens expanded), naming it; a changed data file makes the check stale (not used)."""
+    name, model, processor, data, max_length, good, bad = family
+    if name != FAMILIES[0]:
+        pytest.skip("one family is enough")
+    from mixspec.api import load_spec, plan_spec
+    from mixspec.estimate import estimate
+
+    clean = tmp_path / "clean.jsonl"
+    rows = [row("Hi", "Hello."), row("<image>What is it?", "A square.", [str(data.parent / "a.png")])]
+    clean.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    longest = max(oracle_length(processor, r, clean.parent) for r in rows)
+    limit = longest + 500  # the worst case max_length is well above the data's longest row
+    spec = write_spec(tmp_path / "spec.yaml", model, clean, limit)
+    cache = tmp_path / "cache"
+    code, out, _ = run_cli("plan", spec, "--json", cache_dir=cache)
+    assert code == 0 and "estimate_at_data" not in json.loads(out)  # no check yet
+    assert run_cli("data", "check", spec, "--workers", "1", cache_dir=cache)[0] == 0
+    code, out, _ = run_cli("plan", spec, "--json", cache_dir=cache)
+    at = json.loads(out)["estimate_at_data"]
+    assert at["longest"] == longest and at["overrides"]["max_length"] == longest
+    assert at["rows"] == [f"{clean}:2"] and at["rows_checked"] == 2
+    plan = plan_spec(load_spec(spec))
+    want = estimate(plan, {"max_length": longest, "images_per_sample": 1, "max_pixels": 56 * 56})  # a.png
+    assert at["estimate"]["per_gpu_bytes"]["peak"] == round(want.peak_bytes) < round(estimate(plan).peak_bytes)
+    code, out, _ = run_cli("plan", spec, cache_dir=cache)
+    assert f"longest {longest:,} tokens: {clean}:2" in out
+    code, out, _ = run_cli("fit", spec, "--gpu-memory", "80GiB", cache_dir=cache)
+    assert code == 0 and "at the data's longest micro-batch" in out
+    # the data changed since the check: plan says nothing of it
+    clean.write_text(clean.read_text() + json.dumps(row("Bye", "Bye.")) + "\n", encoding="utf-8")
+    code, out, _ = run_cli("plan", spec, "--json", cache_dir=cache)
+    assert "estimate_at_data" not in json.loads(out)
+
+
+def test_the_spec_index_lives_in_train_pys_cache_dir(tmp_path, monkeypatch):
+    """datacheck finds the cache without importing the program; both say the same folder."""
+    from mixspec.datacheck import _index_path
+    from mixspec.programs.hf_train import data_check_cache_dir
+
+    for env in ({"MIXSPEC_CACHE_DIR": str(tmp_path / "a")}, {"XDG_CACHE_HOME": str(tmp_path / "b")}, {}):
+        for key in ("MIXSPEC_CACHE_DIR", "XDG_CACHE_HOME"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert _index_path(tmp_path / "s.yaml").parent.parent == Path(data_check_cache_dir())
