@@ -491,16 +491,7 @@ class _Analyser:
             wanted.update(c.lora.targets)
         targets = sorted(wanted, key=natural_key)
         self.out.lora_targets = targets
-        best = None
-        for flags in _FLAG_COMBOS:
-            got = _lora_modules(self.modules, targets, self.comp, flags)
-            miss = len(wanted - got) + len(got - wanted)
-            if best is None or miss < best[0]:
-                best = (miss, flags, got)
-            if miss == 0:
-                break
-        _, flags, got = best
-        self.out.flags = flags if self.comp else None
+        got = self.best_flags(lambda flags: _lora_modules(self.modules, targets, self.comp, flags), wanted)
         if got == wanted:
             return
         for c in self.lora:
@@ -530,17 +521,24 @@ class _Analyser:
             self.out.note("lora_target", f"approximate: LoRA also on {_show(extra)}, which the Plan leaves alone")
 
     # -- full fine-tuning ----------------------------------------------------------------
-    def check_full_parts(self) -> None:
+    def best_flags(self, outcome, wanted: set) -> set:
+        """The freeze_* flag combination whose outcome (what LLaMA-Factory would train under
+        it) differs least from ``wanted`` (the first exact one); it becomes the YAML's flags.
+        Returns that outcome."""
         best = None
         for flags in _FLAG_COMBOS:
-            got = _full_trainable(self.names, self.comp, flags)
-            miss = len(got ^ self.trained)
+            got = outcome(flags)
+            miss = len(got ^ wanted)
             if best is None or miss < best[0]:
                 best = (miss, flags, got)
             if miss == 0:
                 break
         _, flags, got = best
         self.out.flags = flags if self.comp else None
+        return got
+
+    def check_full_parts(self) -> None:
+        got = self.best_flags(lambda flags: _full_trainable(self.names, self.comp, flags), self.trained)
         if got == self.trained or self.freeze_tuning():
             return
         self.explain_full_mismatch()

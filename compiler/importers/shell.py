@@ -54,6 +54,16 @@ def split_commands(text: str) -> list[list[Word]]:
             words.append(Word("".join(cur), start[0], start[1], "".join(raw)))
         cur, raw, start = [], [], None
 
+    def substitution(at: int) -> int:
+        """$(...) / $((...)) at ``at`` into the word (marked "\0", expanded by expand());
+        where the text goes on."""
+        j = _closing_paren(text, at + 1)
+        cur.append("\0" + text[at + 1:j])
+        raw.append(text[at:j])
+        for c in text[at:j]:
+            pos_advance(c)
+        return j
+
     def end_command() -> None:
         nonlocal words
         end_word()
@@ -85,12 +95,7 @@ def split_commands(text: str) -> list[list[Word]]:
                 i += 2
                 continue
             elif ch == "$" and text.startswith("(", i + 1):
-                j = _closing_paren(text, i + 1)
-                cur.append("\0" + text[i + 1:j])
-                raw.append(text[i:j])
-                for c in text[i:j]:
-                    pos_advance(c)
-                i = j
+                i = substitution(i)
                 continue
             else:
                 cur.append("\0" if ch == "$" else ch)  # "\0": an expansion, done by expand()
@@ -127,12 +132,7 @@ def split_commands(text: str) -> list[list[Word]]:
         elif ch == "$" and text.startswith("(", i + 1):  # $(...) / $((...)): one word, expanded later
             if start is None:
                 start = (line, col)
-            j = _closing_paren(text, i + 1)
-            cur.append("\0" + text[i + 1:j])
-            raw.append(text[i:j])
-            for c in text[i:j]:
-                pos_advance(c)
-            i = j
+            i = substitution(i)
             continue
         else:
             if start is None:
