@@ -81,17 +81,16 @@ def data_paths(loaded, plan) -> list[tuple[str, str]]:
 
 def run_check(spec_path: Path, workers: int | None = None, model: str | None = None, cache: bool = True) -> dict:
     """The report of ``check_data`` for a spec (the JSON of ``data check --json``)."""
-    from mixspec.targets.hf import is_multimodal
-
     from . import __version__
-    from .api import load_spec, plan_spec
+    from .loader import load_spec
+    from .resolve import plan_spec
     from .programs import hf_train
 
     loaded = load_spec(spec_path)
     plan = plan_spec(loaded)
     files = data_paths(loaded, plan)
     setup = {"model": processor_dir(loaded, plan, model), "model_type": plan.model_type,
-             "multimodal": is_multimodal(plan), "max_length": plan.training.max_length,
+             "multimodal": plan.multimodal, "max_length": plan.training.max_length,
              "pixel_limits": {k: getattr(plan.data, k) for k in ("max_pixels", "min_pixels") if getattr(plan.data, k)}}
     setup["mixspec_version"] = __version__
     for _, path in files:

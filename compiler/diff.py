@@ -85,7 +85,7 @@ def _owner(plan: Plan) -> dict[str, str]:
 
 
 def _compact(names) -> tuple[str, ...]:
-    from mixspec.targets._common import compact_names
+    from mixspec.names import compact_names
 
     return tuple(f"{t} [{i}]" if i else t for t, i in compact_names(names).items())
 

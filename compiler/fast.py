@@ -165,36 +165,6 @@ def run_validate(specs: list[Path], as_json: bool = False, model_check: bool = T
     return 0 if ok else 1
 
 
-def build_spec_models_without_plugin_scan() -> None:
-    """Build the spec's pydantic models without pydantic's plugin scan (the loader calls this
-    for ``light`` loads, the console script's, when a spec needs pydantic after all).
-
-    When it builds its first model class pydantic looks for plugins among the entry points
-    of every installed distribution, importing importlib.metadata to do so: ~15-20 ms of a
-    ~0.17 s warm validate, the very import the tree cache goes out of its way to avoid
-    (mixspec.tree._lib_version). mixspec's spec models use no plugins. So, in the console
-    script's process only, while mixspec.spec builds its models, pydantic's loader module
-    answers "no plugins"; then it is removed again, and any later model (transformers', on
-    a cold build) gets pydantic's real loader."""
-    import types
-
-    name = "pydantic.plugin._loader"
-    if "mixspec.spec" in sys.modules or name in sys.modules:
-        return
-    import pydantic.version
-
-    if not pydantic.version.VERSION.startswith("2."):  # the loader's shape this was written against
-        return
-    stub = types.ModuleType(name)
-    stub.get_plugins = lambda: ()
-    sys.modules[name] = stub
-    try:
-        import mixspec.spec  # noqa: F401  (builds the models)
-    finally:
-        if sys.modules.get(name) is stub:
-            del sys.modules[name]
-
-
 def main() -> None:
     """Console-script entry point: the fast path for plain plan/validate, else the typer app."""
     parsed = parse_plain(sys.argv[1:])

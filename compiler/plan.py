@@ -184,6 +184,11 @@ class Plan:
     quant_is_default: bool = False
 
     @property
+    def multimodal(self) -> bool:
+        """Rows are read with the model's processor (a vision or audio tower), not its tokenizer alone."""
+        return any(r in self.roles for r in ("vision", "audio"))
+
+    @property
     def quantized(self) -> bool:
         """Some component holds its base weights quantized (bitsandbytes)."""
         return any(c.quantize for c in self.components)

@@ -256,7 +256,7 @@ def _print_weight_decay(console, plan: Plan, show_modules: bool) -> None:
                       f"({len(comp.decay_names)} tensors); none on {_n(comp.no_decay_params)} params "
                       f"({len(comp.no_decay)} tensors: biases, norms, 1-D)", highlight=False)
         if show_modules and comp.no_decay:
-            from mixspec.targets._common import compact_names
+            from mixspec.names import compact_names
 
             for template, indices in compact_names(comp.no_decay).items():
                 console.print(f"  no decay: {template}" + (f"  [{indices}]" if indices else ""),

@@ -106,7 +106,7 @@ def plan_data(plan: Plan, model_ref: str) -> dict:
         "architecture": plan.architecture,
         "model_type": plan.model_type,
         "transformers_version": plan.versions.get("transformers", "unknown"),
-        "multimodal": is_multimodal(plan),
+        "multimodal": plan.multimodal,
         "roles": {r: list(p) for r, p in sorted(plan.roles.items())},
         "base_params": plan.totals.base_params,
         "base_names_sha256": names_sha256(base_names),
@@ -295,11 +295,6 @@ def _summary_lines(plan: Plan) -> list[str]:
         rows.append(f"  {'(unassigned)':<20} {'freeze':<6} {'':<12} {plan.unassigned_base_params:>15,} frozen")
     rows.append(f"  total: {plan.totals.trainable_params:,} trainable of {plan.totals.all_params:,} parameters")
     return rows
-
-
-def is_multimodal(plan: Plan) -> bool:
-    """Whether train.py reads rows with its processor (a vision or audio tower) or its tokenizer."""
-    return any(r in plan.roles for r in ("vision", "audio"))
 
 
 def render_train_py(plan: Plan, options: TargetOptions) -> str:

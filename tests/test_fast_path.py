@@ -73,7 +73,7 @@ def test_fast_path_skips_pydantic_plugin_scan_and_restores_the_loader():
     assert "importlib.metadata" not in {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
                                         if line.startswith("import time:") and "|" in line}
     # after the spec's models are built, a model built later gets pydantic's real loader
-    code = ("import sys; from mixspec.fast import build_spec_models_without_plugin_scan as build; build(); "
+    code = ("import sys; from mixspec.loader import build_spec_models_without_plugin_scan as build; build(); "
             "assert 'pydantic.plugin._loader' not in sys.modules; import mixspec.spec; "
             "from pydantic import BaseModel\nclass Later(BaseModel):\n    a: int\n"
             "loader = sys.modules['pydantic.plugin._loader']; assert hasattr(loader, 'PYDANTIC_ENTRY_POINT_GROUP'); "
