@@ -44,7 +44,7 @@ RULES: dict[str, dict[str, tuple]] = {
         "precision": ("enum:bf16|fp16|fp32", "bf16", {}),
         "gradient_checkpointing": ("bool", True, {}),
         "max_length": ("int", 2048, {"ge": 1}),
-        "optimizer": ("enum:adamw|adamw_8bit|paged_adamw_8bit|paged_adamw", "adamw", {}),
+        "optimizer": ("enum:adamw|adamw_8bit|paged_adamw_8bit|paged_adamw|adamw_torch_8bit|adamw_torch_4bit", "adamw", {}),
         "weight_decay": ("float", 0.0, {"ge": 0}),
         "warmup_ratio": ("float", 0.0, {"ge": 0, "le": 1}),
         "lr_scheduler": ("enum:cosine|linear|constant|constant_with_warmup", "cosine", {}),

@@ -38,6 +38,11 @@ PAGED_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw")
 MIN_8BIT_SIZE = 4096  # bnb optimizers' min_8bit_size: smaller tensors keep 32-bit states
 OPTIM_BLOCK = 256  # bnb blockwise optimizer states: elements per absmax
 OPTIM_QMAP_BYTES = 2 * 256 * 4  # qmap1 and qmap2, shared by every tensor of one optimizer
+# torchao's low-bit AdamW (torchao/optim/adam.py, subclass_8bit.py / subclass_4bit.py): a tensor
+# of at least 4096 elements, a whole number of blocks, keeps each moment as codes + one fp32
+# scale per block + its own fp32 lookup table; any other tensor keeps fp32 moments.
+# optimizer -> (block size, bits per code, lookup-table entries)
+TORCHAO_OPTIMIZERS = {"adamw_torch_8bit": (256, 8, 256), "adamw_torch_4bit": (128, 4, 16)}
 
 
 def replaced_by_bnb(module) -> bool:
@@ -100,6 +105,10 @@ def optimizer_state_bytes(optimizer: str, numel: int) -> int:
     """Bytes of AdamW's two moments for one trained tensor of ``numel`` elements."""
     if optimizer in OPTIMIZERS_8BIT and numel >= MIN_8BIT_SIZE:
         return 2 * numel + 2 * 4 * math.ceil(numel / OPTIM_BLOCK)
+    if optimizer in TORCHAO_OPTIMIZERS:
+        block, bits, table = TORCHAO_OPTIMIZERS[optimizer]
+        if numel >= MIN_8BIT_SIZE and numel % block == 0:
+            return 2 * (numel * bits // 8 + 4 * (numel // block) + 4 * table)
     return 8 * numel
 
 

@@ -139,10 +139,12 @@ class Training(_Strict):
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Training precision.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass.")
     max_length: int = Field(2048, ge=1, description="Maximum tokens per sample.")
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw"] = Field(
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "adamw_torch_8bit",
+                       "adamw_torch_4bit"] = Field(
         "adamw",
         description="AdamW: adamw (torch, 32-bit states), adamw_8bit (bitsandbytes, 8-bit blockwise states), "
-                    "paged_adamw_8bit / paged_adamw (bitsandbytes, states in paged memory that can spill to CPU).")
+                    "paged_adamw_8bit / paged_adamw (bitsandbytes, states in paged memory that can spill to CPU), "
+                    "adamw_torch_8bit / adamw_torch_4bit (torchao, 8-bit / 4-bit blockwise states).")
     weight_decay: float = Field(0.0, ge=0, description="Default weight decay (not applied to biases and norms).")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Fraction of steps for linear warm-up.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(

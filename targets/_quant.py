@@ -28,7 +28,8 @@ def quantization_data(plan: Plan) -> dict | None:
 
 # the spec's optimizer -> transformers' optim name for it (bitsandbytes AdamW, 8 bit and/or paged)
 HF_OPTIM_NAMES = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
-                  "paged_adamw": "paged_adamw_32bit"}
+                  "paged_adamw": "paged_adamw_32bit", "adamw_torch_8bit": "adamw_torch_8bit",
+                  "adamw_torch_4bit": "adamw_torch_4bit"}
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 

@@ -165,7 +165,8 @@ def test_lora_keys_without_adapter_do_nothing():
      "config.yml:2:1", "lora_r and lora_alpha"),
     (f"base_model: {QWEN_VL}\nunfrozen_parameters: ['model.embed.+[:100]']\nlearning_rate: 1.0e-4\n",
      "config.yml:2:23", "range of a tensor"),
-    (f"base_model: {QWEN_VL}\noptimizer: adamw_torch_4bit\nlearning_rate: 1.0e-4\n", "config.yml:2:12", "torchao"),
+    (f"base_model: {QWEN_VL}\noptimizer: adamw_anyprecision\nlearning_rate: 1.0e-4\n", "config.yml:2:12",
+     "mixspec plans AdamW"),
     (f"base_model: {QWEN_VL}\n", "config.yml:1:1", "requires learning_rate"),
     ("learning_rate: [1\n", "config.yml:2:1", "YAML syntax error"),
 ])

@@ -105,7 +105,8 @@ def test_8bit_import_quantizes_what_transformers_replaces(tiny):
 
 @pytest.mark.parametrize("name,spec", [("adamw_bnb_8bit", "adamw_8bit"), ("adamw_8bit", "adamw_8bit"),
                                        ("paged_adamw_8bit", "paged_adamw_8bit"), ("paged_adamw_32bit", "paged_adamw"),
-                                       ("adamw_torch_fused", "adamw")])
+                                       ("adamw_torch_fused", "adamw"), ("adamw_torch_8bit", "adamw_torch_8bit"),
+                                       ("adamw_torch_4bit", "adamw_torch_4bit")])
 def test_optimizer_names_map_to_the_same_optimizer(name, spec):
     text = f"base_model: Qwen/Qwen2.5-VL-7B-Instruct\nadapter: lora\nlora_r: 8\nlora_alpha: 16\n" \
            f"lora_target_modules: '{LLM}'\nlearning_rate: 1.0e-4\noptimizer: {name}\n"
@@ -115,8 +116,8 @@ def test_optimizer_names_map_to_the_same_optimizer(name, spec):
 
 
 @pytest.mark.parametrize("backend,text,where,words", [
-    ("axolotl", "base_model: Qwen/Qwen2.5-VL-7B-Instruct\noptimizer: adamw_torch_4bit\nlearning_rate: 1.0e-4\n",
-     "c.yml:2:12", "torchao's 4-bit"),
+    ("axolotl", "base_model: Qwen/Qwen2.5-VL-7B-Instruct\noptimizer: adamw_torch_fp8\nlearning_rate: 1.0e-4\n",
+     "c.yml:2:12", "mixspec plans AdamW"),
     ("axolotl", "base_model: Qwen/Qwen2.5-VL-7B-Instruct\noptimizer: muon\nlearning_rate: 1.0e-4\n",
      "c.yml:2:12", "mixspec plans AdamW"),
     ("axolotl", "base_model: Qwen/Qwen2.5-VL-7B-Instruct\nload_in_8bit: true\nlearning_rate: 1.0e-4\n",

@@ -200,3 +200,32 @@ def test_fit_searches_no_deepspeed_for_a_quantized_plan(tiny_qwen):
     _, _, tree = tiny_qwen
     result = fit(plan_for(tree), 0.001)  # nothing fits: every option is listed
     assert result.options and {o.zero_stage for o in result.options} == {None}
+
+
+@pytest.mark.parametrize("optimizer,cls", [("adamw_torch_8bit", "AdamW8bit"), ("adamw_torch_4bit", "AdamW4bit")])
+def test_optimizer_state_bytes_equal_torchao(optimizer, cls):
+    """torchao's low-bit AdamW (what transformers' adamw_torch_8bit/4bit and train.py build):
+    tensor-subclass moments (codes, scales, lookup table) measured storage by storage; sizes on
+    both sides of its 4096-element threshold and of whole blocks (4160 = 16.25 blocks of 256)."""
+    torchao_optim = pytest.importorskip("torchao.optim")
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    def inner(t):
+        if is_traceable_wrapper_subclass(t):
+            names, _ = t.__tensor_flatten__()
+            return [x for n in names for x in inner(getattr(t, n))]
+        return [t]
+
+    sizes = [(64, 128), (100, 37), (4096,), (4160,), (10,), (512, 24)]
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in sizes]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = getattr(torchao_optim, cls)([{"params": params[:3], "lr": 1e-3}, {"params": params[3:], "lr": 1e-4}])
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    moments = [x for p in params for k, t in opt.state[p].items() if k != "step" for x in inner(t)]
+    numels = [p.numel() for p in params]
+    estimate = sum(optimizer_state_bytes(optimizer, n) for n in numels) + optimizer_fixed_bytes(optimizer, numels)
+    assert estimate == storage_bytes(moments)
+    assert any(is_traceable_wrapper_subclass(t) for p in params for t in opt.state[p].values())  # low-bit taken

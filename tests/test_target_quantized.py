@@ -99,7 +99,8 @@ def test_swift_flags_when_its_quantization_is_exact():
 
 
 @pytest.mark.parametrize("optimizer,optim", [("adamw_8bit", "adamw_bnb_8bit"), ("paged_adamw", "paged_adamw_32bit"),
-                                             ("paged_adamw_8bit", "paged_adamw_8bit")])
+                                             ("paged_adamw_8bit", "paged_adamw_8bit"), ("adamw_torch_8bit", "adamw_torch_8bit"),
+                                             ("adamw_torch_4bit", "adamw_torch_4bit")])
 def test_llamafactory_keys_when_its_quantization_is_exact(optimizer, optim):
     plan = plan_of(ALL_QUANTIZED.format(opts="", optimizer=optimizer))
     yaml = render(plan, "llamafactory", TargetOptions())["train.yaml"]
@@ -126,3 +127,35 @@ def test_diff_names_a_change_of_base_weights_and_optimizer(run_cli, tmp_path):
     result = run_cli("diff", str(old), str(new))
     assert "base weights language: not quantized -> nf4 (196 Linear, double_quant true, compute bf16)" in result.stdout
     assert "setting training.optimizer: adamw -> adamw_8bit" in result.stdout
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "adamw_torch_8bit",
+                                       "adamw_torch_4bit"])
+def test_transformers_optim_name_builds_what_train_py_builds(optimizer, tmp_path):
+    """The optim name a backend's Trainer gets (LLaMA-Factory's optim; what importers read back)
+    makes transformers build the optimizer class train.py builds for the spec's optimizer."""
+    pytest.importorskip("bitsandbytes")
+    if optimizer.startswith("adamw_torch"):
+        pytest.importorskip("torchao.optim")
+    import importlib
+
+    from transformers import Trainer, TrainingArguments
+
+    from mixspec.programs import hf_train
+    from mixspec.targets._quant import HF_OPTIM_NAMES
+
+    args = TrainingArguments(output_dir=str(tmp_path), optim=HF_OPTIM_NAMES[optimizer], use_cpu=True)
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    if optimizer in hf_train.BNB_OPTIMIZERS:
+        want = getattr(importlib.import_module("bitsandbytes.optim"), hf_train.BNB_OPTIMIZERS[optimizer])
+    elif optimizer in hf_train.TORCHAO_OPTIMIZERS:
+        want = getattr(importlib.import_module("torchao.optim"), hf_train.TORCHAO_OPTIMIZERS[optimizer])
+    else:
+        import torch
+
+        want = torch.optim.AdamW
+    if cls is not want:  # bitsandbytes: transformers takes the generic class with optim_bits / is_paged
+        import bitsandbytes.optim as bo
+
+        bits, paged = kwargs.get("optim_bits", 32), kwargs.get("is_paged", False)
+        assert cls is bo.AdamW and want.__name__ == ("Paged" if paged else "") + "AdamW" + ("8bit" if bits == 8 else "")

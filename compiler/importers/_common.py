@@ -630,11 +630,8 @@ HF_OPTIMIZERS = {
     "adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "adamw_apex_fused": "adamw",
     "adamw_bnb_8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
     "paged_adamw_32bit": "paged_adamw",
-}
-_OPTIMIZER_WHY = {
-    "adamw_torch_8bit": "torchao's 8-bit AdamW quantizes its states its own way; mixspec plans bitsandbytes' "
-                        "(use adamw_bnb_8bit for 8-bit states mixspec can plan)",
-    "adamw_torch_4bit": "torchao's 4-bit AdamW states; mixspec plans 32-bit or bitsandbytes 8-bit states",
+    # transformers builds torchao.optim.AdamW8bit / AdamW4bit for these, as train.py does
+    "adamw_torch_8bit": "adamw_torch_8bit", "adamw_torch_4bit": "adamw_torch_4bit",
 }
 
 
@@ -642,10 +639,11 @@ def spec_optimizer(name: str) -> tuple[Optional[str], str]:
     """(the spec's training.optimizer for a transformers optim name, or None; why not)."""
     if name in HF_OPTIMIZERS:
         return HF_OPTIMIZERS[name], ""
-    return None, _OPTIMIZER_WHY.get(name, "mixspec plans AdamW: torch's, or bitsandbytes' 8-bit / paged")
+    return None, "mixspec plans AdamW: torch's, bitsandbytes' 8-bit / paged, or torchao's 8-bit / 4-bit"
 
 
-OPTIMIZER_HINT = "use adamw_torch, adamw_bnb_8bit, paged_adamw_8bit or paged_adamw_32bit"
+OPTIMIZER_HINT = ("use adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, paged_adamw_32bit, adamw_torch_8bit or "
+                  "adamw_torch_4bit")
 
 
 

@@ -305,6 +305,7 @@ def check_structure(model):
 # list holds escaped full names of everything else transformers would replace (a short name
 # like "vision_tower" does not skip model.vision_tower's children).
 BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw": "PagedAdamW"}
+TORCHAO_OPTIMIZERS = {"adamw_torch_8bit": "AdamW8bit", "adamw_torch_4bit": "AdamW4bit"}  # torchao.optim
 QUANTIZED_CLASSES = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' modules (PEFT's LoRA wrappers come later)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -471,6 +472,17 @@ def param_groups(model):
     return groups
 
 
+def group_lr(group, want):
+    """A group's learning rate as a number. torchao's optimizers hold it as an fp32 tensor: one
+    equal to the planned LR in fp32 is the planned LR (the precision torchao computes in)."""
+    lr = group["lr"]
+    if not torch.is_tensor(lr):
+        return lr
+    if want is not None and torch.tensor(want, dtype=lr.dtype).item() == lr.item():
+        return want
+    return lr.item()
+
+
 def lr_problems(groups, model):
     """Each trainable parameter in exactly one group, at its planned LR and weight decay; the
     Plan's optimizer fingerprint (names, LRs and weight decays)."""
@@ -491,11 +503,12 @@ def lr_problems(groups, model):
             if g is None:
                 problems.append(f"{name} is trainable but in no optimizer group")
                 continue
-            actual[name] = (g["lr"], g.get("weight_decay", 0.0))
             comp = planned.get(name)
             want = comp["lr"] if comp else None
-            if g["lr"] != want:
-                problems.append(f"{name}: learning rate {g['lr']!r}, the plan says {want!r}")
+            lr = group_lr(g, want)
+            actual[name] = (lr, g.get("weight_decay", 0.0))
+            if lr != want:
+                problems.append(f"{name}: learning rate {lr!r}, the plan says {want!r}")
             want_wd = planned_weight_decay(name, comp, no_decay) if comp else None
             if g.get("weight_decay", 0.0) != want_wd:
                 problems.append(f"{name}: weight decay {g.get('weight_decay', 0.0)!r}, the plan says {want_wd!r}")
@@ -519,7 +532,7 @@ def deepspeed_config_dict(path):
 
 def make_optimizer(groups, args):
     """AdamW over the planned groups (DeepSpeedCPUAdam when ZeRO offloads the optimizer; the
-    bitsandbytes class when the Plan's optimizer is 8-bit or paged)."""
+    bitsandbytes class when the Plan's optimizer is 8-bit or paged; torchao's for its 8-/4-bit)."""
     kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     ds = args.deepspeed if isinstance(args.deepspeed, dict) else deepspeed_config_dict(args.deepspeed)
     offload = ((ds or {}).get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
@@ -532,6 +545,14 @@ def make_optimizer(groups, args):
         import bitsandbytes
 
         return getattr(bitsandbytes.optim, name)(groups, **kwargs)
+    name = TORCHAO_OPTIMIZERS.get(TRAINING["optimizer"])
+    if name is not None:  # torchao: low-bit blockwise states, the same groups
+        try:
+            import torchao.optim
+        except ImportError:
+            fail(f"error: training.optimizer {TRAINING['optimizer']} is torchao's {name}, and torchao is not "
+                 "installed\n  hint: pip install torchao")
+        return getattr(torchao.optim, name)(groups, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
 
 
@@ -807,7 +828,8 @@ class PlanTrainer(Trainer):
             logs.update(self.monitor.pop())
             for group in getattr(self.optimizer, "param_groups", None) or []:
                 if str(group.get("name", "")).endswith("/decay") or str(group.get("name", "")).endswith("/no_decay"):
-                    logs.setdefault("lr/" + group["name"].rsplit("/", 1)[0], group["lr"])
+                    logs.setdefault("lr/" + group["name"].rsplit("/", 1)[0],
+                                    group["lr"].item() if torch.is_tensor(group["lr"]) else group["lr"])
         return super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir=None, state_dict=None):

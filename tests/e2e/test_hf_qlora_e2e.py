@@ -95,10 +95,30 @@ def quantized_modules(model, module, method):
     return {module.plan_name(n).removesuffix(".base_layer") for n, m in model.named_modules() if isinstance(m, kind)}
 
 
-@pytest.mark.parametrize("family,method", [("gemma3", "nf4"), ("llava", "nf4"), ("llava", "int8")])
-def test_qlora_two_steps_as_planned(models, tmp_path, family, method):
+def optimizer_tensors(optimizer):
+    """Every tensor of the optimizer's moments; torchao's low-bit states are tensor subclasses
+    (codes, scales, lookup table), taken apart."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    def inner(t):
+        if is_traceable_wrapper_subclass(t):
+            names, _ = t.__tensor_flatten__()
+            return [x for n in names for x in inner(getattr(t, n))]
+        return [t]
+
+    return [x for s in optimizer.state.values() for k, t in s.items() if k != "step" and torch.is_tensor(t)
+            for x in inner(t)]
+
+
+@pytest.mark.parametrize("family,method,optimizer", [
+    ("gemma3", "nf4", "adamw_8bit"), ("llava", "nf4", "adamw_8bit"), ("llava", "int8", "adamw_8bit"),
+    ("llava", "nf4", "adamw_torch_8bit"),  # torchao's 8-bit AdamW (transformers' adamw_torch_8bit)
+])
+def test_qlora_two_steps_as_planned(models, tmp_path, family, method, optimizer):
+    if optimizer.startswith("adamw_torch"):
+        pytest.importorskip("torchao.optim")
     plan, out = compile_spec(tmp_path, SPEC.format(model=models[family], out=tmp_path / "run").replace(
-        "quantize: nf4", f"quantize: {method}"))
+        "quantize: nf4", f"quantize: {method}").replace("optimizer: adamw_8bit", f"optimizer: {optimizer}"))
     write_jsonl(tmp_path / "data.jsonl", image_rows(tmp_path))
     module = import_train(out / "train.py", f"train_qlora_{family}")
     trainer = module.build_trainer(module.parse_args(["--data", str(tmp_path / "data.jsonl")]))
@@ -109,7 +129,9 @@ def test_qlora_two_steps_as_planned(models, tmp_path, family, method):
     before = snapshot(model)
     trainer.train()
     assert trainer.state.global_step == 2
-    assert type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__ == "AdamW8bit"
+    built = type(getattr(trainer.optimizer, "optimizer", trainer.optimizer))
+    assert built.__name__ == "AdamW8bit"
+    assert built.__module__.split(".")[0] == ("torchao" if optimizer.startswith("adamw_torch") else "bitsandbytes")
     lrs = plan.trainable_lrs()
     moved = {}
     for name, p in model.named_parameters():
@@ -141,7 +163,7 @@ def test_qlora_two_steps_as_planned(models, tmp_path, family, method):
     model(**batch).loss.backward()
     weights = storage_bytes(weight_tensors(model))
     grads = storage_bytes([p.grad for p in model.parameters() if p.grad is not None])
-    optim = storage_bytes([t for s in trainer.optimizer.state.values() for k, t in s.items() if k != "step"])
+    optim = storage_bytes(optimizer_tensors(trainer.optimizer))
     # LLaVA never runs its last vision layer nor the post-layernorm (vision_feature_layer -2):
     # no gradient, no optimizer state there
     unused = {module.plan_name(n): p.numel() for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
@@ -149,7 +171,7 @@ def test_qlora_two_steps_as_planned(models, tmp_path, family, method):
     assert all(n.startswith(allowed) for n in unused) and (family == "llava") == bool(unused), sorted(unused)
     est = estimate(plan)
     est_grads = est.gradients_bytes - 4 * sum(unused.values())
-    est_optim = est.optimizer_bytes - sum(optimizer_state_bytes("adamw_8bit", n) for n in unused.values())
+    est_optim = est.optimizer_bytes - sum(optimizer_state_bytes(optimizer, n) for n in unused.values())
     for what, want, got in (("weights", est.weights_bytes, weights), ("gradients", est_grads, grads),
                             ("optimizer", est_optim, optim)):
         assert abs(want - got) <= 0.02 * got, (family, what, want, got)
