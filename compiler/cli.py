@@ -251,6 +251,7 @@ def _option_json(option) -> dict:
 def explain(
     spec: Path = typer.Argument(..., metavar="SPEC", help="Spec file."),
     name: str = typer.Argument(..., help="A module or parameter name (mixspec tree MODEL lists them)."),
+    as_json: bool = typer.Option(False, "--json", help="Print each parameter with its component and rule as JSON."),
 ) -> None:
     """Say which component claimed a module or parameter, and by which rule."""
     from mixspec.loader import load_spec
@@ -281,6 +282,11 @@ def explain(
                 for p, _ in rows}
     partner_claims = {partner: dict(explain_name(loaded, tree, partner)).get(partner)
                       for partner in partners.values() if partner}
+    if as_json:
+        typer.echo(json.dumps({"name": name, "parameters": [
+            {"name": p, "params": tree.param_numel[p], "component": claim.component if claim else None,
+             "rule": claim.why if claim else None, "tied_to": partners.get(p)} for p, claim in rows]}, indent=2))
+        return
     print_explain(name, rows, tree, plan=the_plan, spec=loaded.spec, partner_claims=partner_claims)
 
 
@@ -290,6 +296,7 @@ def tree(
     depth: int = typer.Option(3, "--depth", min=0, help="Show modules up to this depth."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                            help="Allow configs with auto_map (runs the repo's code)."),
+    as_json: bool = typer.Option(False, "--json", help="Print every module (type, parameters, role) as JSON; --depth is ignored."),
 ) -> None:
     """Print a model's module tree with parameter counts and roles."""
     from mixspec.api import module_tree
@@ -299,18 +306,29 @@ def tree(
         the_tree = module_tree(model, trust_remote_code=trust_remote_code)
     except ModelSourceError as exc:
         raise _fail(exc) from None
-    from mixspec.present import print_tree
+    from mixspec.present import print_tree, tree_json
 
+    if as_json:
+        typer.echo(json.dumps(tree_json(the_tree), indent=2))
+        return
     print_tree(the_tree, depth)
 
 
 @app.command(cls=_Command)
-def models() -> None:
-    """List the built-in catalog of model configs (usable offline by id)."""
-    from mixspec.sources import catalog_ids
+def models(
+    as_json: bool = typer.Option(False, "--json", help="Print the catalog as JSON."),
+) -> None:
+    """List the built-in catalog of model configs (usable offline by id): family, architecture, size."""
+    from mixspec.sources import catalog_entries
 
-    for model_id in catalog_ids():
-        typer.echo(model_id)
+    entries = catalog_entries()
+    if as_json:
+        typer.echo(json.dumps(entries, indent=2))
+        return
+    width = max(len(e["id"]) for e in entries)
+    for e in entries:
+        size = f"{e['params'] / 1e9:.1f} B" if e["params"] else "?"
+        typer.echo(f"{e['id']:<{width}}  {e['model_type']:<16} {size:>8}  {e['architecture']}")
 
 
 @app.command(cls=_Command)

@@ -202,20 +202,39 @@ def print_explain(name: str, rows, tree: ModuleTree, plan: Plan | None = None, s
                               markup=False)
 
 
-def print_tree(tree: ModuleTree, depth: int) -> None:
-    from mixspec.registry import find_roles
-
-    console = _console()
-    roles = find_roles(tree)
-    numel = tree.param_numel
+def _subtree_sizes(tree: ModuleTree) -> dict[str, int]:
+    """Parameters under each module name (a tied alias counted once, at its first name)."""
     sizes: dict[str, int] = {}
-    for p, n in numel.items():
+    for p, n in tree.param_numel.items():
         if p in tree.tied:
             continue
         parts = p.split(".")
         for i in range(0, len(parts)):
             prefix = ".".join(parts[:i])
             sizes[prefix] = sizes.get(prefix, 0) + n
+    return sizes
+
+
+def tree_json(tree: ModuleTree) -> dict:
+    """`mixspec tree --json`: the model and every module with its type, parameters and role."""
+    from mixspec.registry import find_roles
+
+    roles = find_roles(tree)
+    role_at = {pre: role for role, pres in roles.prefixes.items() for pre in pres}
+    sizes = _subtree_sizes(tree)
+    return {"architecture": tree.architecture, "model_type": tree.model_type, "params": tree.total_params,
+            "roles": {role: list(pres) for role, pres in roles.prefixes.items()}, "roles_guessed": roles.guessed,
+            "tied": dict(tree.tied),
+            "modules": [{"name": m.name, "type": m.type, "params": sizes.get(m.name, 0), "role": role_at.get(m.name)}
+                        for m in tree.modules if m.name]}
+
+
+def print_tree(tree: ModuleTree, depth: int) -> None:
+    from mixspec.registry import find_roles
+
+    console = _console()
+    roles = find_roles(tree)
+    sizes = _subtree_sizes(tree)
     console.print(f"{tree.architecture} ({tree.model_type}): {_n(tree.total_params)} params"
                   + ("  [yellow](roles guessed)[/yellow]" if roles.guessed else ""))
     role_at = {pre: role for role, pres in roles.prefixes.items() for pre in pres}

@@ -64,6 +64,28 @@ def catalog_ids() -> list[str]:
     )
 
 
+def catalog_entries() -> list[dict]:
+    """Each catalog model: id, model_type, architecture and parameter count (from its module
+    tree, built on the meta device and cached; None where the tree cannot be built here)."""
+    import json
+
+    from mixspec.errors import MixspecError
+
+    out = []
+    root = catalog_root()
+    for model_id in catalog_ids():
+        config = json.loads((root / model_id / "config.json").read_text(encoding="utf-8"))
+        try:
+            from mixspec.tree import get_tree
+
+            params = get_tree(find_model(model_id)).total_params
+        except (MixspecError, ImportError):
+            params = None
+        out.append({"id": model_id, "model_type": config.get("model_type", "?"),
+                    "architecture": (config.get("architectures") or ["?"])[0], "params": params})
+    return out
+
+
 def _hf_cache_dirs() -> list[Path]:
     """Where huggingface_hub keeps models, by its own rule: HF_HUB_CACHE, then
     HUGGINGFACE_HUB_CACHE, then HF_HOME/hub, with HF_HOME defaulting to
