@@ -13,12 +13,30 @@ def _console():
 
     from rich.console import Console
 
-    width = int(os.environ.get("COLUMNS", 0)) or max(shutil.get_terminal_size((140, 24)).columns, 140)
-    return Console(highlight=False, soft_wrap=False, width=width)
+    import sys
+
+    # COLUMNS, else the terminal's own width; output to a pipe or file: 140 (log lines stay whole)
+    width = int(os.environ.get("COLUMNS", 0)) or (shutil.get_terminal_size((140, 24)).columns
+                                                  if sys.stdout.isatty() else 140)
+    return Console(highlight=False, soft_wrap=False, width=max(width, 40))
+
+
+NARROW = 110  # below this width the plan table leaves out "covers" and lists it under the table
 
 
 def _n(value: int) -> str:
     return f"{value:,}"
+
+
+def _widest(plan: Plan, col: str) -> int:
+    """The widest cell of a numeric plan-table column (its header included)."""
+    total = plan.totals.base_params
+    cells = {"lr": [_lr(c.lr) for c in plan.components] + ["-"],
+             "params": [_n(c.base_params) for c in plan.components] + [_n(plan.unassigned_base_params)],
+             "trainable": [_n(c.trainable_params) for c in plan.components] + ["0"],
+             "share": [_pct(c.base_params, total) for c in plan.components]
+             + [_pct(plan.unassigned_base_params, total)]}[col]
+    return max(len(col), *(len(x) for x in cells))
 
 
 def _lr(value) -> str:
@@ -40,9 +58,13 @@ def print_plan(plan: Plan, est: Estimate, show_modules: bool = False, groups: di
     console.print(f"[bold]{plan.spec_path}[/bold]: {plan.model} ({plan.architecture}, "
                   f"{plan.model_source}; transformers {plan.versions.get('transformers')})")
     table = Table(show_lines=False)
+    narrow = console.width < NARROW
     for col, just in (("component", "left"), ("mode", "left"), ("lr", "right"), ("params", "right"),
-                      ("trainable", "right"), ("share", "right"), ("covers", "left")):
-        table.add_column(col, justify=just)
+                      ("trainable", "right"), ("share", "right")) + ((("covers", "left"),) if not narrow else ()):
+        # numbers are never cut nor wrapped: their columns keep their widest cell
+        table.add_column(col, justify=just, no_wrap=just == "right", overflow="fold",
+                         min_width=_widest(plan, col) if just == "right" else None)
+    covers_lines = []
     total = plan.totals.base_params
     for comp in plan.components:
         mode = comp.mode
@@ -63,14 +85,21 @@ def print_plan(plan: Plan, est: Estimate, show_modules: bool = False, groups: di
         if through:
             covers += f" ({through})"
         name = f"{comp.name}\n({groups[comp.name]})" if groups and comp.name in groups else comp.name
-        table.add_row(name, mode, _lr(comp.lr), _n(comp.base_params), _n(comp.trainable_params),
-                      _pct(comp.base_params, total), covers)
+        row = [name, mode, _lr(comp.lr), _n(comp.base_params), _n(comp.trainable_params),
+               _pct(comp.base_params, total)]
+        table.add_row(*row, *([] if narrow else [covers]))
+        covers_lines.append((comp.name, covers))
     unassigned = plan.unassigned_modules
+    covers = (", ".join(unassigned) if len(unassigned) <= 4 or show_modules
+              else ", ".join(unassigned[:3]) + f", ... ({len(unassigned)})")
     table.add_row("unassigned", "frozen", "-", _n(plan.unassigned_base_params), "0",
-                  _pct(plan.unassigned_base_params, total),
-                  ", ".join(unassigned) if len(unassigned) <= 4 or show_modules
-                  else ", ".join(unassigned[:3]) + f", ... ({len(unassigned)})")
+                  _pct(plan.unassigned_base_params, total), *([] if narrow else [covers]))
+    covers_lines.append(("unassigned", covers))
     console.print(table)
+    if narrow:  # the column a narrow terminal has no room for, one line (or more) each
+        console.print("covers:")
+        for name, covers in covers_lines:
+            console.print(f"  {name}: {covers}", markup=False)
     t = plan.totals
     console.print(f"base params {_n(t.base_params)}  |  added (LoRA) {_n(t.added_params)}  |  "
                   f"trainable {_n(t.trainable_params)} ({_pct(t.trainable_params, t.base_params + t.added_params)} of all)")
