@@ -471,3 +471,16 @@ def test_readme_uses_only_commands_the_cli_has():
     assert {"validate", "plan", "compile", "data"} <= used
     missing = sorted(used - listed)
     assert not missing, f"README shows mixspec {missing}, which the CLI does not have"
+
+
+def test_readme_demo_output_is_what_plan_prints():
+    """The demo's output in the README is `mixspec plan` on the seed example, unwrapped (a wide
+    terminal), but for the installed transformers version."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = re.search(r"^```\n(examples/qwen25vl-7b-mixed\.yaml: .*?)^```", readme, flags=re.M | re.S).group(1)
+    env = dict(os.environ, COLUMNS="200", TERM="dumb", NO_COLOR="1")
+    got = subprocess.run([sys.executable, "-c", "from mixspec.fast import main; main()", "plan", SEED], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0, got.stderr
+    version = re.compile(r"transformers [\d.]+\)")
+    assert version.sub("transformers X)", shown) == version.sub("transformers X)", got.stdout)
