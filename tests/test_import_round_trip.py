@@ -3,7 +3,7 @@
 
 The configs in tests/fixtures/import/ are written in the shape of the backends' own example
 scripts and of configs users post (header comments, launcher environment, flags that do not
-change what trains); examples/import/swift_sft_full.sh is the README's. Where the compiled
+change what trains); examples/import/swift_sft_full.sh is docs/import.md's. Where the compiled
 form is the swift plugin (--tuner_type mixspec), the import reads the Plan back from
 mixspec_plugin.py. Where the target cannot run the Plan with its flags, a case names the
 refusal it expects (none left), so a gap is never silent.

@@ -389,17 +389,17 @@ def test_modules_to_save_all_norm_is_one_effect_per_entry():
     assert len([n for n in got.plan.trainable_lrs() if "norm" in n]) == 28 * 2 + 1
 
 
-def test_readme_audit_example():
-    """The example the README shows: its findings and counts, as printed there."""
+def test_docs_audit_example():
+    """The example docs/import.md shows: its findings and counts, as printed there."""
     path = ROOT / "examples" / "import" / "swift_sft_full.sh"
     got = read("swift", path.read_text(), "examples/import/swift_sft_full.sh")
     assert codes(got) == ["pattern-matches-nothing", "pattern-matches-nothing", "lr-reaches-nothing",
                           "lm-head-in-llm", "weight-decay-rule"]
     assert got.plan.totals.trainable_params == 7_660_190_976
-    readme = (ROOT / "README.md").read_text()
+    page = (ROOT / "docs" / "import.md").read_text()
     for e in got.effects:
-        assert e.render().splitlines()[0] in readme
-    assert "trainable 7,660,190,976 (92.38% of all)" in readme
+        assert e.render().splitlines()[0] in page
+    assert "trainable 7,660,190,976 (92.38% of all)" in page
 
 
 def test_freeze_flags_beside_explicit_lora_targets_do_nothing():

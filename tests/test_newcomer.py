@@ -280,18 +280,18 @@ def test_modelscope_cache_layouts(tmp_path, layout):
     assert (kind, Path(path)) == ("modelscope-cache", ms / layout)
 
 
-# -- 16. README: the ms-swift venv's size ---------------------------------------------------
+# -- 16. docs/testing.md: the ms-swift venv's size -----------------------------------------
 
 @pytest.mark.slow
-def test_readme_states_the_swift_venv_size():
+def test_docs_state_the_swift_venv_size():
     venv = os.environ.get("MIXSPEC_SWIFT_VENV") or str(ROOT / ".venv-swift")
     if not Path(venv).is_dir():
         pytest.skip(f"no ms-swift venv at {venv} (bash scripts/swift_env.sh)")
     out = subprocess.run(["du", "-sk", venv], capture_output=True, text=True, timeout=300).stdout
     size_gb = int(out.split()[0]) * 1024 / 2**30
-    readme = (ROOT / "README.md").read_text()
-    stated = float(re.search(r"\(`\.venv-swift`, about ([\d.]+) GB", readme).group(1))
-    assert abs(stated - size_gb) <= 0.3, f"README says {stated} GB, the venv is {size_gb:.1f} GiB"
+    page = (ROOT / "docs" / "testing.md").read_text()
+    stated = float(re.search(r"\(`\.venv-swift`, about ([\d.]+) GB", page).group(1))
+    assert abs(stated - size_gb) <= 0.3, f"docs/testing.md says {stated} GB, the venv is {size_gb:.1f} GiB"
 
 
 # -- 1. hf: train.py --check runs offline for catalog, cache and local-dir models ---------
@@ -416,3 +416,90 @@ def test_approximate_lr_is_the_minimax_choice_and_factors_are_printed(run_cli, t
     for name, lr in planned.items():
         assert (f"warning: target llamafactory: --approximate: component {name!r} trains at learning rate "
                 f"{chosen:g} instead of {lr:g}: {chosen / lr:.3g}x") in result.stderr
+
+
+# -- the front page: a short README, links that lead somewhere ----------------------------
+
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation but '-' and '_' dropped, spaces to '-'."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.M | re.S)  # not `# node 0`
+    heads = re.findall(r"^#{1,6} +(.+?) *$", text, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_readme_is_a_front_page_of_at_most_300_lines():
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines; move reference text to docs/"
+    heads = [line[3:] for line in lines if line.startswith("## ")]
+    order = ["Install", "Two commands", "Tutorial", "CLI", "Exit codes", "Targets", "Documentation"]
+    found = [next(i for i, h in enumerate(heads) if h.startswith(name)) for name in order]
+    assert found == sorted(found), heads
+
+
+def test_every_relative_link_in_readme_and_docs_leads_somewhere():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in _LINK.findall(page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:: not this test's business
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert len(pages) > 5 and not broken, "\n".join(broken)
+
+
+def test_readme_uses_only_commands_the_cli_has():
+    """Every `mixspec CMD` the README shows is a command of the CLI (click's own list)."""
+    import typer
+
+    from mixspec.cli import app
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    listed = set(typer.main.get_command(app).commands)
+    # as typed: in code blocks and `inline code`, at a line's start or after &&
+    blocks = re.findall(r"^```.*?^```", readme, flags=re.M | re.S)
+    prose = re.sub(r"^```.*?^```", "", readme, flags=re.M | re.S)
+    code = "\n".join(blocks + re.findall(r"`([^`\n]+)`", prose))
+    used = set(re.findall(r"(?:^|&& )mixspec ([a-z][a-z-]+)", code, flags=re.M))
+    assert {"validate", "plan", "compile", "data"} <= used
+    missing = sorted(used - listed)
+    assert not missing, f"README shows mixspec {missing}, which the CLI does not have"
+
+
+def test_readme_demo_output_is_what_plan_prints():
+    """The demo's output in the README is `mixspec plan` on the seed example, unwrapped (a wide
+    terminal), but for the installed transformers version."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = re.search(r"^```\n(examples/qwen25vl-7b-mixed\.yaml: .*?)^```", readme, flags=re.M | re.S).group(1)
+    env = dict(os.environ, COLUMNS="200", TERM="dumb", NO_COLOR="1")
+    got = subprocess.run([sys.executable, "-c", "from mixspec.fast import main; main()", "plan", SEED], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0, got.stderr
+    version = re.compile(r"transformers [\d.]+\)")
+    assert version.sub("transformers X)", shown) == version.sub("transformers X)", got.stdout)
+
+
+@pytest.mark.slow
+def test_readme_tutorial_runs_as_written(tmp_path):
+    """The tutorial's shell blocks, as the README prints them, in a fresh directory: from a
+    tiny model directory to 3 training steps on CPU and a saved run."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    tutorial = readme[readme.index("## Tutorial"):readme.index("## CLI")]
+    blocks = re.findall(r"^```bash\n(.*?)^```", tutorial, flags=re.M | re.S)
+    assert len(blocks) >= 5
+    (tmp_path / "tests").symlink_to(ROOT / "tests")  # the tutorial runs from the repository root
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    run = subprocess.run(["bash", "-c", "set -euo pipefail\n" + "\n".join(blocks)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    said = run.stdout + run.stderr
+    assert "my-spec.yaml: ok" in said and "self-check passed" in said
+    final = tmp_path / "try" / "runs" / "my-model" / "final"
+    assert (final / "trained_params.safetensors").is_file() and (final / "mixspec_plan.json").is_file()

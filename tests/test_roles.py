@@ -18,7 +18,7 @@ IDEFICS_LIKE = {"vision": ("model.vision_model",), "aligner": ("model.connector"
                 "lm_head": ("lm_head",)}
 TEXT_ONLY = {"language": ("model",), "embeddings": ("model.embed_tokens",), "lm_head": ("lm_head",)}
 
-# The role map of every family, on transformers 5.x module names (the README's table).
+# The role map of every family, on transformers 5.x module names (the table in docs/spec.md).
 EXPECTED_ROLES = {
     "qwen2_vl": QWEN_VL,
     "qwen2_5_vl": QWEN_VL,

@@ -16,7 +16,7 @@ ms-swift venv, whose torch/torchvision pair loads on CPU; the others in this one
   trained ones that received a gradient moved, the vision tower and the aligner among them,
   every trainable parameter at its planned LR.
 
-This is the table in README's "hf target: families" and targets/hf.py IMAGE_ROWS_PROVEN.
+This is the families table in docs/targets.md (the hf target) and targets/hf.py IMAGE_ROWS_PROVEN.
 """
 
 from __future__ import annotations
