@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write tests/constraints.txt: the versions installed in this environment, as pins.
 
-Run it in a fresh venv after the fast suite passed there with the new releases (README,
+Run it in a fresh venv after the fast suite passed there with the new releases (docs/testing.md,
 "Moving the test pins"). A local version label (torch 2.13.0+cpu) is dropped, so the pin
 holds for the CPU and the CUDA build of the same release; mixspec itself is not pinned.
 
@@ -25,7 +25,7 @@ HEADER = """\
 # The README's test command and .ci/run install through it, so a new release of any dependency
 # cannot turn the tests red overnight. Users' installs are not pinned (ranges in pyproject.toml).
 #
-# Moving the pins (README, "Moving the test pins"): in a fresh venv install without -c, run the
+# Moving the pins (docs/testing.md, "Moving the test pins"): in a fresh venv install without -c, run the
 # fast suite, then write this file anew with python scripts/pin_test_deps.py and run the whole
 # suite. A golden or program test that fails names the packages whose installed version
 # differs from these pins.

@@ -89,7 +89,7 @@ def drift_hint() -> str:
         return "run python scripts/update_goldens.py and review the diff"
     return ("the installed packages differ from the pinned ones (tests/constraints.txt): "
             + "; ".join(drifted) + ". This drift may be a behaviour change of the new release: read "
-            "the diff before updating a golden or moving a pin (README, \"Moving the test pins\")")
+            "the diff before updating a golden or moving a pin (docs/testing.md, \"Moving the test pins\")")
 
 
 def golden_form(files: dict[str, str]) -> dict[str, str]:
