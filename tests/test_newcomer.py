@@ -416,3 +416,65 @@ def test_approximate_lr_is_the_minimax_choice_and_factors_are_printed(run_cli, t
     for name, lr in planned.items():
         assert (f"warning: target llamafactory: --approximate: component {name!r} trains at learning rate "
                 f"{chosen:g} instead of {lr:g}: {chosen / lr:.3g}x") in result.stderr
+
+
+# -- issue 28: the generated train.py as a newcomer meets it --------------------------------
+# The oracle is the compiled program itself, run as a user runs it (a subprocess, no mixspec
+# needed) on a tiny random LLaVA with its real tokenizer and processor files.
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def tiny_train(tmp_path_factory):
+    """(compiled output dir, model dir, data file) for a tiny LLaVA: one step, fp32, on CPU."""
+    pytest.importorskip("PIL")
+    sys.path.insert(0, str(FIXTURES))
+    import make_tiny_vlm
+
+    from mixspec.loader import load_spec
+    from mixspec.output import write_files
+    from mixspec.targets import TargetOptions, render
+
+    root = tmp_path_factory.mktemp("tiny_train")
+    model = make_tiny_vlm.make_tiny_llava(root / "model")
+    (root / "data").mkdir()
+    data = make_tiny_vlm.colour_rows(root / "data")
+    spec = _spec(root, f"""\
+        version: 1
+        model: {model}
+        components:
+          vision: {{train: full, lr: 1.0e-6}}
+          language: {{train: lora, lr: 2.0e-4, lora: {{rank: 4, alpha: 8, targets: all-linear}}}}
+        training: {{max_length: 512, precision: fp32, gradient_checkpointing: true, max_steps: 1, logging_steps: 1}}
+        data: {{train: {data}}}
+        """)
+    out = root / "out"
+    write_files(out, render(plan_spec(load_spec(spec)), "hf", TargetOptions()), force=True)
+    return out, model, data
+
+
+def _run_train_py(train_py: Path, *args, cwd: Path, python_args=(), timeout=120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MIXSPEC_CACHE_DIR": str(cwd / "cache")}
+    return subprocess.run([sys.executable, *python_args, str(train_py), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# runs a script as __main__ and reports, at its exit, whether torch / transformers were imported
+_IMPORT_PROBE = """\
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("loaded:", "torch" in sys.modules, "transformers" in sys.modules, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["--no-such-option"], 2), (["--max-steps", "x"], 2)])
+def test_train_py_help_and_usage_errors_answer_before_torch_loads(tiny_train, tmp_path, args, code):
+    out, _, _ = tiny_train
+    result = _run_train_py(out / "train.py", *args, cwd=tmp_path, python_args=["-c", _IMPORT_PROBE])
+    assert result.returncode == code, result.stderr[-2000:]
+    assert "loaded: False False" in result.stderr, result.stderr[-2000:]
+    assert ("--output-dir" in result.stdout) if code == 0 else ("train.py: error:" in result.stderr)

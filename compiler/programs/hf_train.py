@@ -71,10 +71,6 @@ import os
 import re
 import sys
 
-import torch
-import transformers
-from transformers import Trainer, TrainerCallback, TrainingArguments
-
 # -- helpers: names, ranges and the self-check's hashes (mixspec.names, inlined) ---------
 # --- mixspec: helpers (generated) ---
 from mixspec.names import INDEX, compact_names, expand_names, fingerprint, names_sha256, natural_key, ranges  # noqa: F401
@@ -157,6 +153,58 @@ PREFIX_LM_TYPES = ("paligemma",)
 HERE = os.path.dirname(os.path.abspath(__file__))
 # data.max_pixels / data.min_pixels: the limits of image processors that resize to a pixel budget
 DATA_PIXELS = {k: (DATA or {}).get(k) for k in ("max_pixels", "min_pixels") if (DATA or {}).get(k)}
+
+
+# -- command line ----------------------------------------------------------------------
+# parsed before torch and transformers load (seconds), so that --help and a mistyped option
+# answer at once
+def data_files(value):
+    """data.train / data.eval / --data as a list of files (a spec may give one or a list)."""
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Fine-tune as planned by mixspec (see the header of this file).")
+    p.add_argument("--check", action="store_true", help="setup and self-check only (config, no weights, no data); exit 0 or 1")
+    p.add_argument("--model", default=PLAN["model"], help="model directory or hub id (default: the spec's)")
+    p.add_argument("--data", nargs="+", default=data_files((DATA or {}).get("train")),
+                   help="training data: .jsonl files or a hub dataset id")
+    p.add_argument("--eval-data", nargs="+", default=data_files((DATA or {}).get("eval")),
+                   help="evaluation data, evaluated at each save")
+    p.add_argument("--max-bad-rows", type=int, metavar="N", default=0,
+                   help="skip at most N rows the data check refuses (each printed) instead of stopping")
+    p.add_argument("--data-workers", type=int, metavar="N", default=None,
+                   help="processes for the data check (default: one per core, at most 8, one per 200 rows)")
+    p.add_argument("--output-dir", default=OUTPUT_DIR, help="checkpoints and the final model")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON (default: ds_config.json next to this file, if planned)")
+    p.add_argument("--fsdp-config", default=None,
+                   help="FSDP2 config, the Trainer's fsdp_config (default: fsdp_config.json next to this file, if planned)")
+    p.add_argument("--report-to", default="none", help="none, tensorboard, wandb, ...")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="override training.precision (e.g. fp32 for a CPU smoke test)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, help="resume from the last (or the given) checkpoint")
+    p.add_argument("--no-update-ratio", action="store_true", help="log gradient norms only (no weight copy at logging steps)")
+    p.add_argument("--preview-data", type=int, metavar="N", default=None,
+                   help="process the first N rows as training would, write them to --preview-out and exit")
+    p.add_argument("--preview-out", metavar="DIR", default=None,
+                   help="with --preview-data: where to write row{i}.safetensors and preview.txt (default preview/)")
+    p.add_argument("--merge", metavar="CHECKPOINT", help="merge CHECKPOINT into a complete model directory (--out)")
+    p.add_argument("--out", help="with --merge: where to write the merged model")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="with --merge: weights dtype")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help or a bad option exits here; main() parses again (cheap), as it does when imported
+
+# the heavy imports, after the command line (E402: on purpose)
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 
 # -- names ------------------------------------------------------------------------------
@@ -904,13 +952,6 @@ class RowError(DataError):
 # a row is one conversation with image paths: far below this; a longer line is refused unread
 MAX_ROW_BYTES = 16 * 1024 * 1024
 DATA_SUFFIXES = (".jsonl", ".json")
-
-
-def data_files(value):
-    """data.train / data.eval / --data as a list of files (a spec may give one or a list)."""
-    if not value:
-        return []
-    return [value] if isinstance(value, str) else list(value)
 
 
 def missing_data_file(path):
@@ -1819,39 +1860,6 @@ def preview_data(args):
 
 
 # -- entry points -----------------------------------------------------------------------
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Fine-tune as planned by mixspec (see the header of this file).")
-    p.add_argument("--check", action="store_true", help="setup and self-check only (config, no weights, no data); exit 0 or 1")
-    p.add_argument("--model", default=PLAN["model"], help="model directory or hub id (default: the spec's)")
-    p.add_argument("--data", nargs="+", default=data_files((DATA or {}).get("train")),
-                   help="training data: .jsonl files or a hub dataset id")
-    p.add_argument("--eval-data", nargs="+", default=data_files((DATA or {}).get("eval")),
-                   help="evaluation data, evaluated at each save")
-    p.add_argument("--max-bad-rows", type=int, metavar="N", default=0,
-                   help="skip at most N rows the data check refuses (each printed) instead of stopping")
-    p.add_argument("--data-workers", type=int, metavar="N", default=None,
-                   help="processes for the data check (default: one per core, at most 8, one per 200 rows)")
-    p.add_argument("--output-dir", default=OUTPUT_DIR, help="checkpoints and the final model")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON (default: ds_config.json next to this file, if planned)")
-    p.add_argument("--fsdp-config", default=None,
-                   help="FSDP2 config, the Trainer's fsdp_config (default: fsdp_config.json next to this file, if planned)")
-    p.add_argument("--report-to", default="none", help="none, tensorboard, wandb, ...")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="override training.precision (e.g. fp32 for a CPU smoke test)")
-    p.add_argument("--resume", nargs="?", const=True, default=None, help="resume from the last (or the given) checkpoint")
-    p.add_argument("--no-update-ratio", action="store_true", help="log gradient norms only (no weight copy at logging steps)")
-    p.add_argument("--preview-data", type=int, metavar="N", default=None,
-                   help="process the first N rows as training would, write them to --preview-out and exit")
-    p.add_argument("--preview-out", metavar="DIR", default=None,
-                   help="with --preview-data: where to write row{i}.safetensors and preview.txt (default preview/)")
-    p.add_argument("--merge", metavar="CHECKPOINT", help="merge CHECKPOINT into a complete model directory (--out)")
-    p.add_argument("--out", help="with --merge: where to write the merged model")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="with --merge: weights dtype")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    return p.parse_args(argv)
-
-
 def deepspeed_path(args):
     if args.deepspeed:
         return args.deepspeed
