@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -478,3 +479,28 @@ def test_train_py_help_and_usage_errors_answer_before_torch_loads(tiny_train, tm
     assert result.returncode == code, result.stderr[-2000:]
     assert "loaded: False False" in result.stderr, result.stderr[-2000:]
     assert ("--output-dir" in result.stdout) if code == 0 else ("train.py: error:" in result.stderr)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_train, tmp_path_factory):
+    """One training run of the compiled train.py, run as a user in another folder runs it:
+    `python ../out/train.py --output-dir run` (cwd, the run's result)."""
+    out, _, _ = tiny_train
+    work = tmp_path_factory.mktemp("work")
+    script = os.path.relpath(out / "train.py", work)
+    result = _run_train_py(Path(script), "--output-dir", "run", cwd=work)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return work, script, result
+
+
+def test_the_merge_hint_is_a_command_that_runs_where_training_ran(trained):
+    work, script, result = trained
+    [hint] = re.findall(r"merge with: (.*)$", result.stdout, re.M)
+    assert hint == f"python {script} --merge run/final --out MERGED_DIR"
+    # pasted as printed, in the folder where training ran, it merges (the oracle: a model
+    # directory transformers loads)
+    command = [sys.executable if word == "python" else word for word in shlex.split(hint.replace("MERGED_DIR", "merged"))]
+    merged = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert json.loads((work / "merged" / "config.json").read_text())["model_type"] == "llava"

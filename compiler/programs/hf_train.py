@@ -69,6 +69,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 
 # -- helpers: names, ranges and the self-check's hashes (mixspec.names, inlined) ---------
@@ -2054,8 +2055,18 @@ def train(args):
         fail(exc)
     final = os.path.join(args.output_dir, "final")
     trainer.save_model(final)
-    say(f"saved {final}: LoRA adapter, {TRAINED_PARAMS_FILE} and {PLAN_FILE}; merge with: python train.py --merge {final} --out MERGED_DIR")
+    say(f"saved {final}: LoRA adapter, {TRAINED_PARAMS_FILE} and {PLAN_FILE}; merge with: "
+        f"python {shlex.quote(script_path())} --merge {shlex.quote(final)} --out MERGED_DIR")
     return 0
+
+
+def script_path():
+    """This script as it was invoked (so that a printed command can be pasted where it was
+    run), or its own path when another program imported it."""
+    invoked = sys.argv[0] if sys.argv else ""
+    if invoked and os.path.exists(invoked) and os.path.samefile(invoked, __file__):
+        return invoked
+    return os.path.abspath(__file__)
 
 
 def merge(args):
