@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -504,3 +505,39 @@ def test_the_merge_hint_is_a_command_that_runs_where_training_ran(trained):
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert merged.returncode == 0, merged.stderr[-3000:]
     assert json.loads((work / "merged" / "config.json").read_text())["model_type"] == "llava"
+
+
+def _tree_bytes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_rerun_refuses_to_overwrite_the_final_model_unless_told(trained, tiny_train, tmp_path):
+    work, _, _ = trained
+    out, _, _ = tiny_train
+    shutil.copytree(work / "run", tmp_path / "run")
+    before = _tree_bytes(tmp_path / "run")
+    again = _run_train_py(out / "train.py", "--output-dir", "run", cwd=tmp_path)
+    assert again.returncode == 1, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "error: run/final exists" in again.stderr and "Traceback" not in again.stderr
+    assert "hint: pass --overwrite to replace it, or --output-dir DIR" in again.stderr
+    # stopped before the data check and the model: nothing read, nothing written
+    assert "data check" not in again.stdout and "Loading weights" not in again.stderr
+    assert _tree_bytes(tmp_path / "run") == before
+    # --overwrite: the new final replaces the old one whole (a file only the old one had is gone)
+    (tmp_path / "run" / "final" / "left-by-the-old-run.txt").write_text("old")
+    (tmp_path / "run" / "checkpoint-7").mkdir()  # the old run's: a later --resume must not pick it up
+    replaced = _run_train_py(out / "train.py", "--output-dir", "run", "--overwrite", cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    final = tmp_path / "run" / "final"
+    assert not (final / "left-by-the-old-run.txt").exists() and not (tmp_path / "run" / "checkpoint-7").exists()
+    assert (final / "adapter_model.safetensors").is_file() and (final / "mixspec_plan.json").is_file()
+
+
+def test_a_new_run_over_an_earlier_runs_checkpoints_needs_resume_or_overwrite(tiny_train, tmp_path):
+    out, _, _ = tiny_train
+    (tmp_path / "run" / "checkpoint-2").mkdir(parents=True)
+    result = _run_train_py(out / "train.py", "--output-dir", "run", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: run/checkpoint-2 exists (1 checkpoint(s) of an earlier run in run)" in result.stderr
+    assert "hint: pass --resume to continue that run, --overwrite" in result.stderr
+    assert (tmp_path / "run" / "checkpoint-2").is_dir()

@@ -15,7 +15,8 @@ Run
                                            complete Hugging Face model directory
 
 Options override the Plan's defaults: --model (path or hub id), --data, --eval-data,
---max-bad-rows, --data-workers, --output-dir, --max-steps, --precision, --deepspeed, --report-to, --resume (python train.py --help).
+--max-bad-rows, --data-workers, --output-dir, --overwrite, --max-steps, --precision, --deepspeed,
+--report-to, --resume (python train.py --help).
 
 Self-check. Before the first step the script compares the loaded model with the Plan:
 every parameter name and the total count (so another model, another transformers version or
@@ -53,8 +54,9 @@ Data: a .jsonl file, one conversation per line (a hub dataset id with the same c
 Saving. Each checkpoint (and OUTPUT_DIR/final at the end) holds the LoRA adapter
 (adapter_model.safetensors, adapter_config.json), the fully trained parameters
 (trained_params.safetensors, base-model names), the processor/tokenizer and mixspec_plan.json.
-load_trained(CHECKPOINT) rebuilds the trained model exactly; --merge writes it as a plain
-Hugging Face model directory. A quantized (QLoRA) run merges into the dequantized base weights,
+A run refuses an OUTPUT_DIR that holds an earlier run's final model (or its checkpoints, without
+--resume) unless --overwrite. load_trained(CHECKPOINT) rebuilds the trained model exactly;
+--merge writes it as a plain Hugging Face model directory. A quantized (QLoRA) run merges into the dequantized base weights,
 the ones the adapter was trained against, and writes an unquantized model.
 
 Monitoring. At each logging step the log gets, per component, grad_norm/NAME (gradient norm
@@ -70,6 +72,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import sys
 
 # -- helpers: names, ranges and the self-check's hashes (mixspec.names, inlined) ---------
@@ -179,6 +182,8 @@ def parse_args(argv=None):
     p.add_argument("--data-workers", type=int, metavar="N", default=None,
                    help="processes for the data check (default: one per core, at most 8, one per 200 rows)")
     p.add_argument("--output-dir", default=OUTPUT_DIR, help="checkpoints and the final model")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let this run replace the final model and checkpoints an earlier run left in --output-dir")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON (default: ds_config.json next to this file, if planned)")
     p.add_argument("--fsdp-config", default=None,
@@ -2047,13 +2052,48 @@ def build_trainer(args):
     )
 
 
+def earlier_run(args):
+    """(the final model dir or None, the checkpoint dirs) an earlier run left in --output-dir."""
+    final = os.path.join(args.output_dir, "final")
+    try:
+        entries = sorted(os.listdir(args.output_dir), key=natural_key)
+    except OSError:  # not there yet
+        entries = []
+    checkpoints = [os.path.join(args.output_dir, e) for e in entries
+                   if re.fullmatch(r"checkpoint-\d+", e) and os.path.isdir(os.path.join(args.output_dir, e))]
+    return (final if os.path.exists(final) else None), checkpoints
+
+
+def refuse_overwrite(args):
+    """Stop before anything loads when this run would write over an earlier run's model (or
+    restart over its checkpoints without --resume); --overwrite allows it: the old checkpoints
+    go now (a later --resume must not find them), the old final model when the new one is saved."""
+    final, checkpoints = earlier_run(args)
+    if args.overwrite:
+        if checkpoints and not args.resume and is_main_process():
+            for path in checkpoints:
+                shutil.rmtree(path)
+        return
+    if final:
+        fail(DataError(f"error: {final} exists (the model of an earlier run); this run would overwrite it\n"
+                       "  hint: pass --overwrite to replace it, or --output-dir DIR to keep it"))
+    if checkpoints and not args.resume:
+        fail(DataError(f"error: {checkpoints[-1]} exists ({len(checkpoints)} checkpoint(s) of an earlier run in "
+                       f"{args.output_dir}); a new run would write over them\n"
+                       "  hint: pass --resume to continue that run, --overwrite to start over (its checkpoints are "
+                       "deleted), or --output-dir DIR"))
+
+
 def train(args):
+    refuse_overwrite(args)  # before the data check and the model: seconds, not minutes
     trainer = build_trainer(args)
     try:
         trainer.train(resume_from_checkpoint=args.resume)
     except DataError as exc:
         fail(exc)
     final = os.path.join(args.output_dir, "final")
+    if os.path.isdir(final) and trainer.args.should_save:  # --overwrite: replaced whole, no old file left in it
+        shutil.rmtree(final)
     trainer.save_model(final)
     say(f"saved {final}: LoRA adapter, {TRAINED_PARAMS_FILE} and {PLAN_FILE}; merge with: "
         f"python {shlex.quote(script_path())} --merge {shlex.quote(final)} --out MERGED_DIR")
