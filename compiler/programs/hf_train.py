@@ -66,6 +66,7 @@ before clipping) and update_ratio/NAME (|weight change| / |weight| of that step)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib  # noqa: F401 (the helpers use it)
 import json
 import math
@@ -74,6 +75,7 @@ import re
 import shlex
 import shutil
 import sys
+import warnings
 
 # -- helpers: names, ranges and the self-check's hashes (mixspec.names, inlined) ---------
 # --- mixspec: helpers (generated) ---
@@ -412,15 +414,28 @@ def print_quantized(rows):
         say(f"{name:<20} {q['method']:<10} {planned:>15,} {got:>15,}")
 
 
+@contextlib.contextmanager
+def peft_calls():
+    """Around PEFT's calls: transformers 5.2x renamed gradient checkpointing to activation
+    checkpointing (is_activation_checkpointing, activation_checkpointing_enable); PEFT (0.21)
+    still reads and calls the old names, each time with a FutureWarning the user can do
+    nothing about. Only those are silenced; the model is the same either way."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated",
+                                category=FutureWarning)
+        yield
+
+
 def prepare_kbit(model):
     """PEFT's k-bit preparation: every non-quantized parameter to fp32 (mixspec's estimate counts
     it), input gradients for gradient checkpointing through frozen quantized layers."""
     from peft import prepare_model_for_kbit_training
 
     checkpointing = TRAINING["gradient_checkpointing"]
-    return prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None)
+    with peft_calls():
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None)
 
 
 def apply_plan(model):
@@ -436,7 +451,8 @@ def apply_plan(model):
             target_modules=lora["target_modules"],  # a regex PEFT full-matches: exactly the planned modules
             rank_pattern=dict(lora["rank_pattern"]), alpha_pattern=dict(lora["alpha_pattern"]),
         )
-        model = get_peft_model(model, config)
+        with peft_calls():
+            model = get_peft_model(model, config)
         base = model.get_base_model()
         for override in lora["dropout_overrides"]:  # PEFT has one dropout per adapter
             regex = re.compile(override["modules"])
@@ -938,7 +954,8 @@ def load_trained(checkpoint, model_ref=None, dtype=torch.float32):
     if os.path.isfile(os.path.join(checkpoint, "adapter_config.json")):
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, checkpoint)
+        with peft_calls():
+            model = PeftModel.from_pretrained(model, checkpoint)
     return model.to(dtype)
 
 
@@ -1146,8 +1163,6 @@ def _image_path(image, base, where):
 def _open_image(image, base, where="row"):
     """The image as RGB; beyond PIL's pixel limit (Image.MAX_IMAGE_PIXELS) it is refused from
     its header, before anything is decoded (a decompression bomb never reaches memory)."""
-    import warnings
-
     from PIL import Image
 
     if hasattr(image, "convert"):  # a PIL image (hub datasets)
