@@ -550,3 +550,17 @@ def test_a_new_run_over_an_earlier_runs_checkpoints_needs_resume_or_overwrite(ti
     assert "error: run/checkpoint-2 exists (1 checkpoint(s) of an earlier run in run)" in result.stderr
     assert "hint: pass --resume to continue that run, --overwrite" in result.stderr
     assert (tmp_path / "run" / "checkpoint-2").is_dir()
+
+
+def test_a_model_dir_without_tokenizer_files_is_a_clear_error(tiny_train, tmp_path):
+    out, model, _ = tiny_train
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(model / "config.json", config_only / "config.json")
+    for args in (["--preview-data", "2", "--preview-out", "preview"], ["--output-dir", "run"]):
+        result = _run_train_py(out / "train.py", "--model", "config-only", *args, cwd=tmp_path)
+        assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+        assert "Traceback" not in result.stderr and "warning: no image processor" not in result.stdout
+        assert "error: model dir config-only has no tokenizer or processor files" in result.stderr
+        assert "hint: pass --model DIR with a directory that has them" in result.stderr
+        assert not (tmp_path / "preview").exists() and not (tmp_path / "run").exists()

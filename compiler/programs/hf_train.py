@@ -1506,9 +1506,35 @@ def apply_pixel_limits(processor, model_ref, limits):
     return sorted(kw)
 
 
+def first_sentence(exc):
+    """An exception as one line: its type and its message's first sentence (transformers'
+    messages go on for lines of advice about the hub)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: " + re.split(r"(?<=[.!?:])\s", text, maxsplit=1)[0][:300]
+
+
+# the names tokenizers and processors are saved under (save_pretrained's and older hub layouts'):
+# a local model dir with none of them holds no processing at all (a config-only copy)
+_PROCESSING_FILE = re.compile(r"(tokenizer|vocab|merges|spiece|sentencepiece|special_tokens|added_tokens|chat_template"
+                              r"|[a-z_]*processor)[\w.-]*|[\w.-]+\.(model|tiktoken)")
+
+
+def processing_error(model_ref, exc):
+    """The DataError for a model whose tokenizer cannot be loaded: what the dir lacks, and
+    where the files are."""
+    if os.path.isdir(model_ref) and not any(_PROCESSING_FILE.fullmatch(f) for f in os.listdir(model_ref)):
+        what = f"model dir {model_ref} has no tokenizer or processor files (tokenizer_config.json, preprocessor_config.json, ...)"
+    else:
+        what = f"cannot load the tokenizer of {model_ref}: {first_sentence(exc)}"
+    return DataError(f"error: {what}\n  hint: pass --model DIR with a directory that has them (the model as downloaded, "
+                     "or this one with the tokenizer and processor files copied in); --check needs only config.json")
+
+
 def load_processing(model_ref, multimodal=None, quiet=False, pixel_limits=None):
-    """(tokenizer, processor or None, why the processor could not be loaded)."""
+    """(tokenizer, processor or None, why the processor could not be loaded). Raises
+    DataError when not even the tokenizer loads."""
     multimodal = PLAN["multimodal"] if multimodal is None else multimodal
+    reason = None
     if multimodal:
         try:
             processor = transformers.AutoProcessor.from_pretrained(model_ref)
@@ -1520,12 +1546,13 @@ def load_processing(model_ref, multimodal=None, quiet=False, pixel_limits=None):
                 return tokenizer, processor, None
             reason = f"AutoProcessor gave {type(processor).__name__}"
         except Exception as exc:  # e.g. a video processor that needs torchvision
-            reason = f"{type(exc).__name__}: " + " ".join(str(exc).split())[:160]
-        if not quiet:
-            say(f"warning: no image processor ({reason}); text-only rows work, rows with images fail")
-    else:
-        reason = None
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_ref)
+            reason = first_sentence(exc)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_ref)
+    except Exception as exc:  # transformers raises OSError, ValueError, TypeError ... for a missing or broken one
+        raise processing_error(model_ref, exc) from exc
+    if reason and not quiet:  # only now: with no tokenizer either, the error above says it all
+        say(f"warning: no image processor ({reason}); text-only rows work, rows with images fail")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, None, reason
