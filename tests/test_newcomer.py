@@ -3,6 +3,7 @@ errors that say what to write, cache lookups as huggingface_hub does them."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -564,3 +565,14 @@ def test_a_model_dir_without_tokenizer_files_is_a_clear_error(tiny_train, tmp_pa
         assert "error: model dir config-only has no tokenizer or processor files" in result.stderr
         assert "hint: pass --model DIR with a directory that has them" in result.stderr
         assert not (tmp_path / "preview").exists() and not (tmp_path / "run").exists()
+
+
+def test_the_log_explains_learning_rate_beside_each_components_lr(trained):
+    _, _, result = trained
+    assert ("log: learning_rate is the Trainer's own key, the LR of its first optimizer group (component vision); "
+            "each component trains at its own LR, logged as lr/<component> (lr/vision, lr/language)") in result.stdout
+    [logged] = [ast.literal_eval(line[line.index("{'loss'"):].strip()) for line in (result.stdout + result.stderr).splitlines()
+                if "{'loss'" in line]
+    # the oracle: the Trainer's own key, read by the Trainer; the same step's LR of group 0
+    assert float(logged["learning_rate"]) == float(logged["lr/vision"]) == 1e-6
+    assert float(logged["lr/language"]) == 2e-4  # one step, no warmup: the spec's LR

@@ -60,7 +60,9 @@ A run refuses an OUTPUT_DIR that holds an earlier run's final model (or its chec
 the ones the adapter was trained against, and writes an unquantized model.
 
 Monitoring. At each logging step the log gets, per component, grad_norm/NAME (gradient norm
-before clipping) and update_ratio/NAME (|weight change| / |weight| of that step).
+before clipping), update_ratio/NAME (|weight change| / |weight| of that step) and lr/NAME (the
+LR of that step); the Trainer's own learning_rate is its first optimizer group's, lr/ of the
+first trained component.
 """
 
 from __future__ import annotations
@@ -784,6 +786,10 @@ class _UpdateCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.monitor.measure_updates(self.trainer.is_deepspeed_enabled)
+        # each component's LR of this step, read where the Trainer reads its learning_rate
+        # (before the scheduler steps): lr/<first component> equals the Trainer's key
+        self.trainer.step_lrs = {str(g["name"]).rsplit("/", 1)[0]: g["lr"] for g in self.trainer.optimizer.param_groups
+                                 if str(g.get("name", "")).endswith(("/decay", "/no_decay"))}
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.check_optimizer_after_wrap()
@@ -799,6 +805,7 @@ class PlanTrainer(Trainer):
         self.monitor = ComponentMonitor(self.model, update_ratio=update_ratio)
         self._planned_group_lrs = None
         self._engine_wrapped = False
+        self.step_lrs = {}
         self.add_callback(_UpdateCallback(self))
 
     def create_optimizer(self, *args, **kwargs):
@@ -875,9 +882,8 @@ class PlanTrainer(Trainer):
     def log(self, logs, *args, **kwargs):
         if "loss" in logs:
             logs.update(self.monitor.pop())
-            for group in getattr(self.optimizer, "param_groups", None) or []:
-                if str(group.get("name", "")).endswith("/decay") or str(group.get("name", "")).endswith("/no_decay"):
-                    logs.setdefault("lr/" + group["name"].rsplit("/", 1)[0], group["lr"])
+            for comp, lr in self.step_lrs.items():
+                logs.setdefault("lr/" + comp, lr)
         return super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir=None, state_dict=None):
@@ -2087,11 +2093,19 @@ def build_trainer(args):
         eval_ds = ConversationDataset(eval_rows, encoder) if eval_rows else None
     except (DataError, OSError) as exc:
         fail(exc)
+    say(log_keys_text())
     return PlanTrainer(
         model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=Collator(encoder), processing_class=encoder.processor or encoder.tokenizer,
         update_ratio=not args.no_update_ratio,
     )
+
+
+def log_keys_text():
+    """What the log's learning-rate keys are: the Trainer logs one LR, mixspec one per component."""
+    trained = [c["name"] for c in PLAN["components"] if c["trainable_params"]]
+    return (f"log: learning_rate is the Trainer's own key, the LR of its first optimizer group (component {trained[0]}); "
+            f"each component trains at its own LR, logged as lr/<component> ({', '.join('lr/' + n for n in trained)})")
 
 
 def earlier_run(args):
