@@ -788,7 +788,8 @@ class _UpdateCallback(TrainerCallback):
         self.trainer.monitor.measure_updates(self.trainer.is_deepspeed_enabled)
         # each component's LR of this step, read where the Trainer reads its learning_rate
         # (before the scheduler steps): lr/<first component> equals the Trainer's key
-        self.trainer.step_lrs = {str(g["name"]).rsplit("/", 1)[0]: g["lr"] for g in self.trainer.optimizer.param_groups
+        groups = getattr(self.trainer.optimizer, "param_groups", None) or []
+        self.trainer.step_lrs = {str(g["name"]).rsplit("/", 1)[0]: g["lr"] for g in groups
                                  if str(g.get("name", "")).endswith(("/decay", "/no_decay"))}
 
     def on_train_begin(self, args, state, control, **kwargs):
