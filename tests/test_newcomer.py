@@ -3,9 +3,12 @@ errors that say what to write, cache lookups as huggingface_hub does them."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -503,3 +506,160 @@ def test_readme_tutorial_runs_as_written(tmp_path):
     assert "my-spec.yaml: ok" in said and "self-check passed" in said
     final = tmp_path / "try" / "runs" / "my-model" / "final"
     assert (final / "trained_params.safetensors").is_file() and (final / "mixspec_plan.json").is_file()
+
+
+# -- issue 28: the generated train.py as a newcomer meets it --------------------------------
+# The oracle is the compiled program itself, run as a user runs it (a subprocess, no mixspec
+# needed) on a tiny random LLaVA with its real tokenizer and processor files.
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def tiny_train(tmp_path_factory):
+    """(compiled output dir, model dir, data file) for a tiny LLaVA: one step, fp32, on CPU."""
+    pytest.importorskip("PIL")
+    sys.path.insert(0, str(FIXTURES))
+    import make_tiny_vlm
+
+    from mixspec.loader import load_spec
+    from mixspec.output import write_files
+    from mixspec.targets import TargetOptions, render
+
+    root = tmp_path_factory.mktemp("tiny_train")
+    model = make_tiny_vlm.make_tiny_llava(root / "model")
+    (root / "data").mkdir()
+    data = make_tiny_vlm.colour_rows(root / "data")
+    spec = _spec(root, f"""\
+        version: 1
+        model: {model}
+        components:
+          vision: {{train: full, lr: 1.0e-6}}
+          language: {{train: lora, lr: 2.0e-4, lora: {{rank: 4, alpha: 8, targets: all-linear}}}}
+        training: {{max_length: 512, precision: fp32, gradient_checkpointing: true, max_steps: 1, logging_steps: 1}}
+        data: {{train: {data}}}
+        """)
+    out = root / "out"
+    write_files(out, render(plan_spec(load_spec(spec)), "hf", TargetOptions()), force=True)
+    return out, model, data
+
+
+def _run_train_py(train_py: Path, *args, cwd: Path, python_args=(), timeout=120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MIXSPEC_CACHE_DIR": str(cwd / "cache")}
+    return subprocess.run([sys.executable, *python_args, str(train_py), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# runs a script as __main__ and reports, at its exit, whether torch / transformers were imported
+_IMPORT_PROBE = """\
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("loaded:", "torch" in sys.modules, "transformers" in sys.modules, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["--no-such-option"], 2), (["--max-steps", "x"], 2)])
+def test_train_py_help_and_usage_errors_answer_before_torch_loads(tiny_train, tmp_path, args, code):
+    out, _, _ = tiny_train
+    result = _run_train_py(out / "train.py", *args, cwd=tmp_path, python_args=["-c", _IMPORT_PROBE])
+    assert result.returncode == code, result.stderr[-2000:]
+    assert "loaded: False False" in result.stderr, result.stderr[-2000:]
+    assert ("--output-dir" in result.stdout) if code == 0 else ("train.py: error:" in result.stderr)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_train, tmp_path_factory):
+    """One training run of the compiled train.py, run as a user in another folder runs it:
+    `python ../out/train.py --output-dir run` (cwd, the run's result)."""
+    out, _, _ = tiny_train
+    work = tmp_path_factory.mktemp("work")
+    script = os.path.relpath(out / "train.py", work)
+    result = _run_train_py(Path(script), "--output-dir", "run", cwd=work)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return work, script, result
+
+
+def test_the_merge_hint_is_a_command_that_runs_where_training_ran(trained):
+    work, script, result = trained
+    [hint] = re.findall(r"merge with: (.*)$", result.stdout, re.M)
+    assert hint == f"python {script} --merge run/final --out MERGED_DIR"
+    # pasted as printed, in the folder where training ran, it merges (the oracle: a model
+    # directory transformers loads)
+    command = [sys.executable if word == "python" else word for word in shlex.split(hint.replace("MERGED_DIR", "merged"))]
+    merged = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert json.loads((work / "merged" / "config.json").read_text())["model_type"] == "llava"
+    assert "FutureWarning" not in merged.stderr, merged.stderr[-3000:]
+
+
+def test_a_run_prints_no_future_warning(trained):
+    # transformers 5.2x renamed gradient checkpointing: the Trainer's arguments take the new
+    # name where it exists, and PEFT's reads of the old one are not the user's to fix
+    _, _, result = trained
+    assert "gradient checkpointing" in result.stderr.lower() or "use_cache=False" in result.stderr  # it was on
+    assert "FutureWarning" not in result.stderr, result.stderr[-3000:]
+
+
+def _tree_bytes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_rerun_refuses_to_overwrite_the_final_model_unless_told(trained, tiny_train, tmp_path):
+    work, _, _ = trained
+    out, _, _ = tiny_train
+    shutil.copytree(work / "run", tmp_path / "run")
+    before = _tree_bytes(tmp_path / "run")
+    again = _run_train_py(out / "train.py", "--output-dir", "run", cwd=tmp_path)
+    assert again.returncode == 1, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "error: run/final exists" in again.stderr and "Traceback" not in again.stderr
+    assert "hint: pass --overwrite to replace it, or --output-dir DIR" in again.stderr
+    # stopped before the data check and the model: nothing read, nothing written
+    assert "data check" not in again.stdout and "Loading weights" not in again.stderr
+    assert _tree_bytes(tmp_path / "run") == before
+    # --overwrite: the new final replaces the old one whole (a file only the old one had is gone)
+    (tmp_path / "run" / "final" / "left-by-the-old-run.txt").write_text("old")
+    (tmp_path / "run" / "checkpoint-7").mkdir()  # the old run's: a later --resume must not pick it up
+    replaced = _run_train_py(out / "train.py", "--output-dir", "run", "--overwrite", cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    final = tmp_path / "run" / "final"
+    assert not (final / "left-by-the-old-run.txt").exists() and not (tmp_path / "run" / "checkpoint-7").exists()
+    assert (final / "adapter_model.safetensors").is_file() and (final / "mixspec_plan.json").is_file()
+
+
+def test_a_new_run_over_an_earlier_runs_checkpoints_needs_resume_or_overwrite(tiny_train, tmp_path):
+    out, _, _ = tiny_train
+    (tmp_path / "run" / "checkpoint-2").mkdir(parents=True)
+    result = _run_train_py(out / "train.py", "--output-dir", "run", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: run/checkpoint-2 exists (1 checkpoint(s) of an earlier run in run)" in result.stderr
+    assert "hint: pass --resume to continue that run, --overwrite" in result.stderr
+    assert (tmp_path / "run" / "checkpoint-2").is_dir()
+
+
+def test_a_model_dir_without_tokenizer_files_is_a_clear_error(tiny_train, tmp_path):
+    out, model, _ = tiny_train
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(model / "config.json", config_only / "config.json")
+    for args in (["--preview-data", "2", "--preview-out", "preview"], ["--output-dir", "run"]):
+        result = _run_train_py(out / "train.py", "--model", "config-only", *args, cwd=tmp_path)
+        assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+        assert "Traceback" not in result.stderr and "warning: no image processor" not in result.stdout
+        assert "error: model dir config-only has no tokenizer or processor files" in result.stderr
+        assert "hint: pass --model DIR with a directory that has them" in result.stderr
+        assert not (tmp_path / "preview").exists() and not (tmp_path / "run").exists()
+
+
+def test_the_log_explains_learning_rate_beside_each_components_lr(trained):
+    _, _, result = trained
+    assert ("log: learning_rate is the Trainer's own key, the LR of its first optimizer group (component vision); "
+            "each component trains at its own LR, logged as lr/<component> (lr/vision, lr/language)") in result.stdout
+    [logged] = [ast.literal_eval(line[line.index("{'loss'"):].strip()) for line in (result.stdout + result.stderr).splitlines()
+                if "{'loss'" in line]
+    # the oracle: the Trainer's own key, read by the Trainer; the same step's LR of group 0
+    assert float(logged["learning_rate"]) == float(logged["lr/vision"]) == 1e-6
+    assert float(logged["lr/language"]) == 2e-4  # one step, no warmup: the spec's LR

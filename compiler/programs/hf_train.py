@@ -15,7 +15,8 @@ Run
                                            complete Hugging Face model directory
 
 Options override the Plan's defaults: --model (path or hub id), --data, --eval-data,
---max-bad-rows, --data-workers, --output-dir, --max-steps, --precision, --deepspeed, --report-to, --resume (python train.py --help).
+--max-bad-rows, --data-workers, --output-dir, --overwrite, --max-steps, --precision, --deepspeed,
+--report-to, --resume (python train.py --help).
 
 Self-check. Before the first step the script compares the loaded model with the Plan:
 every parameter name and the total count (so another model, another transformers version or
@@ -53,27 +54,30 @@ Data: a .jsonl file, one conversation per line (a hub dataset id with the same c
 Saving. Each checkpoint (and OUTPUT_DIR/final at the end) holds the LoRA adapter
 (adapter_model.safetensors, adapter_config.json), the fully trained parameters
 (trained_params.safetensors, base-model names), the processor/tokenizer and mixspec_plan.json.
-load_trained(CHECKPOINT) rebuilds the trained model exactly; --merge writes it as a plain
-Hugging Face model directory. A quantized (QLoRA) run merges into the dequantized base weights,
+A run refuses an OUTPUT_DIR that holds an earlier run's final model (or its checkpoints, without
+--resume) unless --overwrite. load_trained(CHECKPOINT) rebuilds the trained model exactly;
+--merge writes it as a plain Hugging Face model directory. A quantized (QLoRA) run merges into the dequantized base weights,
 the ones the adapter was trained against, and writes an unquantized model.
 
 Monitoring. At each logging step the log gets, per component, grad_norm/NAME (gradient norm
-before clipping) and update_ratio/NAME (|weight change| / |weight| of that step).
+before clipping), update_ratio/NAME (|weight change| / |weight| of that step) and lr/NAME (the
+LR of that step); the Trainer's own learning_rate is its first optimizer group's, lr/ of the
+first trained component.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib  # noqa: F401 (the helpers use it)
 import json
 import math
 import os
 import re
+import shlex
+import shutil
 import sys
-
-import torch
-import transformers
-from transformers import Trainer, TrainerCallback, TrainingArguments
+import warnings
 
 # -- helpers: names, ranges and the self-check's hashes (mixspec.names, inlined) ---------
 # --- mixspec: helpers (generated) ---
@@ -157,6 +161,60 @@ PREFIX_LM_TYPES = ("paligemma",)
 HERE = os.path.dirname(os.path.abspath(__file__))
 # data.max_pixels / data.min_pixels: the limits of image processors that resize to a pixel budget
 DATA_PIXELS = {k: (DATA or {}).get(k) for k in ("max_pixels", "min_pixels") if (DATA or {}).get(k)}
+
+
+# -- command line ----------------------------------------------------------------------
+# parsed before torch and transformers load (seconds), so that --help and a mistyped option
+# answer at once
+def data_files(value):
+    """data.train / data.eval / --data as a list of files (a spec may give one or a list)."""
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Fine-tune as planned by mixspec (see the header of this file).")
+    p.add_argument("--check", action="store_true", help="setup and self-check only (config, no weights, no data); exit 0 or 1")
+    p.add_argument("--model", default=PLAN["model"], help="model directory or hub id (default: the spec's)")
+    p.add_argument("--data", nargs="+", default=data_files((DATA or {}).get("train")),
+                   help="training data: .jsonl files or a hub dataset id")
+    p.add_argument("--eval-data", nargs="+", default=data_files((DATA or {}).get("eval")),
+                   help="evaluation data, evaluated at each save")
+    p.add_argument("--max-bad-rows", type=int, metavar="N", default=0,
+                   help="skip at most N rows the data check refuses (each printed) instead of stopping")
+    p.add_argument("--data-workers", type=int, metavar="N", default=None,
+                   help="processes for the data check (default: one per core, at most 8, one per 200 rows)")
+    p.add_argument("--output-dir", default=OUTPUT_DIR, help="checkpoints and the final model")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let this run replace the final model and checkpoints an earlier run left in --output-dir")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON (default: ds_config.json next to this file, if planned)")
+    p.add_argument("--fsdp-config", default=None,
+                   help="FSDP2 config, the Trainer's fsdp_config (default: fsdp_config.json next to this file, if planned)")
+    p.add_argument("--report-to", default="none", help="none, tensorboard, wandb, ...")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="override training.precision (e.g. fp32 for a CPU smoke test)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, help="resume from the last (or the given) checkpoint")
+    p.add_argument("--no-update-ratio", action="store_true", help="log gradient norms only (no weight copy at logging steps)")
+    p.add_argument("--preview-data", type=int, metavar="N", default=None,
+                   help="process the first N rows as training would, write them to --preview-out and exit")
+    p.add_argument("--preview-out", metavar="DIR", default=None,
+                   help="with --preview-data: where to write row{i}.safetensors and preview.txt (default preview/)")
+    p.add_argument("--merge", metavar="CHECKPOINT", help="merge CHECKPOINT into a complete model directory (--out)")
+    p.add_argument("--out", help="with --merge: where to write the merged model")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="with --merge: weights dtype")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help or a bad option exits here; main() parses again (cheap), as it does when imported
+
+# the heavy imports, after the command line (E402: on purpose)
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 
 # -- names ------------------------------------------------------------------------------
@@ -359,15 +417,28 @@ def print_quantized(rows):
         say(f"{name:<20} {q['method']:<10} {planned:>15,} {got:>15,}")
 
 
+@contextlib.contextmanager
+def peft_calls():
+    """Around PEFT's calls: transformers 5.2x renamed gradient checkpointing to activation
+    checkpointing (is_activation_checkpointing, activation_checkpointing_enable); PEFT (0.21)
+    still reads and calls the old names, each time with a FutureWarning the user can do
+    nothing about. Only those are silenced; the model is the same either way."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated",
+                                category=FutureWarning)
+        yield
+
+
 def prepare_kbit(model):
     """PEFT's k-bit preparation: every non-quantized parameter to fp32 (mixspec's estimate counts
     it), input gradients for gradient checkpointing through frozen quantized layers."""
     from peft import prepare_model_for_kbit_training
 
     checkpointing = TRAINING["gradient_checkpointing"]
-    return prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None)
+    with peft_calls():
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None)
 
 
 def apply_plan(model):
@@ -383,7 +454,8 @@ def apply_plan(model):
             target_modules=lora["target_modules"],  # a regex PEFT full-matches: exactly the planned modules
             rank_pattern=dict(lora["rank_pattern"]), alpha_pattern=dict(lora["alpha_pattern"]),
         )
-        model = get_peft_model(model, config)
+        with peft_calls():
+            model = get_peft_model(model, config)
         base = model.get_base_model()
         for override in lora["dropout_overrides"]:  # PEFT has one dropout per adapter
             regex = re.compile(override["modules"])
@@ -735,6 +807,12 @@ class _UpdateCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.monitor.measure_updates(self.trainer.is_deepspeed_enabled)
+        # each component's LR of this step, read where the Trainer reads its learning_rate
+        # (before the scheduler steps): lr/<first component> equals the Trainer's key; float():
+        # torchao's optimizers hold it as a tensor
+        groups = getattr(self.trainer.optimizer, "param_groups", None) or []
+        self.trainer.step_lrs = {str(g["name"]).rsplit("/", 1)[0]: float(g["lr"]) for g in groups
+                                 if str(g.get("name", "")).endswith(("/decay", "/no_decay"))}
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.check_optimizer_after_wrap()
@@ -750,6 +828,7 @@ class PlanTrainer(Trainer):
         self.monitor = ComponentMonitor(self.model, update_ratio=update_ratio)
         self._planned_group_lrs = None
         self._engine_wrapped = False
+        self.step_lrs = {}
         self.add_callback(_UpdateCallback(self))
 
     def create_optimizer(self, *args, **kwargs):
@@ -826,10 +905,8 @@ class PlanTrainer(Trainer):
     def log(self, logs, *args, **kwargs):
         if "loss" in logs:
             logs.update(self.monitor.pop())
-            for group in getattr(self.optimizer, "param_groups", None) or []:
-                if str(group.get("name", "")).endswith("/decay") or str(group.get("name", "")).endswith("/no_decay"):
-                    logs.setdefault("lr/" + group["name"].rsplit("/", 1)[0],
-                                    group["lr"].item() if torch.is_tensor(group["lr"]) else group["lr"])
+            for comp, lr in self.step_lrs.items():
+                logs.setdefault("lr/" + comp, lr)
         return super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir=None, state_dict=None):
@@ -906,7 +983,8 @@ def load_trained(checkpoint, model_ref=None, dtype=torch.float32):
     if os.path.isfile(os.path.join(checkpoint, "adapter_config.json")):
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, checkpoint)
+        with peft_calls():
+            model = PeftModel.from_pretrained(model, checkpoint)
     return model.to(dtype)
 
 
@@ -926,13 +1004,6 @@ class RowError(DataError):
 # a row is one conversation with image paths: far below this; a longer line is refused unread
 MAX_ROW_BYTES = 16 * 1024 * 1024
 DATA_SUFFIXES = (".jsonl", ".json")
-
-
-def data_files(value):
-    """data.train / data.eval / --data as a list of files (a spec may give one or a list)."""
-    if not value:
-        return []
-    return [value] if isinstance(value, str) else list(value)
 
 
 def missing_data_file(path):
@@ -1121,8 +1192,6 @@ def _image_path(image, base, where):
 def _open_image(image, base, where="row"):
     """The image as RGB; beyond PIL's pixel limit (Image.MAX_IMAGE_PIXELS) it is refused from
     its header, before anything is decoded (a decompression bomb never reaches memory)."""
-    import warnings
-
     from PIL import Image
 
     if hasattr(image, "convert"):  # a PIL image (hub datasets)
@@ -1466,9 +1535,35 @@ def apply_pixel_limits(processor, model_ref, limits):
     return sorted(kw)
 
 
+def first_sentence(exc):
+    """An exception as one line: its type and its message's first sentence (transformers'
+    messages go on for lines of advice about the hub)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: " + re.split(r"(?<=[.!?:])\s", text, maxsplit=1)[0][:300]
+
+
+# the names tokenizers and processors are saved under (save_pretrained's and older hub layouts'):
+# a local model dir with none of them holds no processing at all (a config-only copy)
+_PROCESSING_FILE = re.compile(r"(tokenizer|vocab|merges|spiece|sentencepiece|special_tokens|added_tokens|chat_template"
+                              r"|[a-z_]*processor)[\w.-]*|[\w.-]+\.(model|tiktoken)")
+
+
+def processing_error(model_ref, exc):
+    """The DataError for a model whose tokenizer cannot be loaded: what the dir lacks, and
+    where the files are."""
+    if os.path.isdir(model_ref) and not any(_PROCESSING_FILE.fullmatch(f) for f in os.listdir(model_ref)):
+        what = f"model dir {model_ref} has no tokenizer or processor files (tokenizer_config.json, preprocessor_config.json, ...)"
+    else:
+        what = f"cannot load the tokenizer of {model_ref}: {first_sentence(exc)}"
+    return DataError(f"error: {what}\n  hint: pass --model DIR with a directory that has them (the model as downloaded, "
+                     "or this one with the tokenizer and processor files copied in); --check needs only config.json")
+
+
 def load_processing(model_ref, multimodal=None, quiet=False, pixel_limits=None):
-    """(tokenizer, processor or None, why the processor could not be loaded)."""
+    """(tokenizer, processor or None, why the processor could not be loaded). Raises
+    DataError when not even the tokenizer loads."""
     multimodal = PLAN["multimodal"] if multimodal is None else multimodal
+    reason = None
     if multimodal:
         try:
             processor = transformers.AutoProcessor.from_pretrained(model_ref)
@@ -1480,12 +1575,13 @@ def load_processing(model_ref, multimodal=None, quiet=False, pixel_limits=None):
                 return tokenizer, processor, None
             reason = f"AutoProcessor gave {type(processor).__name__}"
         except Exception as exc:  # e.g. a video processor that needs torchvision
-            reason = f"{type(exc).__name__}: " + " ".join(str(exc).split())[:160]
-        if not quiet:
-            say(f"warning: no image processor ({reason}); text-only rows work, rows with images fail")
-    else:
-        reason = None
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_ref)
+            reason = first_sentence(exc)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_ref)
+    except Exception as exc:  # transformers raises OSError, ValueError, TypeError ... for a missing or broken one
+        raise processing_error(model_ref, exc) from exc
+    if reason and not quiet:  # only now: with no tokenizer either, the error above says it all
+        say(f"warning: no image processor ({reason}); text-only rows work, rows with images fail")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, None, reason
@@ -1841,39 +1937,6 @@ def preview_data(args):
 
 
 # -- entry points -----------------------------------------------------------------------
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Fine-tune as planned by mixspec (see the header of this file).")
-    p.add_argument("--check", action="store_true", help="setup and self-check only (config, no weights, no data); exit 0 or 1")
-    p.add_argument("--model", default=PLAN["model"], help="model directory or hub id (default: the spec's)")
-    p.add_argument("--data", nargs="+", default=data_files((DATA or {}).get("train")),
-                   help="training data: .jsonl files or a hub dataset id")
-    p.add_argument("--eval-data", nargs="+", default=data_files((DATA or {}).get("eval")),
-                   help="evaluation data, evaluated at each save")
-    p.add_argument("--max-bad-rows", type=int, metavar="N", default=0,
-                   help="skip at most N rows the data check refuses (each printed) instead of stopping")
-    p.add_argument("--data-workers", type=int, metavar="N", default=None,
-                   help="processes for the data check (default: one per core, at most 8, one per 200 rows)")
-    p.add_argument("--output-dir", default=OUTPUT_DIR, help="checkpoints and the final model")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON (default: ds_config.json next to this file, if planned)")
-    p.add_argument("--fsdp-config", default=None,
-                   help="FSDP2 config, the Trainer's fsdp_config (default: fsdp_config.json next to this file, if planned)")
-    p.add_argument("--report-to", default="none", help="none, tensorboard, wandb, ...")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="override training.precision (e.g. fp32 for a CPU smoke test)")
-    p.add_argument("--resume", nargs="?", const=True, default=None, help="resume from the last (or the given) checkpoint")
-    p.add_argument("--no-update-ratio", action="store_true", help="log gradient norms only (no weight copy at logging steps)")
-    p.add_argument("--preview-data", type=int, metavar="N", default=None,
-                   help="process the first N rows as training would, write them to --preview-out and exit")
-    p.add_argument("--preview-out", metavar="DIR", default=None,
-                   help="with --preview-data: where to write row{i}.safetensors and preview.txt (default preview/)")
-    p.add_argument("--merge", metavar="CHECKPOINT", help="merge CHECKPOINT into a complete model directory (--out)")
-    p.add_argument("--out", help="with --merge: where to write the merged model")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="with --merge: weights dtype")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    return p.parse_args(argv)
-
-
 def deepspeed_path(args):
     if args.deepspeed:
         return args.deepspeed
@@ -2053,6 +2116,7 @@ def build_trainer(args):
         eval_ds = ConversationDataset(eval_rows, encoder) if eval_rows else None
     except (DataError, OSError) as exc:
         fail(exc)
+    say(log_keys_text())
     return PlanTrainer(
         model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=Collator(encoder), processing_class=encoder.processor or encoder.tokenizer,
@@ -2060,16 +2124,68 @@ def build_trainer(args):
     )
 
 
+def log_keys_text():
+    """What the log's learning-rate keys are: the Trainer logs one LR, mixspec one per component."""
+    trained = [c["name"] for c in PLAN["components"] if c["trainable_params"]]
+    return (f"log: learning_rate is the Trainer's own key, the LR of its first optimizer group (component {trained[0]}); "
+            f"each component trains at its own LR, logged as lr/<component> ({', '.join('lr/' + n for n in trained)})")
+
+
+def earlier_run(args):
+    """(the final model dir or None, the checkpoint dirs) an earlier run left in --output-dir."""
+    final = os.path.join(args.output_dir, "final")
+    try:
+        entries = sorted(os.listdir(args.output_dir), key=natural_key)
+    except OSError:  # not there yet
+        entries = []
+    checkpoints = [os.path.join(args.output_dir, e) for e in entries
+                   if re.fullmatch(r"checkpoint-\d+", e) and os.path.isdir(os.path.join(args.output_dir, e))]
+    return (final if os.path.exists(final) else None), checkpoints
+
+
+def refuse_overwrite(args):
+    """Stop before anything loads when this run would write over an earlier run's model (or
+    restart over its checkpoints without --resume); --overwrite allows it: the old checkpoints
+    go now (a later --resume must not find them), the old final model when the new one is saved."""
+    final, checkpoints = earlier_run(args)
+    if args.overwrite:
+        if checkpoints and not args.resume and is_main_process():
+            for path in checkpoints:
+                shutil.rmtree(path)
+        return
+    if final:
+        fail(DataError(f"error: {final} exists (the model of an earlier run); this run would overwrite it\n"
+                       "  hint: pass --overwrite to replace it, or --output-dir DIR to keep it"))
+    if checkpoints and not args.resume:
+        fail(DataError(f"error: {checkpoints[-1]} exists ({len(checkpoints)} checkpoint(s) of an earlier run in "
+                       f"{args.output_dir}); a new run would write over them\n"
+                       "  hint: pass --resume to continue that run, --overwrite to start over (its checkpoints are "
+                       "deleted), or --output-dir DIR"))
+
+
 def train(args):
+    refuse_overwrite(args)  # before the data check and the model: seconds, not minutes
     trainer = build_trainer(args)
     try:
         trainer.train(resume_from_checkpoint=args.resume)
     except DataError as exc:
         fail(exc)
     final = os.path.join(args.output_dir, "final")
+    if os.path.isdir(final) and trainer.args.should_save:  # --overwrite: replaced whole, no old file left in it
+        shutil.rmtree(final)
     trainer.save_model(final)
-    say(f"saved {final}: LoRA adapter, {TRAINED_PARAMS_FILE} and {PLAN_FILE}; merge with: python train.py --merge {final} --out MERGED_DIR")
+    say(f"saved {final}: LoRA adapter, {TRAINED_PARAMS_FILE} and {PLAN_FILE}; merge with: "
+        f"python {shlex.quote(script_path())} --merge {shlex.quote(final)} --out MERGED_DIR")
     return 0
+
+
+def script_path():
+    """This script as it was invoked (so that a printed command can be pasted where it was
+    run), or its own path when another program imported it."""
+    invoked = sys.argv[0] if sys.argv else ""
+    if invoked and os.path.exists(invoked) and os.path.samefile(invoked, __file__):
+        return invoked
+    return os.path.abspath(__file__)
 
 
 def merge(args):
