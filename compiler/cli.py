@@ -315,6 +315,38 @@ def tree(
 
 
 @app.command(cls=_Command)
+def tiny(
+    model: str = typer.Argument(..., metavar="MODEL", help="Catalog id, cache id or local dir to copy the family of."),
+    out: Path = typer.Argument(..., metavar="OUT_DIR", help="Where to write the tiny model (must not exist)."),
+    layers: int = typer.Option(2, "--layers", min=1, help="Blocks per tower."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Allow configs with auto_map (runs the repo's code)."),
+) -> None:
+    """Write a random tiny model of MODEL's family (same module names and roles, fewer and
+    narrower blocks, the tokenizer/processor files where MODEL's directory has them), to run a
+    compiled train.py end to end on a CPU."""
+    from mixspec.errors import ModelSourceError
+    from mixspec.sources import find_model
+
+    if out.exists():
+        _stderr(f"error: {out} exists\n  hint: give a new directory (mixspec tiny never overwrites)")
+        raise typer.Exit(2)
+    try:
+        source = find_model(model)
+        if "auto_map" in source.config and not trust_remote_code:
+            raise ModelSourceError(f"model {model!r}: its config names the repository's own code (auto_map)",
+                                   "pass --trust-remote-code to build it with that code")
+        from mixspec.tiny import make_tiny
+
+        made = make_tiny(Path(source.path), out, layers=layers, trust_remote_code=trust_remote_code)
+    except MixspecError as exc:
+        raise _fail(exc) from None
+    copied = ", ".join(made["copied"]) or "none (the source has no tokenizer/processor files: copy them in)"
+    typer.echo(f"wrote {out}: {made['architecture']}, {made['params']:,} parameters (random, float32); "
+               f"tokenizer/processor files: {copied}")
+
+
+@app.command(cls=_Command)
 def models(
     as_json: bool = typer.Option(False, "--json", help="Print the catalog as JSON."),
 ) -> None:
