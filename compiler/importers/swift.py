@@ -1272,9 +1272,50 @@ def _lm_head_effects(r: _Reader, tuner: str, truth: _Truth) -> None:
 
 
 # -- the spec ------------------------------------------------------------------------------------
+@dataclass
+class _SpecDraft:
+    """The spec's components as they are built, with each one's origins and swift group label."""
+
+    lr_mode: str
+    lr_origin: dict  # swift group -> the origin of its LR
+    tuner_origin: str
+    components: dict = field(default_factory=dict)
+    origins: dict = field(default_factory=dict)
+    groups: dict = field(default_factory=dict)
+    used_roles: set = field(default_factory=set)
+
+    def add(self, name: str, comp: dict, group: str, extra: str) -> None:
+        """One component named `name`, trained in swift group `group` -> components, groups, origins."""
+        self.components[name] = comp
+        text = f"swift {group}: {_LR_FLAG[group]}" if self.lr_mode == "multimodal" else "swift: --learning_rate"
+        self.groups[name] = text + extra
+        self.origins[f"components.{name}"] = self.tuner_origin
+        self.origins[f"components.{name}.lr"] = self.lr_origin[group]
+
+
 def _build_spec(r: _Reader, truth: _Truth, lr_mode: str, tuner: str):
     """Components whose Plan is exactly `truth`: a role component where a swift group covers
-    whole roles, else a pattern component with the exact modules."""
+    whole roles, else a pattern component with the exact modules. -> (spec, origins, groups)."""
+    lr_origin = {"vit": r.origin("vit_lr"), "aligner": r.origin("aligner_lr"), "llm": r.origin("learning_rate"),
+                 "all": r.origin("learning_rate")}
+    draft = _SpecDraft(lr_mode, lr_origin, r.origin("train_type" if r.version == 3 else "tuner_type"))
+    _full_components(r, truth, draft)
+    if truth.lora:
+        _lora_components(r, truth, draft, tuner)
+    components, roles = draft.components, r.roles
+    if not components:
+        components["language" if "language" in roles.prefixes else "trained"] = {"train": "freeze"}
+        if "trained" in components:
+            components["trained"]["modules"] = [".*"]
+    spec = {"version": 1, "model": r.source.path if r.source.kind == "local" else r.source.ref,
+            "components": components}
+    draft.origins["model"] = r.origin("model")
+    return spec, draft.origins, draft.groups
+
+
+def _full_components(r: _Reader, truth: _Truth, draft: _SpecDraft) -> None:
+    """truth.full (fully trained parameters, with their tied aliases), by (group, lr, role) ->
+    draft: a role component where it covers the whole role, else one listing the exact modules."""
     from mixspec.resolve import covering
     from mixspec.targets._common import exact_regex
 
@@ -1288,20 +1329,6 @@ def _build_spec(r: _Reader, truth: _Truth, lr_mode: str, tuner: str):
     alias_of = defaultdict(list)
     for alias, canon in tree.tied.items():
         alias_of[canon].append(alias)
-    origins: dict[str, str] = {}
-    groups: dict[str, str] = {}
-    components: dict = {}
-    lr_origin = {"vit": r.origin("vit_lr"), "aligner": r.origin("aligner_lr"), "llm": r.origin("learning_rate"),
-                 "all": r.origin("learning_rate")}
-    tuner_origin = r.origin("train_type" if r.version == 3 else "tuner_type")
-    used_roles: set[str] = set()
-
-    def label(group: str, extra: str = "") -> str:
-        text = f"swift {group}: {_LR_FLAG[group]}" if lr_mode == "multimodal" else \
-            "swift: --learning_rate"
-        return text + extra
-
-    # fully trained parameters, by (lr, group)
     by_group: dict[tuple, set] = defaultdict(set)
     for p, (lr, g) in truth.full.items():
         by_group[(g, lr)].add(p)
@@ -1321,59 +1348,50 @@ def _build_spec(r: _Reader, truth: _Truth, lr_mode: str, tuner: str):
         params = parts[(g, lr, role)]
         via_copy = any(is_under(p, c) for p in params for c in copies)
         how = " (a modules_to_save copy in swift)" if via_copy else ""
-        if role and role_params[role] <= params and role not in used_roles:
+        if role and role_params[role] <= params and role not in draft.used_roles:
             name = role
-            components[name] = {"train": "full", "lr": lr}
-            used_roles.add(role)
+            comp = {"train": "full", "lr": lr}
+            draft.used_roles.add(role)
         else:  # part of a role (or of no role): the exact modules
-            name = _free_name(components, f"{role}_part" if role else "other")
-            components[name] = {"modules": _patterns(covering(params, all_names), exact_regex), "train": "full",
-                                "lr": lr}
-        groups[name] = label(g, how)
-        origins[f"components.{name}"] = tuner_origin
-        origins[f"components.{name}.lr"] = lr_origin[g]
+            name = _free_name(draft.components, f"{role}_part" if role else "other")
+            comp = {"modules": _patterns(covering(params, all_names), exact_regex), "train": "full", "lr": lr}
+        draft.add(name, comp, g, how)
 
-    # LoRA modules, by (lr, group)
-    if truth.lora:
-        s = truth.lora_settings
-        lora_opts = {"rank": s["rank"], "alpha": s["alpha"], "dropout": s["dropout"]}
-        if s["rslora"]:
-            lora_opts["rslora"] = True
-        if s["dora"]:
-            lora_opts["dora"] = True
-        by_lgroup: dict[tuple, list] = defaultdict(list)
-        for m, (lr, g) in truth.lora.items():
-            by_lgroup[(g, lr, roles.role_of(m) or "")].append(m)
-        for (g, lr, role), mods in sorted(by_lgroup.items()):
-            if role and role not in used_roles and role not in components:
-                name = role
-                comp = {"train": "lora", "lr": lr, "lora": dict(lora_opts, targets="all-linear")}
-                used_roles.add(role)
-            else:
-                name = _free_name(components, f"lora_{g}")
-                comp = {"modules": _patterns(sorted(mods, key=natural_key), exact_regex), "train": "lora", "lr": lr,
-                        "lora": dict(lora_opts, targets="all-linear")}
-            components[name] = comp
-            comp["_targets"] = sorted(mods, key=natural_key)
-            groups[name] = label(g, ", LoRA")
-            origins[f"components.{name}"] = tuner_origin
-            origins[f"components.{name}.lr"] = lr_origin[g]
-            for key, flag in (("rank", "lora_rank"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout"),
-                              ("rslora", "use_rslora"), ("dora", "use_dora")):
-                origins[f"components.{name}.lora.{key}"] = r.origin(flag)
-            if tuner == "lora_llm":
-                origins[f"components.{name}.lora.dropout"] = f"{tuner_origin} (lora_llm: PEFT's default 0)"
-            origins[f"components.{name}.lora.targets"] = (
-                r.origin("target_regex") if "target_regex" in r.flags else r.origin("target_modules")
-                if tuner == "lora" else tuner_origin)
-    if not components:
-        components["language" if "language" in roles.prefixes else "trained"] = {"train": "freeze"}
-        if "trained" in components:
-            components["trained"]["modules"] = [".*"]
-    spec = {"version": 1, "model": r.source.path if r.source.kind == "local" else r.source.ref,
-            "components": components}
-    origins["model"] = r.origin("model")
-    return spec, origins, groups
+
+def _lora_components(r: _Reader, truth: _Truth, draft: _SpecDraft, tuner: str) -> None:
+    """truth.lora (LoRA modules), by (group, lr, role) -> draft: a role component when the role is
+    still free, else one listing the exact modules; each with its LoRA settings' origins."""
+    from mixspec.targets._common import exact_regex
+
+    s = truth.lora_settings
+    lora_opts = {"rank": s["rank"], "alpha": s["alpha"], "dropout": s["dropout"]}
+    if s["rslora"]:
+        lora_opts["rslora"] = True
+    if s["dora"]:
+        lora_opts["dora"] = True
+    by_lgroup: dict[tuple, list] = defaultdict(list)
+    for m, (lr, g) in truth.lora.items():
+        by_lgroup[(g, lr, r.roles.role_of(m) or "")].append(m)
+    origins, tuner_origin = draft.origins, draft.tuner_origin
+    for (g, lr, role), mods in sorted(by_lgroup.items()):
+        if role and role not in draft.used_roles and role not in draft.components:
+            name = role
+            comp = {"train": "lora", "lr": lr, "lora": dict(lora_opts, targets="all-linear")}
+            draft.used_roles.add(role)
+        else:
+            name = _free_name(draft.components, f"lora_{g}")
+            comp = {"modules": _patterns(sorted(mods, key=natural_key), exact_regex), "train": "lora", "lr": lr,
+                    "lora": dict(lora_opts, targets="all-linear")}
+        comp["_targets"] = sorted(mods, key=natural_key)
+        draft.add(name, comp, g, ", LoRA")
+        for key, flag in (("rank", "lora_rank"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout"),
+                          ("rslora", "use_rslora"), ("dora", "use_dora")):
+            origins[f"components.{name}.lora.{key}"] = r.origin(flag)
+        if tuner == "lora_llm":
+            origins[f"components.{name}.lora.dropout"] = f"{tuner_origin} (lora_llm: PEFT's default 0)"
+        origins[f"components.{name}.lora.targets"] = (
+            r.origin("target_regex") if "target_regex" in r.flags else r.origin("target_modules")
+            if tuner == "lora" else tuner_origin)
 
 
 def _free_name(components: dict, base: str) -> str:
@@ -1465,10 +1483,29 @@ def _weight_decay_effect(r: _Reader, plan) -> None:
 
 # -- training, data, distributed ---------------------------------------------------------------
 def _training(r: _Reader, spec: dict, tuner: str) -> None:
-    o = r.imp.origins
-    t: dict = {}
+    """The training, data, distributed and output flags -> spec's training, data, distributed and
+    output_dir sections, with each value's origin in r.imp.origins."""
     world_nodes = int(_env_num(r, "NNODES", 1))
     world_gpus = int(_env_num(r, "NPROC_PER_NODE", 1))
+    t: dict = {}
+    _batching(r, t, world_nodes * world_gpus)
+    _precision_and_length(r, t)
+    _schedule(r, t)
+    spec["training"] = t
+    data = _data(r)
+    if data:
+        spec["data"] = data
+    spec["distributed"] = _distributed(r, world_nodes, world_gpus)
+    out = r.get_str("output_dir")
+    if out is not None:
+        spec["output_dir"] = out
+        r.imp.origins["output_dir"] = r.origin("output_dir")
+
+
+def _batching(r: _Reader, t: dict, world: int) -> None:
+    """Epochs, max steps, batch size and gradient accumulation (swift's default from 16 samples
+    over `world` GPUs) -> t."""
+    o = r.imp.origins
     epochs = r.get_num("num_train_epochs", 3.0)
     if epochs <= 0:
         raise _Fail(Problem(r.flags["num_train_epochs"].where, "--num_train_epochs", f"must be > 0 (got {epochs})"))
@@ -1487,15 +1524,21 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
         ga = 1
         o["training.gradient_accumulation"] = "ms-swift default for --rlhf_type grpo"
     elif ga is None:
-        ga = max(1, math.ceil(16 / bs / (world_nodes * world_gpus)))
+        ga = max(1, math.ceil(16 / bs / world))
         o["training.gradient_accumulation"] = (f"{DEFAULT[r.version]}: ceil(16 / batch {bs} / "
-                                               f"{world_nodes * world_gpus} GPUs)")
+                                               f"{world} GPUs)")
         if "gradient_accumulation_steps" in r.unknown:
             o["training.gradient_accumulation"] = r.origin("gradient_accumulation_steps") + \
                 f" ({o['training.gradient_accumulation']})"
     else:
         o["training.gradient_accumulation"] = r.origin("gradient_accumulation_steps")
     t["gradient_accumulation"] = ga
+
+
+def _precision_and_length(r: _Reader, t: dict) -> None:
+    """--torch_dtype (default: the model config's), gradient checkpointing and --max_length
+    (default: the model's max_position_embeddings) -> t."""
+    o = r.imp.origins
     dtype = r.get_str("torch_dtype")
     if dtype is None:
         cfg = r.source.config
@@ -1519,6 +1562,11 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
     else:
         o["training.max_length"] = r.origin("max_length")
     t["max_length"] = max_length
+
+
+def _schedule(r: _Reader, t: dict) -> None:
+    """Weight decay, warmup, the LR scheduler, the optimizer's numbers and its name -> t."""
+    o = r.imp.origins
     t["weight_decay"] = r.get_num("weight_decay", 0.1)
     o["training.weight_decay"] = r.origin("weight_decay")
     warmup = r.get_num("warmup_ratio", 0.0)
@@ -1544,8 +1592,12 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
     if getattr(r, "optimizer", "adamw") not in (None, "adamw"):
         t["optimizer"] = r.optimizer
         o["training.optimizer"] = r.origin("optim")
-    spec["training"] = t
-    # data
+
+
+def _data(r: _Reader) -> dict:
+    """--dataset / --val_dataset and the image pixel caps (MAX_PIXELS, MIN_PIXELS, --max_pixels)
+    -> the spec's data section ({} when no dataset is named)."""
+    o = r.imp.origins
     data = {}
     for key, flag in (("train", "dataset"), ("eval", "val_dataset")):
         words = r.get_list(flag)
@@ -1567,9 +1619,13 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
         if cap < data.get("max_pixels", cap + 1):
             data["max_pixels"] = cap
             o["data.max_pixels"] = r.origin("max_pixels")
-    if data:
-        spec["data"] = data
-    # distributed
+    return data
+
+
+def _distributed(r: _Reader, world_nodes: int, world_gpus: int) -> dict:
+    """NNODES, NPROC_PER_NODE and --deepspeed -> the spec's distributed section (a DeepSpeed path
+    the script computes is recorded as unmodelled)."""
+    o = r.imp.origins
     d = {"nodes": world_nodes, "gpus_per_node": world_gpus}
     o["distributed.nodes"] = f"{r.env['NNODES'][1]} NNODES" if "NNODES" in r.env else "NNODES unset: 1 node"
     o["distributed.gpus_per_node"] = (f"{r.env['NPROC_PER_NODE'][1]} NPROC_PER_NODE" if "NPROC_PER_NODE" in r.env
@@ -1584,11 +1640,7 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
         ds_name = r.get_str("deepspeed")
     if ds_name is not None:
         d.update(_deepspeed(r, ds_name))
-    spec["distributed"] = d
-    out = r.get_str("output_dir")
-    if out is not None:
-        spec["output_dir"] = out
-        o["output_dir"] = r.origin("output_dir")
+    return d
 
 
 def _deepspeed(r: _Reader, name: str) -> dict:
