@@ -197,10 +197,23 @@ def block_bytes_per_token(kind: BlockKind, training: Training, p: int, grad_in: 
     trains = bool(training.full or training.lora)
     if not (grad_in or trains):
         return {}
-    adapter_copies = bool(policy and policy.adapter_copies)
     fp32_out = _fp32_norm_outputs(kind, training, policy)
     terms = {"norms": 0.0, "linear_inputs": 0.0, "lora": 0.0, "attention": 0.0, "mlp": 0.0}
-    by_name = {l.name: l for l in kind.linears}
+    terms["norms"] = _norm_bytes(kind, training, p, policy)
+    groups = _linear_groups(kind)
+    terms["attention"], attn_out_widths = _attention_bytes(groups, p, attention, seq)
+    terms["linear_inputs"], terms["lora"] = _linear_input_bytes(kind, groups, training, p, policy, fp32_out,
+                                                                attn_out_widths)
+    terms["mlp"] = _mlp_bytes(kind, groups, training, p, policy)
+    for gate in kind.gates:  # gate.tanh() * branch keeps the branch for the gate's gradient
+        if gate in training.full:
+            terms["gates"] = terms.get("gates", 0.0) + p * kind.hidden
+    return {k: v for k, v in terms.items() if v}
+
+
+def _norm_bytes(kind: BlockKind, training: Training, p: int, policy) -> float:
+    """The block's norms -> bytes per token they save for backward."""
+    total = 0.0
     q_width = next((l.out_features for l in kind.linears if _leaf(l.name) == "q_proj"), 0)
     k_width = next((l.out_features for l in kind.linears if _leaf(l.name) == "k_proj"), 0)
     for rel, norm, dim, cls in kind.norms:
@@ -212,16 +225,29 @@ def block_bytes_per_token(kind: BlockKind, training: Training, p: int, grad_in: 
         elif _leaf(rel) in _K_NORMS and k_width:
             width, rows = k_width, max(1, k_width // max(dim, 1))
         if norm == "layernorm":  # its input, and mean + rstd (fp32 on GPUs); CUDA autocast: an fp32 input copy
-            terms["norms"] += (4 if _layernorm_fp32(policy) else p) * width + 8 * rows
+            total += (4 if _layernorm_fp32(policy) else p) * width + 8 * rows
         else:  # transformers' RMSNorms upcast: fp32 input and rstd; the weighted product for the weight's
             # gradient in p bytes (Gemma's (1 + w) product stays fp32)
             kept = (4 if "Gemma" in cls else p) * width if trains else 0
-            terms["norms"] += 4 * width + 4 * rows + kept
+            total += 4 * width + 4 * rows + kept
+    return total
+
+
+def _linear_groups(kind: BlockKind) -> dict[tuple, list[Linear]]:
+    """The block's Linears -> (parent, group) -> members: q/k/v as attn_in, gate/up as mlp_in, each
+    other Linear alone."""
     groups: dict[tuple, list[Linear]] = {}
     for lin in kind.linears:
         leaf = _leaf(lin.name)
         group = "attn_in" if leaf in _ATTN_IN else "mlp_in" if leaf in _MLP_IN else lin.name
         groups.setdefault((_parent(lin.name), group), []).append(lin)
+    return groups
+
+
+def _attention_bytes(groups: dict, p: int, attention: str, seq: int) -> tuple[float, set]:
+    """The attention groups -> (bytes per token attention saves, widths of the attention outputs
+    an output projection reads from sdpa's saved output)."""
+    total = 0.0
     attn_out_widths = set()
     for (parent, group), members in groups.items():
         if group == "attn_in":
@@ -235,9 +261,19 @@ def block_bytes_per_token(kind: BlockKind, training: Training, p: int, grad_in: 
                 # transformers' eager attention: q, k and v repeated to every query head, the fp32
                 # softmax output and its p-byte cast (heads x sequence per token each); nothing
                 # keeps the output unless the output projection trains
-                terms["attention"] += p * 3 * q + (4 + p) * heads * seq
+                total += p * 3 * q + (4 + p) * heads * seq
             else:
-                terms["attention"] += p * (q + k + v + q) + 4 * heads
+                total += p * (q + k + v + q) + 4 * heads
+    return total, attn_out_widths
+
+
+def _linear_input_bytes(kind: BlockKind, groups: dict, training: Training, p: int, policy, fp32_out: bool,
+                        attn_out_widths: set) -> tuple[float, float]:
+    """Each group's trained Linears -> (bytes per token of the inputs they save, bytes of their
+    LoRA adapters' saved tensors)."""
+    inputs_total = lora_total = 0.0
+    adapter_copies = bool(policy and policy.adapter_copies)
+    by_name = {l.name: l for l in kind.linears}
     # the down projection reads the MLP's product, counted with the MLP
     downs = {d.name for (parent, group) in groups if group == "mlp_in"
              for d in [_down_of(by_name, parent)] if d is not None}
@@ -252,36 +288,43 @@ def block_bytes_per_token(kind: BlockKind, training: Training, p: int, grad_in: 
             shares_input = full or (lora and lora[1] == 0 and not adapter_copies and not per_reader)
             if shares_input:
                 if per_reader:
-                    terms["linear_inputs"] += p * lin.in_features
+                    inputs_total += p * lin.in_features
                 elif not inputs_saved and not reads_attn_output and lin.name not in downs:
-                    terms["linear_inputs"] += p * lin.in_features
+                    inputs_total += p * lin.in_features
                 inputs_saved = True
             if lora:
                 rank, dropout = lora
                 if dropout > 0:  # dropped-out copy + mask
-                    terms["lora"] += (p + _mask_bytes(policy, p)) * lin.in_features
+                    lora_total += (p + _mask_bytes(policy, p)) * lin.in_features
                 elif adapter_copies or per_reader:  # its own copy, cast from its fp32 input
-                    terms["lora"] += p * lin.in_features
-                terms["lora"] += p * rank
-        if group == "mlp_in":
-            gate = next((l for l in members if _leaf(l.name) in ("gate_proj", "w1")), None)
-            up = next((l for l in members if _leaf(l.name) in ("up_proj", "w3")), None)
-            fused = next((l for l in members if _leaf(l.name) == "gate_up_proj"), None)
-            down = _down_of(by_name, parent)
-            if fused is not None:
-                inter = fused.out_features // 2
-                terms["mlp"] += 3 * p * inter + (p * inter if _trains(down, training, policy) else 0)
-            elif gate is not None and up is not None:
-                inter = gate.out_features
-                terms["mlp"] += 3 * p * inter + (p * inter if _trains(down, training, policy) else 0)
-            else:
-                inter = members[0].out_features  # fc1 -> activation -> fc2
-                kept = 2 if any(a in kind.activation for a in _TWO_TENSOR_ACTIVATIONS) else 1
-                terms["mlp"] += kept * p * inter + (p * inter if _trains(down, training, policy) else 0)
-    for gate in kind.gates:  # gate.tanh() * branch keeps the branch for the gate's gradient
-        if gate in training.full:
-            terms["gates"] = terms.get("gates", 0.0) + p * kind.hidden
-    return {k: v for k, v in terms.items() if v}
+                    lora_total += p * lin.in_features
+                lora_total += p * rank
+    return inputs_total, lora_total
+
+
+def _mlp_bytes(kind: BlockKind, groups: dict, training: Training, p: int, policy) -> float:
+    """The MLP groups -> bytes per token of their intermediate activations (the down
+    projection's input counted here when it trains)."""
+    total = 0.0
+    by_name = {l.name: l for l in kind.linears}
+    for (parent, group), members in groups.items():
+        if group != "mlp_in":
+            continue
+        gate = next((l for l in members if _leaf(l.name) in ("gate_proj", "w1")), None)
+        up = next((l for l in members if _leaf(l.name) in ("up_proj", "w3")), None)
+        fused = next((l for l in members if _leaf(l.name) == "gate_up_proj"), None)
+        down = _down_of(by_name, parent)
+        if fused is not None:
+            inter = fused.out_features // 2
+            total += 3 * p * inter + (p * inter if _trains(down, training, policy) else 0)
+        elif gate is not None and up is not None:
+            inter = gate.out_features
+            total += 3 * p * inter + (p * inter if _trains(down, training, policy) else 0)
+        else:
+            inter = members[0].out_features  # fc1 -> activation -> fc2
+            kept = 2 if any(a in kind.activation for a in _TWO_TENSOR_ACTIVATIONS) else 1
+            total += kept * p * inter + (p * inter if _trains(down, training, policy) else 0)
+    return total
 
 
 def _qkv(members) -> tuple[int, int, int]:

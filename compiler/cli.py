@@ -383,35 +383,11 @@ def compile(
     slurm_account: Optional[str] = typer.Option(None, "--slurm-account", help="sbatch.sh: #SBATCH --account."),
 ) -> None:
     """Write configs the real backend runs as is, or refuse, naming what it cannot express."""
-    from mixspec.api import render, target_names
-    from mixspec.output import write_files
+    from mixspec.api import render
     from mixspec.targets import TargetOptions
-    from mixspec.targets._slurm import LAUNCHERS, slurm_value_problem
 
-    if swift_version not in (3, 4):
-        _stderr("error: --swift-version must be 3 or 4")
-        raise typer.Exit(2)
-    names = target_names()
-    if target not in names:
-        import difflib
-
-        close = difflib.get_close_matches(target, names, n=1, cutoff=0.5)
-        _stderr(f"error: unknown target {target!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-                + f"\n  targets: {', '.join(names)}")
-        raise typer.Exit(2)
-    if launcher not in LAUNCHERS:
-        _stderr(f"error: --launcher must be one of {', '.join(LAUNCHERS)} (got {launcher!r})")
-        raise typer.Exit(2)
     slurm = {"partition": slurm_partition, "time": slurm_time, "account": slurm_account}
-    problems = [p for kind, value in slurm.items() if value is not None for p in [slurm_value_problem(kind, value)] if p]
-    if target not in ("hf", "swift") and (launcher == "slurm" or any(v is not None for v in slurm.values())):
-        problems.append(f"--launcher slurm and --slurm-* are for the hf and swift targets (got --target {target})")
-    elif launcher == "none" and any(v is not None for v in slurm.values()):
-        problems.append("--slurm-* options need sbatch.sh, which --launcher none does not write")
-    if problems:
-        for problem in problems:
-            _stderr(f"error: {problem}")
-        raise typer.Exit(2)
+    _check_compile_options(target, swift_version, launcher, slurm)
     try:
         _, the_plan = _load_and_plan(spec)
         # generated files that name each other (e.g. LLaMA-Factory's dataset_dir) need out_dir
@@ -427,6 +403,43 @@ def compile(
                                                                  approximate=approximate,
                                                                  model_override=model_override)):
         _stderr(f"warning: target {target}: {line}")
+    _emit_files(files, out, force, dry_run)
+
+
+def _check_compile_options(target: str, swift_version: int, launcher: str, slurm: dict) -> None:
+    """compile's options -> nothing, or every problem with them on stderr and exit 2."""
+    if swift_version not in (3, 4):
+        _stderr("error: --swift-version must be 3 or 4")
+        raise typer.Exit(2)
+    from mixspec.api import target_names
+    from mixspec.targets._slurm import LAUNCHERS, slurm_value_problem
+
+    names = target_names()
+    if target not in names:
+        import difflib
+
+        close = difflib.get_close_matches(target, names, n=1, cutoff=0.5)
+        _stderr(f"error: unknown target {target!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                + f"\n  targets: {', '.join(names)}")
+        raise typer.Exit(2)
+    if launcher not in LAUNCHERS:
+        _stderr(f"error: --launcher must be one of {', '.join(LAUNCHERS)} (got {launcher!r})")
+        raise typer.Exit(2)
+    problems = [p for kind, value in slurm.items() if value is not None for p in [slurm_value_problem(kind, value)] if p]
+    if target not in ("hf", "swift") and (launcher == "slurm" or any(v is not None for v in slurm.values())):
+        problems.append(f"--launcher slurm and --slurm-* are for the hf and swift targets (got --target {target})")
+    elif launcher == "none" and any(v is not None for v in slurm.values()):
+        problems.append("--slurm-* options need sbatch.sh, which --launcher none does not write")
+    if problems:
+        for problem in problems:
+            _stderr(f"error: {problem}")
+        raise typer.Exit(2)
+
+
+def _emit_files(files: dict[str, str], out: Optional[Path], force: bool, dry_run: bool) -> None:
+    """The rendered files -> stdout (no --out), or written under --out (or listed, --dry-run)."""
+    from mixspec.output import write_files
+
     if out is None and not dry_run:
         for name, text in files.items():
             if len(files) > 1:
@@ -480,14 +493,7 @@ def import_config(
         raise _fail(exc) from None
     plan = imported.plan
     if not imported.ok:
-        if as_json:
-            typer.echo(json.dumps(_import_json(imported, source, None), indent=2))
-        for problem in imported.problems:
-            _stderr(problem.render())
-        # the rules' short name (their long form is on the import's first line and in --json)
-        rules = (imported.rules or backend).split(":")[0]
-        _stderr(f"{source}: cannot be expressed as a mixspec spec ({rules}); nothing written")
-        raise typer.Exit(1)
+        _import_failed(imported, source, backend, as_json)
     yaml_text = spec_yaml(imported, source)
     from mixspec.loader import load_spec_text
 
@@ -506,18 +512,34 @@ def import_config(
     for problem in plan.warnings_problems:
         _stderr(problem.render())
     if out is not None:
-        from mixspec.output import write_files
+        _write_imported_spec(out, yaml_text, force)
 
-        if out.is_dir():
-            _stderr(f"error: -o {out} is a directory; give the spec file's path, e.g. -o {out / 'spec.yaml'}")
-            raise typer.Exit(1)
-        try:
-            written = write_files(out.parent if str(out.parent) else Path("."), {out.name: yaml_text}, force=force,
-                                  elsewhere="give another file with -o")
-        except MixspecError as exc:
-            raise _fail(exc) from None
-        for line in written:
-            _stderr(line)
+def _import_failed(imported, source: str, backend: str, as_json: bool) -> None:
+    """An import that cannot be expressed -> its problems on stderr (and --json on stdout); exit 1."""
+    if as_json:
+        typer.echo(json.dumps(_import_json(imported, source, None), indent=2))
+    for problem in imported.problems:
+        _stderr(problem.render())
+    # the rules' short name (their long form is on the import's first line and in --json)
+    rules = (imported.rules or backend).split(":")[0]
+    _stderr(f"{source}: cannot be expressed as a mixspec spec ({rules}); nothing written")
+    raise typer.Exit(1)
+
+
+def _write_imported_spec(out: Path, yaml_text: str, force: bool) -> None:
+    """The imported spec's YAML -> the -o file (refusing a directory or, without --force, a file)."""
+    from mixspec.output import write_files
+
+    if out.is_dir():
+        _stderr(f"error: -o {out} is a directory; give the spec file's path, e.g. -o {out / 'spec.yaml'}")
+        raise typer.Exit(1)
+    try:
+        written = write_files(out.parent if str(out.parent) else Path("."), {out.name: yaml_text}, force=force,
+                              elsewhere="give another file with -o")
+    except MixspecError as exc:
+        raise _fail(exc) from None
+    for line in written:
+        _stderr(line)
 
 
 def _read_config(file: str, source: str) -> str:

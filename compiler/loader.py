@@ -346,23 +346,7 @@ def _problem_from_pydantic(err: dict, located: Located) -> Problem:
     value = err.get("input")
     hint = ""
     if kind == "extra_forbidden":
-        key = loc[-1] if loc else ""
-        parent = _model_at(loc[:-1], data)
-        allowed = sorted(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-        message = f"unknown key {key!r}"
-        if close:
-            hint = f"did you mean {close[0]!r}?"
-        elif allowed:
-            hint = "allowed keys: " + ", ".join(allowed)
-        if key == "lr" and parent is not None and parent.__name__ == "FreezeComponent":
-            hint = "a frozen component has no learning rate; remove lr or set train: full or lora"
-        if key == "lora" and parent is not None and parent.__name__ != "LoraComponent":
-            hint = "LoRA options belong to components with train: lora"
-        if key in ("quantize", "quantize_options") and parent is not None and parent.__name__ == "FullComponent":
-            message = "a fully trained component cannot be quantized (its weights are trained in place)"
-            hint = "train it with lora over the quantized weights (QLoRA), freeze it, or drop quantize"
-        return Problem(located.loc(loc), dotted, message, hint)
+        return _unknown_key_problem(loc, dotted, located)
     if kind == "missing":
         key = loc[-1]
         message = f"missing required key {key!r}"
@@ -370,13 +354,7 @@ def _problem_from_pydantic(err: dict, located: Located) -> Problem:
         # a missing key has no location of its own: point at its parent mapping
         return Problem(located.loc(loc[:-1]), dotted, message, hint)
     if kind == "union_tag_invalid" or kind == "union_tag_not_found":
-        message = "must be one of freeze, full, lora"
-        if kind == "union_tag_invalid":
-            message += f" (got {err['ctx'].get('tag')!r})"
-            loc = loc + ("train",)
-        else:
-            message = "missing required key 'train' (freeze, full or lora)"
-        return Problem(located.loc(loc), _dotted(loc), message, "e.g. train: full")
+        return _train_tag_problem(err, kind, loc, located)
     got = f" (got {_shown(value)})"
     if isinstance(value, float) and not math.isfinite(value) and kind in _RANGE_KINDS + ("value_error",):
         # .nan fails `> 0` before the finiteness check runs; say what is really wrong
@@ -415,6 +393,41 @@ def _problem_from_pydantic(err: dict, located: Located) -> Problem:
     else:
         message = err["msg"] + got
     return Problem(located.value_loc(loc), dotted, message, hint)
+
+
+def _unknown_key_problem(loc: tuple, dotted: str, located: Located) -> Problem:
+    """A key the model at loc[:-1] does not have -> the problem, with the nearest allowed key
+    (or why that kind of component has no such key) as the hint."""
+    data = located.data
+    hint = ""
+    key = loc[-1] if loc else ""
+    parent = _model_at(loc[:-1], data)
+    allowed = sorted(parent.model_fields) if parent else []
+    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+    message = f"unknown key {key!r}"
+    if close:
+        hint = f"did you mean {close[0]!r}?"
+    elif allowed:
+        hint = "allowed keys: " + ", ".join(allowed)
+    if key == "lr" and parent is not None and parent.__name__ == "FreezeComponent":
+        hint = "a frozen component has no learning rate; remove lr or set train: full or lora"
+    if key == "lora" and parent is not None and parent.__name__ != "LoraComponent":
+        hint = "LoRA options belong to components with train: lora"
+    if key in ("quantize", "quantize_options") and parent is not None and parent.__name__ == "FullComponent":
+        message = "a fully trained component cannot be quantized (its weights are trained in place)"
+        hint = "train it with lora over the quantized weights (QLoRA), freeze it, or drop quantize"
+    return Problem(located.loc(loc), dotted, message, hint)
+
+
+def _train_tag_problem(err: dict, kind: str, loc: tuple, located: Located) -> Problem:
+    """A component whose train: is missing or not freeze/full/lora -> the problem, at train:."""
+    message = "must be one of freeze, full, lora"
+    if kind == "union_tag_invalid":
+        message += f" (got {err['ctx'].get('tag')!r})"
+        loc = loc + ("train",)
+    else:
+        message = "missing required key 'train' (freeze, full or lora)"
+    return Problem(located.loc(loc), _dotted(loc), message, "e.g. train: full")
 
 
 def _bound(limit: object) -> str:

@@ -56,6 +56,34 @@ def report_data(loaded, plan: Plan, est: Estimate, tree: ModuleTree) -> dict:
     from mixspec.resolve import claims as claim_params
 
     claims = claim_params(loaded, tree)
+    root, rule_index = _module_tree(claims, plan, tree)
+    components = _components_json(plan)
+    est_json = est.to_json()
+    return {
+        "mixspec": __version__,
+        "spec": plan.spec_path, "model": plan.model, "architecture": plan.architecture,
+        "model_type": plan.model_type, "source": plan.model_source,
+        "transformers": plan.versions.get("transformers"),
+        "fingerprint": plan.fingerprint(),
+        "precision": settings_dict(plan.training).get("precision"),
+        "totals": {"base_params": plan.totals.base_params, "added_params": plan.totals.added_params,
+                   "trainable_params": plan.totals.trainable_params},
+        "components": components,
+        "unassigned": {"base_params": plan.unassigned_base_params, "modules": list(plan.unassigned_modules)},
+        "rules": [r for r, _ in sorted(rule_index.items(), key=lambda kv: kv[1])],
+        "tree": root,
+        "estimate": est_json,
+        # the estimate's own order of its per-GPU terms (the JSON block is key-sorted)
+        # the parts of the peak; "total" (model states) and "peak" are sums of them
+        "memory_terms": [k for k in est_json["per_gpu_bytes"] if k not in ("total", "peak")],
+        "gpu_memory_gb": est.gpu_memory_gb,
+        "warnings": _warnings(plan, est),
+    }
+
+
+def _module_tree(claims: dict, plan: Plan, tree: ModuleTree) -> tuple[list, dict[str, int]]:
+    """The module hierarchy (by dotted names) with each param's claim -> (the root node, as nested
+    lists the page draws; claim rule -> its index). A module's own parameters count into it."""
     comp_index = {c.name: i for i, c in enumerate(plan.components)}
     rule_index: dict[str, int] = {}
     numel = tree.param_numel
@@ -64,8 +92,6 @@ def report_data(loaded, plan: Plan, est: Estimate, tree: ModuleTree) -> dict:
         if comp.lora:
             for target in comp.lora.targets:
                 lora_added[target] = _adapter_params(tree.by_name[target], comp.lora)
-
-    # module hierarchy by dotted names; a module's own parameters count into it
     children: dict[str, list[str]] = {}
     for m in tree.modules:
         if m.name:
@@ -112,6 +138,11 @@ def report_data(loaded, plan: Plan, est: Estimate, tree: ModuleTree) -> dict:
         return node, comps, node_rules
 
     root, _, _ = build("")
+    return root, rule_index
+
+
+def _components_json(plan: Plan) -> list[dict]:
+    """The Plan's components -> the page's rows (name, mode, lr, selector, sizes, LoRA settings)."""
     components = []
     for comp in plan.components:
         components.append({
@@ -124,31 +155,16 @@ def report_data(loaded, plan: Plan, est: Estimate, tree: ModuleTree) -> dict:
         })
         if comp.lora:
             del components[-1]["lora"]["target_modules"]
-    est_json = est.to_json()
+    return components
+
+
+def _warnings(plan: Plan, est: Estimate) -> list[str]:
+    """The Plan's warnings, rendered, and one more when the estimated peak exceeds the GPU."""
     warnings = [p.render() for p in plan.warnings_problems]
     if est.gpu_memory_gb and est.peak_bytes > est.gpu_memory_gb * 1e9:
         warnings.append(f"warning: the estimated peak ({est.peak_bytes / 2**30:.2f} GiB) exceeds gpu_memory_gb "
                         f"({est.gpu_memory_gb:g} GB); mixspec fit finds settings that fit")
-    return {
-        "mixspec": __version__,
-        "spec": plan.spec_path, "model": plan.model, "architecture": plan.architecture,
-        "model_type": plan.model_type, "source": plan.model_source,
-        "transformers": plan.versions.get("transformers"),
-        "fingerprint": plan.fingerprint(),
-        "precision": settings_dict(plan.training).get("precision"),
-        "totals": {"base_params": plan.totals.base_params, "added_params": plan.totals.added_params,
-                   "trainable_params": plan.totals.trainable_params},
-        "components": components,
-        "unassigned": {"base_params": plan.unassigned_base_params, "modules": list(plan.unassigned_modules)},
-        "rules": [r for r, _ in sorted(rule_index.items(), key=lambda kv: kv[1])],
-        "tree": root,
-        "estimate": est_json,
-        # the estimate's own order of its per-GPU terms (the JSON block is key-sorted)
-        # the parts of the peak; "total" (model states) and "peak" are sums of them
-        "memory_terms": [k for k in est_json["per_gpu_bytes"] if k not in ("total", "peak")],
-        "gpu_memory_gb": est.gpu_memory_gb,
-        "warnings": warnings,
-    }
+    return warnings
 
 
 def report_html(loaded, plan: Plan, est: Estimate, tree: ModuleTree) -> str:

@@ -215,8 +215,35 @@ class _Resolver:
 
     # -- LoRA targets ------------------------------------------------------------------
     def lora_plan(self, cname: str, comp: LoraComponent, claimed: set[str]) -> LoraPlan | None:
+        """A LoRA component and the params it claims -> its LoraPlan (None when no target is left;
+        each problem is reported to self.diags)."""
         opts = comp.lora
-        path = ("components", cname, "lora")
+        members = self._lora_members(claimed)
+        targets_spec = opts.targets
+        found = self._lora_targets(cname, targets_spec, members)
+        if found is None:
+            return None
+        chosen, chosen_by = found
+        chosen = self._drop_unwrappable(cname, chosen, chosen_by, members)
+        chosen, layers = self._lora_layers(cname, opts, chosen)
+        self._check_lora_kinds(cname, opts, chosen)
+        if not chosen:
+            return None
+        chosen = sorted({m.name: m for m in chosen}.values(), key=lambda m: m.name)
+        sizes = _lora_sizes(chosen, opts.rank, opts.dora)
+        names = sorted(sizes)
+        added = sum(sizes.values())
+        return LoraPlan(
+            rank=opts.rank, alpha=float(opts.alpha), dropout=float(opts.dropout), rslora=opts.rslora,
+            dora=opts.dora, targets=tuple(m.name for m in chosen),
+            target_kinds=tuple(m.kind for m in chosen), param_names=tuple(names),
+            added_params=added, param_sizes=tuple(sizes[n] for n in names),
+            targets_spec=list(targets_spec) if isinstance(targets_spec, list) else targets_spec,
+            layers=layers,
+        )
+
+    def _lora_members(self, claimed: set[str]) -> list:
+        """The claimed params -> the modules all of whose own params are claimed (LoRA's candidates)."""
         members = []
         for m in self.tree.modules:
             if not m.name or not m.params:
@@ -224,7 +251,12 @@ class _Resolver:
             names = [f"{m.name}.{local}" for local in m.params]
             if all(n in claimed for n in names):
                 members.append(m)
-        targets_spec = opts.targets
+        return members
+
+    def _lora_targets(self, cname: str, targets_spec, members: list):
+        """lora.targets (all-linear, a list of leaf names, or a regex) -> (chosen modules, module ->
+        index of the list item that chose it), or None when nothing can be planned."""
+        path = ("components", cname, "lora")
         chosen = []
         chosen_by: dict[str, int] = {}  # module -> index of the targets item that chose it
         if targets_spec == "all-linear":
@@ -265,6 +297,11 @@ class _Resolver:
                 self.diags.error(self.loaded.value_loc(*path, "targets"), f"components.{cname}.lora.targets",
                                  f"regex {quoted(targets_spec)} matches no module of component {cname!r}",
                                  "the regex is full-matched against module names (mixspec tree MODEL)")
+        return chosen, chosen_by
+
+    def _drop_unwrappable(self, cname: str, chosen: list, chosen_by: dict, members: list) -> list:
+        """The chosen modules -> those PEFT can wrap; the others reported, by targets item and type."""
+        path = ("components", cname, "lora")
         bad: dict[tuple, list[str]] = defaultdict(list)
         for m in chosen:
             if m.kind not in LORA_KINDS:
@@ -279,7 +316,12 @@ class _Resolver:
                 "PEFT wraps Linear, Embedding and Conv layers only; LoRA-capable leaf names here: "
                 + _lora_leaves(members),
             )
-        chosen = [m for m in chosen if m.kind in LORA_KINDS]
+        return [m for m in chosen if m.kind in LORA_KINDS]
+
+    def _lora_layers(self, cname: str, opts, chosen: list) -> tuple[list, tuple | None]:
+        """lora.layers -> (the chosen modules in those blocks, the block indices or None); blocks
+        that do not exist, or that hold no target, are reported."""
+        path = ("components", cname, "lora")
         layers = None
         if opts.layers is not None and chosen:  # no targets at all is already reported
             layers = tuple(sorted(set(opts.layers))) if isinstance(opts.layers, list) else patterns.parse_layers(opts.layers)
@@ -296,6 +338,11 @@ class _Resolver:
                 self.diags.error(self.loc(*path, "layers"), f"components.{cname}.lora.layers",
                                  f"no LoRA target lies in blocks {opts.layers!r}",
                                  f"block indices of this component's targets: {shown}")
+        return chosen, layers
+
+    def _check_lora_kinds(self, cname: str, opts, chosen: list) -> None:
+        """Reports DoRA on a non-Linear target and LoRA on a grouped convolution."""
+        path = ("components", cname, "lora")
         if opts.dora:
             for m in chosen:
                 if m.kind != LINEAR:
@@ -307,36 +354,6 @@ class _Resolver:
             if m.kind == CONV and m.groups != 1:
                 self.diags.error(self.loc(*path, "targets"), f"components.{cname}.lora.targets",
                                  f"LoRA on grouped convolution {m.name} is not supported")
-        if not chosen:
-            return None
-        chosen = sorted({m.name: m for m in chosen}.values(), key=lambda m: m.name)
-        r = opts.rank
-        sizes: dict[str, int] = {}
-        for m in chosen:
-            if m.kind in (LINEAR, CONV1D_GPT2):
-                sizes[f"{m.name}.lora_A.default.weight"] = r * m.in_features
-                sizes[f"{m.name}.lora_B.default.weight"] = r * m.out_features
-                if opts.dora:
-                    sizes[f"{m.name}.lora_magnitude_vector.default.weight"] = m.out_features
-            elif m.kind == EMBEDDING:
-                sizes[f"{m.name}.lora_embedding_A.default"] = r * m.in_features
-                sizes[f"{m.name}.lora_embedding_B.default"] = r * m.out_features
-            elif m.kind == CONV:
-                k = 1
-                for d in m.kernel:
-                    k *= d
-                sizes[f"{m.name}.lora_A.default.weight"] = r * m.in_features * k
-                sizes[f"{m.name}.lora_B.default.weight"] = m.out_features * r
-        names = sorted(sizes)
-        added = sum(sizes.values())
-        return LoraPlan(
-            rank=r, alpha=float(opts.alpha), dropout=float(opts.dropout), rslora=opts.rslora,
-            dora=opts.dora, targets=tuple(m.name for m in chosen),
-            target_kinds=tuple(m.kind for m in chosen), param_names=tuple(names),
-            added_params=added, param_sizes=tuple(sizes[n] for n in names),
-            targets_spec=list(targets_spec) if isinstance(targets_spec, list) else targets_spec,
-            layers=layers,
-        )
 
     def quant_plan(self, cname: str, comp, claimed: set[str]) -> QuantPlan | None:
         """The Linear modules bitsandbytes holds quantized for a component with ``quantize``."""
@@ -411,21 +428,40 @@ class _Resolver:
 
     # -- the whole pass ----------------------------------------------------------------
     def run(self, model_source: str, model_path: str) -> Plan:
-        tree = self.tree
-        if self.roles.guessed and any(c.modules is None for c in self.spec.components.values()):
-            self.diags.warn(
-                self.loaded.value_loc("model"), "model",
-                f"mixspec has no verified role map for model_type {tree.model_type!r}; roles were "
-                f"guessed from module names: " + "; ".join(f"{r}={','.join(p)}" for r, p in sorted(self.roles.prefixes.items())),
-                "check them with: mixspec tree MODEL, or select modules with patterns",
-            )
+        """The spec and the model tree -> the Plan (every error raised at once, warnings kept)."""
+        self._warn_guessed_roles()
         claims = self.claim_params()
-        numel = tree.param_numel
         by_comp: dict[str, set[str]] = defaultdict(set)
         for p, claim in claims.items():
             by_comp[claim.component].add(p)
+        self._check_tied(claims)
+        components = []
+        for cname, comp in self.spec.components.items():
+            components.append(self._component_plan(cname, comp, by_comp.get(cname, set())))
+            if components[-1].lora:
+                self._warn_lora_on_tied(cname, components[-1].lora)
+        self._check_one_quant_config(components)
+        self.diags.raise_if_errors()
+        if not any(c.trainable_params for c in components):
+            # compile refuses such a plan; say so before anyone gets that far
+            self.diags.warn(self.loc("components"), "components",
+                            "the spec trains nothing: every component is frozen or claims no parameter",
+                            "set train: full or lora (with an lr) on at least one component")
+        return self._plan(components, claims, model_source, model_path)
 
-        # a tied weight is one tensor: every name of it must be trained the same way
+    def _warn_guessed_roles(self) -> None:
+        """Warns when role components rest on roles guessed from module names (no verified role map)."""
+        if self.roles.guessed and any(c.modules is None for c in self.spec.components.values()):
+            self.diags.warn(
+                self.loaded.value_loc("model"), "model",
+                f"mixspec has no verified role map for model_type {self.tree.model_type!r}; roles were "
+                f"guessed from module names: " + "; ".join(f"{r}={','.join(p)}" for r, p in sorted(self.roles.prefixes.items())),
+                "check them with: mixspec tree MODEL, or select modules with patterns",
+            )
+
+    def _check_tied(self, claims: dict[str, Claim]) -> None:
+        """Reports a tied weight whose names are trained differently (a tied weight is one tensor:
+        every name of it must be trained the same way)."""
         def treatment(param: str):
             claim = claims.get(param)
             if claim is None:
@@ -433,7 +469,7 @@ class _Resolver:
             comp = self.spec.components[claim.component]
             return ("full", comp.lr) if comp.train == "full" else ("frozen", None)
 
-        for alias, canon in sorted(tree.tied.items()):
+        for alias, canon in sorted(self.tree.tied.items()):
             ta, tc = treatment(alias), treatment(canon)
             if ta != tc:
                 ca = claims.get(alias).component if alias in claims else "unassigned"
@@ -446,45 +482,43 @@ class _Resolver:
                     self._tied_hint(alias if ca == "unassigned" else canon, where, ca, cc),
                 )
 
-        components = []
-        for cname, comp in self.spec.components.items():
-            claimed = by_comp.get(cname, set())
-            canon_claimed = sorted(p for p in claimed if p not in tree.tied)
-            base = sum(numel[p] for p in canon_claimed)
-            if not claimed and comp.modules is None and cname in self.roles.prefixes:
-                self.diags.warn(self.loc("components", cname), f"components.{cname}",
-                                "claims no parameter: pattern components took all of its role",
-                                "remove it or narrow the patterns")
-            lora = None
-            trainable = 0
-            if comp.train == "full":
-                trainable = base
-            elif comp.train == "lora" and claimed:
-                lora = self.lora_plan(cname, comp, claimed)
-                trainable = lora.added_params if lora else 0
-            wd = getattr(comp, "weight_decay", None)
-            quant = self.quant_plan(cname, comp, claimed)
-            no_decay, no_decay_params = self._no_decay(comp.train, canon_claimed, lora)
-            components.append(ComponentPlan(
-                name=cname, mode=comp.train, lr=getattr(comp, "lr", None),
-                weight_decay=float(wd if wd is not None else self.spec.training.weight_decay),
-                selector="modules" if comp.modules is not None else "role",
-                role=None if comp.modules is not None else cname,
-                patterns=tuple(comp.modules or ()),
-                origin=self.loc("components", cname),
-                modules=covering(claimed, self.param_names),
-                params=tuple(canon_claimed), base_params=base, trainable_params=trainable, lora=lora,
-                no_decay=no_decay, no_decay_params=no_decay_params, quantize=quant,
-            ))
-            if lora:
-                self._warn_lora_on_tied(cname, lora)
-        self._check_one_quant_config(components)
-        self.diags.raise_if_errors()
-        if not any(c.trainable_params for c in components):
-            # compile refuses such a plan; say so before anyone gets that far
-            self.diags.warn(self.loc("components"), "components",
-                            "the spec trains nothing: every component is frozen or claims no parameter",
-                            "set train: full or lora (with an lr) on at least one component")
+    def _component_plan(self, cname: str, comp, claimed: set[str]) -> ComponentPlan:
+        """One spec component and the params it claims -> its ComponentPlan (LoRA and quantization
+        planned; a role component left with nothing is warned about)."""
+        tree = self.tree
+        canon_claimed = sorted(p for p in claimed if p not in tree.tied)
+        base = sum(tree.param_numel[p] for p in canon_claimed)
+        if not claimed and comp.modules is None and cname in self.roles.prefixes:
+            self.diags.warn(self.loc("components", cname), f"components.{cname}",
+                            "claims no parameter: pattern components took all of its role",
+                            "remove it or narrow the patterns")
+        lora = None
+        trainable = 0
+        if comp.train == "full":
+            trainable = base
+        elif comp.train == "lora" and claimed:
+            lora = self.lora_plan(cname, comp, claimed)
+            trainable = lora.added_params if lora else 0
+        wd = getattr(comp, "weight_decay", None)
+        quant = self.quant_plan(cname, comp, claimed)
+        no_decay, no_decay_params = self._no_decay(comp.train, canon_claimed, lora)
+        return ComponentPlan(
+            name=cname, mode=comp.train, lr=getattr(comp, "lr", None),
+            weight_decay=float(wd if wd is not None else self.spec.training.weight_decay),
+            selector="modules" if comp.modules is not None else "role",
+            role=None if comp.modules is not None else cname,
+            patterns=tuple(comp.modules or ()),
+            origin=self.loc("components", cname),
+            modules=covering(claimed, self.param_names),
+            params=tuple(canon_claimed), base_params=base, trainable_params=trainable, lora=lora,
+            no_decay=no_decay, no_decay_params=no_decay_params, quantize=quant,
+        )
+
+    def _plan(self, components: list[ComponentPlan], claims: dict[str, Claim], model_source: str,
+              model_path: str) -> Plan:
+        """The component plans and the claims -> the Plan, with totals, settings and the model's facts."""
+        tree = self.tree
+        numel = tree.param_numel
         unassigned = sorted(p for p in self.param_names if p not in claims and p not in tree.tied)
         total = tree.total_params
         added = sum(c.lora.added_params for c in components if c.lora)
@@ -555,6 +589,27 @@ def _tied_partner(tree: ModuleTree, param: str) -> str | None:
     if param in tree.tied:
         return tree.tied[param]
     return next((alias for alias, canon in sorted(tree.tied.items()) if canon == param), None)
+
+
+def _lora_sizes(chosen: list, r: int, dora: bool) -> dict[str, int]:
+    """The LoRA target modules, rank r -> each adapter tensor PEFT adds (its state-dict name) -> numel."""
+    sizes: dict[str, int] = {}
+    for m in chosen:
+        if m.kind in (LINEAR, CONV1D_GPT2):
+            sizes[f"{m.name}.lora_A.default.weight"] = r * m.in_features
+            sizes[f"{m.name}.lora_B.default.weight"] = r * m.out_features
+            if dora:
+                sizes[f"{m.name}.lora_magnitude_vector.default.weight"] = m.out_features
+        elif m.kind == EMBEDDING:
+            sizes[f"{m.name}.lora_embedding_A.default"] = r * m.in_features
+            sizes[f"{m.name}.lora_embedding_B.default"] = r * m.out_features
+        elif m.kind == CONV:
+            k = 1
+            for d in m.kernel:
+                k *= d
+            sizes[f"{m.name}.lora_A.default.weight"] = r * m.in_features * k
+            sizes[f"{m.name}.lora_B.default.weight"] = m.out_features * r
+    return sizes
 
 
 def _lora_leaves(members) -> str:

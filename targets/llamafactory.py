@@ -817,91 +817,14 @@ class LlamaFactoryTarget(Target):
     # -- train.yaml ----------------------------------------------------------------------------
     def _yaml(self, plan: Plan, options: TargetOptions, a: _Analysis, out_dir: str,
               ds_name: Optional[str]) -> str:
-        t = plan.training
-        notes = a.comments
+        """The Plan and its analysis -> the LLaMA-Factory YAML: header, then model, method, dataset,
+        output, train and eval sections."""
         y = _Lines()
         self._header(y, plan, options, a, out_dir)
-
-        y.section("model")
-        y.key("model_name_or_path", options.model_override or plan.model)
-        q = plan.quant_config()
-        if q is not None:  # unsupported() let it through: no skip list gives exactly the Plan's modules
-            y.key("quantization_bit", 8 if q.method == "int8" else 4)
-            y.key("quantization_method", "bitsandbytes")
-            if q.method != "int8":
-                y.key("quantization_type", q.method)
-                y.key("double_quantization", q.double_quant)
-
-        y.section("method")
-        y.key("stage", "sft")
-        y.key("do_train", True)
-        y.key("finetuning_type", a.finetuning_type, notes)
-        if a.flags is not None:
-            for part, frozen in zip(_PARTS, a.flags):
-                y.key(_FLAG[part], frozen)
-        for key, value in a.freeze.items():
-            if value != "":
-                y.key(key, value)
-        if a.finetuning_type == "lora":
-            lo = a.lora
-            alpha = int(lo["alpha"]) if float(lo["alpha"]).is_integer() else lo["alpha"]
-            y.key("lora_rank", lo["rank"], notes)
-            y.key("lora_alpha", alpha)
-            y.key("lora_dropout", float(lo["dropout"]))
-            y.key("use_rslora", bool(lo["rslora"]))
-            y.key("use_dora", bool(lo["dora"]))
-            y.folded("lora_target", a.lora_targets, notes)
-            if a.additional_target:
-                y.folded("additional_target", a.additional_target, notes)
-        if ds_name:
-            y.key("deepspeed", posixpath.join(out_dir, ds_name))
-
-        y.section("dataset")
-        y.key("dataset", ",".join(dataset_names(plan, "train", DATASET_TRAIN)))  # several: LLaMA-Factory mixes them
-        if plan.data.eval:
-            y.key("eval_dataset", ",".join(dataset_names(plan, "eval", DATASET_EVAL)))
-        y.key("dataset_dir", out_dir)
-        y.key("media_dir", ".")
-        y.key("template", a.template)
-        y.key("cutoff_len", t.max_length)
-        if multimodal_plan(plan):  # else LLaMA-Factory resizes to its own 768 x 768 limit
-            y.key("image_max_pixels", plan.data.max_pixels)
-            if plan.data.min_pixels is not None:
-                y.key("image_min_pixels", plan.data.min_pixels)
-
-        y.section("output")
-        y.key("output_dir", plan.output_dir or "output")
-        y.key("logging_steps", t.logging_steps)
-        y.key("save_steps", t.save_steps)
-        y.key("report_to", "none")
-
-        y.section("train")
-        y.key("per_device_train_batch_size", t.micro_batch_size)
-        y.key("gradient_accumulation_steps", t.gradient_accumulation)
-        y.key("learning_rate", float(a.learning_rate), notes)
-        y.key("num_train_epochs", float(t.epochs))
-        if t.max_steps:
-            y.key("max_steps", t.max_steps)
-        y.key("lr_scheduler_type", t.lr_scheduler)
-        y.key("warmup_ratio", float(t.warmup_ratio))
-        y.key("weight_decay", float(a.weight_decay), notes)
-        y.key("max_grad_norm", float(t.max_grad_norm))
-        y.key("optim", HF_OPTIM_NAMES[t.optimizer])
-        y.key("adam_beta1", float(t.adam_beta1))
-        y.key("adam_beta2", float(t.adam_beta2))
-        y.key("adam_epsilon", float(t.adam_epsilon))
-        y.key("seed", t.seed)
-        precision = t.precision
-        y.key("bf16", precision == "bf16", notes)
-        y.key("fp16", precision == "fp16")
-        if not t.gradient_checkpointing:
-            y.key("disable_gradient_checkpointing", True)
-
-        if plan.data.eval:
-            y.section("eval (the spec sets no cadence: evaluate whenever a checkpoint is saved)")
-            y.key("per_device_eval_batch_size", t.micro_batch_size)
-            y.key("eval_strategy", "steps")
-            y.key("eval_steps", t.save_steps)
+        _yaml_model(y, plan, options)
+        _yaml_method(y, a, out_dir, ds_name)
+        _yaml_dataset(y, plan, a, out_dir)
+        _yaml_train(y, plan, a)
         return y.text()
 
     def _header(self, y: _Lines, plan: Plan, options: TargetOptions, a: _Analysis, out_dir: str) -> None:
@@ -943,3 +866,100 @@ def _lf_quantization_exact(plan: Plan) -> bool:
     """LLaMA-Factory's 4-bit compute dtype is the model's (the training precision)."""
     q = plan.quant_config()
     return q is None or q.method == "int8" or q.compute_dtype == plan.training.precision
+
+
+def _yaml_model(y: _Lines, plan: Plan, options: TargetOptions) -> None:
+    """The model section: the model path and its bitsandbytes quantization."""
+    y.section("model")
+    y.key("model_name_or_path", options.model_override or plan.model)
+    q = plan.quant_config()
+    if q is not None:  # unsupported() let it through: no skip list gives exactly the Plan's modules
+        y.key("quantization_bit", 8 if q.method == "int8" else 4)
+        y.key("quantization_method", "bitsandbytes")
+        if q.method != "int8":
+            y.key("quantization_type", q.method)
+            y.key("double_quantization", q.double_quant)
+
+
+def _yaml_method(y: _Lines, a: _Analysis, out_dir: str, ds_name: Optional[str]) -> None:
+    """The method section: the finetuning type, freeze flags, LoRA settings and DeepSpeed config."""
+    notes = a.comments
+    y.section("method")
+    y.key("stage", "sft")
+    y.key("do_train", True)
+    y.key("finetuning_type", a.finetuning_type, notes)
+    if a.flags is not None:
+        for part, frozen in zip(_PARTS, a.flags):
+            y.key(_FLAG[part], frozen)
+    for key, value in a.freeze.items():
+        if value != "":
+            y.key(key, value)
+    if a.finetuning_type == "lora":
+        lo = a.lora
+        alpha = int(lo["alpha"]) if float(lo["alpha"]).is_integer() else lo["alpha"]
+        y.key("lora_rank", lo["rank"], notes)
+        y.key("lora_alpha", alpha)
+        y.key("lora_dropout", float(lo["dropout"]))
+        y.key("use_rslora", bool(lo["rslora"]))
+        y.key("use_dora", bool(lo["dora"]))
+        y.folded("lora_target", a.lora_targets, notes)
+        if a.additional_target:
+            y.folded("additional_target", a.additional_target, notes)
+    if ds_name:
+        y.key("deepspeed", posixpath.join(out_dir, ds_name))
+
+
+def _yaml_dataset(y: _Lines, plan: Plan, a: _Analysis, out_dir: str) -> None:
+    """The dataset section: datasets, template, cutoff length and image pixel limits."""
+    t = plan.training
+    y.section("dataset")
+    y.key("dataset", ",".join(dataset_names(plan, "train", DATASET_TRAIN)))  # several: LLaMA-Factory mixes them
+    if plan.data.eval:
+        y.key("eval_dataset", ",".join(dataset_names(plan, "eval", DATASET_EVAL)))
+    y.key("dataset_dir", out_dir)
+    y.key("media_dir", ".")
+    y.key("template", a.template)
+    y.key("cutoff_len", t.max_length)
+    if multimodal_plan(plan):  # else LLaMA-Factory resizes to its own 768 x 768 limit
+        y.key("image_max_pixels", plan.data.max_pixels)
+        if plan.data.min_pixels is not None:
+            y.key("image_min_pixels", plan.data.min_pixels)
+
+
+def _yaml_train(y: _Lines, plan: Plan, a: _Analysis) -> None:
+    """The output, train and (with an eval set) eval sections."""
+    t = plan.training
+    notes = a.comments
+    y.section("output")
+    y.key("output_dir", plan.output_dir or "output")
+    y.key("logging_steps", t.logging_steps)
+    y.key("save_steps", t.save_steps)
+    y.key("report_to", "none")
+
+    y.section("train")
+    y.key("per_device_train_batch_size", t.micro_batch_size)
+    y.key("gradient_accumulation_steps", t.gradient_accumulation)
+    y.key("learning_rate", float(a.learning_rate), notes)
+    y.key("num_train_epochs", float(t.epochs))
+    if t.max_steps:
+        y.key("max_steps", t.max_steps)
+    y.key("lr_scheduler_type", t.lr_scheduler)
+    y.key("warmup_ratio", float(t.warmup_ratio))
+    y.key("weight_decay", float(a.weight_decay), notes)
+    y.key("max_grad_norm", float(t.max_grad_norm))
+    y.key("optim", HF_OPTIM_NAMES[t.optimizer])
+    y.key("adam_beta1", float(t.adam_beta1))
+    y.key("adam_beta2", float(t.adam_beta2))
+    y.key("adam_epsilon", float(t.adam_epsilon))
+    y.key("seed", t.seed)
+    precision = t.precision
+    y.key("bf16", precision == "bf16", notes)
+    y.key("fp16", precision == "fp16")
+    if not t.gradient_checkpointing:
+        y.key("disable_gradient_checkpointing", True)
+
+    if plan.data.eval:
+        y.section("eval (the spec sets no cadence: evaluate whenever a checkpoint is saved)")
+        y.key("per_device_eval_batch_size", t.micro_batch_size)
+        y.key("eval_strategy", "steps")
+        y.key("eval_steps", t.save_steps)

@@ -384,33 +384,7 @@ def _lora_llm_blockers(view: _View) -> list[Unsupported]:
     full_names = {p for c in view.full for p in c.params}
 
     for comp in view.lora:
-        lo = comp.lora
-        what = f"components.{comp.name}.lora"
-        if lo.targets_spec != "all-linear":
-            out.append(_u("lora_llm-targets", comp, f"{what}.targets {lo.targets_spec!r}",
-                          "lora_llm puts LoRA on every Linear of the LLM (targets: all-linear)", _PLUGIN_HINT))
-        if lo.layers is not None:
-            out.append(_u("lora_llm-layers", comp, f"{what}.layers",
-                          "lora_llm puts LoRA on every block of the LLM", _PLUGIN_HINT))
-        if lo.dropout != 0:
-            out.append(_u("lora_llm-dropout", comp, f"{what}.dropout {lo.dropout!r}",
-                          "lora_llm ignores --lora_dropout (PEFT's default 0 is used)",
-                          _PLUGIN_HINT + "; or set dropout: 0 to use --tuner_type lora_llm", approximable=True))
-        if lo.rslora:
-            out.append(_u("lora_llm-rslora", comp, f"{what}.rslora", "lora_llm ignores --use_rslora", _PLUGIN_HINT,
-                          approximable=True))
-        if lo.dora:
-            out.append(_u("lora_llm-dora", comp, f"{what}.dora", "lora_llm ignores --use_dora", _PLUGIN_HINT,
-                          approximable=True))
-        outside = [t for t in lo.targets if not is_under(t, sw.language_model)]
-        if outside:
-            out.append(_u("lora_llm-outside-llm", comp, f"{what} on {_few(outside)}",
-                          "lora_llm puts LoRA only on the LLM", _PLUGIN_HINT))
-        skipped = [t for t in lo.targets if any(s in t for s in _LORA_LLM_SKIPPED)]
-        if skipped:
-            out.append(_u("lora_llm-skipped-names", comp, f"{what} on {_few(skipped)}",
-                          "lora_llm skips Linear modules whose names contain " + "/".join(_LORA_LLM_SKIPPED),
-                          _PLUGIN_HINT))
+        out.extend(_lora_llm_lora_blockers(comp, sw))
     not_lora = sorted(llm_body - lora_claimed)
     if not_lora:
         for comp, names in _by_owner(view, not_lora):
@@ -437,6 +411,40 @@ def _lora_llm_blockers(view: _View) -> list[Unsupported]:
                           "fully only the ViT and the aligner", _PLUGIN_HINT))
     out.extend(_group_lr_blockers(view, strict_outside=False))
     out.extend(_weight_decay_blockers(view))
+    return out
+
+
+def _lora_llm_lora_blockers(comp, sw) -> list[Unsupported]:
+    """One LoRA component -> how its settings differ from lora_llm's (every Linear of the LLM,
+    all blocks, PEFT's defaults for dropout, rslora and dora)."""
+    out: list[Unsupported] = []
+    lo = comp.lora
+    what = f"components.{comp.name}.lora"
+    if lo.targets_spec != "all-linear":
+        out.append(_u("lora_llm-targets", comp, f"{what}.targets {lo.targets_spec!r}",
+                      "lora_llm puts LoRA on every Linear of the LLM (targets: all-linear)", _PLUGIN_HINT))
+    if lo.layers is not None:
+        out.append(_u("lora_llm-layers", comp, f"{what}.layers",
+                      "lora_llm puts LoRA on every block of the LLM", _PLUGIN_HINT))
+    if lo.dropout != 0:
+        out.append(_u("lora_llm-dropout", comp, f"{what}.dropout {lo.dropout!r}",
+                      "lora_llm ignores --lora_dropout (PEFT's default 0 is used)",
+                      _PLUGIN_HINT + "; or set dropout: 0 to use --tuner_type lora_llm", approximable=True))
+    if lo.rslora:
+        out.append(_u("lora_llm-rslora", comp, f"{what}.rslora", "lora_llm ignores --use_rslora", _PLUGIN_HINT,
+                      approximable=True))
+    if lo.dora:
+        out.append(_u("lora_llm-dora", comp, f"{what}.dora", "lora_llm ignores --use_dora", _PLUGIN_HINT,
+                      approximable=True))
+    outside = [t for t in lo.targets if not is_under(t, sw.language_model)]
+    if outside:
+        out.append(_u("lora_llm-outside-llm", comp, f"{what} on {_few(outside)}",
+                      "lora_llm puts LoRA only on the LLM", _PLUGIN_HINT))
+    skipped = [t for t in lo.targets if any(s in t for s in _LORA_LLM_SKIPPED)]
+    if skipped:
+        out.append(_u("lora_llm-skipped-names", comp, f"{what} on {_few(skipped)}",
+                      "lora_llm skips Linear modules whose names contain " + "/".join(_LORA_LLM_SKIPPED),
+                      _PLUGIN_HINT))
     return out
 
 

@@ -62,3 +62,40 @@ def test_the_checker_sees_an_import_when_there_is_one(tmp_path):
     names = _imports(probe)
     assert "mixspec.programs" in names or "mixspec.programs.hf_train" in names
     assert "mixspec.loader" in names and "mixspec.resolve.plan_spec" in names
+
+
+MAX_FUNCTION_LINES = 70  # a function fits on a screen (issue #29): longer ones become named steps
+
+
+def _product_files():
+    """compiler/ and targets/, except compiler/programs/ (standalone generated programs)."""
+    for top in ("compiler", "targets"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            if (ROOT / "compiler" / "programs") not in path.parents:
+                yield path
+
+
+def _long_functions(paths) -> dict[str, int]:
+    """'path:function' -> its length in lines, for functions (nested ones too) over MAX_FUNCTION_LINES."""
+    found = {}
+    for path in paths:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found[f"{path.as_posix()}:{node.name}"] = length
+    return found
+
+
+def test_no_product_function_over_70_lines():
+    found = _long_functions(_product_files())
+    assert not found, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps): {found}"
+
+
+def test_the_length_check_sees_a_long_function(tmp_path):
+    """A 71-line method is found and a 70-line function is not (else the test above proves nothing)."""
+    body = "".join(f"        x{i} = {i}\n" for i in range(69))
+    (tmp_path / "m.py").write_text("class C:\n    def long(self):\n" + body + "        return 0\n\n\n"
+                                   "def short():\n" + body.replace("        ", "    ") + "\n", encoding="utf-8")
+    assert list(_long_functions([tmp_path / "m.py"]).values()) == [71]

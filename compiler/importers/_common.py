@@ -318,24 +318,7 @@ def build_components(model: Model, parts: list[Part], origin_of) -> tuple[dict, 
     pattern_claimed: set[str] = set()
 
     def add(name: str, part: Part, body: dict) -> None:
-        components[name] = body
-        groups[name] = part.group
-        for key in body:
-            if key in ("modules",):
-                continue
-            if key == "lora":
-                for sub in body["lora"]:
-                    origins[f"components.{name}.lora.{sub}"] = origin_of(part, f"lora.{sub}")
-            else:
-                origins[f"components.{name}.{key}"] = origin_of(part, key)
-        if "modules" in body:
-            origins[f"components.{name}.modules"] = origin_of(part, "modules")
-
-    def base(part: Part) -> dict:
-        body = {"train": part.mode, "lr": part.lr}
-        if part.weight_decay is not None:
-            body["weight_decay"] = part.weight_decay
-        return body
+        _add_component(components, groups, origins, origin_of, name, part, body)
 
     # full parts: whole roles where a role lies entirely inside one part, patterns for the rest
     for part in [p for p in parts if p.mode == "full"]:
@@ -343,12 +326,12 @@ def build_components(model: Model, parts: list[Part], origin_of) -> tuple[dict, 
         for role in _ROLE_ORDER:
             members = role_params.get(role)
             if members and role not in used_roles and members <= part.names:
-                add(role, part, base(part))
+                add(role, part, _base_body(part))
                 used_roles.add(role)
                 rest -= members
         if rest:
             name = _component_name(part.label, set(components))
-            body = {"modules": compact_regexes(covering(rest, model.params)), **base(part)}
+            body = {"modules": compact_regexes(covering(rest, model.params)), **_base_body(part)}
             add(name, part, body)
             pattern_claimed |= rest
     # LoRA parts: the first part with modules in a role takes the role; others get patterns.
@@ -369,13 +352,39 @@ def build_components(model: Model, parts: list[Part], origin_of) -> tuple[dict, 
         if pattern_modules:
             name = _component_name(part.label, set(components) | {r for _, r, _ in role_jobs})
             claim = {p for m in pattern_modules for p in model.params if p.startswith(m + ".")}
-            add(name, part, {"modules": compact_regexes(pattern_modules), **base(part),
+            add(name, part, {"modules": compact_regexes(pattern_modules), **_base_body(part),
                              "lora": _lora_body(part, *lora_targets(model, claim, pattern_modules))})
             pattern_claimed |= claim
     for part, role, mods in role_jobs:
         claim = role_params[role] - pattern_claimed
-        add(role, part, {**base(part), "lora": _lora_body(part, *lora_targets(model, claim, mods))})
+        add(role, part, {**_base_body(part), "lora": _lora_body(part, *lora_targets(model, claim, mods))})
     return components, groups, origins
+
+
+def _add_component(components: dict, groups: dict, origins: dict, origin_of, name: str, part: Part,
+                   body: dict) -> None:
+    """One component `name` with `body`, from `part` -> components, groups, and the origin of each of
+    its keys (lora.* key by key, modules last)."""
+    components[name] = body
+    groups[name] = part.group
+    for key in body:
+        if key in ("modules",):
+            continue
+        if key == "lora":
+            for sub in body["lora"]:
+                origins[f"components.{name}.lora.{sub}"] = origin_of(part, f"lora.{sub}")
+        else:
+            origins[f"components.{name}.{key}"] = origin_of(part, key)
+    if "modules" in body:
+        origins[f"components.{name}.modules"] = origin_of(part, "modules")
+
+
+def _base_body(part: Part) -> dict:
+    """A part -> the keys every component of it has: train, lr, and weight_decay when set."""
+    body = {"train": part.mode, "lr": part.lr}
+    if part.weight_decay is not None:
+        body["weight_decay"] = part.weight_decay
+    return body
 
 
 def _lora_body(part: Part, targets, layers) -> dict:

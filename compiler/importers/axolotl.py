@@ -450,6 +450,28 @@ class _Reader(BaseReader):
 
     # -- learning rates: create_optimizer_grouped_parameters ------------------------------
     def assign(self, trainable: dict[str, tuple]) -> None:
+        """What trains (name -> (what, base, _)) -> self.parts: full and LoRA parts, one per
+        (lr, lr group), with their sources; problems and effects for what a spec cannot say."""
+        groups = self.lr_groups()
+        if groups is None:
+            return
+        lora_lr, full, skipped = self.sort_by_lr(trainable, groups)
+        lookup, group_lr, group_index = groups
+        for group, params in skipped.items():
+            self.out.effects.append(_effect(
+                self.cfg.value_loc("lr_groups", group_index[group]), "lr-groups-skip-no-decay",
+                f"lr group {group!r} takes only parameters that decay: {len(params)} biases and norm weights its "
+                f"modules match stay at the base learning rate {self.lr:g}, not {group_lr[group]:g} "
+                f"({show(sorted(params, key=natural_key), 3)})",
+                "accept it, or set the base learning_rate to the group's (mixspec specs say each part's lr "
+                "explicitly)"))
+        self.full_parts(full)
+        self.lora_parts(lora_lr)
+        self.embedding_decay_effect()
+
+    def lr_groups(self):
+        """lr_groups -> (module pattern -> group name, group -> lr, group -> its index), or None
+        when lr_groups is not a list (reported)."""
         cfg = self.cfg
         groups = cfg.raw("lr_groups", None)
         lookup: dict[str, str] = {}
@@ -458,7 +480,7 @@ class _Reader(BaseReader):
         if groups is not None:
             if not isinstance(groups, list):
                 cfg.error("lr_groups", "expected a list of {name, modules, lr}", "see axolotl's lr_groups")
-                return
+                return None
             for i, g in enumerate(groups):
                 ok = (isinstance(g, dict) and isinstance(g.get("name"), str) and isinstance(g.get("modules"), list)
                       and all(isinstance(m, str) for m in g["modules"]) and isinstance(g.get("lr"), (int, float))
@@ -472,6 +494,13 @@ class _Reader(BaseReader):
                     lookup[m] = g["name"]
                 group_lr[g["name"]] = float(g["lr"])
                 group_index[g["name"]] = i
+        return lookup, group_lr, group_index
+
+    def sort_by_lr(self, trainable: dict[str, tuple], groups):
+        """Each trained tensor -> its (lr, label, source): (LoRA module -> those seen, (lr, label,
+        source) -> full base params, lr group -> no-decay params it skips)."""
+        cfg = self.cfg
+        lookup, group_lr, group_index = groups
         emb_scale = cfg.get("embedding_lr_scale", "float", None, allow_none=True)
         emb_lr = cfg.get("embedding_lr", "float", None, allow_none=True)
         emb_value = self.lr * emb_scale if emb_scale else (emb_lr if emb_lr else self.lr)
@@ -513,14 +542,11 @@ class _Reader(BaseReader):
             else:
                 origin = "copy" if what == "copy" else ("unfrozen" if cfg.has("unfrozen_parameters") else "full")
                 full.setdefault((lr, label or origin, src), set()).add(base)
-        for group, params in skipped.items():
-            self.out.effects.append(_effect(
-                cfg.value_loc("lr_groups", group_index[group]), "lr-groups-skip-no-decay",
-                f"lr group {group!r} takes only parameters that decay: {len(params)} biases and norm weights its "
-                f"modules match stay at the base learning rate {self.lr:g}, not {group_lr[group]:g} "
-                f"({show(sorted(params, key=natural_key), 3)})",
-                "accept it, or set the base learning_rate to the group's (mixspec specs say each part's lr "
-                "explicitly)"))
+        return lora_lr, full, skipped
+
+    def full_parts(self, full: dict[tuple, set]) -> None:
+        """(lr, label, source) -> fully trained base params  ->  one full Part each, with its sources."""
+        cfg = self.cfg
         for (lr, label, src), params in sorted(full.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             group = {"copy": "lora_modules_to_save (PEFT modules_to_save copies)",
                      "unfrozen": "unfrozen_parameters", "full": "all parameters (no adapter)",
@@ -530,10 +556,14 @@ class _Reader(BaseReader):
             self.sources[("lr", label)] = src
             self.sources[("train", label)] = train_src
             self.parts.append(Part(label, group, "full", lr, self.model.with_tied(params)))
+
+    def lora_parts(self, lora_lr: dict[str, set]) -> None:
+        """LoRA module -> the (lr, label, source)s of its weights  ->  one LoRA Part per (lr, label);
+        a module whose weights fall in different lr groups is reported."""
         by_lr: dict[tuple, set[str]] = {}
         for module, values in lora_lr.items():
             if len(values) > 1:
-                self.out.problems.append(Problem(cfg.loc("lr_groups"), "lr_groups",
+                self.out.problems.append(Problem(self.cfg.loc("lr_groups"), "lr_groups",
                                                  f"the LoRA weights of {module} fall in different lr groups",
                                                  "a spec gives one lr per LoRA module; match whole modules"))
                 continue
@@ -544,14 +574,17 @@ class _Reader(BaseReader):
             self.sources[("train", label)] = self.src("adapter", DEFAULT)
             group = "LoRA" if label == "lora" else f"LoRA in lr_groups {label!r}"
             self.parts.append(Part(label, group, "lora", lr, modules, lora=self.lora_settings))
-        wd = cfg.get("weight_decay", "float", 0.0)
+
+    def embedding_decay_effect(self) -> None:
+        """Notes that axolotl's optimizer does not decay embeddings where the spec's plan does."""
+        wd = self.cfg.get("weight_decay", "float", 0.0)
         if wd:
             emb = sorted({b for p in self.parts if p.mode == "full" for b in p.names
                           if "embed_tokens" in b or "lm_head" in b})
             if emb:
-                cfg.effect("weight_decay", "weight-decay-rule",
-                           f"axolotl's optimizer gives embeddings no weight decay ({show(emb, 2)}); the spec's plan "
-                           "decays them like any 2-D weight", "accept the difference, or set weight_decay: 0")
+                self.cfg.effect("weight_decay", "weight-decay-rule",
+                                f"axolotl's optimizer gives embeddings no weight decay ({show(emb, 2)}); the spec's "
+                                "plan decays them like any 2-D weight", "accept the difference, or set weight_decay: 0")
 
     # -- training, distributed, data -----------------------------------------------------
     def training(self) -> dict:

@@ -207,22 +207,9 @@ class _Reader(BaseReader):
         self.comp = None
 
     def run(self) -> None:
+        """The config -> self.out: problems, effects, the spec and its Plan."""
         cfg = self.cfg
-        known = LLAMAFACTORY_KEYS | TRAINING_ARGUMENTS_KEYS
-        for key in cfg.data:
-            if key in _REMOVED:
-                why, fix = _REMOVED[key]
-                cfg.error(key, f"{key} was {why}", fix, value=False)
-                cfg.used.add(key)
-            elif key not in known:
-                cfg.unknown_key(key, known, f"LLaMA-Factory {LLAMAFACTORY_VERSION}")
-                cfg.used.add(key)
-        for key, (default, why) in _NOT_EXPRESSIBLE.items():
-            if cfg.has(key) and cfg.data[key] not in (default, None, False):
-                cfg.error(key, f"{key}: {cfg.data[key]!r} cannot be expressed in a mixspec spec: {why}",
-                          "remove it to import the rest, or keep this run in LLaMA-Factory")
-                cfg.used.add(key)
-
+        self.check_keys()
         model = cfg.get("model_name_or_path", "str")
         if not model:
             if "model_name_or_path" not in cfg.data:
@@ -230,21 +217,8 @@ class _Reader(BaseReader):
                                                 "LLaMA-Factory needs model_name_or_path",
                                                 "add model_name_or_path: ORG/NAME or a local directory"))
             return
-        stage = cfg.get("stage", "str", "sft")
-        if stage not in _STAGES:
-            cfg.error("stage", f"stage: {stage} ({'preference' if stage in ('dpo', 'kto', 'rm') else 'RL'} "
-                               "training) cannot be expressed: a mixspec spec describes supervised fine-tuning",
-                      "import an sft config")
-        if not cfg.get("do_train", "bool", False):
-            cfg.effect("do_train" if cfg.has("do_train") else "", "not-training",
-                       "do_train is not true: `llamafactory-cli train` loads the model and trains nothing "
-                       "(transformers' default do_train is false)",
-                       "set do_train: true; the spec below is what it would train")
-        ftype = cfg.get("finetuning_type", "str", "lora")
-        if ftype not in ("lora", "full", "freeze"):
-            cfg.error("finetuning_type", f"finetuning_type: {ftype} cannot be expressed"
-                      + (" (OFT: orthogonal fine-tuning)" if ftype == "oft" else ""),
-                      "mixspec specs train parts fully or with LoRA: use full, freeze or lora")
+        ftype = self.read_method()
+        if ftype is None:
             return
         self.ftype = ftype
         self.quantization = self.read_quantization()
@@ -278,6 +252,45 @@ class _Reader(BaseReader):
         if plan is not None:
             self.decay_effects(plan, "LLaMA-Factory's Trainer")
         self.finish_unmodelled()
+
+    def check_keys(self) -> None:
+        """Reports keys LLaMA-Factory removed or does not know, and values a spec cannot express."""
+        cfg = self.cfg
+        known = LLAMAFACTORY_KEYS | TRAINING_ARGUMENTS_KEYS
+        for key in cfg.data:
+            if key in _REMOVED:
+                why, fix = _REMOVED[key]
+                cfg.error(key, f"{key} was {why}", fix, value=False)
+                cfg.used.add(key)
+            elif key not in known:
+                cfg.unknown_key(key, known, f"LLaMA-Factory {LLAMAFACTORY_VERSION}")
+                cfg.used.add(key)
+        for key, (default, why) in _NOT_EXPRESSIBLE.items():
+            if cfg.has(key) and cfg.data[key] not in (default, None, False):
+                cfg.error(key, f"{key}: {cfg.data[key]!r} cannot be expressed in a mixspec spec: {why}",
+                          "remove it to import the rest, or keep this run in LLaMA-Factory")
+                cfg.used.add(key)
+
+    def read_method(self) -> Optional[str]:
+        """stage, do_train and finetuning_type -> the finetuning type (None when it cannot be expressed)."""
+        cfg = self.cfg
+        stage = cfg.get("stage", "str", "sft")
+        if stage not in _STAGES:
+            cfg.error("stage", f"stage: {stage} ({'preference' if stage in ('dpo', 'kto', 'rm') else 'RL'} "
+                               "training) cannot be expressed: a mixspec spec describes supervised fine-tuning",
+                      "import an sft config")
+        if not cfg.get("do_train", "bool", False):
+            cfg.effect("do_train" if cfg.has("do_train") else "", "not-training",
+                       "do_train is not true: `llamafactory-cli train` loads the model and trains nothing "
+                       "(transformers' default do_train is false)",
+                       "set do_train: true; the spec below is what it would train")
+        ftype = cfg.get("finetuning_type", "str", "lora")
+        if ftype not in ("lora", "full", "freeze"):
+            cfg.error("finetuning_type", f"finetuning_type: {ftype} cannot be expressed"
+                      + (" (OFT: orthogonal fine-tuning)" if ftype == "oft" else ""),
+                      "mixspec specs train parts fully or with LoRA: use full, freeze or lora")
+            return None
+        return ftype
 
     def origin_of(self, part: Part, key: str):
         if key == "lr":
@@ -419,6 +432,7 @@ class _Reader(BaseReader):
         return None
 
     def freeze(self) -> None:
+        """finetuning_type: freeze -> full Parts for the trainable layers, extra modules and projector."""
         cfg = self.cfg
         n_train = cfg.get("freeze_trainable_layers", "int", 2)
         modules = split_names(cfg.get("freeze_trainable_modules", "list_str", "all"))
@@ -436,22 +450,10 @@ class _Reader(BaseReader):
         names = self.canonical_params()
         from mixspec.targets.llamafactory import hidden_modules  # LLaMA-Factory's rule, once
 
-        hidden, non_hidden = hidden_modules(names)
-        trainable_layers: list[str] = []
-        for module in modules:
-            if module != "all" and module not in hidden:
-                cfg.error("freeze_trainable_modules", f"LLaMA-Factory raises: module {module!r} is not found",
-                          "choose from " + ", ".join(sorted(hidden)))
-                return
-            for idx in ids:
-                trainable_layers.append(f".{idx:d}.{module if module != 'all' else ''}")
-        extras = []
-        for module in extra:
-            if module not in non_hidden:
-                cfg.error("freeze_extra_modules", f"LLaMA-Factory raises: module {module!r} is not found",
-                          "choose from " + ", ".join(sorted(non_hidden)))
-                return
-            extras.append(module)
+        found = self.freeze_modules(modules, extra, ids, hidden_modules(names))
+        if found is None:
+            return
+        trainable_layers, extras = found
         projector = list(self.comp.projector) if (self.comp and not self.flags[1]) else []
         forbidden = _forbidden(self.comp, self.flags)
         trained: dict[str, str] = {}
@@ -480,6 +482,33 @@ class _Reader(BaseReader):
                        "freeze the vision tower (freeze_vision_tower: true), or train these parts on purpose "
                        "with a mixspec spec")
         self.extra_substring_effects(extras, trained)
+        self.freeze_parts(trained, layer_text, modules)
+
+    def freeze_modules(self, modules: list[str], extra: list[str], ids, hidden_and_not):
+        """freeze_trainable_modules and freeze_extra_modules, checked against LLaMA-Factory's hidden
+        and non-hidden module names -> (the '.<i>.<module>' keys of the trained layers, the extra
+        modules), or None when one is not found (reported)."""
+        cfg = self.cfg
+        hidden, non_hidden = hidden_and_not
+        trainable_layers: list[str] = []
+        for module in modules:
+            if module != "all" and module not in hidden:
+                cfg.error("freeze_trainable_modules", f"LLaMA-Factory raises: module {module!r} is not found",
+                          "choose from " + ", ".join(sorted(hidden)))
+                return None
+            for idx in ids:
+                trainable_layers.append(f".{idx:d}.{module if module != 'all' else ''}")
+        extras = []
+        for module in extra:
+            if module not in non_hidden:
+                cfg.error("freeze_extra_modules", f"LLaMA-Factory raises: module {module!r} is not found",
+                          "choose from " + ", ".join(sorted(non_hidden)))
+                return None
+            extras.append(module)
+        return trainable_layers, extras
+
+    def freeze_parts(self, trained: dict[str, str], layer_text: str, modules: list[str]) -> None:
+        """Trained param -> why (layers, extra, projector)  ->  one full Part per reason, with its source."""
         groups = {"layers": ("trainable_layers", f"freeze tuning: {layer_text}"
                              + ("" if modules == ["all"] else f", modules {', '.join(modules)}"),
                              self.src("freeze_trainable_layers", f"{DEFAULT}: freeze_trainable_layers 2")),

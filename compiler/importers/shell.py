@@ -31,125 +31,154 @@ class Word:
 
 def split_commands(text: str) -> list[list[Word]]:
     """The script's simple commands, in order, each a list of words (expansion not yet done)."""
-    commands: list[list[Word]] = []
-    words: list[Word] = []
-    cur: list[str] = []
-    raw: list[str] = []
-    start = None
-    line, col = 1, 1
-    i, n = 0, len(text)
-    quote = ""  # "", "'" or '"'
-    quote_start = (0, 0)
+    return _Splitter(text).run()
 
-    def pos_advance(ch: str) -> None:
-        nonlocal line, col
+
+class _Splitter:
+    """A shell script's text, read one character at a time into simple commands of words, each
+    word with its position (line, col) and its raw text."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.commands: list[list[Word]] = []
+        self.words: list[Word] = []
+        self.cur: list[str] = []
+        self.raw: list[str] = []
+        self.start = None  # (line, col) where the current word began
+        self.line, self.col = 1, 1
+        self.i = 0
+        self.quote = ""  # "", "'" or '"'
+        self.quote_start = (0, 0)
+
+    def run(self) -> list[list[Word]]:
+        """The whole text -> its commands; an unterminated quote raises UnterminatedQuote."""
+        n = len(self.text)
+        while self.i < n:
+            ch = self.text[self.i]
+            if self.quote == "'":
+                self.single_quoted(ch)
+            elif self.quote == '"':
+                self.double_quoted(ch)
+            else:
+                self.unquoted(ch)
+        if self.quote:
+            raise UnterminatedQuote(self.quote, *self.quote_start)
+        self.end_command()
+        return self.commands
+
+    def advance(self, ch: str) -> None:
+        """Moves the position past ch."""
         if ch == "\n":
-            line, col = line + 1, 1
+            self.line, self.col = self.line + 1, 1
         else:
-            col += 1
+            self.col += 1
 
-    def end_word() -> None:
-        nonlocal cur, raw, start
-        if start is not None:
-            words.append(Word("".join(cur), start[0], start[1], "".join(raw)))
-        cur, raw, start = [], [], None
+    def begin_word(self, col_back: int = 0) -> None:
+        """Marks where the current word starts, if it has not started yet."""
+        if self.start is None:
+            self.start = (self.line, self.col - col_back)
 
-    def substitution(at: int) -> int:
+    def end_word(self) -> None:
+        """The characters gathered so far -> one word of the current command."""
+        if self.start is not None:
+            self.words.append(Word("".join(self.cur), self.start[0], self.start[1], "".join(self.raw)))
+        self.cur, self.raw, self.start = [], [], None
+
+    def end_command(self) -> None:
+        """The words gathered so far -> one command (none if there are no words)."""
+        self.end_word()
+        if self.words:
+            self.commands.append(self.words)
+        self.words = []
+
+    def substitution(self, at: int) -> int:
         """$(...) / $((...)) at ``at`` into the word (marked "\0", expanded by expand());
         where the text goes on."""
+        text = self.text
         j = _closing_paren(text, at + 1)
-        cur.append("\0" + text[at + 1:j])
-        raw.append(text[at:j])
+        self.cur.append("\0" + text[at + 1:j])
+        self.raw.append(text[at:j])
         for c in text[at:j]:
-            pos_advance(c)
+            self.advance(c)
         return j
 
-    def end_command() -> None:
-        nonlocal words
-        end_word()
-        if words:
-            commands.append(words)
-        words = []
+    def single_quoted(self, ch: str) -> None:
+        """One character inside '...': taken as it is, up to the closing quote."""
+        if ch == "'":
+            self.quote = ""
+        else:
+            self.cur.append(ch)
+        self.raw.append(ch)
+        self.advance(ch)
+        self.i += 1
 
-    while i < n:
-        ch = text[i]
-        if quote == "'":
-            if ch == "'":
-                quote = ""
-            else:
-                cur.append(ch)
-            raw.append(ch)
-            pos_advance(ch)
-            i += 1
-            continue
-        if quote == '"':
-            if ch == '"':
-                quote = ""
-                raw.append(ch)
-            elif ch == "\\" and i + 1 < n and text[i + 1] in '"\\$`\n':
-                if text[i + 1] != "\n":
-                    cur.append(text[i + 1])
-                    raw.append(ch + text[i + 1])
-                pos_advance(ch)
-                pos_advance(text[i + 1])
-                i += 2
-                continue
-            elif ch == "$" and text.startswith("(", i + 1):
-                i = substitution(i)
-                continue
-            else:
-                cur.append("\0" if ch == "$" else ch)  # "\0": an expansion, done by expand()
-                raw.append(ch)
-            pos_advance(ch)
-            i += 1
-            continue
+    def double_quoted(self, ch: str) -> None:
+        """One character (or escape, or substitution) inside "...": $ expands, \\ escapes a few."""
+        text, i, n = self.text, self.i, len(self.text)
+        if ch == '"':
+            self.quote = ""
+            self.raw.append(ch)
+        elif ch == "\\" and i + 1 < n and text[i + 1] in '"\\$`\n':
+            if text[i + 1] != "\n":
+                self.cur.append(text[i + 1])
+                self.raw.append(ch + text[i + 1])
+            self.advance(ch)
+            self.advance(text[i + 1])
+            self.i += 2
+            return
+        elif ch == "$" and text.startswith("(", i + 1):
+            self.i = self.substitution(i)
+            return
+        else:
+            self.cur.append("\0" if ch == "$" else ch)  # "\0": an expansion, done by expand()
+            self.raw.append(ch)
+        self.advance(ch)
+        self.i += 1
+
+    def unquoted(self, ch: str) -> None:
+        """One character outside quotes: blanks end words, newlines and ; | & end commands,
+        # starts a comment, a quote opens, \\ escapes (or continues the line)."""
+        text, i, n = self.text, self.i, len(self.text)
         if ch == "\\" and i + 1 < n:
             nxt = text[i + 1]
-            pos_advance(ch)
-            pos_advance(nxt)
-            i += 2
+            self.advance(ch)
+            self.advance(nxt)
+            self.i += 2
             if nxt == "\n":
-                continue  # line continuation
-            if start is None:
-                start = (line, col - 2)
-            cur.append(nxt)
-            raw.append("\\" + nxt)
-            continue
+                return  # line continuation
+            self.begin_word(col_back=2)
+            self.cur.append(nxt)
+            self.raw.append("\\" + nxt)
+            return
         if ch in " \t\r":
-            end_word()
+            self.end_word()
         elif ch == "\n":
-            end_command()
-        elif ch == "#" and start is None:
-            while i < n and text[i] != "\n":
-                i += 1
-                col += 1
-            continue
+            self.end_command()
+        elif ch == "#" and self.start is None:
+            while self.i < n and text[self.i] != "\n":
+                self.i += 1
+                self.col += 1
+            return
         elif ch in ";|&":
-            end_command()
+            self.end_command()
             if i + 1 < n and text[i + 1] in "|&" and ch != ";":
-                pos_advance(ch)
-                i += 1
+                self.advance(ch)
+                self.i += 1
         elif ch == "$" and text.startswith("(", i + 1):  # $(...) / $((...)): one word, expanded later
-            if start is None:
-                start = (line, col)
-            i = substitution(i)
-            continue
+            self.begin_word()
+            self.i = self.substitution(i)
+            return
         else:
-            if start is None:
-                start = (line, col)
+            self.begin_word()
             if ch in "'\"":
-                quote = ch
-                quote_start = (line, col)
-                raw.append(ch)
+                self.quote = ch
+                self.quote_start = (self.line, self.col)
+                self.raw.append(ch)
             else:
-                cur.append("\0" if ch == "$" else ch)
-                raw.append(ch)
-        pos_advance(ch)
-        i += 1
-    if quote:
-        raise UnterminatedQuote(quote, *quote_start)
-    end_command()
-    return commands
+                self.cur.append("\0" if ch == "$" else ch)
+                self.raw.append(ch)
+        self.advance(ch)
+        self.i += 1
 
 
 def _closing_paren(text: str, i: int) -> int:

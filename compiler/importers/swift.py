@@ -634,13 +634,38 @@ def read(text: str, path: str) -> Imported:
 
 
 def _read(r: _Reader) -> None:
+    """The swift command line in r -> r.imp filled: problems, effects, the spec and its verified Plan."""
     words = r.find_command()
     if words is None:
         return
     r.parse_flags(words)
-    flags = r.flags
     if not _check_flag_names(r):
         return
+    tuner = _tuner(r)
+    tree, sw, roles, source = _model(r, words)
+    multimodal = bool(sw and sw.multimodal)
+    if tuner == PLUGIN:  # a train.sh mixspec compiled: its plugin holds the Plan
+        r.tree, r.sw, r.roles, r.source = tree, sw, roles, source
+        _from_plugin(r, tuner)
+        return
+
+    truth = _Truth()
+    lr, vit_lr, aligner_lr, lr_mode = _learning_rates(r, tuner, multimodal)
+    all_params = [p for p in tree.param_shapes if p not in tree.tied]
+    r.tree, r.sw, r.roles, r.source = tree, sw, roles, source
+    trainable_full = _trainable(r, truth, tuner, all_params, multimodal)
+    lrs = {"vit": vit_lr if vit_lr is not None else lr, "aligner": aligner_lr if aligner_lr is not None else lr,
+           "llm": lr, "all": lr}
+    _group_lrs(r, truth, trainable_full, all_params, lr_mode, lrs)
+    _lr_effects(r, truth, lr_mode, vit_lr, aligner_lr, lr, tuner)
+    _lm_head_effects(r, tuner, truth)
+    _spec_and_plan(r, truth, lr_mode, tuner)
+
+
+def _tuner(r: _Reader) -> str:
+    """The flags in r -> the tuner (full, lora, lora_llm or the plugin); sets r.version and the rules,
+    reads an rlhf command's flags; a tuner mixspec cannot express stops the import."""
+    flags = r.flags
     r.version = 3 if "train_type" in flags else 4
     r.imp.rules = RULES[r.version]
     tuner_flag = "train_type" if r.version == 3 else "tuner_type"
@@ -656,8 +681,13 @@ def _read(r: _Reader) -> None:
                             "ms-swift 3.x has no lora_llm tuner (it came with 4.0: --tuner_type lora_llm)",
                             "on 3.x, lora_llm's behaviour needs a plugin (--train_type custom), which mixspec "
                             "import cannot read; use --tuner_type with ms-swift 4.x"))
+    return tuner
 
-    # the model, resolved as `mixspec plan` resolves a spec's model
+
+def _model(r: _Reader, words: list[Word]):
+    """--model (resolved as `mixspec plan` resolves a spec's model) -> (tree, swift's layout or None,
+    roles, source); a multimodal family whose swift layout mixspec does not know stops the import."""
+    flags = r.flags
     model_ref = r.get_str("model")
     if model_ref is None:
         raise _Fail(Problem(Location(r.path, words[0].line, words[0].col), "--model", "no --model given",
@@ -677,7 +707,6 @@ def _read(r: _Reader) -> None:
 
     sw = SWIFT_MODELS.get(tree.model_type)
     roles = find_roles(tree)
-    multimodal = bool(sw and sw.multimodal)
     if sw is None and "vision" in roles.prefixes:
         raise _Fail(Problem(r.loc(model_word), "--model",
                             f"mixspec does not know ms-swift's module layout (model_arch: ViT/aligner/LLM "
@@ -690,12 +719,13 @@ def _read(r: _Reader) -> None:
                  f"--model_type {mt} is not the ms-swift model type mixspec knows for this {tree.model_type} "
                  f"config ({sw.model_type}); its module layout is read as {sw.model_type}'s",
                  f"use --model_type {sw.model_type}")
-    if tuner == PLUGIN:  # a train.sh mixspec compiled: its plugin holds the Plan
-        r.tree, r.sw, r.roles, r.source = tree, sw, roles, source
-        _from_plugin(r, tuner)
-        return
+    return tree, sw, roles, source
 
-    truth = _Truth()
+
+def _learning_rates(r: _Reader, tuner: str, multimodal: bool):
+    """The LR and optimizer flags -> (lr, vit_lr, aligner_lr, lr_mode 'single' or 'multimodal');
+    sets r.optimizer; an optimizer mixspec cannot express stops the import."""
+    flags = r.flags
     lr_default = 1e-5 if tuner == "full" else 1e-4
     lr = r.get_num("learning_rate", lr_default)
     vit_lr = r.get_num("vit_lr", None)
@@ -717,28 +747,32 @@ def _read(r: _Reader) -> None:
     r.optimizer, why = spec_optimizer(optim)  # swift's optimizers build transformers' optim class
     if r.optimizer is None:
         raise _Fail(Problem(flags["optim"].where, "--optim", f"{optim!r}: {why}", OPTIMIZER_HINT))
-    lr_mode = "single"
-    if vit_lr is not None or aligner_lr is not None:
-        if optimizer is None or optimizer == "multimodal":
-            lr_mode = "multimodal"
-        else:
-            for name in ("vit_lr", "aligner_lr"):
-                if name in flags:
-                    r.effect("lr-ignored", flags[name].where,
-                             f"--{name} has no effect: --optimizer {optimizer} replaces swift's multimodal optimizer, "
-                             f"so every trainable parameter gets --learning_rate {lr:g}",
-                             "remove --optimizer (swift then chooses its multimodal optimizer)")
-    elif optimizer == "multimodal":
-        lr_mode = "multimodal"
+    lr_mode = _lr_mode(r, optimizer, lr, vit_lr, aligner_lr)
     if lr_mode == "multimodal" and not multimodal:
         raise _Fail(Problem((flags.get("vit_lr") or flags.get("aligner_lr") or flags["optimizer"]).where, "--vit_lr",
                             "swift's multimodal optimizer needs a multimodal model with a ViT and an aligner",
                             "use --learning_rate alone on a text model"))
+    return lr, vit_lr, aligner_lr, lr_mode
 
-    all_params = [p for p in tree.param_shapes if p not in tree.tied]
-    r.tree, r.sw, r.roles, r.source = tree, sw, roles, source
 
-    # -- which parameters train -------------------------------------------------------------
+def _lr_mode(r: _Reader, optimizer, lr, vit_lr, aligner_lr) -> str:
+    """--optimizer and the per-part LRs -> 'multimodal' when swift's multimodal optimizer gives
+    them, else 'single' (noting a per-part LR another --optimizer ignores)."""
+    if vit_lr is not None or aligner_lr is not None:
+        if optimizer is None or optimizer == "multimodal":
+            return "multimodal"
+        for name in ("vit_lr", "aligner_lr"):
+            if name in r.flags:
+                r.effect("lr-ignored", r.flags[name].where,
+                         f"--{name} has no effect: --optimizer {optimizer} replaces swift's multimodal optimizer, "
+                         f"so every trainable parameter gets --learning_rate {lr:g}",
+                         "remove --optimizer (swift then chooses its multimodal optimizer)")
+        return "single"
+    return "multimodal" if optimizer == "multimodal" else "single"
+
+
+def _trainable(r: _Reader, truth: _Truth, tuner: str, all_params: list[str], multimodal: bool) -> set[str]:
+    """The tuner and its flags -> the base parameters trained in full (LoRA modules go into truth)."""
     trainable_full: set[str] = set()
     if tuner == "full":
         trainable_full = _full_trainable(r, all_params, multimodal)
@@ -748,18 +782,21 @@ def _read(r: _Reader) -> None:
         _flags_not_applying(r, _FULL_FLAGS, "lora", "the full tuner")
     else:  # lora_llm
         trainable_full = _lora_llm(r, truth)
+    return trainable_full
 
-    # -- learning rates -----------------------------------------------------------------------
+
+def _group_lrs(r: _Reader, truth: _Truth, trainable_full: set[str], all_params: list[str], lr_mode: str,
+               lrs: dict) -> None:
+    """What trains -> truth.full / truth.lora with each one's (LR, swift optimizer group); notes
+    tensors in no group (3.x) and a run that trains nothing."""
     def group_of(name: str) -> str:
         if lr_mode != "multimodal":
             return "all"
         from mixspec.targets.swift import swift_group
 
-        g = swift_group(name, sw)
+        g = swift_group(name, r.sw)
         return "llm" if g == "other" and r.version >= 4 else g
 
-    lrs = {"vit": vit_lr if vit_lr is not None else lr, "aligner": aligner_lr if aligner_lr is not None else lr,
-           "llm": lr, "all": lr}
     dropped: list[str] = []
     for p in sorted(trainable_full):
         g = group_of(p)
@@ -782,6 +819,7 @@ def _read(r: _Reader) -> None:
                 continue
             truth.full[p] = (lrs[g], g)
     if dropped:
+        flags = r.flags
         where = (flags.get("vit_lr") or flags.get("aligner_lr") or flags.get("optimizer")).where
         r.effect("no-optimizer", where,
                  f"{len(dropped)} trainable tensors ({_few(dropped)}) lie outside swift's ViT/aligner/LLM prefixes; "
@@ -791,10 +829,11 @@ def _read(r: _Reader) -> None:
         r.effect("nothing-trained", Location(r.path, *_first_pos(r)),
                  "no parameter is trainable: swift stops or trains nothing",
                  "check the freeze flags against: mixspec tree " + r.source.ref)
-    _lr_effects(r, truth, lr_mode, vit_lr, aligner_lr, lr, tuner)
-    _lm_head_effects(r, tuner, truth)
 
-    # -- the spec --------------------------------------------------------------------------------
+
+def _spec_and_plan(r: _Reader, truth: _Truth, lr_mode: str, tuner: str) -> None:
+    """What swift trains -> r.imp's spec, origins, groups, training settings, and (when nothing
+    stopped it) the Plan verified against truth, quantized as the command asks."""
     spec, origins, groups = _build_spec(r, truth, lr_mode, tuner)
     r.imp.spec = spec
     r.imp.origins.update(origins)
@@ -962,13 +1001,13 @@ def _lora_settings(r: _Reader) -> dict:
 
 
 def _lora_targets(r: _Reader, truth: _Truth, multimodal: bool) -> None:
-    """get_target_modules + PEFT's matching, then modules_to_save."""
-    tree, sw = r.tree, r.sw
+    """get_target_modules + PEFT's matching, then modules_to_save: the flags in r -> truth.lora
+    (the LoRA modules), truth.copies and truth.lora_settings."""
     truth.lora_settings = _lora_settings(r)
     if r.get_str("lora_bias", "none") != "none":
         raise _Fail(Problem(r.flags["lora_bias"].where, "--lora_bias",
                             "lora_bias all trains every bias: mixspec cannot express it", "remove --lora_bias"))
-    modules = [m for m in tree.modules if m.name]
+    modules = [m for m in r.tree.modules if m.name]
     target_regex = r.get_str("target_regex")
     entries = r.get_list("target_modules")
     names = [w.text for w in entries] if entries is not None else ["all-linear"]
@@ -981,51 +1020,9 @@ def _lora_targets(r: _Reader, truth: _Truth, multimodal: bool) -> None:
         rx = _compile_target(r, target_regex, "target_regex")
         chosen = [m for m in modules if rx.fullmatch(m.name)]
     elif "all-linear" in names and multimodal:
-        fl, fv, fa = (r.get_bool("freeze_llm", False), r.get_bool("freeze_vit", True),
-                      r.get_bool("freeze_aligner", True))
-        try:
-            rx_text = multimodal_target_regex(tree, sw, fl, fv, fa, "all-embedding" in names)
-        except ValueError:
-            raise _Fail(Problem(r.flags["freeze_llm"].where, "--freeze_llm",
-                                "with the LLM, ViT and aligner all frozen, all-linear leaves nothing for LoRA: "
-                                "swift stops (assertion in get_multimodal_target_regex)",
-                                "unfreeze the part LoRA should go on")) from None
-        rx = re.compile(rx_text)
-        chosen = [m for m in modules if rx.fullmatch(m.name)]
-        ignored = [w for w in entries or [] if w.text not in ("all-linear", "all-embedding")]
-        for w in ignored:
-            r.effect("target-modules-ignored", r.loc(w),
-                     f"--target_modules {w.text}: on a multimodal model all-linear becomes one regex over the "
-                     "unfrozen parts and every other entry is dropped",
-                     "drop all-linear and list the modules, or use --target_regex")
-        if not fv and "freeze_vit" in r.flags:
-            r.effect("freeze-vit-means-lora", r.flags["freeze_vit"].where,
-                     "--freeze_vit false with LoRA puts LoRA adapters on the ViT's linears; it does not train "
-                     "the ViT fully",
-                     "to train the ViT fully next to LoRA on the LLM, use --tuner_type lora_llm (or a mixspec spec "
-                     "with vision: {train: full} compiled for swift)")
-        if not fa and "freeze_aligner" in r.flags:
-            r.effect("freeze-aligner-means-lora", r.flags["freeze_aligner"].where,
-                     "--freeze_aligner false with LoRA puts LoRA adapters on the aligner's linears; it does not "
-                     "train the aligner fully", "use --modules_to_save with the aligner, or --tuner_type lora_llm")
+        chosen = _multimodal_targets(r, modules, names, entries)
     else:
-        listed = list(names)
-        if "all-linear" in listed:
-            listed.remove("all-linear")
-            listed += sorted(find_all_linears(tree, ""))
-        if "all-embedding" in listed:
-            listed.remove("all-embedding")
-            listed += sorted(_find_embeddings(tree))
-        chosen = [m for m in modules if any(m.name == t or m.name.endswith("." + t) for t in listed)]
-        for w in entries or []:
-            if w.text in ("all-linear", "all-embedding"):
-                continue
-            if not any(m.name == w.text or m.name.endswith("." + w.text) for m in modules):
-                near = _near(r, w.text)
-                r.effect("pattern-matches-nothing", r.loc(w),
-                         f"--target_modules {w.text}: no module name is or ends with .{w.text}",
-                         f"use --target_modules {near.rsplit('.', 1)[-1]}" if near else
-                         f"list the names with: mixspec tree {r.source.ref}")
+        chosen = _listed_targets(r, modules, names, entries)
     if target_regex is not None or "all-linear" not in names or not multimodal:
         for name in ("freeze_llm", "freeze_vit", "freeze_aligner"):
             if name in r.flags:
@@ -1044,33 +1041,69 @@ def _lora_targets(r: _Reader, truth: _Truth, multimodal: bool) -> None:
                             f"list the names with: mixspec tree {r.source.ref}"))
     for m in chosen:
         truth.lora[m.name] = None
-    # modules_to_save: PEFT copies every module whose name ends with an entry
-    saves = r.get_list("modules_to_save") or []
-    wanted = []
-    for w in saves:
-        if w.text == "all-embedding":
-            wanted += [(w, e) for e in sorted(_find_embeddings(tree))]
-        elif w.text == "all-norm":
-            wanted += [(w, e) for e in sorted(_find_norms(tree))]
-        else:
-            wanted.append((w, w.text))
-    copied: dict[str, Word] = {}
-    for w, entry in wanted:
-        hits = [m.name for m in modules if m.name.endswith(entry)]
-        if not hits:
-            near = _near(r, entry)
+    _modules_to_save(r, truth, modules)
+
+
+def _multimodal_targets(r: _Reader, modules: list, names: list[str], entries) -> list:
+    """all-linear on a multimodal model (swift's one regex over the unfrozen parts) -> the modules
+    it chooses; notes the entries it drops and freeze_* flags that mean LoRA, not full training."""
+    fl, fv, fa = (r.get_bool("freeze_llm", False), r.get_bool("freeze_vit", True),
+                  r.get_bool("freeze_aligner", True))
+    try:
+        rx_text = multimodal_target_regex(r.tree, r.sw, fl, fv, fa, "all-embedding" in names)
+    except ValueError:
+        raise _Fail(Problem(r.flags["freeze_llm"].where, "--freeze_llm",
+                            "with the LLM, ViT and aligner all frozen, all-linear leaves nothing for LoRA: "
+                            "swift stops (assertion in get_multimodal_target_regex)",
+                            "unfreeze the part LoRA should go on")) from None
+    rx = re.compile(rx_text)
+    chosen = [m for m in modules if rx.fullmatch(m.name)]
+    ignored = [w for w in entries or [] if w.text not in ("all-linear", "all-embedding")]
+    for w in ignored:
+        r.effect("target-modules-ignored", r.loc(w),
+                 f"--target_modules {w.text}: on a multimodal model all-linear becomes one regex over the "
+                 "unfrozen parts and every other entry is dropped",
+                 "drop all-linear and list the modules, or use --target_regex")
+    if not fv and "freeze_vit" in r.flags:
+        r.effect("freeze-vit-means-lora", r.flags["freeze_vit"].where,
+                 "--freeze_vit false with LoRA puts LoRA adapters on the ViT's linears; it does not train "
+                 "the ViT fully",
+                 "to train the ViT fully next to LoRA on the LLM, use --tuner_type lora_llm (or a mixspec spec "
+                 "with vision: {train: full} compiled for swift)")
+    if not fa and "freeze_aligner" in r.flags:
+        r.effect("freeze-aligner-means-lora", r.flags["freeze_aligner"].where,
+                 "--freeze_aligner false with LoRA puts LoRA adapters on the aligner's linears; it does not "
+                 "train the aligner fully", "use --modules_to_save with the aligner, or --tuner_type lora_llm")
+    return chosen
+
+
+def _listed_targets(r: _Reader, modules: list, names: list[str], entries) -> list:
+    """--target_modules as names PEFT matches by suffix (all-linear / all-embedding expanded) ->
+    the modules chosen; notes each entry that matches nothing."""
+    listed = list(names)
+    if "all-linear" in listed:
+        listed.remove("all-linear")
+        listed += sorted(find_all_linears(r.tree, ""))
+    if "all-embedding" in listed:
+        listed.remove("all-embedding")
+        listed += sorted(_find_embeddings(r.tree))
+    chosen = [m for m in modules if any(m.name == t or m.name.endswith("." + t) for t in listed)]
+    for w in entries or []:
+        if w.text in ("all-linear", "all-embedding"):
+            continue
+        if not any(m.name == w.text or m.name.endswith("." + w.text) for m in modules):
+            near = _near(r, w.text)
             r.effect("pattern-matches-nothing", r.loc(w),
-                     f"--modules_to_save {entry}: no module name ends with it, so nothing is trained through it",
-                     f"use --modules_to_save {near}" if near else f"list the names with: mixspec tree {r.source.ref}")
-        beyond = [h for h in hits if h != entry and not h.endswith("." + entry)]
-        if beyond:
-            r.effect("suffix-matches-more", r.loc(w),
-                     f"--modules_to_save {entry}: PEFT matches it with str.endswith, so it also copies "
-                     f"{_few(beyond)} ({len(beyond)} modules whose last name only ends with {entry})",
-                     "name the module with its full dotted name, e.g. --modules_to_save "
-                     + (next((h for h in hits if h.endswith("." + entry) or h == entry), hits[0])))
-        for h in hits:
-            copied.setdefault(h, w)
+                     f"--target_modules {w.text}: no module name is or ends with .{w.text}",
+                     f"use --target_modules {near.rsplit('.', 1)[-1]}" if near else
+                     f"list the names with: mixspec tree {r.source.ref}")
+    return chosen
+
+
+def _modules_to_save(r: _Reader, truth: _Truth, modules: list) -> None:
+    """--modules_to_save -> truth.copies (the shallowest copied modules); a tied copy or a LoRA
+    target inside a copy stops the import; notes what each copy costs."""
+    copied = _copied_modules(r, modules)
     from mixspec.names import shallowest
 
     top = shallowest(copied)
@@ -1098,6 +1131,37 @@ def _lora_targets(r: _Reader, truth: _Truth, multimodal: bool) -> None:
                  f"({n * 2 / 2**30:.2f} GiB in bf16), the copy's weights renamed (...modules_to_save.default...) "
                  "in checkpoints",
                  "the spec trains them in place (train: full); compiled for swift it needs no copy")
+
+
+def _copied_modules(r: _Reader, modules: list) -> dict[str, Word]:
+    """--modules_to_save entries (PEFT copies every module whose name ends with one) -> module name
+    -> the word that copied it; notes entries matching nothing or more than the named module."""
+    wanted = []
+    for w in r.get_list("modules_to_save") or []:
+        if w.text == "all-embedding":
+            wanted += [(w, e) for e in sorted(_find_embeddings(r.tree))]
+        elif w.text == "all-norm":
+            wanted += [(w, e) for e in sorted(_find_norms(r.tree))]
+        else:
+            wanted.append((w, w.text))
+    copied: dict[str, Word] = {}
+    for w, entry in wanted:
+        hits = [m.name for m in modules if m.name.endswith(entry)]
+        if not hits:
+            near = _near(r, entry)
+            r.effect("pattern-matches-nothing", r.loc(w),
+                     f"--modules_to_save {entry}: no module name ends with it, so nothing is trained through it",
+                     f"use --modules_to_save {near}" if near else f"list the names with: mixspec tree {r.source.ref}")
+        beyond = [h for h in hits if h != entry and not h.endswith("." + entry)]
+        if beyond:
+            r.effect("suffix-matches-more", r.loc(w),
+                     f"--modules_to_save {entry}: PEFT matches it with str.endswith, so it also copies "
+                     f"{_few(beyond)} ({len(beyond)} modules whose last name only ends with {entry})",
+                     "name the module with its full dotted name, e.g. --modules_to_save "
+                     + (next((h for h in hits if h.endswith("." + entry) or h == entry), hits[0])))
+        for h in hits:
+            copied.setdefault(h, w)
+    return copied
 
 
 def _compile_target(r: _Reader, text: str, name: str):
@@ -1208,9 +1272,50 @@ def _lm_head_effects(r: _Reader, tuner: str, truth: _Truth) -> None:
 
 
 # -- the spec ------------------------------------------------------------------------------------
+@dataclass
+class _SpecDraft:
+    """The spec's components as they are built, with each one's origins and swift group label."""
+
+    lr_mode: str
+    lr_origin: dict  # swift group -> the origin of its LR
+    tuner_origin: str
+    components: dict = field(default_factory=dict)
+    origins: dict = field(default_factory=dict)
+    groups: dict = field(default_factory=dict)
+    used_roles: set = field(default_factory=set)
+
+    def add(self, name: str, comp: dict, group: str, extra: str) -> None:
+        """One component named `name`, trained in swift group `group` -> components, groups, origins."""
+        self.components[name] = comp
+        text = f"swift {group}: {_LR_FLAG[group]}" if self.lr_mode == "multimodal" else "swift: --learning_rate"
+        self.groups[name] = text + extra
+        self.origins[f"components.{name}"] = self.tuner_origin
+        self.origins[f"components.{name}.lr"] = self.lr_origin[group]
+
+
 def _build_spec(r: _Reader, truth: _Truth, lr_mode: str, tuner: str):
     """Components whose Plan is exactly `truth`: a role component where a swift group covers
-    whole roles, else a pattern component with the exact modules."""
+    whole roles, else a pattern component with the exact modules. -> (spec, origins, groups)."""
+    lr_origin = {"vit": r.origin("vit_lr"), "aligner": r.origin("aligner_lr"), "llm": r.origin("learning_rate"),
+                 "all": r.origin("learning_rate")}
+    draft = _SpecDraft(lr_mode, lr_origin, r.origin("train_type" if r.version == 3 else "tuner_type"))
+    _full_components(r, truth, draft)
+    if truth.lora:
+        _lora_components(r, truth, draft, tuner)
+    components, roles = draft.components, r.roles
+    if not components:
+        components["language" if "language" in roles.prefixes else "trained"] = {"train": "freeze"}
+        if "trained" in components:
+            components["trained"]["modules"] = [".*"]
+    spec = {"version": 1, "model": r.source.path if r.source.kind == "local" else r.source.ref,
+            "components": components}
+    draft.origins["model"] = r.origin("model")
+    return spec, draft.origins, draft.groups
+
+
+def _full_components(r: _Reader, truth: _Truth, draft: _SpecDraft) -> None:
+    """truth.full (fully trained parameters, with their tied aliases), by (group, lr, role) ->
+    draft: a role component where it covers the whole role, else one listing the exact modules."""
     from mixspec.resolve import covering
     from mixspec.targets._common import exact_regex
 
@@ -1224,20 +1329,6 @@ def _build_spec(r: _Reader, truth: _Truth, lr_mode: str, tuner: str):
     alias_of = defaultdict(list)
     for alias, canon in tree.tied.items():
         alias_of[canon].append(alias)
-    origins: dict[str, str] = {}
-    groups: dict[str, str] = {}
-    components: dict = {}
-    lr_origin = {"vit": r.origin("vit_lr"), "aligner": r.origin("aligner_lr"), "llm": r.origin("learning_rate"),
-                 "all": r.origin("learning_rate")}
-    tuner_origin = r.origin("train_type" if r.version == 3 else "tuner_type")
-    used_roles: set[str] = set()
-
-    def label(group: str, extra: str = "") -> str:
-        text = f"swift {group}: {_LR_FLAG[group]}" if lr_mode == "multimodal" else \
-            "swift: --learning_rate"
-        return text + extra
-
-    # fully trained parameters, by (lr, group)
     by_group: dict[tuple, set] = defaultdict(set)
     for p, (lr, g) in truth.full.items():
         by_group[(g, lr)].add(p)
@@ -1257,59 +1348,50 @@ def _build_spec(r: _Reader, truth: _Truth, lr_mode: str, tuner: str):
         params = parts[(g, lr, role)]
         via_copy = any(is_under(p, c) for p in params for c in copies)
         how = " (a modules_to_save copy in swift)" if via_copy else ""
-        if role and role_params[role] <= params and role not in used_roles:
+        if role and role_params[role] <= params and role not in draft.used_roles:
             name = role
-            components[name] = {"train": "full", "lr": lr}
-            used_roles.add(role)
+            comp = {"train": "full", "lr": lr}
+            draft.used_roles.add(role)
         else:  # part of a role (or of no role): the exact modules
-            name = _free_name(components, f"{role}_part" if role else "other")
-            components[name] = {"modules": _patterns(covering(params, all_names), exact_regex), "train": "full",
-                                "lr": lr}
-        groups[name] = label(g, how)
-        origins[f"components.{name}"] = tuner_origin
-        origins[f"components.{name}.lr"] = lr_origin[g]
+            name = _free_name(draft.components, f"{role}_part" if role else "other")
+            comp = {"modules": _patterns(covering(params, all_names), exact_regex), "train": "full", "lr": lr}
+        draft.add(name, comp, g, how)
 
-    # LoRA modules, by (lr, group)
-    if truth.lora:
-        s = truth.lora_settings
-        lora_opts = {"rank": s["rank"], "alpha": s["alpha"], "dropout": s["dropout"]}
-        if s["rslora"]:
-            lora_opts["rslora"] = True
-        if s["dora"]:
-            lora_opts["dora"] = True
-        by_lgroup: dict[tuple, list] = defaultdict(list)
-        for m, (lr, g) in truth.lora.items():
-            by_lgroup[(g, lr, roles.role_of(m) or "")].append(m)
-        for (g, lr, role), mods in sorted(by_lgroup.items()):
-            if role and role not in used_roles and role not in components:
-                name = role
-                comp = {"train": "lora", "lr": lr, "lora": dict(lora_opts, targets="all-linear")}
-                used_roles.add(role)
-            else:
-                name = _free_name(components, f"lora_{g}")
-                comp = {"modules": _patterns(sorted(mods, key=natural_key), exact_regex), "train": "lora", "lr": lr,
-                        "lora": dict(lora_opts, targets="all-linear")}
-            components[name] = comp
-            comp["_targets"] = sorted(mods, key=natural_key)
-            groups[name] = label(g, ", LoRA")
-            origins[f"components.{name}"] = tuner_origin
-            origins[f"components.{name}.lr"] = lr_origin[g]
-            for key, flag in (("rank", "lora_rank"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout"),
-                              ("rslora", "use_rslora"), ("dora", "use_dora")):
-                origins[f"components.{name}.lora.{key}"] = r.origin(flag)
-            if tuner == "lora_llm":
-                origins[f"components.{name}.lora.dropout"] = f"{tuner_origin} (lora_llm: PEFT's default 0)"
-            origins[f"components.{name}.lora.targets"] = (
-                r.origin("target_regex") if "target_regex" in r.flags else r.origin("target_modules")
-                if tuner == "lora" else tuner_origin)
-    if not components:
-        components["language" if "language" in roles.prefixes else "trained"] = {"train": "freeze"}
-        if "trained" in components:
-            components["trained"]["modules"] = [".*"]
-    spec = {"version": 1, "model": r.source.path if r.source.kind == "local" else r.source.ref,
-            "components": components}
-    origins["model"] = r.origin("model")
-    return spec, origins, groups
+
+def _lora_components(r: _Reader, truth: _Truth, draft: _SpecDraft, tuner: str) -> None:
+    """truth.lora (LoRA modules), by (group, lr, role) -> draft: a role component when the role is
+    still free, else one listing the exact modules; each with its LoRA settings' origins."""
+    from mixspec.targets._common import exact_regex
+
+    s = truth.lora_settings
+    lora_opts = {"rank": s["rank"], "alpha": s["alpha"], "dropout": s["dropout"]}
+    if s["rslora"]:
+        lora_opts["rslora"] = True
+    if s["dora"]:
+        lora_opts["dora"] = True
+    by_lgroup: dict[tuple, list] = defaultdict(list)
+    for m, (lr, g) in truth.lora.items():
+        by_lgroup[(g, lr, r.roles.role_of(m) or "")].append(m)
+    origins, tuner_origin = draft.origins, draft.tuner_origin
+    for (g, lr, role), mods in sorted(by_lgroup.items()):
+        if role and role not in draft.used_roles and role not in draft.components:
+            name = role
+            comp = {"train": "lora", "lr": lr, "lora": dict(lora_opts, targets="all-linear")}
+            draft.used_roles.add(role)
+        else:
+            name = _free_name(draft.components, f"lora_{g}")
+            comp = {"modules": _patterns(sorted(mods, key=natural_key), exact_regex), "train": "lora", "lr": lr,
+                    "lora": dict(lora_opts, targets="all-linear")}
+        comp["_targets"] = sorted(mods, key=natural_key)
+        draft.add(name, comp, g, ", LoRA")
+        for key, flag in (("rank", "lora_rank"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout"),
+                          ("rslora", "use_rslora"), ("dora", "use_dora")):
+            origins[f"components.{name}.lora.{key}"] = r.origin(flag)
+        if tuner == "lora_llm":
+            origins[f"components.{name}.lora.dropout"] = f"{tuner_origin} (lora_llm: PEFT's default 0)"
+        origins[f"components.{name}.lora.targets"] = (
+            r.origin("target_regex") if "target_regex" in r.flags else r.origin("target_modules")
+            if tuner == "lora" else tuner_origin)
 
 
 def _free_name(components: dict, base: str) -> str:
@@ -1401,10 +1483,29 @@ def _weight_decay_effect(r: _Reader, plan) -> None:
 
 # -- training, data, distributed ---------------------------------------------------------------
 def _training(r: _Reader, spec: dict, tuner: str) -> None:
-    o = r.imp.origins
-    t: dict = {}
+    """The training, data, distributed and output flags -> spec's training, data, distributed and
+    output_dir sections, with each value's origin in r.imp.origins."""
     world_nodes = int(_env_num(r, "NNODES", 1))
     world_gpus = int(_env_num(r, "NPROC_PER_NODE", 1))
+    t: dict = {}
+    _batching(r, t, world_nodes * world_gpus)
+    _precision_and_length(r, t)
+    _schedule(r, t)
+    spec["training"] = t
+    data = _data(r)
+    if data:
+        spec["data"] = data
+    spec["distributed"] = _distributed(r, world_nodes, world_gpus)
+    out = r.get_str("output_dir")
+    if out is not None:
+        spec["output_dir"] = out
+        r.imp.origins["output_dir"] = r.origin("output_dir")
+
+
+def _batching(r: _Reader, t: dict, world: int) -> None:
+    """Epochs, max steps, batch size and gradient accumulation (swift's default from 16 samples
+    over `world` GPUs) -> t."""
+    o = r.imp.origins
     epochs = r.get_num("num_train_epochs", 3.0)
     if epochs <= 0:
         raise _Fail(Problem(r.flags["num_train_epochs"].where, "--num_train_epochs", f"must be > 0 (got {epochs})"))
@@ -1423,15 +1524,21 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
         ga = 1
         o["training.gradient_accumulation"] = "ms-swift default for --rlhf_type grpo"
     elif ga is None:
-        ga = max(1, math.ceil(16 / bs / (world_nodes * world_gpus)))
+        ga = max(1, math.ceil(16 / bs / world))
         o["training.gradient_accumulation"] = (f"{DEFAULT[r.version]}: ceil(16 / batch {bs} / "
-                                               f"{world_nodes * world_gpus} GPUs)")
+                                               f"{world} GPUs)")
         if "gradient_accumulation_steps" in r.unknown:
             o["training.gradient_accumulation"] = r.origin("gradient_accumulation_steps") + \
                 f" ({o['training.gradient_accumulation']})"
     else:
         o["training.gradient_accumulation"] = r.origin("gradient_accumulation_steps")
     t["gradient_accumulation"] = ga
+
+
+def _precision_and_length(r: _Reader, t: dict) -> None:
+    """--torch_dtype (default: the model config's), gradient checkpointing and --max_length
+    (default: the model's max_position_embeddings) -> t."""
+    o = r.imp.origins
     dtype = r.get_str("torch_dtype")
     if dtype is None:
         cfg = r.source.config
@@ -1455,6 +1562,11 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
     else:
         o["training.max_length"] = r.origin("max_length")
     t["max_length"] = max_length
+
+
+def _schedule(r: _Reader, t: dict) -> None:
+    """Weight decay, warmup, the LR scheduler, the optimizer's numbers and its name -> t."""
+    o = r.imp.origins
     t["weight_decay"] = r.get_num("weight_decay", 0.1)
     o["training.weight_decay"] = r.origin("weight_decay")
     warmup = r.get_num("warmup_ratio", 0.0)
@@ -1480,8 +1592,12 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
     if getattr(r, "optimizer", "adamw") not in (None, "adamw"):
         t["optimizer"] = r.optimizer
         o["training.optimizer"] = r.origin("optim")
-    spec["training"] = t
-    # data
+
+
+def _data(r: _Reader) -> dict:
+    """--dataset / --val_dataset and the image pixel caps (MAX_PIXELS, MIN_PIXELS, --max_pixels)
+    -> the spec's data section ({} when no dataset is named)."""
+    o = r.imp.origins
     data = {}
     for key, flag in (("train", "dataset"), ("eval", "val_dataset")):
         words = r.get_list(flag)
@@ -1503,9 +1619,13 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
         if cap < data.get("max_pixels", cap + 1):
             data["max_pixels"] = cap
             o["data.max_pixels"] = r.origin("max_pixels")
-    if data:
-        spec["data"] = data
-    # distributed
+    return data
+
+
+def _distributed(r: _Reader, world_nodes: int, world_gpus: int) -> dict:
+    """NNODES, NPROC_PER_NODE and --deepspeed -> the spec's distributed section (a DeepSpeed path
+    the script computes is recorded as unmodelled)."""
+    o = r.imp.origins
     d = {"nodes": world_nodes, "gpus_per_node": world_gpus}
     o["distributed.nodes"] = f"{r.env['NNODES'][1]} NNODES" if "NNODES" in r.env else "NNODES unset: 1 node"
     o["distributed.gpus_per_node"] = (f"{r.env['NPROC_PER_NODE'][1]} NPROC_PER_NODE" if "NPROC_PER_NODE" in r.env
@@ -1520,11 +1640,7 @@ def _training(r: _Reader, spec: dict, tuner: str) -> None:
         ds_name = r.get_str("deepspeed")
     if ds_name is not None:
         d.update(_deepspeed(r, ds_name))
-    spec["distributed"] = d
-    out = r.get_str("output_dir")
-    if out is not None:
-        spec["output_dir"] = out
-        o["output_dir"] = r.origin("output_dir")
+    return d
 
 
 def _deepspeed(r: _Reader, name: str) -> dict:
