@@ -381,3 +381,33 @@ def test_the_spec_index_lives_in_train_pys_cache_dir(tmp_path, monkeypatch):
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         assert _index_path(tmp_path / "s.yaml").parent.parent == Path(data_check_cache_dir())
+
+
+def test_assistant_tokens_located_without_reprocessing_match_reprocessing(family):
+    """The shortcut (the tokenizer on the processor's expanded text cut where a turn starts) gives
+    every row's labels exactly as processing the conversation up to the turn again does, and
+    the same refusals; and it is really taken."""
+    name, model, processor, data, max_length, good, bad = family
+    import torch
+    import transformers
+
+    from mixspec.programs import hf_train
+
+    setup = {"model": str(model), "model_type": transformers.AutoConfig.from_pretrained(model).model_type,
+             "multimodal": True, "max_length": max_length, "mixspec_version": "test"}
+    rows, _ = hf_train.scan_rows(str(data))
+    rows = rows * 2  # the second time round every row's shape has been checked once
+    fast = hf_train.make_encoder(str(model), setup, quiet=True)
+    slow = hf_train.make_encoder(str(model), setup, quiet=True)
+    slow.fast_prefix = False
+
+    def labels(encoder, r):
+        try:
+            return encoder.encode_row(r)["labels"]
+        except hf_train.DataError as exc:
+            return str(exc)
+
+    for r in rows:
+        a, b = labels(fast, r), labels(slow, r)
+        assert type(a) is type(b) and (a == b if isinstance(a, str) else torch.equal(a, b)), r.get("_where")
+    assert fast.fast_prefix and fast.fast_checked

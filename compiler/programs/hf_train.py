@@ -1239,13 +1239,29 @@ class ConversationEncoder:
         image_token = getattr(processor, "image_token", None) if processor is not None else None
         if isinstance(image_token, str):
             self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        # prefix tokens from the whole conversation's expanded text (see fast_prefix_length):
+        # on while every check of it against the processor agrees; the shapes already checked
+        self.fast_prefix = processor is not None and not self.prefix_lm
+        self.fast_checked = set()
+        self.expanded = None
 
     def render(self, messages, add_generation_prompt=False):
         return self.template_owner.apply_chat_template(messages, tokenize=False,
                                                        add_generation_prompt=add_generation_prompt)
 
-    def process(self, texts, images, suffixes=None, where="row"):
-        """One call of the processor (the tokenizer for text-only models) on whole conversations."""
+    def process(self, texts, images, suffixes=None, where="row", record=False):
+        """One call of the processor (the tokenizer for text-only models) on whole conversations.
+        record: keep the text the processor gave its tokenizer (self.expanded) for fast_prefix_length."""
+        self.expanded = None if record else self.expanded
+        if record and self.fast_prefix:
+            inner = self.processor.tokenizer
+            self.processor.tokenizer = recorder = _RecordingTokenizer(inner)
+            try:
+                out = self.process(texts, images, suffixes, where)
+            finally:
+                self.processor.tokenizer = inner
+            self.expanded = recorder.expanded(texts[0], out["input_ids"])
+            return out
         kw = {"return_tensors": "pt"}
         if len(texts) > 1:
             kw["padding"] = True
@@ -1311,7 +1327,7 @@ class ConversationEncoder:
             text, suffix = prompt, answer
         else:
             text, suffix = self.render(messages), None
-            inputs = self.process([text], [pil], where=where)
+            inputs = self.process([text], [pil], where=where, record=True)
             labels = self.assistant_labels(messages, text, pil, inputs["input_ids"][0], where)
         length, answer = int(inputs["input_ids"].shape[1]), int((labels != -100).sum())
         image_tokens = self.count_image_tokens(inputs["input_ids"][0])
@@ -1375,8 +1391,39 @@ class ConversationEncoder:
         return [tuple(s) for s in spans[0]] if rendered and rendered[0] == full else []
 
     def prefix_length(self, text, pil, ids, where):
-        """Tokens of the conversation's first len(text) characters; they must be a prefix of ids."""
+        """Tokens of the conversation's first len(text) characters; they must be a prefix of ids.
+        Processing that prefix again is what defines them; fast_prefix_length gives the same
+        number from the whole conversation's expanded text once the processor has agreed with it
+        on a row of the same shape (and never refuses a row itself)."""
         n_images = sum(text.count(t) for t in self.image_markers()) if pil else 0
+        shape = (len(pil), n_images)
+        fast = self.fast_prefix_length(text, ids)
+        if fast is not None and shape in self.fast_checked:
+            return fast
+        exact = self.slow_prefix_length(text, pil, n_images, ids, where)
+        if fast is not None:
+            if fast == exact:
+                self.fast_checked.add(shape)
+            else:  # the processor's expansion of a prefix is not the prefix of its expansion
+                self.fast_prefix = False
+        return exact
+
+    def fast_prefix_length(self, text, ids):
+        """The tokens of text (a prefix of the whole conversation with no image after it) as the
+        tokenizer makes of the processor's expanded whole text cut where text ends, when they are
+        a prefix of ids; else None (the caller processes text again)."""
+        if not self.fast_prefix or self.expanded is None:
+            return None
+        full, expanded, call = self.expanded
+        rest = full[len(text):] if full.startswith(text) else None
+        if not rest or any(m in rest for m in self.image_markers()) or not expanded.endswith(rest):
+            return None
+        got = call(expanded[: len(expanded) - len(rest)])
+        if got is None or len(got) > ids.shape[0] or got != ids[: len(got)].tolist():
+            return None
+        return len(got)
+
+    def slow_prefix_length(self, text, pil, n_images, ids, where):
         if n_images > len(pil):
             n_images = len(pil)
         got = self.process([text], [pil[:n_images]], where=where)["input_ids"][0]
@@ -1411,6 +1458,63 @@ class ConversationEncoder:
                            "or shorten the row)")
         out = {k: (v[:, : self.max_length] if token_aligned(v, inputs["input_ids"]) else v) for k, v in inputs.items()}
         return out, labels[: self.max_length]
+
+
+class _RecordingTokenizer:
+    """The processor's tokenizer, recording the texts it is called on (the conversation with
+    each image marker expanded) and with which arguments."""
+
+    def __init__(self, inner):
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_calls", [])
+
+    def __call__(self, *args, **kwargs):
+        out = self._inner(*args, **kwargs)
+        self._calls.append((args, kwargs, out))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._inner, name, value)
+
+    def expanded(self, given, input_ids):
+        """(the text as given, the expanded text, a function: expanded text -> token ids as the
+        processor would get them) when the processor called the tokenizer once on one text and
+        returned exactly its ids; else None."""
+        if len(self._calls) != 1 or input_ids.shape[0] != 1:
+            return None
+        args, kwargs, out = self._calls[0]
+        text = kwargs.get("text", args[0] if args else None)
+        if isinstance(text, (list, tuple)) and len(text) == 1:
+            text = text[0]
+        ids = _id_list(out.get("input_ids") if hasattr(out, "get") else None)
+        if not isinstance(text, str) or ids != input_ids[0].tolist():
+            return None
+        rest = {k: v for k, v in kwargs.items() if k != "text"}
+        inner, batched = self._inner, isinstance(kwargs.get("text", args[0] if args else None), (list, tuple))
+
+        def call(prefix):
+            try:
+                got = inner(*([[prefix] if batched else prefix] + list(args[1:])), **rest) if args else \
+                    inner(text=[prefix] if batched else prefix, **rest)
+            except Exception:
+                return None
+            return _id_list(got.get("input_ids"))
+
+        return given, text, call
+
+
+def _id_list(value):
+    """One row's token ids as a list of ints (from a tensor, an array or nested lists)."""
+    if value is None:
+        return None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], list):
+        value = value[0]
+    return value if isinstance(value, list) and all(isinstance(v, int) for v in value) else None
 
 
 class _OneRowImages:
