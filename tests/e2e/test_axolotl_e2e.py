@@ -5,7 +5,7 @@ that scripts/axolotl_env.sh builds (.venv-axolotl, or $MIXSPEC_AXOLOTL_VENV); sk
 
 Oracles, none computed by mixspec: axolotl accepts the config; the values it resolves
 (adapter, lora_*, learning_rate, optimizer, bf16/fp16, ...) are the Plan's; on the model built
-from the real config.json on the meta device, the modules PEFT's own matcher selects for
+from the real config.json (the package catalog's copy) on the meta device, the modules PEFT's own matcher selects for
 lora_target_modules are the Plan's LoRA targets, and the parameters axolotl's
 freeze_layers_except leaves trainable for unfrozen_parameters are the Plan's trainable set.
 
@@ -31,7 +31,7 @@ from mixspec.targets import TargetOptions, render
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("MIXSPEC_AXOLOTL_VENV") or ROOT / ".venv-axolotl")
 PROBE = ROOT / "tests" / "e2e" / "axolotl_probe.py"
-MODELS = Path("/work/shared/models")
+MODELS = ROOT / "compiler" / "catalog"  # the real config.json files the package ships
 
 pytestmark = [
     pytest.mark.slow,
