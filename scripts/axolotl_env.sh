@@ -8,8 +8,10 @@
 # (a CUDA torch), bitsandbytes, gradio, modal, lm_eval, cloud file systems and more. What it
 # gets instead is only what `axolotl.cli.config.load_cfg` (what `axolotl train`/`preprocess`
 # run first: validate_config, normalize_config, the datasets' normalization) imports, found by
-# trying, at axolotl's own pins: ~1.7 GB, about 2 minutes here. Model loading
-# (axolotl.loaders) needs more (bitsandbytes, liger, ...) and is not installed.
+# trying, at axolotl's own pins, plus what its model loader (axolotl.loaders.ModelLoader: the
+# model, then PEFT) imports: ~2.9 GB, under 2 minutes here. Not installed: torchvision (PyPI's
+# build does not load against the CPU torch 2.13.0 and none matching is on this disk), so
+# axolotl cannot load a VLM's processor here; xformers, liger, flash-attn, gradio, modal, lm_eval.
 # An existing venv that already imports everything is kept (pass --fresh to rebuild).
 set -euo pipefail
 
@@ -24,12 +26,16 @@ AXOLOTL_PIN=axolotl==0.19.0
 DEPS=(transformers==5.16.1 peft==0.20.0 accelerate==1.13.0 datasets==4.8.4 trl==1.9.0
       pydantic==2.12.5 PyYAML==6.0.3 huggingface_hub==1.17.0 tokenizers==0.23.1 packaging==26.0
       typing-extensions==4.15.0 posthog==6.7.11 "numba>=0.63.1,<1.0" "deepspeed>=0.18.6,<0.19.0"
-      addict fire requests einops colorama pillow)
+      addict fire requests einops colorama pillow
+      # the model loader's imports
+      axolotl-contribs-lgpl==0.0.7 bitsandbytes==0.50.2 "triton>=3.4.0" "kernels>=0.16.0,<0.17.0"
+      evaluate==0.4.1 fastcore wandb)
 
 check() {
     AXOLOTL_DO_NOT_TRACK=1 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
 import axolotl.cli.config  # noqa: F401  (load_cfg and everything it imports)
+import axolotl.loaders  # noqa: F401  (ModelLoader)
 if md.version("axolotl") != "0.19.0":
     raise SystemExit(f"axolotl {md.version('axolotl')} installed, 0.19.0 wanted")
 print("axolotl venv:", "axolotl", md.version("axolotl"), "| torch", md.version("torch"),

@@ -28,6 +28,15 @@ def meta_model(path):
             return transformers.AutoModelForCausalLM.from_config(config)
 
 
+def loaded_trainable(cfg):
+    """What `axolotl train` builds before its trainer: setup_model_and_tokenizer (tokenizer,
+    ModelLoader: model then PEFT, then unfrozen_parameters) on the weights at base_model."""
+    from axolotl.train import setup_model_and_tokenizer
+
+    model = setup_model_and_tokenizer(cfg)[0]
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
 cfg = load_cfg(sys.argv[1])
 out = {"resolved": {k: cfg.get(k) for k in KEYS}}
 model = meta_model(cfg.base_model)
@@ -37,4 +46,6 @@ if cfg.adapter == "lora":
 elif cfg.unfrozen_parameters:
     freeze_layers_except(model, cfg.unfrozen_parameters)
     out["trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+if "--load" in sys.argv:
+    out["loaded_trainable"] = loaded_trainable(cfg)
 print("PROBE " + json.dumps(out, default=str))

@@ -9,8 +9,12 @@ from the real config.json (the package catalog's copy) on the meta device, the m
 lora_target_modules are the Plan's LoRA targets, and the parameters axolotl's
 freeze_layers_except leaves trainable for unfrozen_parameters are the Plan's trainable set.
 
-Not run: axolotl's model loader and a training step (the venv has axolotl with --no-deps and
-only its config path's imports; see scripts/axolotl_env.sh).
+Then what `axolotl train` builds before its trainer (axolotl.train.setup_model_and_tokenizer:
+ModelLoader, PEFT, unfrozen_parameters) on a tiny random Qwen2 text model
+on CPU: the parameters it leaves trainable are the Plan's (LoRA A/B of exactly the Plan's
+targets; for full training with unfrozen_parameters, exactly plan.trainable_lrs()).
+Not run: a VLM through the loader (no torchvision that loads against the CPU torch here) and a
+training step (see scripts/axolotl_env.sh).
 Run: pytest -m slow tests/e2e/test_axolotl_e2e.py
 """
 
@@ -62,13 +66,13 @@ def _spec_file(tmp: Path, case: str) -> Path:
     return path
 
 
-def _probe(config: Path, cwd: Path) -> dict:
+def _probe(config: Path, cwd: Path, *flags: str) -> dict:
     env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore",
            # as `axolotl preprocess` runs it: a DeepSpeed config is still read and checked
            # (HfTrainerDeepSpeedConfig), but no NCCL process group is started (none on CPU)
            "AXOLOTL_IS_PREPROCESS": "1"}
-    run = subprocess.run([str(VENV / "bin" / "python"), str(PROBE), str(config)], cwd=cwd, env=env,
+    run = subprocess.run([str(VENV / "bin" / "python"), str(PROBE), str(config), *flags], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=300)
     line = [x for x in run.stdout.splitlines() if x.startswith("PROBE ")]
     assert run.returncode == 0 and line, f"axolotl rejected {config}:\n{run.stderr[-3000:]}"
@@ -100,3 +104,38 @@ def test_axolotl_accepts_the_config_and_resolves_the_plan(case, tmp_path):
     else:
         assert r["adapter"] is None
         assert got["trainable"] == sorted(plan.trainable_lrs())
+
+
+TINY_CASES = {
+    "lora": "language: {train: lora, lr: 1.0e-4, lora: {rank: 8, alpha: 16, dropout: 0.05}}",
+    "full-part": "late: {modules: ['model\\.layers\\.1'], train: full, lr: 1.0e-5}",
+}
+
+
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+def test_axolotls_loader_trains_the_plans_parameters(case, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+    import make_tiny_vlm
+    from tinymodels import build_model, tiny_config, write_config_dir
+
+    cfg = tiny_config("qwen2")
+    model_dir = write_config_dir(cfg, tmp_path / "qwen2")
+    build_model(cfg).save_pretrained(model_dir)
+    make_tiny_vlm._qwen_tokenizer().save_pretrained(model_dir)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"version: 1\nmodel: {model_dir}\ncomponents:\n  {TINY_CASES[case]}\n{DATA}"
+                    "training: {precision: fp32}\n", encoding="utf-8")
+    plan = plan_spec(load_spec(spec))
+    write_files(tmp_path / "out", render(plan, "axolotl", TargetOptions(extra={"out_dir": "out"})))
+    got = _probe(tmp_path / "out" / "config.yml", tmp_path, "--load")["loaded_trainable"]
+    if case == "lora":
+        prefix, ab = "base_model.model.", (".lora_A.default.weight", ".lora_B.default.weight")
+        assert all(n.startswith(prefix) and n.endswith(ab) for n in got), got
+        modules = {n[len(prefix):].rsplit(".lora_", 1)[0] for n in got}
+        assert modules == {t for c in plan.components if c.lora for t in c.lora.targets}
+        assert len(got) == 2 * len(modules)
+    else:
+        assert got == sorted(plan.trainable_lrs())
