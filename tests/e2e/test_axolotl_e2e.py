@@ -13,8 +13,11 @@ Then what `axolotl train` builds before its trainer (axolotl.train.setup_model_a
 ModelLoader, PEFT, unfrozen_parameters) on a tiny random Qwen2 text model
 on CPU: the parameters it leaves trainable are the Plan's (LoRA A/B of exactly the Plan's
 targets; for full training with unfrozen_parameters, exactly plan.trainable_lrs()).
-Not run: a VLM through the loader (no torchvision that loads against the CPU torch here) and a
-training step (see scripts/axolotl_env.sh).
+Not run: a VLM through the loader (no torchvision that loads against the CPU torch here), and
+a training step: `axolotl train` on the tiny model (with a chat template) gets through data
+preparation, the model and PEFT, then stops at the first forward in axolotl's Triton SwiGLU
+LoRA kernel (axolotl/kernels/swiglu.py, a tensor made on device="cuda"), which it turns on for
+LoRA by itself; CPU cannot run it.
 Run: pytest -m slow tests/e2e/test_axolotl_e2e.py
 """
 
