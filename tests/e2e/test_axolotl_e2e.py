@@ -17,7 +17,8 @@ Not run: a VLM through the loader (no torchvision that loads against the CPU tor
 a training step: `axolotl train` on the tiny model (with a chat template) gets through data
 preparation, the model and PEFT, then stops at the first forward in axolotl's Triton SwiGLU
 LoRA kernel (axolotl/kernels/swiglu.py, a tensor made on device="cuda"), which it turns on for
-LoRA by itself; CPU cannot run it.
+LoRA by itself; CPU cannot run it. With lora_mlp_kernel/lora_qkv_kernel/lora_o_kernel: false
+added by hand the step runs on CPU (1 step, checkpoint saved); not yet a test.
 Run: pytest -m slow tests/e2e/test_axolotl_e2e.py
 """
 
