@@ -23,7 +23,7 @@ from mixspec.errors import MixspecError
 app = typer.Typer(
     name="mixspec",
     help="One spec for mixed-strategy fine-tuning: validate it, plan exact counts and memory, compile it to a backend.",
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,

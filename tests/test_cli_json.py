@@ -58,3 +58,26 @@ def test_explain_json_names_component_and_rule():
     plan = plan_spec(load_spec(spec))
     aligner = plan.component("aligner")
     assert {p["name"] for p in params} == {n for n in aligner.params if n.startswith("model.visual.merger.")}
+
+
+def test_shell_completion_completes_commands_and_options():
+    """`mixspec --show-completion` prints a script; the installed console script answers the
+    shell's completion requests (bash protocol) with commands and options."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    exe = shutil.which("mixspec")
+    if exe is None:
+        pytest.skip("the mixspec console script is not on PATH")
+    script = subprocess.run([exe, "--show-completion", "bash"], capture_output=True, text=True, check=True).stdout
+    assert "_mixspec_completion" in script
+
+    def complete(words: str, cword: int) -> list[str]:
+        env = dict(os.environ, _MIXSPEC_COMPLETE="complete_bash", COMP_WORDS=words, COMP_CWORD=str(cword))
+        return subprocess.run([exe], env=env, capture_output=True, text=True, check=True).stdout.split()
+
+    assert complete("mixspec pl", 1) == ["plan"]
+    assert "--target" in complete("mixspec compile spec.yaml --tar", 3)
