@@ -31,7 +31,9 @@ from mixspec.targets._common import (comment_line, compact_names, exact_regex, g
                                      py_assignments, sh_assignments, sh_word)
 from mixspec.targets._quant import TORCH_DTYPES, backend_quantizes_exactly, kbit_warnings
 from mixspec.targets._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
-from mixspec.targets.deepspeed import deepspeed_config, fsdp_unsupported
+from mixspec.targets.deepspeed import deepspeed_config
+from mixspec.targets.fsdp import FSDP_FILE, describe as describe_fsdp, trainer_fsdp_config
+from mixspec.units import wrap_classes
 
 PLUGIN_FILE = "mixspec_plugin.py"
 DEEPSPEED_FILE = "deepspeed.json"
@@ -644,7 +646,7 @@ def _deepspeed(plan: Plan, d: Decision) -> tuple[Optional[str], Optional[dict]]:
     one would replace the optimizer and its per-component groups)."""
     stage, offload = plan.distributed.zero_stage, plan.distributed.offload
     if stage is None:
-        if offload != "none":
+        if offload != "none" and not plan.distributed.fsdp:  # FSDP2 offloads itself (the --fsdp JSON)
             d.hard.append(_u("deepspeed-offload", None, f"distributed.offload {offload!r}",
                              "CPU offload needs DeepSpeed: set distributed.zero_stage",
                              origin=Location(plan.spec_path)))
@@ -659,6 +661,50 @@ def _deepspeed(plan: Plan, d: Decision) -> tuple[Optional[str], Optional[dict]]:
     return None, None
 
 
+# -- FSDP2 ---------------------------------------------------------------------------------------
+def swift_fsdp_json(plan: Plan) -> dict:
+    """ms-swift's --fsdp JSON (swift/arguments/sft_args.py _init_fsdp, 4.6): ``fsdp`` is the
+    Trainer's legacy option string, ``fsdp_config`` the Trainer's fsdp_config. The config is the
+    hf target's (mixspec.targets.fsdp: version 2, the blocks of every tower as units, the full
+    state dict at save time); its ``reshard_after_forward`` and ``cpu_offload`` win over the
+    string (transformers only setdefaults them from it). ``fsdp_version`` is the key swift reads
+    (for FSDP_VERSION); transformers strips the prefix to the same ``version``."""
+    config = trainer_fsdp_config(plan)
+    config = {"fsdp_version": config.pop("version"), **config}
+    words = [plan.distributed.fsdp, "auto_wrap"] + (["offload"] if plan.distributed.offload == "all" else [])
+    return {"fsdp": " ".join(words), "fsdp_config": config}
+
+
+def _fsdp_refusals(plan: Plan, options: TargetOptions) -> list[Unsupported]:
+    """What keeps ms-swift's FSDP2 from running the Plan exactly (none: it runs it)."""
+    fsdp = plan.distributed.fsdp
+    if not fsdp:
+        return []
+    what, out = f"distributed.fsdp: {fsdp} (swift)", []
+    if options.swift_version < 4:
+        out.append(Unsupported("fsdp-swift3", None, what,
+                               "mixspec's FSDP2 output is proven with ms-swift 4.x only (a 2-process gloo run of "
+                               "tests/e2e/test_swift_fsdp_e2e.py); 3.x reads --fsdp JSON only from 3.12",
+                               "compile for ms-swift 4 (--swift-version 4), or use zero_stage"))
+    if not plan.units:
+        out.append(Unsupported("fsdp-no-units", None, what,
+                               "no tower of this model has a stack of blocks to shard as FSDP units",
+                               "use zero_stage instead of fsdp"))
+    if plan.training.precision != "fp32" and plan.training.trained_dtype != "fp32":
+        out.append(Unsupported(
+            "fsdp-trained-dtype", None, f"{what} with trained_dtype {plan.training.trained_dtype}",
+            "accelerate's fsdp2_prepare_model upcasts every trainable parameter to fp32 under mixed precision "
+            "(FSDP2 wants one dtype for the trained parameters of a unit)", "keep trained weights in fp32"))
+    if plan.quantized or plan.training.optimizer != "adamw":
+        out.append(Unsupported(
+            "quantize-fsdp", None, what + (" with quantize" if plan.quantized else
+                                           f" with training.optimizer {plan.training.optimizer}"),
+            "FSDP2 shards parameters as DTensors; bitsandbytes' packed weights and its optimizer's states are "
+            "not what the plugin checks or mixspec estimates under FSDP2",
+            "drop distributed.fsdp, or drop quantize / use optimizer: adamw"))
+    return out
+
+
 # -- the target ------------------------------------------------------------------------------------
 class SwiftTarget(Target):
     name = "swift"
@@ -671,12 +717,7 @@ class SwiftTarget(Target):
         """What stops an exact compile: hard limits, plus the plugin's reasons under --no-plugin."""
         from mixspec.targets._quant import quant_refusals
 
-        refused = fsdp_unsupported(
-            plan, "swift", "ms-swift runs FSDP2 (--fsdp JSON), but mixspec's plugin checks the optimizer's groups "
-            "before accelerate shards the model and swaps the optimizer's parameters, never after, and its save hook "
-            "reads parameters that are DTensor shards by then; mixspec emits no run it cannot check",
-            "compile for hf (its train.py runs FSDP2 and checks the sharded model and optimizer), or use zero_stage "
-            "with swift")
+        refused = _fsdp_refusals(plan, options)
         if refused:
             return refused
         d = decide(plan, options)
@@ -699,6 +740,8 @@ class SwiftTarget(Target):
         files = {"train.sh": _train_sh(plan, options, d, ds_name, ds_json is not None, use_plugin)}
         if ds_json is not None:
             files[DEEPSPEED_FILE] = json_text(ds_json)
+        if plan.distributed.fsdp:
+            files[FSDP_FILE] = json_text(swift_fsdp_json(plan))
         if use_plugin:
             files[PLUGIN_FILE] = _plugin_py(plan, options, d)
         if wants_sbatch(plan, options):
@@ -845,7 +888,8 @@ def _train_sh(plan: Plan, options: TargetOptions, d: Decision, ds_name: Optional
     sw = SWIFT_MODELS.get(plan.model_type)
     approximate = d.plugin and not use_plugin
     # HERE: the directory of train.sh, for the files it passes to swift from next to it
-    env = ['HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"'] if use_plugin or ds_generated else []
+    here = use_plugin or ds_generated or bool(plan.distributed.fsdp)
+    env = ['HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"'] if here else []
     exports = _env_lines(plan)
     if exports:
         env += ["", *exports]
@@ -874,6 +918,9 @@ def _train_sh_header(plan: Plan, options: TargetOptions, d: Decision, use_plugin
     out.append("#")
     out += ["# " + comment_line(line) for line in _summary_lines(plan)]
     out.append("#")
+    if plan.distributed.fsdp:
+        out.append("# " + comment_line(f"--fsdp {FSDP_FILE}: {describe_fsdp(plan)}; units (the blocks of every "
+                                       f"tower): {', '.join(wrap_classes(plan.units))}"))
     if use_plugin:
         uses = "tuner and optimizer" if d.tuner == "plugin" else "optimizer"
         out.append(f"# {PLUGIN_FILE} (--external_plugins) registers the {uses} {PLUGIN_NAME!r}: "
@@ -924,6 +971,8 @@ def _swift_sft(plan: Plan, options: TargetOptions, d: Decision, sw: Optional[Swi
         args.append(f"--deepspeed {sh_quote(ds_name)}")
     elif ds_generated:
         args.append(f'--deepspeed "$HERE/{DEEPSPEED_FILE}"')
+    if plan.distributed.fsdp:
+        args.append(f'--fsdp "$HERE/{FSDP_FILE}"')
     for flag, value in _data_flags(plan):
         words = value if isinstance(value, list) else [value]  # --dataset a.jsonl b.jsonl: swift mixes them
         args.append(f"--{flag} " + " ".join(sh_quote(w) for w in words))

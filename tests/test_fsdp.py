@@ -162,3 +162,49 @@ def test_hf_refuses_a_quantized_base_or_8bit_optimizer_with_fsdp():
         with pytest.raises(MixspecError) as err:
             render(plan, "hf", TargetOptions())
         assert what in str(err.value) and "drop distributed.fsdp" in str(err.value)
+
+
+def test_swift_fsdp_json_is_what_the_trainer_builds_its_plugin_from(tmp_path):
+    """swift's --fsdp JSON: swift passes its ``fsdp`` string and ``fsdp_config`` dict to the
+    Trainer's arguments (swift/arguments/sft_args.py _init_fsdp); transformers' own
+    TrainingArguments turns them into the FSDP plugin's arguments: the hf target's."""
+    from transformers import TrainingArguments
+
+    for fsdp, offload, reshard in (("full_shard", "all", True), ("shard_grad_op", "none", False)):
+        plan = _plan("Qwen/Qwen2.5-VL-7B-Instruct", fsdp=fsdp, offload=offload)
+        files = render(plan, "swift", TargetOptions())
+        sw = json.loads(files["fsdp_config.json"])
+        assert sw["fsdp_config"]["fsdp_version"] == 2 and "version" not in sw["fsdp_config"]
+        assert '--fsdp "$HERE/fsdp_config.json"' in files["train.sh"] and "--deepspeed" not in files["train.sh"]
+        args = TrainingArguments(output_dir=str(tmp_path), fsdp=sw["fsdp"], fsdp_config=dict(sw["fsdp_config"]),
+                                 use_cpu=True)
+        hf = json.loads(render(plan, "hf", TargetOptions())["fsdp_config.json"])
+        want = TrainingArguments(output_dir=str(tmp_path), fsdp=True, fsdp_config=hf, use_cpu=True).fsdp_plugin_args
+        plugin = args.fsdp_plugin_args
+        assert plugin == want
+        assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is reshard
+        assert plugin["transformer_cls_names_to_wrap"] == "Qwen2_5_VLVisionBlock,Qwen2_5_VLDecoderLayer"
+        assert plugin.get("cpu_offload", False) is (offload == "all") and plugin["activation_checkpointing"] is False
+        assert plugin["state_dict_type"] == "FULL_STATE_DICT"
+
+
+def test_swift_refuses_fsdp_it_cannot_run_exactly():
+    import dataclasses
+
+    from mixspec.errors import UnsupportedError
+
+    plan = _plan("Qwen/Qwen2.5-VL-7B-Instruct")
+    with pytest.raises(UnsupportedError) as err:
+        render(plan, "swift", TargetOptions(swift_version=3))
+    assert [i.code for i in err.value.items] == ["fsdp-swift3"]
+    bf16 = dataclasses.replace(plan, training=dataclasses.replace(plan.training, precision="bf16",
+                                                                  trained_dtype="bf16"))
+    with pytest.raises(UnsupportedError) as err:
+        render(bf16, "swift", TargetOptions())
+    assert [i.code for i in err.value.items] == ["fsdp-trained-dtype"]
+    assert "upcasts every trainable parameter to fp32" in str(err.value)
+    spec = SPEC.format(model="Qwen/Qwen2.5-VL-7B-Instruct", fsdp="full_shard", offload="none", gc="true")
+    spec = spec.replace("{train: lora, lr: 1.0e-4}", "{train: lora, lr: 1.0e-4, quantize: nf4}")
+    with pytest.raises(UnsupportedError) as err:
+        render(plan_spec(load_spec_text(spec, "spec.yaml")), "swift", TargetOptions())
+    assert "quantize-fsdp" in [i.code for i in err.value.items]

@@ -838,8 +838,15 @@ def test_plugin_trains_exactly_the_plan_with_real_peft(tiny_plugin, monkeypatch,
     args = TrainingArguments(output_dir=str(tmp_path / "run"), learning_rate=1e-3, optim="adamw_torch",
                              report_to=[], weight_decay=0.0)
     if version >= 4:
-        trainer = types.SimpleNamespace(model=model)
+        from transformers.trainer_callback import CallbackHandler
+
+        handler = CallbackHandler([], model, None, None, None)
+        trainer = types.SimpleNamespace(model=model, callback_handler=handler, add_callback=handler.add_callback)
         optimizer = plugin.MixspecOptimizer(args, trainer).create_optimizer()
+        plugin.MixspecOptimizer(args, trainer).create_optimizer()
+        # the check after (FSDP2) preparation: registered once; on a model FSDP did not shard, nothing to do
+        assert [type(c).__name__ for c in handler.callbacks] == ["_CheckAfterPreparation"]
+        assert plugin.fsdp_report(model) is None
     else:
         optimizer, scheduler = plugin.create_mixspec_optimizer(args, model, None)
         assert scheduler is None

@@ -81,7 +81,7 @@ def test_name_helpers_are_inlined_from_the_package(plan):
 FSDP_SPEC = MIXED.replace("zero_stage: 3, offload: optimizer", "fsdp: full_shard")
 
 
-@pytest.mark.parametrize("target", ["deepspeed", "swift", "llamafactory"])
+@pytest.mark.parametrize("target", ["deepspeed", "llamafactory"])
 def test_fsdp_plan_is_refused_where_the_target_cannot_run_it(target):
     """Never DDP or DeepSpeed in place of the planned FSDP2: a refusal naming distributed.fsdp."""
     plan = plan_spec(load_spec_text(FSDP_SPEC, "spec.yaml"))

@@ -189,6 +189,10 @@ class _MixspecTunerMixin:
 
         if state_dict is None:
             state_dict = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+            sharded = sorted(n for n, t in state_dict.items() if hasattr(t, "full_tensor"))
+            if sharded:  # under FSDP2 the Trainer passes the gathered state dict (FULL_STATE_DICT)
+                raise PlanMismatch(f"mixspec: asked to save FSDP2 shards ({sharded[0]}, ...) without a "
+                                   "gathered state dict; set state_dict_type FULL_STATE_DICT in the --fsdp JSON")
         if LORA is not None:
             model.save_pretrained(save_directory, state_dict=state_dict,
                                   safe_serialization=safe_serialization, **kwargs)
@@ -312,6 +316,44 @@ def check_optimizer(optimizer, model, output_dir=None):
             json.dump(report, fh, indent=1, sort_keys=True)
 
 
+def fsdp_report(model):
+    """Under FSDP2 (after accelerate's fsdp2_prepare_model): the number of FSDP units, and the
+    parameters that are not DTensor shards (none expected); None when the model is not sharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    units = [n for n, m in model.named_modules() if isinstance(m, FSDPModule)]
+    if not units:
+        return None
+    params = list(model.named_parameters())
+    plain = sorted(plain_name(n) for n, p in params if not isinstance(p, DTensor))
+    local = {plain_name(n): list(p.to_local().shape) for n, p in params if isinstance(p, DTensor)}
+    return {"units": len(units), "sharded_params": len(params) - len(plain), "plain_params": plain,
+            "local_shapes": local}
+
+
+def check_after_preparation(model, optimizer, output_dir=None):
+    """Under FSDP2 accelerate shards the model after the optimizer is built and swaps the
+    optimizer's parameters for the shards: the same check again, on the sharded model."""
+    report = fsdp_report(model)
+    if report is None:
+        return
+    if report["plain_params"]:
+        raise _mismatch("FSDP2's sharding", "  not DTensor shards: " + ", ".join(report["plain_params"][:20]))
+    check_optimizer(optimizer, model)
+    _log(f"FSDP2 check passed: {report['units']} units, every parameter a DTensor shard, the optimizer's "
+         "groups hold the shards at the planned learning rates and weight decays")
+    if output_dir and int(os.environ.get("RANK", "0")) == 0:
+        path = os.path.join(output_dir, "mixspec_check.json")
+        with open(path, encoding="utf-8") as fh:
+            saved = json.load(fh)
+        saved["fsdp"] = {k: v for k, v in report.items() if k != "local_shapes"}
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(saved, fh, indent=1, sort_keys=True)
+
+
 # -- registration with ms-swift: the tuner and the optimizer named "mixspec" ----------------------------
 if SWIFT_VERSION >= 4:  # swift.tuner_plugin, swift.optimizers
     from swift.optimizers import OptimizerCallback, optimizers_map
@@ -320,9 +362,18 @@ if SWIFT_VERSION >= 4:  # swift.tuner_plugin, swift.optimizers
     class MixspecTuner(_MixspecTunerMixin, Tuner):
         pass
 
+    from transformers import TrainerCallback
+
+    class _CheckAfterPreparation(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            check_after_preparation(model, optimizer, args.output_dir)
+
     class MixspecOptimizer(OptimizerCallback):
         def create_optimizer(self, model=None):
-            return build_optimizer(self.args, self.trainer.model if model is None else model)
+            optimizer = build_optimizer(self.args, self.trainer.model if model is None else model)
+            if not any(isinstance(c, _CheckAfterPreparation) for c in self.trainer.callback_handler.callbacks):
+                self.trainer.add_callback(_CheckAfterPreparation)
+            return optimizer
 
     tuners_map["mixspec"] = MixspecTuner
     optimizers_map["mixspec"] = MixspecOptimizer
