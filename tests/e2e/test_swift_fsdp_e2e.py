@@ -16,9 +16,10 @@ also records what each rank holds at the first step and gathers every parameter 
 - the checkpoint swift saved (adapter_model.safetensors + the plugin's full_params.safetensors,
   or swift's vit.safetensors) holds full shapes, equal to the gathered weights.
 
-Two compiles of the same components: LoRA dropout 0.05 (mixspec's plugin: its tuner and
-optimizer, and its check after preparation) and dropout 0 (swift's own lora_llm tuner and
---vit_lr/--aligner_lr optimizer, no plugin).
+Two compiles of the same components: LoRA dropout 0.05 in bf16 (mixspec's plugin: its tuner and
+optimizer, and its check after preparation; FSDP2's one dtype per unit holds because the plugin
+keeps every trained parameter in fp32 and frozen ones in bf16, which the record checks) and
+dropout 0 in fp32 (swift's own lora_llm tuner and --vit_lr/--aligner_lr optimizer, no plugin).
 Needs the ms-swift venv ($MIXSPEC_SWIFT_VENV or .venv-swift). Run:
 pytest -m slow tests/e2e/test_swift_fsdp_e2e.py
 """
@@ -62,7 +63,7 @@ components:
     train: lora
     lr: 4.0e-3
     lora: {{rank: 8, alpha: 16, dropout: {dropout}, targets: all-linear}}
-training: {{max_steps: 1, micro_batch_size: 1, gradient_accumulation: 1, precision: fp32,
+training: {{max_steps: 1, micro_batch_size: 1, gradient_accumulation: 1, precision: {precision},
            gradient_checkpointing: true, max_length: 1024, lr_scheduler: constant,
            weight_decay: 0.0, logging_steps: 1, save_steps: 1, seed: 1}}
 data: {{train: {data}}}
@@ -70,8 +71,9 @@ distributed: {{gpus_per_node: 2, fsdp: full_shard}}
 output_dir: {out}
 """
 
-# dropout -> (tuner, file swift saves the fully trained parameters in)
-CASES = {"0.05": ("plugin", swift_target.FULL_PARAMS_FILE), "0": ("lora_llm", "vit.safetensors")}
+# dropout -> (tuner, file swift saves the fully trained parameters in, precision)
+CASES = {"0.05": ("plugin", swift_target.FULL_PARAMS_FILE, "bf16"), "0": ("lora_llm", "vit.safetensors", "fp32")}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +95,12 @@ def _plain(name: str) -> str:
     return re.sub(r"\.(lora_A|lora_B)\.(default\.)?weight$", r".\1.default.weight", name)
 
 
-def _run(tiny, dropout: str):
+def _run(tiny, dropout: str, precision: str):
     folder = tiny["root"] / f"dropout{dropout}"
     folder.mkdir()
     spec = folder / "spec.yaml"
-    spec.write_text(SPEC.format(model=tiny["model"], data=tiny["data"], dropout=dropout, out=folder / "run"),
-                    encoding="utf-8")
+    spec.write_text(SPEC.format(model=tiny["model"], data=tiny["data"], dropout=dropout, precision=precision,
+                                out=folder / "run"), encoding="utf-8")
     plan = plan_spec(load_spec(spec))
     files = render(plan, "swift", TargetOptions())
     write_files(folder / "compiled", files)
@@ -116,8 +118,8 @@ def _run(tiny, dropout: str):
 
 @pytest.mark.parametrize("dropout", list(CASES))
 def test_swift_fsdp2_trains_the_plan_sharded(tiny, dropout):
-    tuner, full_file = CASES[dropout]
-    plan, files, folder, log, took = _run(tiny, dropout)
+    tuner, full_file, precision = CASES[dropout]
+    plan, files, folder, log, took = _run(tiny, dropout, precision)
     assert ("mixspec_plugin.py" in files) == (tuner == "plugin")
     assert f"--tuner_type {tuner}" in files["train.sh"] or tuner == "plugin"
     config = json.loads(files["fsdp_config.json"])["fsdp_config"]
@@ -136,6 +138,9 @@ def test_swift_fsdp2_trains_the_plan_sharded(tiny, dropout):
                 assert p["local"] == [p["global"][0] // 2, *p["global"][1:]], p
         lrs = {_plain(n): p["lr"] for n, p in params.items() if p["requires_grad"]}
         assert lrs == planned
+        # FSDP2's dtype rule as the Plan has it: trained parameters fp32, frozen ones in the precision
+        dtypes = {(p["requires_grad"], p["dtype"]) for p in params.values()}
+        assert dtypes == {(True, "torch.float32"), (False, str(DTYPES[precision]))}, dtypes
     if tuner == "plugin":
         assert "[mixspec] FSDP2 check passed" in log
         report = json.loads((folder / "run" / "mixspec_check.json").read_text())
@@ -143,13 +148,14 @@ def test_swift_fsdp2_trains_the_plan_sharded(tiny, dropout):
 
     # 2. the gathered weights after the step
     final = {_plain(n): t for n, t in safetensors_torch.load_file(str(folder / "record" / "final.safetensors")).items()}
-    initial = tiny["initial"]
+    # swift loads the model in the precision; the plugin holds what it trains in fp32 from there
+    initial = {n: t.to(DTYPES[precision]) for n, t in tiny["initial"].items()}
     frozen = [n for n in initial if n not in planned]
     assert frozen and all(torch.equal(final[n], initial[n]) for n in frozen)
     moves = {}
     for comp in plan.components:
         names = [n for n in comp.trainable_names if ".lora_A." not in n]  # A: zero first gradient
-        move = max((final[n] - (torch.zeros_like(final[n]) if ".lora_B." in n else initial[n])).abs().max().item()
+        move = max((final[n] - (torch.zeros_like(final[n]) if ".lora_B." in n else initial[n].float())).abs().max().item()
                    for n in names)
         moves[comp.name] = move
         assert 0.99 * comp.lr <= move <= comp.lr * 1.0001 + 1e-7, (comp.name, comp.lr, move)
@@ -161,7 +167,7 @@ def test_swift_fsdp2_trains_the_plan_sharded(tiny, dropout):
     assert set(saved) == set(planned)
     for name, tensor in saved.items():
         assert tensor.shape == final[name].shape and torch.equal(tensor, final[name]), name
-    print(json.dumps({"case": f"dropout {dropout}", "tuner": tuner, "seconds": round(took, 1),
+    print(json.dumps({"case": f"dropout {dropout}, {precision}", "tuner": tuner, "seconds": round(took, 1),
                       "units": config["transformer_layer_cls_to_wrap"], "frozen_tensors": len(frozen),
                       "trained_tensors": len(planned),
                       "plan_lrs": {c.name: c.lr for c in plan.components if c.trainable_names},
