@@ -184,7 +184,7 @@ def fit(
     write: Path = typer.Option(None, "--write", help="Write a copy of the spec with the best settings here."),
     show_all: bool = typer.Option(False, "--all", help="List every option tried."),
     as_json: bool = typer.Option(False, "--json", help="Print the options as JSON."),
-    no_fsdp: bool = typer.Option(False, "--no-fsdp", help="Search DeepSpeed/DDP only (FSDP2 is searched for the hf target alone)."),
+    no_fsdp: bool = typer.Option(False, "--no-fsdp", help="Search DeepSpeed/DDP only (FSDP2 is searched for the hf and swift targets)."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help=_TARGET_HELP),
 ) -> None:
     """Find ZeRO stage or FSDP2, offload, checkpointing and micro-batch x accumulation that fit the GPUs.

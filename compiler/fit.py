@@ -2,7 +2,7 @@
 slowdown, keeping the global batch (nodes x GPUs x micro-batch x accumulation).
 
 Searched: DeepSpeed ZeRO stage (none, 1, 2, 3), CPU offload (none, optimizer, all with ZeRO-3),
-and, where the target runs it (``fsdp=True``: the hf target), FSDP2 shard_grad_op and
+and, where the target runs it (``fsdp=True``: the hf and swift targets), FSDP2 shard_grad_op and
 full_shard with offload none or all; gradient checkpointing (off, on), micro-batch (every
 divisor of the samples per GPU per step, accumulation making up the rest). Preference, from
 the least slowdown: no offload (it moves the optimizer step, or every parameter, over PCIe),
@@ -87,17 +87,20 @@ def _layouts(fsdp: bool, bnb: bool):
                 yield None, strategy, offload
 
 
+FSDP_TARGETS = (None, "hf", "swift")  # the targets that compile distributed.fsdp (None: hf)
+
+
 def fit(plan: Plan, gpu_memory_gb: float, target: str | None = None, fsdp: bool = True) -> FitResult:
     """Every option's estimate as ``target`` runs it (mixspec.policy; default hf), by
-    preference; the best is the first that fits. ``fsdp``: search FSDP2 too (only the hf
-    target runs it)."""
+    preference; the best is the first that fits. ``fsdp``: search FSDP2 too (where the target
+    runs it: FSDP_TARGETS)."""
     training, dist = plan.training, plan.distributed
     micro, accum = training.micro_batch_size, training.gradient_accumulation
     per_gpu = micro * accum
     limit = gpu_memory_gb * 1e9
     options = []
     bnb = plan.quantized or training.optimizer != "adamw"
-    for stage, strategy, offload in _layouts(fsdp and target in (None, "hf"), bnb):
+    for stage, strategy, offload in _layouts(fsdp and target in FSDP_TARGETS, bnb):
         for checkpointing in (False, True):
             for mb in (d for d in range(per_gpu, 0, -1) if per_gpu % d == 0):
                 est = estimate(plan, {"zero_stage": stage, "fsdp": strategy, "offload": offload,

@@ -83,6 +83,9 @@ def test_fsdp_layouts_are_searched_for_targets_that_run_them_and_written_back(ru
     assert strategies == {(s, off) for s in ("shard_grad_op", "full_shard") for off in ("none", "all")}
     assert all(o.zero_stage is None for o in both.options if o.fsdp)
     assert not any(o.fsdp for o in zero_only.options)
+    # swift compiles FSDP2 too (its --fsdp JSON); LLaMA-Factory refuses it
+    assert {(o.fsdp, o.offload) for o in fit(plan, 40, target="swift").options if o.fsdp} == strategies
+    assert not any(o.fsdp for o in fit(plan, 40, target="llamafactory").options)
     assert [o.preference for o in both.options] == sorted(o.preference for o in both.options)
     # the estimate of an FSDP2 option is the estimate of the spec that says it
     option = next(o for o in both.options if o.fsdp == "full_shard" and o.offload == "none")
