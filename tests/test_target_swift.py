@@ -847,6 +847,9 @@ def test_plugin_trains_exactly_the_plan_with_real_peft(tiny_plugin, monkeypatch,
         # the check after (FSDP2) preparation: registered once; on a model FSDP did not shard, nothing to do
         assert [type(c).__name__ for c in handler.callbacks] == ["_CheckAfterPreparation"]
         assert plugin.fsdp_report(model) is None
+        plugin.check_after_preparation(model, optimizer)  # no --fsdp, no shards: nothing to check
+        with pytest.raises(plugin.PlanMismatch, match="given --fsdp but accelerate did not shard"):
+            plugin.check_after_preparation(model, optimizer, fsdp=True)  # never DDP in FSDP2's place
     else:
         optimizer, scheduler = plugin.create_mixspec_optimizer(args, model, None)
         assert scheduler is None

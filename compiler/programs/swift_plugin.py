@@ -316,9 +316,10 @@ def check_optimizer(optimizer, model, output_dir=None):
             json.dump(report, fh, indent=1, sort_keys=True)
 
 
-def fsdp_report(model):
-    """Under FSDP2 (after accelerate's fsdp2_prepare_model): the number of FSDP units, and the
-    parameters that are not DTensor shards (none expected); None when the model is not sharded."""
+def fsdp_report(model, wrap_classes=()):
+    """Under FSDP2 (after accelerate's fsdp2_prepare_model): the number of FSDP units, the
+    blocks of the planned classes (the --fsdp JSON's) that are not units and the parameters
+    that are not DTensor shards (none expected); None when the model is not sharded."""
     try:
         from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
@@ -329,19 +330,29 @@ def fsdp_report(model):
         return None
     params = list(model.named_parameters())
     plain = sorted(plain_name(n) for n, p in params if not isinstance(p, DTensor))
+    not_units = sorted(plain_name(n) for n, m in model.named_modules()
+                       if type(m).__name__ in wrap_classes and not isinstance(m, FSDPModule))
     local = {plain_name(n): list(p.to_local().shape) for n, p in params if isinstance(p, DTensor)}
     return {"units": len(units), "sharded_params": len(params) - len(plain), "plain_params": plain,
+            "blocks_not_units": not_units,
             "local_shapes": local}
 
 
-def check_after_preparation(model, optimizer, output_dir=None):
+def check_after_preparation(model, optimizer, output_dir=None, wrap_classes=(), fsdp=False):
     """Under FSDP2 accelerate shards the model after the optimizer is built and swaps the
-    optimizer's parameters for the shards: the same check again, on the sharded model."""
-    report = fsdp_report(model)
+    optimizer's parameters for the shards: the same check again, on the sharded model, and
+    every block of the planned classes an FSDP unit. ``fsdp``: the run was given --fsdp, and
+    must not go on unsharded (accelerate picks DDP where it finds no GPU)."""
+    report = fsdp_report(model, wrap_classes)
     if report is None:
+        if fsdp:
+            raise PlanMismatch("mixspec: the run was given --fsdp but accelerate did not shard the model "
+                               "(no FSDP unit after preparation; on a machine without GPUs it runs DDP); "
+                               "never DDP in place of the planned FSDP2: launch on GPUs")
         return
-    if report["plain_params"]:
-        raise _mismatch("FSDP2's sharding", "  not DTensor shards: " + ", ".join(report["plain_params"][:20]))
+    if report["plain_params"] or report["blocks_not_units"]:
+        raise _mismatch("FSDP2's sharding", "  not DTensor shards: " + ", ".join(report["plain_params"][:20])
+                        + "\n  blocks that are not FSDP units: " + ", ".join(report["blocks_not_units"][:20]))
     check_optimizer(optimizer, model)
     _log(f"FSDP2 check passed: {report['units']} units, every parameter a DTensor shard, the optimizer's "
          "groups hold the shards at the planned learning rates and weight decays")
@@ -366,7 +377,8 @@ if SWIFT_VERSION >= 4:  # swift.tuner_plugin, swift.optimizers
 
     class _CheckAfterPreparation(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-            check_after_preparation(model, optimizer, args.output_dir)
+            wrap = (getattr(args, "fsdp_config", None) or {}).get("transformer_layer_cls_to_wrap") or ()
+            check_after_preparation(model, optimizer, args.output_dir, tuple(wrap), bool(getattr(args, "fsdp", None)))
 
     class MixspecOptimizer(OptimizerCallback):
         def create_optimizer(self, model=None):
