@@ -14,6 +14,11 @@ with a system turn), then measures rows/s of:
 
 It prints one JSON object: rows/s of each, and per worker the ratio to the floor (the goal is
 at least 0.8, the same for every worker count: linear in workers).
+
+With ``--cpu-rows N`` it also times both on the first N rows by CPU time in this one process
+(``time.process_time``, alternating floor and check, best of ``--repeat``), reading the file
+included in both: per-worker throughput that other jobs on a shared machine move far less
+than wall clock.
 """
 
 from __future__ import annotations
@@ -81,6 +86,50 @@ def floor_rate(model: Path, data: Path) -> float:
     return len(rows) / (time.perf_counter() - start)
 
 
+def floor_seconds(processor, data: Path) -> float:
+    """CPU seconds of the floor over the file: parse each line, open its images, process it."""
+    import data_oracle
+
+    start = time.process_time()
+    for line in data.read_text(encoding="utf-8").splitlines():
+        messages, _ = data_oracle.hf_messages(json.loads(line), str(data.parent))
+        processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    return time.process_time() - start
+
+
+def check_seconds(encoder, setup: dict, data: Path) -> float:
+    """CPU seconds of the check over the file in this process: scan_rows, then check_rows."""
+    from mixspec.programs import hf_train
+
+    start = time.process_time()
+    rows, _ = hf_train.scan_rows(str(data))
+    hf_train.check_rows(rows, setup, workers=1, encoder=encoder, progress=False)
+    return time.process_time() - start
+
+
+def cpu_rates(model: Path, data: Path, rows: int, repeat: int, max_length: int) -> dict:
+    """Rows/s by CPU time in one process on the first ROWS rows, best of REPEAT, alternating."""
+    import torch
+    import transformers
+
+    from mixspec.programs import hf_train
+
+    torch.set_num_threads(1)
+    part = data.with_name("cpu_part.jsonl")
+    part.write_text("\n".join(data.read_text(encoding="utf-8").splitlines()[:rows]) + "\n", encoding="utf-8")
+    setup = {"model": str(model), "model_type": transformers.AutoConfig.from_pretrained(model).model_type,
+             "multimodal": True, "max_length": max_length, "mixspec_version": "bench"}
+    processor = transformers.AutoProcessor.from_pretrained(model)
+    encoder = hf_train.make_encoder(str(model), setup, quiet=True)
+    floor_s, check_s = [], []
+    for _ in range(repeat):
+        floor_s.append(floor_seconds(processor, part))
+        check_s.append(check_seconds(encoder, setup, part))
+    floor, check = rows / min(floor_s), rows / min(check_s)
+    return {"rows": rows, "repeat": repeat, "floor_rows_per_s": round(floor, 1),
+            "check_rows_per_s": round(check, 1), "ratio_to_floor": round(check / floor, 3)}
+
+
 def check_rate(model: Path, data: Path, family: str, workers: int, max_length: int) -> tuple[float, dict]:
     import transformers
 
@@ -98,8 +147,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--family", default="llava")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--max-length", type=int, default=4096)
+    parser.add_argument("--cpu-rows", type=int, default=0, help="also time by CPU time on this many rows (0: not)")
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -108,6 +159,8 @@ def main(argv=None) -> int:
         floor = floor_rate(model, data)
         out = {"family": args.family, "rows": args.rows, "cpus": os.cpu_count(), "floor_rows_per_s": round(floor, 1),
                "check": []}
+        if args.cpu_rows:
+            out["cpu_time"] = cpu_rates(model, data, min(args.cpu_rows, args.rows), args.repeat, args.max_length)
         for workers in args.workers:
             rate, report = check_rate(model, data, args.family, workers, args.max_length)
             out["check"].append({"workers": workers, "rows_per_s": round(rate, 1), "accepted": report["accepted"],
