@@ -10,7 +10,10 @@ with a system turn), then measures rows/s of:
   conversation with its images opened from disk (``processor.apply_chat_template(messages,
   tokenize=True, return_dict=True)``): the least any check that reads every row through the
   processor must do;
-- the check (``check_data``, no cache) with each worker count.
+- the check (``check_data``, no cache) with each worker count; beside its rows/s, the rate
+  without the workers' start (each spawned worker imports train.py's module and loads the
+  processor, seconds of fixed cost): the extra rows over the extra time against a run on the
+  first 256 rows per worker.
 
 It prints one JSON object: rows/s of each, and per worker the ratio to the floor (the goal is
 at least 0.8, the same for every worker count: linear in workers).
@@ -143,6 +146,22 @@ def check_rate(model: Path, data: Path, family: str, workers: int, max_length: i
     return report["rows"] / (time.perf_counter() - start), report
 
 
+def check_entry(model: Path, data: Path, args, workers: int, floor: float) -> dict:
+    """Rows/s of the check with WORKERS, with and without the workers' start."""
+    rate, report = check_rate(model, data, args.family, workers, args.max_length)
+    out = {"workers": workers, "rows_per_s": round(rate, 1), "accepted": report["accepted"],
+           "ratio_to_floor_per_worker": round(rate / (floor * workers), 3)}
+    first = min(256 * workers, args.rows // 4)
+    if workers > 1 and first:
+        part = data.with_name(f"first{first}.jsonl")
+        part.write_text("\n".join(data.read_text(encoding="utf-8").splitlines()[:first]) + "\n", encoding="utf-8")
+        small, _ = check_rate(model, part, args.family, workers, args.max_length)
+        marginal = (args.rows - first) / (args.rows / rate - first / small)
+        out.update(started_rows_per_s=round(marginal, 1),
+                   started_ratio_to_floor_per_worker=round(marginal / (floor * workers), 3))
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000)
@@ -162,9 +181,7 @@ def main(argv=None) -> int:
         if args.cpu_rows:
             out["cpu_time"] = cpu_rates(model, data, min(args.cpu_rows, args.rows), args.repeat, args.max_length)
         for workers in args.workers:
-            rate, report = check_rate(model, data, args.family, workers, args.max_length)
-            out["check"].append({"workers": workers, "rows_per_s": round(rate, 1), "accepted": report["accepted"],
-                                 "ratio_to_floor_per_worker": round(rate / (floor * workers), 3)})
+            out["check"].append(check_entry(model, data, args, workers, floor))
     print(json.dumps(out, indent=2))
     return 0
 
