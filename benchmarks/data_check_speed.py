@@ -10,10 +10,20 @@ with a system turn), then measures rows/s of:
   conversation with its images opened from disk (``processor.apply_chat_template(messages,
   tokenize=True, return_dict=True)``): the least any check that reads every row through the
   processor must do;
-- the check (``check_data``, no cache) with each worker count.
+- the check (``check_data``, no cache) with each worker count; beside its rows/s, the rate
+  without the workers' start (each spawned worker imports train.py's module and loads the
+  processor, seconds of fixed cost): the extra rows over the extra time against a run on the
+  first 256 rows per worker. Each also by CPU time of all its processes (rows per CPU second,
+  against the floor's): per-worker throughput whether or not a free core was there, so
+  linearity can be read on a shared machine.
 
 It prints one JSON object: rows/s of each, and per worker the ratio to the floor (the goal is
 at least 0.8, the same for every worker count: linear in workers).
+
+With ``--cpu-rows N`` it also times both on the first N rows by CPU time in this one process
+(``time.process_time``, alternating floor and check, best of ``--repeat``), reading the file
+included in both: per-worker throughput that other jobs on a shared machine move far less
+than wall clock.
 """
 
 from __future__ import annotations
@@ -65,8 +75,16 @@ def make_rows(folder: Path, rows: int, seed: int = 0) -> Path:
     return path
 
 
-def floor_rate(model: Path, data: Path) -> float:
-    """Rows/s of the processor alone, one row at a time, on one core."""
+def cpu_seconds() -> float:
+    """CPU time of this process and of its ended children (the check's worker processes)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def floor_rate(model: Path, data: Path) -> tuple[float, float]:
+    """Rows/s of the processor alone, one row at a time, on one core: by wall clock, by CPU time."""
     import data_oracle
     import torch
     import transformers
@@ -74,14 +92,59 @@ def floor_rate(model: Path, data: Path) -> float:
     torch.set_num_threads(1)
     processor = transformers.AutoProcessor.from_pretrained(model)
     rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for row in rows:
         messages, _ = data_oracle.hf_messages(row, str(data.parent))
         processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
-    return len(rows) / (time.perf_counter() - start)
+    return len(rows) / (time.perf_counter() - start), len(rows) / (time.process_time() - cpu)
 
 
-def check_rate(model: Path, data: Path, family: str, workers: int, max_length: int) -> tuple[float, dict]:
+def floor_seconds(processor, data: Path) -> float:
+    """CPU seconds of the floor over the file: parse each line, open its images, process it."""
+    import data_oracle
+
+    start = time.process_time()
+    for line in data.read_text(encoding="utf-8").splitlines():
+        messages, _ = data_oracle.hf_messages(json.loads(line), str(data.parent))
+        processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    return time.process_time() - start
+
+
+def check_seconds(encoder, setup: dict, data: Path) -> float:
+    """CPU seconds of the check over the file in this process: scan_rows, then check_rows."""
+    from mixspec.programs import hf_train
+
+    start = time.process_time()
+    rows, _ = hf_train.scan_rows(str(data))
+    hf_train.check_rows(rows, setup, workers=1, encoder=encoder, progress=False)
+    return time.process_time() - start
+
+
+def cpu_rates(model: Path, data: Path, rows: int, repeat: int, max_length: int) -> dict:
+    """Rows/s by CPU time in one process on the first ROWS rows, best of REPEAT, alternating."""
+    import torch
+    import transformers
+
+    from mixspec.programs import hf_train
+
+    torch.set_num_threads(1)
+    part = data.with_name("cpu_part.jsonl")
+    part.write_text("\n".join(data.read_text(encoding="utf-8").splitlines()[:rows]) + "\n", encoding="utf-8")
+    setup = {"model": str(model), "model_type": transformers.AutoConfig.from_pretrained(model).model_type,
+             "multimodal": True, "max_length": max_length, "mixspec_version": "bench"}
+    processor = transformers.AutoProcessor.from_pretrained(model)
+    encoder = hf_train.make_encoder(str(model), setup, quiet=True)
+    floor_s, check_s = [], []
+    for _ in range(repeat):
+        floor_s.append(floor_seconds(processor, part))
+        check_s.append(check_seconds(encoder, setup, part))
+    floor, check = rows / min(floor_s), rows / min(check_s)
+    return {"rows": rows, "repeat": repeat, "floor_rows_per_s": round(floor, 1),
+            "check_rows_per_s": round(check, 1), "ratio_to_floor": round(check / floor, 3)}
+
+
+def check_rate(model: Path, data: Path, family: str, workers: int, max_length: int) -> tuple[float, float, dict]:
+    """(rows/s, CPU seconds of this process and its workers, the report)."""
     import transformers
 
     from mixspec.programs import hf_train
@@ -89,29 +152,52 @@ def check_rate(model: Path, data: Path, family: str, workers: int, max_length: i
     model_type = transformers.AutoConfig.from_pretrained(model).model_type
     setup = {"model": str(model), "model_type": model_type, "multimodal": True, "max_length": max_length,
              "mixspec_version": "bench"}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     report, _ = hf_train.check_data([("train", str(data))], setup, workers=workers, progress=False, cache=False)
-    return report["rows"] / (time.perf_counter() - start), report
+    return report["rows"] / (time.perf_counter() - start), cpu_seconds() - cpu, report
+
+
+def check_entry(model: Path, data: Path, args, workers: int, floor: float, floor_cpu: float) -> dict:
+    """Rows/s of the check with WORKERS, with and without the workers' start; and rows per CPU
+    second of all its processes against the floor's (per worker, whatever else runs)."""
+    rate, cpu, report = check_rate(model, data, args.family, workers, args.max_length)
+    out = {"workers": workers, "rows_per_s": round(rate, 1), "accepted": report["accepted"],
+           "ratio_to_floor_per_worker": round(rate / (floor * workers), 3),
+           "rows_per_cpu_s": round(args.rows / cpu, 1), "cpu_ratio_to_floor": round(args.rows / cpu / floor_cpu, 3)}
+    first = min(256 * workers, args.rows // 4)
+    if workers > 1 and first:
+        part = data.with_name(f"first{first}.jsonl")
+        part.write_text("\n".join(data.read_text(encoding="utf-8").splitlines()[:first]) + "\n", encoding="utf-8")
+        small, small_cpu, _ = check_rate(model, part, args.family, workers, args.max_length)
+        marginal = (args.rows - first) / (args.rows / rate - first / small)
+        marginal_cpu = (args.rows - first) / (cpu - small_cpu)
+        out.update(started_rows_per_s=round(marginal, 1),
+                   started_ratio_to_floor_per_worker=round(marginal / (floor * workers), 3),
+                   started_rows_per_cpu_s=round(marginal_cpu, 1),
+                   started_cpu_ratio_to_floor=round(marginal_cpu / floor_cpu, 3))
+    return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--family", default="llava")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--max-length", type=int, default=4096)
+    parser.add_argument("--cpu-rows", type=int, default=0, help="also time by CPU time on this many rows (0: not)")
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model = make_model(args.family, folder)
         data = make_rows(folder, args.rows)
-        floor = floor_rate(model, data)
+        floor, floor_cpu = floor_rate(model, data)
         out = {"family": args.family, "rows": args.rows, "cpus": os.cpu_count(), "floor_rows_per_s": round(floor, 1),
-               "check": []}
+               "floor_rows_per_cpu_s": round(floor_cpu, 1), "load_average": list(os.getloadavg()), "check": []}
+        if args.cpu_rows:
+            out["cpu_time"] = cpu_rates(model, data, min(args.cpu_rows, args.rows), args.repeat, args.max_length)
         for workers in args.workers:
-            rate, report = check_rate(model, data, args.family, workers, args.max_length)
-            out["check"].append({"workers": workers, "rows_per_s": round(rate, 1), "accepted": report["accepted"],
-                                 "ratio_to_floor_per_worker": round(rate / (floor * workers), 3)})
+            out["check"].append(check_entry(model, data, args, workers, floor, floor_cpu))
     print(json.dumps(out, indent=2))
     return 0
 

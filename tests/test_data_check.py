@@ -411,3 +411,18 @@ def test_assistant_tokens_located_without_reprocessing_match_reprocessing(family
         a, b = labels(fast, r), labels(slow, r)
         assert type(a) is type(b) and (a == b if isinstance(a, str) else torch.equal(a, b)), r.get("_where")
     assert fast.fast_prefix and fast.fast_checked
+
+    # two turns, an image in the second question: the first turn's cut has an image after it,
+    # so there the shortcut must not be taken (the processor runs on the prefix); the rest may
+    taken = []
+    shortcut = fast.fast_prefix_length
+    fast.fast_prefix_length = lambda text, ids: taken.append((text, shortcut(text, ids))) or taken[-1][1]
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "<image>What is it?"}, {"role": "assistant", "content": "A red square."}]
+    multi = {"messages": turns, "images": ["a.png"], "_base": str(data.parent), "_where": "multi"}
+    a, b = labels(fast, multi), labels(slow, multi)
+    assert torch.is_tensor(a) and torch.equal(a, b) and int((a != -100).sum()) > 0
+    marker = fast.image_markers()[0]
+    full = fast.render(hf_train.conversation(multi, True)[0])
+    assert [got is None for text, got in taken] == [marker in full[len(text):] for text, _ in taken]
+    assert any(got is None for _, got in taken) and any(got is not None for _, got in taken)

@@ -1340,8 +1340,9 @@ class ConversationEncoder:
 
     def count_image_tokens(self, ids):
         """Tokens that stand for image content (the processor's image token, else every image-framing token)."""
-        wanted = [self.image_token_id] if self.image_token_id is not None else sorted(self.image_ids)
-        return int(torch.isin(ids, torch.tensor(wanted)).sum()) if wanted else 0
+        if self.image_token_id is not None:
+            return int((ids == self.image_token_id).sum())
+        return int(torch.isin(ids, torch.tensor(sorted(self.image_ids))).sum()) if self.image_ids else 0
 
     def assistant_labels(self, messages, full, pil, ids, where):
         """Each assistant turn's tokens: from where the generation prompt ends (or, for templates
@@ -1414,12 +1415,12 @@ class ConversationEncoder:
         a prefix of ids; else None (the caller processes text again)."""
         if not self.fast_prefix or self.expanded is None:
             return None
-        full, expanded, call = self.expanded
+        full, expanded, call, whole = self.expanded
         rest = full[len(text):] if full.startswith(text) else None
         if not rest or any(m in rest for m in self.image_markers()) or not expanded.endswith(rest):
             return None
         got = call(expanded[: len(expanded) - len(rest)])
-        if got is None or len(got) > ids.shape[0] or got != ids[: len(got)].tolist():
+        if got is None or len(got) > len(whole) or got != whole[: len(got)]:
             return None
         return len(got)
 
@@ -1481,8 +1482,8 @@ class _RecordingTokenizer:
 
     def expanded(self, given, input_ids):
         """(the text as given, the expanded text, a function: expanded text -> token ids as the
-        processor would get them) when the processor called the tokenizer once on one text and
-        returned exactly its ids; else None."""
+        processor would get them, the ids as a list) when the processor called the tokenizer once
+        on one text and returned exactly its ids; else None."""
         if len(self._calls) != 1 or input_ids.shape[0] != 1:
             return None
         args, kwargs, out = self._calls[0]
@@ -1490,9 +1491,11 @@ class _RecordingTokenizer:
         if isinstance(text, (list, tuple)) and len(text) == 1:
             text = text[0]
         ids = _id_list(out.get("input_ids") if hasattr(out, "get") else None)
-        if not isinstance(text, str) or ids != input_ids[0].tolist():
+        whole = input_ids[0].tolist()
+        if not isinstance(text, str) or ids != whole:
             return None
-        rest = {k: v for k, v in kwargs.items() if k != "text"}
+        # the same arguments but plain lists back: the ids do not depend on the tensor type
+        rest = {k: v for k, v in kwargs.items() if k not in ("text", "return_tensors")}
         inner, batched = self._inner, isinstance(kwargs.get("text", args[0] if args else None), (list, tuple))
 
         def call(prefix):
@@ -1503,18 +1506,19 @@ class _RecordingTokenizer:
                 return None
             return _id_list(got.get("input_ids"))
 
-        return given, text, call
+        return given, text, call, whole
 
 
 def _id_list(value):
-    """One row's token ids as a list of ints (from a tensor, an array or nested lists)."""
+    """One row's token ids as a list (from a tensor, an array or nested lists); callers compare
+    it with a list of ints, so anything else in it never matches."""
     if value is None:
         return None
     if hasattr(value, "tolist"):
         value = value.tolist()
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], list):
         value = value[0]
-    return value if isinstance(value, list) and all(isinstance(v, int) for v in value) else None
+    return value if isinstance(value, list) else None
 
 
 class _OneRowImages:
