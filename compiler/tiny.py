@@ -28,6 +28,7 @@ import json
 import shutil
 from pathlib import Path
 
+from mixspec import tiny_processor
 from mixspec.errors import MixspecError
 
 LAYER_KEYS = ("num_hidden_layers", "depth", "num_layers", "encoder_layers", "decoder_layers")
@@ -162,12 +163,22 @@ def make_tiny(source_dir: Path, out_dir: Path, layers: int = 2, trust_remote_cod
                         "hidden size) and save it with transformers' save_pretrained") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    copied = []
-    for name in PROCESSOR_FILES:
-        src = source_dir / name
-        if src.is_file():
-            shutil.copy(src, out_dir / name)
-            copied.append(name)
+    copied = [name for name in PROCESSOR_FILES if (source_dir / name).is_file()]
+    for name in copied:
+        shutil.copy(source_dir / name, out_dir / name)
+    synthesized, missing = _synthesize(tiny, out_dir) if not copied else ([], None)
     (out_dir / "mixspec_tiny.json").write_text(json.dumps(
-        {"source": str(source_dir), "layers": layers, "note": "random weights: for smoke tests only"}, indent=2) + "\n")
-    return {"architecture": arch, "params": sum(p.numel() for p in model.parameters()), "copied": copied}
+        {"source": str(source_dir), "layers": layers, "note": "random weights: for smoke tests only",
+         "copied": copied, "synthesized": synthesized,
+         **({"tokenizer": tiny_processor.NOTE} if synthesized else {})}, indent=2) + "\n")
+    return {"architecture": arch, "params": sum(p.numel() for p in model.parameters()), "copied": copied,
+            "synthesized": synthesized, "missing": missing}
+
+
+def _synthesize(config, out_dir: Path) -> tuple[list[str], str | None]:
+    """Synthesized tokenizer/processor files (the source has none): (names written, None), or
+    ([], why not) for a family with no offline recipe (the model itself is still complete)."""
+    try:
+        return tiny_processor.write_processor(config, out_dir), None
+    except tiny_processor.TinyProcessorError as exc:
+        return [], str(exc)
