@@ -66,6 +66,26 @@ LLAVA_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
+# the published google/gemma-3 chat template
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- if messages[0]['content'] is string -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- else -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}{%- else -%}"
+    "{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}{%- elif item['type'] == 'text' -%}"
+    "{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- else -%}"
+    "{{ raise_exception(\"Invalid content type\") }}{%- endif -%}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}"
+)
+
 _CORPUS = (
     "The quick brown fox jumps over the lazy dog. A picture shows a red square on a white "
     "background. What is in the image? Describe the colours and shapes you see. The answer is "
@@ -154,6 +174,36 @@ def llava_tokenizer(image_token_id: int, pad_token_id: int | None):
     return tok
 
 
+def placed_tokenizer(placed: dict[int, str], roles: dict[str, str], extra: dict[str, str] | None = None):
+    """A BOS-prepending byte-level BPE whose special tokens sit at the given ids (``placed``:
+    {id: token}); the trained tokens fill the other ids from 0 up, fillers the rest up to the
+    largest placed id. ``roles``: bos/eos/pad/unk -> token; ``extra``: named special tokens
+    the family's processor reads from the tokenizer (image_token, boi_token, ...)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import AddedToken, PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trained, merges = train_bpe(600, pre)
+    free = (t for t, _ in sorted(trained.items(), key=lambda kv: kv[1]))
+    vocab = {}
+    for i in range(max(placed) + 1):
+        token = placed.get(i) or next(free, None) or f"<filler_{i}>"
+        vocab[token] = i
+    missing = [t for t in free]
+    if missing:
+        raise TinyProcessorError(f"error: {len(missing)} trained tokens found no free id below {max(placed)}")
+    inner = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=roles.get("unk_token")))
+    inner.pre_tokenizer = pre
+    inner.decoder = decoders.ByteLevel()
+    bos = roles["bos_token"]
+    inner.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, model_max_length=8192, clean_up_tokenization_spaces=False,
+                                  extra_special_tokens=extra or {}, **roles)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in placed.values()], special_tokens=True)
+    return tok
+
+
 def _image_processor_class(model_type: str):
     """The family's PIL image processor class (transformers' auto mapping; no torchvision)."""
     from transformers.models.auto.image_processing_auto import (
@@ -208,9 +258,59 @@ def _write_llava(config, out: Path, processor_name: str) -> None:
     tok.save_pretrained(out)
 
 
+def _gemma_roles(text) -> tuple[dict[int, str], dict[str, str]]:
+    """Gemma's <pad> <eos> <bos> at the text config's ids (0, 1, 2 as published)."""
+    eos = text.eos_token_id[0] if isinstance(text.eos_token_id, list) else text.eos_token_id
+    placed = {text.pad_token_id: "<pad>", eos: "<eos>", text.bos_token_id: "<bos>"}
+    return placed, {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>"}
+
+
+def _write_gemma3(config, out: Path, processor_name: str) -> None:
+    """Gemma 3: turn markers and <start_of_image>/<end_of_image>/<image_soft_token> at the config's
+    ids, SigLIP-style image processor at the vision config's image size, mm_tokens_per_image."""
+    import transformers
+
+    placed, roles = _gemma_roles(config.get_text_config())
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    placed.update({eos[-1] - 1: "<start_of_turn>", eos[-1]: "<end_of_turn>", config.boi_token_index: "<start_of_image>",
+                   config.eoi_token_index: "<end_of_image>", config.image_token_index: "<image_soft_token>"})
+    tok = placed_tokenizer(placed, roles, {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                                           "eoi_token": "<end_of_image>"})
+    size = config.vision_config.image_size
+    image_processor = _image_processor_class(config.model_type)(size={"height": size, "width": size})
+    processor = getattr(transformers, processor_name)(image_processor=image_processor, tokenizer=tok,
+                                                      chat_template=GEMMA3_CHAT_TEMPLATE,
+                                                      image_seq_length=config.mm_tokens_per_image)
+    processor.save_pretrained(out)
+    tok.chat_template = GEMMA3_CHAT_TEMPLATE
+    tok.save_pretrained(out)
+
+
+def _write_paligemma(config, out: Path, processor_name: str) -> None:
+    """PaliGemma (a prefix LM, no chat template): the <locNNNN>/<segNNN> tokens the processor
+    adds (transformers' own list) from the first id after the text vocabulary, <image> after them
+    at the config's id, SigLIP's image processor at the vision config's image size."""
+    import transformers
+    from transformers.models.paligemma import processing_paligemma as pg
+
+    text = config.get_text_config()
+    placed, roles = _gemma_roles(text)
+    first = config.image_token_index - len(pg.EXTRA_TOKENS)
+    placed.update({first + i: t for i, t in enumerate(pg.EXTRA_TOKENS)})
+    placed[config.image_token_index] = pg.IMAGE_TOKEN
+    tok = placed_tokenizer(placed, roles)
+    size = config.vision_config.image_size
+    image_processor = _image_processor_class(config.model_type)(size={"height": size, "width": size})
+    image_processor.image_seq_length = text.num_image_tokens
+    processor = getattr(transformers, processor_name)(image_processor=image_processor, tokenizer=tok)
+    processor.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
 # family -> writer, keyed by transformers' processor class for the config's model_type
 WRITERS = {"Qwen2VLProcessor": _write_qwen, "Qwen2_5_VLProcessor": _write_qwen,
-           "Qwen3VLProcessor": _write_qwen, "LlavaProcessor": _write_llava}
+           "Qwen3VLProcessor": _write_qwen, "LlavaProcessor": _write_llava, "Gemma3Processor": _write_gemma3,
+           "PaliGemmaProcessor": _write_paligemma}
 
 
 def processor_name(model_type: str) -> str | None:
