@@ -189,3 +189,37 @@ def test_merging_families_image_processor_follows_the_config(model_id, tiny_dirs
     patches = int(out["image_grid_thw"].prod())
     assert patches == image_processor.get_number_of_image_patches(48, 64, {})
     assert patches % vision.spatial_merge_size ** 2 == 0 and patches // vision.spatial_merge_size ** 2 > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_id", FAMILIES)
+def test_the_compiled_train_py_trains_on_the_tiny_model(model_id, tiny_dirs, tmp_path):
+    """`mixspec compile --target hf` over the tiny model, then train.py for one step on CPU: an image
+    row where transformers builds the family's processor here (not Qwen-VL without torchvision),
+    else a text row."""
+    import subprocess
+    import sys
+
+    where = tiny_dirs[model_id][0]
+    processor, _ = _processor(where)
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "red.png")
+    # an image row where the processor loads (PaliGemma's refuses rows without an image), else a text row
+    rows = [{"messages": [{"role": "user", "content": "<image>What colour?"}, {"role": "assistant", "content": "Red."}],
+             "images": ["red.png"]} if processor is not None else
+            {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "spec.yaml").write_text(
+        f"version: 1\nmodel: {where}\ncomponents:\n  vision: {{train: full, lr: 1.0e-5}}\n"
+        f"  language: {{train: lora, lr: 1.0e-4, lora: {{rank: 4, alpha: 8}}}}\n"
+        f"training: {{max_length: 2048, max_steps: 1, precision: fp32}}\n"
+        f"data: {{train: {tmp_path / 'train.jsonl'}}}\noutput_dir: {tmp_path / 'run'}\n")
+    code, _, err = run("compile", tmp_path / "spec.yaml", "--target", "hf", "-o", tmp_path / "out")
+    assert code == 0, err
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MIXSPEC_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, str(tmp_path / "out" / "train.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"{len(rows)} accepted" in done.stdout + done.stderr
+    assert (tmp_path / "run" / "final" / "mixspec_plan.json").is_file()
