@@ -350,8 +350,10 @@ def tiny(
 
         typer.echo(f"  synthesized ({source.path} has no tokenizer/processor files): {', '.join(made['synthesized'])}")
         typer.echo(f"  the tokenizer is {NOTE}")
-    if made["missing"]:
+    if made["missing"] and not made["synthesized"]:
         _stderr(f"warning: {out} has no tokenizer/processor files; {made['missing'].removeprefix('error: ')}")
+    elif made["missing"]:
+        _stderr(f"warning: {made['missing']}")
 
 
 @app.command(cls=_Command)

@@ -179,6 +179,11 @@ def _synthesize(config, out_dir: Path) -> tuple[list[str], str | None]:
     """Synthesized tokenizer/processor files (the source has none): (names written, None), or
     ([], why not) for a family with no offline recipe (the model itself is still complete)."""
     try:
-        return tiny_processor.write_processor(config, out_dir), None
+        written = tiny_processor.write_processor(config, out_dir)
     except tiny_processor.TinyProcessorError as exc:
         return [], str(exc)
+    problem = tiny_processor.load_problem(out_dir)
+    if problem:  # the files are right; this environment lacks what the family's processor imports
+        return written, (f"AutoProcessor cannot load {out_dir} in this environment ({problem}): "
+                         "rows with images fail here, text rows work")
+    return written, None

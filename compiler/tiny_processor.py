@@ -335,3 +335,16 @@ def write_processor(config, out: Path) -> list[str]:
     before = {p.name for p in out.iterdir()}
     writer(config, out, name)
     return sorted(p.name for p in out.iterdir() if p.name not in before)
+
+
+def load_problem(out: Path) -> str | None:
+    """Why transformers cannot load the written processor here (None when it loads): the
+    Qwen-VL processors need torchvision for their video processor, as the real ones do."""
+    import transformers
+
+    try:
+        transformers.AutoProcessor.from_pretrained(out)
+    except Exception as exc:  # noqa: BLE001  (whatever transformers raises is the answer)
+        first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+        return f"{type(exc).__name__}: {first.rstrip('.')}"
+    return None

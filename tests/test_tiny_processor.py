@@ -69,7 +69,7 @@ def _processor(where: Path):
     try:
         return transformers.AutoProcessor.from_pretrained(where), None
     except ImportError as exc:
-        return None, str(exc).strip().splitlines()[0]
+        return None, str(exc).strip().splitlines()[0].split(". ")[0]
 
 
 def test_the_catalog_has_processor_families_and_tiny_covers_most():
@@ -144,7 +144,8 @@ def test_the_familys_processor_loads_and_encodes_an_image_row(model_id, tiny_dir
     vision = config.vision_config
     assert getattr(image_processor, "patch_size", vision.patch_size) == vision.patch_size
     processor, why = _processor(where)
-    if processor is None:
+    if processor is None:  # and `mixspec tiny` said so
+        assert "warning: AutoProcessor cannot load" in tiny_dirs[model_id][2] and "text rows work" in tiny_dirs[model_id][2]
         pytest.skip(f"transformers cannot build {processor_name(config.model_type)} here: {why}")
     assert type(processor).__name__ == processor_name(config.model_type)
     got, expected = _row_image_tokens(where, config)
