@@ -4,7 +4,8 @@ program end to end on a CPU before renting GPUs.
 What comes in: a model (catalog id, cached hub id or local directory). What goes out: a model
 directory with the same architecture, the same module names (fewer blocks) and the same roles,
 random weights (seed 0, float32), and, where the source directory has them, its
-tokenizer/processor files copied unchanged (so the vocabulary keeps its real size).
+tokenizer/processor files copied unchanged (so the vocabulary keeps its real size); where it has
+none (a catalog id), stand-in files synthesized offline (mixspec.tiny_processor).
 
 How it shrinks, for every sub-config transformers builds (text, vision, audio, ...), by the
 meaning of the keys rather than a list per family:
