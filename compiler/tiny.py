@@ -167,7 +167,9 @@ def make_tiny(source_dir: Path, out_dir: Path, layers: int = 2, trust_remote_cod
     copied = [name for name in PROCESSOR_FILES if (source_dir / name).is_file()]
     for name in copied:
         shutil.copy(source_dir / name, out_dir / name)
-    synthesized, missing = _synthesize(tiny, out_dir) if not copied else ([], None)
+    # generation_config.json alone is no tokenizer: synthesize unless a tokenizer/processor file came
+    has_processor = any(name != "generation_config.json" for name in copied)
+    synthesized, missing = _synthesize(tiny, out_dir) if not has_processor else ([], None)
     (out_dir / "mixspec_tiny.json").write_text(json.dumps(
         {"source": str(source_dir), "layers": layers, "note": "random weights: for smoke tests only",
          "copied": copied, "synthesized": synthesized,

@@ -224,3 +224,20 @@ def test_the_compiled_train_py_trains_on_the_tiny_model(model_id, tiny_dirs, tmp
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"{len(rows)} accepted" in done.stdout + done.stderr
     assert (tmp_path / "run" / "final" / "mixspec_plan.json").is_file()
+
+
+def test_a_local_config_only_dir_gets_synthesized_files_too(tmp_path):
+    """A local model dir with config.json and generation_config.json (no tokenizer): the same
+    synthesis as for the catalog id, and generation_config.json is copied."""
+    import shutil
+
+    import transformers
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(catalog_root() / "llava-hf/llava-1.5-7b-hf/config.json", src / "config.json")
+    (src / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    code, out, err = run("tiny", src, tmp_path / "tiny")
+    assert code == 0, err
+    assert "copied from" in out and "generation_config.json" in out and "synthesized" in out
+    assert type(transformers.AutoProcessor.from_pretrained(tmp_path / "tiny")).__name__ == "LlavaProcessor"
