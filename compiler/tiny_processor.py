@@ -333,7 +333,17 @@ def write_processor(config, out: Path) -> list[str]:
             "needed: hf download MODEL --exclude '*.safetensors' '*.bin'), or copy them into the tiny model's "
             "directory")
     before = {p.name for p in out.iterdir()}
-    writer(config, out, name)
+    try:
+        writer(config, out, name)
+    except Exception as exc:  # noqa: BLE001  (a config this recipe does not fit: no half-written files)
+        for path in out.iterdir():
+            if path.name not in before and path.is_file():
+                path.unlink()
+        why = str(exc).strip().splitlines()[0].removeprefix("error: ") if str(exc).strip() else ""
+        why = why if isinstance(exc, TinyProcessorError) else f"{type(exc).__name__}: {why}"
+        raise TinyProcessorError(
+            f"error: cannot synthesize the {name} files of this {config.model_type} config: {why}\n"
+            "  hint: give mixspec tiny a model directory that has the tokenizer/processor files") from None
     return sorted(p.name for p in out.iterdir() if p.name not in before)
 
 

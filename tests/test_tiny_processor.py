@@ -241,3 +241,18 @@ def test_a_local_config_only_dir_gets_synthesized_files_too(tmp_path):
     assert code == 0, err
     assert "copied from" in out and "generation_config.json" in out and "synthesized" in out
     assert type(transformers.AutoProcessor.from_pretrained(tmp_path / "tiny")).__name__ == "LlavaProcessor"
+
+
+def test_a_config_the_recipe_does_not_fit_leaves_no_files_and_no_traceback(tmp_path):
+    """A LLaVA config whose pad id does not follow the image id (not LLaVA-1.5's layout): the model
+    is written, the tokenizer is not (nothing half-written), and the warning says what to provide."""
+    src = tmp_path / "src"
+    src.mkdir()
+    config = json.loads((catalog_root() / "llava-hf/llava-1.5-7b-hf/config.json").read_text())
+    config["pad_token_id"] = 5
+    (src / "config.json").write_text(json.dumps(config))
+    code, out, err = run("tiny", src, tmp_path / "tiny")
+    assert code == 0 and "Traceback" not in out + err
+    assert "warning:" in err and "hint:" in err and "tokenizer/processor files" in err
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == \
+        ["config.json", "generation_config.json", "mixspec_tiny.json", "model.safetensors"]
