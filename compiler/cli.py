@@ -341,9 +341,19 @@ def tiny(
         made = make_tiny(Path(source.path), out, layers=layers, trust_remote_code=trust_remote_code)
     except MixspecError as exc:
         raise _fail(exc) from None
-    copied = ", ".join(made["copied"]) or "none (the source has no tokenizer/processor files: copy them in)"
-    typer.echo(f"wrote {out}: {made['architecture']}, {made['params']:,} parameters (random, float32); "
-               f"tokenizer/processor files: {copied}")
+    typer.echo(f"wrote {out}: {made['architecture']}, {made['params']:,} parameters (random weights, float32; "
+               "for smoke tests only)")
+    if made["copied"]:
+        typer.echo(f"  copied from {source.path}: {', '.join(made['copied'])}")
+    if made["synthesized"]:
+        from mixspec.tiny_processor import NOTE
+
+        typer.echo(f"  synthesized ({source.path} has no tokenizer/processor files): {', '.join(made['synthesized'])}")
+        typer.echo(f"  the tokenizer is {NOTE}")
+    if made["missing"] and not made["synthesized"]:
+        _stderr(f"warning: {out} has no tokenizer/processor files; {made['missing'].removeprefix('error: ')}")
+    elif made["missing"]:
+        _stderr(f"warning: {made['missing']}")
 
 
 @app.command(cls=_Command)

@@ -4,7 +4,8 @@ program end to end on a CPU before renting GPUs.
 What comes in: a model (catalog id, cached hub id or local directory). What goes out: a model
 directory with the same architecture, the same module names (fewer blocks) and the same roles,
 random weights (seed 0, float32), and, where the source directory has them, its
-tokenizer/processor files copied unchanged (so the vocabulary keeps its real size).
+tokenizer/processor files copied unchanged (so the vocabulary keeps its real size); where it has
+none (a catalog id), stand-in files synthesized offline (mixspec.tiny_processor).
 
 How it shrinks, for every sub-config transformers builds (text, vision, audio, ...), by the
 meaning of the keys rather than a list per family:
@@ -28,6 +29,7 @@ import json
 import shutil
 from pathlib import Path
 
+from mixspec import tiny_processor
 from mixspec.errors import MixspecError
 
 LAYER_KEYS = ("num_hidden_layers", "depth", "num_layers", "encoder_layers", "decoder_layers")
@@ -162,12 +164,29 @@ def make_tiny(source_dir: Path, out_dir: Path, layers: int = 2, trust_remote_cod
                         "hidden size) and save it with transformers' save_pretrained") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    copied = []
-    for name in PROCESSOR_FILES:
-        src = source_dir / name
-        if src.is_file():
-            shutil.copy(src, out_dir / name)
-            copied.append(name)
+    copied = [name for name in PROCESSOR_FILES if (source_dir / name).is_file()]
+    for name in copied:
+        shutil.copy(source_dir / name, out_dir / name)
+    # generation_config.json alone is no tokenizer: synthesize unless a tokenizer/processor file came
+    has_processor = any(name != "generation_config.json" for name in copied)
+    synthesized, missing = _synthesize(tiny, out_dir) if not has_processor else ([], None)
     (out_dir / "mixspec_tiny.json").write_text(json.dumps(
-        {"source": str(source_dir), "layers": layers, "note": "random weights: for smoke tests only"}, indent=2) + "\n")
-    return {"architecture": arch, "params": sum(p.numel() for p in model.parameters()), "copied": copied}
+        {"source": str(source_dir), "layers": layers, "note": "random weights: for smoke tests only",
+         "copied": copied, "synthesized": synthesized,
+         **({"tokenizer": tiny_processor.NOTE} if synthesized else {})}, indent=2) + "\n")
+    return {"architecture": arch, "params": sum(p.numel() for p in model.parameters()), "copied": copied,
+            "synthesized": synthesized, "missing": missing}
+
+
+def _synthesize(config, out_dir: Path) -> tuple[list[str], str | None]:
+    """Synthesized tokenizer/processor files (the source has none): (names written, None), or
+    ([], why not) for a family with no offline recipe (the model itself is still complete)."""
+    try:
+        written = tiny_processor.write_processor(config, out_dir)
+    except tiny_processor.TinyProcessorError as exc:
+        return [], str(exc)
+    problem = tiny_processor.load_problem(out_dir)
+    if problem:  # the files are right; this environment lacks what the family's processor imports
+        return written, (f"AutoProcessor cannot load {out_dir} in this environment ({problem}): "
+                         "rows with images fail here, text rows work")
+    return written, None

@@ -1236,7 +1236,10 @@ class ConversationEncoder:
         tokenizer.padding_side = "right"  # batches: every row starts at position 0, labels line up
         self.image_ids = image_token_ids(tokenizer, processor)
         self.image_token_id = None
+        # the token an image expands to: the tokenizer's own where it names one (Gemma 3's processor
+        # calls its <start_of_image> marker image_token; the 256 soft tokens are the tokenizer's)
         image_token = getattr(processor, "image_token", None) if processor is not None else None
+        image_token = getattr(tokenizer, "image_token", None) or image_token if processor is not None else None
         if isinstance(image_token, str):
             self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         # prefix tokens from the whole conversation's expanded text (see fast_prefix_length):
