@@ -40,7 +40,10 @@ class LoraOptions(_Strict):
             "full-matched against module names."
         ),
     )
-    layers: Optional[Union[str, list[int]]] = Field(
+    # flat Union[..., None], never Optional[Union[...]]: typing caches Optional[X] under an X that
+    # compares equal in any order, so a library's Optional[Union[list[int], str]] imported first
+    # would reorder this union and with it the published schema
+    layers: Union[str, list[int], None] = Field(
         None,
         description="Only these block indices, e.g. \"20-27\", \"0,2,4-6\" or [20, 21]. Default: all blocks.",
     )
@@ -167,7 +170,7 @@ class Data(_Strict):
     train: Union[str, list[str]] = Field(
         description="Training data: a .jsonl file (messages + images), a dataset id, or a list of them (mixed, "
                     "each checked and reported on its own).")
-    eval: Optional[Union[str, list[str]]] = Field(None, description="Optional evaluation data: a file, a dataset id "
+    eval: Union[str, list[str], None] = Field(None, description="Optional evaluation data: a file, a dataset id "
                                                                     "or a list of them.")
     max_pixels: int = Field(
         1003520, ge=1,

@@ -58,6 +58,25 @@ def test_committed_schema_is_current():
     )
 
 
+def test_the_schema_does_not_depend_on_what_was_imported_first():
+    """typing caches Optional[X] under an X that compares equal in any order: a library that made
+    Optional[Union[list[str], str]] before the spec's models were built reordered the spec's
+    unions, and the schema with them (seen when the test files were collected in another order)."""
+    import subprocess
+    import sys
+
+    code = ("from typing import Optional, Union\n"
+            "first = Optional[Union[list[str], str]], Optional[Union[list[int], str]], Union[list[str], str]\n"
+            "import importlib.util, sys\n"
+            "spec = importlib.util.spec_from_file_location('gen_schema', sys.argv[1])\n"
+            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+            "sys.stdout.write(module.render_schema())\n")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "scripts" / "gen_schema.py")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == SCHEMA_FILE.read_text(encoding="utf-8")
+
+
 def test_there_are_examples():
     assert len(EXAMPLES) >= 5
 
