@@ -76,7 +76,7 @@ def base_config(model_id) -> dict:
         config = transformers.MllamaConfig()
         config.architectures = ["MllamaForConditionalGeneration"]
         return config.to_dict()
-    return json.loads((ROOT / "compiler" / "catalog" / model_id / "config.json").read_text())
+    return json.loads((ROOT / "compiler" / "models" / "catalog" / model_id / "config.json").read_text())
 
 
 def config_object(model_id):
@@ -125,7 +125,7 @@ def prepare(config: dict, components: dict, deepspeed: bool, workdir: Path, name
     import torch
 
     from mixspec.api import load_spec, plan_spec, render
-    from mixspec.policy import execution_policy
+    from mixspec.planning.policy import execution_policy
 
     model_dir = workdir / name
     model_dir.mkdir(exist_ok=True)
@@ -221,8 +221,8 @@ _AUTOCAST = [False]
 
 
 def estimate_block(plan, policy, kind, seq, checkpointing, grad_in=True) -> float:
-    from mixspec.activations import block_bytes_per_token, block_fixed_bytes, block_index_training
-    from mixspec.estimate import _trained_sets
+    from mixspec.planning.activations import block_bytes_per_token, block_fixed_bytes, block_index_training
+    from mixspec.planning.estimate import _trained_sets
 
     full, lora = _trained_sets(plan)
     training = block_index_training(kind, kind.indices[0], full, lora)
@@ -240,7 +240,7 @@ CHECKPOINTING = ((False, False), (True, False), (True, True))  # (on, use_reentr
 def check(model_id, policy_name, mode, seq, workdir, results, config=None, ckpt=CHECKPOINTING):
     """Rows for every block kind of the LLM and the vision tower of one prepared model
     (``config``: a config dict to use instead of the model's reduced one)."""
-    from mixspec.activations import BlockKind
+    from mixspec.planning.activations import BlockKind
 
     config = config or reduced_config(base_config(model_id))
     model, plan, policy = prepare(config, MODES[mode], policy_name.endswith("deepspeed"), workdir,

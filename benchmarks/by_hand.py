@@ -7,7 +7,7 @@ tower (merger included) trainable, count.
 
     python benchmarks/by_hand.py MODEL_DIR
 
-MODEL_DIR holds a Qwen2-VL / Qwen2.5-VL config.json (e.g. compiler/catalog/Qwen/
+MODEL_DIR holds a Qwen2-VL / Qwen2.5-VL config.json (e.g. compiler/models/catalog/Qwen/
 Qwen2.5-VL-72B-Instruct). Prints one JSON line: seconds per phase and the counts, which
 benchmarks/speed.py compares with ``mixspec plan --json`` for the same setup.
 """

@@ -9,5 +9,5 @@ for spec in benchmarks/gpu_specs/*.yaml; do
   mkdir -p "$out/$name"
   mixspec plan "$spec" --json > "$out/$name/plan.json"
   model=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['model']['ref'])" "$out/$name/plan.json")
-  cp "compiler/catalog/$model/config.json" "$out/$name/config.json"
+  cp "compiler/models/catalog/$model/config.json" "$out/$name/config.json"
 done

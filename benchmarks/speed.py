@@ -228,7 +228,7 @@ def run(args) -> dict:
     warm_env = {**base_env, "MIXSPEC_CACHE_DIR": str(work / "cache-warm")}
     spec = work / "mixed.yaml"
     spec.write_text(MIXED_SPEC.format(model=args.model), encoding="utf-8")
-    model_dir = ROOT / "compiler" / "catalog" / args.model
+    model_dir = ROOT / "compiler" / "models" / "catalog" / args.model
     mixspec = mixspec_cmd()
     result: dict = {"machine": machine(), "model": args.model,
                     "command": "python benchmarks/speed.py " + " ".join(args.argv),

@@ -80,7 +80,7 @@ def check(spec: Path, python: str) -> dict:
     ms-swift venv has it), then recorded for the spec as `data check` records it."""
     from mixspec import __version__
     from mixspec.api import load_spec, plan_spec
-    from mixspec.datacheck import data_paths, processor_dir, record_check
+    from mixspec.data.datacheck import data_paths, processor_dir, record_check
 
     loaded = load_spec(spec)
     plan = plan_spec(loaded)

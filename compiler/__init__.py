@@ -7,7 +7,7 @@ carry the located problems (SpecError, UnsupportedError, ModelSourceError).
 
 __version__ = "0.1.0"
 
-from mixspec.api import (  # noqa: E402  (light: the heavy modules load on first use)
+from .api import (  # noqa: E402  (light: the heavy modules load on first use)
     compile_spec,
     estimate_memory,
     import_config,
@@ -18,7 +18,7 @@ from mixspec.api import (  # noqa: E402  (light: the heavy modules load on first
     target_names,
     write,
 )
-from mixspec.errors import (  # noqa: E402
+from .errors import (  # noqa: E402
     Location,
     MixspecError,
     ModelSourceError,

@@ -1,3 +1,3 @@
-from mixspec.fast import main
+from .fast import main
 
 main()

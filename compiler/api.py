@@ -20,13 +20,13 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
-from mixspec.errors import Location, Problem, SpecError
+from .errors import Location, Problem, SpecError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mixspec.estimate import Estimate
-    from mixspec.loader import LoadedSpec
-    from mixspec.plan import Plan
-    from mixspec.tree import ModuleTree
+    from .planning.estimate import Estimate
+    from .language.loader import LoadedSpec
+    from .planning.plan import Plan
+    from .models.tree import ModuleTree
 
 SpecSource = Union[str, Path, dict, "LoadedSpec"]
 
@@ -36,7 +36,7 @@ def load_spec(spec: SpecSource, name: str | None = None) -> "LoadedSpec":
     already loaded spec. Raises SpecError with every problem. A dict's problems are located
     by their dotted key under ``name`` (default ``<dict>``), having no lines; a dict's
     relative model path is taken from the working directory."""
-    from mixspec import loader
+    from .language import loader
 
     if isinstance(spec, loader.LoadedSpec):
         return spec
@@ -48,8 +48,8 @@ def load_spec(spec: SpecSource, name: str | None = None) -> "LoadedSpec":
 
 
 def _load_dict(data: dict, name: str) -> "LoadedSpec":
-    from mixspec import loader
-    from mixspec.yamlloc import Located
+    from .language import loader
+    from .language.yamlloc import Located
 
     try:  # tuples become lists, as they would in YAML; what JSON cannot hold is no spec
         plain = json.loads(json.dumps(data, allow_nan=True))
@@ -76,22 +76,22 @@ def plan_spec(spec: SpecSource, use_cache: bool = True) -> "Plan":
     """The Plan of a spec: every component's parameters, modes, LRs and exact counts,
     resolved against the model's real module tree (built on the meta device, cached).
     ``plan.warnings_problems`` holds the warnings `mixspec plan` prints."""
-    from mixspec.resolve import plan_spec as resolve_plan
+    from .planning.resolve import plan_spec as resolve_plan
 
     return resolve_plan(load_spec(spec), use_cache=use_cache)
 
 
 def estimate_memory(plan: "Plan", target: str | None = None) -> "Estimate":
     """Memory per GPU of a Plan (model states, activations, peak) as ``target`` runs it
-    (hf, deepspeed, swift, llamafactory; default hf: mixspec.policy)."""
-    from mixspec.estimate import estimate
+    (hf, deepspeed, swift, llamafactory; default hf: mixspec.planning.policy)."""
+    from .planning.estimate import estimate
 
     return estimate(plan, target=target)
 
 
 def target_names() -> list[str]:
     """The names of the targets render() accepts."""
-    from mixspec.targets import available_targets
+    from .targets import available_targets
 
     return sorted(available_targets())
 
@@ -106,8 +106,8 @@ def render(plan: "Plan", target: str, *, approximate: bool = False, plugin: bool
     ``slurm_*`` shape the hf/swift sbatch.sh (README: Running on a cluster)."""
     import difflib
 
-    from mixspec.targets import TargetOptions
-    from mixspec.targets import render as render_target
+    from .targets import TargetOptions
+    from .targets import render as render_target
 
     names = target_names()
     if target not in names:
@@ -124,7 +124,7 @@ def render(plan: "Plan", target: str, *, approximate: bool = False, plugin: bool
 
 def write(files: dict[str, str], out_dir: str | Path, force: bool = False) -> list[str]:
     """Write rendered files into ``out_dir``, all or none (existing files need ``force``)."""
-    from mixspec.output import write_files
+    from .output import write_files
 
     return write_files(Path(out_dir), files, force=force)
 
@@ -142,8 +142,8 @@ def compile_spec(spec: SpecSource, target: str, out_dir: str | Path | None = Non
 
 def module_tree(model: str, trust_remote_code: bool = False) -> "ModuleTree":
     """A model's module tree (catalog id, cache id or local dir): names, types, shapes."""
-    from mixspec.sources import find_model
-    from mixspec.tree import get_tree
+    from .models.sources import find_model
+    from .models.tree import get_tree
 
     return get_tree(find_model(model), trust_remote_code=trust_remote_code)
 
@@ -156,14 +156,14 @@ def import_config(source: str | Path, backend: str, text: str | None = None):
     ``.unmodelled``, ``.origins``; ``mixspec.importers.spec_yaml(imported, name)`` writes the
     commented spec. Problems in the user's file are returned, never raised; a model that
     cannot be found raises ModelSourceError; an unknown backend is a ValueError."""
-    from mixspec.importers import read
+    from .importers import read
 
     name = str(source)
     if text is None:
         text = Path(source).read_text(encoding="utf-8")
     imported = read(backend, text, name)
     if imported.ok and imported.plan is None:  # an importer that leaves the resolving to us
-        from mixspec.resolve import plan_spec as resolve_plan
+        from .planning.resolve import plan_spec as resolve_plan
 
         try:
             imported.plan = resolve_plan(_load_dict(imported.spec, name))

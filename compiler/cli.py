@@ -17,8 +17,8 @@ from typing import List, Optional
 import typer
 from typer.core import TyperCommand
 
-from mixspec import __version__
-from mixspec.errors import MixspecError
+from . import __version__
+from .errors import MixspecError
 
 app = typer.Typer(
     name="mixspec",
@@ -117,7 +117,7 @@ def validate(
     ),
 ) -> None:
     """Check specs: schema, values, and (by default) the real module tree. Exit 0 when all are valid."""
-    from mixspec.fast import run_validate
+    from .fast import run_validate
 
     raise typer.Exit(run_validate(specs, as_json=as_json or format == OutputFormat.json, model_check=model_check))
 
@@ -126,7 +126,7 @@ _TARGET_HELP = "Estimate memory as this target runs the spec (hf, deepspeed, swi
 
 
 def _check_memory_target(target: Optional[str]) -> None:
-    from mixspec.policy import TARGETS
+    from .planning.policy import TARGETS
 
     if target is not None and target not in TARGETS:
         _stderr(f"error: unknown target {target!r} for the memory estimate\n  targets: {', '.join(TARGETS)}")
@@ -134,7 +134,7 @@ def _check_memory_target(target: Optional[str]) -> None:
 
 
 def _load_and_plan(spec: Path):
-    from mixspec.api import load_spec, plan_spec
+    from .api import load_spec, plan_spec
 
     loaded = load_spec(spec)
     return loaded, plan_spec(loaded)
@@ -161,13 +161,13 @@ def plan(
             _stderr("error: --html writes the report of one spec; give exactly one")
             raise typer.Exit(2)
         try:
-            from mixspec.report import write_spec_report
+            from .presenting.report import write_spec_report
 
             write_spec_report(specs[0], html)
         except MixspecError as exc:
             raise _fail(exc) from None
         _stderr(f"wrote {html}")
-    from mixspec.fast import run_plan
+    from .fast import run_plan
 
     code = run_plan(specs, as_json=as_json or format == OutputFormat.json, show_modules=show_modules, target=target)
     if code:
@@ -195,8 +195,8 @@ def fit(
         loaded, the_plan = _load_and_plan(spec)
     except MixspecError as exc:
         raise _fail(exc) from None
-    from mixspec.datacheck import data_estimate, data_estimate_text
-    from mixspec.fit import fit as fit_plan, parse_gpu_memory, render_fit, write_fitted_spec
+    from .data.datacheck import data_estimate, data_estimate_text
+    from .planning.fit import fit as fit_plan, parse_gpu_memory, render_fit, write_fitted_spec
 
     try:
         gb = parse_gpu_memory(gpu_memory) if gpu_memory is not None else the_plan.distributed.gpu_memory_gb
@@ -254,8 +254,8 @@ def explain(
     as_json: bool = typer.Option(False, "--json", help="Print each parameter with its component and rule as JSON."),
 ) -> None:
     """Say which component claimed a module or parameter, and by which rule."""
-    from mixspec.loader import load_spec
-    from mixspec.resolve import explain as explain_name, load_tree_for
+    from .language.loader import load_spec
+    from .planning.resolve import explain as explain_name, load_tree_for
 
     try:
         loaded = load_spec(spec)
@@ -270,8 +270,8 @@ def explain(
         _stderr(f"error: {name!r} is neither a module nor a parameter of {tree.architecture}"
                 + (f"\n  hint: did you mean {', '.join(close)}?" if close else ""))
         raise typer.Exit(1)
-    from mixspec.present import print_explain
-    from mixspec.resolve import resolve
+    from .presenting.present import print_explain
+    from .planning.resolve import resolve
 
     try:  # the Plan says which modules get LoRA; explain still answers for a spec that does not resolve
         the_plan = resolve(loaded, tree)
@@ -299,14 +299,14 @@ def tree(
     as_json: bool = typer.Option(False, "--json", help="Print every module (type, parameters, role) as JSON; --depth is ignored."),
 ) -> None:
     """Print a model's module tree with parameter counts and roles."""
-    from mixspec.api import module_tree
-    from mixspec.errors import ModelSourceError
+    from .api import module_tree
+    from .errors import ModelSourceError
 
     try:
         the_tree = module_tree(model, trust_remote_code=trust_remote_code)
     except ModelSourceError as exc:
         raise _fail(exc) from None
-    from mixspec.present import print_tree, tree_json
+    from .presenting.present import print_tree, tree_json
 
     if as_json:
         typer.echo(json.dumps(tree_json(the_tree), indent=2))
@@ -325,8 +325,8 @@ def tiny(
     """Write a random tiny model of MODEL's family (same module names and roles, fewer and
     narrower blocks, the tokenizer/processor files where MODEL's directory has them), to run a
     compiled train.py end to end on a CPU."""
-    from mixspec.errors import ModelSourceError
-    from mixspec.sources import find_model
+    from .errors import ModelSourceError
+    from .models.sources import find_model
 
     if out.exists():
         _stderr(f"error: {out} exists\n  hint: give a new directory (mixspec tiny never overwrites)")
@@ -336,7 +336,7 @@ def tiny(
         if "auto_map" in source.config and not trust_remote_code:
             raise ModelSourceError(f"model {model!r}: its config names the repository's own code (auto_map)",
                                    "pass --trust-remote-code to build it with that code")
-        from mixspec.tiny import make_tiny
+        from .models.tiny import make_tiny
 
         made = make_tiny(Path(source.path), out, layers=layers, trust_remote_code=trust_remote_code)
     except MixspecError as exc:
@@ -346,7 +346,7 @@ def tiny(
     if made["copied"]:
         typer.echo(f"  copied from {source.path}: {', '.join(made['copied'])}")
     if made["synthesized"]:
-        from mixspec.tiny_processor import NOTE
+        from .models.tiny_processor import NOTE
 
         typer.echo(f"  synthesized ({source.path} has no tokenizer/processor files): {', '.join(made['synthesized'])}")
         typer.echo(f"  the tokenizer is {NOTE}")
@@ -361,7 +361,7 @@ def models(
     as_json: bool = typer.Option(False, "--json", help="Print the catalog as JSON."),
 ) -> None:
     """List the built-in catalog of model configs (usable offline by id): family, architecture, size."""
-    from mixspec.sources import catalog_entries
+    from .models.sources import catalog_entries
 
     entries = catalog_entries()
     if as_json:
@@ -393,8 +393,8 @@ def compile(
     slurm_account: Optional[str] = typer.Option(None, "--slurm-account", help="sbatch.sh: #SBATCH --account."),
 ) -> None:
     """Write configs the real backend runs as is, or refuse, naming what it cannot express."""
-    from mixspec.api import render
-    from mixspec.targets import TargetOptions
+    from .api import render
+    from .targets import TargetOptions
 
     slurm = {"partition": slurm_partition, "time": slurm_time, "account": slurm_account}
     _check_compile_options(target, swift_version, launcher, slurm)
@@ -407,7 +407,7 @@ def compile(
     except MixspecError as exc:
         raise _fail(exc) from None
     _print_warnings(the_plan)
-    from mixspec.targets import target_warnings
+    from .targets import target_warnings
 
     for line in target_warnings(the_plan, target, TargetOptions(swift_version=swift_version, plugin=plugin,
                                                                  approximate=approximate,
@@ -421,8 +421,8 @@ def _check_compile_options(target: str, swift_version: int, launcher: str, slurm
     if swift_version not in (3, 4):
         _stderr("error: --swift-version must be 3 or 4")
         raise typer.Exit(2)
-    from mixspec.api import target_names
-    from mixspec.targets._slurm import LAUNCHERS, slurm_value_problem
+    from .api import target_names
+    from .targets._slurm import LAUNCHERS, slurm_value_problem
 
     names = target_names()
     if target not in names:
@@ -448,7 +448,7 @@ def _check_compile_options(target: str, swift_version: int, launcher: str, slurm
 
 def _emit_files(files: dict[str, str], out: Optional[Path], force: bool, dry_run: bool) -> None:
     """The rendered files -> stdout (no --out), or written under --out (or listed, --dry-run)."""
-    from mixspec.output import write_files
+    from .output import write_files
 
     if out is None and not dry_run:
         for name, text in files.items():
@@ -478,7 +478,7 @@ def import_config(
     """Read a config you already have: show what it really trains (the Plan), its silent effects,
     what is not modelled, and (-o) write the spec that trains exactly that. Exit 1 when it
     cannot be expressed."""
-    from mixspec.importers import BACKENDS
+    from .importers import BACKENDS
 
     if backend not in BACKENDS:
         import difflib
@@ -489,8 +489,8 @@ def import_config(
         raise typer.Exit(2)
     source = "<stdin>" if file == "-" else file
     text = _read_config(file, source)
-    from mixspec.api import import_config
-    from mixspec.importers import spec_yaml
+    from .api import import_config
+    from .importers import spec_yaml
 
     try:
         imported = import_config(source, backend, text=text)
@@ -505,16 +505,16 @@ def import_config(
     if not imported.ok:
         _import_failed(imported, source, backend, as_json)
     yaml_text = spec_yaml(imported, source)
-    from mixspec.loader import load_spec_text
+    from .language.loader import load_spec_text
 
     if load_spec_text(yaml_text, "<imported>").spec != load_spec_text(json.dumps(imported.spec), "<json>").spec:
         raise RuntimeError("internal error: the written spec does not load back as the imported one")
-    from mixspec.api import estimate_memory
+    from .api import estimate_memory
 
     if as_json:
         typer.echo(json.dumps(_import_json(imported, source, plan), indent=2))
     else:
-        from mixspec.present import print_plan
+        from .presenting.present import print_plan
 
         typer.echo(f"{source}: read with the rules of {imported.rules}")
         print_plan(plan, estimate_memory(plan), groups=imported.groups)
@@ -538,7 +538,7 @@ def _import_failed(imported, source: str, backend: str, as_json: bool) -> None:
 
 def _write_imported_spec(out: Path, yaml_text: str, force: bool) -> None:
     """The imported spec's YAML -> the -o file (refusing a directory or, without --force, a file)."""
-    from mixspec.output import write_files
+    from .output import write_files
 
     if out.is_dir():
         _stderr(f"error: -o {out} is a directory; give the spec file's path, e.g. -o {out / 'spec.yaml'}")
@@ -593,7 +593,7 @@ def _print_import_findings(imported) -> None:
 
 
 def _import_json(imported, source: str, plan) -> dict:
-    from mixspec.api import estimate_memory
+    from .api import estimate_memory
 
     data = {"backend": imported.backend, "rules": imported.rules, "source": source, "ok": imported.ok,
             "spec": imported.spec,
@@ -623,8 +623,8 @@ def diff(
     format: DiffFormat = typer.Option(DiffFormat.text, "--format", help="text, markdown (a PR comment) or json."),
 ) -> None:
     """What changes in the training from OLD to NEW. Exit 0 when they train the same, 3 when not."""
-    from mixspec import diff as plan_diff
-    from mixspec.estimate import estimate
+    from .presenting import diff as plan_diff
+    from .planning.estimate import estimate
 
     if (git is None) == (new is None):
         _stderr("error: give two specs (mixspec diff OLD NEW) or one with a revision (mixspec diff --git REV SPEC)")
@@ -660,7 +660,7 @@ def data_check(
     """Run every row of data.train and data.eval through train.py's own row code (the model's
     processor and chat template, max_length): refused rows with file:line and why, token lengths,
     truncation, images. Exit 0 when every row is accepted, 1 when any is refused."""
-    from mixspec.datacheck import render_text, run_check
+    from .data.datacheck import render_text, run_check
 
     try:
         report = run_check(spec, workers=workers, model=model, cache=not no_cache)
@@ -681,7 +681,7 @@ def data_check(
 @app.command(cls=_Command)
 def schema() -> None:
     """Print the JSON Schema of the spec language."""
-    from mixspec.spec import json_schema
+    from .language.spec import json_schema
 
     typer.echo(json.dumps(json_schema(), indent=2, sort_keys=True))
 

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from mixspec.errors import MixspecError, SpecError
+from .errors import MixspecError, SpecError
 
 _FLAGS = {
     "plan": {"--json": ("as_json", True), "--modules": ("show_modules", True)},
@@ -70,8 +70,8 @@ def _stdout(text: str) -> None:
 def run_plan(specs: list[Path], as_json: bool = False, show_modules: bool = False, target: str | None = None) -> int:
     """`mixspec plan`: each spec's table (or one JSON Plan, a list for several), memory as
     ``target`` runs it (default hf); exit code."""
-    from mixspec.api import estimate_memory, plan_spec
-    from mixspec.loader import load_spec
+    from .api import estimate_memory, plan_spec
+    from .language.loader import load_spec
 
     failed = False
     plans = []
@@ -92,7 +92,7 @@ def run_plan(specs: list[Path], as_json: bool = False, show_modules: bool = Fals
                 data["estimate_at_data"] = dict(at_data, estimate=at_data["estimate"].to_json())
             plans.append(data)
         else:
-            from mixspec.present import print_plan
+            from .presenting.present import print_plan
 
             print_plan(the_plan, est, show_modules=show_modules, at_data=at_data)
         for problem in the_plan.warnings_problems:
@@ -107,7 +107,7 @@ def _data_estimate(loaded, plan, target):
     """The peak at the data's longest micro-batch when `mixspec data check` ran on these files."""
     if plan.data is None:
         return None
-    from mixspec.datacheck import data_estimate
+    from .data.datacheck import data_estimate
 
     return data_estimate(loaded, plan, target)
 
@@ -130,8 +130,8 @@ def expand_spec_dirs(paths: list[Path]) -> list[Path]:
 def run_validate(specs: list[Path], as_json: bool = False, model_check: bool = True) -> int:
     """`mixspec validate`: every spec checked, problems on stderr (or one JSON report); exit code.
     A directory stands for the spec files in it."""
-    from mixspec.errors import Location, Problem
-    from mixspec.loader import load_spec
+    from .errors import Location, Problem
+    from .language.loader import load_spec
 
     specs = expand_spec_dirs(specs)
     results = []
@@ -142,7 +142,7 @@ def run_validate(specs: list[Path], as_json: bool = False, model_check: bool = T
             loaded = load_spec(path, light=True)
             problems.extend(loaded.warnings)
             if model_check:
-                from mixspec.resolve import plan_spec
+                from .planning.resolve import plan_spec
 
                 plan = plan_spec(loaded)
                 problems.extend(p for p in plan.warnings_problems)
@@ -169,7 +169,7 @@ def main() -> None:
     """Console-script entry point: the fast path for plain plan/validate, else the typer app."""
     parsed = parse_plain(sys.argv[1:])
     if parsed is None:
-        from mixspec.cli import main as typer_main
+        from .cli import main as typer_main
 
         typer_main()
         return
@@ -180,7 +180,7 @@ def main() -> None:
     code = (run_plan if command == "plan" else run_validate)(specs, **options)
     gc.freeze()
     if "torch" in sys.modules:  # a tree was built: skip torch's teardown (see mixspec.cli)
-        from mixspec.cli import _exit_without_teardown
+        from .cli import _exit_without_teardown
 
         _exit_without_teardown(code)
     sys.exit(code)

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mixspec.errors import MixspecError
+from .errors import MixspecError
 
 
 class OutputError(MixspecError):

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Regenerate schemas/mixspec.schema.json from the pydantic models in mixspec.spec.
+"""Regenerate schemas/mixspec.schema.json from the pydantic models in mixspec.language.spec.
 
     python scripts/gen_schema.py          # write the file
     python scripts/gen_schema.py --check  # exit 1 if the committed file is stale
 
-tests/test_schema.py fails when the committed file differs from what this writes.
+tests/language/test_schema.py fails when the committed file differs from what this writes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from mixspec.spec import json_schema
+from mixspec.language.spec import json_schema
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "mixspec.schema.json"
 

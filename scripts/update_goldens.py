@@ -4,9 +4,9 @@
 Cases: every spec in examples/ and in tests/targets/specs/hf/, compiled for each target
 into tests/targets/<target>/<spec stem>/ (the files the target writes, or refusal.txt
 holding the refusal). A generated program (train.py, launch.sh, sbatch.sh; swift's train.sh
-and mixspec_plugin.py through tests/test_target_swift.py) is kept as NAME.data: the blocks the
+and mixspec_plugin.py through tests/targets/test_target_swift.py) is kept as NAME.data: the blocks the
 target generated (header, Plan, ...), not the program, which is mixspec/programs/ itself
-(tests/test_programs.py proves program + blocks == the generated file, byte for byte).
+(tests/targets/test_programs.py proves program + blocks == the generated file, byte for byte).
 Golden files are reviewed like code: run this after a change that alters output, read the
 diff, commit it with the change. A golden file holds a placeholder where a generated file
 records the installed transformers/torch/PEFT versions (the generated file keeps the real
@@ -18,7 +18,7 @@ updating a golden.
     python scripts/update_goldens.py            rewrite the golden files
     python scripts/update_goldens.py --check    exit 1 and list the drift, write nothing
 
-tests/test_target_hf.py fails on drift with the same comparison.
+tests/targets/test_target_hf.py fails on drift with the same comparison.
 """
 
 from __future__ import annotations
@@ -127,8 +127,8 @@ def render_case(spec_rel: str, target: str) -> dict[str, str]:
     """The files a target writes for a spec (paths as given, from the repository root), in
     their golden form."""
     from mixspec.errors import UnsupportedError
-    from mixspec.loader import load_spec
-    from mixspec.resolve import plan_spec
+    from mixspec.language.loader import load_spec
+    from mixspec.planning.resolve import plan_spec
     from mixspec.targets import TargetOptions, render
 
     cwd = os.getcwd()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from mixspec.errors import Location, Unsupported, UnsupportedError
-from mixspec.plan import Plan
+from ..errors import Location, Unsupported, UnsupportedError
+from ..planning.plan import Plan
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ import math
 import re
 import shlex
 
-from mixspec import __version__
-from mixspec.names import compact_names, expand_names, natural_key
+from .. import __version__
+from ..models.names import compact_names, expand_names, natural_key
 
 _FLOAT_SPECIALS = {math.inf: 'float("inf")', -math.inf: 'float("-inf")'}
 
@@ -130,7 +130,7 @@ def sh_assignments(values: dict) -> str:
 
 
 # -- compact, exact lists of parameter or module names ----------------------------------
-# compact_names / expand_names live in mixspec.names (imported above; inlined into programs)
+# compact_names / expand_names live in mixspec.models.names (imported above; inlined into programs)
 
 
 def exact_regex(names) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-from mixspec.errors import Unsupported
-from mixspec.plan import Plan
+from ..errors import Unsupported
+from ..planning.plan import Plan
 
 
 def quantization_data(plan: Plan) -> dict | None:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import re
 
-from mixspec import programs
-from mixspec.plan import Plan
-from mixspec.targets import TargetOptions
-from mixspec.targets._common import generated_header, sh_assignments
+from .. import programs
+from ..planning.plan import Plan
+from . import TargetOptions
+from ._common import generated_header, sh_assignments
 
 SBATCH_FILE = "sbatch.sh"
 LAUNCHERS = ("auto", "slurm", "none")

@@ -23,15 +23,15 @@ from __future__ import annotations
 import posixpath
 from typing import Optional
 
-from mixspec.decay import transformers_rule_differs
-from mixspec.errors import Location, Unsupported
-from mixspec.names import compact_names, expand_names, natural_key
-from mixspec.plan import Plan
-from mixspec.targets import Target, TargetOptions
-from mixspec.targets._common import exact_regex, generated_header, yaml_value
-from mixspec.targets._quant import quant_refusals
-from mixspec.targets.deepspeed import deepspeed_config_text
-from mixspec.targets.llamafactory import _out_dir
+from ..planning.decay import transformers_rule_differs
+from ..errors import Location, Unsupported
+from ..models.names import compact_names, expand_names, natural_key
+from ..planning.plan import Plan
+from . import Target, TargetOptions
+from ._common import exact_regex, generated_header, yaml_value
+from ._quant import quant_refusals
+from .deepspeed import deepspeed_config_text
+from .llamafactory import _out_dir
 
 AXOLOTL_VERSION = "0.19.0"
 _HINT = "compile to --target hf (or swift), which express it exactly"

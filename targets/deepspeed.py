@@ -12,7 +12,7 @@ It is the one DeepSpeed config mixspec writes: the hf target's ds_config.json, t
 target's deepspeed.json (where swift has no built-in config for the stage and offload) and
 LLaMA-Factory's ds_z*_config.json. All three backends hand the file to the same Hugging Face
 Trainer integration and build a torch AdamW outside DeepSpeed, so one config serves them. It
-is the config tests/test_target_deepspeed.py validates with DeepSpeed's own parser for every
+is the config tests/targets/test_target_deepspeed.py validates with DeepSpeed's own parser for every
 stage, offload and precision. Before, swift's copy (taken from swift's zero3.json) and
 LLaMA-Factory's (from its examples) left the ZeRO-3 bucket sizes "auto", which the Trainer
 fills from the model config's hidden size (a value that depends on the transformers
@@ -21,11 +21,11 @@ version's lookup for multimodal configs), and turned overlap_comm off.
 
 from __future__ import annotations
 
-from mixspec import __version__
-from mixspec.errors import Unsupported
-from mixspec.plan import Plan
-from mixspec.targets import Target, TargetOptions
-from mixspec.targets._common import json_text
+from .. import __version__
+from ..errors import Unsupported
+from ..planning.plan import Plan
+from . import Target, TargetOptions
+from ._common import json_text
 
 # explicit sizes instead of "auto": the Trainer can fill the bucket sizes only from a
 # top-level hidden_size, which multimodal configs do not have
@@ -124,7 +124,7 @@ class DeepSpeedTarget(Target):
     description = "DeepSpeed JSON (ds_config.json) for the Hugging Face Trainer / accelerate"
 
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
-        from mixspec.targets._quant import quant_refusals
+        from ._quant import quant_refusals
 
         refused = fsdp_unsupported(
             plan, "deepspeed", "this target writes a DeepSpeed JSON; FSDP2 is PyTorch's own sharding, set up by "

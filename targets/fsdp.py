@@ -7,7 +7,7 @@ ms-swift's JSON carry the same values). The decisions:
 - version 2 (``fully_shard``: one DTensor per parameter, so frozen and trained parameters
   share a unit and optimizer groups stay per parameter; FSDP1's flat parameters need one
   ``requires_grad`` per unit).
-- wrap units: the blocks of every tower (mixspec.units), named by class; what is outside the
+- wrap units: the blocks of every tower (mixspec.planning.units), named by class; what is outside the
   blocks goes to accelerate's embedding, tail (final norm + lm_head) and root units.
 - ``reshard_after_forward``: true for full_shard (weights sharded between forward and
   backward, like ZeRO-3), false for shard_grad_op (gathered until backward, like ZeRO-2).
@@ -30,8 +30,8 @@ ms-swift's JSON carry the same values). The decisions:
 
 from __future__ import annotations
 
-from mixspec.plan import Plan
-from mixspec.units import wrap_classes
+from ..planning.plan import Plan
+from ..planning.units import wrap_classes
 
 FSDP_FILE = "fsdp_config.json"
 

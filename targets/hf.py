@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import re
 
-from mixspec import __version__, programs
-from mixspec.errors import Unsupported
-from mixspec.names import is_under, names_sha256
-from mixspec.plan import Plan
-from mixspec.targets import Target, TargetOptions
-from mixspec.targets._common import (
+from .. import __version__, programs
+from ..errors import Unsupported
+from ..models.names import is_under, names_sha256
+from ..planning.plan import Plan
+from . import Target, TargetOptions
+from ._common import (
     comment_text,
     compact_names,
     exact_regex,
@@ -32,10 +32,10 @@ from mixspec.targets._common import (
     py_assignments,
     sh_assignments,
 )
-from mixspec.targets._quant import quantization_data
-from mixspec.targets._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
-from mixspec.targets.deepspeed import deepspeed_config_text, distributed_unsupported
-from mixspec.targets.fsdp import FSDP_FILE, describe as describe_fsdp, trainer_fsdp_config, unit_prefixes
+from ._quant import quantization_data
+from ._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
+from .deepspeed import deepspeed_config_text, distributed_unsupported
+from .fsdp import FSDP_FILE, describe as describe_fsdp, trainer_fsdp_config, unit_prefixes
 
 _SAFE_LABEL = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
 
@@ -268,9 +268,9 @@ def model_config_text(plan: Plan) -> str | None:
     import json
     from pathlib import Path
 
-    from mixspec.sources import read_config
+    from ..models.sources import read_config
 
-    from mixspec.errors import ModelSourceError
+    from ..errors import ModelSourceError
 
     try:
         config = read_config(Path(plan.model_path) / "config.json", plan.model)

@@ -29,16 +29,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Optional
 
-from mixspec import __version__
-from mixspec.decay import transformers_rule_differs
-from mixspec.errors import Location, Unsupported
-from mixspec.names import natural_key
-from mixspec.plan import ComponentPlan, Plan
-from mixspec.resolve import covering
-from mixspec.targets import Target, TargetOptions
-from mixspec.targets._common import comment_line, yaml_value as _yaml_value
-from mixspec.targets._quant import HF_OPTIM_NAMES, backend_quantizes_exactly, kbit_warnings
-from mixspec.targets.deepspeed import deepspeed_config_text, fsdp_unsupported
+from .. import __version__
+from ..planning.decay import transformers_rule_differs
+from ..errors import Location, Unsupported
+from ..models.names import natural_key
+from ..planning.plan import ComponentPlan, Plan
+from ..planning.resolve import covering
+from . import Target, TargetOptions
+from ._common import comment_line, yaml_value as _yaml_value
+from ._quant import HF_OPTIM_NAMES, backend_quantizes_exactly, kbit_warnings
+from .deepspeed import deepspeed_config_text, fsdp_unsupported
 
 LLAMAFACTORY_VERSION = "0.9.5"
 
@@ -220,8 +220,8 @@ def hidden_modules(names: Iterable[str]) -> tuple[set[str], set[str]]:
 def _num_layers(plan: Plan) -> Optional[int]:
     """The layer count _setup_freeze_tuning reads: text_config's, else the config's
     num_hidden_layers / num_layers / n_layer (None without a readable config)."""
-    from mixspec.errors import ModelSourceError
-    from mixspec.sources import read_config
+    from ..errors import ModelSourceError
+    from ..models.sources import read_config
 
     if not plan.model_path:
         return None
@@ -757,7 +757,7 @@ class LlamaFactoryTarget(Target):
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
         """Hard limits, then the deviations: each has its comment in the YAML, so each is
         approximable (Target.render decides)."""
-        from mixspec.targets._quant import quant_refusals
+        from ._quant import quant_refusals
 
         refused = fsdp_unsupported(
             plan, "llamafactory", "LLaMA-Factory takes FSDP from an accelerate config (accelerate launch), with no "

@@ -21,19 +21,19 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
-from mixspec import programs
-from mixspec.decay import transformers_rule_differs
-from mixspec.errors import Location, Unsupported, UnsupportedError
-from mixspec.names import is_under
-from mixspec.plan import ComponentPlan, Plan
-from mixspec.targets import Target, TargetOptions
-from mixspec.targets._common import (comment_line, compact_names, exact_regex, generated_header, json_text,
+from .. import programs
+from ..planning.decay import transformers_rule_differs
+from ..errors import Location, Unsupported, UnsupportedError
+from ..models.names import is_under
+from ..planning.plan import ComponentPlan, Plan
+from . import Target, TargetOptions
+from ._common import (comment_line, compact_names, exact_regex, generated_header, json_text,
                                      py_assignments, sh_assignments, sh_word)
-from mixspec.targets._quant import TORCH_DTYPES, backend_quantizes_exactly, kbit_warnings
-from mixspec.targets._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
-from mixspec.targets.deepspeed import deepspeed_config
-from mixspec.targets.fsdp import FSDP_FILE, describe as describe_fsdp, trainer_fsdp_config
-from mixspec.units import wrap_classes
+from ._quant import TORCH_DTYPES, backend_quantizes_exactly, kbit_warnings
+from ._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
+from .deepspeed import deepspeed_config
+from .fsdp import FSDP_FILE, describe as describe_fsdp, trainer_fsdp_config
+from ..planning.units import wrap_classes
 
 PLUGIN_FILE = "mixspec_plugin.py"
 DEEPSPEED_FILE = "deepspeed.json"
@@ -715,7 +715,7 @@ class SwiftTarget(Target):
 
     def unsupported(self, plan: Plan, options: TargetOptions) -> list[Unsupported]:
         """What stops an exact compile: hard limits, plus the plugin's reasons under --no-plugin."""
-        from mixspec.targets._quant import quant_refusals
+        from ._quant import quant_refusals
 
         refused = _fsdp_refusals(plan, options)
         if refused:

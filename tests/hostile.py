@@ -89,8 +89,8 @@ def catalog_tree(model: str = FUZZ_MODEL):
 
 @functools.lru_cache(maxsize=None)
 def _catalog_tree(model: str):
-    from mixspec.sources import find_model
-    from mixspec.tree import get_tree
+    from mixspec.models.sources import find_model
+    from mixspec.models.tree import get_tree
 
     return get_tree(find_model(model))
 

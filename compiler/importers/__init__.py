@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-from mixspec.errors import Location, Problem
+from ..errors import Location, Problem
 
 BACKENDS = ("swift", "llamafactory", "axolotl")
 
@@ -89,7 +89,7 @@ def spec_yaml(imported: Imported, source: str) -> str:
     """The imported spec as YAML, each line commented with where its value came from
     (``file:line:col --flag``, or the backend's default), headed by what was imported and
     which silent effects and unmodelled keys to read. Loads back as ``imported.spec``."""
-    from mixspec import __version__
+    from .. import __version__
 
     lines = [
         f"# Imported by mixspec {__version__} (mixspec import --from {imported.backend}) from {source},",
@@ -132,10 +132,10 @@ def _emit(node, path: tuple, indent: int, imported: Imported, lines: list) -> No
 
 
 def _scalar(value) -> str:
-    from mixspec.targets._common import yaml_value
+    from ..targets._common import yaml_value
 
     if isinstance(value, float) and not isinstance(value, bool):
-        from mixspec.resolve import _yaml_number
+        from ..planning.resolve import _yaml_number
 
         text = _yaml_number(value)  # 1.0e-5, as specs write learning rates
         return text if float(text) == value else yaml_value(value)

@@ -13,13 +13,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from mixspec.errors import Location, Problem, SpecError
-from mixspec.names import natural_key
-from mixspec.registry import Roles, find_roles
-from mixspec.resolve import covering
-from mixspec.spec import COMPONENT_NAME_PATTERN, ROLES
-from mixspec.targets.llamafactory import _show as show  # noqa: F401 (one name lister)
-from mixspec.tree import CONV1D_GPT2, LINEAR, ModuleTree
+from ..errors import Location, Problem, SpecError
+from ..models.names import natural_key
+from ..models.registry import Roles, find_roles
+from ..planning.resolve import covering
+from ..language.spec import COMPONENT_NAME_PATTERN, ROLES
+from ..targets.llamafactory import _show as show  # noqa: F401 (one name lister)
+from ..models.tree import CONV1D_GPT2, LINEAR, ModuleTree
 
 from . import Effect, Imported, Unmodelled
 
@@ -33,7 +33,7 @@ class Config:
     """A backend config as plain data, every key located; typed reads record problems."""
 
     def __init__(self, imported: Imported, path: str, text: str, located=None):
-        from mixspec.yamlloc import load_located_text
+        from ..language.yamlloc import load_located_text
 
         self.out = imported
         self.path = path
@@ -150,9 +150,9 @@ def gib(n_bytes: float) -> str:
 def load_tree(cfg: Config, key: str, model: str):
     """The module tree and config.json of ``model`` (found as `plan` finds it); a missing
     model is a located problem and gives (None, None)."""
-    from mixspec.errors import ModelSourceError
-    from mixspec.sources import find_model
-    from mixspec.tree import get_tree
+    from ..errors import ModelSourceError
+    from ..models.sources import find_model
+    from ..models.tree import get_tree
 
     try:
         source = find_model(model)
@@ -435,8 +435,8 @@ def check_plan(plan, model: Model, parts: list[Part]) -> list[str]:
 def plan_imported(imported: Imported, model: Model, parts: list[Part], where: Location):
     """Plan the imported spec and check it trains exactly ``parts``; a problem otherwise.
     Returns the Plan (or None)."""
-    from mixspec.api import _load_dict
-    from mixspec.resolve import plan_spec
+    from ..api import _load_dict
+    from ..planning.resolve import plan_spec
 
     try:
         # named after the user's file: the Plan's header says what was imported
@@ -599,7 +599,7 @@ class BaseReader:
     def decay_effects(self, plan, who: str) -> None:
         """The backend decides which parameters decay by transformers' rule (torch LayerNorm
         modules, bias/norm names); say where that differs from the Plan's rule."""
-        from mixspec.decay import transformers_rule_differs
+        from ..planning.decay import transformers_rule_differs
 
         layernorm = frozenset(plan.layernorm_modules)
         for c in plan.components:
@@ -674,7 +674,7 @@ def quantize_imported(imported: Imported, tree, plan, quant: BackendQuantization
     the unassigned ones; a fully trained module the backend quantizes, or a Plan that does not
     quantize exactly the backend's modules, is a located problem. ``replan()`` plans the spec
     again (or records its problems and returns None). Returns the Plan or None."""
-    from mixspec.quantize import bnb_replaced
+    from ..planning.quantize import bnb_replaced
 
     wanted = bnb_replaced(tree, quant.skip)
     if not wanted:

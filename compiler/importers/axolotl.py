@@ -16,10 +16,10 @@ import math
 import re
 from typing import Optional
 
-from mixspec.decay import torch_layernorm_modules, transformers_decays
-from mixspec.errors import Location, Problem, quoted
-from mixspec.names import natural_key
-from mixspec.tree import EMBEDDING, LORA_KINDS
+from ..planning.decay import torch_layernorm_modules, transformers_decays
+from ..errors import Location, Problem, quoted
+from ..models.names import natural_key
+from ..models.tree import EMBEDDING, LORA_KINDS
 
 from . import Imported, tied_copies, tied_copy_text
 from ._axolotl_keys import AXOLOTL_KEYS
@@ -31,7 +31,7 @@ RULES = (f"axolotl {AXOLOTL_VERSION}: derived from its source (axolotl/loaders/a
          "find_all_linear_names and _build_peft_lora_config, axolotl/utils/freeze.py freeze_layers_except "
          "and LayerNamePattern, axolotl/core/trainers/mixins/optimizer.py create_optimizer_grouped_parameters) "
          "and PEFT's target_modules / modules_to_save matching, checked against those axolotl functions on a "
-         "tiny Qwen2.5-VL (tests/test_import_axolotl.py, opt-in with AXOLOTL_PYTHON)")
+         "tiny Qwen2.5-VL (tests/importers/test_import_axolotl.py, opt-in with AXOLOTL_PYTHON)")
 
 DEFAULT = f"axolotl {AXOLOTL_VERSION} default"
 _PEFT = "base_model.model."

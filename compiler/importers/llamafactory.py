@@ -18,11 +18,11 @@ import os
 import re
 from typing import Optional
 
-from mixspec.errors import Location, Problem, SpecError
-from mixspec.names import natural_key
-from mixspec.targets.llamafactory import (COMPOSITE_MODELS, LLAMAFACTORY_VERSION, _FLAG, _PART_LABEL, _PARTS,
+from ..errors import Location, Problem, SpecError
+from ..models.names import natural_key
+from ..targets.llamafactory import (COMPOSITE_MODELS, LLAMAFACTORY_VERSION, _FLAG, _PART_LABEL, _PARTS,
                                           _forbidden, _full_trainable, _modules_to_save, _peft_list_match)
-from mixspec.tree import LORA_KINDS
+from ..models.tree import LORA_KINDS
 
 from . import Imported, tied_copies, tied_copy_text
 from ._common import (BackendQuantization, BaseReader, Config, Model, Part, gib, human, load_tree,
@@ -105,7 +105,7 @@ def _command_line(text: str, path: str):
     (HfArgumentParser's reading: a bare --flag is true, values typed as YAML reads them), a
     located Problem, or None when ``text`` holds no such command (a YAML file)."""
 
-    from mixspec.yamlloc import Located
+    from ..language.yamlloc import Located
 
     from .shell import UnterminatedQuote, expand, split_commands
 
@@ -160,7 +160,7 @@ def _file_with_overrides(words, path: str):
     """``llamafactory-cli train FILE.yaml key=value ...`` (hparams/parser.py read_args: the
     file, then OmegaConf.from_cli overrides): the file's keys where they are written, each
     override at its word on the command line."""
-    from mixspec.yamlloc import Located, load_located_text
+    from ..language.yamlloc import Located, load_located_text
 
     name = words[0].text
     bases = [os.getcwd()] + ([] if path.startswith("<") else [os.path.dirname(os.path.abspath(path))])
@@ -448,7 +448,7 @@ class _Reader(BaseReader):
         if ids is None:
             ids = range(max(0, num_layers - n_train), num_layers) if n_train > 0 else range(min(-n_train, num_layers))
         names = self.canonical_params()
-        from mixspec.targets.llamafactory import hidden_modules  # LLaMA-Factory's rule, once
+        from ..targets.llamafactory import hidden_modules  # LLaMA-Factory's rule, once
 
         found = self.freeze_modules(modules, extra, ids, hidden_modules(names))
         if found is None:

@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from mixspec.errors import Location, ModelSourceError, Problem, SpecError, quoted
-from mixspec.importers import Effect, Imported, Unmodelled, tied_copies, tied_copy_text
-from mixspec.importers._common import (
+from ..errors import Location, ModelSourceError, Problem, SpecError, quoted
+from . import Effect, Imported, Unmodelled, tied_copies, tied_copy_text
+from ._common import (
     DEEPSPEED_NOT_HERE,
     OPTIMIZER_HINT,
     BackendQuantization,
@@ -50,9 +50,9 @@ from mixspec.importers._common import (
     spec_optimizer,
     zero_settings,
 )
-from mixspec.importers.shell import ASSIGNMENT, UnterminatedQuote, Word, expand, split_commands
-from mixspec.names import is_under, natural_key
-from mixspec.tree import EMBEDDING, LORA_KINDS, ModuleTree
+from .shell import ASSIGNMENT, UnterminatedQuote, Word, expand, split_commands
+from ..models.names import is_under, natural_key
+from ..models.tree import EMBEDDING, LORA_KINDS, ModuleTree
 
 RULES = {4: "ms-swift 4.x (rules of 4.6.0)", 3: "ms-swift 3.x (rules of 3.12.6)"}
 DEFAULT = {4: "ms-swift 4.x default", 3: "ms-swift 3.x default"}
@@ -389,9 +389,9 @@ def _from_plugin(r: _Reader, tuner: str) -> None:
     """What a mixspec-compiled train.sh trains: the plugin's COMPONENTS (each parameter's
     component, mode, LR and weight decay) and LORA (one adapter's settings), as a spec of
     exact pattern components; the plugin's own fingerprint checks the result."""
-    from mixspec.names import expand_names
-    from mixspec.resolve import covering
-    from mixspec.targets._common import exact_regex
+    from ..models.names import expand_names
+    from ..planning.resolve import covering
+    from ..targets._common import exact_regex
 
     data, where = _plugin_data(r)
     tree = r.tree
@@ -692,8 +692,8 @@ def _model(r: _Reader, words: list[Word]):
     if model_ref is None:
         raise _Fail(Problem(Location(r.path, words[0].line, words[0].col), "--model", "no --model given",
                             "swift sft needs --model (a hub id or a local directory)"))
-    from mixspec.sources import find_model
-    from mixspec.tree import get_tree
+    from ..models.sources import find_model
+    from ..models.tree import get_tree
 
     base_dir = None if r.path.startswith("<") else Path(r.path).resolve().parent
     model_word = r._value("model")
@@ -702,8 +702,8 @@ def _model(r: _Reader, words: list[Word]):
         tree = get_tree(source)
     except ModelSourceError as exc:
         raise _Fail(Problem(r.loc(model_word), "--model", exc.message, exc.hint)) from None
-    from mixspec.registry import find_roles
-    from mixspec.targets.swift import SWIFT_MODELS
+    from ..models.registry import find_roles
+    from ..targets.swift import SWIFT_MODELS
 
     sw = SWIFT_MODELS.get(tree.model_type)
     roles = find_roles(tree)
@@ -792,7 +792,7 @@ def _group_lrs(r: _Reader, truth: _Truth, trainable_full: set[str], all_params: 
     def group_of(name: str) -> str:
         if lr_mode != "multimodal":
             return "all"
-        from mixspec.targets.swift import swift_group
+        from ..targets.swift import swift_group
 
         g = swift_group(name, r.sw)
         return "llm" if g == "other" and r.version >= 4 else g
@@ -859,7 +859,7 @@ def _precision_effect(r: _Reader, plan, tuner: str, truth: _Truth) -> None:
     master weights (what the swift target's plugin does). Under --deepspeed, DeepSpeed's
     ZeRO/bf16 optimizers keep fp32 master copies of every trainable parameter themselves, so
     there is nothing to report."""
-    from mixspec.targets.swift import swift_full_params_dtype
+    from ..targets.swift import swift_full_params_dtype
 
     t = plan.training
     held, casts = swift_full_params_dtype(tuner, t.precision)
@@ -1104,7 +1104,7 @@ def _modules_to_save(r: _Reader, truth: _Truth, modules: list) -> None:
     """--modules_to_save -> truth.copies (the shallowest copied modules); a tied copy or a LoRA
     target inside a copy stops the import; notes what each copy costs."""
     copied = _copied_modules(r, modules)
-    from mixspec.names import shallowest
+    from ..models.names import shallowest
 
     top = shallowest(copied)
     for module, param, partner in tied_copies(r.tree, top):
@@ -1316,8 +1316,8 @@ def _build_spec(r: _Reader, truth: _Truth, lr_mode: str, tuner: str):
 def _full_components(r: _Reader, truth: _Truth, draft: _SpecDraft) -> None:
     """truth.full (fully trained parameters, with their tied aliases), by (group, lr, role) ->
     draft: a role component where it covers the whole role, else one listing the exact modules."""
-    from mixspec.resolve import covering
-    from mixspec.targets._common import exact_regex
+    from ..planning.resolve import covering
+    from ..targets._common import exact_regex
 
     tree, roles = r.tree, r.roles
     all_names = list(tree.param_shapes)
@@ -1361,7 +1361,7 @@ def _full_components(r: _Reader, truth: _Truth, draft: _SpecDraft) -> None:
 def _lora_components(r: _Reader, truth: _Truth, draft: _SpecDraft, tuner: str) -> None:
     """truth.lora (LoRA modules), by (group, lr, role) -> draft: a role component when the role is
     still free, else one listing the exact modules; each with its LoRA settings' origins."""
-    from mixspec.targets._common import exact_regex
+    from ..targets._common import exact_regex
 
     s = truth.lora_settings
     lora_opts = {"rank": s["rank"], "alpha": s["alpha"], "dropout": s["dropout"]}
@@ -1418,9 +1418,9 @@ def _verify(r: _Reader, truth: _Truth):
     """Resolve the spec against the tree; per LoRA component, targets from the simplest form
     (all-linear, a list of leaf names, the exact regex) that gives exactly swift's modules.
     Returns the Plan, or records a problem."""
-    from mixspec.api import _load_dict
-    from mixspec.resolve import resolve
-    from mixspec.targets._common import exact_regex
+    from ..api import _load_dict
+    from ..planning.resolve import resolve
+    from ..targets._common import exact_regex
 
     spec = r.imp.spec
     pending = {name: c.pop("_targets") for name, c in spec["components"].items() if "_targets" in c}
@@ -1466,7 +1466,7 @@ def _verify(r: _Reader, truth: _Truth):
 
 
 def _weight_decay_effect(r: _Reader, plan) -> None:
-    from mixspec.decay import transformers_rule_differs
+    from ..planning.decay import transformers_rule_differs
 
     differ = [n for c in plan.components for n in transformers_rule_differs(c, plan.layernorm_modules)]
     if differ:

@@ -14,7 +14,7 @@ A target renders a program (``render``) by replacing the lines between each bloc
 marker lines (which stay, so a reader of the output sees what was generated) with text it
 computes: the ``header`` comment, the ``plan`` as Python literals or shell assignments, and
 the ``helpers`` block. In the package the helpers block imports the helpers from
-``mixspec.names`` (so this copy runs); in the output it holds their source
+``mixspec.models.names`` (so this copy runs); in the output it holds their source
 (``helpers_source``), so a generated file is self-contained and needs nothing of mixspec.
 
 A block marked ``(default)`` instead of ``(generated)`` is the program's own text, which a
@@ -36,7 +36,7 @@ import re
 from importlib import resources
 from typing import NamedTuple
 
-from mixspec import names
+from ..models import names
 
 #: the programs of this package: name -> file name
 PROGRAMS = {"hf_train": "hf_train.py", "hf_launch": "hf_launch.sh", "swift_plugin": "swift_plugin.py",
@@ -88,7 +88,7 @@ def program_text(name: str) -> str:
 
 
 def helpers_source() -> str:
-    """mixspec.names' helpers as source, for the helpers block of a generated program (which
+    """mixspec.models.names' helpers as source, for the helpers block of a generated program (which
     imports ``re`` and ``hashlib``): written once, in the package, inlined into each output."""
     funcs = "\n\n".join(inspect.getsource(f) for f in _INLINED)
     return f"INDEX = re.compile({names.INDEX.pattern!r})\n\n\n" + funcs
@@ -97,7 +97,7 @@ def helpers_source() -> str:
 def helpers_import() -> str:
     """The helpers block as it stands in the package programs: the same helpers, imported."""
     imported = sorted(["INDEX"] + [f.__name__ for f in _INLINED], key=lambda n: (n != "INDEX", n))
-    return f"from mixspec.names import {', '.join(imported)}  # noqa: F401\n"
+    return f"from mixspec.models.names import {', '.join(imported)}  # noqa: F401\n"
 
 
 def blocks(text: str, program: str = "program") -> dict[str, Block]:

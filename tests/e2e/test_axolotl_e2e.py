@@ -31,15 +31,15 @@ from pathlib import Path
 
 import pytest
 
-from mixspec.loader import load_spec
+from mixspec.language.loader import load_spec
 from mixspec.output import write_files
-from mixspec.resolve import plan_spec
+from mixspec.planning.resolve import plan_spec
 from mixspec.targets import TargetOptions, render
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("MIXSPEC_AXOLOTL_VENV") or ROOT / ".venv-axolotl")
 PROBE = ROOT / "tests" / "e2e" / "axolotl_probe.py"
-MODELS = ROOT / "compiler" / "catalog"  # the real config.json files the package ships
+MODELS = ROOT / "compiler" / "models" / "catalog"  # the real config.json files the package ships
 
 pytestmark = [
     pytest.mark.slow,

@@ -29,9 +29,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from mixspec.loader import load_spec  # noqa: E402
+from mixspec.language.loader import load_spec  # noqa: E402
 from mixspec.output import write_files  # noqa: E402
-from mixspec.resolve import plan_spec  # noqa: E402
+from mixspec.planning.resolve import plan_spec  # noqa: E402
 from mixspec.targets import TargetOptions, render  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -212,7 +212,7 @@ def test_each_rank_holds_the_model_states_mixspec_estimates(fsdp_run):
     """Rank 0's parameter, gradient and AdamW bytes (torch's local shards) against the
     estimate's per-GPU weights, gradients and optimizer states (fp32, 2 ranks: the whole
     model's / 2; shards of odd-sized tensors differ by a row, hence 3%)."""
-    from mixspec.estimate import estimate
+    from mixspec.planning.estimate import estimate
 
     two, est = fsdp_run["two"], estimate(fsdp_run["plan"])
     assert est.fsdp == "full_shard" and est.world_size == 2

@@ -27,9 +27,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from mixspec.loader import load_spec  # noqa: E402
+from mixspec.language.loader import load_spec  # noqa: E402
 from mixspec.output import write_files  # noqa: E402
-from mixspec.resolve import plan_spec  # noqa: E402
+from mixspec.planning.resolve import plan_spec  # noqa: E402
 from mixspec.targets import TargetOptions, render  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import pytest
 
-from mixspec.loader import load_spec
+from mixspec.language.loader import load_spec
 from mixspec.output import write_files
-from mixspec.resolve import plan_spec
+from mixspec.planning.resolve import plan_spec
 from mixspec.targets import TargetOptions, render
 from mixspec.targets.hf import IMAGE_ROWS_PROVEN
 

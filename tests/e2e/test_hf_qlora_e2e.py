@@ -18,8 +18,8 @@ torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
-from mixspec.estimate import estimate  # noqa: E402
-from mixspec.quantize import optimizer_state_bytes  # noqa: E402
+from mixspec.planning.estimate import estimate  # noqa: E402
+from mixspec.planning.quantize import optimizer_state_bytes  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -178,9 +178,9 @@ def test_lora_target_rules_equal_swifts_own_functions():
     give the same LoRA modules as swift's get_multimodal_target_regex / find_all_linears, run
     on the real model classes (meta device) of every catalog family, for each freeze combination."""
     from mixspec.importers.swift import find_all_linears, multimodal_target_regex
-    from mixspec.sources import catalog_ids, catalog_root, find_model
+    from mixspec.models.sources import catalog_ids, catalog_root, find_model
     from mixspec.targets.swift import SWIFT_MODELS
-    from mixspec.tree import get_tree
+    from mixspec.models.tree import get_tree
 
     jobs, trees = [], {}
     text_types = {"qwen2": "qwen2", "llama": "llama"}

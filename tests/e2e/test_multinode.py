@@ -43,9 +43,9 @@ pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from mixspec.loader import load_spec  # noqa: E402
+from mixspec.language.loader import load_spec  # noqa: E402
 from mixspec.output import write_files  # noqa: E402
-from mixspec.resolve import plan_spec  # noqa: E402
+from mixspec.planning.resolve import plan_spec  # noqa: E402
 from mixspec.targets import TargetOptions, render  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

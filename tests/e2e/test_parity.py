@@ -31,9 +31,9 @@ from swift_venv import DUMP_PLUGIN, MARKS, PYTHON, RUN_ARGS, swift_env  # noqa: 
 
 pytestmark = MARKS
 
-from mixspec.loader import load_spec  # noqa: E402
+from mixspec.language.loader import load_spec  # noqa: E402
 from mixspec.output import write_files  # noqa: E402
-from mixspec.resolve import plan_spec  # noqa: E402
+from mixspec.planning.resolve import plan_spec  # noqa: E402
 from mixspec.targets import TargetOptions, render  # noqa: E402
 from mixspec.targets import swift as swift_target  # noqa: E402
 

@@ -45,9 +45,9 @@ pytestmark = MARKS
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from mixspec.loader import load_spec  # noqa: E402
+from mixspec.language.loader import load_spec  # noqa: E402
 from mixspec.output import write_files  # noqa: E402
-from mixspec.resolve import plan_spec  # noqa: E402
+from mixspec.planning.resolve import plan_spec  # noqa: E402
 from mixspec.targets import TargetOptions, render  # noqa: E402
 from mixspec.targets import swift as swift_target  # noqa: E402
 
