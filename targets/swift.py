@@ -28,7 +28,7 @@ from ..models.names import is_under
 from ..planning.plan import ComponentPlan, Plan
 from . import Target, TargetOptions
 from ._common import (comment_line, compact_names, exact_regex, generated_header, json_text,
-                                     py_assignments, sh_assignments, sh_word)
+                      py_assignments, sh_assignments, sh_word)
 from ._quant import TORCH_DTYPES, backend_quantizes_exactly, kbit_warnings
 from ._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
 from .deepspeed import deepspeed_config
@@ -683,8 +683,8 @@ def _fsdp_refusals(plan: Plan, options: TargetOptions) -> list[Unsupported]:
     what, out = f"distributed.fsdp: {fsdp} (swift)", []
     if options.swift_version < 4:
         out.append(Unsupported("fsdp-swift3", None, what,
-                               "mixspec's FSDP2 output is proven with ms-swift 4.x only (a 2-process gloo run of "
-                               "tests/e2e/test_swift_fsdp_e2e.py); 3.x reads --fsdp JSON only from 3.12",
+                               "mixspec's FSDP2 output is proven with ms-swift 4.x only (a real 2-process run of "
+                               "its train.sh); 3.x reads --fsdp JSON only from 3.12",
                                "compile for ms-swift 4 (--swift-version 4), or use zero_stage"))
     if not plan.units:
         out.append(Unsupported("fsdp-no-units", None, what,

@@ -21,7 +21,7 @@ from typing import Optional
 from ..errors import Location, Problem, SpecError
 from ..models.names import natural_key
 from ..targets.llamafactory import (COMPOSITE_MODELS, LLAMAFACTORY_VERSION, _FLAG, _PART_LABEL, _PARTS,
-                                          _forbidden, _full_trainable, _modules_to_save, _peft_list_match)
+                                    _forbidden, _full_trainable, _modules_to_save, _peft_list_match)
 from ..models.tree import LORA_KINDS
 
 from . import Imported, tied_copies, tied_copy_text
