@@ -8,25 +8,25 @@ carry the located problems (SpecError, UnsupportedError, ModelSourceError).
 __version__ = "0.1.0"
 
 from .api import (  # noqa: E402  (light: the heavy modules load on first use)
-                  compile_spec,
-                  estimate_memory,
-                  import_config,
-                  load_spec,
-                  module_tree,
-                  plan_spec,
-                  render,
-                  target_names,
-                  write,
-                  )
+    compile_spec,
+    estimate_memory,
+    import_config,
+    load_spec,
+    module_tree,
+    plan_spec,
+    render,
+    target_names,
+    write,
+)
 from .errors import (  # noqa: E402
-                     Location,
-                     MixspecError,
-                     ModelSourceError,
-                     Problem,
-                     SpecError,
-                     Unsupported,
-                     UnsupportedError,
-                     )
+    Location,
+    MixspecError,
+    ModelSourceError,
+    Problem,
+    SpecError,
+    Unsupported,
+    UnsupportedError,
+)
 
 __all__ = [
     "__version__", "load_spec", "plan_spec", "estimate_memory", "render", "write", "compile_spec",

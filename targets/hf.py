@@ -24,14 +24,14 @@ from ..models.names import is_under, names_sha256
 from ..planning.plan import Plan
 from . import Target, TargetOptions
 from ._common import (
-                      comment_text,
-                      compact_names,
-                      exact_regex,
-                      generated_header,
-                      json_text,
-                      py_assignments,
-                      sh_assignments,
-                      )
+    comment_text,
+    compact_names,
+    exact_regex,
+    generated_header,
+    json_text,
+    py_assignments,
+    sh_assignments,
+)
 from ._quant import quantization_data
 from ._slurm import SBATCH_FILE, render_sbatch_sh, wants_sbatch
 from .deepspeed import deepspeed_config_text, distributed_unsupported

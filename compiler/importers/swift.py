@@ -41,15 +41,15 @@ from typing import Optional
 from ..errors import Location, ModelSourceError, Problem, SpecError, quoted
 from . import Effect, Imported, Unmodelled, tied_copies, tied_copy_text
 from ._common import (
-                      DEEPSPEED_NOT_HERE,
-                      OPTIMIZER_HINT,
-                      BackendQuantization,
-                      find_file,
-                      quantize_imported,
-                      read_json,
-                      spec_optimizer,
-                      zero_settings,
-                      )
+    DEEPSPEED_NOT_HERE,
+    OPTIMIZER_HINT,
+    BackendQuantization,
+    find_file,
+    quantize_imported,
+    read_json,
+    spec_optimizer,
+    zero_settings,
+)
 from .shell import ASSIGNMENT, UnterminatedQuote, Word, expand, split_commands
 from ..models.names import is_under, natural_key
 from ..models.tree import EMBEDDING, LORA_KINDS, ModuleTree
