@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib  # noqa: F401 (the helpers use it)
 import json
 import math
@@ -214,7 +215,9 @@ if __name__ == "__main__":
 # the heavy imports, after the command line (E402: on purpose)
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+# transformers' Trainer is imported where a run trains (plan_trainer_class, training_arguments):
+# the data check's worker processes import this file and never train (a second saved a worker)
 
 
 # -- names ------------------------------------------------------------------------------
@@ -801,7 +804,9 @@ class ComponentMonitor:
         return out
 
 
-class _UpdateCallback(TrainerCallback):
+class _UpdateCallbackBody:
+    """The body of PlanTrainer's callback (a TrainerCallback: plan_trainer_class)."""
+
     def __init__(self, trainer):
         self.trainer = trainer
 
@@ -818,10 +823,23 @@ class _UpdateCallback(TrainerCallback):
         self.trainer.check_optimizer_after_wrap()
 
 
-class PlanTrainer(Trainer):
+@functools.lru_cache(maxsize=None)
+def plan_trainer_class():
+    """PlanTrainer: transformers' Trainer with _PlanTrainerBody's methods (and its callback),
+    made on first use."""
+    from transformers import Trainer, TrainerCallback
+
+    callback = type("_UpdateCallback", (_UpdateCallbackBody, TrainerCallback), {"__module__": __name__})
+    return type("PlanTrainer", (_PlanTrainerBody, Trainer),
+                {"__module__": __name__, "__doc__": _PlanTrainerBody.__doc__, "callback_class": callback})
+
+
+class _PlanTrainerBody:
     """Trainer whose optimizer has the Plan's per-component groups (DeepSpeed keeps them:
     the DeepSpeed JSON has no optimizer block), checked before the first step, and whose
     checkpoints hold the fully trained parameters next to the LoRA adapter."""
+
+    callback_class = None  # the TrainerCallback plan_trainer_class makes of _UpdateCallbackBody
 
     def __init__(self, *args, update_ratio=True, **kwargs):
         super().__init__(*args, **kwargs)
@@ -829,7 +847,7 @@ class PlanTrainer(Trainer):
         self._planned_group_lrs = None
         self._engine_wrapped = False
         self.step_lrs = {}
-        self.add_callback(_UpdateCallback(self))
+        self.add_callback(self.callback_class(self))
 
     def create_optimizer(self, *args, **kwargs):
         if self.optimizer is not None:
@@ -1247,10 +1265,24 @@ class ConversationEncoder:
         self.fast_prefix = processor is not None and not self.prefix_lm
         self.fast_checked = set()
         self.expanded = None
+        self.renderers = {}  # add_generation_prompt -> the template owner's own render call (see render)
 
     def render(self, messages, add_generation_prompt=False):
-        return self.template_owner.apply_chat_template(messages, tokenize=False,
-                                                       add_generation_prompt=add_generation_prompt)
+        """The chat template's text of messages: template_owner.apply_chat_template(messages,
+        tokenize=False). Its first call with each add_generation_prompt records the one
+        render_jinja_template call it makes inside; later calls make that call directly with the
+        recorded arguments and these messages (what apply_chat_template adds around it, resolving
+        the template and its arguments, does not depend on the messages), when the recorded call
+        got these very messages (its normalization left them as they are)."""
+        renderer = self.renderers.get(add_generation_prompt)
+        if renderer is None:
+            text, renderer = _recorded_render(self.template_owner, messages, add_generation_prompt)
+            self.renderers[add_generation_prompt] = renderer
+            return text
+        if renderer is False:
+            return self.template_owner.apply_chat_template(messages, tokenize=False,
+                                                           add_generation_prompt=add_generation_prompt)
+        return renderer(messages)
 
     def process(self, texts, images, suffixes=None, where="row", record=False):
         """One call of the processor (the tokenizer for text-only models) on whole conversations.
@@ -1335,11 +1367,12 @@ class ConversationEncoder:
         length, answer = int(inputs["input_ids"].shape[1]), int((labels != -100).sum())
         image_tokens = self.count_image_tokens(inputs["input_ids"][0])
         inputs, labels = self.cut(inputs, labels, where)
-        if bool((labels == -100).all()):
+        kept = answer if labels.shape[0] == length else int((labels != -100).sum())
+        if not kept:
             raise RowError(where, f"{length} tokens, none of them an answer token within max_length {self.max_length}")
         # length, answer_tokens, image_tokens: before the cut (what the data check reports)
         return {"text": text, "suffix": suffix, "images": pil, "inputs": inputs, "labels": labels, "where": where,
-                "length": length, "answer_tokens": answer, "image_tokens": image_tokens}
+                "length": length, "answer_tokens": answer, "kept_answer_tokens": kept, "image_tokens": image_tokens}
 
     def count_image_tokens(self, ids):
         """Tokens that stand for image content (the processor's image token, else every image-framing token)."""
@@ -1464,6 +1497,47 @@ class ConversationEncoder:
         return out, labels[: self.max_length]
 
 
+def _recorded_render(owner, messages, add_generation_prompt):
+    """(owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=...), a function
+    messages -> the same for other messages, or False). The function calls render_jinja_template
+    with the arguments apply_chat_template gave it here; False when that cannot be recorded
+    exactly (no such call in the owner's module, more than one call, positional arguments, a
+    conversation changed on the way, a batch, a result other than the text returned)."""
+    def call():
+        return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    scope = getattr(getattr(type(owner), "apply_chat_template", None), "__globals__", None)
+    real = scope.get("render_jinja_template") if isinstance(scope, dict) else None
+    if not callable(real):
+        return call(), False
+    calls = []
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append((args, kwargs, out))
+        return out
+
+    scope["render_jinja_template"] = recording  # for this one call (the owner's module, this process)
+    try:
+        text = call()
+    finally:
+        scope["render_jinja_template"] = real
+    if len(calls) != 1:
+        return text, False
+    args, kwargs, out = calls[0]
+    same = (not args and kwargs.get("conversations") == [messages] and not kwargs.get("return_assistant_tokens_mask")
+            and kwargs.get("add_generation_prompt") == add_generation_prompt
+            and isinstance(out, tuple) and out and out[0] == [text])
+    if not same:
+        return text, False
+    fixed = {k: v for k, v in kwargs.items() if k != "conversations"}
+
+    def render(other):
+        return real(conversations=[other], **fixed)[0][0]
+
+    return text, render
+
+
 class _RecordingTokenizer:
     """The processor's tokenizer, recording the texts it is called on (the conversation with
     each image marker expanded) and with which arguments."""
@@ -1493,13 +1567,17 @@ class _RecordingTokenizer:
         text = kwargs.get("text", args[0] if args else None)
         if isinstance(text, (list, tuple)) and len(text) == 1:
             text = text[0]
-        ids = _id_list(out.get("input_ids") if hasattr(out, "get") else None)
-        whole = input_ids[0].tolist()
-        if not isinstance(text, str) or ids != whole:
+        ids = out.get("input_ids") if hasattr(out, "get") else None
+        if not isinstance(text, str) or not (torch.equal(ids, input_ids) if torch.is_tensor(ids) and ids.dim() == 2
+                                             else _id_list(ids) == input_ids[0].tolist()):
             return None
+        whole = input_ids[0].tolist()
         # the same arguments but plain lists back: the ids do not depend on the tensor type
         rest = {k: v for k, v in kwargs.items() if k not in ("text", "return_tensors")}
         inner, batched = self._inner, isinstance(kwargs.get("text", args[0] if args else None), (list, tuple))
+        backend = _plain_backend(inner, args, rest)
+        if backend is not None:
+            return given, text, backend, whole
 
         def call(prefix):
             try:
@@ -1510,6 +1588,46 @@ class _RecordingTokenizer:
             return _id_list(got.get("input_ids"))
 
         return given, text, call, whole
+
+
+# what a recorded call may pass for the Rust tokenizer to take the text as transformers' call does:
+# a padding side (nothing is padded), whether to add special tokens, the tensor type (ids only)
+_PLAIN_CALL_KEYS = {"padding_side", "add_special_tokens", "padding", "truncation"}
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_class(cls):
+    """Whether a tokenizer class calls and encodes exactly as transformers' TokenizersBackend does."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return False
+    return (issubclass(cls, TokenizersBackend) and cls.__call__ is PreTrainedTokenizerBase.__call__
+            and cls._encode_plus is TokenizersBackend._encode_plus)
+
+
+def _plain_backend(tokenizer, args, kwargs):
+    """text -> ids from the `tokenizers` library itself, what tokenizer(text, **kwargs) hands it
+    (transformers' TokenizersBackend call: set no truncation or padding, encode, wrap the ids), or
+    None unless the call is exactly that: the base class's own call and encode, one text, no
+    padding or truncation asked or set, special tokens split as the tokenizer says, no
+    input/target modes."""
+    rust = getattr(tokenizer, "_tokenizer", None)
+    if (not _plain_class(type(tokenizer)) or hasattr(tokenizer, "_switch_to_input_mode") or len(args) > 1
+            or not set(kwargs) <= _PLAIN_CALL_KEYS or kwargs.get("padding") not in (None, False)
+            or kwargs.get("truncation") not in (None, False) or rust is None):
+        return None
+    if rust.truncation is not None or rust.padding is not None \
+            or rust.encode_special_tokens != bool(tokenizer.split_special_tokens):
+        return None
+    add = kwargs.get("add_special_tokens", True)
+
+    def call(prefix):
+        return rust.encode(prefix, add_special_tokens=add).ids
+
+    return call
 
 
 def _id_list(value):
@@ -1728,7 +1846,7 @@ def check_row(encoder, row):
     except DataError as exc:
         return None, str(exc)
     return {"length": item["length"], "answer_tokens": item["answer_tokens"],
-            "kept_answer_tokens": int((item["labels"] != -100).sum()), "image_tokens": item["image_tokens"],
+            "kept_answer_tokens": item["kept_answer_tokens"], "image_tokens": item["image_tokens"],
             "image_sizes": [list(img.size) for img in item["images"]]}, None
 
 
@@ -1736,8 +1854,11 @@ _WORKER = {}
 
 
 def _check_worker_init(setup):
+    import gc
+
     torch.set_num_threads(1)  # one process per core: torch's own threads would only compete
     _WORKER["encoder"] = make_encoder(setup["model"], setup, quiet=True)
+    gc.freeze()  # what is loaded lives as long as the worker: collections row after row need not rescan it
 
 
 def _check_chunk(rows):
@@ -1775,12 +1896,18 @@ def check_rows(rows, setup, workers=1, encoder=None, progress=True):
     that each load the processor once and take chunks of rows."""
     bar = Progress(len(rows)) if progress else None
     if workers <= 1 or len(rows) < 2:
+        import gc
+
         encoder = encoder or make_encoder(setup["model"], setup, quiet=True)
         out = []
-        for row in rows:
-            out.append(check_row(encoder, row))
-            if bar:
-                bar.advance(1)
+        gc.freeze()  # as in a worker (_check_worker_init), for the rows' loop
+        try:
+            for row in rows:
+                out.append(check_row(encoder, row))
+                if bar:
+                    bar.advance(1)
+        finally:
+            gc.unfreeze()
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -2104,6 +2231,8 @@ def training_arguments(args):
             kw.update(gradient_checkpointing=False, gradient_checkpointing_kwargs=None)
     import dataclasses
 
+    from transformers import TrainingArguments
+
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     if "activation_checkpointing" in fields:  # transformers >= 5.2x renamed gradient checkpointing
         kw["activation_checkpointing"] = kw.pop("gradient_checkpointing")
@@ -2228,7 +2357,7 @@ def build_trainer(args):
     except (DataError, OSError) as exc:
         fail(exc)
     say(log_keys_text())
-    return PlanTrainer(
+    return plan_trainer_class()(
         model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=Collator(encoder), processing_class=encoder.processor or encoder.tokenizer,
         update_ratio=not args.no_update_ratio,
