@@ -2,14 +2,16 @@
 
     python benchmarks/data_check_speed.py [--rows 10000] [--family llava] [--workers 1 2]
 
-Builds a tiny model of the family offline (tests/fixtures), writes a mixed .jsonl of ROWS rows
+Builds a tiny model of the family offline (tests/fixtures' families, or with a catalog id such as
+llava-hf/llava-1.5-7b-hf the `mixspec tiny` model: the family's published image size and image
+tokens, a synthesized tokenizer), writes a mixed .jsonl of ROWS rows
 (a third text-only, a third with one small image, a third with two images of other sizes, some
 with a system turn), then measures rows/s of:
 
 - floor: the family's processor alone in a loop on one core, once per row, on the whole
   conversation with its images opened from disk (``processor.apply_chat_template(messages,
   tokenize=True, return_dict=True)``): the least any check that reads every row through the
-  processor must do;
+  processor must do (the collector frozen over the loop, as the check runs its rows);
 - the check (``check_data``, no cache) with each worker count; beside its rows/s, the rate
   without the workers' start (each spawned worker imports train.py's module and loads the
   processor, seconds of fixed cost): the extra rows over the extra time against a run on the
@@ -29,6 +31,8 @@ than wall clock.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import random
@@ -42,6 +46,12 @@ sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
 
 
 def make_model(family: str, folder: Path) -> Path:
+    if "/" in family:  # a catalog id: `mixspec tiny`, with the family's published processor sizes
+        from mixspec.models.sources import find_model
+        from mixspec.models.tiny import make_tiny
+
+        make_tiny(Path(find_model(family).path), folder / "model")
+        return folder / "model"
     if family == "llava":
         import make_tiny_vlm
 
@@ -92,22 +102,34 @@ def floor_rate(model: Path, data: Path) -> tuple[float, float]:
     torch.set_num_threads(1)
     processor = transformers.AutoProcessor.from_pretrained(model)
     rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
-    start, cpu = time.perf_counter(), time.process_time()
-    for row in rows:
-        messages, _ = data_oracle.hf_messages(row, str(data.parent))
-        processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
-    return len(rows) / (time.perf_counter() - start), len(rows) / (time.process_time() - cpu)
+    with frozen_gc():
+        start, cpu = time.perf_counter(), time.process_time()
+        for row in rows:
+            messages, _ = data_oracle.hf_messages(row, str(data.parent))
+            processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+        return len(rows) / (time.perf_counter() - start), len(rows) / (time.process_time() - cpu)
+
+
+@contextlib.contextmanager
+def frozen_gc():
+    """The collector as the check runs its rows (gc.freeze over the loop): the floor gets it too."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def floor_seconds(processor, data: Path) -> float:
     """CPU seconds of the floor over the file: parse each line, open its images, process it."""
     import data_oracle
 
-    start = time.process_time()
-    for line in data.read_text(encoding="utf-8").splitlines():
-        messages, _ = data_oracle.hf_messages(json.loads(line), str(data.parent))
-        processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
-    return time.process_time() - start
+    with frozen_gc():
+        start = time.process_time()
+        for line in data.read_text(encoding="utf-8").splitlines():
+            messages, _ = data_oracle.hf_messages(json.loads(line), str(data.parent))
+            processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+        return time.process_time() - start
 
 
 def check_seconds(encoder, setup: dict, data: Path) -> float:
@@ -181,7 +203,8 @@ def check_entry(model: Path, data: Path, args, workers: int, floor: float, floor
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000)
-    parser.add_argument("--family", default="llava")
+    parser.add_argument("--family", default="llava",
+                        help="a tiny fixture family (llava, gemma3, ...) or a catalog id (built by `mixspec tiny`)")
     parser.add_argument("--workers", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--max-length", type=int, default=4096)
     parser.add_argument("--cpu-rows", type=int, default=0, help="also time by CPU time on this many rows (0: not)")

@@ -426,3 +426,104 @@ def test_assistant_tokens_located_without_reprocessing_match_reprocessing(family
     full = fast.render(hf_train.conversation(multi, True)[0])
     assert [got is None for text, got in taken] == [marker in full[len(text):] for text, _ in taken]
     assert any(got is None for _, got in taken) and any(got is not None for _, got in taken)
+
+
+def _conversations():
+    """Conversations in train.py's form (conversation()): a system turn, two turns, images."""
+    from mixspec.programs import hf_train
+
+    rows = [row("<image>What is it?", "A red square.", ["a.png"]), row("Hi", "Hello there."),
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>Why?"},
+                          {"role": "assistant", "content": "Because."}, {"role": "user", "content": "And?"},
+                          {"role": "assistant", "content": "That is all."}], "images": ["a.png"]}]
+    return [hf_train.conversation(r, True)[0] for r in rows]
+
+
+def test_render_through_the_recorded_call_equals_the_template_owners_render(family):
+    """After its first call, render() calls transformers' render_jinja_template directly with the
+    arguments the processor's apply_chat_template gave it: every later render equals the
+    processor's own apply_chat_template(tokenize=False), with and without the generation prompt."""
+    name, model, processor, *_ = family
+    import transformers
+
+    from mixspec.programs import hf_train
+
+    setup = {"model": str(model), "model_type": transformers.AutoConfig.from_pretrained(model).model_type,
+             "multimodal": True, "max_length": 4096, "mixspec_version": "test"}
+    encoder = hf_train.make_encoder(str(model), setup, quiet=True)
+    for messages in _conversations():
+        for cut in range(1, len(messages) + 1):
+            for prompt in (False, True):
+                want = processor.apply_chat_template(messages[:cut], tokenize=False, add_generation_prompt=prompt)
+                assert encoder.render(messages[:cut], add_generation_prompt=prompt) == want
+    assert callable(encoder.renderers[False]) and callable(encoder.renderers[True])
+
+
+def test_render_falls_back_to_the_owner_when_its_call_cannot_be_recorded(family):
+    """An owner whose module calls no render_jinja_template, or a conversation the owner changes
+    on the way (a key set to None is dropped): no recorded call, the owner renders every time."""
+    name, model, processor, *_ = family
+    from mixspec.programs import hf_train
+
+    class Owner:  # this test module has no render_jinja_template
+        chat_template = processor.chat_template
+
+        def apply_chat_template(self, messages, **kwargs):
+            return processor.apply_chat_template(messages, **kwargs)
+
+    messages = _conversations()[2]
+    text, renderer = hf_train._recorded_render(Owner(), messages, False)
+    assert renderer is False and text == processor.apply_chat_template(messages, tokenize=False)
+    with_none = [dict(messages[0], name=None)] + messages[1:]
+    text, renderer = hf_train._recorded_render(processor, with_none, False)
+    assert renderer is False and text == processor.apply_chat_template(messages, tokenize=False)
+    text, renderer = hf_train._recorded_render(processor, messages, False)
+    assert callable(renderer) and renderer(messages[:2]) == processor.apply_chat_template(messages[:2], tokenize=False)
+
+
+def test_prefix_ids_from_the_tokenizers_library_equal_the_tokenizer_call(family):
+    """The fast prefix path's ids straight from the `tokenizers` library equal the tokenizer's own
+    call with the processor's arguments, on every prefix of an expanded conversation; anything
+    but that plain call (truncation asked or left set, a class that encodes its own way) is not
+    taken that way."""
+    name, model, processor, *_ = family
+    from mixspec.programs import hf_train
+
+    tokenizer = processor.tokenizer
+    text = processor.apply_chat_template(_conversations()[2], tokenize=False)
+    text = text.replace(processor.image_token, processor.image_token * 5)
+    tokenizer(text)  # as the recorded call: no padding or truncation left set by an earlier padded call
+    for add in (True, False):
+        plain = hf_train._plain_backend(tokenizer, ([text],), {"padding_side": "right", "add_special_tokens": add})
+        assert plain is not None
+        for end in range(0, len(text) + 1, 7):
+            assert plain(text[:end]) == tokenizer(text[:end], add_special_tokens=add)["input_ids"]
+    assert hf_train._plain_backend(tokenizer, ([text],), {"truncation": True, "max_length": 8}) is None
+    tokenizer._tokenizer.enable_truncation(8)
+    tokenizer._tokenizer.enable_padding(length=64)
+    try:
+        assert hf_train._plain_backend(tokenizer, ([text],), {}) is None
+        tokenizer._tokenizer.no_truncation()
+        assert hf_train._plain_backend(tokenizer, ([text],), {}) is None  # padding left set
+    finally:
+        tokenizer._tokenizer.no_truncation()
+        tokenizer._tokenizer.no_padding()
+    assert hf_train._plain_backend(tokenizer, ([text],), {}) is not None
+
+    class OwnEncoding(type(tokenizer)):
+        def _encode_plus(self, *args, **kwargs):
+            return super()._encode_plus(*args, **kwargs)
+
+    assert hf_train._plain_class(type(tokenizer)) and not hf_train._plain_class(OwnEncoding)
+
+
+def test_train_pys_module_imports_no_trainer_until_a_run_trains():
+    """A data-check worker imports train.py's module: transformers' Trainer stays unimported
+    (seconds a worker) until plan_trainer_class(), which makes a Trainer with a TrainerCallback."""
+    code = ("import sys; import mixspec.programs.hf_train as h; "
+            "assert 'transformers.trainer' not in sys.modules, 'Trainer imported'; "
+            "from transformers import Trainer, TrainerCallback; c = h.plan_trainer_class(); "
+            "assert issubclass(c, Trainer) and issubclass(c.callback_class, TrainerCallback); "
+            "assert c is h.plan_trainer_class() and c.__name__ == 'PlanTrainer'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
