@@ -653,7 +653,7 @@ def data_check(
     spec: Path = typer.Argument(..., metavar="SPEC", help="Spec file (its data.train, data.eval, model, max_length)."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON (every refused row)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1,
-                                          help="Worker processes (default: one per core, at most 8, one per 200 rows)."),
+                                          help="Processes checking rows: this one and N-1 workers (default: one per core, at most 8, one per 200 rows)."),
     model: Optional[str] = typer.Option(None, "--model", help="A local directory with the model's processor/tokenizer files."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Check every row even when a cached result matches."),
 ) -> None:

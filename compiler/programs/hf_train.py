@@ -45,7 +45,7 @@ Data: a .jsonl file, one conversation per line (a hub dataset id with the same c
   than training.max_length tokens lose their end; a cut inside or before an image's tokens, or
   one that keeps no answer token, refuses the row.
   Before the model loads, every row of --data / --eval-data (one or more files) goes through
-  the same code in worker processes (--data-workers N): the run stops naming every bad row
+  the same code in N processes (--data-workers N: this one and N-1 workers): the run stops naming every bad row
   (file:line: why), or --max-bad-rows N skips at most N of them, each printed. The result is
   cached (~/.cache/mixspec/data-check) for the same files, images, processor and max_length.
   python train.py --preview-data N --preview-out DIR writes the first N rows as training sees
@@ -185,7 +185,7 @@ def parse_args(argv=None):
     p.add_argument("--max-bad-rows", type=int, metavar="N", default=0,
                    help="skip at most N rows the data check refuses (each printed) instead of stopping")
     p.add_argument("--data-workers", type=int, metavar="N", default=None,
-                   help="processes for the data check (default: one per core, at most 8, one per 200 rows)")
+                   help="processes for the data check: this one and N-1 workers (default: one per core, at most 8, one per 200 rows)")
     p.add_argument("--output-dir", default=OUTPUT_DIR, help="checkpoints and the final model")
     p.add_argument("--overwrite", action="store_true",
                    help="let this run replace the final model and checkpoints an earlier run left in --output-dir")
@@ -1892,39 +1892,65 @@ class Progress:
 
 
 def check_rows(rows, setup, workers=1, encoder=None, progress=True):
-    """check_row of every row, in order: in this process (workers 1) or in worker processes
-    that each load the processor once and take chunks of rows."""
-    bar = Progress(len(rows)) if progress else None
-    if workers <= 1 or len(rows) < 2:
-        import gc
+    """check_row of every row, in order: in this process (workers 1), or in this process and
+    workers - 1 worker processes that each load the processor once (_check_in_parallel)."""
+    import gc
 
-        encoder = encoder or make_encoder(setup["model"], setup, quiet=True)
-        out = []
-        gc.freeze()  # as in a worker (_check_worker_init), for the rows' loop
-        try:
+    bar = Progress(len(rows)) if progress else None
+    encoder = encoder or make_encoder(setup["model"], setup, quiet=True)
+    gc.freeze()  # as in a worker (_check_worker_init), for the rows' loop
+    try:
+        if workers <= 1 or len(rows) < 2:
+            out = []
             for row in rows:
                 out.append(check_row(encoder, row))
                 if bar:
                     bar.advance(1)
-        finally:
-            gc.unfreeze()
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        size = max(1, min(64, len(rows) // (workers * 8) or 1))
-        chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
-        out = []
-        # spawn: a fork of a process that ran torch can deadlock in its thread pools
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_check_worker_init, initargs=(setup,)) as pool:
-            for chunk, results in zip(chunks, pool.map(_check_chunk, chunks), strict=True):
-                out.extend(results)
-                if bar:
-                    bar.advance(len(chunk))
+        else:
+            out = _check_in_parallel(rows, setup, workers, encoder, bar)
+    finally:
+        gc.unfreeze()
     if bar:
         bar.advance(0, final=True)
     return out
+
+
+def _check_in_parallel(rows, setup, workers, encoder, bar):
+    """The rows in chunks, in order: the chunks go to workers - 1 spawned processes from the
+    front; this process, whose encoder is loaded while theirs load (seconds: importing torch
+    and transformers), takes chunks from the back until it meets one a worker has started."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    size = max(1, min(64, len(rows) // (workers * 8) or 1))
+    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    results = [None] * len(chunks)
+    finished = []  # rows of each chunk done by a worker (appended by the pool's thread)
+    counted = [0]  # entries of finished reported
+
+    def report(own=0):
+        while counted[0] < len(finished):
+            own += finished[counted[0]]
+            counted[0] += 1
+        if bar:
+            bar.advance(own)
+
+    # spawn: a fork of a process that ran torch can deadlock in its thread pools
+    with ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_check_worker_init, initargs=(setup,)) as pool:
+        futures = [pool.submit(_check_chunk, chunk) for chunk in chunks]
+        for chunk, future in zip(chunks, futures, strict=True):
+            future.add_done_callback(lambda f, n=len(chunk): None if f.cancelled() else finished.append(n))
+        for i in reversed(range(len(chunks))):
+            if not futures[i].cancel():  # a worker has it: every chunk before it is theirs too
+                break
+            results[i] = [check_row(encoder, row) for row in chunks[i]]
+            report(len(chunks[i]))
+        for i, future in enumerate(futures):
+            if results[i] is None:
+                results[i] = future.result()
+                report()
+    return [item for part in results for item in part]
 
 
 def _percentiles(values):
@@ -2098,8 +2124,9 @@ def refusal_where(refusal):
 
 
 def auto_workers(rows, workers=None):
-    """Worker processes for a check: as asked, else one per core (at most 8) but one per 200
-    rows at most (a worker's start, importing torch and loading the processor, costs seconds)."""
+    """Processes for a check (this one and the workers it starts): as asked, else one per core
+    (at most 8) but one per 200 rows at most (a worker's start, importing torch and loading the
+    processor, costs seconds)."""
     if workers:
         return workers
     return max(1, min(8, os.cpu_count() or 1, len(rows) // 200))

@@ -527,3 +527,34 @@ def test_train_pys_module_imports_no_trainer_until_a_run_trains():
             "assert c is h.plan_trainer_class() and c.__name__ == 'PlanTrainer'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_this_process_and_the_workers_share_the_rows(family, monkeypatch):
+    """workers=2: one spawned worker takes chunks from the front while this process (its encoder
+    already loaded) takes them from the back; together every row once, in order, each result
+    equal to the one-process check's. This process is slowed so the worker surely gets rows."""
+    name, model, processor, data, max_length, good, bad = family
+    if name != FAMILIES[0]:
+        pytest.skip("one family is enough for the worker processes")
+    import time
+
+    from mixspec.programs import hf_train
+
+    setup = {"model": str(model), "model_type": "llava", "multimodal": True, "max_length": max_length,
+             "mixspec_version": "test"}
+    rows, _ = hf_train.scan_rows(str(data))
+    encoder = hf_train.make_encoder(str(model), setup, quiet=True)
+    alone = hf_train.check_rows(rows, setup, workers=1, encoder=encoder, progress=False)
+    here, check_row = [], hf_train.check_row
+
+    def slow_check_row(enc, row):  # this process only: the spawned worker imports the module afresh
+        here.append(row["_line"])
+        time.sleep(0.25)
+        return check_row(enc, row)
+
+    monkeypatch.setattr(hf_train, "check_row", slow_check_row)
+    shared = hf_train.check_rows(rows, setup, workers=2, encoder=encoder, progress=False)
+    assert shared == alone
+    assert 0 < len(here) < len(rows), here
+    lines = [r["_line"] for r in rows]
+    assert sorted(here) == lines[-len(here):]  # this process took chunks from the back
