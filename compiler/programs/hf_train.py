@@ -1333,9 +1333,9 @@ class ConversationEncoder:
 
     def encode_row(self, row, index=0):
         """{'text', 'suffix', 'images', 'inputs' (this row alone, as one micro-batch), 'labels', 'where',
-        'length', 'answer_tokens', 'image_tokens' (before the max_length cut)}."""
+        'length', 'answer_tokens', 'image_tokens' (before the max_length cut), 'kept_answer_tokens'}."""
         inner = getattr(self.processor, "image_processor", None)
-        if inner is None:
+        if inner is None or self.fast_prefix:  # the prefixes' tokens come from the tokenizer alone
             return self._encode_row(row, index)
         # a row's images go through the image processor once: locating its assistant turns
         # processes the conversation again up to each turn, with the same images
@@ -1359,13 +1359,14 @@ class ConversationEncoder:
             if types is None:
                 raise RowError(where, "the processor gave no token_type_ids for the answer")
             labels = torch.where(types[0] == 1, inputs["input_ids"][0], torch.full_like(types[0], -100))
-            text, suffix = prompt, answer
+            text, suffix, listed = prompt, answer, None
         else:
             text, suffix = self.render(messages), None
             inputs = self.process([text], [pil], where=where, record=True)
             labels = self.assistant_labels(messages, text, pil, inputs["input_ids"][0], where)
+            listed = self.expanded[3] if self.expanded else None  # this row's ids as a list, when recorded
         length, answer = int(inputs["input_ids"].shape[1]), int((labels != -100).sum())
-        image_tokens = self.count_image_tokens(inputs["input_ids"][0])
+        image_tokens = self.count_image_tokens(inputs["input_ids"][0], listed)
         inputs, labels = self.cut(inputs, labels, where)
         kept = answer if labels.shape[0] == length else int((labels != -100).sum())
         if not kept:
@@ -1374,8 +1375,11 @@ class ConversationEncoder:
         return {"text": text, "suffix": suffix, "images": pil, "inputs": inputs, "labels": labels, "where": where,
                 "length": length, "answer_tokens": answer, "kept_answer_tokens": kept, "image_tokens": image_tokens}
 
-    def count_image_tokens(self, ids):
-        """Tokens that stand for image content (the processor's image token, else every image-framing token)."""
+    def count_image_tokens(self, ids, listed=None):
+        """Tokens that stand for image content (the processor's image token, else every image-framing
+        token). listed: the same ids as a list (counted faster)."""
+        if self.image_token_id is not None and listed is not None:
+            return listed.count(self.image_token_id)
         if self.image_token_id is not None:
             return int((ids == self.image_token_id).sum())
         return int(torch.isin(ids, torch.tensor(sorted(self.image_ids))).sum()) if self.image_ids else 0
@@ -1623,9 +1627,10 @@ def _plain_backend(tokenizer, args, kwargs):
             or rust.encode_special_tokens != bool(tokenizer.split_special_tokens):
         return None
     add = kwargs.get("add_special_tokens", True)
+    fast = getattr(rust, "encode_batch_fast", None)  # the same ids without character offsets
 
     def call(prefix):
-        return rust.encode(prefix, add_special_tokens=add).ids
+        return fast([prefix], add_special_tokens=add)[0].ids if fast else rust.encode(prefix, add_special_tokens=add).ids
 
     return call
 
@@ -1925,13 +1930,12 @@ def _check_in_parallel(rows, setup, workers, encoder, bar):
     size = max(1, min(64, len(rows) // (workers * 8) or 1))
     chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
     results = [None] * len(chunks)
-    finished = []  # rows of each chunk done by a worker (appended by the pool's thread)
-    counted = [0]  # entries of finished reported
+    front = [0]  # the workers' chunks before this one are done and reported
 
     def report(own=0):
-        while counted[0] < len(finished):
-            own += finished[counted[0]]
-            counted[0] += 1
+        while front[0] < len(chunks) and not futures[front[0]].cancelled() and futures[front[0]].done():
+            own += len(chunks[front[0]])
+            front[0] += 1
         if bar:
             bar.advance(own)
 
@@ -1939,8 +1943,6 @@ def _check_in_parallel(rows, setup, workers, encoder, bar):
     with ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_check_worker_init, initargs=(setup,)) as pool:
         futures = [pool.submit(_check_chunk, chunk) for chunk in chunks]
-        for chunk, future in zip(chunks, futures, strict=True):
-            future.add_done_callback(lambda f, n=len(chunk): None if f.cancelled() else finished.append(n))
         for i in reversed(range(len(chunks))):
             if not futures[i].cancel():  # a worker has it: every chunk before it is theirs too
                 break

@@ -552,9 +552,20 @@ def test_this_process_and_the_workers_share_the_rows(family, monkeypatch):
         time.sleep(0.25)
         return check_row(enc, row)
 
+    class Bar:  # the progress bar's counts
+        counts = []
+
+        def __init__(self, total):
+            self.total = total
+
+        def advance(self, n, final=False):
+            self.counts.append(n)
+
     monkeypatch.setattr(hf_train, "check_row", slow_check_row)
-    shared = hf_train.check_rows(rows, setup, workers=2, encoder=encoder, progress=False)
+    monkeypatch.setattr(hf_train, "Progress", Bar)
+    shared = hf_train.check_rows(rows, setup, workers=2, encoder=encoder, progress=True)
     assert shared == alone
+    assert sum(Bar.counts) == len(rows) and min(Bar.counts) >= 0  # every row counted once on the bar
     assert 0 < len(here) < len(rows), here
     lines = [r["_line"] for r in rows]
     assert sorted(here) == lines[-len(here):]  # this process took chunks from the back
