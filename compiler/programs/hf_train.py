@@ -1943,15 +1943,19 @@ def _check_in_parallel(rows, setup, workers, encoder, bar):
     with ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_check_worker_init, initargs=(setup,)) as pool:
         futures = [pool.submit(_check_chunk, chunk) for chunk in chunks]
-        for i in reversed(range(len(chunks))):
-            if not futures[i].cancel():  # a worker has it: every chunk before it is theirs too
-                break
-            results[i] = [check_row(encoder, row) for row in chunks[i]]
-            report(len(chunks[i]))
-        for i, future in enumerate(futures):
-            if results[i] is None:
-                results[i] = future.result()
-                report()
+        try:
+            for i in reversed(range(len(chunks))):
+                if not futures[i].cancel():  # a worker has it: every chunk before it is theirs too
+                    break
+                results[i] = [check_row(encoder, row) for row in chunks[i]]
+                report(len(chunks[i]))
+            for i, future in enumerate(futures):
+                if results[i] is None:
+                    results[i] = future.result()
+                    report()
+        except BaseException:  # Ctrl-C, a worker that died: the chunks no worker has begun are dropped
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return [item for part in results for item in part]
 
 
