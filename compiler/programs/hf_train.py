@@ -1267,9 +1267,19 @@ class ConversationEncoder:
         self.expanded = None
         self.renderers = {}  # add_generation_prompt -> the template owner's own render call (see render)
 
-    def render(self, messages, add_generation_prompt=False):
-        """The chat template's text of messages: template_owner.apply_chat_template(messages,
-        tokenize=False). Its first call with each add_generation_prompt records the one
+    def render(self, messages, add_generation_prompt=False, where="row"):
+        """The chat template's text of messages (_render); a conversation the template refuses
+        (its raise_exception, or an error inside it) is a RowError naming the template's words."""
+        try:
+            return self._render(messages, add_generation_prompt)
+        except DataError:
+            raise
+        except Exception as exc:  # jinja2's TemplateError from raise_exception, a TypeError inside it, ...
+            raise RowError(where, "the chat template refuses this conversation: "
+                           f"{type(exc).__name__}: " + " ".join(str(exc).split())[:300]) from None
+
+    def _render(self, messages, add_generation_prompt):
+        """template_owner.apply_chat_template(messages, tokenize=False). Its first call with each add_generation_prompt records the one
         render_jinja_template call it makes inside; later calls make that call directly with the
         recorded arguments and these messages (what apply_chat_template adds around it, resolving
         the template and its arguments, does not depend on the messages), when the recorded call
@@ -1361,7 +1371,7 @@ class ConversationEncoder:
             labels = torch.where(types[0] == 1, inputs["input_ids"][0], torch.full_like(types[0], -100))
             text, suffix, listed = prompt, answer, None
         else:
-            text, suffix = self.render(messages), None
+            text, suffix = self.render(messages, where=where), None
             inputs = self.process([text], [pil], where=where, record=True)
             labels = self.assistant_labels(messages, text, pil, inputs["input_ids"][0], where)
             listed = self.expanded[3] if self.expanded else None  # this row's ids as a list, when recorded
@@ -1393,11 +1403,11 @@ class ConversationEncoder:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            prompt = self.render(messages[:i], add_generation_prompt=True)
-            upto = full if i == len(messages) - 1 else self.render(messages[: i + 1])
+            prompt = self.render(messages[:i], add_generation_prompt=True, where=where)
+            upto = full if i == len(messages) - 1 else self.render(messages[: i + 1], where=where)
             # the earlier turns + generation prompt a prefix of this turn, and this turn of the
             # whole: earlier turns render the same once later turns follow
-            before = prompt if upto.startswith(prompt) else self.render(messages[:i]) if i else ""
+            before = prompt if upto.startswith(prompt) else self.render(messages[:i], where=where) if i else ""
             if not (full.startswith(upto) and upto.startswith(before)):
                 raise RowError(where, "the chat template renders earlier turns differently once later "
                                 "turns follow, so assistant turns cannot be located")

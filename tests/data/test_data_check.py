@@ -569,3 +569,33 @@ def test_this_process_and_the_workers_share_the_rows(family, monkeypatch):
     assert 0 < len(here) < len(rows), here
     lines = [r["_line"] for r in rows]
     assert sorted(here) == lines[-len(here):]  # this process took chunks from the back
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_located_refusal(family, tmp_path):
+    """A template's own raise_exception (as Llama 2's and Mistral's for a system turn or roles that
+    do not alternate) refuses that row with its file:line and the template's words; the other
+    rows are checked as before."""
+    name, model, processor, data, max_length, good, bad = family
+    import jinja2
+    import transformers
+
+    from mixspec.programs import hf_train
+
+    setup = {"model": str(model), "model_type": transformers.AutoConfig.from_pretrained(model).model_type,
+             "multimodal": True, "max_length": 4096, "mixspec_version": "test"}
+    encoder = hf_train.make_encoder(str(model), setup, quiet=True)
+    refusing = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+                + encoder.template_owner.chat_template)
+    encoder.template_owner.chat_template = refusing
+    lines = [row("Hi", "Hello."), {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"},
+                                               {"role": "assistant", "content": "Because."}]}, row("Bye", "Bye.")]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    rows, _ = hf_train.scan_rows(str(path))
+    results = hf_train.check_rows(rows, setup, workers=1, encoder=encoder, progress=False)
+    assert [why is None for _, why in results] == [True, False, True]
+    assert results[1][1] == "the chat template refuses this conversation: TemplateError: System role not supported"
+    with pytest.raises(jinja2.TemplateError):  # the oracle: the processor's own template refuses it
+        processor.apply_chat_template(hf_train.conversation(rows[1], True)[0], tokenize=False, chat_template=refusing)
+    report = hf_train.data_report([("train", str(path), rows, [], results)], 4096)
+    assert [(r["line"], r["reason"]) for r in report["refused"]] == [(2, results[1][1])]
