@@ -1052,6 +1052,11 @@ def _physical_lines(fh):
         yield lineno, None, size
 
 
+_BOM = ("starts with a UTF-8 byte order mark (BOM), which Python's JSON reader refuses: save the file without it "
+        "(e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' FILE)")
+_TOO_DEEP = "not valid JSON here: nested deeper than a JSON reader follows (a row is messages and image paths)"
+
+
 def _parse_line(raw, size):
     """(row, None) or (None, why the line is no row)."""
     if raw is None:
@@ -1062,10 +1067,14 @@ def _parse_line(raw, size):
         return None, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
     if not text.strip():
         return None, None
+    if text.startswith("\ufeff"):
+        return None, _BOM
     try:
         row = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, f"not valid JSON: {exc.msg} (column {exc.colno})"
+    except RecursionError:
+        return None, _TOO_DEEP
     if not isinstance(row, dict):
         return None, f"a row must be a JSON object with \"messages\", got {type(row).__name__}"
     return row, None
@@ -1090,7 +1099,7 @@ def scan_rows(path):
     base = os.path.dirname(os.path.abspath(path))
     rows, refused = [], []
     with open(path, "rb") as fh:
-        if path.endswith(".json") and fh.read(64).lstrip().startswith(b"["):
+        if path.endswith(".json") and fh.read(64).lstrip().lstrip(b"\xef\xbb\xbf").lstrip().startswith(b"["):
             return _scan_json_array(path, base)
         fh.seek(0)
         for lineno, raw, size in _physical_lines(fh):
@@ -1105,11 +1114,15 @@ def scan_rows(path):
 def _scan_json_array(path, base):
     with open(path, "rb") as fh:
         raw = fh.read()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        return [], [{"file": path, "line": 1, "reason": _BOM}]
     try:
         items = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         line = getattr(exc, "lineno", None) or raw[: getattr(exc, "start", 0)].count(b"\n") + 1
         return [], [{"file": path, "line": line, "reason": f"not a valid JSON array: {exc}"}]
+    except RecursionError:
+        return [], [{"file": path, "line": None, "reason": _TOO_DEEP}]
     rows, refused = [], []
     for i, item in enumerate(items):
         if isinstance(item, dict):

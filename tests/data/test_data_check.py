@@ -86,6 +86,7 @@ def planted(root: Path, processor):
         json.dumps(row(" ".join(["long"] * (2 * max_length)), "y")):
             r"would leave no answer token \(it needs max_length >= \d+",
         latin1: rf"not UTF-8 text \(byte 0xe9 at column {latin1.index(0xE9) + 1}\)",
+        b'{"messages": ' + b"[" * 100_000: r"nested deeper than a JSON reader follows",
         b'{"pad": "' + b"x" * (17 * 1024 * 1024) + b'"}': r"line of 17,825,\d+ bytes, over the limit",
     }
     lines, good_at, bad_at = [], {}, {}
@@ -599,3 +600,20 @@ def test_a_conversation_the_chat_template_refuses_is_a_located_refusal(family, t
         processor.apply_chat_template(hf_train.conversation(rows[1], True)[0], tokenize=False, chat_template=refusing)
     report = hf_train.data_report([("train", str(path), rows, [], results)], 4096)
     assert [(r["line"], r["reason"]) for r in report["refused"]] == [(2, results[1][1])]
+
+
+def test_a_byte_order_mark_is_a_located_refusal(tmp_path):
+    """A file saved with a UTF-8 BOM: its first line (a .jsonl) or the file (a .json array) is
+    refused once, saying how to drop the mark; Python's own JSON reader refuses it too."""
+    from mixspec.programs import hf_train
+
+    good = json.dumps(row("Hi", "Hello."))
+    (tmp_path / "rows.jsonl").write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\n" + good.encode() + b"\n")
+    (tmp_path / "rows.json").write_bytes(b"\xef\xbb\xbf[\n " + good.encode() + b",\n " + good.encode() + b"\n]\n")
+    with pytest.raises(json.JSONDecodeError, match="BOM"):
+        json.loads((tmp_path / "rows.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    rows, refused = hf_train.scan_rows(str(tmp_path / "rows.jsonl"))
+    assert len(rows) == 1 and [(r["line"], r["reason"]) for r in refused] == [(1, hf_train._BOM)]
+    assert "byte order mark" in hf_train._BOM and "sed -i" in hf_train._BOM
+    rows, refused = hf_train.scan_rows(str(tmp_path / "rows.json"))
+    assert rows == [] and [(r["line"], r["reason"]) for r in refused] == [(1, hf_train._BOM)]
