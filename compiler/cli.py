@@ -673,7 +673,7 @@ def data_check(
             typer.echo(line)
     if not report.get("cached") and report.get("seconds"):
         _stderr(f"checked {report['rows']:,} rows in {report['seconds']:.1f} s "
-                f"({report['rows'] / report['seconds']:,.0f} rows/s, {report['workers']} worker(s))")
+                f"({report['rows'] / report['seconds']:,.0f} rows/s, {report['workers']} process(es))")
     if report["refused"]:
         raise typer.Exit(1)
 
