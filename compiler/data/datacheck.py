@@ -244,7 +244,9 @@ def _length_lines(report: dict) -> list[str]:
     cut = report["truncation"]
     lines.append(f"over max_length {report['max_length']:,}: {report['over_max_length']:,} rows, cut at the end: "
                  f"{cut['tokens_lost']:,} tokens lost, {cut['answers_cut']:,} answers cut "
-                 f"({cut['answer_tokens_lost']:,} answer tokens lost)")
+                 f"({cut['answer_tokens_lost']:,} answer tokens lost"
+                 + (f"; {cut['answer_turns_past']:,} more answer turns wholly past it)" if cut.get("answer_turns_past")
+                    else ")"))
     return lines
 
 

@@ -1356,7 +1356,8 @@ class ConversationEncoder:
 
     def encode_row(self, row, index=0):
         """{'text', 'suffix', 'images', 'inputs' (this row alone, as one micro-batch), 'labels', 'where',
-        'length', 'answer_tokens', 'image_tokens' (before the max_length cut), 'kept_answer_tokens'}."""
+        'length', 'answer_tokens', 'image_tokens' (before the max_length cut), 'kept_answer_tokens',
+        'answer_turns_past' (assistant turns wholly past max_length, not located)}."""
         inner = getattr(self.processor, "image_processor", None)
         if inner is None or self.fast_prefix:  # the prefixes' tokens come from the tokenizer alone
             return self._encode_row(row, index)
@@ -1382,11 +1383,11 @@ class ConversationEncoder:
             if types is None:
                 raise RowError(where, "the processor gave no token_type_ids for the answer")
             labels = torch.where(types[0] == 1, inputs["input_ids"][0], torch.full_like(types[0], -100))
-            text, suffix, listed = prompt, answer, None
+            text, suffix, listed, past = prompt, answer, None, 0
         else:
             text, suffix = self.render(messages, where=where), None
             inputs = self.process([text], [pil], where=where, record=True)
-            labels = self.assistant_labels(messages, text, pil, inputs["input_ids"][0], where)
+            labels, past = self.assistant_labels(messages, text, pil, inputs["input_ids"][0], where)
             listed = self.expanded[3] if self.expanded else None  # this row's ids as a list, when recorded
         length, answer = int(inputs["input_ids"].shape[1]), int((labels != -100).sum())
         image_tokens = self.count_image_tokens(inputs["input_ids"][0], listed)
@@ -1394,9 +1395,11 @@ class ConversationEncoder:
         kept = answer if labels.shape[0] == length else int((labels != -100).sum())
         if not kept:
             raise RowError(where, f"{length} tokens, none of them an answer token within max_length {self.max_length}")
-        # length, answer_tokens, image_tokens: before the cut (what the data check reports)
+        # length, answer_tokens, image_tokens: before the cut (what the data check reports); answer
+        # turns wholly past max_length are not located: counted as turns, not tokens
         return {"text": text, "suffix": suffix, "images": pil, "inputs": inputs, "labels": labels, "where": where,
-                "length": length, "answer_tokens": answer, "kept_answer_tokens": kept, "image_tokens": image_tokens}
+                "length": length, "answer_tokens": answer, "kept_answer_tokens": kept, "image_tokens": image_tokens,
+                "answer_turns_past": past}
 
     def count_image_tokens(self, ids, listed=None):
         """Tokens that stand for image content (the processor's image token, else every image-framing
@@ -1410,12 +1413,16 @@ class ConversationEncoder:
     def assistant_labels(self, messages, full, pil, ids, where):
         """Each assistant turn's tokens: from where the generation prompt ends (or, for templates
         whose generation prompt differs from how they render a finished turn, where the turn's
-        {% generation %} block starts) to the end of the turn with its end-of-turn tokens."""
+        {% generation %} block starts) to the end of the turn with its end-of-turn tokens.
+        (labels, assistant turns not located): once a turn ends at or past max_length, every later
+        turn starts past the cut and keeps no label, so it is not located (a conversation of
+        thousands of turns costs turns up to max_length, not thousands squared renders)."""
         labels = torch.full_like(ids, -100)
-        blocks = None
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
+        blocks, last = None, 0
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for k, i in enumerate(turns):
+            if k and last >= self.max_length:
+                return labels, len(turns) - k
             prompt = self.render(messages[:i], add_generation_prompt=True, where=where)
             upto = full if i == len(messages) - 1 else self.render(messages[: i + 1], where=where)
             # the earlier turns + generation prompt a prefix of this turn, and this turn of the
@@ -1437,7 +1444,7 @@ class ConversationEncoder:
             first = self.prefix_length(full[:start], pil, ids, where)
             last = self.prefix_length(upto, pil, ids, where) if upto != full else int(ids.shape[0])
             labels[first:last] = ids[first:last]
-        return labels
+        return labels, 0
 
     def generation_blocks(self, messages, full):
         """Character spans of the template's {% generation %} blocks, as transformers tracks them."""
@@ -1875,6 +1882,7 @@ def check_row(encoder, row):
         return None, str(exc)
     return {"length": item["length"], "answer_tokens": item["answer_tokens"],
             "kept_answer_tokens": item["kept_answer_tokens"], "image_tokens": item["image_tokens"],
+            "answer_turns_past": item["answer_turns_past"],
             "image_sizes": [list(img.size) for img in item["images"]]}, None
 
 
@@ -2039,8 +2047,11 @@ def data_report(parts, max_length):
         "max_length": max_length, "tokens": _percentiles(lengths), "histogram": _histogram(lengths),
         "over_max_length": len(over),
         "truncation": {"tokens_lost": sum(s["length"] - max_length for s in over),
-                       "answers_cut": sum(s["kept_answer_tokens"] < s["answer_tokens"] for s in over),
-                       "answer_tokens_lost": sum(s["answer_tokens"] - s["kept_answer_tokens"] for s in over)},
+                       "answers_cut": sum(s["kept_answer_tokens"] < s["answer_tokens"] or s.get("answer_turns_past", 0) > 0
+                                          for s in over),
+                       # of the turns cut inside; turns wholly past max_length are counted as turns
+                       "answer_tokens_lost": sum(s["answer_tokens"] - s["kept_answer_tokens"] for s in over),
+                       "answer_turns_past": sum(s.get("answer_turns_past", 0) for s in over)},
         "images": _image_report(accepted), "files": files,
     }
 

@@ -617,3 +617,45 @@ def test_a_byte_order_mark_is_a_located_refusal(tmp_path):
     assert "byte order mark" in hf_train._BOM and "sed -i" in hf_train._BOM
     rows, refused = hf_train.scan_rows(str(tmp_path / "rows.json"))
     assert rows == [] and [(r["line"], r["reason"]) for r in refused] == [(1, hf_train._BOM)]
+
+
+def test_turns_past_max_length_are_not_located_and_the_cut_labels_are_unchanged(family):
+    """A conversation of many turns: turns that start past max_length keep no label, so they are
+    not located (rendering the conversation up to each of thousands of turns would take minutes
+    a row); the labels training keeps equal those of locating every turn, and the turns left
+    out are exactly the assistant turns that start past the cut."""
+    name, model, processor, *_ = family
+    import time
+
+    import torch
+    import transformers
+
+    from mixspec.programs import hf_train
+
+    setup = {"model": str(model), "model_type": transformers.AutoConfig.from_pretrained(model).model_type,
+             "multimodal": True, "max_length": 10**9, "mixspec_version": "test"}
+    turns = []
+    for i in range(60):
+        turns += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+    many = {"messages": turns, "_base": ".", "_where": "many"}
+    everything = hf_train.make_encoder(str(model), setup, quiet=True).encode_row(many)
+    assert everything["answer_turns_past"] == 0
+    labels = everything["labels"]
+    starts = [j for j in range(labels.shape[0]) if labels[j] != -100 and (j == 0 or labels[j - 1] == -100)]
+    assert len(starts) == 60
+    max_length = starts[10] + 3  # inside the eleventh answer
+    cut = hf_train.make_encoder(str(model), dict(setup, max_length=max_length), quiet=True).encode_row(many)
+    assert torch.equal(cut["labels"], labels[:max_length])
+    assert cut["answer_turns_past"] == sum(s >= max_length for s in starts) == 49
+    assert cut["kept_answer_tokens"] == int((labels[:max_length] != -100).sum())
+    stats, why = hf_train.check_row(hf_train.make_encoder(str(model), dict(setup, max_length=max_length), quiet=True), many)
+    report = hf_train.data_report([("train", "f.jsonl", [dict(many, _line=1)], [], [(stats, why)])], max_length)
+    assert report["truncation"]["answers_cut"] == 1 and report["truncation"]["answer_turns_past"] == 49
+    assert report["truncation"]["answer_tokens_lost"] == int((labels != -100).sum()) - cut["kept_answer_tokens"] - sum(
+        int((labels[a:b] != -100).sum()) for a, b in zip(starts[11:], starts[12:] + [labels.shape[0]], strict=True))
+
+    # thousands of turns: bounded by max_length, not by the turns
+    huge = {"messages": turns * 50, "_base": ".", "_where": "huge"}
+    start = time.perf_counter()
+    item = hf_train.make_encoder(str(model), dict(setup, max_length=max_length), quiet=True).encode_row(huge)
+    assert time.perf_counter() - start < 30 and item["answer_turns_past"] > 2900
