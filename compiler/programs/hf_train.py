@@ -1075,6 +1075,8 @@ def _parse_line(raw, size):
         return None, f"not valid JSON: {exc.msg} (column {exc.colno})"
     except RecursionError:
         return None, _TOO_DEEP
+    except ValueError as exc:  # valid JSON Python will not read: an integer of more digits than its limit
+        return None, "not readable JSON: " + " ".join(str(exc).split())[:200]
     if not isinstance(row, dict):
         return None, f"a row must be a JSON object with \"messages\", got {type(row).__name__}"
     return row, None
@@ -1123,6 +1125,8 @@ def _scan_json_array(path, base):
         return [], [{"file": path, "line": line, "reason": f"not a valid JSON array: {exc}"}]
     except RecursionError:
         return [], [{"file": path, "line": None, "reason": _TOO_DEEP}]
+    except ValueError as exc:  # an integer of more digits than Python reads
+        return [], [{"file": path, "line": None, "reason": "not readable JSON: " + " ".join(str(exc).split())[:200]}]
     rows, refused = [], []
     for i, item in enumerate(items):
         if isinstance(item, dict):
@@ -1337,6 +1341,10 @@ class ConversationEncoder:
         except DataError:
             raise
         except Exception as exc:  # the family's processor refuses the row(s): name them
+            bad = next((c for t in texts for c in t if "\ud800" <= c <= "\udfff"), None)
+            if bad is not None:  # valid JSON (a \u escape), no text: tokenizers take UTF-8 only
+                raise RowError(where, f"has a lone surrogate \\u{ord(bad):04x} (a JSON \\u escape of half a character), "
+                               "which is not text; fix the row") from None
             raise RowError(where, f"{type(self.processor or self.tokenizer).__name__} cannot take this: "
                             f"{type(exc).__name__}: " + " ".join(str(exc).split())[:300]) from None
         return {k: v for k, v in out.items() if torch.is_tensor(v) and k != "labels"}

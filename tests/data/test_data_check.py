@@ -87,6 +87,8 @@ def planted(root: Path, processor):
             r"would leave no answer token \(it needs max_length >= \d+",
         latin1: rf"not UTF-8 text \(byte 0xe9 at column {latin1.index(0xE9) + 1}\)",
         b'{"messages": ' + b"[" * 100_000: r"nested deeper than a JSON reader follows",
+        b'{"messages": [], "n": ' + b"9" * 5000 + b"}": r"not readable JSON: Exceeds the limit \(4300 digits\)",
+        json.dumps(row("half \ud800 a character", "y")): r"has a lone surrogate \\ud800",
         b'{"pad": "' + b"x" * (17 * 1024 * 1024) + b'"}': r"line of 17,825,\d+ bytes, over the limit",
     }
     lines, good_at, bad_at = [], {}, {}
