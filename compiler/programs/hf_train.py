@@ -1218,6 +1218,8 @@ def conversation(row, multimodal):
 def _image_path(image, base, where):
     if not isinstance(image, str) or not image:
         raise RowError(where, "each image must be a path (a non-empty string)")
+    if re.match(r"[a-z][a-z0-9+.-]*://", image, re.I):
+        raise RowError(where, f"image {image[:200]} is a URL: rows are read from local files (download it and give its path)")
     path = image if os.path.isabs(image) else os.path.join(base, image)
     if not os.path.isfile(path):
         raise RowError(where, f"image not found: {path}")

@@ -89,6 +89,7 @@ def planted(root: Path, processor):
         b'{"messages": ' + b"[" * 100_000: r"nested deeper than a JSON reader follows",
         b'{"messages": [], "n": ' + b"9" * 5000 + b"}": r"not readable JSON: Exceeds the limit \(4300 digits\)",
         json.dumps(row("half \ud800 a character", "y")): r"has a lone surrogate \\ud800",
+        json.dumps(row("<image>x", "y", ["https://example.com/a.png"])): r"image https://example.com/a.png is a URL",
         b'{"pad": "' + b"x" * (17 * 1024 * 1024) + b'"}': r"line of 17,825,\d+ bytes, over the limit",
     }
     lines, good_at, bad_at = [], {}, {}
