@@ -1099,6 +1099,16 @@ def scan_rows(path):
         return [dict(row, _where=f"{path}[{i}]", _file=path, _line=None, _index=i, _base=os.getcwd())
                 for i, row in enumerate(ds)], []
     base = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise DataError(f"error: data file {path} is a directory\n  hint: give a .jsonl or .json file "
+                        "(several: a list in data.train / data.eval, or --data A.jsonl B.jsonl)")
+    try:
+        return _scan_file(path, base)
+    except OSError as exc:  # unreadable (permissions, I/O): said once, for the file
+        raise DataError(f"error: data file {path}: cannot read it: {exc.strerror or exc}") from None
+
+
+def _scan_file(path, base):
     rows, refused = [], []
     with open(path, "rb") as fh:
         if path.endswith(".json") and fh.read(64).lstrip().lstrip(b"\xef\xbb\xbf").lstrip().startswith(b"["):

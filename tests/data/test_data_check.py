@@ -226,6 +226,9 @@ def test_data_check_usage_and_setup_errors(family, tmp_path):
         pytest.skip("one family is enough")
     code, _, err = run_cli("data", "check", write_spec(tmp_path / "s.yaml", model, tmp_path / "nope.jsonl", 64))
     assert code == 1 and "nope.jsonl: no such file" in err and "Traceback" not in err
+    (tmp_path / "folder.jsonl").mkdir()
+    code, _, err = run_cli("data", "check", write_spec(tmp_path / "d.yaml", model, tmp_path / "folder.jsonl", 64))
+    assert code == 1 and "folder.jsonl is a directory" in err and "Traceback" not in err
     catalog = tmp_path / "catalog.yaml"
     catalog.write_text("version: 1\nmodel: llava-hf/llava-1.5-7b-hf\ncomponents:\n  language: {train: full, lr: 1.0e-5}\n"
                        f"data: {{train: {data}}}\n", encoding="utf-8")
