@@ -1947,15 +1947,18 @@ class Progress:
         sys.stderr.flush()
 
 
-def check_rows(rows, setup, workers=1, encoder=None, progress=True):
+def check_rows(rows, setup, workers=1, encoder=None, progress=True, used=None):
     """check_row of every row, in order: in this process (workers 1), or in this process and
-    workers - 1 worker processes that each load the processor once (_check_in_parallel)."""
+    up to workers - 1 worker processes that each load the processor once (_check_in_parallel).
+    used: a dict that gets the number of processes that checked rows ("processes")."""
     import gc
 
     bar = Progress(len(rows)) if progress else None
     encoder = encoder or make_encoder(setup["model"], setup, quiet=True)
     gc.freeze()  # as in a worker (_check_worker_init), for the rows' loop
     try:
+        if used is not None:
+            used["processes"] = 1
         if workers <= 1 or len(rows) < 2:
             out = []
             for row in rows:
@@ -1963,7 +1966,7 @@ def check_rows(rows, setup, workers=1, encoder=None, progress=True):
                 if bar:
                     bar.advance(1)
         else:
-            out = _check_in_parallel(rows, setup, workers, encoder, bar)
+            out = _check_in_parallel(rows, setup, workers, encoder, bar, used)
     finally:
         gc.unfreeze()
     if bar:
@@ -1971,17 +1974,48 @@ def check_rows(rows, setup, workers=1, encoder=None, progress=True):
     return out
 
 
-def _check_in_parallel(rows, setup, workers, encoder, bar):
-    """The rows in chunks, in order: the chunks go to workers - 1 spawned processes from the
-    front; this process, whose encoder is loaded while theirs load (seconds: importing torch
-    and transformers), takes chunks from the back until it meets one a worker has started."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+# a spawned worker's start (importing torch and transformers, loading the processor): 3 to 5 s of
+# CPU on the machines measured; workers are started only when the rows left would take longer
+WORKER_START_S = 4.0
+PROBE_S = 0.5  # this process's rows/s is measured on its first rows for this long
+
+
+def _check_in_parallel(rows, setup, workers, encoder, bar, used=None):
+    """The rows in chunks, in order. This process checks the first chunks alone for PROBE_S; when
+    the rest would take it longer than a worker's start (WORKER_START_S), workers - 1 spawned
+    processes take the rest from the front while this one takes them from the back, until it
+    meets a chunk a worker has started; else it checks them all (a small file never waits for
+    a worker to start)."""
+    import time
 
     size = max(1, min(64, len(rows) // (workers * 8) or 1))
     chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
     results = [None] * len(chunks)
-    front = [0]  # the workers' chunks before this one are done and reported
+    begin, first = time.monotonic(), 0
+    while first < len(chunks) and (first == 0 or time.monotonic() - begin < PROBE_S):
+        results[first] = [check_row(encoder, row) for row in chunks[first]]
+        if bar:
+            bar.advance(len(chunks[first]))
+        first += 1
+    rate = sum(len(c) for c in chunks[:first]) / max(time.monotonic() - begin, 1e-9)
+    if sum(len(c) for c in chunks[first:]) / rate <= WORKER_START_S:
+        for i in range(first, len(chunks)):
+            results[i] = [check_row(encoder, row) for row in chunks[i]]
+            if bar:
+                bar.advance(len(chunks[i]))
+    else:
+        _share_with_workers(chunks, first, results, setup, workers, encoder, bar)
+        if used is not None:
+            used["processes"] = workers
+    return [item for part in results for item in part]
+
+
+def _share_with_workers(chunks, first, results, setup, workers, encoder, bar):
+    """chunks[first:] into results: the workers from the front, this process from the back."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    front = [first]  # the workers' chunks before this one are done and reported
 
     def report(own=0):
         while front[0] < len(chunks) and not futures[front[0]].cancelled() and futures[front[0]].done():
@@ -1993,21 +2027,20 @@ def _check_in_parallel(rows, setup, workers, encoder, bar):
     # spawn: a fork of a process that ran torch can deadlock in its thread pools
     with ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_check_worker_init, initargs=(setup,)) as pool:
-        futures = [pool.submit(_check_chunk, chunk) for chunk in chunks]
+        futures = [None] * first + [pool.submit(_check_chunk, chunk) for chunk in chunks[first:]]
         try:
-            for i in reversed(range(len(chunks))):
+            for i in reversed(range(first, len(chunks))):
                 if not futures[i].cancel():  # a worker has it: every chunk before it is theirs too
                     break
                 results[i] = [check_row(encoder, row) for row in chunks[i]]
                 report(len(chunks[i]))
-            for i, future in enumerate(futures):
+            for i in range(first, len(chunks)):
                 if results[i] is None:
-                    results[i] = future.result()
+                    results[i] = futures[i].result()
                     report()
         except BaseException:  # Ctrl-C, a worker that died: the chunks no worker has begun are dropped
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-    return [item for part in results for item in part]
 
 
 def _percentiles(values):
@@ -2214,7 +2247,8 @@ def check_data(files, setup, workers=None, progress=True, cache=True, wait=False
     start = time.monotonic()
     encoder = make_encoder(setup["model"], setup, quiet=True)  # no chat template etc.: raises here, once
     n = auto_workers(all_rows, workers)
-    results = check_rows(all_rows, setup, n, encoder=encoder, progress=progress)
+    used = {}
+    results = check_rows(all_rows, setup, n, encoder=encoder, progress=progress, used=used)
     parts, at = [], 0
     for split, path, part, bad_lines in scanned:
         parts.append((split, path, part, bad_lines, results[at:at + len(part)]))
@@ -2223,7 +2257,8 @@ def check_data(files, setup, workers=None, progress=True, cache=True, wait=False
     report["key"] = key
     save_cached_check(key, report)
     seconds = time.monotonic() - start
-    return dict(report, cached=False, seconds=round(seconds, 3), workers=n), rows
+    # workers: the processes that checked rows (this one and the workers it started)
+    return dict(report, cached=False, seconds=round(seconds, 3), workers=used.get("processes", 1)), rows
 
 
 def preview_data(args):

@@ -182,11 +182,15 @@ def test_data_check_refuses_exactly_the_planted_rows_and_counts_tokens_as_the_pr
     assert "tokens per row (image tokens expanded)" in out and "over max_length" in out
 
 
-def test_parallel_workers_and_the_cache_give_the_same_report(family, tmp_path):
+def test_parallel_workers_and_the_cache_give_the_same_report(family, tmp_path, monkeypatch):
     name, model, processor, data, max_length, good, bad = family
     if name != FAMILIES[0]:
         pytest.skip("one family is enough for the worker processes")
     from mixspec.programs import hf_train
+
+    # a worker started whatever the file's size (else this small file is checked here alone)
+    monkeypatch.setattr(hf_train, "WORKER_START_S", 0.0)
+    monkeypatch.setattr(hf_train, "PROBE_S", 0.0)
 
     setup = {"model": str(model), "model_type": "llava", "multimodal": True, "max_length": max_length,
              "mixspec_version": "test"}
@@ -537,9 +541,11 @@ def test_train_pys_module_imports_no_trainer_until_a_run_trains():
 
 
 def test_this_process_and_the_workers_share_the_rows(family, monkeypatch):
-    """workers=2: one spawned worker takes chunks from the front while this process (its encoder
-    already loaded) takes them from the back; together every row once, in order, each result
-    equal to the one-process check's. This process is slowed so the worker surely gets rows."""
+    """workers=2: this process checks the first rows alone (PROBE_S), then, the rest taking it
+    longer than a worker's start, one spawned worker takes chunks from the front while this
+    process takes them from the back; together every row once, in order, each result equal to
+    the one-process check's. This process is slowed so the worker surely gets rows; unslowed,
+    a small file is checked here alone, no worker started or waited for."""
     name, model, processor, data, max_length, good, bad = family
     if name != FAMILIES[0]:
         pytest.skip("one family is enough for the worker processes")
@@ -573,9 +579,16 @@ def test_this_process_and_the_workers_share_the_rows(family, monkeypatch):
     shared = hf_train.check_rows(rows, setup, workers=2, encoder=encoder, progress=True)
     assert shared == alone
     assert sum(Bar.counts) == len(rows) and min(Bar.counts) >= 0  # every row counted once on the bar
-    assert 0 < len(here) < len(rows), here
     lines = [r["_line"] for r in rows]
-    assert sorted(here) == lines[-len(here):]  # this process took chunks from the back
+    theirs = [line for line in lines if line not in here]
+    assert theirs and len(here) > 2, here
+    middle = lines.index(theirs[0])  # this process: the first rows, then from the back
+    assert theirs == lines[middle:middle + len(theirs)] and sorted(here) == lines[:middle] + lines[middle + len(theirs):]
+
+    monkeypatch.setattr(hf_train, "check_row", check_row)
+    started = []
+    monkeypatch.setattr(hf_train, "_share_with_workers", lambda *a: started.append(a))
+    assert hf_train.check_rows(rows, setup, workers=2, encoder=encoder, progress=False) == alone and not started
 
 
 def test_a_conversation_the_chat_template_refuses_is_a_located_refusal(family, tmp_path):
