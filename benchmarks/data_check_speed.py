@@ -12,12 +12,11 @@ with a system turn), then measures rows/s of:
   conversation with its images opened from disk (``processor.apply_chat_template(messages,
   tokenize=True, return_dict=True)``): the least any check that reads every row through the
   processor must do (the collector frozen over the loop, as the check runs its rows);
-- the check (``check_data``, no cache) with each worker count; beside its rows/s, the rate
-  without the workers' start (each spawned worker imports train.py's module and loads the
-  processor, seconds of fixed cost): the extra rows over the extra time against a run on the
-  first 256 rows per worker. Each also by CPU time of all its processes (rows per CPU second,
-  against the floor's): per-worker throughput whether or not a free core was there, so
-  linearity can be read on a shared machine.
+- the check (``check_data``, no cache) with each worker count (this process and N-1 spawned
+  workers), by wall clock and by CPU time of all its processes (rows per CPU second, against
+  the floor's): per-worker throughput whether or not a free core was there, so linearity can
+  be read on a shared machine; and by CPU time less the workers' starts, measured apart (a
+  spawned worker importing train.py's module and loading the processor, then exiting).
 
 It prints one JSON object: rows/s of each, and per worker the ratio to the floor (the goal is
 at least 0.8, the same for every worker count: linear in workers).
@@ -179,24 +178,35 @@ def check_rate(model: Path, data: Path, family: str, workers: int, max_length: i
     return report["rows"] / (time.perf_counter() - start), cpu_seconds() - cpu, report
 
 
-def check_entry(model: Path, data: Path, args, workers: int, floor: float, floor_cpu: float) -> dict:
-    """Rows/s of the check with WORKERS, with and without the workers' start; and rows per CPU
-    second of all its processes against the floor's (per worker, whatever else runs)."""
+def worker_start(model: Path, family: str, max_length: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one spawned check worker's start: train.py's module
+    imported, the processor loaded (_check_worker_init), one empty task, exit."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import transformers
+
+    from mixspec.programs import hf_train
+
+    setup = {"model": str(model), "model_type": transformers.AutoConfig.from_pretrained(model).model_type,
+             "multimodal": True, "max_length": max_length, "mixspec_version": "bench"}
+    start, cpu = time.perf_counter(), cpu_seconds()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=hf_train._check_worker_init, initargs=(setup,)) as pool:
+        pool.submit(os.getpid).result()
+    return time.perf_counter() - start, cpu_seconds() - cpu
+
+
+def check_entry(model: Path, data: Path, args, workers: int, floor: float, floor_cpu: float, start_cpu: float) -> dict:
+    """Rows/s of the check with WORKERS processes, and rows per CPU second of all of them
+    against the floor's (per worker, whatever else runs), also less the workers' starts."""
     rate, cpu, report = check_rate(model, data, args.family, workers, args.max_length)
-    out = {"workers": workers, "rows_per_s": round(rate, 1), "accepted": report["accepted"],
-           "ratio_to_floor_per_worker": round(rate / (floor * workers), 3),
+    out = {"workers": workers, "processes_used": report["workers"], "rows_per_s": round(rate, 1),
+           "accepted": report["accepted"], "ratio_to_floor_per_worker": round(rate / (floor * workers), 3),
            "rows_per_cpu_s": round(args.rows / cpu, 1), "cpu_ratio_to_floor": round(args.rows / cpu / floor_cpu, 3)}
-    first = min(256 * workers, args.rows // 4)
-    if workers > 1 and first:
-        part = data.with_name(f"first{first}.jsonl")
-        part.write_text("\n".join(data.read_text(encoding="utf-8").splitlines()[:first]) + "\n", encoding="utf-8")
-        small, small_cpu, _ = check_rate(model, part, args.family, workers, args.max_length)
-        marginal = (args.rows - first) / (args.rows / rate - first / small)
-        marginal_cpu = (args.rows - first) / (cpu - small_cpu)
-        out.update(started_rows_per_s=round(marginal, 1),
-                   started_ratio_to_floor_per_worker=round(marginal / (floor * workers), 3),
-                   started_rows_per_cpu_s=round(marginal_cpu, 1),
-                   started_cpu_ratio_to_floor=round(marginal_cpu / floor_cpu, 3))
+    if report["workers"] > 1:
+        rows_cpu = cpu - (report["workers"] - 1) * start_cpu
+        out.update(cpu_ratio_to_floor_without_starts=round(args.rows / rows_cpu / floor_cpu, 3))
     return out
 
 
@@ -219,8 +229,10 @@ def main(argv=None) -> int:
                "floor_rows_per_cpu_s": round(floor_cpu, 1), "load_average": list(os.getloadavg()), "check": []}
         if args.cpu_rows:
             out["cpu_time"] = cpu_rates(model, data, min(args.cpu_rows, args.rows), args.repeat, args.max_length)
+        start_s, start_cpu = worker_start(model, args.family, args.max_length)
+        out.update(worker_start_s=round(start_s, 2), worker_start_cpu_s=round(start_cpu, 2))
         for workers in args.workers:
-            out["check"].append(check_entry(model, data, args, workers, floor, floor_cpu))
+            out["check"].append(check_entry(model, data, args, workers, floor, floor_cpu, start_cpu))
     print(json.dumps(out, indent=2))
     return 0
 
