@@ -678,3 +678,18 @@ def test_turns_past_max_length_are_not_located_and_the_cut_labels_are_unchanged(
     start = time.perf_counter()
     item = hf_train.make_encoder(str(model), dict(setup, max_length=max_length), quiet=True).encode_row(huge)
     assert time.perf_counter() - start < 30 and item["answer_turns_past"] > 2900
+
+
+@pytest.mark.slow
+def test_the_speed_benchmark_runs_and_checks_every_row():
+    """benchmarks/data_check_speed.py end to end on a few rows: every row accepted by each worker
+    count, a worker's start measured, each ratio a measured positive number."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_check_speed.py"), "--rows", "90",
+                           "--workers", "1", "2", "--cpu-rows", "30", "--repeat", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()  # libraries may log to stdout first (DeepSpeed's accelerator line)
+    out = json.loads("\n".join(lines[lines.index("{"):]))
+    assert [c["workers"] for c in out["check"]] == [1, 2] and all(c["accepted"] == 90 for c in out["check"])
+    assert out["worker_start_cpu_s"] > 0 and out["cpu_time"]["ratio_to_floor"] > 0
+    assert all(c["ratio_to_floor_per_worker"] > 0 and c["cpu_ratio_to_floor"] > 0 for c in out["check"])
