@@ -1308,11 +1308,12 @@ class ConversationEncoder:
                            f"{type(exc).__name__}: " + " ".join(str(exc).split())[:300]) from None
 
     def _render(self, messages, add_generation_prompt):
-        """template_owner.apply_chat_template(messages, tokenize=False). Its first call with each add_generation_prompt records the one
-        render_jinja_template call it makes inside; later calls make that call directly with the
-        recorded arguments and these messages (what apply_chat_template adds around it, resolving
-        the template and its arguments, does not depend on the messages), when the recorded call
-        got these very messages (its normalization left them as they are)."""
+        """template_owner.apply_chat_template(messages, tokenize=False). Its first call with each
+        add_generation_prompt records the one render_jinja_template call it makes inside; later
+        calls make that call directly with the recorded arguments and these messages (what
+        apply_chat_template adds around it, resolving the template and its arguments, does not
+        depend on the messages), when the recorded call got these very messages (its
+        normalization left them as they are)."""
         renderer = self.renderers.get(add_generation_prompt)
         if renderer is None:
             text, renderer = _recorded_render(self.template_owner, messages, add_generation_prompt)
