@@ -12,11 +12,12 @@ with a system turn), then measures rows/s of:
   conversation with its images opened from disk (``processor.apply_chat_template(messages,
   tokenize=True, return_dict=True)``): the least any check that reads every row through the
   processor must do (the collector frozen over the loop, as the check runs its rows);
-- the check (``check_data``, no cache) with each worker count (this process and N-1 spawned
-  workers), by wall clock and by CPU time of all its processes (rows per CPU second, against
+- the check (``check_data``, no cache) with each worker count (this process and N-1 worker
+  processes), by wall clock and by CPU time of all its processes (rows per CPU second, against
   the floor's): per-worker throughput whether or not a free core was there, so linearity can
   be read on a shared machine; and by CPU time less the workers' starts, measured apart (a
-  spawned worker importing train.py's module and loading the processor, then exiting).
+  worker started as the check starts it: forked from a process with the processor loaded,
+  or where it cannot fork, spawned to import train.py's module and load the processor).
 
 It prints one JSON object: rows/s of each, and per worker the ratio to the floor (the goal is
 at least 0.8, the same for every worker count: linear in workers).
@@ -178,23 +179,21 @@ def check_rate(model: Path, data: Path, family: str, workers: int, max_length: i
     return report["rows"] / (time.perf_counter() - start), cpu_seconds() - cpu, report
 
 
-def worker_start(model: Path, family: str, max_length: int) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of one spawned check worker's start: train.py's module
-    imported, the processor loaded (_check_worker_init), one empty task, exit."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
+def worker_start(model: Path, family: str, max_length: int) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds, start method) of one check worker's start as the check starts
+    it (train.py's check_worker_pool): forked from this process with its processor loaded, or
+    spawned (train.py's module imported, the processor loaded); one empty task, exit."""
     import transformers
 
     from mixspec.programs import hf_train
 
     setup = {"model": str(model), "model_type": transformers.AutoConfig.from_pretrained(model).model_type,
              "multimodal": True, "max_length": max_length, "mixspec_version": "bench"}
+    encoder = hf_train.make_encoder(str(model), setup, quiet=True)
     start, cpu = time.perf_counter(), cpu_seconds()
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=hf_train._check_worker_init, initargs=(setup,)) as pool:
+    with hf_train.check_worker_pool(1, setup, encoder) as pool:
         pool.submit(os.getpid).result()
-    return time.perf_counter() - start, cpu_seconds() - cpu
+    return time.perf_counter() - start, cpu_seconds() - cpu, hf_train.worker_start_method()
 
 
 def check_entry(model: Path, data: Path, args, workers: int, floor: float, floor_cpu: float, start_cpu: float) -> dict:
@@ -229,8 +228,8 @@ def main(argv=None) -> int:
                "floor_rows_per_cpu_s": round(floor_cpu, 1), "load_average": list(os.getloadavg()), "check": []}
         if args.cpu_rows:
             out["cpu_time"] = cpu_rates(model, data, min(args.cpu_rows, args.rows), args.repeat, args.max_length)
-        start_s, start_cpu = worker_start(model, args.family, args.max_length)
-        out.update(worker_start_s=round(start_s, 2), worker_start_cpu_s=round(start_cpu, 2))
+        start_s, start_cpu, method = worker_start(model, args.family, args.max_length)
+        out.update(worker_start=method, worker_start_s=round(start_s, 3), worker_start_cpu_s=round(start_cpu, 3))
         for workers in args.workers:
             out["check"].append(check_entry(model, data, args, workers, floor, floor_cpu, start_cpu))
     print(json.dumps(out, indent=2))

@@ -1911,11 +1911,65 @@ _WORKER = {}
 
 
 def _check_worker_init(setup):
+    """A spawned worker's start: the processor loaded afresh (setup None: a forked worker, which
+    has this process's encoder already)."""
     import gc
 
     torch.set_num_threads(1)  # one process per core: torch's own threads would only compete
-    _WORKER["encoder"] = make_encoder(setup["model"], setup, quiet=True)
+    if setup is not None:
+        _WORKER["encoder"] = make_encoder(setup["model"], setup, quiet=True)
     gc.freeze()  # what is loaded lives as long as the worker: collections row after row need not rescan it
+
+
+def worker_start_method():
+    """How check workers start: "fork" where the platform has it and this process holds no CUDA
+    context (a fork costs milliseconds and hands the worker this process's loaded processor, its
+    recorded template calls included), else "spawn" (a fresh interpreter imports torch and
+    transformers and loads the processor: seconds). A forked worker sets torch to one thread
+    before any work, as a DataLoader worker does, so it never waits on a thread pool it did not
+    inherit."""
+    import multiprocessing
+
+    if sys.platform != "linux" or "fork" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    if "torch.cuda" in sys.modules and torch.cuda.is_initialized():
+        return "spawn"
+    return "fork"
+
+
+@contextlib.contextmanager
+def check_worker_pool(processes, setup, encoder):
+    """A ProcessPoolExecutor of check workers (worker_start_method()), each with a loaded encoder."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = worker_start_method()
+    if method == "spawn":
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_check_worker_init, initargs=(setup,)) as pool:
+            yield pool
+        return
+    # forked: the workers start at the first task, with this encoder and the environment as it is
+    # then; tokenizers' own threads are off in them (it would say so on stderr, once per worker)
+    _WORKER["encoder"] = encoder
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_check_worker_init, initargs=(None,)) as pool:
+            pool.submit(os.getpid).result()  # every worker forked now (fork pools start all at once)
+            _restore_env("TOKENIZERS_PARALLELISM", before)
+            yield pool
+    finally:
+        _restore_env("TOKENIZERS_PARALLELISM", before)
+        _WORKER.pop("encoder", None)
+
+
+def _restore_env(name, value):
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def _check_chunk(rows):
@@ -1975,16 +2029,17 @@ def check_rows(rows, setup, workers=1, encoder=None, progress=True, used=None):
     return out
 
 
-# a spawned worker's start (importing torch and transformers, loading the processor): 3 to 5 s of
-# CPU on the machines measured; workers are started only when the rows left would take longer
-WORKER_START_S = 4.0
+# a worker's start: forked, a fraction of a second; spawned (importing torch and transformers,
+# loading the processor), 3 to 5 s of CPU on the machines measured. Workers are started only when
+# the rows left would take this process longer
+WORKER_START_S = {"fork": 0.25, "spawn": 4.0}
 PROBE_S = 0.5  # this process's rows/s is measured on its first rows for this long
 
 
 def _check_in_parallel(rows, setup, workers, encoder, bar, used=None):
     """The rows in chunks, in order. This process checks the first chunks alone for PROBE_S; when
-    the rest would take it longer than a worker's start (WORKER_START_S), workers - 1 spawned
-    processes take the rest from the front while this one takes them from the back, until it
+    the rest would take it longer than a worker's start (WORKER_START_S), workers - 1 worker
+    processes (check_worker_pool) take the rest from the front while this one takes them from the back, until it
     meets a chunk a worker has started; else it checks them all (a small file never waits for
     a worker to start)."""
     import time
@@ -1999,7 +2054,7 @@ def _check_in_parallel(rows, setup, workers, encoder, bar, used=None):
             bar.advance(len(chunks[first]))
         first += 1
     rate = sum(len(c) for c in chunks[:first]) / max(time.monotonic() - begin, 1e-9)
-    if sum(len(c) for c in chunks[first:]) / rate <= WORKER_START_S:
+    if sum(len(c) for c in chunks[first:]) / rate <= WORKER_START_S[worker_start_method()]:
         for i in range(first, len(chunks)):
             results[i] = [check_row(encoder, row) for row in chunks[i]]
             if bar:
@@ -2013,9 +2068,6 @@ def _check_in_parallel(rows, setup, workers, encoder, bar, used=None):
 
 def _share_with_workers(chunks, first, results, setup, workers, encoder, bar):
     """chunks[first:] into results: the workers from the front, this process from the back."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     front = [first]  # the workers' chunks before this one are done and reported
 
     def report(own=0):
@@ -2025,9 +2077,7 @@ def _share_with_workers(chunks, first, results, setup, workers, encoder, bar):
         if bar:
             bar.advance(own)
 
-    # spawn: a fork of a process that ran torch can deadlock in its thread pools
-    with ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_check_worker_init, initargs=(setup,)) as pool:
+    with check_worker_pool(workers - 1, setup, encoder) as pool:
         futures = [None] * first + [pool.submit(_check_chunk, chunk) for chunk in chunks[first:]]
         try:
             for i in reversed(range(first, len(chunks))):

@@ -189,8 +189,9 @@ def test_parallel_workers_and_the_cache_give_the_same_report(family, tmp_path, m
     from mixspec.programs import hf_train
 
     # a worker started whatever the file's size (else this small file is checked here alone)
-    monkeypatch.setattr(hf_train, "WORKER_START_S", 0.0)
+    monkeypatch.setattr(hf_train, "WORKER_START_S", {"fork": 0.0, "spawn": 0.0})
     monkeypatch.setattr(hf_train, "PROBE_S", 0.0)
+    method = hf_train.worker_start_method
 
     setup = {"model": str(model), "model_type": "llava", "multimodal": True, "max_length": max_length,
              "mixspec_version": "test"}
@@ -198,14 +199,18 @@ def test_parallel_workers_and_the_cache_give_the_same_report(family, tmp_path, m
     try:
         one, _ = hf_train.check_data([("train", str(data))], setup, workers=1, progress=False)
         two, _ = hf_train.check_data([("train", str(data))], setup, workers=2, progress=False, cache=False)
+        # the other way to start a worker too: a spawned one loads the processor itself
+        monkeypatch.setattr(hf_train, "worker_start_method", lambda: "spawn" if method() == "fork" else "fork")
+        other, _ = hf_train.check_data([("train", str(data))], setup, workers=2, progress=False, cache=False)
+        monkeypatch.setattr(hf_train, "worker_start_method", method)
         again, _ = hf_train.check_data([("train", str(data))], setup, workers=1, progress=False)
         longer, _ = hf_train.check_data([("train", str(data))], dict(setup, max_length=max_length + 1), workers=1,
                                         progress=False)
     finally:
         del os.environ["MIXSPEC_CACHE_DIR"]
-    assert (one["cached"], two["workers"], again["cached"], longer["cached"]) == (False, 2, True, False)
+    assert (one["cached"], two["workers"], other["workers"], again["cached"], longer["cached"]) == (False, 2, 2, True, False)
     for key in ("rows", "accepted", "refused", "tokens", "over_max_length", "files", "truncation", "images"):
-        assert one[key] == two[key] == again[key], key
+        assert one[key] == two[key] == other[key] == again[key], key
 
 
 def test_several_files_are_checked_and_reported_each(family, tmp_path):
