@@ -1950,7 +1950,8 @@ def check_worker_pool(processes, setup, encoder):
             yield pool
         return
     # forked: the workers start at the first task, with this encoder and the environment as it is
-    # then; tokenizers' own threads are off in them (it would say so on stderr, once per worker)
+    # then; tokenizers' own threads are off in them (older releases said so on stderr, once per
+    # worker, when the variable was unset; 0.23 is silent)
     _WORKER["encoder"] = encoder
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -2039,9 +2040,9 @@ PROBE_S = 0.5  # this process's rows/s is measured on its first rows for this lo
 def _check_in_parallel(rows, setup, workers, encoder, bar, used=None):
     """The rows in chunks, in order. This process checks the first chunks alone for PROBE_S; when
     the rest would take it longer than a worker's start (WORKER_START_S), workers - 1 worker
-    processes (check_worker_pool) take the rest from the front while this one takes them from the back, until it
-    meets a chunk a worker has started; else it checks them all (a small file never waits for
-    a worker to start)."""
+    processes (check_worker_pool) take the rest from the front while this one takes them from
+    the back, until it meets a chunk a worker has started; else it checks them all (a small
+    file never waits for a worker to start)."""
     import time
 
     size = max(1, min(64, len(rows) // (workers * 8) or 1))

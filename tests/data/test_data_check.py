@@ -213,6 +213,38 @@ def test_parallel_workers_and_the_cache_give_the_same_report(family, tmp_path, m
         assert one[key] == two[key] == other[key] == again[key], key
 
 
+def test_a_forked_worker_has_this_process_encoder_and_says_nothing(family, capfd, monkeypatch):
+    """Where this process can fork, a worker is forked with the encoder already loaded (it loads
+    nothing itself), gives the rows' results as this process does, and writes nothing to stderr;
+    TOKENIZERS_PARALLELISM (set while forking) is as it was here afterwards."""
+    name, model, processor, data, max_length, good, bad = family
+    if name != FAMILIES[0]:
+        pytest.skip("one family is enough for the worker processes")
+    from mixspec.programs import hf_train
+
+    if hf_train.worker_start_method() != "fork":
+        pytest.skip("this process cannot fork workers")
+    setup = {"model": str(model), "model_type": "llava", "multimodal": True, "max_length": max_length,
+             "mixspec_version": "test"}
+    rows, _ = hf_train.scan_rows(str(data))
+    encoder = hf_train.make_encoder(str(model), setup, quiet=True)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    encoder.tokenizer._tokenizer.encode_batch(["a b c"] * 64)  # tokenizers' threads used here first
+    alone = hf_train.check_rows(rows, setup, workers=1, encoder=encoder, progress=False)
+    capfd.readouterr()
+
+    def no_load(*a, **k):
+        raise AssertionError("a forked worker loaded the processor again")
+
+    monkeypatch.setattr(hf_train, "make_encoder", no_load)  # the fork inherits this
+    with hf_train.check_worker_pool(1, setup, encoder) as pool:
+        theirs = pool.submit(hf_train._check_chunk, rows).result()
+    assert theirs == alone
+    assert "TOKENIZERS_PARALLELISM" not in os.environ
+    err = capfd.readouterr().err
+    assert "tokenizers" not in err and "fork" not in err, err
+
+
 def test_several_files_are_checked_and_reported_each(family, tmp_path):
     name, model, processor, data, max_length, good, bad = family
     if name != FAMILIES[0]:
