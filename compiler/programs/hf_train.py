@@ -1932,7 +1932,7 @@ def worker_start_method():
 
     if sys.platform != "linux" or "fork" not in multiprocessing.get_all_start_methods():
         return "spawn"
-    if "torch.cuda" in sys.modules and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():
         return "spawn"
     return "fork"
 
